@@ -1,0 +1,69 @@
+// The ringfuse._C extension: one m.def per kernel entry, nothing else. Arguments are
+// output-first raw pointers (Python ints), sizes, strides (elements), dtype codes and a
+// thread count (CPU) or stream handle (CUDA). Validation lives in python/ringfuse/ops;
+// C++ re-checks only what would corrupt memory.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "common.h"
+#include "cpu/limits.h"
+#include "cpu/norms.h"
+#include "cpu/vec.h"
+#ifdef RINGFUSE_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "cuda/norms.h"
+#endif
+
+namespace py = pybind11;
+namespace rf = ringfuse;
+using release_gil = py::call_guard<py::gil_scoped_release>;
+
+static py::dict build_info() {
+  py::dict d;
+  d["cpu_has_avx2"] = rf::cpu::cpu_has_avx2();
+  d["isa"] = rf::cpu::isa_name(rf::cpu::active_isa());
+#ifdef _OPENMP
+  d["openmp"] = _OPENMP;
+#else
+  d["openmp"] = py::none();
+#endif
+  d["compiler"] = __VERSION__;
+#ifdef RINGFUSE_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_runtime_version"] = CUDART_VERSION;
+  d["cuda_archs"] = RINGFUSE_CUDA_ARCHS;
+#else
+  d["cuda"] = false;
+#endif
+  return d;
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ringfuse native kernels (CPU AVX2/OpenMP, optional CUDA)";
+  m.def("build_info", &build_info);
+  m.def("set_isa", [](const std::string& name) { rf::cpu::set_isa(name.c_str()); },
+        "Choose the CPU path: 'auto', 'avx2' or 'scalar'.");
+  m.def("isa", [] { return std::string(rf::cpu::isa_name(rf::cpu::active_isa())); });
+
+  m.def("rms_norm", &rf::cpu::rms_norm, release_gil(), py::arg("out"), py::arg("out_stride"),
+        py::arg("residual_out"), py::arg("residual_out_stride"), py::arg("x"), py::arg("x_stride"),
+        py::arg("residual"), py::arg("residual_stride"), py::arg("weight"), py::arg("rows"),
+        py::arg("hidden"), py::arg("eps"), py::arg("x_dtype"), py::arg("w_dtype"),
+        py::arg("out_dtype"), py::arg("llama_cast"), py::arg("num_threads"));
+  m.def("layer_norm", &rf::cpu::layer_norm, release_gil(), py::arg("out"), py::arg("out_stride"),
+        py::arg("residual_out"), py::arg("residual_out_stride"), py::arg("x"), py::arg("x_stride"),
+        py::arg("residual"), py::arg("residual_stride"), py::arg("weight"), py::arg("bias"),
+        py::arg("rows"), py::arg("hidden"), py::arg("eps"), py::arg("x_dtype"), py::arg("w_dtype"),
+        py::arg("out_dtype"), py::arg("num_threads"));
+
+  m.def("probe_copy", &rf::cpu::probe_copy, release_gil(), py::arg("dst"), py::arg("src"),
+        py::arg("nbytes"), py::arg("num_threads"));
+  m.def("probe_fma", &rf::cpu::probe_fma, release_gil(), py::arg("iters"), py::arg("num_threads"));
+  m.def("probe_fma_flops_per_iter", &rf::cpu::probe_fma_flops_per_iter, py::arg("num_threads"));
+
+#ifdef RINGFUSE_WITH_CUDA
+  m.def("rms_norm_cuda", &rf::cuda::rms_norm, release_gil());
+  m.def("layer_norm_cuda", &rf::cuda::layer_norm, release_gil());
+#endif
+}

@@ -1,0 +1,94 @@
+// Machine-limit probes for `ringfuse bench limits`: the copy bandwidth and fp32 FMA peak
+// that every bench divides by to print "% of limit". Python times these calls.
+#include "cpu/limits.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/vec.h"
+
+namespace ringfuse::cpu {
+namespace {
+
+// Copy [begin, end) bytes with AVX2 loads and non-temporal stores (what a tuned memcpy does
+// beyond the cache sizes); alignment of dst is handled with a plain head copy.
+RF_AVX2 void copy_avx2(char* dst, const char* src, int64_t n) {
+  int64_t head = (32 - int64_t(reinterpret_cast<std::uintptr_t>(dst) % 32)) % 32;
+  if (head > n) head = n;
+  std::memcpy(dst, src, size_t(head));
+  int64_t i = head;
+  for (; i + 128 <= n; i += 128) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 32));
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 64));
+    const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 96));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), a);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + 32), b);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + 64), c);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i + 96), d);
+  }
+  std::memcpy(dst + i, src + i, size_t(n - i));
+  _mm_sfence();
+}
+
+// 10 independent FMA chains of 8 lanes: enough to cover FMA latency x 2 pipes on Zen 3.
+RF_AVX2 float fma_avx2(int64_t iters) {
+  __m256 acc[10];
+  for (int k = 0; k < 10; ++k) acc[k] = _mm256_set1_ps(0.001f * float(k));
+  const __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 10
+    for (int k = 0; k < 10; ++k) acc[k] = _mm256_fmadd_ps(acc[k], m, c);
+  }
+  __m256 s = acc[0];
+  for (int k = 1; k < 10; ++k) s = _mm256_add_ps(s, acc[k]);
+  return hsum(s);
+}
+
+float fma_scalar(int64_t iters) {
+  float acc[10];
+  for (int k = 0; k < 10; ++k) acc[k] = 0.001f * float(k);
+  for (int64_t it = 0; it < iters; ++it)
+    for (int k = 0; k < 10; ++k) acc[k] = acc[k] * 0.999999f + 1e-7f;
+  float s = 0.f;
+  for (int k = 0; k < 10; ++k) s += acc[k];
+  return s;
+}
+
+}  // namespace
+
+void probe_copy(std::uintptr_t dst, std::uintptr_t src, int64_t nbytes, int num_threads) {
+  RINGFUSE_CHECK(nbytes >= 0, "probe_copy: nbytes must be >= 0");
+  if (nbytes == 0) return;
+  RINGFUSE_CHECK(dst && src, "probe_copy: null pointer");
+  char* d = reinterpret_cast<char*>(dst);
+  const char* s = reinterpret_cast<const char*>(src);
+  const bool avx2 = active_isa() == Isa::kAvx2;
+  const int64_t block = 1 << 16;  // split in 64 KiB blocks over threads
+  const int64_t blocks = (nbytes + block - 1) / block;
+  parallel_rows(blocks, block, num_threads, [&](int64_t b, int64_t e) {
+    const int64_t lo = b * block, hi = std::min(nbytes, e * block);
+    if (avx2)
+      copy_avx2(d + lo, s + lo, hi - lo);
+    else
+      std::memcpy(d + lo, s + lo, size_t(hi - lo));
+  });
+}
+
+double probe_fma(int64_t iters, int num_threads) {
+  RINGFUSE_CHECK(iters >= 0, "probe_fma: iters must be >= 0");
+  const bool avx2 = active_isa() == Isa::kAvx2;
+  const int threads = num_threads < 1 ? 1 : num_threads;
+  double total = 0.0;
+#pragma omp parallel for num_threads(threads) reduction(+ : total) schedule(static, 1)
+  for (int t = 0; t < threads; ++t) total += avx2 ? fma_avx2(iters) : fma_scalar(iters);
+  return total;
+}
+
+int64_t probe_fma_flops_per_iter(int num_threads) {
+  const int threads = num_threads < 1 ? 1 : num_threads;
+  const int lanes = active_isa() == Isa::kAvx2 ? 8 : 1;
+  return int64_t(threads) * 10 * lanes * 2;  // 10 chains x lanes x (mul + add)
+}
+
+}  // namespace ringfuse::cpu

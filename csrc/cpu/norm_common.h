@@ -1,0 +1,142 @@
+// Internal to csrc/cpu/{rms_norm,layer_norm}.cpp: argument bundle, boundary checks, the
+// dtype dispatch and the "s = round_x(x + residual)" loaders both norm families share.
+#pragma once
+#include <cmath>
+#include <string>
+
+#include "cpu/vec.h"
+
+namespace ringfuse::cpu {
+
+struct NormArgs {
+  void* out;                  // [rows, hidden], out dtype
+  int64_t out_stride;
+  void* residual_out;         // [rows, hidden], x dtype, or null
+  int64_t residual_out_stride;
+  const void* x;              // [rows, hidden], x dtype
+  int64_t x_stride;
+  const void* residual;       // [rows, hidden], x dtype, or null
+  int64_t residual_stride;
+  const void* weight;         // [hidden], w dtype, or null
+  const void* bias;           // [hidden], w dtype, or null (layer_norm only)
+  int64_t rows, hidden;
+  float eps;
+  bool llama_cast;            // rms_norm only: round s * rstd to x dtype before * weight
+  bool stream;                // non-temporal stores for outputs much larger than the caches
+};
+
+// Re-check at the C++ boundary what would corrupt memory or produce garbage silently.
+inline void check_norm_args(const char* op, const NormArgs& a, int x_dtype, int w_dtype,
+                            int out_dtype) {
+  const std::string p = std::string(op) + ": ";
+  RINGFUSE_CHECK(a.rows >= 0, p + "rows must be >= 0, got " + std::to_string(a.rows));
+  RINGFUSE_CHECK(a.hidden >= 1, p + "hidden must be >= 1, got " + std::to_string(a.hidden));
+  RINGFUSE_CHECK(std::isfinite(a.eps) && a.eps > 0.0f,
+                 p + "eps must be a finite number > 0, got " + std::to_string(a.eps));
+  RINGFUSE_CHECK(x_dtype == kFloat32 || x_dtype == kFloat16 || x_dtype == kBFloat16,
+                 p + "x dtype must be float32, float16 or bfloat16, got " + dtype_name(x_dtype));
+  RINGFUSE_CHECK(w_dtype == x_dtype || w_dtype == kFloat32,
+                 p + "weight dtype must equal x dtype or be float32, got " + dtype_name(w_dtype));
+  RINGFUSE_CHECK(out_dtype == x_dtype || out_dtype == kFloat32,
+                 p + "out dtype must equal x dtype or be float32, got " + dtype_name(out_dtype));
+  if (a.rows == 0) return;
+  RINGFUSE_CHECK(a.out && a.x, p + "null out or x pointer");
+  RINGFUSE_CHECK((a.residual == nullptr) == (a.residual_out == nullptr),
+                 p + "residual and residual_out must be given together");
+  const int64_t min_stride = a.rows > 1 ? a.hidden : 0;
+  RINGFUSE_CHECK(a.out_stride >= min_stride && a.x_stride >= min_stride,
+                 p + "row strides must be >= hidden");
+  if (a.residual)
+    RINGFUSE_CHECK(a.residual_stride >= min_stride && a.residual_out_stride >= min_stride,
+                   p + "residual row strides must be >= hidden");
+}
+
+// Non-temporal stores pay off only when the outputs are far larger than L3 (32 MiB here);
+// they need every row start aligned.
+inline bool want_stream(const NormArgs& a, int out_size, int out_align, int x_size) {
+  const int64_t bytes = a.rows * a.hidden * (out_size + (a.residual_out ? x_size : 0));
+  if (bytes < (int64_t(48) << 20)) return false;
+  auto aligned = [](const void* p, int64_t stride_bytes, int align) {
+    return (reinterpret_cast<std::uintptr_t>(p) % align) == 0 && stride_bytes % align == 0;
+  };
+  bool ok = aligned(a.out, a.out_stride * out_size, out_align);
+  if (a.residual_out) ok = ok && aligned(a.residual_out, a.residual_out_stride * x_size, x_size == 4 ? 32 : 16);
+  return ok;
+}
+
+using RowsFn = void (*)(const NormArgs&, int64_t, int64_t);
+
+// Kernel<TX, TW, TO> provides static avx2(args, begin, end) and scalar(args, begin, end).
+template <template <class, class, class> class Kernel, class TX, class TW>
+RowsFn pick_out(int out_dtype, Isa isa) {
+  if (out_dtype == kFloat32) {
+    return isa == Isa::kAvx2 ? &Kernel<TX, TW, F32>::avx2 : &Kernel<TX, TW, F32>::scalar;
+  }
+  return isa == Isa::kAvx2 ? &Kernel<TX, TW, TX>::avx2 : &Kernel<TX, TW, TX>::scalar;
+}
+
+template <template <class, class, class> class Kernel, class TX>
+RowsFn pick_weight(int w_dtype, int x_dtype, int out_dtype, Isa isa) {
+  if (w_dtype == kFloat32 && x_dtype != kFloat32) return pick_out<Kernel, TX, F32>(out_dtype, isa);
+  return pick_out<Kernel, TX, TX>(out_dtype, isa);
+}
+
+template <template <class, class, class> class Kernel>
+RowsFn pick_kernel(int x_dtype, int w_dtype, int out_dtype, Isa isa) {
+  switch (x_dtype) {
+    case kFloat16: return pick_weight<Kernel, F16>(w_dtype, x_dtype, out_dtype, isa);
+    case kBFloat16: return pick_weight<Kernel, BF16>(w_dtype, x_dtype, out_dtype, isa);
+    default: return pick_weight<Kernel, F32>(w_dtype, x_dtype, out_dtype, isa);
+  }
+}
+
+// Row pointers for one row of the argument bundle.
+template <class TX, class TW, class TO>
+struct RowPtrs {
+  using X = typename TX::T;
+  using W = typename TW::T;
+  using O = typename TO::T;
+  const X* x;
+  const X* res;
+  X* res_out;
+  O* out;
+  const W* w;
+  const W* b;
+  RF_INLINE RowPtrs(const NormArgs& a, int64_t row)
+      : x(static_cast<const X*>(a.x) + row * a.x_stride),
+        res(a.residual ? static_cast<const X*>(a.residual) + row * a.residual_stride : nullptr),
+        res_out(a.residual_out ? static_cast<X*>(a.residual_out) + row * a.residual_out_stride
+                               : nullptr),
+        out(static_cast<O*>(a.out) + row * a.out_stride),
+        w(static_cast<const W*>(a.weight)),
+        b(static_cast<const W*>(a.bias)) {}
+
+  // s[i] = round_x(x[i] + res[i]) or x[i]
+  RF_INLINE float s(int64_t i) const {
+    return res ? TX::round(TX::load(x + i) + TX::load(res + i)) : TX::load(x + i);
+  }
+};
+
+template <class TX>
+RF_AVX2 RF_INLINE __m256 load_s8(const typename TX::T* x, const typename TX::T* res, int64_t i) {
+  const __m256 v = V8<TX>::load(x + i);
+  return res ? V8<TX>::round(_mm256_add_ps(v, V8<TX>::load(res + i))) : v;
+}
+
+template <class TX>
+RF_AVX2 RF_INLINE __m256 load_s_tail(const typename TX::T* x, const typename TX::T* res, int64_t i,
+                                     int64_t n) {
+  const __m256 v = load_tail<TX>(x + i, n);
+  return res ? V8<TX>::round(_mm256_add_ps(v, load_tail<TX>(res + i, n))) : v;
+}
+
+// Store 8 lanes, streaming when asked (alignment was checked once per call).
+template <class E>
+RF_AVX2 RF_INLINE void store8(typename E::T* p, __m256 v, bool stream) {
+  if (stream)
+    V8<E>::stream(p, v);
+  else
+    V8<E>::store(p, v);
+}
+
+}  // namespace ringfuse::cpu

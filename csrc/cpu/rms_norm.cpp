@@ -1,0 +1,129 @@
+// RMSNorm, optionally fused with the residual add, on CPU: AVX2/FMA/F16C with a scalar
+// fallback, OpenMP over rows.
+//
+// Per row (hidden = H):  s = x (+ residual, rounded to x dtype)
+//                        rstd = 1 / sqrt(mean(s^2) + eps)
+//                        y = s * rstd * w            (torch order, one rounding)
+//                        y = round_x(s * rstd) * w   (HF LlamaRMSNorm order, llama_cast)
+// Two passes over the row: the first reads it from memory, the second from L1/L2 (a 4096
+// fp32 row with its residual is 32 KiB), so memory traffic is one read of each input and
+// one write of each output.
+// Napkin math, [4096, 4096] fp32 with residual: reads 2 x 64 MiB, writes 2 x 64 MiB ->
+// ~12 ms at 22 GB/s; flops (~6 per element) are far below the FMA peak: memory-bound.
+// [1, 576]: 2.3 KiB, ~100 ns of work; the Python call around it dominates.
+#include "cpu/norms.h"
+
+#include "cpu/norm_common.h"
+
+namespace ringfuse::cpu {
+namespace {
+
+template <class TX, class TW, class TO>
+struct RmsKernel {
+  // y = s * rstd * w, or round_x(s * rstd) * w in the HF order
+  static RF_AVX2 RF_INLINE __m256 scale(__m256 s, __m256 rstd, __m256 w, bool llama_cast) {
+    __m256 y = _mm256_mul_ps(s, rstd);
+    if (llama_cast) y = V8<TX>::round(y);
+    return _mm256_mul_ps(y, w);
+  }
+
+  static RF_AVX2 void avx2(const NormArgs& a, int64_t begin, int64_t end) {
+    const int64_t H = a.hidden;
+    const __m256 inv_h = _mm256_set1_ps(1.0f / float(H));
+    for (int64_t row = begin; row < end; ++row) {
+      const RowPtrs<TX, TW, TO> p(a, row);
+      // pass 1: sum of squares with 4 independent accumulators (FMA latency x throughput)
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+      int64_t i = 0;
+      for (; i + 32 <= H; i += 32) {
+        const __m256 s0 = load_s8<TX>(p.x, p.res, i), s1 = load_s8<TX>(p.x, p.res, i + 8);
+        const __m256 s2 = load_s8<TX>(p.x, p.res, i + 16), s3 = load_s8<TX>(p.x, p.res, i + 24);
+        acc0 = _mm256_fmadd_ps(s0, s0, acc0);
+        acc1 = _mm256_fmadd_ps(s1, s1, acc1);
+        acc2 = _mm256_fmadd_ps(s2, s2, acc2);
+        acc3 = _mm256_fmadd_ps(s3, s3, acc3);
+      }
+      for (; i + 8 <= H; i += 8) {
+        const __m256 s = load_s8<TX>(p.x, p.res, i);
+        acc0 = _mm256_fmadd_ps(s, s, acc0);
+      }
+      if (i < H) {
+        const __m256 s = load_s_tail<TX>(p.x, p.res, i, H - i);
+        acc1 = _mm256_fmadd_ps(s, s, acc1);
+      }
+      const __m256 acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
+      const float mean_sq = hsum(_mm256_mul_ps(acc, inv_h));
+      const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(mean_sq + a.eps));
+
+      // pass 2: normalize (the row is in cache now)
+      for (i = 0; i + 8 <= H; i += 8) {
+        const __m256 s = load_s8<TX>(p.x, p.res, i);
+        if (p.res_out) store8<TX>(p.res_out + i, s, a.stream);
+        const __m256 w = p.w ? V8<TW>::load(p.w + i) : _mm256_set1_ps(1.0f);
+        store8<TO>(p.out + i, scale(s, rstd, w, a.llama_cast), a.stream);
+      }
+      if (i < H) {
+        const __m256 s = load_s_tail<TX>(p.x, p.res, i, H - i);
+        if (p.res_out) store_tail<TX>(p.res_out + i, s, H - i);
+        const __m256 w = p.w ? load_tail<TW>(p.w + i, H - i) : _mm256_set1_ps(1.0f);
+        store_tail<TO>(p.out + i, scale(s, rstd, w, a.llama_cast), H - i);
+      }
+    }
+    if (a.stream) _mm_sfence();
+  }
+
+  static void scalar(const NormArgs& a, int64_t begin, int64_t end) {
+    const int64_t H = a.hidden;
+    for (int64_t row = begin; row < end; ++row) {
+      const RowPtrs<TX, TW, TO> p(a, row);
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int64_t i = 0; i < H; ++i) {
+        const float s = p.s(i);
+        acc[i & 3] += s * s;
+      }
+      const float mean_sq = ((acc[0] + acc[1]) + (acc[2] + acc[3])) / float(H);
+      const float rstd = 1.0f / std::sqrt(mean_sq + a.eps);
+      for (int64_t i = 0; i < H; ++i) {
+        const float s = p.s(i);
+        if (p.res_out) TX::store(p.res_out + i, s);
+        float y = s * rstd;
+        if (a.llama_cast) y = TX::round(y);
+        if (p.w) y *= TW::load(p.w + i);
+        TO::store(p.out + i, y);
+      }
+    }
+  }
+};
+
+}  // namespace
+
+void rms_norm(std::uintptr_t out, int64_t out_stride, std::uintptr_t residual_out,
+              int64_t residual_out_stride, std::uintptr_t x, int64_t x_stride,
+              std::uintptr_t residual, int64_t residual_stride, std::uintptr_t weight,
+              int64_t rows, int64_t hidden, double eps, int x_dtype, int w_dtype, int out_dtype,
+              bool llama_cast, int num_threads) {
+  NormArgs a{reinterpret_cast<void*>(out),
+             out_stride,
+             reinterpret_cast<void*>(residual_out),
+             residual_out_stride,
+             reinterpret_cast<const void*>(x),
+             x_stride,
+             reinterpret_cast<const void*>(residual),
+             residual_stride,
+             reinterpret_cast<const void*>(weight),
+             nullptr,
+             rows,
+             hidden,
+             float(eps),
+             llama_cast,
+             false};
+  check_norm_args("rms_norm", a, x_dtype, w_dtype, out_dtype);
+  if (rows == 0) return;
+  const int x_size = x_dtype == kFloat32 ? 4 : 2, out_size = out_dtype == kFloat32 ? 4 : 2;
+  const Isa isa = active_isa();
+  a.stream = isa == Isa::kAvx2 && want_stream(a, out_size, out_size == 4 ? 32 : 16, x_size);
+  const RowsFn fn = pick_kernel<RmsKernel>(x_dtype, w_dtype, out_dtype, isa);
+  parallel_rows(rows, hidden, num_threads, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+}  // namespace ringfuse::cpu

@@ -1,0 +1,222 @@
+// CPU building blocks shared by the kernels in csrc/cpu: dtype conversions (scalar and
+// AVX2/F16C), run-time ISA selection and the OpenMP row splitter.
+//
+// AVX2 code is compiled with function-level target attributes (RF_AVX2) rather than
+// -mavx2 for the whole file, so one binary carries both paths and picks one at run time.
+#pragma once
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "common.h"
+
+#define RF_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define RF_INLINE inline __attribute__((always_inline))
+
+namespace ringfuse::cpu {
+
+// ---------------------------------------------------------------------------------------
+// Run-time ISA choice. "avx2" needs AVX2 + FMA + F16C; "scalar" runs anywhere. Tests force
+// "scalar" to exercise the fallback on this machine.
+enum class Isa : int { kScalar = 0, kAvx2 = 1 };
+bool cpu_has_avx2();  // AVX2 + FMA + F16C present
+Isa active_isa();
+void set_isa(const char* name);  // "auto" | "avx2" | "scalar"; throws on unknown / unsupported
+const char* isa_name(Isa isa);
+
+// ---------------------------------------------------------------------------------------
+// Scalar conversions. bf16: round-to-nearest-even, NaN -> quiet NaN (as c10::BFloat16).
+// fp16: IEEE binary16 with round-to-nearest-even (as F16C's _MM_FROUND_TO_NEAREST_INT).
+RF_INLINE float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+RF_INLINE uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);  // inf / NaN
+  } else if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalize
+      int e = -1;
+      do {
+        man <<= 1;
+        ++e;
+      } while (!(man & 0x400u));
+      u = sign | (uint32_t(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  u &= 0x7fffffffu;
+  if (u > 0x7f800000u) return sign | 0x7e00u;  // NaN
+  if (u >= 0x477ff000u) return sign | 0x7c00u;  // rounds to inf (>= 65520)
+  if (u < 0x38800000u) {                        // result is subnormal or zero
+    // value = u_float; subnormal unit is 2^-24. Round-to-nearest-even of f * 2^24.
+    float a;
+    std::memcpy(&a, &u, 4);
+    float scaled = a * 16777216.0f;  // exact: power-of-two scaling, no overflow here
+    float r = std::nearbyint(scaled);  // default rounding mode: nearest-even
+    return sign | uint16_t(r);
+  }
+  // normal: rebias exponent, round mantissa from 23 to 10 bits (nearest-even)
+  uint32_t rounded = u + 0xfffu + ((u >> 13) & 1u);
+  return sign | uint16_t((rounded - 0x38000000u) >> 13);
+}
+
+// Element types as tags: storage type + scalar load/store in fp32.
+struct F32 {
+  using T = float;
+  static constexpr int code = kFloat32;
+  static RF_INLINE float load(const T* p) { return *p; }
+  static RF_INLINE void store(T* p, float v) { *p = v; }
+  static RF_INLINE float round(float v) { return v; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static constexpr int code = kBFloat16;
+  static RF_INLINE float load(const T* p) { return bf16_to_f32(*p); }
+  static RF_INLINE void store(T* p, float v) { *p = f32_to_bf16(v); }
+  static RF_INLINE float round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+};
+struct F16 {
+  using T = uint16_t;
+  static constexpr int code = kFloat16;
+  static inline float load(const T* p) { return f16_to_f32(*p); }
+  static inline void store(T* p, float v) { *p = f32_to_f16(v); }
+  static inline float round(float v) { return f16_to_f32(f32_to_f16(v)); }
+};
+
+// ---------------------------------------------------------------------------------------
+// AVX2 loads/stores of 8 lanes, converting to/from fp32. `stream` selects non-temporal
+// stores (caller guarantees alignment: 32 B for fp32, 16 B for 16-bit types).
+template <class E>
+struct V8;
+
+template <>
+struct V8<F32> {
+  static RF_AVX2 RF_INLINE __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+  static RF_AVX2 RF_INLINE void store(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+  static RF_AVX2 RF_INLINE void stream(float* p, __m256 v) { _mm256_stream_ps(p, v); }
+  static RF_AVX2 RF_INLINE __m256 round(__m256 v) { return v; }
+  static constexpr int align = 32;
+};
+
+RF_AVX2 RF_INLINE __m256 bf16x8_to_f32(__m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+RF_AVX2 RF_INLINE __m128i f32x8_to_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  r = _mm256_srli_epi32(r, 16);
+  const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), is_nan);
+  // pack 8 x u32 (each <= 0xffff) to 8 x u16 in order
+  const __m256i packed = _mm256_packus_epi32(r, r);  // per 128-bit lane: a0..a3 a0..a3
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0b1000));
+}
+
+template <>
+struct V8<BF16> {
+  static RF_AVX2 RF_INLINE __m256 load(const uint16_t* p) {
+    return bf16x8_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static RF_AVX2 RF_INLINE void store(uint16_t* p, __m256 v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f32x8_to_bf16(v));
+  }
+  static RF_AVX2 RF_INLINE void stream(uint16_t* p, __m256 v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), f32x8_to_bf16(v));
+  }
+  static RF_AVX2 RF_INLINE __m256 round(__m256 v) { return bf16x8_to_f32(f32x8_to_bf16(v)); }
+  static constexpr int align = 16;
+};
+
+template <>
+struct V8<F16> {
+  static RF_AVX2 RF_INLINE __m256 load(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static RF_AVX2 RF_INLINE void store(uint16_t* p, __m256 v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static RF_AVX2 RF_INLINE void stream(uint16_t* p, __m256 v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static RF_AVX2 RF_INLINE __m256 round(__m256 v) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static constexpr int align = 16;
+};
+
+// Loads of the last n < 8 elements (other lanes = 0) and the matching stores: go through a
+// small stack buffer so we never touch memory past the end of a row.
+template <class E>
+RF_AVX2 RF_INLINE __m256 load_tail(const typename E::T* p, int64_t n) {
+  typename E::T buf[8] = {};
+  std::memcpy(buf, p, size_t(n) * sizeof(typename E::T));
+  return V8<E>::load(buf);
+}
+
+template <class E>
+RF_AVX2 RF_INLINE void store_tail(typename E::T* p, __m256 v, int64_t n) {
+  typename E::T buf[8];
+  V8<E>::store(buf, v);
+  std::memcpy(p, buf, size_t(n) * sizeof(typename E::T));
+}
+
+RF_AVX2 RF_INLINE float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// ---------------------------------------------------------------------------------------
+// Split [0, rows) into contiguous chunks, one per thread, and call fn(begin, end) on each.
+// Small work runs inline: an OpenMP fork costs ~1-5 us, more than a decode-sized row.
+template <class Fn>
+void parallel_rows(int64_t rows, int64_t work_per_row, int num_threads, Fn&& fn) {
+  constexpr int64_t kMinParallelWork = 16384;  // elements; below this one thread wins
+  int64_t threads = num_threads < 1 ? 1 : num_threads;
+  if (threads > rows) threads = rows;
+  if (threads <= 1 || rows * work_per_row < kMinParallelWork) {
+    fn(int64_t(0), rows);
+    return;
+  }
+#pragma omp parallel num_threads(int(threads))
+  {
+    // the runtime may grant fewer threads than asked: split by what we got
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t begin = rows * t / nt, end = rows * (t + 1) / nt;
+    if (begin < end) fn(begin, end);
+  }
+}
+
+}  // namespace ringfuse::cpu

@@ -1,0 +1,8 @@
+"""ringfuse: hand-written kernels for LLM inference (fused norms, ...) behind torch ops
+and drop-in modules. See README.md."""
+
+import torch  # noqa: F401  (loads torch's runtime before our extension)
+
+from . import _C, nn, ops  # noqa: F401
+
+__version__ = "0.1.0"

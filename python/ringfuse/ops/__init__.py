@@ -1,0 +1,15 @@
+"""torch custom ops (``torch.ops.ringfuse.*``) and their fast eager entry points."""
+
+from ._common import cuda_backend, set_cuda_backend
+from .layer_norm import add_layer_norm, layer_norm
+from .rms_norm import add_rms_norm, add_rms_norm_, rms_norm
+
+__all__ = [
+    "add_layer_norm",
+    "add_rms_norm",
+    "add_rms_norm_",
+    "cuda_backend",
+    "layer_norm",
+    "rms_norm",
+    "set_cuda_backend",
+]

@@ -1,0 +1,180 @@
+"""LayerNorm ops: ``layer_norm`` and ``add_layer_norm`` (residual add fused in).
+
+Same registration pattern as ops/rms_norm.py. Semantics match
+``torch.nn.functional.layer_norm(x, (hidden,), weight, bias, eps)``: mean and biased
+variance in fp32 (two passes over the row), y = (s - mean) * rstd * w + b rounded once to
+x's dtype, where s = x or round_x(x + residual).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from . import _common as c
+from .rms_norm import OP_LIB
+
+
+def launch(out2d, x2d, weight, bias, eps: float, res2d=None, res_out2d=None) -> None:
+    """Run the kernel on validated [rows, hidden] views (CPU: _C; CUDA: Triton or CUDA C++)."""
+    rows, hidden = x2d.shape
+    if rows == 0:
+        return
+    if x2d.is_cuda and c.cuda_backend() == "triton":
+        from ..kernels.layer_norm import layer_norm_fwd
+
+        layer_norm_fwd(out2d, x2d, weight, bias, eps, residual=res2d, residual_out=res_out2d)
+        return
+    xcode = c.DTYPE_CODE[x2d.dtype]
+    wcode = c.DTYPE_CODE[weight.dtype] if weight is not None else (
+        c.DTYPE_CODE[bias.dtype] if bias is not None else xcode)
+    args = (
+        out2d.data_ptr(), c.row_stride(out2d),
+        res_out2d.data_ptr() if res_out2d is not None else 0,
+        c.row_stride(res_out2d) if res_out2d is not None else 0,
+        x2d.data_ptr(), c.row_stride(x2d),
+        res2d.data_ptr() if res2d is not None else 0,
+        c.row_stride(res2d) if res2d is not None else 0,
+        weight.data_ptr() if weight is not None else 0,
+        bias.data_ptr() if bias is not None else 0,
+        rows, hidden, eps, xcode, wcode, c.DTYPE_CODE[out2d.dtype],
+    )  # fmt: skip
+    if x2d.is_cuda:
+        _C.layer_norm_cuda(*args, torch.cuda.current_stream(x2d.device).cuda_stream)
+    else:
+        _C.layer_norm(*args, c.num_threads())
+
+
+def _forward(x, weight, bias, eps, residual=None, out=None):
+    op = "layer_norm" if residual is None else "add_layer_norm"
+    c.check_float_tensor(op, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dimension (the normalized one), got a scalar")
+    hidden = x.shape[-1]
+    c.check_param(op, "weight", weight, x, hidden)
+    c.check_param(op, "bias", bias, x, hidden)
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise TypeError(f"{op}: weight and bias must share a dtype, got {weight.dtype} and {bias.dtype}")
+    if residual is not None:
+        c.check_like(op, "residual", residual, x)
+    eps = c.check_eps(op, eps)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out2d = out.view(-1, hidden) if x.numel() else out
+    else:
+        out2d = c.check_out(op, out, x.shape, x.dtype, x, {"x": x, "residual": residual})
+    new_res = None if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.numel() == 0:
+        return out, new_res
+    res2d = None if residual is None else c.rows_view(residual)
+    res_out2d = None if residual is None else new_res.view(-1, hidden)
+    launch(out2d, c.rows_view(x), weight, bias, eps, res2d, res_out2d)
+    return out, new_res
+
+
+def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, *, out=None):
+    """LayerNorm over the last dim of ``x`` [..., hidden], like
+    ``F.layer_norm(x, (hidden,), weight, bias, eps)``. ``out=`` writes into a preallocated
+    tensor (no autograd)."""
+    if out is None and (torch.compiler.is_compiling() or c.needs_autograd(x, weight, bias)):
+        return torch.ops.ringfuse.layer_norm(x, weight, bias, eps)
+    return _forward(x, weight, bias, eps, out=out)[0]
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5, *, out=None):
+    """Fused ``s = x + residual`` then LayerNorm(s); returns ``(normalized, s)``."""
+    if out is None and (torch.compiler.is_compiling() or c.needs_autograd(x, residual, weight, bias)):
+        return torch.ops.ringfuse.add_layer_norm(x, residual, weight, bias, eps)
+    return _forward(x, weight, bias, eps, residual=residual, out=out)
+
+
+OP_LIB.define("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor")
+OP_LIB.define(
+    "add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)"
+)
+
+
+def _layer_norm_kernel(x, weight, bias, eps):
+    return _forward(x, weight, bias, eps)[0]
+
+
+def _add_layer_norm_kernel(x, residual, weight, bias, eps):
+    return _forward(x, weight, bias, eps, residual=residual)
+
+
+for _key in ("CPU", "CUDA"):
+    OP_LIB.impl("layer_norm", _layer_norm_kernel, _key)
+    OP_LIB.impl("add_layer_norm", _add_layer_norm_kernel, _key)
+
+
+@torch.library.register_fake("ringfuse::layer_norm")
+def _layer_norm_fake(x, weight, bias, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ringfuse::add_layer_norm")
+def _add_layer_norm_fake(x, residual, weight, bias, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def layer_norm_backward(grad_out, s, weight, eps):
+    """Gradients of y = (s - mean) * rstd * w + b in fp32 torch math.
+    Returns (grad_s, grad_weight or None, grad_bias) in fp32."""
+    s32, g = s.float(), grad_out.float()
+    mean = s32.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((s32 - mean).pow(2).mean(-1, keepdim=True) + eps)
+    s_hat = (s32 - mean) * rstd
+    gw = g * weight.float() if weight is not None else g
+    grad_s = rstd * (gw - gw.mean(-1, keepdim=True) - s_hat * (gw * s_hat).mean(-1, keepdim=True))
+    hidden = s.shape[-1]
+    grad_w = (g * s_hat).reshape(-1, hidden).sum(0) if weight is not None else None
+    return grad_s, grad_w, g.reshape(-1, hidden).sum(0)
+
+
+def _setup_ln(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _param_grads(ctx, grad_w, grad_b, weight, offset):
+    return (
+        grad_w.to(weight.dtype) if grad_w is not None and ctx.needs_input_grad[offset] else None,
+        grad_b.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[offset + 1] else None,
+    )
+
+
+def _backward_ln(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    grad_s, grad_w, grad_b = layer_norm_backward(grad_out, x, weight, ctx.eps)
+    gx = grad_s.to(x.dtype) if ctx.needs_input_grad[0] else None
+    return (gx, *_param_grads(ctx, grad_w, grad_b, weight, 1), None)
+
+
+def _setup_add_ln(ctx, inputs, output):
+    _, residual, weight, bias, eps = inputs
+    ctx.save_for_backward(output[1], weight)
+    ctx.eps = eps
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward_add_ln(ctx, grad_out, grad_new_residual):
+    s, weight = ctx.saved_tensors
+    grad_s, grad_w, grad_b = layer_norm_backward(grad_out, s, weight, ctx.eps)
+    if grad_new_residual is not None:
+        grad_s = grad_s + grad_new_residual.float()
+    gs = grad_s.to(s.dtype)
+    return (
+        gs if ctx.needs_input_grad[0] else None,
+        gs if ctx.needs_input_grad[1] else None,
+        *_param_grads(ctx, grad_w, grad_b, weight, 2),
+        None,
+    )
+
+
+torch.library.register_autograd("ringfuse::layer_norm", _backward_ln, setup_context=_setup_ln)
+torch.library.register_autograd("ringfuse::add_layer_norm", _backward_add_ln, setup_context=_setup_add_ln)

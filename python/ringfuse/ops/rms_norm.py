@@ -1,0 +1,256 @@
+"""RMSNorm ops: ``rms_norm``, ``add_rms_norm`` (residual add fused in) and the in-place
+``add_rms_norm_`` (vLLM's fused_add_rms_norm).
+
+Registered as ``torch.ops.ringfuse.*`` with ``torch.library.Library`` (fake kernels for
+torch.compile, autograd). The Python functions below call the kernels directly when no
+autograd or tracing is involved: the dispatcher costs ~9 us a call, more than a
+decode-sized norm takes.
+
+Semantics: s = x (or round_x(x + residual)); rstd = 1 / sqrt(mean(s^2) + eps) in fp32.
+cast_mode="torch": y = s * rstd * w, one rounding (torch.nn.functional.rms_norm).
+cast_mode="llama": y = round_x(s * rstd) * w (HF LlamaRMSNorm); the output dtype is then
+promote(x.dtype, weight.dtype), as HF's ``weight * hidden.to(input_dtype)`` gives.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from . import _common as c
+
+OP_LIB = torch.library.Library("ringfuse", "FRAGMENT")
+CAST_MODES = ("torch", "llama")
+
+
+def _llama(op: str, cast_mode) -> bool:
+    if cast_mode not in CAST_MODES:
+        raise ValueError(f"{op}: cast_mode must be one of {CAST_MODES}, got {cast_mode!r}")
+    return cast_mode == "llama"
+
+
+def _out_dtype(x: torch.Tensor, weight, llama: bool) -> torch.dtype:
+    if llama and weight is not None:
+        return torch.promote_types(x.dtype, weight.dtype)
+    return x.dtype
+
+
+def launch(out2d, x2d, weight, eps: float, llama: bool, res2d=None, res_out2d=None) -> None:
+    """Run the kernel on validated [rows, hidden] views (CPU: _C; CUDA: Triton or CUDA C++)."""
+    rows, hidden = x2d.shape
+    if rows == 0:
+        return
+    if x2d.is_cuda:
+        if c.cuda_backend() == "cuda":
+            _C.rms_norm_cuda(
+                out2d.data_ptr(), c.row_stride(out2d),
+                res_out2d.data_ptr() if res_out2d is not None else 0,
+                c.row_stride(res_out2d) if res_out2d is not None else 0,
+                x2d.data_ptr(), c.row_stride(x2d),
+                res2d.data_ptr() if res2d is not None else 0,
+                c.row_stride(res2d) if res2d is not None else 0,
+                weight.data_ptr() if weight is not None else 0,
+                rows, hidden, eps, c.DTYPE_CODE[x2d.dtype],
+                c.DTYPE_CODE[weight.dtype] if weight is not None else c.DTYPE_CODE[x2d.dtype],
+                c.DTYPE_CODE[out2d.dtype], llama, torch.cuda.current_stream(x2d.device).cuda_stream,
+            )  # fmt: skip
+        else:
+            from ..kernels.rms_norm import rms_norm_fwd
+
+            rms_norm_fwd(out2d, x2d, weight, eps, llama_cast=llama, residual=res2d, residual_out=res_out2d)
+        return
+    xcode = c.DTYPE_CODE[x2d.dtype]
+    _C.rms_norm(
+        out2d.data_ptr(), c.row_stride(out2d),
+        res_out2d.data_ptr() if res_out2d is not None else 0,
+        c.row_stride(res_out2d) if res_out2d is not None else 0,
+        x2d.data_ptr(), c.row_stride(x2d),
+        res2d.data_ptr() if res2d is not None else 0,
+        c.row_stride(res2d) if res2d is not None else 0,
+        weight.data_ptr() if weight is not None else 0,
+        rows, hidden, eps, xcode, c.DTYPE_CODE[weight.dtype] if weight is not None else xcode,
+        c.DTYPE_CODE[out2d.dtype], llama, c.num_threads(),
+    )  # fmt: skip
+
+
+def _check(op: str, x, weight, eps, residual=None) -> float:
+    c.check_float_tensor(op, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dimension (the normalized one), got a scalar")
+    c.check_param(op, "weight", weight, x, x.shape[-1])
+    if residual is not None:
+        c.check_like(op, "residual", residual, x)
+    return c.check_eps(op, eps)
+
+
+def _forward(x, weight, eps, llama, residual=None, out=None):
+    """Validated forward shared by every entry point: returns (out, new_residual or None)."""
+    op = "rms_norm" if residual is None else "add_rms_norm"
+    eps = _check(op, x, weight, eps, residual)
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    out_dtype = _out_dtype(x, weight, llama)
+    if out is None:
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        out2d = out.view(-1, x.shape[-1]) if x.numel() else out
+    else:
+        out2d = c.check_out(op, out, x.shape, out_dtype, x, {"x": x, "residual": residual})
+    new_res = None if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.numel() == 0:
+        return out, new_res
+    x2d = c.rows_view(x)
+    res2d = None if residual is None else c.rows_view(residual)
+    res_out2d = None if residual is None else new_res.view(-1, x.shape[-1])
+    launch(out2d, x2d, weight, eps, llama, res2d, res_out2d)
+    return out, new_res
+
+
+# ---------------------------------------------------------------------------------------
+# Public functions
+
+
+def rms_norm(x, weight=None, eps: float = 1e-6, *, cast_mode: str = "torch", out=None):
+    """RMSNorm over the last dim of ``x`` [..., hidden] -> [..., hidden].
+
+    Like ``F.rms_norm(x, (hidden,), weight, eps)`` (cast_mode="torch") or HF LlamaRMSNorm
+    (cast_mode="llama"). ``out=`` writes into a preallocated tensor (no autograd).
+    """
+    llama = _llama("rms_norm", cast_mode)
+    if out is None and (torch.compiler.is_compiling() or c.needs_autograd(x, weight)):
+        return torch.ops.ringfuse.rms_norm(x, weight, eps, llama)
+    return _forward(x, weight, eps, llama, out=out)[0]
+
+
+def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, *, cast_mode: str = "torch", out=None):
+    """Fused ``s = x + residual`` then RMSNorm(s). Returns ``(normalized, s)``: one pass
+    over memory instead of torch's add, pow, mean, rsqrt and multiplies."""
+    llama = _llama("add_rms_norm", cast_mode)
+    if out is None and (torch.compiler.is_compiling() or c.needs_autograd(x, residual, weight)):
+        return torch.ops.ringfuse.add_rms_norm(x, residual, weight, eps, llama)
+    return _forward(x, weight, eps, llama, residual=residual, out=out)
+
+
+def add_rms_norm_(x, residual, weight=None, eps: float = 1e-6, *, cast_mode: str = "torch"):
+    """In place, as vLLM's fused_add_rms_norm: ``residual <- x + residual`` and
+    ``x <- RMSNorm(x + residual)``. Returns ``(x, residual)``. Inference only (no autograd);
+    x and residual must have the rows layout (unit inner stride, one row stride)."""
+    llama = _llama("add_rms_norm_", cast_mode)
+    if torch.compiler.is_compiling():
+        torch.ops.ringfuse.add_rms_norm_(x, residual, weight, eps, llama)
+    else:
+        _add_rms_norm_inplace(x, residual, weight, eps, llama)
+    return x, residual
+
+
+def _add_rms_norm_inplace(x, residual, weight, eps, llama) -> None:
+    op = "add_rms_norm_"
+    eps = _check(op, x, weight, eps, residual)
+    if c.needs_autograd(x, residual, weight):
+        raise ValueError(f"{op}: the in-place op does not support autograd; use add_rms_norm")
+    if _out_dtype(x, weight, llama) != x.dtype:
+        raise TypeError(f"{op}: cast_mode='llama' with a float32 weight gives a float32 output; x ({x.dtype}) cannot hold it")
+    if x.numel() == 0:
+        return
+    x2d, res2d = c.rows_view(x), c.rows_view(residual)
+    if x2d.data_ptr() != x.data_ptr() or res2d.data_ptr() != residual.data_ptr():
+        raise ValueError(f"{op}: x and residual must have a unit inner stride and one row stride to be updated in place")
+    if x2d.data_ptr() == res2d.data_ptr():
+        raise ValueError(f"{op}: x and residual must not be the same tensor")
+    weight = weight.contiguous() if weight is not None else None
+    launch(x2d, x2d, weight, eps, llama, res2d, res2d)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registration: schema, device kernels, fake kernels, autograd
+
+OP_LIB.define("rms_norm(Tensor x, Tensor? weight, float eps, bool llama_cast) -> Tensor")
+OP_LIB.define(
+    "add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps, bool llama_cast) -> (Tensor, Tensor)"
+)
+OP_LIB.define(
+    "add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor? weight, float eps, bool llama_cast) -> ()"
+)
+
+
+def _rms_norm_kernel(x, weight, eps, llama_cast):
+    return _forward(x, weight, eps, llama_cast)[0]
+
+
+def _add_rms_norm_kernel(x, residual, weight, eps, llama_cast):
+    return _forward(x, weight, eps, llama_cast, residual=residual)
+
+
+for _key in ("CPU", "CUDA"):
+    OP_LIB.impl("rms_norm", _rms_norm_kernel, _key)
+    OP_LIB.impl("add_rms_norm", _add_rms_norm_kernel, _key)
+    OP_LIB.impl("add_rms_norm_", _add_rms_norm_inplace, _key)
+
+
+@torch.library.register_fake("ringfuse::rms_norm")
+def _rms_norm_fake(x, weight, eps, llama_cast):
+    return x.new_empty(x.shape, dtype=_out_dtype(x, weight, llama_cast))
+
+
+@torch.library.register_fake("ringfuse::add_rms_norm")
+def _add_rms_norm_fake(x, residual, weight, eps, llama_cast):
+    return x.new_empty(x.shape, dtype=_out_dtype(x, weight, llama_cast)), torch.empty_like(x)
+
+
+@torch.library.register_fake("ringfuse::add_rms_norm_")
+def _add_rms_norm_inplace_fake(x, residual, weight, eps, llama_cast):
+    return None
+
+
+def rms_norm_backward(grad_out, s, weight, eps):
+    """Gradients of y = s * rstd * w in fp32 torch math (the rounding of the llama cast
+    order is treated as identity). Returns (grad_s fp32, grad_weight fp32 or None)."""
+    s32 = s.float()
+    g = grad_out.float()
+    rstd = torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)
+    s_hat = s32 * rstd
+    gw = g * weight.float() if weight is not None else g
+    grad_s = rstd * (gw - s_hat * (gw * s_hat).mean(-1, keepdim=True))
+    grad_w = (g * s_hat).reshape(-1, s.shape[-1]).sum(0) if weight is not None else None
+    return grad_s, grad_w
+
+
+def _setup_rms(ctx, inputs, output):
+    x, weight, eps, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _backward_rms(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    grad_s, grad_w = rms_norm_backward(grad_out, x, weight, ctx.eps)
+    return (
+        grad_s.to(x.dtype) if ctx.needs_input_grad[0] else None,
+        grad_w.to(weight.dtype) if grad_w is not None and ctx.needs_input_grad[1] else None,
+        None,
+        None,
+    )
+
+
+def _setup_add_rms(ctx, inputs, output):
+    _, residual, weight, eps, _ = inputs
+    ctx.save_for_backward(output[1], weight)
+    ctx.eps = eps
+    ctx.res_dtype = residual.dtype
+
+
+def _backward_add_rms(ctx, grad_out, grad_new_residual):
+    s, weight = ctx.saved_tensors
+    grad_s, grad_w = rms_norm_backward(grad_out, s, weight, ctx.eps)
+    if grad_new_residual is not None:
+        grad_s = grad_s + grad_new_residual.float()
+    return (
+        grad_s.to(s.dtype) if ctx.needs_input_grad[0] else None,
+        grad_s.to(ctx.res_dtype) if ctx.needs_input_grad[1] else None,
+        grad_w.to(weight.dtype) if grad_w is not None and ctx.needs_input_grad[2] else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("ringfuse::rms_norm", _backward_rms, setup_context=_setup_rms)
+torch.library.register_autograd("ringfuse::add_rms_norm", _backward_add_rms, setup_context=_setup_add_rms)
