@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "cpu/limits.h"
+#include "cpu/memory.h"
 #include "cpu/norms.h"
 #include "cpu/vec.h"
 #ifdef RINGFUSE_WITH_CUDA
@@ -56,6 +57,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("residual"), py::arg("residual_stride"), py::arg("weight"), py::arg("bias"),
         py::arg("rows"), py::arg("hidden"), py::arg("eps"), py::arg("x_dtype"), py::arg("w_dtype"),
         py::arg("out_dtype"), py::arg("num_threads"));
+
+  m.def("advise_hugepages", &rf::cpu::advise_hugepages, py::arg("ptr"), py::arg("nbytes"));
 
   m.def("probe_copy", &rf::cpu::probe_copy, release_gil(), py::arg("dst"), py::arg("src"),
         py::arg("nbytes"), py::arg("num_threads"));

@@ -5,7 +5,8 @@
 //                        mean = sum(s) / H;  var = sum((s - mean)^2) / H   (two passes:
 //                        no cancellation when |mean| >> std, unlike E[s^2] - E[s]^2)
 //                        y = (s - mean) * rstd * w + b, rounded once
-// Three passes over the row; only the first touches memory, the rest hit L1/L2.
+// Three passes over the row; only the first touches memory (x and r are converted and added
+// once into an fp32 scratch row), the rest re-read that row from L1/L2.
 // Napkin math, [4096, 4096] fp32: reads 64 MiB, writes 64 MiB -> ~6 ms at 22 GB/s;
 // ~8 flops per element: memory-bound.
 #include "cpu/norm_common.h"
@@ -16,69 +17,83 @@ namespace {
 
 template <class TX, class TW, class TO>
 struct LayerNormKernel {
-  static RF_AVX2 RF_INLINE __m256 sum_pass(const RowPtrs<TX, TW, TO>& p, int64_t H, __m256 shift,
-                                           bool square) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-    int64_t i = 0;
-    // square=false: sum(s); square=true: sum((s - shift)^2). Tail lanes are zero-filled and
-    // masked so they add nothing.
-    for (; i + 32 <= H; i += 32) {
-      __m256 s0 = _mm256_sub_ps(load_s8<TX>(p.x, p.res, i), shift);
-      __m256 s1 = _mm256_sub_ps(load_s8<TX>(p.x, p.res, i + 8), shift);
-      __m256 s2 = _mm256_sub_ps(load_s8<TX>(p.x, p.res, i + 16), shift);
-      __m256 s3 = _mm256_sub_ps(load_s8<TX>(p.x, p.res, i + 24), shift);
-      if (square) {
-        acc0 = _mm256_fmadd_ps(s0, s0, acc0);
-        acc1 = _mm256_fmadd_ps(s1, s1, acc1);
-        acc2 = _mm256_fmadd_ps(s2, s2, acc2);
-        acc3 = _mm256_fmadd_ps(s3, s3, acc3);
-      } else {
-        acc0 = _mm256_add_ps(s0, acc0);
-        acc1 = _mm256_add_ps(s1, acc1);
-        acc2 = _mm256_add_ps(s2, acc2);
-        acc3 = _mm256_add_ps(s3, acc3);
-      }
-    }
-    for (; i + 8 <= H; i += 8) {
-      const __m256 s = _mm256_sub_ps(load_s8<TX>(p.x, p.res, i), shift);
-      acc0 = square ? _mm256_fmadd_ps(s, s, acc0) : _mm256_add_ps(s, acc0);
-    }
-    if (i < H) {
-      const int64_t n = H - i;
-      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-      const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), lane));
-      const __m256 s = _mm256_and_ps(_mm256_sub_ps(load_s_tail<TX>(p.x, p.res, i, n), shift), live);
-      acc1 = square ? _mm256_fmadd_ps(s, s, acc1) : _mm256_add_ps(s, acc1);
-    }
-    return _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-  }
-
   static RF_AVX2 void avx2(const NormArgs& a, int64_t begin, int64_t end) {
-    const int64_t H = a.hidden;
+    const int64_t H = a.hidden, tail = H % 8, Hv = H - tail;
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 live = _mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(int(tail)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    float* buf = scratch_row(H);  // s in fp32, re-read by passes 2 and 3 from L1/L2
     for (int64_t row = begin; row < end; ++row) {
       const RowPtrs<TX, TW, TO> p(a, row);
-      const float mean = hsum(sum_pass(p, H, zero, false)) / float(H);
-      const __m256 vmean = _mm256_set1_ps(mean);
-      const float var = hsum(sum_pass(p, H, vmean, true)) / float(H);
-      const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(var + a.eps));
+      // pass 1: s = x (+ r) into buf, sum(s)
+      __m256 acc0 = zero, acc1 = zero, acc2 = zero, acc3 = zero;
       int64_t i = 0;
-      for (; i + 8 <= H; i += 8) {
+      for (; i + 32 <= H; i += 32) {
+        const __m256 s0 = load_s8<TX>(p.x, p.res, i), s1 = load_s8<TX>(p.x, p.res, i + 8);
+        const __m256 s2 = load_s8<TX>(p.x, p.res, i + 16), s3 = load_s8<TX>(p.x, p.res, i + 24);
+        _mm256_storeu_ps(buf + i, s0);
+        _mm256_storeu_ps(buf + i + 8, s1);
+        _mm256_storeu_ps(buf + i + 16, s2);
+        _mm256_storeu_ps(buf + i + 24, s3);
+        acc0 = _mm256_add_ps(acc0, s0);
+        acc1 = _mm256_add_ps(acc1, s1);
+        acc2 = _mm256_add_ps(acc2, s2);
+        acc3 = _mm256_add_ps(acc3, s3);
+      }
+      for (; i < Hv; i += 8) {
         const __m256 s = load_s8<TX>(p.x, p.res, i);
+        _mm256_storeu_ps(buf + i, s);
+        acc0 = _mm256_add_ps(acc0, s);
+      }
+      if (tail) {  // zero-filled lanes
+        const __m256 s = load_s_tail<TX>(p.x, p.res, Hv, tail);
+        _mm256_storeu_ps(buf + Hv, s);
+        acc1 = _mm256_add_ps(acc1, s);
+      }
+      const float mean =
+          hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3))) / float(H);
+      const __m256 vmean = _mm256_set1_ps(mean);
+
+      // pass 2: sum((s - mean)^2) from buf (two passes: no cancellation when |mean| >> std)
+      acc0 = acc1 = acc2 = acc3 = zero;
+      for (i = 0; i + 32 <= H; i += 32) {
+        const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(buf + i), vmean);
+        const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(buf + i + 8), vmean);
+        const __m256 d2 = _mm256_sub_ps(_mm256_loadu_ps(buf + i + 16), vmean);
+        const __m256 d3 = _mm256_sub_ps(_mm256_loadu_ps(buf + i + 24), vmean);
+        acc0 = _mm256_fmadd_ps(d0, d0, acc0);
+        acc1 = _mm256_fmadd_ps(d1, d1, acc1);
+        acc2 = _mm256_fmadd_ps(d2, d2, acc2);
+        acc3 = _mm256_fmadd_ps(d3, d3, acc3);
+      }
+      for (; i < Hv; i += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(buf + i), vmean);
+        acc0 = _mm256_fmadd_ps(d, d, acc0);
+      }
+      if (tail) {
+        const __m256 d = _mm256_and_ps(_mm256_sub_ps(_mm256_loadu_ps(buf + Hv), vmean), live);
+        acc1 = _mm256_fmadd_ps(d, d, acc1);
+      }
+      const float var =
+          hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3))) / float(H);
+      const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(var + a.eps));
+
+      // pass 3: y = (s - mean) * rstd * w + b; x / r are no longer read, so out may alias them
+      for (i = 0; i < Hv; i += 8) {
+        const __m256 s = _mm256_loadu_ps(buf + i);
         if (p.res_out) store8<TX>(p.res_out + i, s, a.stream);
         const __m256 w = p.w ? V8<TW>::load(p.w + i) : one;
         const __m256 b = p.b ? V8<TW>::load(p.b + i) : zero;
         const __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_sub_ps(s, vmean), rstd), w, b);
         store8<TO>(p.out + i, y, a.stream);
       }
-      if (i < H) {
-        const int64_t n = H - i;
-        const __m256 s = load_s_tail<TX>(p.x, p.res, i, n);
-        if (p.res_out) store_tail<TX>(p.res_out + i, s, n);
-        const __m256 w = p.w ? load_tail<TW>(p.w + i, n) : one;
-        const __m256 b = p.b ? load_tail<TW>(p.b + i, n) : zero;
+      if (tail) {
+        const __m256 s = _mm256_loadu_ps(buf + Hv);
+        if (p.res_out) store_tail<TX>(p.res_out + Hv, s, tail);
+        const __m256 w = p.w ? load_tail<TW>(p.w + Hv, tail) : one;
+        const __m256 b = p.b ? load_tail<TW>(p.b + Hv, tail) : zero;
         const __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_sub_ps(s, vmean), rstd), w, b);
-        store_tail<TO>(p.out + i, y, n);
+        store_tail<TO>(p.out + Hv, y, tail);
       }
     }
     if (a.stream) _mm_sfence();

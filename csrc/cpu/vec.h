@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 
@@ -154,7 +155,15 @@ struct V8<BF16> {
   static RF_AVX2 RF_INLINE void stream(uint16_t* p, __m256 v) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(p), f32x8_to_bf16(v));
   }
-  static RF_AVX2 RF_INLINE __m256 round(__m256 v) { return bf16x8_to_f32(f32x8_to_bf16(v)); }
+  // round to bf16 precision without leaving the fp32 lanes: RNE on the low 16 bits
+  static RF_AVX2 RF_INLINE __m256 round(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    r = _mm256_and_si256(r, _mm256_set1_epi32(int(0xffff0000u)));
+    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc00000), is_nan));
+  }
   static constexpr int align = 16;
 };
 
@@ -196,6 +205,14 @@ RF_AVX2 RF_INLINE float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// A per-thread fp32 scratch row of at least n floats (+ 8 for a whole tail vector), so a
+// kernel converts and adds its inputs once and re-reads them from L1/L2 as fp32.
+inline float* scratch_row(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (int64_t(buf.size()) < n + 8) buf.resize(size_t(n + 8));
+  return buf.data();
 }
 
 // ---------------------------------------------------------------------------------------

@@ -332,3 +332,23 @@ def test_ops_are_registered():
     torch.testing.assert_close(torch.ops.ringfuse.rms_norm(x, None, 1e-6, False), rms_norm(x))
     assert ringfuse.ops.rms_norm is rms_norm
     assert not math.isnan(float(rms_norm(x).sum()))
+
+
+def test_residual_out_argument(isa):
+    x, r = make((9, 40), torch.bfloat16, seed=1), make((9, 40), torch.bfloat16, seed=2)
+    expect_out, expect_res = add_rms_norm(x, r, None)
+    out, res_out = torch.empty_like(x), torch.empty_like(x)
+    o, s = add_rms_norm(x, r, None, out=out, residual_out=res_out)
+    assert o is out and s is res_out
+    assert torch.equal(out, expect_out) and torch.equal(res_out, expect_res)
+    # residual_out may be the residual itself: the residual stream updated in place
+    r2 = r.clone()
+    o, s = add_rms_norm(x, r2, None, residual_out=r2)
+    assert s is r2 and torch.equal(r2, expect_res) and torch.equal(o, expect_out)
+    with pytest.raises(ValueError, match="residual_out and out must not share memory"):
+        add_rms_norm(x, r, None, out=out, residual_out=out)
+    with pytest.raises(TypeError, match="residual_out must have dtype"):
+        add_rms_norm(x, r, None, residual_out=torch.empty(9, 40))
+    with pytest.raises(ValueError, match="residual_out overlaps residual"):
+        big = torch.zeros(10, 40, dtype=torch.bfloat16)
+        add_rms_norm(x, big[:9], None, residual_out=big[1:])

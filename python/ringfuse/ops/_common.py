@@ -44,6 +44,18 @@ def cuda_backend() -> str:
     return _cuda_backend
 
 
+HUGEPAGE_MIN_BYTES = 4 << 20
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, plus transparent huge pages for large CPU outputs before first touch:
+    the page faults of a fresh 64 MiB tensor drop from tens of ms to a few."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if device.type == "cpu" and out.numel() * out.element_size() >= HUGEPAGE_MIN_BYTES:
+        _C.advise_hugepages(out.data_ptr(), out.numel() * out.element_size())
+    return out
+
+
 def num_threads() -> int:
     """Threads for CPU kernels: the same count torch uses (torch.set_num_threads)."""
     return torch.get_num_threads()
@@ -123,33 +135,52 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + extent * t.element_size()
 
 
-def check_out(op: str, out, shape, dtype, x: torch.Tensor, inputs: dict) -> torch.Tensor:
-    """out= must match shape/dtype/device, have the rows layout, and not partly overlap an
-    input (exactly the same tensor as an input is allowed: in-place)."""
+def check_out(op: str, out, shape, dtype, x: torch.Tensor, inputs: dict, name: str = "out") -> torch.Tensor:
+    """An output argument (``name``) must match shape/dtype/device, have the rows layout,
+    and not partly overlap an input (exactly the same tensor is allowed: in place)."""
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{op}: out must be a torch.Tensor, got {type(out).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(out).__name__}")
     if out.shape != shape:
-        raise ValueError(f"{op}: out must have shape {tuple(shape)}, got {tuple(out.shape)}")
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
     if out.dtype != dtype:
-        raise TypeError(f"{op}: out must have dtype {dtype}, got {out.dtype}")
+        raise TypeError(f"{op}: {name} must have dtype {dtype}, got {out.dtype}")
     if out.device != x.device:
-        raise ValueError(f"{op}: out is on {out.device} but x is on {x.device}")
+        raise ValueError(f"{op}: {name} is on {out.device} but x is on {x.device}")
     if out.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{op}: out= does not support autograd; pass out=None")
+        raise ValueError(f"{op}: {name}= does not support autograd; pass {name}=None")
     out2d = rows_view(out) if out.numel() else out
     if out.numel() and out2d.data_ptr() != out.data_ptr():
-        raise ValueError(f"{op}: out must have a unit inner stride and one row stride (got strides {out.stride()})")
+        raise ValueError(f"{op}: {name} must have a unit inner stride and one row stride (got strides {out.stride()})")
     if out.numel():
         o0, o1 = _span(out)
-        for name, t in inputs.items():
+        for other, t in inputs.items():
             if t is None or not t.numel():
                 continue
             if t.data_ptr() == out.data_ptr() and t.stride() == out.stride():
                 continue  # exactly the same memory: in place
             a0, a1 = _span(t)
             if a0 < o1 and o0 < a1:
-                raise ValueError(f"{op}: out overlaps {name} in memory; use a separate buffer or the same tensor")
+                raise ValueError(f"{op}: {name} overlaps {other} in memory; use a separate buffer or the same tensor")
     return out2d
+
+
+def residual_output(op: str, residual, residual_out, x: torch.Tensor, out: torch.Tensor):
+    """The tensor that receives x + residual: residual_out when given (validated; it may be
+    residual itself or x, not out), else a new contiguous tensor.
+    Returns (tensor or None, its [rows, hidden] view or None)."""
+    if residual is None:
+        if residual_out is not None:
+            raise ValueError(f"{op}: residual_out given without residual")
+        return None, None
+    if residual_out is None:
+        new = new_output(x.shape, x.dtype, x.device)
+        return new, (new.view(-1, x.shape[-1]) if x.numel() else new)
+    view = check_out(op, residual_out, x.shape, x.dtype, x, {"x": x, "residual": residual}, name="residual_out")
+    if residual_out.numel():
+        (a0, a1), (b0, b1) = _span(residual_out), _span(out)
+        if a0 < b1 and b0 < a1:
+            raise ValueError(f"{op}: residual_out and out must not share memory")
+    return residual_out, view
 
 
 def needs_autograd(*tensors) -> bool:

@@ -45,7 +45,7 @@ def launch(out2d, x2d, weight, bias, eps: float, res2d=None, res_out2d=None) -> 
         _C.layer_norm(*args, c.num_threads())
 
 
-def _forward(x, weight, bias, eps, residual=None, out=None):
+def _forward(x, weight, bias, eps, residual=None, out=None, residual_out=None):
     op = "layer_norm" if residual is None else "add_layer_norm"
     c.check_float_tensor(op, "x", x)
     if x.dim() < 1:
@@ -61,15 +61,14 @@ def _forward(x, weight, bias, eps, residual=None, out=None):
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out = c.new_output(x.shape, x.dtype, x.device)
         out2d = out.view(-1, hidden) if x.numel() else out
     else:
         out2d = c.check_out(op, out, x.shape, x.dtype, x, {"x": x, "residual": residual})
-    new_res = None if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    new_res, res_out2d = c.residual_output(op, residual, residual_out, x, out)
     if x.numel() == 0:
         return out, new_res
     res2d = None if residual is None else c.rows_view(residual)
-    res_out2d = None if residual is None else new_res.view(-1, hidden)
     launch(out2d, c.rows_view(x), weight, bias, eps, res2d, res_out2d)
     return out, new_res
 
@@ -83,11 +82,13 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, *, out=None):
     return _forward(x, weight, bias, eps, out=out)[0]
 
 
-def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5, *, out=None):
-    """Fused ``s = x + residual`` then LayerNorm(s); returns ``(normalized, s)``."""
-    if out is None and (torch.compiler.is_compiling() or c.needs_autograd(x, residual, weight, bias)):
+def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5, *, out=None, residual_out=None):
+    """Fused ``s = x + residual`` then LayerNorm(s); returns ``(normalized, s)``.
+    ``out=`` / ``residual_out=`` as in add_rms_norm."""
+    eager_only = out is not None or residual_out is not None
+    if not eager_only and (torch.compiler.is_compiling() or c.needs_autograd(x, residual, weight, bias)):
         return torch.ops.ringfuse.add_layer_norm(x, residual, weight, bias, eps)
-    return _forward(x, weight, bias, eps, residual=residual, out=out)
+    return _forward(x, weight, bias, eps, residual=residual, out=out, residual_out=residual_out)
 
 
 OP_LIB.define("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor")

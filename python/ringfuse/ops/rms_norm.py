@@ -83,7 +83,7 @@ def _check(op: str, x, weight, eps, residual=None) -> float:
     return c.check_eps(op, eps)
 
 
-def _forward(x, weight, eps, llama, residual=None, out=None):
+def _forward(x, weight, eps, llama, residual=None, out=None, residual_out=None):
     """Validated forward shared by every entry point: returns (out, new_residual or None)."""
     op = "rms_norm" if residual is None else "add_rms_norm"
     eps = _check(op, x, weight, eps, residual)
@@ -91,16 +91,15 @@ def _forward(x, weight, eps, llama, residual=None, out=None):
         weight = weight.contiguous()
     out_dtype = _out_dtype(x, weight, llama)
     if out is None:
-        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        out = c.new_output(x.shape, out_dtype, x.device)
         out2d = out.view(-1, x.shape[-1]) if x.numel() else out
     else:
         out2d = c.check_out(op, out, x.shape, out_dtype, x, {"x": x, "residual": residual})
-    new_res = None if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    new_res, res_out2d = c.residual_output(op, residual, residual_out, x, out)
     if x.numel() == 0:
         return out, new_res
     x2d = c.rows_view(x)
     res2d = None if residual is None else c.rows_view(residual)
-    res_out2d = None if residual is None else new_res.view(-1, x.shape[-1])
     launch(out2d, x2d, weight, eps, llama, res2d, res_out2d)
     return out, new_res
 
@@ -121,13 +120,17 @@ def rms_norm(x, weight=None, eps: float = 1e-6, *, cast_mode: str = "torch", out
     return _forward(x, weight, eps, llama, out=out)[0]
 
 
-def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, *, cast_mode: str = "torch", out=None):
+def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, *, cast_mode: str = "torch", out=None,
+                 residual_out=None):
     """Fused ``s = x + residual`` then RMSNorm(s). Returns ``(normalized, s)``: one pass
-    over memory instead of torch's add, pow, mean, rsqrt and multiplies."""
+    over memory instead of torch's add, pow, mean, rsqrt and multiplies. ``out=`` and
+    ``residual_out=`` write into preallocated tensors (``residual_out`` may be ``residual``
+    itself: the residual stream is then updated in place)."""
     llama = _llama("add_rms_norm", cast_mode)
-    if out is None and (torch.compiler.is_compiling() or c.needs_autograd(x, residual, weight)):
+    eager_only = out is not None or residual_out is not None
+    if not eager_only and (torch.compiler.is_compiling() or c.needs_autograd(x, residual, weight)):
         return torch.ops.ringfuse.add_rms_norm(x, residual, weight, eps, llama)
-    return _forward(x, weight, eps, llama, residual=residual, out=out)
+    return _forward(x, weight, eps, llama, residual=residual, out=out, residual_out=residual_out)
 
 
 def add_rms_norm_(x, residual, weight=None, eps: float = 1e-6, *, cast_mode: str = "torch"):

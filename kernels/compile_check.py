@@ -1,0 +1,139 @@
+"""Compile a Triton kernel for a real NVIDIA GPU on a machine without one.
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs the whole
+pipeline (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin via the ptxas bundled with triton)
+and needs no driver. Register and spill counts are normally read from the loaded module
+(``CompiledKernel.n_regs`` / ``n_spills``, which need a device); here they are read from the
+cubin with the bundled ``cuobjdump --dump-resource-usage`` (REG, and LOCAL bytes: Triton's
+``n_spills`` is ``CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES / 4``), falling back to ``ptxas -v``
+on the PTX when cuobjdump is missing.
+
+Works under ``TRITON_INTERPRET=1`` too: there ``@triton.jit`` returns an
+InterpretedFunction, so a JITFunction is rebuilt from the underlying Python function.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+
+def _as_jit_function(fn) -> JITFunction:
+    if isinstance(fn, JITFunction):
+        return fn
+    py_fn = getattr(fn, "fn", None)  # InterpretedFunction keeps the Python function in .fn
+    if py_fn is None or not callable(py_fn):
+        raise TypeError(f"compile_for_target: expected a @triton.jit function, got {type(fn).__name__}")
+    return _rebuild_jit(py_fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _rebuild_jit(py_fn) -> JITFunction:
+    # The kernels in this package call no other @triton.jit functions; a kernel that does
+    # would need its callees rebuilt the same way.
+    return JITFunction(py_fn)
+
+
+def _tool(name: str) -> str | None:
+    from triton.backends.nvidia import compiler as nv
+
+    try:
+        if name == "ptxas":
+            return nv.get_ptxas().path
+        return getattr(nv, f"get_{name}")().path
+    except Exception:
+        path = os.path.join(os.path.dirname(nv.__file__), "bin", name)
+        return path if os.path.exists(path) else None
+
+
+def _resource_usage(cubin: bytes, kernel_name: str) -> tuple[int, int]:
+    """(registers per thread, local memory bytes per thread) of kernel_name in cubin."""
+    cuobjdump = _tool("cuobjdump")
+    if cuobjdump is None:
+        raise FileNotFoundError("cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run(
+            [cuobjdump, "--dump-resource-usage", path], check=True, capture_output=True, text=True
+        ).stdout
+    # "Function <name>:\n REG:26 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:... "
+    m = re.search(rf"Function {re.escape(kernel_name)}:\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", text)
+    if m is None:
+        raise RuntimeError(f"compile_for_target: no resource usage for {kernel_name} in:\n{text}")
+    return int(m.group(1)), int(m.group(4))
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from ``ptxas -v``."""
+    ptxas = _tool("ptxas")
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}", src, "-o", src + ".o"],
+            check=True, capture_output=True, text=True,
+        ).stderr  # fmt: skip
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0, int(spills.group(2)) if spills else 0
+
+
+def compile_for_target(
+    jit_fn, signature: dict, constexprs: dict, arch: int, num_warps: int, attrs: dict | None = None
+) -> dict:
+    """Compile ``jit_fn`` for ``sm_<arch>`` (80, 90, ...) without a GPU.
+
+    signature: {arg name: "*fp16" | "i32" | "fp32" | ... | "constexpr"} for every argument;
+    constexprs: {name: value} for the "constexpr" ones; attrs: optional
+    {(arg index,): [["tt.divisibility", 16]]} as Triton's JIT adds for 16-aligned pointers
+    and ints (None: every pointer argument is taken as 16-byte aligned, as torch allocations
+    are; no int is assumed divisible).
+
+    Returns {"name", "arch", "num_warps", "n_regs", "n_spills" (4-byte words of local
+    memory, Triton's definition), "local_bytes", "shared", "ptx_len", "cubin_len", "ptx"}.
+    """
+    fn = _as_jit_function(jit_fn)
+    missing = [a for a in fn.arg_names if a not in signature]
+    if missing:
+        raise ValueError(f"compile_for_target: signature lacks arguments {missing}")
+    if attrs is None:
+        attrs = {
+            (i,): [["tt.divisibility", 16]]
+            for i, a in enumerate(fn.arg_names)
+            if str(signature[a]).startswith("*")
+        }
+    src = ASTSource(fn, signature, constexprs, attrs)
+    target = GPUTarget("cuda", arch, 32)
+    kernel = triton.compile(src, target=target, options={"num_warps": num_warps})
+    cubin = kernel.asm["cubin"]
+    ptx = kernel.asm["ptx"]
+    name = kernel.metadata.name
+    try:
+        n_regs, local_bytes = _resource_usage(cubin, name)
+    except (FileNotFoundError, subprocess.CalledProcessError):
+        n_regs, spill_st, spill_ld = _ptxas_usage(ptx, arch)
+        local_bytes = max(spill_st, spill_ld)
+    return {
+        "name": name,
+        "arch": arch,
+        "num_warps": num_warps,
+        "n_regs": n_regs,
+        "n_spills": local_bytes // 4,
+        "local_bytes": local_bytes,
+        "shared": kernel.metadata.shared,
+        "ptx_len": len(ptx),
+        "cubin_len": len(cubin),
+        "ptx": ptx,
+    }

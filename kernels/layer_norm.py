@@ -1,0 +1,327 @@
+"""LayerNorm forward in Triton, with the residual add fused in.
+
+    s    = x                        or  round_x(x + residual)   (written to residual_out)
+    mean = mean(s), var = mean((s - mean)^2) (biased), rstd = 1 / sqrt(var + eps)   (fp32)
+    y    = round_out((s - mean) * rstd * w + b)
+
+One program per row. Two kernels:
+- ``_layer_norm_fwd_row_kernel``: the whole row in registers (BLOCK = next_pow2(hidden),
+  at least 256); exact two-pass mean / variance over the registers: one read, one write.
+- ``_layer_norm_fwd_looped_kernel``: hidden > MAX_ROW_BLOCK: pass 1 walks the row in
+  LOOP_BLOCK chunks keeping a Welford (count, mean, M2) per lane, merged at the end with
+  Chan's formula (M2 = sum M2_i + sum n_i (mean_i - mean)^2): no E[x^2] - E[x]^2
+  cancellation; pass 2 normalizes, reading s back (from residual_out when there is a
+  residual, else from x). The second read mostly hits L2.
+
+Napkin math per call (rows R, hidden H, element sizes bx (x), bo (out), bw (weight/bias)):
+  row kernel:    bytes = R*H*(bx + bo) + 2*H*bw            (+ R*H*2*bx with a residual:
+                 residual read + residual_out write); flops ~ 7*R*H. Memory-bound: the
+                 target is the GPU's copy bandwidth.
+  looped kernel: one more read of the row: + R*H*bx (mostly from L2); ~6 more flops per
+                 element for the Welford updates.
+
+Aliasing: ``out`` may be ``x`` and ``residual_out`` may be ``residual`` (in place): every
+program touches only its own row, and within a row each element is read (by the thread
+that owns it) before that thread writes it; the looped kernel re-reads s from
+residual_out only after a CTA barrier.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Same buckets as rms_norm (see there): row kernel for BLOCK <= 8192 (at 16 warps: 16 fp32
+# values per thread, well under the 128 registers a 512-thread CTA may use), looped above
+# in 4096-wide chunks at 16 warps; tiny rows share the BLOCK 256 variant.
+MAX_ROW_BLOCK = 8192
+MIN_BLOCK = 256
+LOOP_BLOCK = 4096
+LOOP_WARPS = 16
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@triton.jit
+def _layer_norm_fwd_row_kernel(
+    out_ptr,  # *out_dtype [rows, n_cols]: the normalized output (may be x_ptr)
+    out_row_stride,  # elements between rows of out
+    x_ptr,  # *x_dtype [rows, n_cols]: input, inner stride 1
+    x_row_stride,  # elements between rows of x
+    res_ptr,  # *x_dtype [rows, n_cols]: residual to add (unused unless HAS_RESIDUAL)
+    res_row_stride,  # elements between rows of residual
+    res_out_ptr,  # *x_dtype [rows, n_cols]: round_x(x + residual) (may be res_ptr)
+    res_out_row_stride,  # elements between rows of residual_out
+    w_ptr,  # *w_dtype [n_cols]: weight, x's dtype or fp32 (unused unless HAS_WEIGHT)
+    b_ptr,  # *b_dtype [n_cols]: bias, x's dtype or fp32 (unused unless HAS_BIAS)
+    n_cols,  # hidden size
+    eps,  # fp32 epsilon added to the variance
+    HAS_RESIDUAL: tl.constexpr,  # add residual first and write residual_out
+    HAS_WEIGHT: tl.constexpr,  # multiply by w (else w = 1)
+    HAS_BIAS: tl.constexpr,  # add b (else b = 0)
+    BLOCK: tl.constexpr,  # power of two >= n_cols: the whole row lives in registers
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    # weight and bias issued first so their latency overlaps the row load and reductions
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    s = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        s_x = (s + r).to(x_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * res_out_row_stride + cols, s_x, mask=mask)
+        s = s_x.to(tl.float32)
+    n = tl.cast(n_cols, tl.float32)
+    mean = tl.div_rn(tl.sum(s, axis=0), n)  # masked lanes are 0
+    d = tl.where(mask, s - mean, 0.0)
+    var = tl.div_rn(tl.sum(d * d, axis=0), n)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))  # IEEE: once per row, free
+    y = d * rstd
+    if HAS_WEIGHT:
+        y = y * w
+    if HAS_BIAS:
+        y = y + b
+    tl.store(out_ptr + row * out_row_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_fwd_looped_kernel(
+    out_ptr,  # *out_dtype [rows, n_cols]: the normalized output (may be x_ptr)
+    out_row_stride,  # elements between rows of out
+    x_ptr,  # *x_dtype [rows, n_cols]: input, inner stride 1
+    x_row_stride,  # elements between rows of x
+    res_ptr,  # *x_dtype [rows, n_cols]: residual to add (unused unless HAS_RESIDUAL)
+    res_row_stride,  # elements between rows of residual
+    res_out_ptr,  # *x_dtype [rows, n_cols]: round_x(x + residual) (may be res_ptr)
+    res_out_row_stride,  # elements between rows of residual_out
+    w_ptr,  # *w_dtype [n_cols]: weight, x's dtype or fp32 (unused unless HAS_WEIGHT)
+    b_ptr,  # *b_dtype [n_cols]: bias, x's dtype or fp32 (unused unless HAS_BIAS)
+    n_cols,  # hidden size
+    eps,  # fp32 epsilon added to the variance
+    HAS_RESIDUAL: tl.constexpr,  # add residual first and write residual_out
+    HAS_WEIGHT: tl.constexpr,  # multiply by w (else w = 1)
+    HAS_BIAS: tl.constexpr,  # add b (else b = 0)
+    BLOCK: tl.constexpr,  # chunk width: the row is walked twice in BLOCK-wide chunks
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_row_stride
+    out_row = out_ptr + row * out_row_stride
+    res_row = res_ptr + row * res_row_stride
+    res_out_row = res_out_ptr + row * res_out_row_stride
+    # pass 1: Welford per lane. Chunk k (0-based) gives each lane whose column is in range
+    # its (k+1)-th value (only the last chunk is partial), so the count is a scalar there.
+    mean_v = tl.zeros([BLOCK], dtype=tl.float32)
+    m2_v = tl.zeros([BLOCK], dtype=tl.float32)
+    cnt = 0.0
+    for off in range(0, n_cols, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r = tl.load(res_row + cols, mask=mask, other=0.0).to(tl.float32)
+            s_x = (s + r).to(x_ptr.dtype.element_ty)
+            tl.store(res_out_row + cols, s_x, mask=mask)
+            s = s_x.to(tl.float32)
+        cnt += 1.0
+        inv_cnt = tl.div_rn(1.0, cnt)
+        delta = s - mean_v
+        mean_v = tl.where(mask, mean_v + delta * inv_cnt, mean_v)
+        m2_v = tl.where(mask, m2_v + delta * (s - mean_v), m2_v)
+    # per-lane counts: cnt (= number of chunks) for lanes in range in the last chunk, one
+    # less for the others; then Chan's merge of the per-lane (cnt_v, mean_v, m2_v)
+    last = (tl.cdiv(n_cols, BLOCK) - 1) * BLOCK
+    cnt_v = tl.where(last + tl.arange(0, BLOCK) < n_cols, cnt, cnt - 1.0)
+    n = tl.cast(n_cols, tl.float32)
+    mean = tl.div_rn(tl.sum(mean_v * cnt_v, axis=0), n)
+    dm = mean_v - mean
+    var = tl.div_rn(tl.sum(m2_v + cnt_v * dm * dm, axis=0), n)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    if HAS_RESIDUAL:
+        # pass 2 reads s back from residual_out (residual may be residual_out): make this
+        # CTA's pass-1 stores visible to every thread of the CTA first
+        tl.debug_barrier()
+    # pass 2: normalize; an element of out is written only after it was read (out may be x)
+    for off in range(0, n_cols, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        if HAS_RESIDUAL:
+            s = tl.load(res_out_row + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (s - mean) * rstd
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            y = y * w
+        if HAS_BIAS:
+            b = tl.load(b_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            y = y + b
+        tl.store(out_row + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Config choice: shared by the launcher and SHIPPED_CONFIGS (what the compile test builds)
+
+
+def _pick(n_cols: int):
+    """(kernel, BLOCK, num_warps) for a row of n_cols elements."""
+    block = max(MIN_BLOCK, triton.next_power_of_2(n_cols))
+    if block > MAX_ROW_BLOCK:
+        return _layer_norm_fwd_looped_kernel, LOOP_BLOCK, LOOP_WARPS
+    return _layer_norm_fwd_row_kernel, block, min(16, block // 256)
+
+
+def _spec(x_dtype, out_dtype, w_dtype, b_dtype, has_residual: bool, n_cols: int):
+    """Everything that selects a compiled variant: kernel, argument types, constexprs, warps."""
+    kernel, block, num_warps = _pick(n_cols)
+    xt, ot = _TL_NAME[x_dtype], _TL_NAME[out_dtype]
+    wt = _TL_NAME[w_dtype] if w_dtype is not None else xt  # x is passed as the dummy
+    bt = _TL_NAME[b_dtype] if b_dtype is not None else xt
+    signature = {
+        "out_ptr": f"*{ot}", "out_row_stride": "i32",
+        "x_ptr": f"*{xt}", "x_row_stride": "i32",
+        "res_ptr": f"*{xt}", "res_row_stride": "i32",
+        "res_out_ptr": f"*{xt}", "res_out_row_stride": "i32",
+        "w_ptr": f"*{wt}", "b_ptr": f"*{bt}", "n_cols": "i32", "eps": "fp32",
+    }  # fmt: skip
+    constexprs = {
+        "HAS_RESIDUAL": bool(has_residual),
+        "HAS_WEIGHT": w_dtype is not None,
+        "HAS_BIAS": b_dtype is not None,
+        "BLOCK": block,
+    }
+    for k in constexprs:
+        signature[k] = "constexpr"
+    return kernel, signature, constexprs, num_warps
+
+
+def _bucket_sizes():
+    """One n_cols per (kernel, BLOCK) the launcher can pick."""
+    sizes, block = [], MIN_BLOCK
+    while block <= MAX_ROW_BLOCK:
+        sizes.append(block)
+        block *= 2
+    sizes.append(2 * MAX_ROW_BLOCK)  # looped
+    return sizes
+
+
+def shipped_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launcher can choose, as dicts
+    with an ``id``; argument ints are i32 (Triton's JIT also specializes ints == 1 and
+    multiples of 16, which changes attributes, not the variants listed here)."""
+    configs, seen = [], set()
+    for n_cols in _bucket_sizes():
+        for x_dt in _DTYPES:
+            for out_dt in dict.fromkeys((x_dt, torch.float32)):
+                for w_dt in dict.fromkeys((None, x_dt, torch.float32)):
+                    for b_dt in dict.fromkeys((None, x_dt, torch.float32)):
+                        for has_res in (False, True):
+                            kernel, sig, cexp, nw = _spec(x_dt, out_dt, w_dt, b_dt, has_res, n_cols)
+                            key = (kernel.__name__, tuple(sig.items()), tuple(cexp.items()), nw)
+                            if key in seen:
+                                continue
+                            seen.add(key)
+                            name = "looped" if kernel is _layer_norm_fwd_looped_kernel else "row"
+                            cid = (
+                                f"ln_{name}-B{cexp['BLOCK']}-w{nw}-x{_TL_NAME[x_dt]}-o{_TL_NAME[out_dt]}"
+                                f"-w{_TL_NAME[w_dt] if w_dt else 'none'}-b{_TL_NAME[b_dt] if b_dt else 'none'}"
+                                f"-res{int(has_res)}"
+                            )
+                            configs.append(
+                                {"id": cid, "kernel": kernel, "signature": sig, "constexprs": cexp, "num_warps": nw}
+                            )
+    return configs
+
+
+SHIPPED_CONFIGS = shipped_configs()
+
+
+# ---------------------------------------------------------------------------------------
+# Launcher
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def _check_2d(name: str, t: torch.Tensor, shape, written: bool) -> None:
+    if t.dim() != 2 or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"layer_norm_fwd: {name} must be 2-D {list(shape)}, got {list(t.shape)}")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"layer_norm_fwd: {name} must have inner stride 1, got strides {t.stride()}")
+    if t.shape[0] > 1 and (t.stride(0) < (t.shape[1] if written else 0)):
+        raise ValueError(
+            f"layer_norm_fwd: {name} rows must not overlap (row stride >= hidden {t.shape[1]}), "
+            f"got strides {t.stride()}"
+        )
+
+
+def _check_param(name: str, p, x: torch.Tensor) -> None:
+    n_cols = x.shape[1]
+    if p.dim() != 1 or p.shape[0] != n_cols or (n_cols > 1 and p.stride(0) != 1):
+        raise ValueError(f"layer_norm_fwd: {name} must be contiguous [{n_cols}], got {list(p.shape)}")
+    if p.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"layer_norm_fwd: {name} dtype must be {x.dtype} or float32, got {p.dtype}")
+
+
+def layer_norm_fwd(out, x, weight, bias, eps, residual=None, residual_out=None) -> None:
+    """out[r, :] = LayerNorm(s[r, :]) with s = x or round_x(x + residual) (-> residual_out).
+
+    x, residual, residual_out: [rows, hidden], inner stride 1, any row stride; residual and
+    residual_out have x's dtype (both given or both None). out: [rows, hidden], x's dtype or
+    fp32. weight, bias: None or [hidden] contiguous, x's dtype or fp32. In place is fine:
+    ``out is x`` and ``residual_out is residual``. The caller validates devices and values.
+    """
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"layer_norm_fwd: x dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"layer_norm_fwd: x must be 2-D [rows, hidden], got shape {list(x.shape)}")
+    rows, n_cols = x.shape
+    _check_2d("x", x, x.shape, written=False)
+    _check_2d("out", out, x.shape, written=True)
+    if out.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"layer_norm_fwd: out dtype must be {x.dtype} or float32, got {out.dtype}")
+    if weight is not None:
+        _check_param("weight", weight, x)
+    if bias is not None:
+        _check_param("bias", bias, x)
+    if (residual is None) != (residual_out is None):
+        raise ValueError("layer_norm_fwd: residual and residual_out must be given together")
+    if residual is not None:
+        _check_2d("residual", residual, x.shape, written=False)
+        _check_2d("residual_out", residual_out, x.shape, written=True)
+        if residual.dtype != x.dtype or residual_out.dtype != x.dtype:
+            raise ValueError(
+                f"layer_norm_fwd: residual and residual_out must have x's dtype {x.dtype}, "
+                f"got {residual.dtype} and {residual_out.dtype}"
+            )
+    if n_cols == 0:
+        raise ValueError("layer_norm_fwd: hidden size must be >= 1")
+    if rows == 0:
+        return
+    kernel, _, constexprs, num_warps = _spec(
+        x.dtype,
+        out.dtype,
+        None if weight is None else weight.dtype,
+        None if bias is None else bias.dtype,
+        residual is not None,
+        n_cols,
+    )
+    res, res_out = (x, x) if residual is None else (residual, residual_out)
+    kernel[(rows,)](
+        out, _row_stride(out),
+        x, _row_stride(x),
+        res, _row_stride(res),
+        res_out, _row_stride(res_out),
+        x if weight is None else weight,
+        x if bias is None else bias,
+        n_cols,
+        float(eps),
+        **constexprs,
+        num_warps=num_warps,
+    )  # fmt: skip

@@ -1,0 +1,299 @@
+"""RMSNorm forward in Triton, with the residual add fused in (vLLM's fused_add_rms_norm).
+
+    s    = x                        or  round_x(x + residual)   (written to residual_out)
+    rstd = 1 / sqrt(mean(s^2) + eps)                            (fp32)
+    torch mode (F.rms_norm):      y = round_out(s * rstd * w)
+    llama mode (HF LlamaRMSNorm): y = round_out(round_x(s * rstd) * w)
+
+One program per row. Two kernels:
+- ``_rms_norm_fwd_row_kernel``: the whole row in registers (BLOCK = next_pow2(hidden),
+  at least 256): one read of the row, one write.
+- ``_rms_norm_fwd_looped_kernel``: hidden > MAX_ROW_BLOCK: two passes over the row in
+  LOOP_BLOCK chunks (pass 1: sum of squares, residual_out written; pass 2: normalize,
+  reading s back: from residual_out when there is a residual, else from x). The second
+  read of a row mostly hits L2 (a 64K-wide bf16 row is 128 KiB).
+
+Napkin math per call (rows R, hidden H, element sizes bx (x), bo (out), bw (weight)):
+  row kernel:    bytes = R*H*(bx + bo) + H*bw              (+ R*H*2*bx with a residual:
+                 residual read + residual_out write); flops ~ 4*R*H. Memory-bound: the
+                 target is the copy bandwidth of the GPU (e.g. ~2 TB/s on A100-80G:
+                 4096 x 4096 bf16 in ~70 us).
+  looped kernel: one more read of the row: + R*H*bx (mostly from L2).
+
+Aliasing: ``out`` may be ``x`` and ``residual_out`` may be ``residual`` (in place): every
+program touches only its own row, and within a row each element is read (by the thread
+that owns it) before that thread writes it; the looped kernel re-reads s from
+residual_out only after a CTA barrier.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Row kernel up to this BLOCK (16 fp32 values per thread at 16 warps: 40-85 registers of the
+# 128 a 512-thread CTA may use). BLOCK 16384 still compiles without spills (16 warps: 128 of
+# 128 registers; 32 warps: 64 of 64) but with no margin left, so wider rows take the looped
+# kernel: one extra read of the row, mostly from L2.
+MAX_ROW_BLOCK = 8192
+# Smallest BLOCK: tiny rows share one compiled variant (masked lanes cost no memory traffic).
+MIN_BLOCK = 256
+# Chunk of the looped kernel and its warps: 8 values per thread per chunk (one 16-byte load
+# for 16-bit dtypes); 512 threads x 4 CTAs per SM keep enough bytes in flight.
+LOOP_BLOCK = 4096
+LOOP_WARPS = 16
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@triton.jit
+def _rms_norm_fwd_row_kernel(
+    out_ptr,  # *out_dtype [rows, n_cols]: the normalized output (may be x_ptr)
+    out_row_stride,  # elements between rows of out
+    x_ptr,  # *x_dtype [rows, n_cols]: input, inner stride 1
+    x_row_stride,  # elements between rows of x
+    res_ptr,  # *x_dtype [rows, n_cols]: residual to add (unused unless HAS_RESIDUAL)
+    res_row_stride,  # elements between rows of residual
+    res_out_ptr,  # *x_dtype [rows, n_cols]: round_x(x + residual) (may be res_ptr)
+    res_out_row_stride,  # elements between rows of residual_out
+    w_ptr,  # *w_dtype [n_cols]: weight, x's dtype or fp32 (unused unless HAS_WEIGHT)
+    n_cols,  # hidden size
+    eps,  # fp32 epsilon added to mean(s^2)
+    HAS_RESIDUAL: tl.constexpr,  # add residual first and write residual_out
+    HAS_WEIGHT: tl.constexpr,  # multiply by w (else w = 1)
+    LLAMA_CAST: tl.constexpr,  # round s * rstd to x's dtype before the weight (HF order)
+    BLOCK: tl.constexpr,  # power of two >= n_cols: the whole row lives in registers
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    if HAS_WEIGHT:
+        # issued first so its latency overlaps the row load and the reduction
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    s = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        s_x = (s + r).to(x_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * res_out_row_stride + cols, s_x, mask=mask)
+        s = s_x.to(tl.float32)
+    # masked lanes are 0 and add nothing; IEEE sqrt/div: once per row, free
+    mean_sq = tl.div_rn(tl.sum(s * s, axis=0), tl.cast(n_cols, tl.float32))
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))
+    y = s * rstd
+    if LLAMA_CAST:
+        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_WEIGHT:
+        y = y * w
+    tl.store(out_ptr + row * out_row_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_fwd_looped_kernel(
+    out_ptr,  # *out_dtype [rows, n_cols]: the normalized output (may be x_ptr)
+    out_row_stride,  # elements between rows of out
+    x_ptr,  # *x_dtype [rows, n_cols]: input, inner stride 1
+    x_row_stride,  # elements between rows of x
+    res_ptr,  # *x_dtype [rows, n_cols]: residual to add (unused unless HAS_RESIDUAL)
+    res_row_stride,  # elements between rows of residual
+    res_out_ptr,  # *x_dtype [rows, n_cols]: round_x(x + residual) (may be res_ptr)
+    res_out_row_stride,  # elements between rows of residual_out
+    w_ptr,  # *w_dtype [n_cols]: weight, x's dtype or fp32 (unused unless HAS_WEIGHT)
+    n_cols,  # hidden size
+    eps,  # fp32 epsilon added to mean(s^2)
+    HAS_RESIDUAL: tl.constexpr,  # add residual first and write residual_out
+    HAS_WEIGHT: tl.constexpr,  # multiply by w (else w = 1)
+    LLAMA_CAST: tl.constexpr,  # round s * rstd to x's dtype before the weight (HF order)
+    BLOCK: tl.constexpr,  # chunk width: the row is walked twice in BLOCK-wide chunks
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_row_stride
+    out_row = out_ptr + row * out_row_stride
+    res_row = res_ptr + row * res_row_stride
+    res_out_row = res_out_ptr + row * res_out_row_stride
+    # pass 1: per-lane partial sums of s^2 (one cross-lane reduction at the end)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, n_cols, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r = tl.load(res_row + cols, mask=mask, other=0.0).to(tl.float32)
+            s_x = (s + r).to(x_ptr.dtype.element_ty)
+            tl.store(res_out_row + cols, s_x, mask=mask)
+            s = s_x.to(tl.float32)
+        acc += s * s
+    mean_sq = tl.div_rn(tl.sum(acc, axis=0), tl.cast(n_cols, tl.float32))
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))
+    if HAS_RESIDUAL:
+        # pass 2 reads s back from residual_out (residual may be residual_out): make this
+        # CTA's pass-1 stores visible to every thread of the CTA first
+        tl.debug_barrier()
+    # pass 2: normalize; an element of out is written only after it was read (out may be x)
+    for off in range(0, n_cols, BLOCK):
+        cols = off + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        if HAS_RESIDUAL:
+            s = tl.load(res_out_row + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        y = s * rstd
+        if LLAMA_CAST:
+            y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            y = y * w
+        tl.store(out_row + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Config choice: shared by the launcher and SHIPPED_CONFIGS (what the compile test builds)
+
+
+def _pick(n_cols: int):
+    """(kernel, BLOCK, num_warps) for a row of n_cols elements."""
+    block = max(MIN_BLOCK, triton.next_power_of_2(n_cols))
+    if block > MAX_ROW_BLOCK:
+        return _rms_norm_fwd_looped_kernel, LOOP_BLOCK, LOOP_WARPS
+    # 8 elements per thread up to 4096 (one 16-byte load per thread for 16-bit dtypes),
+    # then 16 warps (512 threads) with 16 elements per thread at BLOCK 8192
+    return _rms_norm_fwd_row_kernel, block, min(16, block // 256)
+
+
+def _spec(x_dtype, out_dtype, w_dtype, has_residual: bool, llama_cast: bool, n_cols: int):
+    """Everything that selects a compiled variant: kernel, argument types, constexprs, warps."""
+    kernel, block, num_warps = _pick(n_cols)
+    xt, ot = _TL_NAME[x_dtype], _TL_NAME[out_dtype]
+    wt = _TL_NAME[w_dtype] if w_dtype is not None else xt  # x is passed as the dummy
+    signature = {
+        "out_ptr": f"*{ot}", "out_row_stride": "i32",
+        "x_ptr": f"*{xt}", "x_row_stride": "i32",
+        "res_ptr": f"*{xt}", "res_row_stride": "i32",
+        "res_out_ptr": f"*{xt}", "res_out_row_stride": "i32",
+        "w_ptr": f"*{wt}", "n_cols": "i32", "eps": "fp32",
+    }  # fmt: skip
+    constexprs = {
+        "HAS_RESIDUAL": bool(has_residual),
+        "HAS_WEIGHT": w_dtype is not None,
+        # rounding s * rstd to fp32 is the identity: one variant for fp32 x
+        "LLAMA_CAST": bool(llama_cast) and x_dtype != torch.float32,
+        "BLOCK": block,
+    }
+    for k in constexprs:
+        signature[k] = "constexpr"
+    return kernel, signature, constexprs, num_warps
+
+
+def _bucket_sizes():
+    """One n_cols per (kernel, BLOCK) the launcher can pick."""
+    sizes, block = [], MIN_BLOCK
+    while block <= MAX_ROW_BLOCK:
+        sizes.append(block)
+        block *= 2
+    sizes.append(2 * MAX_ROW_BLOCK)  # looped
+    return sizes
+
+
+def shipped_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launcher can choose, as dicts
+    with an ``id``; argument ints are i32 (Triton's JIT also specializes ints == 1 and
+    multiples of 16, which changes attributes, not the variants listed here)."""
+    configs, seen = [], set()
+    for n_cols in _bucket_sizes():
+        for x_dt in _DTYPES:
+            for out_dt in dict.fromkeys((x_dt, torch.float32)):
+                for w_dt in dict.fromkeys((None, x_dt, torch.float32)):
+                    for has_res in (False, True):
+                        for llama in (False, True):
+                            kernel, sig, cexp, nw = _spec(x_dt, out_dt, w_dt, has_res, llama, n_cols)
+                            key = (kernel.__name__, tuple(sig.items()), tuple(cexp.items()), nw)
+                            if key in seen:
+                                continue
+                            seen.add(key)
+                            name = "looped" if kernel is _rms_norm_fwd_looped_kernel else "row"
+                            cid = (
+                                f"rms_{name}-B{cexp['BLOCK']}-w{nw}-x{_TL_NAME[x_dt]}-o{_TL_NAME[out_dt]}"
+                                f"-w{_TL_NAME[w_dt] if w_dt else 'none'}-res{int(has_res)}"
+                                f"-llama{int(cexp['LLAMA_CAST'])}"
+                            )
+                            configs.append(
+                                {"id": cid, "kernel": kernel, "signature": sig, "constexprs": cexp, "num_warps": nw}
+                            )
+    return configs
+
+
+SHIPPED_CONFIGS = shipped_configs()
+
+
+# ---------------------------------------------------------------------------------------
+# Launcher
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def _check_2d(name: str, t: torch.Tensor, shape, written: bool) -> None:
+    if t.dim() != 2 or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"rms_norm_fwd: {name} must be 2-D {list(shape)}, got {list(t.shape)}")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"rms_norm_fwd: {name} must have inner stride 1, got strides {t.stride()}")
+    if t.shape[0] > 1 and (t.stride(0) < (t.shape[1] if written else 0)):
+        raise ValueError(
+            f"rms_norm_fwd: {name} rows must not overlap (row stride >= hidden {t.shape[1]}), "
+            f"got strides {t.stride()}"
+        )
+
+
+def rms_norm_fwd(out, x, weight, eps, llama_cast=False, residual=None, residual_out=None) -> None:
+    """out[r, :] = RMSNorm(s[r, :]) with s = x or round_x(x + residual) (-> residual_out).
+
+    x, residual, residual_out: [rows, hidden], inner stride 1, any row stride; residual and
+    residual_out have x's dtype (both given or both None). out: [rows, hidden], x's dtype or
+    fp32. weight: None or [hidden] contiguous, x's dtype or fp32. In place is fine:
+    ``out is x`` and ``residual_out is residual``. The caller validates devices and values.
+    """
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"rms_norm_fwd: x dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"rms_norm_fwd: x must be 2-D [rows, hidden], got shape {list(x.shape)}")
+    rows, n_cols = x.shape
+    _check_2d("x", x, x.shape, written=False)
+    _check_2d("out", out, x.shape, written=True)
+    if out.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"rms_norm_fwd: out dtype must be {x.dtype} or float32, got {out.dtype}")
+    if weight is not None:
+        if weight.dim() != 1 or weight.shape[0] != n_cols or (n_cols > 1 and weight.stride(0) != 1):
+            raise ValueError(f"rms_norm_fwd: weight must be contiguous [{n_cols}], got {list(weight.shape)}")
+        if weight.dtype not in (x.dtype, torch.float32):
+            raise ValueError(f"rms_norm_fwd: weight dtype must be {x.dtype} or float32, got {weight.dtype}")
+    if (residual is None) != (residual_out is None):
+        raise ValueError("rms_norm_fwd: residual and residual_out must be given together")
+    if residual is not None:
+        _check_2d("residual", residual, x.shape, written=False)
+        _check_2d("residual_out", residual_out, x.shape, written=True)
+        if residual.dtype != x.dtype or residual_out.dtype != x.dtype:
+            raise ValueError(
+                f"rms_norm_fwd: residual and residual_out must have x's dtype {x.dtype}, "
+                f"got {residual.dtype} and {residual_out.dtype}"
+            )
+    if n_cols == 0:
+        raise ValueError("rms_norm_fwd: hidden size must be >= 1")
+    if rows == 0:
+        return
+    kernel, _, constexprs, num_warps = _spec(
+        x.dtype, out.dtype, None if weight is None else weight.dtype, residual is not None, llama_cast, n_cols
+    )
+    res, res_out = (x, x) if residual is None else (residual, residual_out)
+    kernel[(rows,)](
+        out, _row_stride(out),
+        x, _row_stride(x),
+        res, _row_stride(res),
+        res_out, _row_stride(res_out),
+        x if weight is None else weight,
+        n_cols,
+        float(eps),
+        **constexprs,
+        num_warps=num_warps,
+    )  # fmt: skip

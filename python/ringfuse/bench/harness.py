@@ -1,0 +1,76 @@
+"""Timing harness shared by every ringfuse bench.
+
+These machines are small, shared VMs whose speed drifts by 2x between minutes, so a bench
+never reports an absolute time alone: each case times ringfuse and its baseline in the same
+run, interleaved round by round, and reports medians and their ratio.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Timing:
+    median_s: float
+    rounds: list[float] = field(default_factory=list)
+
+
+def _calls_per_block(fn: Callable[[], object], target_s: float) -> int:
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    return max(1, min(100_000, int(target_s / one)))
+
+
+def compare(fns: dict[str, Callable[[], object]], rounds: int = 7, block_s: float = 0.02,
+            warmup: int = 2) -> dict[str, Timing]:
+    """Time each callable in ``fns``, interleaved: every round runs a block of calls of each
+    one in turn, so drift hits all of them alike. Returns per-call median times."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    calls = {name: _calls_per_block(fn, block_s) for name, fn in fns.items()}
+    per_call: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = calls[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            per_call[name].append((time.perf_counter() - t0) / n)
+    return {name: Timing(statistics.median(ts), ts) for name, ts in per_call.items()}
+
+
+def fmt_us(seconds: float) -> str:
+    us = seconds * 1e6
+    return f"{us:,.1f}" if us < 1000 else f"{us:,.0f}"
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]], note: str | None = None,
+                left: int = 3) -> None:
+    """Print a table with rich; the first ``left`` columns are labels (left-justified), the
+    rest numbers (right-justified)."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left")
+        for i, col in enumerate(columns):
+            table.add_column(col, justify="left" if i < left else "right")
+        for row in rows:
+            table.add_row(*row)
+        console = Console(width=max(100, sum(len(c) + 3 for c in columns) + 20))
+        console.print(table)
+        if note:
+            console.print(note)
+    except ImportError:  # rich is a dependency; keep the numbers printable anyway
+        print(title)
+        print(" | ".join(columns))
+        for row in rows:
+            print(" | ".join(row))
+        if note:
+            print(note)

@@ -1,0 +1,80 @@
+"""Machine limits measured by small loops in _C: copy bandwidth and fp32 FMA peak.
+
+Every bench prints its GB/s or GFLOP/s as a fraction of these, measured in the same run.
+Copy bandwidth counts bytes read + bytes written (the STREAM convention), with AVX2 loads
+and non-temporal stores as a tuned memcpy does beyond the caches.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import _C
+from .harness import print_table
+
+
+@dataclass
+class Limits:
+    threads: int
+    copy_gbs: float  # DRAM -> DRAM copy, read + write bytes per second / 1e9
+    copy_l2_gbs: float  # a buffer that fits L2, for small benches
+    fma_gflops: float  # fp32 FMA peak, GFLOP/s
+
+    @property
+    def isa(self) -> str:
+        return _C.isa()
+
+
+def _best_of(fn, repeats: int) -> float:
+    """Best time of ``repeats`` calls: a limit is what the machine can do (as STREAM reports)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def copy_bandwidth(nbytes: int, threads: int, repeats: int = 9) -> float:
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)  # touched: no page faults in the timing
+    _C.probe_copy(dst.data_ptr(), src.data_ptr(), nbytes, threads)
+    t = _best_of(lambda: _C.probe_copy(dst.data_ptr(), src.data_ptr(), nbytes, threads), repeats)
+    if not torch.equal(src[:4096], dst[:4096]):
+        raise RuntimeError("probe_copy did not copy")
+    return 2 * nbytes / t / 1e9
+
+
+def fma_peak(threads: int, iters: int = 2_000_000) -> float:
+    flops = _C.probe_fma_flops_per_iter(threads) * iters
+    t = _best_of(lambda: _C.probe_fma(iters, threads), 5)
+    return flops / t / 1e9
+
+
+def measure(threads: int | None = None) -> Limits:
+    threads = threads or torch.get_num_threads()
+    return Limits(
+        threads=threads,
+        copy_gbs=copy_bandwidth(64 << 20, threads),
+        copy_l2_gbs=copy_bandwidth(256 << 10, threads, repeats=200),
+        fma_gflops=fma_peak(threads),
+    )
+
+
+def run(threads: int | None = None) -> Limits:
+    lim = measure(threads)
+    print_table(
+        f"ringfuse bench limits ({lim.threads} threads, {lim.isa} path)",
+        ["limit", "loop", "value"],
+        [
+            ["copy bandwidth", "64 MiB -> 64 MiB, AVX2 + NT stores", f"{lim.copy_gbs:.1f} GB/s"],
+            ["copy in L2", "256 KiB -> 256 KiB", f"{lim.copy_l2_gbs:.1f} GB/s"],
+            ["fp32 FMA peak", "10 chains x 8 lanes per thread", f"{lim.fma_gflops:.1f} GFLOP/s"],
+        ],
+        left=2,
+        note="GB/s counts bytes read + written. Benches print their % of these, measured in the same run.",
+    )
+    return lim

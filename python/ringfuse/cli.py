@@ -1,0 +1,108 @@
+"""``ringfuse`` command line: ``info`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms")
+
+
+def _cpu_flags() -> list[str]:
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx_vnni", "amx_tile")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in wanted if flag in have]
+    except OSError:
+        pass
+    return []
+
+
+def info() -> dict:
+    """What this install has: versions, CPU features, backends built, threads."""
+    import torch
+
+    import ringfuse
+    from ringfuse import _C, ops
+
+    build = _C.build_info()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda_device = torch.cuda.is_available()
+    return {
+        "ringfuse": ringfuse.__version__,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": sys.version.split()[0],
+        "compiler": build["compiler"],
+        "openmp": build["openmp"],
+        "cpu flags": " ".join(_cpu_flags()) or "unknown",
+        "cpu path": build["isa"],
+        "threads": torch.get_num_threads(),
+        "backend cpu": f"built ({build['isa']}, OpenMP)",
+        "backend cuda": (
+            f"built (CUDA runtime {build['cuda_runtime_version']}, sm {build['cuda_archs']})"
+            if build["cuda"] else "not built (no CUDA toolkit at build time)"
+        ),
+        "backend triton": (
+            f"triton {triton_version}, " + ("CUDA device present" if cuda_device else "no CUDA device (interpreter only)")
+            if triton_version else "triton not installed"
+        ),
+        "cuda tensors run on": ops.cuda_backend(),
+    }
+
+
+def _print_info() -> None:
+    from .bench.harness import print_table
+
+    print_table("ringfuse info", ["item", "value"], [[k, str(v)] for k, v in info().items()], left=2)
+
+
+def _bench(args) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .bench import limits
+
+    if args.op == "limits":
+        limits.run()
+        return 0
+    from .bench import norms
+
+    lim = limits.run()
+    names = norms.OPS if args.op == "norms" else (args.op,)
+    shapes = norms.SHAPES if not args.quick else norms.SHAPES[:3]
+    norms.run(names, shapes=shapes, rounds=args.rounds, lim=lim)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ringfuse", description="ringfuse: fused kernels for LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, CPU features, backends built, threads")
+    bench = sub.add_parser("bench", help="benchmark an op vs its torch baseline, in the same run")
+    bench.add_argument("op", choices=BENCHES, help="what to bench (rms_norm covers rms_norm and add_rms_norm)")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    bench.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
+    bench.add_argument("--quick", action="store_true", help="skip the largest shapes")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        _print_info()
+        return 0
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    return _bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Repository layout rules of DESIGN.md: one-way imports, one name stem per op."""
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PKG = ROOT / "python" / "ringfuse"
+
+# Lower levels never import higher ones: _C, kernels <- ops <- nn <- distributed <- runtime
+# <- cli (bench, the harness behind `ringfuse bench`, sits with cli).
+LEVEL = {"_C": 0, "kernels": 0, "ops": 1, "nn": 2, "distributed": 3, "runtime": 4, "bench": 5, "cli": 5,
+         "__main__": 6}
+
+
+def level_of(parts):
+    return LEVEL.get(parts[0]) if parts else None
+
+
+def imported_subpackages(path: pathlib.Path, module_parts):
+    tree = ast.parse(path.read_text())
+    pkg_parts = module_parts[:-1] if path.name != "__init__.py" else module_parts
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg_parts[: len(pkg_parts) - (node.level - 1)] if node.level > 1 else pkg_parts
+                target = list(base) + (node.module.split(".") if node.module else [])
+                if node.module is None:
+                    for alias in node.names:
+                        yield node.lineno, target + [alias.name]
+                else:
+                    yield node.lineno, target
+            elif node.module and node.module.split(".")[0] == "ringfuse":
+                yield node.lineno, node.module.split(".")[1:]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "ringfuse":
+                    yield node.lineno, alias.name.split(".")[1:]
+
+
+def test_imports_go_one_way():
+    bad = []
+    files = [(p, list(p.relative_to(PKG).with_suffix("").parts)) for p in PKG.rglob("*.py")]
+    files += [(p, ["kernels", *p.relative_to(ROOT / "kernels").with_suffix("").parts])
+              for p in (ROOT / "kernels").rglob("*.py")]
+    assert len(files) > 5
+    for path, parts in files:
+        src = level_of(parts)
+        if src is None:  # the package root (__init__) may import anything
+            continue
+        for lineno, target in imported_subpackages(path, parts):
+            dst = level_of(target)
+            if dst is not None and dst > src:
+                bad.append(f"{path.relative_to(ROOT)}:{lineno} imports ringfuse.{'.'.join(target)}")
+    assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_kernels_use_relative_imports_only():
+    for path in (ROOT / "kernels").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                assert not node.module.startswith(("kernels", "ringfuse")), f"{path}: {node.module}"
+
+
+def test_one_name_stem_per_op():
+    """Every CPU kernel source has its op module, tests and bench under the same stem."""
+    helpers = {"isa", "limits", "memory"}  # infrastructure, not ops
+    for src in (ROOT / "csrc" / "cpu").glob("*.cpp"):
+        stem = src.stem
+        if stem in helpers:
+            continue
+        assert (PKG / "ops" / f"{stem}.py").exists(), stem
+        assert (ROOT / "tests" / "ops" / f"test_{stem}.py").exists(), stem
+        assert (ROOT / "bench" / f"bench_{stem}.py").exists(), stem
