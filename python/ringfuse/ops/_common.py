@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -47,13 +48,19 @@ def cuda_backend() -> str:
 HUGEPAGE_MIN_BYTES = 4 << 20
 
 
-def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty, plus transparent huge pages for large CPU outputs before first touch:
-    the page faults of a fresh 64 MiB tensor drop from tens of ms to a few."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if device.type == "cpu" and out.numel() * out.element_size() >= HUGEPAGE_MIN_BYTES:
+def new_output(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A new contiguous tensor shaped like x, plus transparent huge pages for large CPU
+    outputs before first touch: the page faults of a fresh 64 MiB tensor drop from tens of
+    ms to a few. (empty_like is the cheapest allocation call: ~0.7 us vs ~1.7 us.)"""
+    dtype = dtype or x.dtype
+    if x.is_contiguous():
+        out = torch.empty_like(x, dtype=dtype)
+    else:
+        out = torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
+    if out.is_cpu and out.numel() * out.element_size() >= HUGEPAGE_MIN_BYTES:
         _C.advise_hugepages(out.data_ptr(), out.numel() * out.element_size())
     return out
+
 
 
 def num_threads() -> int:
@@ -104,29 +111,41 @@ def check_param(op: str, name: str, t, x: torch.Tensor, hidden: int) -> None:
         raise TypeError(f"{op}: {name} dtype must be {x.dtype} (as x) or float32, got {t.dtype}")
     if t.dim() != 1 or t.shape[0] != hidden:
         raise ValueError(f"{op}: {name} must have shape ({hidden},) to match x's last dim, got {tuple(t.shape)}")
-    if t.device != x.device:
+    if not (x.is_cpu and t.is_cpu) and t.device != x.device:
         raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
 
 
-def rows_view(t: torch.Tensor) -> torch.Tensor:
-    """View t as [rows, hidden] with unit inner stride and one row stride, without copying
-    when its layout allows (contiguous, or rows of a larger buffer such as x[:, :h]);
-    otherwise return a contiguous copy. This is the layout rule of every norm op."""
+class Rows(NamedTuple):
+    """A tensor presented as [n_rows, hidden]: ``t.data_ptr()`` is row 0, rows are
+    ``stride`` elements apart, elements within a row are contiguous."""
+
+    t: torch.Tensor
+    stride: int
+
+    def as_2d(self, n_rows: int, hidden: int) -> torch.Tensor:
+        """The strided [n_rows, hidden] view, for launchers that take tensors (Triton)."""
+        return self.t.as_strided((n_rows, hidden), (self.stride, 1))
+
+
+def ptr_stride(r: Rows | None) -> tuple[int, int]:
+    """(data pointer, row stride) for _C; (0, 0) for an absent tensor."""
+    return (0, 0) if r is None else (r.t.data_ptr(), r.stride)
+
+
+def rows(t: torch.Tensor) -> Rows:
+    """Present t as [n_rows, hidden] without copying when its layout allows (contiguous,
+    or evenly strided rows with a unit inner stride such as ``big[:, :h]``); otherwise copy
+    it to a contiguous tensor. This is the layout rule of every norm op."""
     hidden = t.shape[-1]
     if t.is_contiguous():
-        return t.view(-1, hidden)
+        return Rows(t, hidden)
     if t.stride(-1) == 1 or hidden == 1:
         try:
             v = t.view(-1, hidden)
-            if v.stride(1) == 1 or hidden == 1:
-                return v
-        except RuntimeError:
+            return Rows(v, v.stride(0) if v.shape[0] > 1 else hidden)
+        except RuntimeError:  # leading dims do not collapse into one stride
             pass
-    return t.contiguous().view(-1, hidden)
-
-
-def row_stride(t2d: torch.Tensor) -> int:
-    return t2d.stride(0) if t2d.shape[0] > 1 else t2d.shape[1]
+    return Rows(t.contiguous(), hidden)
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -135,9 +154,15 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + extent * t.element_size()
 
 
-def check_out(op: str, out, shape, dtype, x: torch.Tensor, inputs: dict, name: str = "out") -> torch.Tensor:
-    """An output argument (``name``) must match shape/dtype/device, have the rows layout,
-    and not partly overlap an input (exactly the same tensor is allowed: in place)."""
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_out(op: str, out, shape, dtype, x: torch.Tensor, inputs: dict, name: str = "out") -> Rows:
+    """An output argument (``name``) must match shape/dtype/device, have the rows layout
+    (no copy possible), and not partly overlap an input (being exactly an input is allowed:
+    in place)."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(out).__name__}")
     if out.shape != shape:
@@ -148,39 +173,36 @@ def check_out(op: str, out, shape, dtype, x: torch.Tensor, inputs: dict, name: s
         raise ValueError(f"{op}: {name} is on {out.device} but x is on {x.device}")
     if out.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op}: {name}= does not support autograd; pass {name}=None")
-    out2d = rows_view(out) if out.numel() else out
-    if out.numel() and out2d.data_ptr() != out.data_ptr():
+    if not out.numel():
+        return Rows(out, shape[-1])
+    out_rows = rows(out)
+    if out_rows.t.data_ptr() != out.data_ptr():  # rows() had to copy
         raise ValueError(f"{op}: {name} must have a unit inner stride and one row stride (got strides {out.stride()})")
-    if out.numel():
-        o0, o1 = _span(out)
-        for other, t in inputs.items():
-            if t is None or not t.numel():
-                continue
-            if t.data_ptr() == out.data_ptr() and t.stride() == out.stride():
-                continue  # exactly the same memory: in place
-            a0, a1 = _span(t)
-            if a0 < o1 and o0 < a1:
-                raise ValueError(f"{op}: {name} overlaps {other} in memory; use a separate buffer or the same tensor")
-    return out2d
+    for other, t in inputs.items():
+        if t is None or not t.numel():
+            continue
+        if t.data_ptr() == out.data_ptr() and t.stride() == out.stride():
+            continue  # exactly the same memory: in place
+        if _overlap(t, out):
+            raise ValueError(f"{op}: {name} overlaps {other} in memory; use a separate buffer or the same tensor")
+    return out_rows
 
 
 def residual_output(op: str, residual, residual_out, x: torch.Tensor, out: torch.Tensor):
     """The tensor that receives x + residual: residual_out when given (validated; it may be
-    residual itself or x, not out), else a new contiguous tensor.
-    Returns (tensor or None, its [rows, hidden] view or None)."""
+    residual itself or x, never memory shared with out), else a new contiguous tensor.
+    Returns (tensor or None, its Rows or None)."""
     if residual is None:
         if residual_out is not None:
             raise ValueError(f"{op}: residual_out given without residual")
         return None, None
     if residual_out is None:
-        new = new_output(x.shape, x.dtype, x.device)
-        return new, (new.view(-1, x.shape[-1]) if x.numel() else new)
-    view = check_out(op, residual_out, x.shape, x.dtype, x, {"x": x, "residual": residual}, name="residual_out")
-    if residual_out.numel():
-        (a0, a1), (b0, b1) = _span(residual_out), _span(out)
-        if a0 < b1 and b0 < a1:
-            raise ValueError(f"{op}: residual_out and out must not share memory")
-    return residual_out, view
+        new = new_output(x)
+        return new, Rows(new, x.shape[-1])
+    res_rows = check_out(op, residual_out, x.shape, x.dtype, x, {"x": x, "residual": residual}, name="residual_out")
+    if residual_out.numel() and _overlap(residual_out, out):
+        raise ValueError(f"{op}: residual_out and out must not share memory")
+    return residual_out, res_rows
 
 
 def needs_autograd(*tensors) -> bool:

@@ -15,34 +15,31 @@ from . import _common as c
 from .rms_norm import OP_LIB
 
 
-def launch(out2d, x2d, weight, bias, eps: float, res2d=None, res_out2d=None) -> None:
-    """Run the kernel on validated [rows, hidden] views (CPU: _C; CUDA: Triton or CUDA C++)."""
-    rows, hidden = x2d.shape
-    if rows == 0:
+def launch(out: c.Rows, x: c.Rows, n_rows: int, hidden: int, weight, bias, eps: float,
+           res: c.Rows | None = None, res_out: c.Rows | None = None) -> None:
+    """Run the kernel on validated rows (CPU: _C; CUDA: Triton or CUDA C++)."""
+    if n_rows == 0:
         return
-    if x2d.is_cuda and c.cuda_backend() == "triton":
+    if x.t.is_cuda and c.cuda_backend() == "triton":
         from ..kernels.layer_norm import layer_norm_fwd
 
-        layer_norm_fwd(out2d, x2d, weight, bias, eps, residual=res2d, residual_out=res_out2d)
+        layer_norm_fwd(
+            out.as_2d(n_rows, hidden), x.as_2d(n_rows, hidden), weight, bias, eps,
+            residual=None if res is None else res.as_2d(n_rows, hidden),
+            residual_out=None if res_out is None else res_out.as_2d(n_rows, hidden),
+        )  # fmt: skip
         return
-    xcode = c.DTYPE_CODE[x2d.dtype]
-    wcode = c.DTYPE_CODE[weight.dtype] if weight is not None else (
-        c.DTYPE_CODE[bias.dtype] if bias is not None else xcode)
+    xcode = c.DTYPE_CODE[x.t.dtype]
+    param = weight if weight is not None else bias
     args = (
-        out2d.data_ptr(), c.row_stride(out2d),
-        res_out2d.data_ptr() if res_out2d is not None else 0,
-        c.row_stride(res_out2d) if res_out2d is not None else 0,
-        x2d.data_ptr(), c.row_stride(x2d),
-        res2d.data_ptr() if res2d is not None else 0,
-        c.row_stride(res2d) if res2d is not None else 0,
-        weight.data_ptr() if weight is not None else 0,
-        bias.data_ptr() if bias is not None else 0,
-        rows, hidden, eps, xcode, wcode, c.DTYPE_CODE[out2d.dtype],
+        out.t.data_ptr(), out.stride, *c.ptr_stride(res_out), x.t.data_ptr(), x.stride, *c.ptr_stride(res),
+        0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(), n_rows, hidden, eps,
+        xcode, xcode if param is None else c.DTYPE_CODE[param.dtype], c.DTYPE_CODE[out.t.dtype],
     )  # fmt: skip
-    if x2d.is_cuda:
-        _C.layer_norm_cuda(*args, torch.cuda.current_stream(x2d.device).cuda_stream)
-    else:
+    if x.t.is_cpu:
         _C.layer_norm(*args, c.num_threads())
+    else:
+        _C.layer_norm_cuda(*args, torch.cuda.current_stream(x.t.device).cuda_stream)
 
 
 def _forward(x, weight, bias, eps, residual=None, out=None, residual_out=None):
@@ -61,15 +58,15 @@ def _forward(x, weight, bias, eps, residual=None, out=None, residual_out=None):
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     if out is None:
-        out = c.new_output(x.shape, x.dtype, x.device)
-        out2d = out.view(-1, hidden) if x.numel() else out
+        out = c.new_output(x)
+        out_rows = c.Rows(out, hidden)
     else:
-        out2d = c.check_out(op, out, x.shape, x.dtype, x, {"x": x, "residual": residual})
-    new_res, res_out2d = c.residual_output(op, residual, residual_out, x, out)
+        out_rows = c.check_out(op, out, x.shape, x.dtype, x, {"x": x, "residual": residual})
+    new_res, res_out_rows = c.residual_output(op, residual, residual_out, x, out)
     if x.numel() == 0:
         return out, new_res
-    res2d = None if residual is None else c.rows_view(residual)
-    launch(out2d, c.rows_view(x), weight, bias, eps, res2d, res_out2d)
+    res_rows = None if residual is None else c.rows(residual)
+    launch(out_rows, c.rows(x), x.numel() // hidden, hidden, weight, bias, eps, res_rows, res_out_rows)
     return out, new_res
 
 

@@ -35,42 +35,34 @@ def _out_dtype(x: torch.Tensor, weight, llama: bool) -> torch.dtype:
     return x.dtype
 
 
-def launch(out2d, x2d, weight, eps: float, llama: bool, res2d=None, res_out2d=None) -> None:
-    """Run the kernel on validated [rows, hidden] views (CPU: _C; CUDA: Triton or CUDA C++)."""
-    rows, hidden = x2d.shape
-    if rows == 0:
+def launch(out: c.Rows, x: c.Rows, n_rows: int, hidden: int, weight, eps: float, llama: bool,
+           res: c.Rows | None = None, res_out: c.Rows | None = None) -> None:
+    """Run the kernel on validated rows (CPU: _C; CUDA: Triton or CUDA C++)."""
+    if n_rows == 0:
         return
-    if x2d.is_cuda:
-        if c.cuda_backend() == "cuda":
-            _C.rms_norm_cuda(
-                out2d.data_ptr(), c.row_stride(out2d),
-                res_out2d.data_ptr() if res_out2d is not None else 0,
-                c.row_stride(res_out2d) if res_out2d is not None else 0,
-                x2d.data_ptr(), c.row_stride(x2d),
-                res2d.data_ptr() if res2d is not None else 0,
-                c.row_stride(res2d) if res2d is not None else 0,
-                weight.data_ptr() if weight is not None else 0,
-                rows, hidden, eps, c.DTYPE_CODE[x2d.dtype],
-                c.DTYPE_CODE[weight.dtype] if weight is not None else c.DTYPE_CODE[x2d.dtype],
-                c.DTYPE_CODE[out2d.dtype], llama, torch.cuda.current_stream(x2d.device).cuda_stream,
-            )  # fmt: skip
-        else:
-            from ..kernels.rms_norm import rms_norm_fwd
+    xcode = c.DTYPE_CODE[x.t.dtype]
+    if x.t.is_cpu:
+        _C.rms_norm(
+            out.t.data_ptr(), out.stride, *c.ptr_stride(res_out), x.t.data_ptr(), x.stride, *c.ptr_stride(res),
+            0 if weight is None else weight.data_ptr(), n_rows, hidden, eps,
+            xcode, xcode if weight is None else c.DTYPE_CODE[weight.dtype], c.DTYPE_CODE[out.t.dtype], llama,
+            c.num_threads(),
+        )  # fmt: skip
+    elif c.cuda_backend() == "cuda":
+        _C.rms_norm_cuda(
+            out.t.data_ptr(), out.stride, *c.ptr_stride(res_out), x.t.data_ptr(), x.stride, *c.ptr_stride(res),
+            0 if weight is None else weight.data_ptr(), n_rows, hidden, eps,
+            xcode, xcode if weight is None else c.DTYPE_CODE[weight.dtype], c.DTYPE_CODE[out.t.dtype], llama,
+            torch.cuda.current_stream(x.t.device).cuda_stream,
+        )  # fmt: skip
+    else:
+        from ..kernels.rms_norm import rms_norm_fwd
 
-            rms_norm_fwd(out2d, x2d, weight, eps, llama_cast=llama, residual=res2d, residual_out=res_out2d)
-        return
-    xcode = c.DTYPE_CODE[x2d.dtype]
-    _C.rms_norm(
-        out2d.data_ptr(), c.row_stride(out2d),
-        res_out2d.data_ptr() if res_out2d is not None else 0,
-        c.row_stride(res_out2d) if res_out2d is not None else 0,
-        x2d.data_ptr(), c.row_stride(x2d),
-        res2d.data_ptr() if res2d is not None else 0,
-        c.row_stride(res2d) if res2d is not None else 0,
-        weight.data_ptr() if weight is not None else 0,
-        rows, hidden, eps, xcode, c.DTYPE_CODE[weight.dtype] if weight is not None else xcode,
-        c.DTYPE_CODE[out2d.dtype], llama, c.num_threads(),
-    )  # fmt: skip
+        rms_norm_fwd(
+            out.as_2d(n_rows, hidden), x.as_2d(n_rows, hidden), weight, eps, llama_cast=llama,
+            residual=None if res is None else res.as_2d(n_rows, hidden),
+            residual_out=None if res_out is None else res_out.as_2d(n_rows, hidden),
+        )  # fmt: skip
 
 
 def _check(op: str, x, weight, eps, residual=None) -> float:
@@ -91,16 +83,17 @@ def _forward(x, weight, eps, llama, residual=None, out=None, residual_out=None):
         weight = weight.contiguous()
     out_dtype = _out_dtype(x, weight, llama)
     if out is None:
-        out = c.new_output(x.shape, out_dtype, x.device)
-        out2d = out.view(-1, x.shape[-1]) if x.numel() else out
+        out = c.new_output(x, out_dtype)
+        out_rows = c.Rows(out, x.shape[-1])
     else:
-        out2d = c.check_out(op, out, x.shape, out_dtype, x, {"x": x, "residual": residual})
-    new_res, res_out2d = c.residual_output(op, residual, residual_out, x, out)
-    if x.numel() == 0:
+        out_rows = c.check_out(op, out, x.shape, out_dtype, x, {"x": x, "residual": residual})
+    new_res, res_out_rows = c.residual_output(op, residual, residual_out, x, out)
+    n = x.numel()
+    if n == 0:
         return out, new_res
-    x2d = c.rows_view(x)
-    res2d = None if residual is None else c.rows_view(residual)
-    launch(out2d, x2d, weight, eps, llama, res2d, res_out2d)
+    hidden = x.shape[-1]
+    res_rows = None if residual is None else c.rows(residual)
+    launch(out_rows, c.rows(x), n // hidden, hidden, weight, eps, llama, res_rows, res_out_rows)
     return out, new_res
 
 
@@ -154,13 +147,14 @@ def _add_rms_norm_inplace(x, residual, weight, eps, llama) -> None:
         raise TypeError(f"{op}: cast_mode='llama' with a float32 weight gives a float32 output; x ({x.dtype}) cannot hold it")
     if x.numel() == 0:
         return
-    x2d, res2d = c.rows_view(x), c.rows_view(residual)
-    if x2d.data_ptr() != x.data_ptr() or res2d.data_ptr() != residual.data_ptr():
+    x_rows, res_rows = c.rows(x), c.rows(residual)
+    if x_rows.t.data_ptr() != x.data_ptr() or res_rows.t.data_ptr() != residual.data_ptr():
         raise ValueError(f"{op}: x and residual must have a unit inner stride and one row stride to be updated in place")
-    if x2d.data_ptr() == res2d.data_ptr():
-        raise ValueError(f"{op}: x and residual must not be the same tensor")
+    if c._overlap(x, residual):
+        raise ValueError(f"{op}: x and residual must not share memory (got the same tensor or overlapping views)")
     weight = weight.contiguous() if weight is not None else None
-    launch(x2d, x2d, weight, eps, llama, res2d, res2d)
+    hidden = x.shape[-1]
+    launch(x_rows, x_rows, x.numel() // hidden, hidden, weight, eps, llama, res_rows, res_rows)
 
 
 # ---------------------------------------------------------------------------------------
