@@ -8,50 +8,133 @@ cubin with the bundled ``cuobjdump --dump-resource-usage`` (REG, and LOCAL bytes
 ``n_spills`` is ``CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES / 4``), falling back to ``ptxas -v``
 on the PTX when cuobjdump is missing.
 
-Works under ``TRITON_INTERPRET=1`` too: there ``@triton.jit`` returns an
-InterpretedFunction, so a JITFunction is rebuilt from the underlying Python function.
+Works under ``TRITON_INTERPRET=1`` too (tests set it before triton is imported): there
+every ``@triton.jit`` function, the kernel's and triton.language's own (``tl.sum``,
+``tl.cdiv``, the reduction combine functions, ...), is an InterpretedFunction, which the
+code generator would call as plain Python; and after an interpreted run triton.language.core
+still holds interpreter builtins (see _leaked_patch_original). For the duration of a
+compile, JITFunctions rebuilt from the same Python functions and the original builtins are
+swapped into triton.language's namespaces (and the interpret knob is turned off), then
+everything is put back. Not thread-safe: do not compile while another thread runs an
+interpreted kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+_JIT_KWARGS = set(inspect.signature(JITFunction.__init__).parameters) - {"self", "fn"}
+_rebuilt: dict = {}  # id(InterpretedFunction) -> (InterpretedFunction, JITFunction)
+
 
 def _as_jit_function(fn) -> JITFunction:
+    """The JITFunction for a @triton.jit function, also when it is an InterpretedFunction."""
     if isinstance(fn, JITFunction):
         return fn
     py_fn = getattr(fn, "fn", None)  # InterpretedFunction keeps the Python function in .fn
-    if py_fn is None or not callable(py_fn):
+    if py_fn is None or not callable(py_fn) or not hasattr(fn, "rewrite"):
         raise TypeError(f"compile_for_target: expected a @triton.jit function, got {type(fn).__name__}")
-    return _rebuild_jit(py_fn)
+    hit = _rebuilt.get(id(fn))
+    if hit is None or hit[0] is not fn:
+        kwargs = {k: v for k, v in getattr(fn, "kwargs", {}).items() if k in _JIT_KWARGS}
+        hit = _rebuilt[id(fn)] = (fn, JITFunction(py_fn, **kwargs))
+    return hit[1]
 
 
-@functools.lru_cache(maxsize=None)
-def _rebuild_jit(py_fn) -> JITFunction:
-    # The kernels in this package call no other @triton.jit functions; a kernel that does
-    # would need its callees rebuilt the same way.
-    return JITFunction(py_fn)
+def _leaked_patch_original(value, name: str, tl):
+    """The original behind a patch the interpreter left in triton.language, or None.
+
+    GridExecutor patches triton.language for a run and restores it afterwards, but a
+    nested call of a @jit function (tl.sum is one) patches triton.language.core again and
+    never restores it (triton 3.7), leaving interpreter builtins behind that the code
+    generator cannot use."""
+    qualname = getattr(value, "__qualname__", "")
+    if qualname == "_patch_attr.<locals>.<lambda>":
+        while getattr(value, "__qualname__", "") == "_patch_attr.<locals>.<lambda>":
+            value = value.__kwdefaults__["member"]
+        return value
+    func = value.func if isinstance(value, functools.partial) else value
+    qualname = getattr(func, "__qualname__", "")
+    if value is print or qualname.startswith(("_patch_lang_core.<locals>", "_patch_reduce_scan.<locals>")):
+        # range, static_range, static_print, multiple_of, reduce, ...: triton.language
+        # re-exports the same objects, and GridExecutor restored its own bindings
+        original = vars(tl).get(name)
+        if original is not None and _leaked_patch_original(original, name, tl) is None:
+            return original
+    return None
 
 
-def _tool(name: str) -> str | None:
-    from triton.backends.nvidia import compiler as nv
+@contextlib.contextmanager
+def _compilable_namespaces(kernel_globals: dict):
+    """Under the interpreter, for the duration of a compile: JITFunctions in place of the
+    InterpretedFunctions of triton.language (modules and tl.tensor methods) and of the
+    kernel's module, the originals in place of leaked interpreter patches, and the
+    interpret knob off. Everything is put back afterwards."""
+    if not knobs.runtime.interpret:
+        yield
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import triton.language as tl
+
+    namespaces = [m for name, m in list(sys.modules.items()) if name.startswith("triton.language") and m is not None]
+    namespaces += [tl.core.tensor, tl.core.dtype]
+    swapped = []  # (namespace, attribute, value to put back)
+
+    def swap(ns, attr, old, new):
+        swapped.append((ns, attr, old))
+        if isinstance(ns, dict):
+            ns[attr] = new
+        else:
+            setattr(ns, attr, new)
 
     try:
-        if name == "ptxas":
-            return nv.get_ptxas().path
-        return getattr(nv, f"get_{name}")().path
-    except Exception:
-        path = os.path.join(os.path.dirname(nv.__file__), "bin", name)
-        return path if os.path.exists(path) else None
+        for ns in namespaces:
+            for attr, val in list(vars(ns).items()):
+                if isinstance(val, InterpretedFunction):
+                    swap(ns, attr, val, _as_jit_function(val))
+                else:
+                    original = _leaked_patch_original(val, attr, tl)
+                    if original is not None:
+                        swap(ns, attr, val, original)
+        for attr, val in list(kernel_globals.items()):
+            if isinstance(val, InterpretedFunction):
+                swap(kernel_globals, attr, val, _as_jit_function(val))
+        with knobs.runtime.scope():
+            knobs.runtime.interpret = False
+            yield
+    finally:
+        for ns, attr, val in reversed(swapped):
+            if isinstance(ns, dict):
+                ns[attr] = val
+            else:
+                setattr(ns, attr, val)
+
+
+def _tool(name: str, arch: int = 80) -> str | None:
+    """Path of a CUDA tool bundled with triton (ptxas as triton picks it for arch)."""
+    from triton.backends.nvidia import compiler as nv
+
+    if name == "ptxas":
+        try:
+            return nv.get_ptxas(arch).path
+        except Exception:
+            pass
+    path = os.path.join(os.path.dirname(nv.__file__), "bin", name)
+    return path if os.path.exists(path) else None
 
 
 def _resource_usage(cubin: bytes, kernel_name: str) -> tuple[int, int]:
@@ -75,7 +158,7 @@ def _resource_usage(cubin: bytes, kernel_name: str) -> tuple[int, int]:
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     """(registers, spill store bytes, spill load bytes) from ``ptxas -v``."""
-    ptxas = _tool("ptxas")
+    ptxas = _tool("ptxas", arch)
     suffix = "a" if arch >= 90 else ""
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
@@ -87,7 +170,8 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
         ).stderr  # fmt: skip
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0, int(spills.group(2)) if spills else 0
+    n_regs = int(regs.group(1)) if regs else -1
+    return (n_regs, int(spills.group(1)), int(spills.group(2))) if spills else (n_regs, 0, 0)
 
 
 def compile_for_target(
@@ -116,7 +200,8 @@ def compile_for_target(
         }
     src = ASTSource(fn, signature, constexprs, attrs)
     target = GPUTarget("cuda", arch, 32)
-    kernel = triton.compile(src, target=target, options={"num_warps": num_warps})
+    with _compilable_namespaces(fn.fn.__globals__):
+        kernel = triton.compile(src, target=target, options={"num_warps": num_warps})
     cubin = kernel.asm["cubin"]
     ptx = kernel.asm["ptx"]
     name = kernel.metadata.name

@@ -1,16 +1,19 @@
-# Triton kernels run on CPU tensors under the interpreter in tests: the flag must be set
-# before triton is imported anywhere.
+# Without a GPU, Triton kernels run on CPU tensors under the interpreter: the flag must be
+# set before triton is imported anywhere (torch itself does not import it). On a GPU box the
+# real kernels run instead (the interpreter-only tests skip themselves); set
+# TRITON_INTERPRET explicitly to override either way.
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
-    config.addinivalue_line("markers", "slow: larger shapes; still part of the default run")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,7 +4,8 @@ on CPU tensors, vs an independent fp64 reference written here.
 Tolerance (DESIGN.md): kernel error vs the fp64 reference <= 2x the error of torch's own
 computation (F.rms_norm, or the HF LlamaRMSNorm formula for llama_cast) vs that reference,
 plus a floor of one fp32 ulp at the output's magnitude (torch sometimes lands a lucky half
-ulp on fp32 outputs; the floor is negligible for fp16 / bf16 outputs).
+ulp on fp32 outputs; the floor is negligible for fp16 / bf16 outputs) and, for llama_cast,
+half an x-dtype ulp (the specified intermediate rounding; see assert_close_2x).
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ except ImportError:
     from kernels import rms_norm as triton_rms_norm
 
 rms_norm_fwd = triton_rms_norm.rms_norm_fwd
+
+# CPU tensors only run under the interpreter; with TRITON_INTERPRET=0 (e.g. a GPU run of
+# the suite) these tests skip and the GPU tests of the ops cover the compiled kernels
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter (TRITON_INTERPRET=1)"
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ROWS = (1, 3, 7)
@@ -102,6 +109,11 @@ def assert_close_2x(out, s, weight, eps, llama_cast):
     # (for fp32 outputs torch's max error is sometimes a lucky half ulp; negligible for
     # fp16 / bf16 outputs)
     floor = torch.finfo(torch.float32).eps * ref.abs().max().item()
+    if llama_cast:
+        # plus the half x-dtype ulp the specified intermediate rounding round_x(s * rstd)
+        # may cost: on tiny rows (hidden 1, 7) torch's extra final rounding sometimes
+        # cancels it by luck, and the max over a handful of elements is all luck
+        floor += 0.5 * torch.finfo(s.dtype).eps * ref.abs().max().item()
     assert err <= 2 * err_torch + floor, f"kernel error {err:.3e} > 2 x torch error {err_torch:.3e} (+{floor:.1e})"
 
 

@@ -1,0 +1,148 @@
+"""Every shipped Triton config compiles for real GPUs (sm_80, sm_90) without a device and
+spills nothing (DESIGN.md, "GPU code without a GPU").
+
+The launchers can choose 364 (rms_norm) + 560 (layer_norm) variants: x dtype x out dtype x
+weight/bias dtype x options x BLOCK bucket. Compiling all of them for two archs takes
+~3 minutes on the 2-core dev VM (RINGFUSE_COMPILE_ALL=1 does; last full run: 0 spills
+anywhere, at most 104 registers, in ln_row BLOCK 8192 with 16 warps, of the 128 allowed).
+By default each (kernel, BLOCK, num_warps, x dtype) is compiled in two variants: every
+option on with fp32 side tensors (out, weight, bias), and every option on with side
+tensors in x's dtype (the usual production call); ~15 s with a cold Triton cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+try:
+    from ringfuse.kernels import compile_check
+    from ringfuse.kernels import layer_norm as triton_layer_norm
+    from ringfuse.kernels import rms_norm as triton_rms_norm
+except ImportError:
+    from kernels import compile_check
+    from kernels import layer_norm as triton_layer_norm
+    from kernels import rms_norm as triton_rms_norm
+
+ARCHS = (80, 90)
+MODULES = (triton_rms_norm, triton_layer_norm)
+COMPILE_ALL = os.environ.get("RINGFUSE_COMPILE_ALL") == "1"
+
+
+def _representative(configs):
+    """Per (kernel, BLOCK, num_warps, x dtype): every option on (the most flags true; for
+    fp32 x, llama_cast is folded into the torch mode) with fp32 side tensors (out, weight,
+    bias), and the same with side tensors in x's dtype."""
+    picked = {}
+    for cfg in configs:
+        sig, cexp = cfg["signature"], cfg["constexprs"]
+        xt = sig["x_ptr"]
+        side = [sig["out_ptr"], sig["w_ptr"]] + ([sig["b_ptr"]] if "b_ptr" in sig else [])
+        n_on = sum(bool(v) for k, v in cexp.items() if k != "BLOCK")
+        for flavor, want in (("wide", "*fp32"), ("native", xt)):
+            key = (cfg["kernel"].__name__, cexp["BLOCK"], cfg["num_warps"], xt, flavor)
+            if all(t == want for t in side) and n_on > picked.get(key, (-1, None))[0]:
+                picked[key] = (n_on, cfg)
+    return list({cfg["id"]: cfg for _, cfg in picked.values()}.values())  # fp32 x: one config
+
+
+CONFIGS = [
+    cfg for mod in MODULES for cfg in (mod.SHIPPED_CONFIGS if COMPILE_ALL else _representative(mod.SHIPPED_CONFIGS))
+]
+
+
+def _max_regs(num_warps: int) -> int:
+    """Registers per thread a CTA of num_warps warps may use (64K-register file, 255 cap)."""
+    return min(255, 65536 // (32 * num_warps))
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["id"])
+def test_shipped_config_compiles_without_spills(cfg, arch):
+    res = compile_check.compile_for_target(cfg["kernel"], cfg["signature"], cfg["constexprs"], arch, cfg["num_warps"])
+    assert f".target sm_{arch}" in res["ptx"]
+    assert res["cubin_len"] > 0
+    assert res["n_spills"] == 0, f"{cfg['id']} sm_{arch}: {res['local_bytes']} bytes of local memory (spills)"
+    assert 0 < res["n_regs"] <= _max_regs(cfg["num_warps"]), res["n_regs"]
+
+
+@pytest.mark.parametrize("mod", MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_launcher_only_picks_shipped_configs(mod):
+    """Whatever the launcher picks for any hidden size is in SHIPPED_CONFIGS."""
+    shipped = {
+        (c["kernel"].__name__, tuple(c["signature"].items()), tuple(c["constexprs"].items()), c["num_warps"])
+        for c in mod.SHIPPED_CONFIGS
+    }
+    assert len(shipped) == len(mod.SHIPPED_CONFIGS)
+    sizes = [1, 2, 7, 64, 255, 256, 257, 577, 1000, 2048, 4095, 4096, 5120, 8191, 8192, 8193, 16384, 65536, 100003]
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for n_cols in sizes:
+        for x_dt in dtypes:
+            for out_dt in (x_dt, torch.float32):
+                for p_dt in (None, x_dt, torch.float32):
+                    for res in (False, True):
+                        if mod is triton_rms_norm:
+                            specs = [mod._spec(x_dt, out_dt, p_dt, res, llama, n_cols) for llama in (False, True)]
+                        else:
+                            specs = [mod._spec(x_dt, out_dt, p_dt, b_dt, res, n_cols) for b_dt in (None, x_dt)]
+                        for kernel, sig, cexp, nw in specs:
+                            assert (kernel.__name__, tuple(sig.items()), tuple(cexp.items()), nw) in shipped, (
+                                n_cols, x_dt, cexp,
+                            )  # fmt: skip
+    # the buckets: row kernel up to MAX_ROW_BLOCK, looped above
+    assert mod._pick(mod.MAX_ROW_BLOCK)[1] == mod.MAX_ROW_BLOCK
+    assert mod._pick(mod.MAX_ROW_BLOCK + 1)[1] == mod.LOOP_BLOCK
+    assert mod._pick(1)[1] == mod.MIN_BLOCK
+
+
+def _spec_all_options_bf16(mod, n_cols):
+    bf = torch.bfloat16
+    if mod is triton_rms_norm:
+        return mod._spec(bf, bf, bf, True, True, n_cols)  # weight, residual, llama_cast
+    return mod._spec(bf, bf, bf, bf, True, n_cols)  # weight, bias, residual
+
+
+@pytest.mark.parametrize("mod", MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+def test_runtime_specializations_compile(mod, arch):
+    """Variants Triton's JIT derives at launch from argument values: ints == 1 become
+    constexprs (hidden 1, one row: n_cols and every row stride), ints divisible by 16 get
+    tt.divisibility (hidden 4096: the vectorized variant), and row strides >= 2**31 are i64."""
+    kernel, sig, cexp, nw = _spec_all_options_bf16(mod, 1)
+    ints = [k for k, v in sig.items() if v == "i32"]
+    sig1 = {k: ("constexpr" if k in ints else v) for k, v in sig.items()}
+    res = compile_check.compile_for_target(kernel, sig1, {**cexp, **{k: 1 for k in ints}}, arch, nw)
+    assert res["n_spills"] == 0
+    # the widest row kernel and the looped kernel
+    for n_cols in (mod.MAX_ROW_BLOCK, 2 * mod.MAX_ROW_BLOCK):
+        kernel, sig, cexp, nw = _spec_all_options_bf16(mod, n_cols)
+        arg_names = compile_check._as_jit_function(kernel).arg_names
+        # pointers and ints divisible by 16 (eps, the one fp32 argument, never is)
+        aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(arg_names) if sig[a] not in ("constexpr", "fp32")}
+        res = compile_check.compile_for_target(kernel, sig, cexp, arch, nw, attrs=aligned)
+        assert res["n_spills"] == 0 and res["n_regs"] <= _max_regs(nw)
+        sig64 = {k: ("i64" if k.endswith("stride") else v) for k, v in sig.items()}
+        res = compile_check.compile_for_target(kernel, sig64, cexp, arch, nw)
+        assert res["n_spills"] == 0 and res["n_regs"] <= _max_regs(nw)
+
+
+def test_compile_for_target_under_the_interpreter():
+    """conftest sets TRITON_INTERPRET=1, so @triton.jit gave InterpretedFunctions: the helper
+    rebuilds a JITFunction from the Python function and still compiles for a GPU."""
+    from triton.runtime.jit import JITFunction
+
+    kernel = triton_rms_norm._rms_norm_fwd_row_kernel
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert not isinstance(kernel, JITFunction)
+    fn = compile_check._as_jit_function(kernel)
+    assert isinstance(fn, JITFunction) and fn is compile_check._as_jit_function(kernel)
+    with pytest.raises(TypeError):
+        compile_check._as_jit_function(len)
+    _, sig, cexp, nw = triton_rms_norm._spec(torch.float16, torch.float16, None, False, False, 577)
+    res = compile_check.compile_for_target(kernel, sig, cexp, 80, nw)
+    assert {"n_regs", "n_spills", "ptx_len", "cubin_len", "shared", "name"} <= res.keys()
+    assert res["ptx_len"] == len(res["ptx"]) > 0 and res["name"] == "_rms_norm_fwd_row_kernel"
+    with pytest.raises(ValueError, match="signature lacks"):
+        compile_check.compile_for_target(kernel, {"out_ptr": "*fp16"}, {}, 80, 1)
