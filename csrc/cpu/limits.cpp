@@ -10,8 +10,8 @@
 namespace ringfuse::cpu {
 namespace {
 
-// Copy [begin, end) bytes with AVX2 loads and non-temporal stores (what a tuned memcpy does
-// beyond the cache sizes); alignment of dst is handled with a plain head copy.
+// Copy n bytes with AVX2 loads and non-temporal stores (what a tuned memcpy does beyond the
+// cache sizes); alignment of dst is handled with a plain head copy.
 RF_AVX2 void copy_avx2(char* dst, const char* src, int64_t n) {
   int64_t head = (32 - int64_t(reinterpret_cast<std::uintptr_t>(dst) % 32)) % 32;
   if (head > n) head = n;
@@ -63,7 +63,9 @@ void probe_copy(std::uintptr_t dst, std::uintptr_t src, int64_t nbytes, int num_
   RINGFUSE_CHECK(dst && src, "probe_copy: null pointer");
   char* d = reinterpret_cast<char*>(dst);
   const char* s = reinterpret_cast<const char*>(src);
-  const bool avx2 = active_isa() == Isa::kAvx2;
+  // NT stores only beyond the caches (as a tuned memcpy): within L2/L3 they would bypass
+  // the cache the copy is measuring.
+  const bool avx2 = active_isa() == Isa::kAvx2 && nbytes >= (int64_t(16) << 20);
   const int64_t block = 1 << 16;  // split in 64 KiB blocks over threads
   const int64_t blocks = (nbytes + block - 1) / block;
   parallel_rows(blocks, block, num_threads, [&](int64_t b, int64_t e) {

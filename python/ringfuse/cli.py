@@ -78,7 +78,7 @@ def _bench(args) -> int:
     from .bench import norms
 
     lim = limits.run()
-    names = norms.OPS if args.op == "norms" else (args.op,)
+    names = tuple(norms.FAMILIES) if args.op == "norms" else (args.op,)
     shapes = norms.SHAPES if not args.quick else norms.SHAPES[:3]
     norms.run(names, shapes=shapes, rounds=args.rounds, lim=lim)
     return 0

@@ -71,7 +71,7 @@ def run(threads: int | None = None) -> Limits:
         ["limit", "loop", "value"],
         [
             ["copy bandwidth", "64 MiB -> 64 MiB, AVX2 + NT stores", f"{lim.copy_gbs:.1f} GB/s"],
-            ["copy in L2", "256 KiB -> 256 KiB", f"{lim.copy_l2_gbs:.1f} GB/s"],
+            ["copy in L2", "256 KiB -> 256 KiB, memcpy", f"{lim.copy_l2_gbs:.1f} GB/s"],
             ["fp32 FMA peak", "10 chains x 8 lanes per thread", f"{lim.fma_gflops:.1f} GFLOP/s"],
         ],
         left=2,
