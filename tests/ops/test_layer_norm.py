@@ -91,8 +91,11 @@ def test_bad_inputs():
         layer_norm(torch.ones(4, 8, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
         layer_norm(x, torch.ones(8), torch.ones(9))
-    with pytest.raises(TypeError, match="weight and bias must share a dtype"):
-        layer_norm(x.bfloat16(), torch.ones(8), torch.ones(8, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="bias must have dtype"):
+        layer_norm(x, None, torch.ones(8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="out overlaps bias"):
+        buf = torch.randn(5, 8)
+        layer_norm(torch.randn(5, 8), torch.randn(8), buf[0], out=buf)
     with pytest.raises(ValueError, match="bias is on meta"):
         layer_norm(x, None, torch.ones(8, device="meta"))
     with pytest.raises(ValueError, match="eps"):
@@ -135,3 +138,19 @@ def test_torch_compile_fullgraph():
     w, b = params("same", 48, torch.float32)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, r, w, b), f(x, r, w, b))
+
+
+def test_mixed_parameter_dtypes(isa):
+    """weight and bias in different float dtypes are computed in fp32."""
+    x = make((6, 33), torch.bfloat16)
+    w, b = make_weight("same", 33, torch.bfloat16), (make((33,), torch.float32, seed=3) * 0.1)
+    got = layer_norm(x, w, b)
+    ref = ln_ref64(x, w, b, 1e-5)
+    assert_within_tolerance(got, ref, F.layer_norm(x.float(), (33,), w.float(), b, 1e-5).to(x.dtype))
+
+
+def test_opcheck():
+    xt, rt = make((16, 4), torch.float32).t(), make((16, 4), torch.float32, seed=1).t()
+    w, b = params("same", 16, torch.float32)
+    torch.library.opcheck(torch.ops.ringfuse.layer_norm.default, (xt, w, b, 1e-5))
+    torch.library.opcheck(torch.ops.ringfuse.add_layer_norm.default, (xt, rt, w, None, 1e-5))

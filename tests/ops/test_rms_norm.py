@@ -221,8 +221,8 @@ def test_bad_inputs():
         rms_norm(x, torch.ones(7))
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
         rms_norm(x, torch.ones(2, 4))
-    with pytest.raises(TypeError, match="weight dtype"):
-        rms_norm(x.bfloat16(), torch.ones(8, dtype=torch.float16))
+    with pytest.raises(TypeError, match="weight must have dtype"):
+        rms_norm(x, torch.ones(8, dtype=torch.int32))
     with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
         rms_norm(x, [1.0] * 8)
     with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
@@ -234,6 +234,9 @@ def test_bad_inputs():
             rms_norm(x, None, eps)
     with pytest.raises(TypeError, match="eps must be a float"):
         rms_norm(x, None, "1e-6")
+    for eps in (1e-50, 1e300):
+        with pytest.raises(ValueError, match="representable in float32"):
+            rms_norm(x, None, eps)
     with pytest.raises(ValueError, match="cast_mode"):
         rms_norm(x, None, cast_mode="hf")
     with pytest.raises(ValueError, match="residual must have the shape"):
@@ -352,3 +355,61 @@ def test_residual_out_argument(isa):
     with pytest.raises(ValueError, match="residual_out overlaps residual"):
         big = torch.zeros(10, 40, dtype=torch.bfloat16)
         add_rms_norm(x, big[:9], None, residual_out=big[1:])
+
+
+def test_other_weight_dtypes_are_upcast(isa):
+    """A weight in another float dtype (fp32 x with a bf16 weight, bf16 x with fp16) computes
+    with the weight in fp32, as torch's math does."""
+    for xd, wd in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)):
+        x, w = make((5, 40), xd), make_weight("same", 40, wd)
+        got = rms_norm(x, w)
+        assert got.dtype == xd
+        ref = rms_ref64(x, w, 1e-6)
+        assert_within_tolerance(got, ref, F.rms_norm(x, (40,), w.to(xd), 1e-6), f"{xd} {wd}")
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(rms_norm(x, None, np.float32(1e-6)), rms_norm(x, None, 1e-6))
+
+
+def test_broadcast_and_overlapping_rows_are_copied(isa):
+    """expand / as_strided inputs whose rows overlap are valid inputs (copied first)."""
+    row = make((8,), torch.float32)
+    for x in (row.expand(4, 8), make((64,), torch.float32).as_strided((4, 8), (4, 1))):
+        assert_within_tolerance(rms_norm(x, None), rms_ref64(x, None, 1e-6), rms_torch(x, None, 1e-6))
+        out, s = add_rms_norm(make((4, 8), torch.float32), x, None)
+        assert torch.equal(s, make((4, 8), torch.float32) + x)
+    with pytest.raises(ValueError, match="out must have a unit inner stride and one row stride"):
+        rms_norm(make((4, 8), torch.float32), out=torch.empty(8).expand(4, 8))
+
+
+def test_parameters_aliasing_outputs_are_rejected():
+    x, r = make((4, 8), torch.float32), make((4, 8), torch.float32, seed=1)
+    with pytest.raises(ValueError, match="out overlaps weight"):
+        rms_norm(x, x[0], out=x)
+    with pytest.raises(ValueError, match="weight must not share memory"):
+        add_rms_norm_(x, r, r[3])
+    with pytest.raises(ValueError, match="residual_out overlaps weight"):
+        add_rms_norm(x, r, r[0], residual_out=r)
+    # same address and strides but another dtype is not "in place": it is an overlap
+    store = torch.randn(32)
+    xbf = store.view(torch.bfloat16)[:32].view(4, 8)
+    with pytest.raises(ValueError, match="out overlaps x"):
+        rms_norm(xbf, torch.ones(8), cast_mode="llama", out=store.view(4, 8))
+
+
+def test_out_with_autograd_inputs_is_rejected():
+    x = make((3, 8), torch.float32).requires_grad_()
+    with pytest.raises(ValueError, match="does not support autograd"):
+        rms_norm(x, None, out=torch.empty(3, 8))
+    with pytest.raises(ValueError, match="does not support autograd"):
+        add_rms_norm(x.detach(), x.detach(), torch.ones(8, requires_grad=True), residual_out=torch.empty(3, 8))
+
+
+def test_opcheck():
+    """torch.library.opcheck: schema, fake kernels (shapes and strides), autograd registration."""
+    xt, rt = make((16, 4), torch.float32).t(), make((16, 4), torch.float32, seed=1).t()
+    w = make_weight("same", 16, torch.float32)
+    torch.library.opcheck(torch.ops.ringfuse.rms_norm.default, (xt, w, 1e-6, False))
+    torch.library.opcheck(torch.ops.ringfuse.add_rms_norm.default, (xt, rt, None, 1e-6, False))
+    torch.library.opcheck(torch.ops.ringfuse.add_rms_norm.default, (xt.bfloat16(), rt.bfloat16(), w, 1e-6, True))
+    torch.library.opcheck(torch.ops.ringfuse.add_rms_norm_.default,
+                          (make((4, 16), torch.float32), make((4, 16), torch.float32, seed=2), w, 1e-6, False))

@@ -8,6 +8,7 @@ dtype, ValueError for a wrong value, shape or device.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import NamedTuple
 
@@ -78,13 +79,19 @@ def check_float_tensor(op: str, name: str, t, dtypes=FLOAT_DTYPES) -> None:
         raise ValueError(f"{op}: {name} must be on a cpu or cuda device, got {t.device}")
 
 
+# Kernels add eps in fp32: it must be a normal fp32 number.
+_F32_MIN_NORMAL, _F32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+
+
 def check_eps(op: str, eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (math.isfinite(eps) and eps > 0.0):
+    value = float(eps)
+    if not (math.isfinite(value) and value > 0.0):
         raise ValueError(f"{op}: eps must be a finite number > 0, got {eps}")
-    return eps
+    if not (_F32_MIN_NORMAL <= value <= _F32_MAX):
+        raise ValueError(f"{op}: eps must be representable in float32 (1.2e-38 .. 3.4e38), got {eps}")
+    return value
 
 
 def check_like(op: str, name: str, t, ref: torch.Tensor, ref_name: str = "x") -> None:
@@ -102,13 +109,13 @@ def check_like(op: str, name: str, t, ref: torch.Tensor, ref_name: str = "x") ->
 
 
 def check_param(op: str, name: str, t, x: torch.Tensor, hidden: int) -> None:
-    """A per-channel parameter (weight / bias): 1-D [hidden], x's dtype or float32, x's device."""
+    """A per-channel parameter (weight / bias): 1-D [hidden], a float dtype, x's device."""
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if t.dtype != x.dtype and t.dtype != torch.float32:
-        raise TypeError(f"{op}: {name} dtype must be {x.dtype} (as x) or float32, got {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must have dtype float32, float16 or bfloat16; got {t.dtype}")
     if t.dim() != 1 or t.shape[0] != hidden:
         raise ValueError(f"{op}: {name} must have shape ({hidden},) to match x's last dim, got {tuple(t.shape)}")
     if not (x.is_cpu and t.is_cpu) and t.device != x.device:
@@ -132,6 +139,16 @@ def ptr_stride(r: Rows | None) -> tuple[int, int]:
     return (0, 0) if r is None else (r.t.data_ptr(), r.stride)
 
 
+def kernel_param(t, x: torch.Tensor):
+    """A checked weight / bias as the kernels take it: contiguous, in x's dtype or fp32
+    (another float dtype is upcast to fp32, which is what torch's fp32 math does with it)."""
+    if t is None:
+        return None
+    if t.dtype != x.dtype and t.dtype != torch.float32:
+        t = t.float()
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def rows(t: torch.Tensor) -> Rows:
     """Present t as [n_rows, hidden] without copying when its layout allows (contiguous,
     or evenly strided rows with a unit inner stride such as ``big[:, :h]``); otherwise copy
@@ -142,7 +159,10 @@ def rows(t: torch.Tensor) -> Rows:
     if t.stride(-1) == 1 or hidden == 1:
         try:
             v = t.view(-1, hidden)
-            return Rows(v, v.stride(0) if v.shape[0] > 1 else hidden)
+            if v.shape[0] <= 1:
+                return Rows(v, hidden)
+            if v.stride(0) >= hidden:  # rows must not overlap (expand, as_strided): else copy
+                return Rows(v, v.stride(0))
         except RuntimeError:  # leading dims do not collapse into one stride
             pass
     return Rows(t.contiguous(), hidden)
@@ -154,7 +174,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + extent * t.element_size()
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     (a0, a1), (b0, b1) = _span(a), _span(b)
     return a0 < b1 and b0 < a1
 
@@ -171,8 +191,8 @@ def check_out(op: str, out, shape, dtype, x: torch.Tensor, inputs: dict, name: s
         raise TypeError(f"{op}: {name} must have dtype {dtype}, got {out.dtype}")
     if out.device != x.device:
         raise ValueError(f"{op}: {name} is on {out.device} but x is on {x.device}")
-    if out.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{op}: {name}= does not support autograd; pass {name}=None")
+    if needs_autograd(out, *inputs.values()):
+        raise ValueError(f"{op}: {name}= does not support autograd (an input requires grad); pass {name}=None")
     if not out.numel():
         return Rows(out, shape[-1])
     out_rows = rows(out)
@@ -181,14 +201,14 @@ def check_out(op: str, out, shape, dtype, x: torch.Tensor, inputs: dict, name: s
     for other, t in inputs.items():
         if t is None or not t.numel():
             continue
-        if t.data_ptr() == out.data_ptr() and t.stride() == out.stride():
-            continue  # exactly the same memory: in place
-        if _overlap(t, out):
+        if t.data_ptr() == out.data_ptr() and t.stride() == out.stride() and t.dtype == out.dtype:
+            continue  # exactly the same elements: in place
+        if overlap(t, out):
             raise ValueError(f"{op}: {name} overlaps {other} in memory; use a separate buffer or the same tensor")
     return out_rows
 
 
-def residual_output(op: str, residual, residual_out, x: torch.Tensor, out: torch.Tensor):
+def residual_output(op: str, residual, residual_out, x: torch.Tensor, out: torch.Tensor, params: dict):
     """The tensor that receives x + residual: residual_out when given (validated; it may be
     residual itself or x, never memory shared with out), else a new contiguous tensor.
     Returns (tensor or None, its Rows or None)."""
@@ -199,8 +219,9 @@ def residual_output(op: str, residual, residual_out, x: torch.Tensor, out: torch
     if residual_out is None:
         new = new_output(x)
         return new, Rows(new, x.shape[-1])
-    res_rows = check_out(op, residual_out, x.shape, x.dtype, x, {"x": x, "residual": residual}, name="residual_out")
-    if residual_out.numel() and _overlap(residual_out, out):
+    res_rows = check_out(op, residual_out, x.shape, x.dtype, x, {"x": x, "residual": residual, **params},
+                         name="residual_out")
+    if residual_out.numel() and overlap(residual_out, out):
         raise ValueError(f"{op}: residual_out and out must not share memory")
     return residual_out, res_rows
 

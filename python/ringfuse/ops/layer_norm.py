@@ -50,19 +50,19 @@ def _forward(x, weight, bias, eps, residual=None, out=None, residual_out=None):
     hidden = x.shape[-1]
     c.check_param(op, "weight", weight, x, hidden)
     c.check_param(op, "bias", bias, x, hidden)
-    if weight is not None and bias is not None and weight.dtype != bias.dtype:
-        raise TypeError(f"{op}: weight and bias must share a dtype, got {weight.dtype} and {bias.dtype}")
     if residual is not None:
         c.check_like(op, "residual", residual, x)
     eps = c.check_eps(op, eps)
-    weight = weight.contiguous() if weight is not None else None
-    bias = bias.contiguous() if bias is not None else None
+    params = {"weight": weight, "bias": bias}
+    weight, bias = c.kernel_param(weight, x), c.kernel_param(bias, x)
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:  # e.g. bf16 and fp32
+        weight, bias = weight.float(), bias.float()
     if out is None:
         out = c.new_output(x)
         out_rows = c.Rows(out, hidden)
     else:
-        out_rows = c.check_out(op, out, x.shape, x.dtype, x, {"x": x, "residual": residual})
-    new_res, res_out_rows = c.residual_output(op, residual, residual_out, x, out)
+        out_rows = c.check_out(op, out, x.shape, x.dtype, x, {"x": x, "residual": residual, **params})
+    new_res, res_out_rows = c.residual_output(op, residual, residual_out, x, out, params)
     if x.numel() == 0:
         return out, new_res
     res_rows = None if residual is None else c.rows(residual)

@@ -79,15 +79,15 @@ def _forward(x, weight, eps, llama, residual=None, out=None, residual_out=None):
     """Validated forward shared by every entry point: returns (out, new_residual or None)."""
     op = "rms_norm" if residual is None else "add_rms_norm"
     eps = _check(op, x, weight, eps, residual)
-    if weight is not None and not weight.is_contiguous():
-        weight = weight.contiguous()
     out_dtype = _out_dtype(x, weight, llama)
+    params = {"weight": weight}
+    weight = c.kernel_param(weight, x)
     if out is None:
         out = c.new_output(x, out_dtype)
         out_rows = c.Rows(out, x.shape[-1])
     else:
-        out_rows = c.check_out(op, out, x.shape, out_dtype, x, {"x": x, "residual": residual})
-    new_res, res_out_rows = c.residual_output(op, residual, residual_out, x, out)
+        out_rows = c.check_out(op, out, x.shape, out_dtype, x, {"x": x, "residual": residual, **params})
+    new_res, res_out_rows = c.residual_output(op, residual, residual_out, x, out, params)
     n = x.numel()
     if n == 0:
         return out, new_res
@@ -150,9 +150,11 @@ def _add_rms_norm_inplace(x, residual, weight, eps, llama) -> None:
     x_rows, res_rows = c.rows(x), c.rows(residual)
     if x_rows.t.data_ptr() != x.data_ptr() or res_rows.t.data_ptr() != residual.data_ptr():
         raise ValueError(f"{op}: x and residual must have a unit inner stride and one row stride to be updated in place")
-    if c._overlap(x, residual):
+    if c.overlap(x, residual):
         raise ValueError(f"{op}: x and residual must not share memory (got the same tensor or overlapping views)")
-    weight = weight.contiguous() if weight is not None else None
+    if weight is not None and (c.overlap(weight, x) or c.overlap(weight, residual)):
+        raise ValueError(f"{op}: weight must not share memory with x or residual, which are overwritten")
+    weight = c.kernel_param(weight, x)
     hidden = x.shape[-1]
     launch(x_rows, x_rows, x.numel() // hidden, hidden, weight, eps, llama, res_rows, res_rows)
 
@@ -190,7 +192,8 @@ def _rms_norm_fake(x, weight, eps, llama_cast):
 
 @torch.library.register_fake("ringfuse::add_rms_norm")
 def _add_rms_norm_fake(x, residual, weight, eps, llama_cast):
-    return x.new_empty(x.shape, dtype=_out_dtype(x, weight, llama_cast)), torch.empty_like(x)
+    # both outputs are new contiguous tensors, whatever x's layout
+    return x.new_empty(x.shape, dtype=_out_dtype(x, weight, llama_cast)), x.new_empty(x.shape)
 
 
 @torch.library.register_fake("ringfuse::add_rms_norm_")
