@@ -39,7 +39,8 @@ def launch(out: c.Rows, x: c.Rows, n_rows: int, hidden: int, weight, bias, eps: 
     if x.t.is_cpu:
         _C.layer_norm(*args, c.num_threads())
     else:
-        _C.layer_norm_cuda(*args, torch.cuda.current_stream(x.t.device).cuda_stream)
+        with torch.cuda.device(x.t.device):  # kernels launch on the current device
+            _C.layer_norm_cuda(*args, torch.cuda.current_stream(x.t.device).cuda_stream)
 
 
 def _forward(x, weight, bias, eps, residual=None, out=None, residual_out=None):

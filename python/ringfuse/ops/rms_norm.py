@@ -49,12 +49,13 @@ def launch(out: c.Rows, x: c.Rows, n_rows: int, hidden: int, weight, eps: float,
             c.num_threads(),
         )  # fmt: skip
     elif c.cuda_backend() == "cuda":
-        _C.rms_norm_cuda(
-            out.t.data_ptr(), out.stride, *c.ptr_stride(res_out), x.t.data_ptr(), x.stride, *c.ptr_stride(res),
-            0 if weight is None else weight.data_ptr(), n_rows, hidden, eps,
-            xcode, xcode if weight is None else c.DTYPE_CODE[weight.dtype], c.DTYPE_CODE[out.t.dtype], llama,
-            torch.cuda.current_stream(x.t.device).cuda_stream,
-        )  # fmt: skip
+        with torch.cuda.device(x.t.device):  # kernels launch on the current device
+            _C.rms_norm_cuda(
+                out.t.data_ptr(), out.stride, *c.ptr_stride(res_out), x.t.data_ptr(), x.stride, *c.ptr_stride(res),
+                0 if weight is None else weight.data_ptr(), n_rows, hidden, eps,
+                xcode, xcode if weight is None else c.DTYPE_CODE[weight.dtype], c.DTYPE_CODE[out.t.dtype], llama,
+                torch.cuda.current_stream(x.t.device).cuda_stream,
+            )  # fmt: skip
     else:
         from ..kernels.rms_norm import rms_norm_fwd
 
