@@ -17,12 +17,22 @@ namespace {
 
 template <class TX, class TW, class TO>
 struct LayerNormKernel {
+  // (s - mean) * rstd * w + b for the 8 lanes at column i (w / b fp32 or null)
+  static RF_AVX2 RF_INLINE __m256 affine(__m256 s, __m256 mean, __m256 rstd, const float* w, const float* b,
+                                         int64_t i) {
+    const __m256 n = _mm256_mul_ps(_mm256_sub_ps(s, mean), rstd);
+    const __m256 wv = w ? _mm256_loadu_ps(w + i) : _mm256_set1_ps(1.0f);
+    return b ? _mm256_fmadd_ps(n, wv, _mm256_loadu_ps(b + i)) : _mm256_mul_ps(n, wv);
+  }
+
   static RF_AVX2 void avx2(const NormArgs& a, int64_t begin, int64_t end) {
     const int64_t H = a.hidden, tail = H % 8, Hv = H - tail;
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
     const __m256 live = _mm256_castsi256_ps(
         _mm256_cmpgt_epi32(_mm256_set1_epi32(int(tail)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-    float* buf = scratch_row(H);  // s in fp32, re-read by passes 2 and 3 from L1/L2
+    float* buf = scratch_row(0, H);                   // s in fp32, re-read by passes 2 and 3
+    const float* w = params_f32<TW>(a.weight, H, 1);  // weight and bias in fp32, or null
+    const float* bias = params_f32<TW>(a.bias, H, 2);
     for (int64_t row = begin; row < end; ++row) {
       const RowPtrs<TX, TW, TO> p(a, row);
       // pass 1: s = x (+ r) into buf, sum(s)
@@ -79,21 +89,25 @@ struct LayerNormKernel {
       const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(var + a.eps));
 
       // pass 3: y = (s - mean) * rstd * w + b; x / r are no longer read, so out may alias them
-      for (i = 0; i < Hv; i += 8) {
+      for (i = 0; i + 16 <= H; i += 16) {  // 16 lanes: one pack per 16-bit store
+        prefetch_next<TX>(a, row + 1, end, i);
+        const __m256 s0 = _mm256_loadu_ps(buf + i), s1 = _mm256_loadu_ps(buf + i + 8);
+        if (p.res_out) V8<TX>::store2(p.res_out + i, s0, s1, a.stream);
+        V8<TO>::store2(p.out + i, affine(s0, vmean, rstd, w, bias, i), affine(s1, vmean, rstd, w, bias, i + 8),
+                       a.stream);
+      }
+      if (i < Hv) {
         const __m256 s = _mm256_loadu_ps(buf + i);
         if (p.res_out) store8<TX>(p.res_out + i, s, a.stream);
-        const __m256 w = p.w ? V8<TW>::load(p.w + i) : one;
-        const __m256 b = p.b ? V8<TW>::load(p.b + i) : zero;
-        const __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_sub_ps(s, vmean), rstd), w, b);
-        store8<TO>(p.out + i, y, a.stream);
+        store8<TO>(p.out + i, affine(s, vmean, rstd, w, bias, i), a.stream);
+        i += 8;
       }
       if (tail) {
         const __m256 s = _mm256_loadu_ps(buf + Hv);
         if (p.res_out) store_tail<TX>(p.res_out + Hv, s, tail);
-        const __m256 w = p.w ? load_tail<TW>(p.w + Hv, tail) : one;
-        const __m256 b = p.b ? load_tail<TW>(p.b + Hv, tail) : zero;
-        const __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_sub_ps(s, vmean), rstd), w, b);
-        store_tail<TO>(p.out + Hv, y, tail);
+        const __m256 wt = w ? load_tail<F32>(w + Hv, tail) : one;
+        const __m256 bt = bias ? load_tail<F32>(bias + Hv, tail) : zero;
+        store_tail<TO>(p.out + Hv, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_sub_ps(s, vmean), rstd), wt, bt), tail);
       }
     }
     if (a.stream) _mm_sfence();
@@ -150,7 +164,7 @@ void layer_norm(std::uintptr_t out, int64_t out_stride, std::uintptr_t residual_
   if (rows == 0) return;
   const int x_size = x_dtype == kFloat32 ? 4 : 2, out_size = out_dtype == kFloat32 ? 4 : 2;
   const Isa isa = active_isa();
-  a.stream = isa == Isa::kAvx2 && want_stream(a, out_size, out_size == 4 ? 32 : 16, x_size);
+  a.stream = isa == Isa::kAvx2 && want_stream(a, out_size, x_size);
   const RowsFn fn = pick_kernel<LayerNormKernel>(x_dtype, w_dtype, out_dtype, isa);
   parallel_rows(rows, hidden, num_threads, [&](int64_t b, int64_t e) { fn(a, b, e); });
 }

@@ -52,15 +52,15 @@ inline void check_norm_args(const char* op, const NormArgs& a, int x_dtype, int 
 }
 
 // Non-temporal stores pay off only when the outputs are far larger than L3 (32 MiB here);
-// they need every row start aligned.
-inline bool want_stream(const NormArgs& a, int out_size, int out_align, int x_size) {
+// they need every row start 32-byte aligned.
+inline bool want_stream(const NormArgs& a, int out_size, int x_size) {
   const int64_t bytes = a.rows * a.hidden * (out_size + (a.residual_out ? x_size : 0));
   if (bytes < (int64_t(48) << 20)) return false;
   auto aligned = [](const void* p, int64_t stride_bytes, int align) {
     return (reinterpret_cast<std::uintptr_t>(p) % align) == 0 && stride_bytes % align == 0;
   };
-  bool ok = aligned(a.out, a.out_stride * out_size, out_align);
-  if (a.residual_out) ok = ok && aligned(a.residual_out, a.residual_out_stride * x_size, x_size == 4 ? 32 : 16);
+  bool ok = aligned(a.out, a.out_stride * out_size, 32);
+  if (a.residual_out) ok = ok && aligned(a.residual_out, a.residual_out_stride * x_size, 32);
   return ok;
 }
 
@@ -128,6 +128,22 @@ RF_AVX2 RF_INLINE __m256 load_s_tail(const typename TX::T* x, const typename TX:
                                      int64_t n) {
   const __m256 v = load_tail<TX>(x + i, n);
   return res ? V8<TX>::round(_mm256_add_ps(v, load_tail<TX>(res + i, n))) : v;
+}
+
+// While the last pass over row r runs from cache, pull row r + 1 of x (and the residual)
+// toward L1 so its loads overlap this row's compute: without it the kernel alternates
+// between waiting on memory and computing. One prefetch per 64-byte line.
+template <class TX>
+RF_AVX2 RF_INLINE void prefetch_next(const NormArgs& a, int64_t next_row, int64_t end, int64_t i) {
+  using X = typename TX::T;
+  constexpr int64_t kLine = 64 / int64_t(sizeof(X));
+  if (next_row >= end || (i % kLine) != 0) return;
+  _mm_prefetch(reinterpret_cast<const char*>(static_cast<const X*>(a.x) + next_row * a.x_stride + i),
+               _MM_HINT_T0);
+  if (a.residual)
+    _mm_prefetch(reinterpret_cast<const char*>(static_cast<const X*>(a.residual) +
+                                               next_row * a.residual_stride + i),
+                 _MM_HINT_T0);
 }
 
 // Store 8 lanes, streaming when asked (alignment was checked once per call).

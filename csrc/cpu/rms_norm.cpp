@@ -30,7 +30,9 @@ struct RmsKernel {
   static RF_AVX2 void avx2(const NormArgs& a, int64_t begin, int64_t end) {
     const int64_t H = a.hidden;
     const __m256 inv_h = _mm256_set1_ps(1.0f / float(H));
-    float* buf = scratch_row(H);  // s in fp32, re-read by pass 2 from L1/L2
+    float* buf = scratch_row(0, H);                        // s in fp32, re-read by pass 2
+    const float* w = params_f32<TW>(a.weight, H, 1);       // weight in fp32, or null
+    const __m256 one = _mm256_set1_ps(1.0f);
     for (int64_t row = begin; row < end; ++row) {
       const RowPtrs<TX, TW, TO> p(a, row);
       // pass 1: s = x (+ r), kept in buf; sum of squares with 4 independent accumulators
@@ -63,17 +65,25 @@ struct RmsKernel {
       const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(mean_sq + a.eps));
 
       // pass 2: normalize from buf; all reads of x / r are done, so out / res_out may alias them
-      for (i = 0; i + 8 <= H; i += 8) {
+      for (i = 0; i + 16 <= H; i += 16) {  // 16 lanes: one pack per 16-bit store
+        prefetch_next<TX>(a, row + 1, end, i);
+        const __m256 s0 = _mm256_loadu_ps(buf + i), s1 = _mm256_loadu_ps(buf + i + 8);
+        if (p.res_out) V8<TX>::store2(p.res_out + i, s0, s1, a.stream);
+        const __m256 w0 = w ? _mm256_loadu_ps(w + i) : one, w1 = w ? _mm256_loadu_ps(w + i + 8) : one;
+        V8<TO>::store2(p.out + i, scale(s0, rstd, w0, a.llama_cast), scale(s1, rstd, w1, a.llama_cast),
+                       a.stream);
+      }
+      if (i + 8 <= H) {
         const __m256 s = _mm256_loadu_ps(buf + i);
         if (p.res_out) store8<TX>(p.res_out + i, s, a.stream);
-        const __m256 w = p.w ? V8<TW>::load(p.w + i) : _mm256_set1_ps(1.0f);
-        store8<TO>(p.out + i, scale(s, rstd, w, a.llama_cast), a.stream);
+        store8<TO>(p.out + i, scale(s, rstd, w ? _mm256_loadu_ps(w + i) : one, a.llama_cast), a.stream);
+        i += 8;
       }
       if (i < H) {
         const __m256 s = _mm256_loadu_ps(buf + i);
         if (p.res_out) store_tail<TX>(p.res_out + i, s, H - i);
-        const __m256 w = p.w ? load_tail<TW>(p.w + i, H - i) : _mm256_set1_ps(1.0f);
-        store_tail<TO>(p.out + i, scale(s, rstd, w, a.llama_cast), H - i);
+        const __m256 wt = w ? load_tail<F32>(w + i, H - i) : one;
+        store_tail<TO>(p.out + i, scale(s, rstd, wt, a.llama_cast), H - i);
       }
     }
     if (a.stream) _mm_sfence();
@@ -128,7 +138,7 @@ void rms_norm(std::uintptr_t out, int64_t out_stride, std::uintptr_t residual_ou
   if (rows == 0) return;
   const int x_size = x_dtype == kFloat32 ? 4 : 2, out_size = out_dtype == kFloat32 ? 4 : 2;
   const Isa isa = active_isa();
-  a.stream = isa == Isa::kAvx2 && want_stream(a, out_size, out_size == 4 ? 32 : 16, x_size);
+  a.stream = isa == Isa::kAvx2 && want_stream(a, out_size, x_size);
   const RowsFn fn = pick_kernel<RmsKernel>(x_dtype, w_dtype, out_dtype, isa);
   parallel_rows(rows, hidden, num_threads, [&](int64_t b, int64_t e) { fn(a, b, e); });
 }

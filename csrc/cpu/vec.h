@@ -124,21 +124,36 @@ struct V8<F32> {
   static RF_AVX2 RF_INLINE __m256 load(const float* p) { return _mm256_loadu_ps(p); }
   static RF_AVX2 RF_INLINE void store(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
   static RF_AVX2 RF_INLINE void stream(float* p, __m256 v) { _mm256_stream_ps(p, v); }
+  // 16 lanes at once (p 32-byte aligned when streaming)
+  static RF_AVX2 RF_INLINE void store2(float* p, __m256 a, __m256 b, bool nt) {
+    if (nt) {
+      _mm256_stream_ps(p, a);
+      _mm256_stream_ps(p + 8, b);
+    } else {
+      _mm256_storeu_ps(p, a);
+      _mm256_storeu_ps(p + 8, b);
+    }
+  }
   static RF_AVX2 RF_INLINE __m256 round(__m256 v) { return v; }
-  static constexpr int align = 32;
 };
 
 RF_AVX2 RF_INLINE __m256 bf16x8_to_f32(__m128i h) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-RF_AVX2 RF_INLINE __m128i f32x8_to_bf16(__m256 v) {
+// fp32 bits -> bf16 bits in the low half of each 32-bit lane (round-to-nearest-even,
+// NaN -> quiet NaN)
+RF_AVX2 RF_INLINE __m256i f32x8_to_bf16_lanes(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
   r = _mm256_srli_epi32(r, 16);
   const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), is_nan);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), is_nan);
+}
+
+RF_AVX2 RF_INLINE __m128i f32x8_to_bf16(__m256 v) {
+  const __m256i r = f32x8_to_bf16_lanes(v);
   // pack 8 x u32 (each <= 0xffff) to 8 x u16 in order
   const __m256i packed = _mm256_packus_epi32(r, r);  // per 128-bit lane: a0..a3 a0..a3
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0b1000));
@@ -155,6 +170,15 @@ struct V8<BF16> {
   static RF_AVX2 RF_INLINE void stream(uint16_t* p, __m256 v) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(p), f32x8_to_bf16(v));
   }
+  // 16 lanes with one pack and one permute (p 32-byte aligned when streaming)
+  static RF_AVX2 RF_INLINE void store2(uint16_t* p, __m256 a, __m256 b, bool nt) {
+    const __m256i packed = _mm256_permute4x64_epi64(
+        _mm256_packus_epi32(f32x8_to_bf16_lanes(a), f32x8_to_bf16_lanes(b)), 0b11011000);
+    if (nt)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+  }
   // round to bf16 precision without leaving the fp32 lanes: RNE on the low 16 bits
   static RF_AVX2 RF_INLINE __m256 round(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
@@ -164,7 +188,6 @@ struct V8<BF16> {
     const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     return _mm256_castsi256_ps(_mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc00000), is_nan));
   }
-  static constexpr int align = 16;
 };
 
 template <>
@@ -178,10 +201,17 @@ struct V8<F16> {
   static RF_AVX2 RF_INLINE void stream(uint16_t* p, __m256 v) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
+  static RF_AVX2 RF_INLINE void store2(uint16_t* p, __m256 a, __m256 b, bool nt) {
+    const __m256i packed = _mm256_set_m128i(_mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT),
+                                            _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT));
+    if (nt)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+  }
   static RF_AVX2 RF_INLINE __m256 round(__m256 v) {
     return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
-  static constexpr int align = 16;
 };
 
 // Loads of the last n < 8 elements (other lanes = 0) and the matching stores: go through a
@@ -207,12 +237,28 @@ RF_AVX2 RF_INLINE float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// A per-thread fp32 scratch row of at least n floats (+ 8 for a whole tail vector), so a
-// kernel converts and adds its inputs once and re-reads them from L1/L2 as fp32.
-inline float* scratch_row(int64_t n) {
-  thread_local std::vector<float> buf;
-  if (int64_t(buf.size()) < n + 8) buf.resize(size_t(n + 8));
-  return buf.data();
+// Per-thread fp32 scratch rows (slot 0..2) of at least n floats (+ 8 for a whole tail
+// vector), so a kernel converts and adds its inputs once and re-reads them from L1/L2 as
+// fp32: the row s, and the weight and bias converted once per call.
+inline float* scratch_row(int slot, int64_t n) {
+  thread_local std::vector<float> buf[3];
+  if (int64_t(buf[slot].size()) < n + 8) buf[slot].resize(size_t(n + 8));
+  return buf[slot].data();
+}
+
+// A parameter vector [n] of element type E as fp32 in scratch slot `slot` (null stays null;
+// fp32 input is used in place).
+template <class E>
+inline const float* params_f32(const void* p, int64_t n, int slot) {
+  if (p == nullptr) return nullptr;
+  if constexpr (E::code == kFloat32) {
+    return static_cast<const float*>(p);
+  } else {
+    float* out = scratch_row(slot, n);
+    const auto* src = static_cast<const typename E::T*>(p);
+    for (int64_t i = 0; i < n; ++i) out[i] = E::load(src + i);
+    return out;
+  }
 }
 
 // ---------------------------------------------------------------------------------------
