@@ -37,16 +37,19 @@ import torch
 import triton
 import triton.language as tl
 
-# Same buckets as rms_norm (see there): row kernel for BLOCK <= 8192 (at 16 warps: 16 fp32
-# values per thread, 40-104 of the 128 registers a 512-thread CTA may use), looped above
-# in 4096-wide chunks at 16 warps; tiny rows share the BLOCK 256 variant.
-MAX_ROW_BLOCK = 8192
-MIN_BLOCK = 256
-LOOP_BLOCK = 4096
-LOOP_WARPS = 16
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+from ._norm_common import (  # noqa: F401  (re-exported: tests and compile checks read them)
+    DTYPES as _DTYPES,
+    LOOP_BLOCK,
+    LOOP_WARPS,
+    MAX_ROW_BLOCK,
+    MIN_BLOCK,
+    TL_NAME as _TL_NAME,
+    bucket_sizes as _bucket_sizes,
+    check_2d,
+    check_param,
+    pick,
+    row_stride as _row_stride,
+)
 
 
 @triton.jit
@@ -192,10 +195,7 @@ def _layer_norm_fwd_looped_kernel(
 
 def _pick(n_cols: int):
     """(kernel, BLOCK, num_warps) for a row of n_cols elements."""
-    block = max(MIN_BLOCK, triton.next_power_of_2(n_cols))
-    if block > MAX_ROW_BLOCK:
-        return _layer_norm_fwd_looped_kernel, LOOP_BLOCK, LOOP_WARPS
-    return _layer_norm_fwd_row_kernel, block, min(16, block // 256)
+    return pick(n_cols, _layer_norm_fwd_row_kernel, _layer_norm_fwd_looped_kernel)
 
 
 def _spec(x_dtype, out_dtype, w_dtype, b_dtype, has_residual: bool, n_cols: int):
@@ -220,16 +220,6 @@ def _spec(x_dtype, out_dtype, w_dtype, b_dtype, has_residual: bool, n_cols: int)
     for k in constexprs:
         signature[k] = "constexpr"
     return kernel, signature, constexprs, num_warps
-
-
-def _bucket_sizes():
-    """One n_cols per (kernel, BLOCK) the launcher can pick."""
-    sizes, block = [], MIN_BLOCK
-    while block <= MAX_ROW_BLOCK:
-        sizes.append(block)
-        block *= 2
-    sizes.append(2 * MAX_ROW_BLOCK)  # looped
-    return sizes
 
 
 def shipped_configs():
@@ -274,30 +264,6 @@ def _plan(x_dtype, out_dtype, w_dtype, b_dtype, has_residual: bool, n_cols: int)
 # Launcher
 
 
-def _row_stride(t: torch.Tensor) -> int:
-    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
-
-
-def _check_2d(name: str, t: torch.Tensor, shape, written: bool) -> None:
-    if t.dim() != 2 or tuple(t.shape) != tuple(shape):
-        raise ValueError(f"layer_norm_fwd: {name} must be 2-D {list(shape)}, got {list(t.shape)}")
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"layer_norm_fwd: {name} must have inner stride 1, got strides {t.stride()}")
-    if t.shape[0] > 1 and (t.stride(0) < (t.shape[1] if written else 0)):
-        raise ValueError(
-            f"layer_norm_fwd: {name} rows must not overlap (row stride >= hidden {t.shape[1]}), "
-            f"got strides {t.stride()}"
-        )
-
-
-def _check_param(name: str, p, x: torch.Tensor) -> None:
-    n_cols = x.shape[1]
-    if p.dim() != 1 or p.shape[0] != n_cols or (n_cols > 1 and p.stride(0) != 1):
-        raise ValueError(f"layer_norm_fwd: {name} must be contiguous [{n_cols}], got {list(p.shape)}")
-    if p.dtype not in (x.dtype, torch.float32):
-        raise ValueError(f"layer_norm_fwd: {name} dtype must be {x.dtype} or float32, got {p.dtype}")
-
-
 def layer_norm_fwd(out, x, weight, bias, eps, residual=None, residual_out=None) -> None:
     """out[r, :] = LayerNorm(s[r, :]) with s = x or round_x(x + residual) (-> residual_out).
 
@@ -311,19 +277,19 @@ def layer_norm_fwd(out, x, weight, bias, eps, residual=None, residual_out=None) 
     if x.dim() != 2:
         raise ValueError(f"layer_norm_fwd: x must be 2-D [rows, hidden], got shape {list(x.shape)}")
     rows, n_cols = x.shape
-    _check_2d("x", x, x.shape, written=False)
-    _check_2d("out", out, x.shape, written=True)
+    check_2d("layer_norm_fwd", "x", x, x.shape, written=False)
+    check_2d("layer_norm_fwd", "out", out, x.shape, written=True)
     if out.dtype not in (x.dtype, torch.float32):
         raise ValueError(f"layer_norm_fwd: out dtype must be {x.dtype} or float32, got {out.dtype}")
     if weight is not None:
-        _check_param("weight", weight, x)
+        check_param("layer_norm_fwd", "weight", weight, x)
     if bias is not None:
-        _check_param("bias", bias, x)
+        check_param("layer_norm_fwd", "bias", bias, x)
     if (residual is None) != (residual_out is None):
         raise ValueError("layer_norm_fwd: residual and residual_out must be given together")
     if residual is not None:
-        _check_2d("residual", residual, x.shape, written=False)
-        _check_2d("residual_out", residual_out, x.shape, written=True)
+        check_2d("layer_norm_fwd", "residual", residual, x.shape, written=False)
+        check_2d("layer_norm_fwd", "residual_out", residual_out, x.shape, written=True)
         if residual.dtype != x.dtype or residual_out.dtype != x.dtype:
             raise ValueError(
                 f"layer_norm_fwd: residual and residual_out must have x's dtype {x.dtype}, "

@@ -1,0 +1,65 @@
+"""Launcher plumbing shared by kernels/rms_norm.py and kernels/layer_norm.py: the BLOCK
+buckets, the config choice and the cheap invariant checks."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+# Row kernel up to this BLOCK (16 fp32 values per thread at 16 warps: 40-104 registers of
+# the 128 a 512-thread CTA may use). BLOCK 16384 still compiles without spills (16 warps:
+# 128 of 128 registers; 32 warps: 64 of 64) but with no margin left, so wider rows take the
+# looped kernel: one extra read of the row, mostly from L2.
+MAX_ROW_BLOCK = 8192
+# Smallest BLOCK: tiny rows share one compiled variant (masked lanes cost no memory traffic).
+MIN_BLOCK = 256
+# Chunk of the looped kernels and their warps: 8 values per thread per chunk (one 16-byte
+# load for 16-bit dtypes); 512 threads x 4 CTAs per SM keep enough bytes in flight.
+LOOP_BLOCK = 4096
+LOOP_WARPS = 16
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def pick(n_cols: int, row_kernel, looped_kernel):
+    """(kernel, BLOCK, num_warps) for a row of n_cols elements."""
+    block = max(MIN_BLOCK, triton.next_power_of_2(n_cols))
+    if block > MAX_ROW_BLOCK:
+        return looped_kernel, LOOP_BLOCK, LOOP_WARPS
+    # 8 elements per thread up to 4096 (one 16-byte load per thread for 16-bit dtypes),
+    # then 16 warps (512 threads) with 16 elements per thread at BLOCK 8192
+    return row_kernel, block, min(16, block // 256)
+
+
+def bucket_sizes():
+    """One n_cols per (kernel, BLOCK) the launchers can pick."""
+    sizes, block = [], MIN_BLOCK
+    while block <= MAX_ROW_BLOCK:
+        sizes.append(block)
+        block *= 2
+    sizes.append(2 * MAX_ROW_BLOCK)  # looped
+    return sizes
+
+
+def row_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def check_2d(op: str, name: str, t: torch.Tensor, shape, written: bool) -> None:
+    if t.dim() != 2 or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must be 2-D {list(shape)}, got {list(t.shape)}")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{op}: {name} must have inner stride 1, got strides {t.stride()}")
+    if t.shape[0] > 1 and (t.stride(0) < (t.shape[1] if written else 0)):
+        raise ValueError(
+            f"{op}: {name} rows must not overlap (row stride >= hidden {t.shape[1]}), got strides {t.stride()}"
+        )
+
+
+def check_param(op: str, name: str, p: torch.Tensor, x: torch.Tensor) -> None:
+    n_cols = x.shape[1]
+    if p.dim() != 1 or p.shape[0] != n_cols or (n_cols > 1 and p.stride(0) != 1):
+        raise ValueError(f"{op}: {name} must be contiguous [{n_cols}], got {list(p.shape)}")
+    if p.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"{op}: {name} dtype must be {x.dtype} or float32, got {p.dtype}")
