@@ -6,7 +6,8 @@
 //                        no cancellation when |mean| >> std, unlike E[s^2] - E[s]^2)
 //                        y = (s - mean) * rstd * w + b, rounded once
 // Three passes over the row; only the first touches memory (x and r are converted and added
-// once into an fp32 scratch row), the rest re-read that row from L1/L2.
+// once into an fp32 scratch row, and the rounded sum goes to residual_out), the rest re-read
+// that row from L1/L2.
 // Napkin math, [4096, 4096] fp32: reads 64 MiB, writes 64 MiB -> ~6 ms at 22 GB/s;
 // ~8 flops per element: memory-bound.
 #include "cpu/norm_common.h"
@@ -39,8 +40,9 @@ struct LayerNormKernel {
       __m256 acc0 = zero, acc1 = zero, acc2 = zero, acc3 = zero;
       int64_t i = 0;
       for (; i + 32 <= H; i += 32) {
-        const __m256 s0 = load_s8<TX>(p.x, p.res, i), s1 = load_s8<TX>(p.x, p.res, i + 8);
-        const __m256 s2 = load_s8<TX>(p.x, p.res, i + 16), s3 = load_s8<TX>(p.x, p.res, i + 24);
+        __m256 s0, s1, s2, s3;
+        p.s16(i, a.stream, s0, s1);
+        p.s16(i + 16, a.stream, s2, s3);
         _mm256_storeu_ps(buf + i, s0);
         _mm256_storeu_ps(buf + i + 8, s1);
         _mm256_storeu_ps(buf + i + 16, s2);
@@ -51,12 +53,12 @@ struct LayerNormKernel {
         acc3 = _mm256_add_ps(acc3, s3);
       }
       for (; i < Hv; i += 8) {
-        const __m256 s = load_s8<TX>(p.x, p.res, i);
+        const __m256 s = p.s8(i, a.stream);
         _mm256_storeu_ps(buf + i, s);
         acc0 = _mm256_add_ps(acc0, s);
       }
       if (tail) {  // zero-filled lanes
-        const __m256 s = load_s_tail<TX>(p.x, p.res, Hv, tail);
+        const __m256 s = p.s_tail(Hv, tail);
         _mm256_storeu_ps(buf + Hv, s);
         acc1 = _mm256_add_ps(acc1, s);
       }
@@ -92,19 +94,16 @@ struct LayerNormKernel {
       for (i = 0; i + 16 <= H; i += 16) {  // 16 lanes: one pack per 16-bit store
         prefetch_next<TX>(a, row + 1, end, i);
         const __m256 s0 = _mm256_loadu_ps(buf + i), s1 = _mm256_loadu_ps(buf + i + 8);
-        if (p.res_out) V8<TX>::store2(p.res_out + i, s0, s1, a.stream);
         V8<TO>::store2(p.out + i, affine(s0, vmean, rstd, w, bias, i), affine(s1, vmean, rstd, w, bias, i + 8),
                        a.stream);
       }
       if (i < Hv) {
         const __m256 s = _mm256_loadu_ps(buf + i);
-        if (p.res_out) store8<TX>(p.res_out + i, s, a.stream);
         store8<TO>(p.out + i, affine(s, vmean, rstd, w, bias, i), a.stream);
         i += 8;
       }
       if (tail) {
         const __m256 s = _mm256_loadu_ps(buf + Hv);
-        if (p.res_out) store_tail<TX>(p.res_out + Hv, s, tail);
         const __m256 wt = w ? load_tail<F32>(w + Hv, tail) : one;
         const __m256 bt = bias ? load_tail<F32>(bias + Hv, tail) : zero;
         store_tail<TO>(p.out + Hv, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_sub_ps(s, vmean), rstd), wt, bt), tail);

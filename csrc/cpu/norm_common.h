@@ -115,20 +115,30 @@ struct RowPtrs {
   RF_INLINE float s(int64_t i) const {
     return res ? TX::round(TX::load(x + i) + TX::load(res + i)) : TX::load(x + i);
   }
+
+  // AVX2: s for lanes [i, i + 16) / [i, i + 8) / the last n < 8. With a residual, the
+  // rounded sum is also stored to res_out right here, so x and r are read, converted and
+  // added exactly once (res_out may alias x or res: each lane is read before it is written).
+  RF_AVX2 RF_INLINE void s16(int64_t i, bool nt, __m256& s0, __m256& s1) const {
+    s0 = V8<TX>::load(x + i);
+    s1 = V8<TX>::load(x + i + 8);
+    if (!res) return;
+    s0 = _mm256_add_ps(s0, V8<TX>::load(res + i));
+    s1 = _mm256_add_ps(s1, V8<TX>::load(res + i + 8));
+    V8<TX>::round_store2(res_out + i, s0, s1, nt);
+  }
+  RF_AVX2 RF_INLINE __m256 s8(int64_t i, bool nt) const {
+    const __m256 v = V8<TX>::load(x + i);
+    return res ? V8<TX>::round_store(res_out + i, _mm256_add_ps(v, V8<TX>::load(res + i)), nt) : v;
+  }
+  RF_AVX2 RF_INLINE __m256 s_tail(int64_t i, int64_t n) const {  // lanes >= n are 0
+    const __m256 v = load_tail<TX>(x + i, n);
+    if (!res) return v;
+    const __m256 s = V8<TX>::round(_mm256_add_ps(v, load_tail<TX>(res + i, n)));
+    store_tail<TX>(res_out + i, s, n);
+    return s;
+  }
 };
-
-template <class TX>
-RF_AVX2 RF_INLINE __m256 load_s8(const typename TX::T* x, const typename TX::T* res, int64_t i) {
-  const __m256 v = V8<TX>::load(x + i);
-  return res ? V8<TX>::round(_mm256_add_ps(v, V8<TX>::load(res + i))) : v;
-}
-
-template <class TX>
-RF_AVX2 RF_INLINE __m256 load_s_tail(const typename TX::T* x, const typename TX::T* res, int64_t i,
-                                     int64_t n) {
-  const __m256 v = load_tail<TX>(x + i, n);
-  return res ? V8<TX>::round(_mm256_add_ps(v, load_tail<TX>(res + i, n))) : v;
-}
 
 // While the last pass over row r runs from cache, pull row r + 1 of x (and the residual)
 // toward L1 so its loads overlap this row's compute: without it the kernel alternates

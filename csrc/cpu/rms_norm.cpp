@@ -6,8 +6,10 @@
 //                        y = s * rstd * w            (torch order, one rounding)
 //                        y = round_x(s * rstd) * w   (HF LlamaRMSNorm order, llama_cast)
 // Two passes over the row: the first reads x (and r) from memory, converts and adds them
-// once and keeps s in an fp32 scratch row; the second re-reads s from L1/L2. Memory traffic
-// is one read of each input and one write of each output.
+// once, writes the rounded sum to residual_out and keeps s in an fp32 scratch row; the
+// second re-reads s from L1 and writes out while the next row is prefetched. Memory traffic
+// is one read of each input and one write of each output. bf16/fp16 rows are bound by the
+// AVX2 conversions (no native bf16 instructions here), fp32 rows by memory.
 // Napkin math, [4096, 4096] fp32 with residual: reads 2 x 64 MiB, writes 2 x 64 MiB ->
 // ~12 ms at 22 GB/s; flops (~6 per element) are far below the FMA peak: memory-bound.
 // [1, 576]: 2.3 KiB, ~100 ns of work; the Python call around it dominates.
@@ -39,8 +41,9 @@ struct RmsKernel {
       __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
       int64_t i = 0;
       for (; i + 32 <= H; i += 32) {
-        const __m256 s0 = load_s8<TX>(p.x, p.res, i), s1 = load_s8<TX>(p.x, p.res, i + 8);
-        const __m256 s2 = load_s8<TX>(p.x, p.res, i + 16), s3 = load_s8<TX>(p.x, p.res, i + 24);
+        __m256 s0, s1, s2, s3;
+        p.s16(i, a.stream, s0, s1);
+        p.s16(i + 16, a.stream, s2, s3);
         _mm256_storeu_ps(buf + i, s0);
         _mm256_storeu_ps(buf + i + 8, s1);
         _mm256_storeu_ps(buf + i + 16, s2);
@@ -51,12 +54,12 @@ struct RmsKernel {
         acc3 = _mm256_fmadd_ps(s3, s3, acc3);
       }
       for (; i + 8 <= H; i += 8) {
-        const __m256 s = load_s8<TX>(p.x, p.res, i);
+        const __m256 s = p.s8(i, a.stream);
         _mm256_storeu_ps(buf + i, s);
         acc0 = _mm256_fmadd_ps(s, s, acc0);
       }
       if (i < H) {  // zero-filled tail lanes add nothing
-        const __m256 s = load_s_tail<TX>(p.x, p.res, i, H - i);
+        const __m256 s = p.s_tail(i, H - i);
         _mm256_storeu_ps(buf + i, s);
         acc1 = _mm256_fmadd_ps(s, s, acc1);
       }
@@ -64,24 +67,21 @@ struct RmsKernel {
       const float mean_sq = hsum(_mm256_mul_ps(acc, inv_h));
       const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(mean_sq + a.eps));
 
-      // pass 2: normalize from buf; all reads of x / r are done, so out / res_out may alias them
+      // pass 2: normalize from buf; x and r are not read again, so out may alias them
       for (i = 0; i + 16 <= H; i += 16) {  // 16 lanes: one pack per 16-bit store
         prefetch_next<TX>(a, row + 1, end, i);
         const __m256 s0 = _mm256_loadu_ps(buf + i), s1 = _mm256_loadu_ps(buf + i + 8);
-        if (p.res_out) V8<TX>::store2(p.res_out + i, s0, s1, a.stream);
         const __m256 w0 = w ? _mm256_loadu_ps(w + i) : one, w1 = w ? _mm256_loadu_ps(w + i + 8) : one;
         V8<TO>::store2(p.out + i, scale(s0, rstd, w0, a.llama_cast), scale(s1, rstd, w1, a.llama_cast),
                        a.stream);
       }
       if (i + 8 <= H) {
         const __m256 s = _mm256_loadu_ps(buf + i);
-        if (p.res_out) store8<TX>(p.res_out + i, s, a.stream);
         store8<TO>(p.out + i, scale(s, rstd, w ? _mm256_loadu_ps(w + i) : one, a.llama_cast), a.stream);
         i += 8;
       }
       if (i < H) {
         const __m256 s = _mm256_loadu_ps(buf + i);
-        if (p.res_out) store_tail<TX>(p.res_out + i, s, H - i);
         const __m256 wt = w ? load_tail<F32>(w + i, H - i) : one;
         store_tail<TO>(p.out + i, scale(s, rstd, wt, a.llama_cast), H - i);
       }

@@ -135,6 +135,15 @@ struct V8<F32> {
     }
   }
   static RF_AVX2 RF_INLINE __m256 round(__m256 v) { return v; }
+  // store v rounded to this type; return the rounded value as fp32
+  static RF_AVX2 RF_INLINE __m256 round_store(float* p, __m256 v, bool nt) {
+    if (nt)
+      _mm256_stream_ps(p, v);
+    else
+      _mm256_storeu_ps(p, v);
+    return v;
+  }
+  static RF_AVX2 RF_INLINE void round_store2(float* p, __m256& a, __m256& b, bool nt) { store2(p, a, b, nt); }
 };
 
 RF_AVX2 RF_INLINE __m256 bf16x8_to_f32(__m128i h) {
@@ -179,6 +188,27 @@ struct V8<BF16> {
     else
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
   }
+  static RF_AVX2 RF_INLINE __m256 round_store(uint16_t* p, __m256 v, bool nt) {
+    const __m256i lanes = f32x8_to_bf16_lanes(v);
+    const __m128i packed =
+        _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(lanes, lanes), 0b1000));
+    if (nt)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p), packed);
+    else
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(lanes, 16));
+  }
+  // a, b <- rounded to bf16 (as fp32), and stored as 16 bf16 at p (32-byte aligned if nt)
+  static RF_AVX2 RF_INLINE void round_store2(uint16_t* p, __m256& a, __m256& b, bool nt) {
+    const __m256i la = f32x8_to_bf16_lanes(a), lb = f32x8_to_bf16_lanes(b);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(la, lb), 0b11011000);
+    if (nt)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+    a = _mm256_castsi256_ps(_mm256_slli_epi32(la, 16));
+    b = _mm256_castsi256_ps(_mm256_slli_epi32(lb, 16));
+  }
   // round to bf16 precision without leaving the fp32 lanes: RNE on the low 16 bits
   static RF_AVX2 RF_INLINE __m256 round(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
@@ -211,6 +241,25 @@ struct V8<F16> {
   }
   static RF_AVX2 RF_INLINE __m256 round(__m256 v) {
     return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static RF_AVX2 RF_INLINE __m256 round_store(uint16_t* p, __m256 v, bool nt) {
+    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    if (nt)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
+    else
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+    return _mm256_cvtph_ps(h);
+  }
+  static RF_AVX2 RF_INLINE void round_store2(uint16_t* p, __m256& a, __m256& b, bool nt) {
+    const __m128i ha = _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT);
+    const __m128i hb = _mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT);
+    const __m256i packed = _mm256_set_m128i(hb, ha);
+    if (nt)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+    a = _mm256_cvtph_ps(ha);
+    b = _mm256_cvtph_ps(hb);
   }
 };
 
