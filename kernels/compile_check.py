@@ -8,22 +8,21 @@ cubin with the bundled ``cuobjdump --dump-resource-usage`` (REG, and LOCAL bytes
 ``n_spills`` is ``CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES / 4``), falling back to ``ptxas -v``
 on the PTX when cuobjdump is missing.
 
-Works under ``TRITON_INTERPRET=1`` too (tests set it before triton is imported): there
-every ``@triton.jit`` function, the kernel's and triton.language's own (``tl.sum``,
-``tl.cdiv``, the reduction combine functions, ...), is an InterpretedFunction, which the
-code generator would call as plain Python; and after an interpreted run triton.language.core
-still holds interpreter builtins (see _leaked_patch_original). For the duration of a
-compile, JITFunctions rebuilt from the same Python functions and the original builtins are
-swapped into triton.language's namespaces (and the interpret knob is turned off), then
-everything is put back. Not thread-safe: do not compile while another thread runs an
-interpreted kernel.
+Kernels must be real JITFunctions: under ``TRITON_INTERPRET=1`` (as the tests run) every
+``@triton.jit`` function is an interpreter object the code generator cannot use. Run the
+compiles in a process without the flag instead:
+
+    python -m ringfuse.kernels.compile_check < jobs.json > results.json
+
+reads a JSON list of jobs ``{"module", "kernel", "signature", "constexprs", "arch",
+"num_warps", "attrs"?}`` (``module`` a kernels/ module such as "rms_norm", ``attrs`` a list
+of ``[arg index, [[attribute, value], ...]]``) and writes one result dict per job.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
+import importlib
+import json
 import os
 import re
 import subprocess
@@ -31,97 +30,9 @@ import sys
 import tempfile
 
 import triton
-from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
-
-_JIT_KWARGS = set(inspect.signature(JITFunction.__init__).parameters) - {"self", "fn"}
-_rebuilt: dict = {}  # id(InterpretedFunction) -> (InterpretedFunction, JITFunction)
-
-
-def _as_jit_function(fn) -> JITFunction:
-    """The JITFunction for a @triton.jit function, also when it is an InterpretedFunction."""
-    if isinstance(fn, JITFunction):
-        return fn
-    py_fn = getattr(fn, "fn", None)  # InterpretedFunction keeps the Python function in .fn
-    if py_fn is None or not callable(py_fn) or not hasattr(fn, "rewrite"):
-        raise TypeError(f"compile_for_target: expected a @triton.jit function, got {type(fn).__name__}")
-    hit = _rebuilt.get(id(fn))
-    if hit is None or hit[0] is not fn:
-        kwargs = {k: v for k, v in getattr(fn, "kwargs", {}).items() if k in _JIT_KWARGS}
-        hit = _rebuilt[id(fn)] = (fn, JITFunction(py_fn, **kwargs))
-    return hit[1]
-
-
-def _leaked_patch_original(value, name: str, tl):
-    """The original behind a patch the interpreter left in triton.language, or None.
-
-    GridExecutor patches triton.language for a run and restores it afterwards, but a
-    nested call of a @jit function (tl.sum is one) patches triton.language.core again and
-    never restores it (triton 3.7), leaving interpreter builtins behind that the code
-    generator cannot use."""
-    qualname = getattr(value, "__qualname__", "")
-    if qualname == "_patch_attr.<locals>.<lambda>":
-        while getattr(value, "__qualname__", "") == "_patch_attr.<locals>.<lambda>":
-            value = value.__kwdefaults__["member"]
-        return value
-    func = value.func if isinstance(value, functools.partial) else value
-    qualname = getattr(func, "__qualname__", "")
-    if value is print or qualname.startswith(("_patch_lang_core.<locals>", "_patch_reduce_scan.<locals>")):
-        # range, static_range, static_print, multiple_of, reduce, ...: triton.language
-        # re-exports the same objects, and GridExecutor restored its own bindings
-        original = vars(tl).get(name)
-        if original is not None and _leaked_patch_original(original, name, tl) is None:
-            return original
-    return None
-
-
-@contextlib.contextmanager
-def _compilable_namespaces(kernel_globals: dict):
-    """Under the interpreter, for the duration of a compile: JITFunctions in place of the
-    InterpretedFunctions of triton.language (modules and tl.tensor methods) and of the
-    kernel's module, the originals in place of leaked interpreter patches, and the
-    interpret knob off. Everything is put back afterwards."""
-    if not knobs.runtime.interpret:
-        yield
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-
-    import triton.language as tl
-
-    namespaces = [m for name, m in list(sys.modules.items()) if name.startswith("triton.language") and m is not None]
-    namespaces += [tl.core.tensor, tl.core.dtype]
-    swapped = []  # (namespace, attribute, value to put back)
-
-    def swap(ns, attr, old, new):
-        swapped.append((ns, attr, old))
-        if isinstance(ns, dict):
-            ns[attr] = new
-        else:
-            setattr(ns, attr, new)
-
-    try:
-        for ns in namespaces:
-            for attr, val in list(vars(ns).items()):
-                if isinstance(val, InterpretedFunction):
-                    swap(ns, attr, val, _as_jit_function(val))
-                else:
-                    original = _leaked_patch_original(val, attr, tl)
-                    if original is not None:
-                        swap(ns, attr, val, original)
-        for attr, val in list(kernel_globals.items()):
-            if isinstance(val, InterpretedFunction):
-                swap(kernel_globals, attr, val, _as_jit_function(val))
-        with knobs.runtime.scope():
-            knobs.runtime.interpret = False
-            yield
-    finally:
-        for ns, attr, val in reversed(swapped):
-            if isinstance(ns, dict):
-                ns[attr] = val
-            else:
-                setattr(ns, attr, val)
 
 
 def _tool(name: str, arch: int = 80) -> str | None:
@@ -188,7 +99,12 @@ def compile_for_target(
     Returns {"name", "arch", "num_warps", "n_regs", "n_spills" (4-byte words of local
     memory, Triton's definition), "local_bytes", "shared", "ptx_len", "cubin_len", "ptx"}.
     """
-    fn = _as_jit_function(jit_fn)
+    fn = jit_fn
+    if not isinstance(fn, JITFunction):
+        raise TypeError(
+            f"compile_for_target: expected a @triton.jit JITFunction, got {type(fn).__name__} "
+            "(under TRITON_INTERPRET=1 compile in another process: python -m ringfuse.kernels.compile_check)"
+        )
     missing = [a for a in fn.arg_names if a not in signature]
     if missing:
         raise ValueError(f"compile_for_target: signature lacks arguments {missing}")
@@ -200,8 +116,7 @@ def compile_for_target(
         }
     src = ASTSource(fn, signature, constexprs, attrs)
     target = GPUTarget("cuda", arch, 32)
-    with _compilable_namespaces(fn.fn.__globals__):
-        kernel = triton.compile(src, target=target, options={"num_warps": num_warps})
+    kernel = triton.compile(src, target=target, options={"num_warps": num_warps})
     cubin = kernel.asm["cubin"]
     ptx = kernel.asm["ptx"]
     name = kernel.metadata.name
@@ -222,3 +137,27 @@ def compile_for_target(
         "cubin_len": len(cubin),
         "ptx": ptx,
     }
+
+
+def run_jobs(jobs: list[dict]) -> list[dict]:
+    """Compile each job (see the module docstring); results without the PTX text, plus
+    ``targets_arch``: whether the PTX names the requested sm_<arch>."""
+    package = __package__ or "kernels"
+    results = []
+    for job in jobs:
+        module = importlib.import_module(f"{package}.{job['module']}")
+        attrs = None
+        if job.get("attrs") is not None:
+            attrs = {(index,): [list(a) for a in values] for index, values in job["attrs"]}
+        res = compile_for_target(getattr(module, job["kernel"]), job["signature"], job["constexprs"], job["arch"],
+                                 job["num_warps"], attrs)
+        ptx = res.pop("ptx")
+        res["targets_arch"] = f".target sm_{job['arch']}" in ptx
+        results.append(res)
+    return results
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("compile_check: unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
+    json.dump(run_jobs(json.load(sys.stdin)), sys.stdout)

@@ -8,11 +8,18 @@ anywhere, at most 104 registers, in ln_row BLOCK 8192 with 16 warps, of the 128 
 By default each (kernel, BLOCK, num_warps, x dtype) is compiled in two variants: every
 option on with fp32 side tensors (out, weight, bias), and every option on with side
 tensors in x's dtype (the usual production call); ~15 s with a cold Triton cache.
+
+The tests run under the Triton interpreter, which cannot compile for a GPU, so all compiles
+happen in one child process without TRITON_INTERPRET (`python -m
+ringfuse.kernels.compile_check`), and the tests check its results.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -53,6 +60,65 @@ CONFIGS = [
 ]
 
 
+def _job(mod, kernel, sig, cexp, arch, nw, attrs=None) -> dict:
+    return {"module": mod.__name__.rsplit(".", 1)[-1], "kernel": kernel.__name__, "signature": sig,
+            "constexprs": cexp, "arch": arch, "num_warps": nw, "attrs": attrs}
+
+
+def _module_of(cfg):
+    return triton_rms_norm if cfg in triton_rms_norm.SHIPPED_CONFIGS else triton_layer_norm
+
+
+def _spec_all_options_bf16(mod, n_cols):
+    bf = torch.bfloat16
+    if mod is triton_rms_norm:
+        return mod._spec(bf, bf, bf, True, True, n_cols)  # weight, residual, llama_cast
+    return mod._spec(bf, bf, bf, bf, True, n_cols)  # weight, bias, residual
+
+
+def _specialization_jobs(mod, arch):
+    """Variants Triton's JIT derives at launch from argument values: ints == 1 become
+    constexprs (hidden 1, one row: n_cols and every row stride), ints divisible by 16 get
+    tt.divisibility (the vectorized variant), and row strides >= 2**31 are i64."""
+    kernel, sig, cexp, nw = _spec_all_options_bf16(mod, 1)
+    ints = [k for k, v in sig.items() if v == "i32"]
+    sig1 = {k: ("constexpr" if k in ints else v) for k, v in sig.items()}
+    jobs = [_job(mod, kernel, sig1, {**cexp, **{k: 1 for k in ints}}, arch, nw)]
+    for n_cols in (mod.MAX_ROW_BLOCK, 2 * mod.MAX_ROW_BLOCK):  # the widest row kernel, the looped one
+        kernel, sig, cexp, nw = _spec_all_options_bf16(mod, n_cols)
+        # pointers and ints divisible by 16 (eps, the one fp32 argument, never is)
+        aligned = [[i, [["tt.divisibility", 16]]] for i, a in enumerate(sig) if sig[a] not in ("constexpr", "fp32")]
+        jobs.append(_job(mod, kernel, sig, cexp, arch, nw, aligned))
+        jobs.append(_job(mod, kernel, {k: ("i64" if k.endswith("stride") else v) for k, v in sig.items()},
+                         cexp, arch, nw))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """{job key: result} for every shipped config and runtime specialization, both archs,
+    compiled in one child process with the interpreter off."""
+    jobs, keys = [], []
+    for cfg in CONFIGS:
+        for arch in ARCHS:
+            jobs.append(_job(_module_of(cfg), cfg["kernel"], cfg["signature"], cfg["constexprs"], arch,
+                             cfg["num_warps"]))
+            keys.append((cfg["id"], arch))
+    for mod in MODULES:
+        for arch in ARCHS:
+            spec = _specialization_jobs(mod, arch)
+            jobs += spec
+            keys += [(f"{mod.__name__}-special-{i}", arch) for i in range(len(spec))]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    module = compile_check.__name__
+    proc = subprocess.run([sys.executable, "-m", module], input=json.dumps(jobs), capture_output=True, text=True,
+                          env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout)
+    assert len(results) == len(jobs)
+    return dict(zip(keys, results))
+
+
 def _max_regs(num_warps: int) -> int:
     """Registers per thread a CTA of num_warps warps may use (64K-register file, 255 cap)."""
     return min(255, 65536 // (32 * num_warps))
@@ -60,9 +126,9 @@ def _max_regs(num_warps: int) -> int:
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["id"])
-def test_shipped_config_compiles_without_spills(cfg, arch):
-    res = compile_check.compile_for_target(cfg["kernel"], cfg["signature"], cfg["constexprs"], arch, cfg["num_warps"])
-    assert f".target sm_{arch}" in res["ptx"]
+def test_shipped_config_compiles_without_spills(compiled, cfg, arch):
+    res = compiled[(cfg["id"], arch)]
+    assert res["targets_arch"] and res["ptx_len"] > 0
     assert res["cubin_len"] > 0
     assert res["n_spills"] == 0, f"{cfg['id']} sm_{arch}: {res['local_bytes']} bytes of local memory (spills)"
     assert 0 < res["n_regs"] <= _max_regs(cfg["num_warps"]), res["n_regs"]
@@ -97,52 +163,24 @@ def test_launcher_only_picks_shipped_configs(mod):
     assert mod._pick(1)[1] == mod.MIN_BLOCK
 
 
-def _spec_all_options_bf16(mod, n_cols):
-    bf = torch.bfloat16
-    if mod is triton_rms_norm:
-        return mod._spec(bf, bf, bf, True, True, n_cols)  # weight, residual, llama_cast
-    return mod._spec(bf, bf, bf, bf, True, n_cols)  # weight, bias, residual
-
-
 @pytest.mark.parametrize("mod", MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
-def test_runtime_specializations_compile(mod, arch):
-    """Variants Triton's JIT derives at launch from argument values: ints == 1 become
-    constexprs (hidden 1, one row: n_cols and every row stride), ints divisible by 16 get
-    tt.divisibility (hidden 4096: the vectorized variant), and row strides >= 2**31 are i64."""
-    kernel, sig, cexp, nw = _spec_all_options_bf16(mod, 1)
-    ints = [k for k, v in sig.items() if v == "i32"]
-    sig1 = {k: ("constexpr" if k in ints else v) for k, v in sig.items()}
-    res = compile_check.compile_for_target(kernel, sig1, {**cexp, **{k: 1 for k in ints}}, arch, nw)
-    assert res["n_spills"] == 0
-    # the widest row kernel and the looped kernel
-    for n_cols in (mod.MAX_ROW_BLOCK, 2 * mod.MAX_ROW_BLOCK):
-        kernel, sig, cexp, nw = _spec_all_options_bf16(mod, n_cols)
-        arg_names = compile_check._as_jit_function(kernel).arg_names
-        # pointers and ints divisible by 16 (eps, the one fp32 argument, never is)
-        aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(arg_names) if sig[a] not in ("constexpr", "fp32")}
-        res = compile_check.compile_for_target(kernel, sig, cexp, arch, nw, attrs=aligned)
-        assert res["n_spills"] == 0 and res["n_regs"] <= _max_regs(nw)
-        sig64 = {k: ("i64" if k.endswith("stride") else v) for k, v in sig.items()}
-        res = compile_check.compile_for_target(kernel, sig64, cexp, arch, nw)
-        assert res["n_spills"] == 0 and res["n_regs"] <= _max_regs(nw)
+def test_runtime_specializations_compile(compiled, mod, arch):
+    """hidden 1 / one row (ints as constexpr 1), 16-divisible ints and pointers, i64 strides."""
+    results = [v for (key, a), v in compiled.items() if a == arch and key.startswith(f"{mod.__name__}-special-")]
+    assert len(results) == 5
+    for res in results:
+        assert res["targets_arch"] and res["n_spills"] == 0 and 0 < res["n_regs"] <= _max_regs(res["num_warps"])
 
 
-def test_compile_for_target_under_the_interpreter():
-    """conftest sets TRITON_INTERPRET=1, so @triton.jit gave InterpretedFunctions: the helper
-    rebuilds a JITFunction from the Python function and still compiles for a GPU."""
+def test_compile_for_target_rejects_interpreted_kernels():
+    """Under the interpreter @triton.jit gives InterpretedFunctions: a clear error that says
+    how to compile instead (a child process without TRITON_INTERPRET, as the fixture does)."""
     from triton.runtime.jit import JITFunction
 
     kernel = triton_rms_norm._rms_norm_fwd_row_kernel
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        assert not isinstance(kernel, JITFunction)
-    fn = compile_check._as_jit_function(kernel)
-    assert isinstance(fn, JITFunction) and fn is compile_check._as_jit_function(kernel)
-    with pytest.raises(TypeError):
-        compile_check._as_jit_function(len)
+    if isinstance(kernel, JITFunction):
+        pytest.skip("TRITON_INTERPRET is off in this process: kernels are compilable here")
     _, sig, cexp, nw = triton_rms_norm._spec(torch.float16, torch.float16, None, False, False, 577)
-    res = compile_check.compile_for_target(kernel, sig, cexp, 80, nw)
-    assert {"n_regs", "n_spills", "ptx_len", "cubin_len", "shared", "name"} <= res.keys()
-    assert res["ptx_len"] == len(res["ptx"]) > 0 and res["name"] == "_rms_norm_fwd_row_kernel"
-    with pytest.raises(ValueError, match="signature lacks"):
-        compile_check.compile_for_target(kernel, {"out_ptr": "*fp16"}, {}, 80, 1)
+    with pytest.raises(TypeError, match="python -m ringfuse.kernels.compile_check"):
+        compile_check.compile_for_target(kernel, sig, cexp, 80, nw)
