@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include "common.h"
+#include "cpu/attention.h"
 #include "cpu/limits.h"
 #include "cpu/memory.h"
 #include "cpu/norms.h"
@@ -57,6 +58,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("residual"), py::arg("residual_stride"), py::arg("weight"), py::arg("bias"),
         py::arg("rows"), py::arg("hidden"), py::arg("eps"), py::arg("x_dtype"), py::arg("w_dtype"),
         py::arg("out_dtype"), py::arg("num_threads"));
+
+  m.def("decode_attention", &rf::cpu::decode_attention, release_gil(), py::arg("out"), py::arg("out_sb"),
+        py::arg("out_sh"), py::arg("q"), py::arg("q_sb"), py::arg("q_sh"), py::arg("k"), py::arg("k_sblk"),
+        py::arg("k_sh"), py::arg("k_spos"), py::arg("v"), py::arg("v_sblk"), py::arg("v_sh"), py::arg("v_spos"),
+        py::arg("block_table"), py::arg("bt_stride"), py::arg("max_blocks"), py::arg("block_size"),
+        py::arg("num_blocks"), py::arg("seq_lens"), py::arg("batch"), py::arg("num_q_heads"),
+        py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("softcap"), py::arg("dtype"),
+        py::arg("split_size"), py::arg("num_threads"));
 
   m.def("advise_hugepages", &rf::cpu::advise_hugepages, py::arg("ptr"), py::arg("nbytes"));
 

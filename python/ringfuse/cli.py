@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms")
+BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention")
 
 
 def _cpu_flags() -> list[str]:
@@ -75,9 +75,14 @@ def _bench(args) -> int:
     if args.op == "limits":
         limits.run()
         return 0
+    lim = limits.run()
+    if args.op == "attention":
+        from .bench import attention
+
+        attention.run(lengths=attention.LENGTHS[:2] if args.quick else attention.LENGTHS, rounds=args.rounds, lim=lim)
+        return 0
     from .bench import norms
 
-    lim = limits.run()
     names = tuple(norms.FAMILIES) if args.op == "norms" else (args.op,)
     shapes = norms.SHAPES if not args.quick else norms.SHAPES[:3]
     norms.run(names, shapes=shapes, rounds=args.rounds, lim=lim)

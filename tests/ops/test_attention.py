@@ -1,0 +1,206 @@
+"""ringfuse.ops.decode_attention / paged_decode_attention on CPU vs an fp64 reference."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ringfuse import _C
+from ringfuse.ops import decode_attention, paged_decode_attention
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def reference64(q, k, v, lens, scale, softcap=None):
+    """fp64 spec: per sequence b, softmax over its first lens[b] keys; GQA by repeat."""
+    B, Hq, D = q.shape
+    group = Hq // k.shape[1]
+    out = torch.zeros(B, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        L = int(lens[b])
+        if L == 0:
+            continue
+        kk = k[b, :, :L].double().repeat_interleave(group, 0)  # [Hq, L, D]
+        vv = v[b, :, :L].double().repeat_interleave(group, 0)
+        s = torch.einsum("hd,hld->hl", q[b].double(), kk) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        out[b] = torch.einsum("hl,hld->hd", s.softmax(-1), vv)
+    return out
+
+
+def torch_same_dtype(q, k, v, lens, scale, softcap=None):
+    """torch's own computation in the inputs' dtype (the error budget of the tolerance rule)."""
+    B, Hq, D = q.shape
+    out = torch.zeros_like(q)
+    for b in range(B):
+        L = int(lens[b])
+        if L == 0:
+            continue
+        kb, vb = k[b : b + 1, :, :L], v[b : b + 1, :, :L]
+        if softcap:
+            group = Hq // k.shape[1]
+            s = torch.einsum("hd,hld->hl", q[b], kb[0].repeat_interleave(group, 0)) * scale
+            s = softcap * torch.tanh(s / softcap)
+            out[b] = torch.einsum("hl,hld->hd", s.float().softmax(-1).to(q.dtype), vb[0].repeat_interleave(group, 0))
+        else:
+            out[b] = F.scaled_dot_product_attention(q[b : b + 1, :, None], kb, vb, scale=scale, enable_gqa=True)[0, :, 0]
+    return out
+
+
+def assert_tolerance(got, ref64, same_dtype):
+    err = (got.double() - ref64).abs().max().item()
+    err_torch = (same_dtype.double() - ref64).abs().max().item()
+    floor = torch.finfo(got.dtype).eps * max(1.0, ref64.abs().max().item())
+    assert err <= 2 * err_torch + floor, f"error {err:.3g} > 2 x torch's {err_torch:.3g} + {floor:.3g}"
+
+
+def to_paged(k, block_size, seed):
+    """The contiguous cache [B, H, S, D] as shuffled pages [B * S / bs, H, bs, D] + block table."""
+    B, H, S, D = k.shape
+    nb = S // block_size
+    perm = torch.randperm(B * nb, generator=torch.Generator().manual_seed(seed))
+    pages = torch.empty(B * nb, H, block_size, D, dtype=k.dtype)
+    table = torch.empty(B, nb, dtype=torch.int32)
+    for b in range(B):
+        for i in range(nb):
+            phys = int(perm[b * nb + i])
+            pages[phys] = k[b, :, i * block_size : (i + 1) * block_size]
+            table[b, i] = phys
+    return pages, table
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (9, 3), (8, 2), (16, 2)], ids=str)
+@pytest.mark.parametrize("d", [64, 80, 128, 7])
+def test_decode_matches_reference(isa, dtype, hq, hkv, d):
+    lens = torch.tensor([1, 77, 0, 300, 129], dtype=torch.int32)
+    S = 320
+    q, k, v = make((5, hq, d), dtype, 1), make((5, hkv, S, d), dtype, 2), make((5, hkv, S, d), dtype, 3)
+    scale = 1 / math.sqrt(d)
+    got = decode_attention(q, k, v, lens)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert bool((got[2] == 0).all())  # empty sequence
+    assert_tolerance(got, reference64(q, k, v, lens, scale), torch_same_dtype(q, k, v, lens, scale))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_context_and_softcap(isa, dtype):
+    """Many splits (> 64 at the default split size), the full cache, softcap and a custom scale."""
+    S = 64 * 256 + 96
+    lens = torch.tensor([S, 1000], dtype=torch.int32)
+    q, k, v = make((2, 6, 64), dtype, 4), make((2, 2, S, 64), dtype, 5), make((2, 2, S, 64), dtype, 6)
+    got = decode_attention(q, k, v, lens, scale=0.3, softcap=5.0)
+    assert_tolerance(got, reference64(q, k, v, lens, 0.3, 5.0), torch_same_dtype(q, k, v, lens, 0.3, 5.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [16, 32, 5])
+def test_paged_equals_contiguous_bitwise(isa, dtype, block_size):
+    S = 160
+    lens = torch.tensor([160, 33, 0, 17], dtype=torch.int32)
+    q, k, v = make((4, 8, 64), dtype, 7), make((4, 2, S, 64), dtype, 8), make((4, 2, S, 64), dtype, 9)
+    kp, table = to_paged(k, block_size, seed=10)
+    vp, _ = to_paged(v, block_size, seed=10)
+    got = paged_decode_attention(q, kp, vp, table, lens)
+    assert torch.equal(got, decode_attention(q, k, v, lens))
+
+
+def test_strided_inputs_and_out():
+    """q as a view of a fused qkv projection, caches as views of a [B, S, H, D] layout."""
+    qkv = make((3, 12, 64), torch.float32, 11)
+    q = qkv[:, :8]  # [B, Hq, D] with batch stride 12 * 64
+    k = make((3, 40, 2, 64), torch.float32, 12).permute(0, 2, 1, 3)  # [B, Hkv, S, D], not contiguous
+    v = make((3, 40, 2, 64), torch.float32, 13).permute(0, 2, 1, 3)
+    lens = torch.tensor([40, 3, 17], dtype=torch.int32)
+    out = torch.full((3, 8, 64), float("nan"))
+    ret = decode_attention(q, k, v, lens, out=out)
+    assert ret is out
+    assert_tolerance(out, reference64(q, k, v, lens, 1 / 8), torch_same_dtype(q, k, v, lens, 1 / 8))
+
+
+def test_deterministic_across_threads_and_runs():
+    q, k, v = make((2, 8, 64), torch.float32, 14), make((2, 2, 3000, 64), torch.float32, 15), make(
+        (2, 2, 3000, 64), torch.float32, 16
+    )
+    lens = torch.tensor([3000, 2049], dtype=torch.int32)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode_attention(q, k, v, lens)
+        torch.set_num_threads(2)
+        two, again = decode_attention(q, k, v, lens), decode_attention(q, k, v, lens)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(one, two) and torch.equal(two, again)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = make((2, 4, 32), torch.float32, 17), make((2, 2, 50, 32), torch.float32, 18), make(
+        (2, 2, 50, 32), torch.float32, 19
+    )
+    lens = torch.tensor([50, 9], dtype=torch.int32)
+    f = torch.compile(lambda a, b, c, n: decode_attention(a, b, c, n) * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(q, k, v, lens), decode_attention(q, k, v, lens) * 2)
+
+
+def test_bad_inputs():
+    q, k, v = make((2, 6, 16), torch.float32, 0), make((2, 4, 8, 16), torch.float32, 1), make((2, 4, 8, 16), torch.float32, 2)
+    lens = torch.tensor([8, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"query heads \(6\) must be a multiple of the number of kv heads \(4\)"):
+        decode_attention(q, k, v, lens)
+    k, v = k[:, :3], v[:, :3]
+    with pytest.raises(ValueError, match="head_dim of q"):
+        decode_attention(make((2, 6, 8), torch.float32, 0), k, v, lens)
+    with pytest.raises(ValueError, match=r"seq_lens\[1\] = 9 outside \[0, 8\]"):
+        decode_attention(q, k, v, torch.tensor([8, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = -1"):
+        decode_attention(q, k, v, torch.tensor([-1, 2], dtype=torch.int32))
+    with pytest.raises(TypeError, match="seq_lens must have dtype int32"):
+        decode_attention(q, k, v, lens.long())
+    with pytest.raises(ValueError, match=r"seq_lens must have shape \(2,\)"):
+        decode_attention(q, k, v, lens[:1])
+    with pytest.raises(TypeError, match="k must have q's dtype"):
+        decode_attention(q, k.bfloat16(), v, lens)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        decode_attention(q.double(), k, v, lens)
+    with pytest.raises(ValueError, match="k and v caches must have the same shape"):
+        decode_attention(q, k, v[:, :, :4], lens)
+    with pytest.raises(ValueError, match="seq_lens is on meta"):
+        decode_attention(q, k, v, lens.to("meta"))
+    with pytest.raises(ValueError, match="unit stride in its last"):
+        decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, lens)
+    with pytest.raises(ValueError, match="scale must be"):
+        decode_attention(q, k, v, lens, scale=0.0)
+    with pytest.raises(ValueError, match="softcap must be"):
+        decode_attention(q, k, v, lens, softcap=-1.0)
+    with pytest.raises(ValueError, match="head_dim must be <= 256"):
+        decode_attention(make((2, 3, 300), torch.float32, 0), make((2, 3, 4, 300), torch.float32, 0),
+                         make((2, 3, 4, 300), torch.float32, 0), lens.clamp(max=4))
+    # paged: block ids out of range are caught before any read
+    kp, table = to_paged(k, 4, seed=1)
+    vp, _ = to_paged(v, 4, seed=1)
+    bad = table.clone()
+    bad[1, 0] = kp.shape[0]
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] = 4 outside \[0, 4\)"):
+        paged_decode_attention(q, kp, vp, bad, lens)
+    bad[1, 0] = -3
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] = -3"):
+        paged_decode_attention(q, kp, vp, bad, lens)
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = 9 outside \[0, 8\]"):
+        paged_decode_attention(q, kp, vp, table, torch.tensor([9, 1], dtype=torch.int32))
+    with pytest.raises(TypeError, match="block_table must have dtype int32"):
+        paged_decode_attention(q, kp, vp, table.long(), lens)
+    with pytest.raises(ValueError, match="one row per sequence"):
+        paged_decode_attention(q, kp, vp, table[:1], lens)
+    # C++ re-checks what would read out of bounds
+    too_long = torch.tensor([5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="seq_lens"):
+        _C.decode_attention(1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 4, 2,
+                            too_long.data_ptr(), 1, 1, 1, 4, 1.0, 0.0, 0, 256, 1)
