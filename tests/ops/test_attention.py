@@ -204,3 +204,24 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="seq_lens"):
         _C.decode_attention(1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 4, 2,
                             too_long.data_ptr(), 1, 1, 1, 4, 1.0, 0.0, 0, 256, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_on_cuda_matches_cpu_and_checks_values(dtype):
+    """CUDA tensors go to the Triton kernels; seq_lens / block ids are checked on the way."""
+    lens = torch.tensor([160, 33, 0, 17], dtype=torch.int32)
+    q, k, v = make((4, 8, 64), dtype, 7), make((4, 2, 160, 64), dtype, 8), make((4, 2, 160, 64), dtype, 9)
+    ref = reference64(q, k, v, lens, 1 / 8)
+    got = decode_attention(q.cuda(), k.cuda(), v.cuda(), lens.cuda()).cpu()
+    assert_tolerance(got, ref, torch_same_dtype(q, k, v, lens, 1 / 8))
+    kp, table = to_paged(k, 16, seed=10)
+    vp, _ = to_paged(v, 16, seed=10)
+    paged = paged_decode_attention(q.cuda(), kp.cuda(), vp.cuda(), table.cuda(), lens.cuda()).cpu()
+    assert torch.equal(paged, got)
+    with pytest.raises(ValueError, match="seq_lens must lie in"):
+        decode_attention(q.cuda(), k.cuda(), v.cuda(), (lens + 200).cuda())
+    bad = table.clone()
+    bad[0, 0] = 10_000
+    with pytest.raises(ValueError, match="block ids outside"):
+        paged_decode_attention(q.cuda(), kp.cuda(), vp.cuda(), bad.cuda(), lens.cuda())

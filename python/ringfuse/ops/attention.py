@@ -146,12 +146,27 @@ def _run(out, q, k, v, table, block_size, seq_lens, scale, softcap):
     if q.is_cuda:
         from ..kernels import attention as tk
 
+        _check_values_on_device(q, k, table, block_size, seq_lens)
         if table is None:
             tk.decode_attention_fwd(out, q, k, v, seq_lens, scale, softcap or None)
         else:
             tk.paged_decode_attention_fwd(out, q, k, v, table, seq_lens, scale, softcap or None)
         return
     _launch_cpu(out, q, k, v, table, block_size, seq_lens, scale, softcap)
+
+
+def _check_values_on_device(q, k, table, block_size, seq_lens) -> None:
+    """The Triton kernels trust seq_lens and block ids: check them here (one device sync;
+    the CPU kernel checks them itself before reading)."""
+    capacity = block_size * (1 if table is None else table.shape[1])
+    lo, hi = int(seq_lens.min()), int(seq_lens.max())
+    if lo < 0 or hi > capacity:
+        raise ValueError(f"seq_lens must lie in [0, {capacity}] (the cache's capacity), got values in [{lo}, {hi}]")
+    if table is not None and table.numel():
+        used = torch.arange(table.shape[1], device=table.device)[None, :] * block_size < seq_lens[:, None].long()
+        ids = table[used]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k.shape[0]):
+            raise ValueError(f"block_table holds block ids outside [0, {k.shape[0]}) in the blocks seq_lens uses")
 
 
 OP_LIB.define("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, float softcap) -> Tensor")

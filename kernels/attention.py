@@ -1,0 +1,630 @@
+"""Attention forward in Triton: FlashAttention-2 prefill, split-K (flash-decoding) decode
+over a contiguous KV cache, and the same decode over a paged (vLLM-style) KV cache.
+
+Shared numerics: inputs fp32 / fp16 / bf16, all math in fp32, online softmax in base 2
+(scores are multiplied by log2(e) once; lse is converted back to natural log). Scores are
+s = scale * q.k, then (softcap) s = softcap * tanh(s / softcap) (Gemma-2). GQA: query head
+h reads kv head h // (Hq // Hkv); nothing is repeated in memory. head_dim D <= 256 is
+padded to a power-of-two BLOCK_D >= 32 with masks (80 and 96 run in the 128 bucket).
+
+Kernels
+- ``_flash_attn_fwd_kernel``: grid (cdiv(Sq, BLOCK_M), B * Hq). A program holds a
+  [BLOCK_M, BLOCK_D] query tile and walks the keys in BLOCK_N tiles: S = Q K^T (tl.dot,
+  fp32 accumulate), running max m / sum l / acc rescaled per tile, acc += P V with P
+  rounded to the input dtype (as FlashAttention-2 does; fp32 inputs use IEEE fp32 dots,
+  not tf32). Causal is bottom-right aligned (key j visible to query i iff j <= i + Sk - Sq);
+  the key loop stops at the last visible key of the tile. A row with no visible key
+  writes zeros and lse = -inf.
+- ``_decode_attn_stage1_kernel`` / ``_paged_decode_attn_stage1_kernel``: grid
+  (B * Hq, num_splits). Sequence b's keys [0, len) are cut into num_splits ranges of
+  split_len = round_up(cdiv(len, num_splits), BLOCK_N) keys; a program walks its range in
+  BLOCK_N tiles (q.k as a broadcast multiply + row sum: one query row, memory-bound) and
+  writes its unnormalized (m, l, acc) to fp32 scratch. The paged kernel differs only in
+  how a tile's key addresses are formed (block_table gather per key); the tile math is the
+  shared ``_decode_tile`` helper, the split boundaries and tiles are the same functions of
+  (len, num_splits, BLOCK_N), so paged and contiguous results are bitwise identical.
+- ``_decode_attn_stage2_kernel``: grid (B * Hq,). Merges the splits in index order
+  (deterministic): out = sum_s acc_s 2^(m_s - M) / sum_s l_s 2^(m_s - M). len 0 -> zeros.
+
+Napkin math (bf16, B*Hq = H heads, Hkv kv heads):
+  prefill: flops ~ 4 * B * Hq * Sq * Sk * D (half with causal, Sq = Sk); bytes ~
+           2 * B * Hq * Sq * D * 2 (q read, out write) + K/V re-read per query tile, mostly
+           from L2. Compute-bound for Sq >= a few hundred: the target is the tensor-core
+           peak (312 TFLOP/s A100 bf16 dense; FA2 reaches 50-70% of it).
+  decode:  bytes ~ 2 * B * Hkv * len * D * 2 (K and V once; with GQA the group's query heads
+           re-read the same K/V tiles, mostly from L2) + scratch B * Hq * splits * (D + 2) * 4
+           * 2; flops ~ 4 * B * Hq * len * D: ~1 flop per byte per group member, memory-
+           bound, the target is HBM bandwidth (2.0 TB/s A100-80G, 3.35 TB/s H100 SXM).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+MAX_HEAD_DIM = 256
+MIN_BLOCK_D = 32  # tl.dot needs K >= 16; 32 keeps one variant for the tiny head dims
+BLOCK_D_BUCKETS = (32, 64, 128, 256)
+MAX_SPLITS = 16
+KEYS_PER_SPLIT = 512  # default num_splits = clamp(cdiv(S_max, 512), 1, MAX_SPLITS)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32: odd Taylor polynomial (to x^11) for |x| < 0.25, where 1 - e^(-2|x|)
+    would cancel; (1 - t) / (1 + t) with t = e^(-2|x|) <= 0.61 elsewhere (no cancellation,
+    no overflow). Relative error ~1e-7 (libdevice tanh is not available to the interpreter)."""
+    a = tl.abs(x)
+    t = tl.exp2(a * -2.8853900817779268)  # e^(-2|x|)
+    big = (1.0 - t) / (1.0 + t)
+    x2 = x * x
+    poly = -0.0088632355299021966 * x2 + 0.021869488536155203  # -1382/155925, 62/2835
+    poly = poly * x2 - 0.053968253968253971  # -17/315
+    poly = poly * x2 + 0.13333333333333333  # 2/15
+    poly = poly * x2 - 0.33333333333333333  # -1/3
+    small = x + x * x2 * poly
+    return tl.where(a < 0.25, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def _flash_attn_fwd_kernel(
+    out_ptr,  # *dtype [B, Hq, Sq, D]: output
+    o_sb, o_sh, o_sm,  # strides of out (inner stride 1)
+    q_ptr,  # *dtype [B, Hq, Sq, D]: queries
+    q_sb, q_sh, q_sm,  # strides of q
+    k_ptr,  # *dtype [B, Hkv, Sk, D]: keys
+    k_sb, k_sh, k_sn,  # strides of k
+    v_ptr,  # *dtype [B, Hkv, Sk, D]: values
+    v_sb, v_sh, v_sn,  # strides of v
+    lse_ptr,  # *fp32 [B, Hq, Sq]: natural-log LSE of the scores (unused unless HAS_LSE)
+    l_sb, l_sh, l_sm,  # strides of lse
+    Hq,  # query heads
+    group,  # Hq // Hkv
+    Sq,  # query length
+    Sk,  # key length
+    D,  # head dim (<= BLOCK_D)
+    qk_scale,  # fp32: scale * log2(e), or scale / softcap with SOFTCAP
+    softcap_log2,  # fp32: softcap * log2(e) (unused unless SOFTCAP)
+    CAUSAL: tl.constexpr,  # bottom-right aligned causal mask
+    SOFTCAP: tl.constexpr,  # s = softcap * tanh(s / softcap)
+    HAS_LSE: tl.constexpr,  # write lse
+    DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (the interpreter's bf16 dot is wrong)
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per tile
+    BLOCK_D: tl.constexpr,  # next_pow2(D), >= 32
+):  # fmt: skip
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    kvh = (h // group).to(tl.int64)
+    h = h.to(tl.int64)
+    q_base = q_ptr + b * q_sb + h * q_sh
+    k_base = k_ptr + b * k_sb + kvh * k_sh
+    v_base = v_ptr + b * v_sb + kvh * v_sh
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    m_mask = offs_m < Sq
+    q = tl.load(q_base + offs_m[:, None] * q_sm + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    diag = Sk - Sq  # query i sees key j iff j <= i + diag
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(Sk, start_m * BLOCK_M + BLOCK_M + diag), 0)
+    else:
+        hi = Sk
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_mask = offs_n < Sk
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * k_sn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * v_sn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if DOT_FP32:
+            qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        if SOFTCAP:
+            s = softcap_log2 * _tanh(qk * qk_scale)
+        else:
+            s = qk * qk_scale
+        valid = n_mask[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row: no NaN
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        p_in = p.to(v_ptr.dtype.element_ty)
+        if DOT_FP32:
+            acc = tl.dot(p_in.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p_in, v, acc, input_precision="ieee")
+        m_i = m_new
+
+    has_any = l_i > 0.0
+    l_safe = tl.where(has_any, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    o_base = out_ptr + b * o_sb + h * o_sh
+    tl.store(o_base + offs_m[:, None] * o_sm + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])  # fmt: skip
+    if HAS_LSE:
+        lse = tl.where(has_any, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + b * l_sb + h * l_sh + offs_m * l_sm, lse, mask=m_mask)
+
+
+@triton.jit
+def _decode_tile(q, k, v, n_valid, m_i, l_i, acc, qk_scale, softcap_log2, SOFTCAP: tl.constexpr):
+    """One BLOCK_N tile of online softmax for one query row: q [BLOCK_D] fp32, k / v
+    [BLOCK_N, BLOCK_D] (masked lanes 0), n_valid [BLOCK_N]; m_i / l_i scalars (base 2)."""
+    qk = tl.sum(k.to(tl.float32) * q[None, :], 1)
+    if SOFTCAP:
+        s = softcap_log2 * _tanh(qk * qk_scale)
+    else:
+        s = qk * qk_scale
+    s = tl.where(n_valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 0))  # finite: every tile has a valid key
+    p = tl.exp2(s - m_new)
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 0)
+    acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _split_range(seq_len, split, num_splits, BLOCK_N: tl.constexpr):
+    """[start, end) of this split's keys: split_len = round_up(cdiv(len, splits), BLOCK_N)."""
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    return start, end
+
+
+@triton.jit
+def _store_partial(mid_o_ptr, mid_ml_ptr, row, m_i, l_i, acc, BLOCK_D: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(mid_o_ptr + row * BLOCK_D + offs_d, acc)
+    tl.store(mid_ml_ptr + row * 2, m_i)
+    tl.store(mid_ml_ptr + row * 2 + 1, l_i)
+
+
+@triton.jit
+def _decode_attn_stage1_kernel(
+    mid_o_ptr,  # *fp32 [B, Hq, num_splits, BLOCK_D]: unnormalized partial acc per split
+    mid_ml_ptr,  # *fp32 [B, Hq, num_splits, 2]: partial (max in log2 units, sum) per split
+    q_ptr,  # *dtype [B, Hq, D]: the new token's queries
+    q_sb, q_sh,  # strides of q
+    k_ptr,  # *dtype [B, Hkv, S_max, D]: key cache
+    k_sb, k_sh, k_sn,  # strides of k_cache
+    v_ptr,  # *dtype [B, Hkv, S_max, D]: value cache
+    v_sb, v_sh, v_sn,  # strides of v_cache
+    seq_lens_ptr,  # *i32 [B]: valid keys per sequence
+    Hq,  # query heads
+    group,  # Hq // Hkv
+    D,  # head dim
+    num_splits,  # splits per sequence (grid dim 1)
+    qk_scale,  # fp32: scale * log2(e), or scale / softcap with SOFTCAP
+    softcap_log2,  # fp32: softcap * log2(e) (unused unless SOFTCAP)
+    SOFTCAP: tl.constexpr,  # s = softcap * tanh(s / softcap)
+    BLOCK_N: tl.constexpr,  # keys per tile
+    BLOCK_D: tl.constexpr,  # next_pow2(D), >= 32
+):  # fmt: skip
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    kvh = (h // group).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + b)
+    b = b.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q = tl.load(q_ptr + b * q_sb + h.to(tl.int64) * q_sh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    k_base = k_ptr + b * k_sb + kvh * k_sh
+    v_base = v_ptr + b * v_sb + kvh * v_sh
+    m_i = tl.full([], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([], 0.0, dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start, end = _split_range(seq_len, split, num_splits, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < end
+        kv_mask = n_valid[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * k_sn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * v_sn + offs_d[None, :], mask=kv_mask, other=0.0)
+        m_i, l_i, acc = _decode_tile(q, k, v, n_valid, m_i, l_i, acc, qk_scale, softcap_log2, SOFTCAP)
+    _store_partial(mid_o_ptr, mid_ml_ptr, bh.to(tl.int64) * num_splits + split, m_i, l_i, acc, BLOCK_D)
+
+
+@triton.jit
+def _paged_decode_attn_stage1_kernel(
+    mid_o_ptr,  # *fp32 [B, Hq, num_splits, BLOCK_D]: unnormalized partial acc per split
+    mid_ml_ptr,  # *fp32 [B, Hq, num_splits, 2]: partial (max in log2 units, sum) per split
+    q_ptr,  # *dtype [B, Hq, D]: the new token's queries
+    q_sb, q_sh,  # strides of q
+    k_ptr,  # *dtype [num_blocks, Hkv, block_size, D]: key pages
+    k_sblk, k_sh, k_sn,  # strides of k_pages
+    v_ptr,  # *dtype [num_blocks, Hkv, block_size, D]: value pages
+    v_sblk, v_sh, v_sn,  # strides of v_pages
+    bt_ptr,  # *i32 [B, max_blocks]: physical block of logical block i of sequence b
+    bt_sb,  # row stride of block_table (inner stride 1)
+    seq_lens_ptr,  # *i32 [B]: valid keys per sequence
+    block_size,  # keys per page
+    Hq,  # query heads
+    group,  # Hq // Hkv
+    D,  # head dim
+    num_splits,  # splits per sequence (grid dim 1)
+    qk_scale,  # fp32: scale * log2(e), or scale / softcap with SOFTCAP
+    softcap_log2,  # fp32: softcap * log2(e) (unused unless SOFTCAP)
+    SOFTCAP: tl.constexpr,  # s = softcap * tanh(s / softcap)
+    BLOCK_N: tl.constexpr,  # keys per tile
+    BLOCK_D: tl.constexpr,  # next_pow2(D), >= 32
+):  # fmt: skip
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    kvh = (h // group).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + b)
+    b = b.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q = tl.load(q_ptr + b * q_sb + h.to(tl.int64) * q_sh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    bt_row = bt_ptr + b * bt_sb
+    m_i = tl.full([], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([], 0.0, dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start, end = _split_range(seq_len, split, num_splits, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < end
+        phys = tl.load(bt_row + offs_n // block_size, mask=n_valid, other=0).to(tl.int64)
+        slot = (offs_n % block_size).to(tl.int64)
+        kv_mask = n_valid[:, None] & d_mask[None, :]
+        k_row = phys * k_sblk + kvh * k_sh + slot * k_sn
+        v_row = phys * v_sblk + kvh * v_sh + slot * v_sn
+        k = tl.load(k_ptr + k_row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + v_row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        m_i, l_i, acc = _decode_tile(q, k, v, n_valid, m_i, l_i, acc, qk_scale, softcap_log2, SOFTCAP)
+    _store_partial(mid_o_ptr, mid_ml_ptr, bh.to(tl.int64) * num_splits + split, m_i, l_i, acc, BLOCK_D)
+
+
+@triton.jit
+def _decode_attn_stage2_kernel(
+    out_ptr,  # *dtype [B, Hq, D]: output
+    o_sb, o_sh,  # strides of out
+    mid_o_ptr,  # *fp32 [B, Hq, num_splits, BLOCK_D]: partial acc per split
+    mid_ml_ptr,  # *fp32 [B, Hq, num_splits, 2]: partial (max, sum) per split
+    Hq,  # query heads
+    D,  # head dim
+    num_splits,  # splits per sequence
+    BLOCK_D: tl.constexpr,  # next_pow2(D), >= 32
+):  # fmt: skip
+    bh = tl.program_id(0)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    row0 = bh.to(tl.int64) * num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    m_max = tl.full([], float("-inf"), dtype=tl.float32)
+    for s in range(0, num_splits):
+        m_max = tl.maximum(m_max, tl.load(mid_ml_ptr + (row0 + s) * 2))
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # len 0: every split empty
+    l_sum = tl.full([], 0.0, dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_splits):  # fixed order: deterministic
+        m_s = tl.load(mid_ml_ptr + (row0 + s) * 2)
+        l_s = tl.load(mid_ml_ptr + (row0 + s) * 2 + 1)
+        w = tl.exp2(m_s - m_safe)  # empty split: m_s = -inf -> 0
+        l_sum += l_s * w
+        acc += tl.load(mid_o_ptr + (row0 + s) * BLOCK_D + offs_d) * w
+    o = acc / tl.where(l_sum > 0.0, l_sum, 1.0)
+    tl.store(out_ptr + b * o_sb + h * o_sh + offs_d, o.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+
+
+# ---------------------------------------------------------------------------------------
+# Config choice: shared by the launchers and SHIPPED_CONFIGS (what the compile test builds)
+
+# Under TRITON_INTERPRET=1 @triton.jit gives interpreter objects; their bf16 tl.dot is wrong,
+# so the prefill kernel upcasts its dot operands (P is still rounded to the input dtype first,
+# as on the GPU). Compiled kernels never take this path.
+INTERPRETING = not isinstance(_flash_attn_fwd_kernel, JITFunction)
+
+# (BLOCK_M, BLOCK_N, num_warps) per (16-bit?, BLOCK_D). 16-bit: FA2's 128 x 64 tiles (8 warps
+# at D 128); fp32 inputs halve BLOCK_M (q and acc tiles twice the registers) and the K/V
+# tiles (shared memory: 3 pipeline stages of K and V must fit in sm_80's 163 KiB).
+_FLASH_TILES = {
+    (True, 32): (128, 64, 4),
+    (True, 64): (128, 64, 4),
+    (True, 128): (128, 64, 8),
+    (True, 256): (64, 32, 8),
+    (False, 32): (64, 64, 4),
+    (False, 64): (64, 64, 4),
+    (False, 128): (64, 32, 4),
+    (False, 256): (32, 16, 4),
+}
+DECODE_WARPS = 4
+
+
+def block_d_for(d: int) -> int:
+    return max(MIN_BLOCK_D, triton.next_power_of_2(d))
+
+
+def decode_block_n(block_d: int) -> int:
+    """Keys per decode tile: BLOCK_N x BLOCK_D = 4096 elements (32 per thread at 4 warps:
+    four 16-byte loads of K and of V per thread for 16-bit dtypes), 16 to 64 keys."""
+    return max(16, min(64, 4096 // block_d))
+
+
+def default_num_splits(s_max: int) -> int:
+    return max(1, min(MAX_SPLITS, triton.cdiv(max(s_max, 1), KEYS_PER_SPLIT)))
+
+
+def _int_sig(names):
+    return {n: "i32" for n in names}
+
+
+def _flash_spec(dtype, d: int, causal: bool, softcap: bool, has_lse: bool, dot_fp32: bool = False):
+    block_d = block_d_for(d)
+    block_m, block_n, nw = _FLASH_TILES[(dtype != torch.float32, block_d)]
+    t = TL_NAME[dtype]
+    sig = {"out_ptr": f"*{t}", **_int_sig(["o_sb", "o_sh", "o_sm"]),
+           "q_ptr": f"*{t}", **_int_sig(["q_sb", "q_sh", "q_sm"]),
+           "k_ptr": f"*{t}", **_int_sig(["k_sb", "k_sh", "k_sn"]),
+           "v_ptr": f"*{t}", **_int_sig(["v_sb", "v_sh", "v_sn"]),
+           "lse_ptr": "*fp32", **_int_sig(["l_sb", "l_sh", "l_sm", "Hq", "group", "Sq", "Sk", "D"]),
+           "qk_scale": "fp32", "softcap_log2": "fp32"}  # fmt: skip
+    cexp = {"CAUSAL": bool(causal), "SOFTCAP": bool(softcap), "HAS_LSE": bool(has_lse), "DOT_FP32": bool(dot_fp32),
+            "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d}  # fmt: skip
+    sig.update({k: "constexpr" for k in cexp})
+    return _flash_attn_fwd_kernel, sig, cexp, nw
+
+
+def _decode_spec(dtype, d: int, softcap: bool, paged: bool):
+    block_d = block_d_for(d)
+    t = TL_NAME[dtype]
+    sig = {"mid_o_ptr": "*fp32", "mid_ml_ptr": "*fp32", "q_ptr": f"*{t}", **_int_sig(["q_sb", "q_sh"])}
+    if paged:
+        sig.update({"k_ptr": f"*{t}", **_int_sig(["k_sblk", "k_sh", "k_sn"]),
+                    "v_ptr": f"*{t}", **_int_sig(["v_sblk", "v_sh", "v_sn"]),
+                    "bt_ptr": "*i32", "bt_sb": "i32", "seq_lens_ptr": "*i32", "block_size": "i32"})  # fmt: skip
+        kernel = _paged_decode_attn_stage1_kernel
+    else:
+        sig.update({"k_ptr": f"*{t}", **_int_sig(["k_sb", "k_sh", "k_sn"]),
+                    "v_ptr": f"*{t}", **_int_sig(["v_sb", "v_sh", "v_sn"]), "seq_lens_ptr": "*i32"})  # fmt: skip
+        kernel = _decode_attn_stage1_kernel
+    sig.update({**_int_sig(["Hq", "group", "D", "num_splits"]), "qk_scale": "fp32", "softcap_log2": "fp32"})
+    cexp = {"SOFTCAP": bool(softcap), "BLOCK_N": decode_block_n(block_d), "BLOCK_D": block_d}
+    sig.update({k: "constexpr" for k in cexp})
+    return kernel, sig, cexp, DECODE_WARPS
+
+
+def _stage2_spec(dtype, d: int):
+    block_d = block_d_for(d)
+    sig = {"out_ptr": f"*{TL_NAME[dtype]}", **_int_sig(["o_sb", "o_sh"]), "mid_o_ptr": "*fp32",
+           "mid_ml_ptr": "*fp32", **_int_sig(["Hq", "D", "num_splits"]), "BLOCK_D": "constexpr"}  # fmt: skip
+    return _decode_attn_stage2_kernel, sig, {"BLOCK_D": block_d}, 1
+
+
+def shipped_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launchers can choose on a GPU,
+    as dicts with an ``id`` (argument ints as i32; Triton's JIT also specializes ints == 1
+    and multiples of 16, which changes attributes, not the variants listed here)."""
+    configs, seen = [], set()
+
+    def add(cid, spec):
+        kernel, sig, cexp, nw = spec
+        key = (kernel.__name__, tuple(sig.items()), tuple(cexp.items()), nw)
+        if key not in seen:
+            seen.add(key)
+            configs.append({"id": cid, "kernel": kernel, "signature": sig, "constexprs": cexp, "num_warps": nw})
+
+    for dt in DTYPES:
+        t = TL_NAME[dt]
+        for bd in BLOCK_D_BUCKETS:
+            for causal in (False, True):
+                for sc in (False, True):
+                    for lse in (False, True):
+                        add(f"flash-{t}-D{bd}-c{int(causal)}-sc{int(sc)}-lse{int(lse)}",
+                            _flash_spec(dt, bd, causal, sc, lse))  # fmt: skip
+            for paged in (False, True):
+                for sc in (False, True):
+                    add(f"{'paged' if paged else 'decode'}1-{t}-D{bd}-sc{int(sc)}", _decode_spec(dt, bd, sc, paged))
+            add(f"decode2-{t}-D{bd}", _stage2_spec(dt, bd))
+    return configs
+
+
+SHIPPED_CONFIGS = shipped_configs()
+
+
+@functools.lru_cache(maxsize=1024)
+def _flash_plan(dtype, d, causal, softcap, has_lse):
+    kernel, _, cexp, nw = _flash_spec(dtype, d, causal, softcap, has_lse, INTERPRETING)
+    return kernel, cexp, nw
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_plan(dtype, d, softcap, paged):
+    kernel, _, cexp, nw = _decode_spec(dtype, d, softcap, paged)
+    k2, _, cexp2, nw2 = _stage2_spec(dtype, d)
+    return kernel, cexp, nw, k2, cexp2, nw2
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+
+
+def _check(op: str, name: str, t: torch.Tensor, ndim: int, dtype) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {list(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{op}: {name} dtype must be {dtype}, got {t.dtype}")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{op}: {name} must have inner stride 1, got strides {t.stride()}")
+
+
+def _scales(scale: float, softcap):
+    """(qk_scale, softcap_log2) kernel arguments."""
+    if softcap is None:
+        return float(scale) * LOG2E, 1.0
+    if not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    return float(scale) / float(softcap), float(softcap) * LOG2E
+
+
+def _check_heads(op: str, hq: int, hkv: int) -> int:
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"{op}: query heads {hq} must be a multiple of kv heads {hkv}")
+    return hq // hkv
+
+
+def _check_d(op: str, d: int) -> None:
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head dim must be in [1, {MAX_HEAD_DIM}], got {d}")
+
+
+def flash_attention_fwd(out, q, k, v, scale, causal, softcap=None, lse=None) -> None:
+    """out = softmax(scale * q k^T [softcapped, causal-masked]) v, FlashAttention-2 style.
+
+    q, out: [B, Hq, Sq, D]; k, v: [B, Hkv, Sk, D]; one dtype (fp32 / fp16 / bf16), inner
+    stride 1, other strides arbitrary. Causal is bottom-right aligned (query i sees key j
+    iff j <= i + Sk - Sq); a query with no visible key gets zeros (lse -inf). lse: None or
+    fp32 [B, Hq, Sq] (natural log of the sum of exp of the final scores).
+    """
+    op = "flash_attention_fwd"
+    if q.dtype not in DTYPES:
+        raise ValueError(f"{op}: q dtype must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        _check(op, name, t, 4, q.dtype)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if tuple(out.shape) != tuple(q.shape):
+        raise ValueError(f"{op}: out shape {list(out.shape)} != q shape {list(q.shape)}")
+    if tuple(k.shape) != (B, Hkv, Sk, D) or tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"{op}: k and v must be [B, Hkv, Sk, D] = {[B, Hkv, Sk, D]}, got "
+                         f"{list(k.shape)} and {list(v.shape)}")  # fmt: skip
+    group = _check_heads(op, Hq, Hkv)
+    _check_d(op, D)
+    if lse is not None:
+        if lse.dtype != torch.float32 or tuple(lse.shape) != (B, Hq, Sq):
+            raise ValueError(f"{op}: lse must be float32 {[B, Hq, Sq]}, got {lse.dtype} {list(lse.shape)}")
+    qk_scale, softcap_log2 = _scales(scale, softcap)
+    if B * Hq * Sq == 0:
+        return
+    kernel, cexp, nw = _flash_plan(q.dtype, D, bool(causal), softcap is not None, lse is not None)
+    lse_t = lse if lse is not None else out  # dummy pointer, never touched
+    ls = lse.stride() if lse is not None else (0, 0, 0)
+    grid = (triton.cdiv(Sq, cexp["BLOCK_M"]), B * Hq)
+    kernel[grid](
+        out, out.stride(0), out.stride(1), out.stride(2),
+        q, q.stride(0), q.stride(1), q.stride(2),
+        k, k.stride(0), k.stride(1), k.stride(2),
+        v, v.stride(0), v.stride(1), v.stride(2),
+        lse_t, ls[0], ls[1], ls[2],
+        Hq, group, Sq, Sk, D,
+        qk_scale, softcap_log2,
+        **cexp,
+        num_warps=nw,
+    )  # fmt: skip
+
+
+def _check_decode(op, out, q, k, v, seq_lens, kv_shape_desc):
+    if q.dtype not in DTYPES:
+        raise ValueError(f"{op}: q dtype must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in (("q", q), ("out", out)):
+        _check(op, name, t, 3, q.dtype)
+    for name, t in (("k", k), ("v", v)):
+        _check(op, name, t, 4, q.dtype)
+    if tuple(out.shape) != tuple(q.shape):
+        raise ValueError(f"{op}: out shape {list(out.shape)} != q shape {list(q.shape)}")
+    if tuple(v.shape) != tuple(k.shape) or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{op}: k and v must be {kv_shape_desc} with q's D, got {list(k.shape)}, {list(v.shape)}")
+    B = q.shape[0]
+    if seq_lens.dim() != 1 or seq_lens.shape[0] != B or seq_lens.dtype != torch.int32:
+        raise ValueError(f"{op}: seq_lens must be int32 [{B}], got {seq_lens.dtype} {list(seq_lens.shape)}")
+    _check_d(op, q.shape[-1])
+    return _check_heads(op, q.shape[1], k.shape[1])
+
+
+def _decode_launch(out, q, k, v, seq_lens, scale, softcap, num_splits, s_max, paged_args):
+    B, Hq, D = q.shape
+    qk_scale, softcap_log2 = _scales(scale, softcap)
+    if num_splits is None:
+        num_splits = default_num_splits(s_max)
+    num_splits = int(num_splits)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if B * Hq == 0:
+        return
+    group = Hq // k.shape[1]
+    k1, cexp1, nw1, k2, cexp2, nw2 = _decode_plan(q.dtype, D, softcap is not None, paged_args is not None)
+    block_d = cexp1["BLOCK_D"]
+    mid_o = torch.empty((B, Hq, num_splits, block_d), dtype=torch.float32, device=q.device)
+    mid_ml = torch.empty((B, Hq, num_splits, 2), dtype=torch.float32, device=q.device)
+    if paged_args is None:
+        kv_args = (k, k.stride(0), k.stride(1), k.stride(2), v, v.stride(0), v.stride(1), v.stride(2), seq_lens)
+    else:
+        block_table, block_size = paged_args
+        kv_args = (k, k.stride(0), k.stride(1), k.stride(2), v, v.stride(0), v.stride(1), v.stride(2),
+                   block_table, block_table.stride(0), seq_lens, block_size)  # fmt: skip
+    k1[(B * Hq, num_splits)](
+        mid_o, mid_ml, q, q.stride(0), q.stride(1), *kv_args,
+        Hq, group, D, num_splits, qk_scale, softcap_log2,
+        **cexp1, num_warps=nw1,
+    )  # fmt: skip
+    k2[(B * Hq,)](out, out.stride(0), out.stride(1), mid_o, mid_ml, Hq, D, num_splits, **cexp2, num_warps=nw2)
+
+
+def decode_attention_fwd(out, q, k_cache, v_cache, seq_lens, scale, softcap=None, num_splits=None) -> None:
+    """One new token per sequence against a contiguous KV cache, split-K over the length.
+
+    q, out: [B, Hq, D]; k_cache, v_cache: [B, Hkv, S_max, D]; seq_lens: int32 [B] with
+    0 <= len <= S_max (len 0 -> zeros). num_splits None: clamp(cdiv(S_max, 512), 1, 16).
+    Deterministic: the splits are merged in a fixed order.
+    """
+    op = "decode_attention_fwd"
+    _check_decode(op, out, q, k_cache, v_cache, seq_lens, "[B, Hkv, S_max, D]")
+    if k_cache.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: k_cache batch {k_cache.shape[0]} != q batch {q.shape[0]}")
+    _decode_launch(out, q, k_cache, v_cache, seq_lens, scale, softcap, num_splits, k_cache.shape[2], None)
+
+
+def paged_decode_attention_fwd(out, q, k_pages, v_pages, block_table, seq_lens, scale, softcap=None,
+                               num_splits=None) -> None:  # fmt: skip
+    """decode_attention_fwd over a paged KV cache (vLLM layout).
+
+    k_pages, v_pages: [num_blocks, Hkv, block_size, D]; block_table: int32 [B, max_blocks]
+    (logical block i of sequence b is physical block block_table[b, i]; entries past
+    cdiv(len, block_size) are never read); seq_lens: int32 [B], len <= max_blocks *
+    block_size. Same splits and tiles as decode_attention_fwd: bitwise identical to it on
+    the same data laid out contiguously with the same num_splits.
+    """
+    op = "paged_decode_attention_fwd"
+    _check_decode(op, out, q, k_pages, v_pages, seq_lens, "[num_blocks, Hkv, block_size, D]")
+    B = q.shape[0]
+    if block_table.dim() != 2 or block_table.shape[0] != B or block_table.dtype != torch.int32:
+        raise ValueError(f"{op}: block_table must be int32 [{B}, max_blocks], got "
+                         f"{block_table.dtype} {list(block_table.shape)}")  # fmt: skip
+    if block_table.shape[1] > 1 and block_table.stride(1) != 1:
+        raise ValueError(f"{op}: block_table must have inner stride 1, got strides {block_table.stride()}")
+    block_size = k_pages.shape[2]
+    if block_size < 1:
+        raise ValueError(f"{op}: block_size must be >= 1")
+    s_max = block_table.shape[1] * block_size
+    _decode_launch(out, q, k_pages, v_pages, seq_lens, scale, softcap, num_splits, s_max, (block_table, block_size))

@@ -1,0 +1,139 @@
+"""Every shipped attention config compiles for real GPUs (sm_80, sm_90) without a device,
+spills nothing, stays within the register file and fits in shared memory (DESIGN.md, "GPU
+code without a GPU").
+
+kernels/attention.py can choose 156 variants: 3 dtypes x 4 BLOCK_D buckets x (8 prefill
+flag combinations (causal, softcap, lse) + 2 x 2 decode stage-1 (contiguous / paged,
+softcap) + 1 stage 2). Compiling all of them for two archs (312 compiles) takes ~4 minutes on the 2-core
+dev VM (RINGFUSE_COMPILE_ALL=1 does; last full run: 0 spills, at most 106752 bytes of shared
+memory). By default each (kernel, BLOCK_D) is compiled with
+every flag on for bf16 (fp16 is the same code with another element type), plus the
+prefill kernel with fp32 inputs (its own tiles, the most registers and shared memory),
+plus the variants Triton's JIT derives from argument values (ints == 1 as constexprs,
+16-divisible ints): 56 compiles, ~35 s with a cold Triton cache.
+
+The tests run under the Triton interpreter, which cannot compile for a GPU, so all compiles
+happen in one child process without TRITON_INTERPRET (`python -m
+ringfuse.kernels.compile_check`), and the tests check its results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+try:
+    from ringfuse.kernels import attention as triton_attention
+    from ringfuse.kernels import compile_check
+except ImportError:
+    from kernels import attention as triton_attention
+    from kernels import compile_check
+
+ARCHS = (80, 90)
+COMPILE_ALL = os.environ.get("RINGFUSE_COMPILE_ALL") == "1"
+# max dynamic shared memory per CTA: sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB
+MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
+FLAGS = ("CAUSAL", "SOFTCAP", "HAS_LSE")
+
+
+def _representative(configs):
+    picked = []
+    for cfg in configs:
+        cexp = cfg["constexprs"]
+        if not all(cexp.get(f, True) for f in FLAGS):
+            continue
+        dtype = cfg["signature"]["q_ptr" if "q_ptr" in cfg["signature"] else "out_ptr"]
+        is_flash = cfg["kernel"] is triton_attention._flash_attn_fwd_kernel
+        if dtype == "*bf16" or (dtype == "*fp32" and is_flash):
+            picked.append(cfg)
+    return picked
+
+
+CONFIGS = triton_attention.SHIPPED_CONFIGS if COMPILE_ALL else _representative(triton_attention.SHIPPED_CONFIGS)
+
+
+def _job(kernel, sig, cexp, arch, nw, attrs=None) -> dict:
+    return {"module": "attention", "kernel": kernel.__name__, "signature": sig, "constexprs": cexp, "arch": arch,
+            "num_warps": nw, "attrs": attrs}  # fmt: skip
+
+
+def _specialization_jobs(arch):
+    """Variants Triton's JIT derives at launch from argument values: ints == 1 become
+    constexprs (MHA group 1, one query row Sq = 1, num_splits 1, unit strides of
+    one-element dims), and 16-divisible ints / pointers get tt.divisibility."""
+    ta, bf = triton_attention, torch.bfloat16
+    jobs = []
+    for kernel, sig, cexp, nw in (ta._flash_spec(bf, 128, True, True, True), ta._decode_spec(bf, 128, True, True),
+                                  ta._decode_spec(bf, 128, True, False), ta._stage2_spec(bf, 128)):  # fmt: skip
+        ones = [k for k in ("group", "Sq", "num_splits") if sig.get(k) == "i32"]
+        sig1 = {k: ("constexpr" if k in ones else v) for k, v in sig.items()}
+        jobs.append(_job(kernel, sig1, {**cexp, **{k: 1 for k in ones}}, arch, nw))
+        aligned = [[i, [["tt.divisibility", 16]]] for i, a in enumerate(sig) if sig[a] not in ("constexpr", "fp32")]
+        jobs.append(_job(kernel, sig, cexp, arch, nw, aligned))
+    return jobs
+
+
+N_SPECIAL = 8
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """{(config id, arch): result} for the configs and the runtime specializations, both
+    archs, compiled in one child process with the interpreter off."""
+    jobs, keys = [], []
+    for cfg in CONFIGS:
+        for arch in ARCHS:
+            jobs.append(_job(cfg["kernel"], cfg["signature"], cfg["constexprs"], arch, cfg["num_warps"]))
+            keys.append((cfg["id"], arch))
+    for arch in ARCHS:
+        spec = _specialization_jobs(arch)
+        assert len(spec) == N_SPECIAL
+        jobs += spec
+        keys += [(f"special-{i}", arch) for i in range(len(spec))]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", compile_check.__name__], input=json.dumps(jobs),
+                          capture_output=True, text=True, env=env, timeout=1500)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout)
+    assert len(results) == len(jobs)
+    return dict(zip(keys, results))
+
+
+def _max_regs(num_warps: int) -> int:
+    """Registers per thread a CTA of num_warps warps may use (64K-register file, 255 cap)."""
+    return min(255, 65536 // (32 * num_warps))
+
+
+def _check(res, arch, what):
+    assert res["targets_arch"] and res["ptx_len"] > 0 and res["cubin_len"] > 0, what
+    assert res["n_spills"] == 0, f"{what} sm_{arch}: {res['local_bytes']} bytes of local memory (spills)"
+    assert 0 < res["n_regs"] <= _max_regs(res["num_warps"]), (what, res["n_regs"])
+    assert res["shared"] <= MAX_SHARED[arch], (what, res["shared"])
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["id"])
+def test_shipped_config_compiles_without_spills(compiled, cfg, arch):
+    _check(compiled[(cfg["id"], arch)], arch, cfg["id"])
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+def test_runtime_specializations_compile(compiled, arch):
+    results = [v for (key, a), v in compiled.items() if a == arch and key.startswith("special-")]
+    assert len(results) == N_SPECIAL
+    for i, res in enumerate(results):
+        _check(res, arch, f"special-{i}")
+
+
+def test_shipped_configs_cover_every_bucket():
+    """Each dtype x BLOCK_D bucket x flag combination is listed once (the launcher side is
+    checked in test_attention_triton.py::test_launchers_only_pick_shipped_configs)."""
+    ta = triton_attention
+    n = len(ta.DTYPES) * len(ta.BLOCK_D_BUCKETS)
+    assert len(ta.SHIPPED_CONFIGS) == n * (8 + 4 + 1)
+    assert all(not c["constexprs"].get("DOT_FP32", False) for c in ta.SHIPPED_CONFIGS)
