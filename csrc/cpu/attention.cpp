@@ -129,17 +129,24 @@ struct DecodeKernel {
       tile_rows(a, it.b, it.kvh, t0, nt, krow, vrow);
       // scores of the tile: each key row converted to fp32 once for the whole group
       for (int64_t t = 0; t < nt; ++t) {
-        int64_t i = 0;
-        for (; i < Dv; i += 8) _mm256_storeu_ps(kf + i, V8<E>::load(krow[t] + i));
-        if (i < D) _mm256_storeu_ps(kf + i, load_tail<E>(krow[t] + i, D - i));
+        // fp32 rows of a multiple of 8 are read in place; others are converted once
+        const float* kr = kf;
+        if constexpr (E::code == kFloat32) {
+          if (Dv == D) kr = reinterpret_cast<const float*>(krow[t]);
+        }
+        if (kr == kf) {
+          int64_t i = 0;
+          for (; i < Dv; i += 8) _mm256_storeu_ps(kf + i, V8<E>::load(krow[t] + i));
+          if (i < D) _mm256_storeu_ps(kf + i, load_tail<E>(krow[t] + i, D - i));
+        }
         for (int64_t g = 0; g < G; ++g) {
           __m256 d0 = _mm256_setzero_ps(), d1 = d0;
           int64_t c = 0;
           for (; c + 16 <= Dp; c += 16) {
-            d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + c), _mm256_loadu_ps(kf + c), d0);
-            d1 = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + c + 8), _mm256_loadu_ps(kf + c + 8), d1);
+            d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + c), _mm256_loadu_ps(kr + c), d0);
+            d1 = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + c + 8), _mm256_loadu_ps(kr + c + 8), d1);
           }
-          if (c < Dp) d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + c), _mm256_loadu_ps(kf + c), d0);
+          if (c < Dp) d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + c), _mm256_loadu_ps(kr + c), d0);
           float score = hsum(_mm256_add_ps(d0, d1));
           if (a.softcap > 0.0f) score = a.softcap * std::tanh(score / a.softcap);
           s[g][t] = score;
