@@ -350,13 +350,16 @@ INTERPRETING = not isinstance(_flash_attn_fwd_kernel, JITFunction)
 # at D 128); fp32 inputs halve BLOCK_M (q and acc tiles twice the registers) and the K/V
 # tiles (shared memory: 3 pipeline stages of K and V must fit in sm_80's 163 KiB).
 _FLASH_TILES = {
+    # 16-bit: also checked with ptxas -v; (128, 64, 4) at D 64 and (128, 64, 8) at D 128 spill
     (True, 32): (128, 64, 4),
-    (True, 64): (128, 64, 4),
-    (True, 128): (128, 64, 8),
+    (True, 64): (128, 64, 8),
+    (True, 128): (64, 64, 8),
     (True, 256): (64, 32, 8),
-    (False, 32): (64, 64, 4),
-    (False, 64): (64, 64, 4),
-    (False, 128): (64, 32, 4),
+    # fp32: checked with ptxas -v (every flag on, sm_80 and sm_90); (64, 64) at D 64 and
+    # (64, 32) at D 128 spill
+    (False, 32): (64, 32, 4),
+    (False, 64): (32, 32, 4),
+    (False, 128): (32, 32, 4),
     (False, 256): (32, 16, 4),
 }
 DECODE_WARPS = 4

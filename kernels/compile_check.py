@@ -3,10 +3,9 @@
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs the whole
 pipeline (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin via the ptxas bundled with triton)
 and needs no driver. Register and spill counts are normally read from the loaded module
-(``CompiledKernel.n_regs`` / ``n_spills``, which need a device); here they are read from the
-cubin with the bundled ``cuobjdump --dump-resource-usage`` (REG, and LOCAL bytes: Triton's
-``n_spills`` is ``CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES / 4``), falling back to ``ptxas -v``
-on the PTX when cuobjdump is missing.
+(``CompiledKernel.n_regs`` / ``n_spills``, which need a device); here they come from
+``ptxas -v`` on the PTX (spill stores / loads) and from the bundled ``cuobjdump
+--dump-resource-usage`` on Triton's cubin (REG, LOCAL bytes), taking the worse of the two.
 
 Kernels must be real JITFunctions: under ``TRITON_INTERPRET=1`` (as the tests run) every
 ``@triton.jit`` function is an interpreter object the code generator cannot use. Run the
@@ -120,11 +119,16 @@ def compile_for_target(
     cubin = kernel.asm["cubin"]
     ptx = kernel.asm["ptx"]
     name = kernel.metadata.name
+    # Two readings, the worse one counts: cuobjdump on Triton's own cubin, and ptxas -v on
+    # the PTX. They have been seen to disagree (cuobjdump reporting no local memory for a
+    # kernel ptxas shows spilling kilobytes), so neither alone is trusted.
+    n_regs, spill_st, spill_ld = _ptxas_usage(ptx, arch)
+    local_bytes = max(spill_st, spill_ld)
     try:
-        n_regs, local_bytes = _resource_usage(cubin, name)
+        cu_regs, cu_local = _resource_usage(cubin, name)
+        n_regs, local_bytes = max(n_regs, cu_regs), max(local_bytes, cu_local)
     except (FileNotFoundError, subprocess.CalledProcessError):
-        n_regs, spill_st, spill_ld = _ptxas_usage(ptx, arch)
-        local_bytes = max(spill_st, spill_ld)
+        pass
     return {
         "name": name,
         "arch": arch,
