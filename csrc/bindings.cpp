@@ -10,6 +10,7 @@
 #include "cpu/limits.h"
 #include "cpu/memory.h"
 #include "cpu/norms.h"
+#include "cpu/rotary_embedding.h"
 #include "cpu/vec.h"
 #ifdef RINGFUSE_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -66,6 +67,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_blocks"), py::arg("seq_lens"), py::arg("batch"), py::arg("num_q_heads"),
         py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("softcap"), py::arg("dtype"),
         py::arg("split_size"), py::arg("num_threads"));
+
+  m.def("rotary_embedding", &rf::cpu::rotary_embedding, release_gil(), py::arg("x"), py::arg("x_st"),
+        py::arg("x_sh"), py::arg("tokens"), py::arg("heads"), py::arg("head_dim"), py::arg("positions"),
+        py::arg("cache"), py::arg("cache_stride"), py::arg("max_positions"), py::arg("rot_dim"), py::arg("gptj"),
+        py::arg("dtype"), py::arg("num_threads"));
 
   m.def("advise_hugepages", &rf::cpu::advise_hugepages, py::arg("ptr"), py::arg("nbytes"));
 

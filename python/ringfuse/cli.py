@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention")
+BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding")
 
 
 def _cpu_flags() -> list[str]:
@@ -76,6 +76,11 @@ def _bench(args) -> int:
         limits.run()
         return 0
     lim = limits.run()
+    if args.op == "rotary_embedding":
+        from .bench import rotary
+
+        rotary.run(rounds=args.rounds, lim=lim)
+        return 0
     if args.op == "attention":
         from .bench import attention
 

@@ -4,15 +4,18 @@ from ._common import cuda_backend, set_cuda_backend
 from .attention import decode_attention, paged_decode_attention
 from .layer_norm import add_layer_norm, layer_norm
 from .rms_norm import add_rms_norm, add_rms_norm_, rms_norm
+from .rotary_embedding import cos_sin_cache, rotary_embedding
 
 __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "add_rms_norm_",
+    "cos_sin_cache",
     "cuda_backend",
     "decode_attention",
     "layer_norm",
     "paged_decode_attention",
     "rms_norm",
+    "rotary_embedding",
     "set_cuda_backend",
 ]

@@ -1,0 +1,97 @@
+"""Rotary position embedding (RoPE), in place, as vLLM's rotary_embedding op.
+
+``rotary_embedding(q, k, positions, cos_sin_cache, style="neox")`` rotates, for every token
+t at position ``positions[t]``, the first ``rot_dim`` dims of each head of q [T, Hq, D] and
+k [T, Hkv, D] (k may be None). ``cos_sin_cache`` [max_positions, rot_dim] fp32 holds cos in
+its first half and sin in its second, as ``cos_sin_cache(...)`` builds it. style "neox"
+(Llama, "rotate half": pairs (i, i + rot_dim/2)) or "gptj" (interleaved pairs (2i, 2i+1)).
+Math in fp32, one rounding to x's dtype. CPU only for now (CUDA lands with the rest of the
+attention issue).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from . import _common as c
+from .rms_norm import OP_LIB
+
+STYLES = ("neox", "gptj")
+
+
+def cos_sin_cache(max_positions: int, rot_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
+    """[max_positions, rot_dim] fp32: cos(p * f_i) | sin(p * f_i), f_i = base^(-2i / rot_dim),
+    computed in fp64 then rounded (HF's inv_freq formula)."""
+    if not isinstance(max_positions, int) or max_positions < 1:
+        raise ValueError(f"cos_sin_cache: max_positions must be a positive int, got {max_positions!r}")
+    if not isinstance(rot_dim, int) or rot_dim < 2 or rot_dim % 2:
+        raise ValueError(f"cos_sin_cache: rot_dim must be an even int >= 2, got {rot_dim!r}")
+    inv_freq = base ** (-torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)  # [rot/2]
+    angles = torch.arange(max_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(device)
+
+
+def _check_x(op, name, x, ref=None):
+    c.check_float_tensor(op, name, x)
+    if x.dim() != 3:
+        raise ValueError(f"{op}: {name} must be [tokens, heads, head_dim], got shape {tuple(x.shape)}")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{op}: {name} must have a unit stride in its last dimension (rotated in place), got strides {x.stride()}")
+    if ref is not None:
+        if x.dtype != ref.dtype or x.device != ref.device:
+            raise ValueError(f"{op}: {name} must have q's dtype and device ({ref.dtype}, {ref.device}), got {x.dtype}, {x.device}")
+        if x.shape[0] != ref.shape[0] or x.shape[2] != ref.shape[2]:
+            raise ValueError(f"{op}: {name} must have q's tokens and head_dim, got {tuple(x.shape)} vs q {tuple(ref.shape)}")
+
+
+def rotary_embedding(q, k, positions, cos_sin_cache, *, style: str = "neox"):
+    """Rotate q and k in place; returns (q, k)."""
+    op = "rotary_embedding"
+    if style not in STYLES:
+        raise ValueError(f"{op}: style must be one of {STYLES}, got {style!r}")
+    _check_x(op, "q", q)
+    if k is not None:
+        _check_x(op, "k", k, q)
+    if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: positions must be an int64 or int32 tensor, got "
+                        f"{positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__}")
+    if positions.shape != (q.shape[0],):
+        raise ValueError(f"{op}: positions must have shape ({q.shape[0]},) (one per token), got {tuple(positions.shape)}")
+    if not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dtype != torch.float32 or cos_sin_cache.dim() != 2:
+        raise TypeError(f"{op}: cos_sin_cache must be a float32 [max_positions, rot_dim] tensor")
+    rot_dim = cos_sin_cache.shape[1]
+    if rot_dim < 2 or rot_dim % 2 or rot_dim > q.shape[2]:
+        raise ValueError(f"{op}: cos_sin_cache's rot_dim must be even and <= head_dim {q.shape[2]}, got {rot_dim}")
+    for name, t in (("positions", positions), ("cos_sin_cache", cos_sin_cache)):
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    if not q.is_cpu:
+        raise ValueError(f"{op}: only CPU tensors are supported so far, got {q.device}")
+    if torch.compiler.is_compiling():
+        torch.ops.ringfuse.rotary_embedding(q, k, positions, cos_sin_cache, style == "gptj")
+        return q, k
+    _rotate(q, k, positions, cos_sin_cache, style == "gptj")
+    return q, k
+
+
+def _rotate(q, k, positions, cache, gptj: bool) -> None:
+    positions = positions.to(torch.int64).contiguous()
+    cache = cache if cache.stride(1) == 1 else cache.contiguous()
+    for x in (q, k):
+        if x is None or x.numel() == 0:
+            continue
+        _C.rotary_embedding(
+            x.data_ptr(), x.stride(0), x.stride(1), x.shape[0], x.shape[1], x.shape[2], positions.data_ptr(),
+            cache.data_ptr(), cache.stride(0), cache.shape[0], cache.shape[1], gptj, c.DTYPE_CODE[x.dtype],
+            c.num_threads(),
+        )  # fmt: skip
+
+
+OP_LIB.define("rotary_embedding(Tensor(a!) q, Tensor(b!)? k, Tensor positions, Tensor cos_sin_cache, bool gptj) -> ()")
+OP_LIB.impl("rotary_embedding", _rotate, "CPU")
+
+
+@torch.library.register_fake("ringfuse::rotary_embedding")
+def _rotary_fake(q, k, positions, cos_sin_cache, gptj):
+    return None
