@@ -19,13 +19,12 @@ ringfuse.kernels.compile_check`), and the tests check its results.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from .compile_jobs import compile_in_child, max_regs
 
 try:
     from ringfuse.kernels import attention as triton_attention
@@ -95,24 +94,13 @@ def compiled():
         assert len(spec) == N_SPECIAL
         jobs += spec
         keys += [(f"special-{i}", arch) for i in range(len(spec))]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", compile_check.__name__], input=json.dumps(jobs),
-                          capture_output=True, text=True, env=env, timeout=1500)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout)
-    assert len(results) == len(jobs)
-    return dict(zip(keys, results))
-
-
-def _max_regs(num_warps: int) -> int:
-    """Registers per thread a CTA of num_warps warps may use (64K-register file, 255 cap)."""
-    return min(255, 65536 // (32 * num_warps))
+    return dict(zip(keys, compile_in_child(compile_check.__name__, jobs)))
 
 
 def _check(res, arch, what):
     assert res["targets_arch"] and res["ptx_len"] > 0 and res["cubin_len"] > 0, what
     assert res["n_spills"] == 0, f"{what} sm_{arch}: {res['local_bytes']} bytes of local memory (spills)"
-    assert 0 < res["n_regs"] <= _max_regs(res["num_warps"]), (what, res["n_regs"])
+    assert 0 < res["n_regs"] <= max_regs(res["num_warps"]), (what, res["n_regs"])
     assert res["shared"] <= MAX_SHARED[arch], (what, res["shared"])
 
 

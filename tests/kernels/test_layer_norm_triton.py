@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,9 +24,13 @@ layer_norm_fwd = triton_layer_norm.layer_norm_fwd
 
 # CPU tensors only run under the interpreter; with TRITON_INTERPRET=0 (e.g. a GPU run of
 # the suite) these tests skip and the GPU tests of the ops cover the compiled kernels
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter (TRITON_INTERPRET=1)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter (TRITON_INTERPRET=1)"
+    ),
+    # rounds the interpreter's fp32 -> bf16 casts as GPUs do (tests/kernels/conftest.py)
+    pytest.mark.usefixtures("interpreter_bf16_round_to_nearest_even"),
+]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ROWS = (1, 3, 7)
@@ -35,33 +38,6 @@ EPS = 1e-5
 LOOPED_HIDDEN = 2 * triton_layer_norm.MAX_ROW_BLOCK + 11  # > MAX_ROW_BLOCK, odd, partial last chunk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def interpreter_bf16_round_to_nearest_even():
-    """Triton 3.7's interpreter casts fp32 -> bf16 by truncation (create_fp_trunc ->
-    cast_impl -> _convert_float with no rounding mode); GPUs round to nearest even
-    (cvt.rn.bf16.f32), as torch does. Patch the emulator's cast for these tests so they
-    check the kernel's math, not the emulator's rounding. Restored afterwards."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        yield
-        return
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    original = builder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            data = np.ascontiguousarray(src.data, dtype=np.float32)
-            bits = torch.from_numpy(data).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-            return interpreter.TensorHandle(bits, dst_type.scalar)
-        return original(self, src, dst_type)
-
-    builder.cast_impl = cast_impl
-    try:
-        yield
-    finally:
-        builder.cast_impl = original
 
 
 # ---------------------------------------------------------------------------------------

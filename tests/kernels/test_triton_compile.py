@@ -16,13 +16,12 @@ ringfuse.kernels.compile_check`), and the tests check its results.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from .compile_jobs import compile_in_child, max_regs
 
 try:
     from ringfuse.kernels import compile_check
@@ -109,19 +108,7 @@ def compiled():
             spec = _specialization_jobs(mod, arch)
             jobs += spec
             keys += [(f"{mod.__name__}-special-{i}", arch) for i in range(len(spec))]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    module = compile_check.__name__
-    proc = subprocess.run([sys.executable, "-m", module], input=json.dumps(jobs), capture_output=True, text=True,
-                          env=env, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout)
-    assert len(results) == len(jobs)
-    return dict(zip(keys, results))
-
-
-def _max_regs(num_warps: int) -> int:
-    """Registers per thread a CTA of num_warps warps may use (64K-register file, 255 cap)."""
-    return min(255, 65536 // (32 * num_warps))
+    return dict(zip(keys, compile_in_child(compile_check.__name__, jobs)))
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
@@ -131,7 +118,7 @@ def test_shipped_config_compiles_without_spills(compiled, cfg, arch):
     assert res["targets_arch"] and res["ptx_len"] > 0
     assert res["cubin_len"] > 0
     assert res["n_spills"] == 0, f"{cfg['id']} sm_{arch}: {res['local_bytes']} bytes of local memory (spills)"
-    assert 0 < res["n_regs"] <= _max_regs(cfg["num_warps"]), res["n_regs"]
+    assert 0 < res["n_regs"] <= max_regs(cfg["num_warps"]), res["n_regs"]
 
 
 @pytest.mark.parametrize("mod", MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
@@ -170,7 +157,7 @@ def test_runtime_specializations_compile(compiled, mod, arch):
     results = [v for (key, a), v in compiled.items() if a == arch and key.startswith(f"{mod.__name__}-special-")]
     assert len(results) == 5
     for res in results:
-        assert res["targets_arch"] and res["n_spills"] == 0 and 0 < res["n_regs"] <= _max_regs(res["num_warps"])
+        assert res["targets_arch"] and res["n_spills"] == 0 and 0 < res["n_regs"] <= max_regs(res["num_warps"])
 
 
 def test_compile_for_target_rejects_interpreted_kernels():
