@@ -60,6 +60,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("rows"), py::arg("hidden"), py::arg("eps"), py::arg("x_dtype"), py::arg("w_dtype"),
         py::arg("out_dtype"), py::arg("num_threads"));
 
+  m.def("attention", &rf::cpu::attention, release_gil());  // see cpu/attention.h for the arguments
   m.def("decode_attention", &rf::cpu::decode_attention, release_gil(), py::arg("out"), py::arg("out_sb"),
         py::arg("out_sh"), py::arg("q"), py::arg("q_sb"), py::arg("q_sh"), py::arg("k"), py::arg("k_sblk"),
         py::arg("k_sh"), py::arg("k_spos"), py::arg("v"), py::arg("v_sblk"), py::arg("v_sh"), py::arg("v_spos"),

@@ -86,6 +86,8 @@ def _flash_attn_fwd_kernel(
     v_sb, v_sh, v_sn,  # strides of v
     lse_ptr,  # *fp32 [B, Hq, Sq]: natural-log LSE of the scores (unused unless HAS_LSE)
     l_sb, l_sh, l_sm,  # strides of lse
+    cu_q_ptr,  # *i32 [B + 1]: VARLEN query offsets (sequence b owns rows cu[b]:cu[b + 1])
+    cu_k_ptr,  # *i32 [B + 1]: VARLEN key offsets
     Hq,  # query heads
     group,  # Hq // Hkv
     Sq,  # query length
@@ -96,6 +98,7 @@ def _flash_attn_fwd_kernel(
     CAUSAL: tl.constexpr,  # bottom-right aligned causal mask
     SOFTCAP: tl.constexpr,  # s = softcap * tanh(s / softcap)
     HAS_LSE: tl.constexpr,  # write lse
+    VARLEN: tl.constexpr,  # packed sequences: Sq / Sk and row offsets come from cu_q / cu_k
     DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (the interpreter's bf16 dot is wrong)
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per tile
@@ -110,6 +113,18 @@ def _flash_attn_fwd_kernel(
     q_base = q_ptr + b * q_sb + h * q_sh
     k_base = k_ptr + b * k_sb + kvh * k_sh
     v_base = v_ptr + b * v_sb + kvh * v_sh
+    o_base = out_ptr + b * o_sb + h * o_sh
+    lse_base = lse_ptr + b * l_sb + h * l_sh
+    if VARLEN:  # the batch strides are 0; move the bases to the sequence's first row
+        q_start = tl.load(cu_q_ptr + b).to(tl.int64)
+        k_start = tl.load(cu_k_ptr + b).to(tl.int64)
+        Sq = (tl.load(cu_q_ptr + b + 1) - q_start).to(tl.int32)
+        Sk = (tl.load(cu_k_ptr + b + 1) - k_start).to(tl.int32)
+        q_base += q_start * q_sm
+        o_base += q_start * o_sm
+        lse_base += q_start * l_sm
+        k_base += k_start * k_sn
+        v_base += k_start * v_sn
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -129,6 +144,8 @@ def _flash_attn_fwd_kernel(
         hi = tl.maximum(tl.minimum(Sk, start_m * BLOCK_M + BLOCK_M + diag), 0)
     else:
         hi = Sk
+    if VARLEN:  # the grid covers the longest sequence: tiles past this one's end do nothing
+        hi = tl.where(start_m * BLOCK_M < Sq, hi, 0)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_mask = offs_n < Sk
@@ -163,12 +180,11 @@ def _flash_attn_fwd_kernel(
     has_any = l_i > 0.0
     l_safe = tl.where(has_any, l_i, 1.0)
     o = acc / l_safe[:, None]
-    o_base = out_ptr + b * o_sb + h * o_sh
     tl.store(o_base + offs_m[:, None] * o_sm + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])  # fmt: skip
     if HAS_LSE:
         lse = tl.where(has_any, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        tl.store(lse_ptr + b * l_sb + h * l_sh + offs_m * l_sm, lse, mask=m_mask)
+        tl.store(lse_base + offs_m * l_sm, lse, mask=m_mask)
 
 
 @triton.jit
@@ -383,7 +399,8 @@ def _int_sig(names):
     return {n: "i32" for n in names}
 
 
-def _flash_spec(dtype, d: int, causal: bool, softcap: bool, has_lse: bool, dot_fp32: bool = False):
+def _flash_spec(dtype, d: int, causal: bool, softcap: bool, has_lse: bool, varlen: bool = False,
+                dot_fp32: bool = False):
     block_d = block_d_for(d)
     block_m, block_n, nw = _FLASH_TILES[(dtype != torch.float32, block_d)]
     t = TL_NAME[dtype]
@@ -391,9 +408,11 @@ def _flash_spec(dtype, d: int, causal: bool, softcap: bool, has_lse: bool, dot_f
            "q_ptr": f"*{t}", **_int_sig(["q_sb", "q_sh", "q_sm"]),
            "k_ptr": f"*{t}", **_int_sig(["k_sb", "k_sh", "k_sn"]),
            "v_ptr": f"*{t}", **_int_sig(["v_sb", "v_sh", "v_sn"]),
-           "lse_ptr": "*fp32", **_int_sig(["l_sb", "l_sh", "l_sm", "Hq", "group", "Sq", "Sk", "D"]),
+           "lse_ptr": "*fp32", **_int_sig(["l_sb", "l_sh", "l_sm"]), "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
+           **_int_sig(["Hq", "group", "Sq", "Sk", "D"]),
            "qk_scale": "fp32", "softcap_log2": "fp32"}  # fmt: skip
-    cexp = {"CAUSAL": bool(causal), "SOFTCAP": bool(softcap), "HAS_LSE": bool(has_lse), "DOT_FP32": bool(dot_fp32),
+    cexp = {"CAUSAL": bool(causal), "SOFTCAP": bool(softcap), "HAS_LSE": bool(has_lse), "VARLEN": bool(varlen),
+            "DOT_FP32": bool(dot_fp32),
             "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d}  # fmt: skip
     sig.update({k: "constexpr" for k in cexp})
     return _flash_attn_fwd_kernel, sig, cexp, nw
@@ -444,8 +463,9 @@ def shipped_configs():
             for causal in (False, True):
                 for sc in (False, True):
                     for lse in (False, True):
-                        add(f"flash-{t}-D{bd}-c{int(causal)}-sc{int(sc)}-lse{int(lse)}",
-                            _flash_spec(dt, bd, causal, sc, lse))  # fmt: skip
+                        for vl in (False, True):
+                            add(f"flash-{t}-D{bd}-c{int(causal)}-sc{int(sc)}-lse{int(lse)}-vl{int(vl)}",
+                                _flash_spec(dt, bd, causal, sc, lse, vl))  # fmt: skip
             for paged in (False, True):
                 for sc in (False, True):
                     add(f"{'paged' if paged else 'decode'}1-{t}-D{bd}-sc{int(sc)}", _decode_spec(dt, bd, sc, paged))
@@ -457,8 +477,8 @@ SHIPPED_CONFIGS = shipped_configs()
 
 
 @functools.lru_cache(maxsize=1024)
-def _flash_plan(dtype, d, causal, softcap, has_lse):
-    kernel, _, cexp, nw = _flash_spec(dtype, d, causal, softcap, has_lse, INTERPRETING)
+def _flash_plan(dtype, d, causal, softcap, has_lse, varlen=False):
+    kernel, _, cexp, nw = _flash_spec(dtype, d, causal, softcap, has_lse, varlen, INTERPRETING)
     return kernel, cexp, nw
 
 
@@ -540,7 +560,58 @@ def flash_attention_fwd(out, q, k, v, scale, causal, softcap=None, lse=None) -> 
         k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2),
         lse_t, ls[0], ls[1], ls[2],
+        out, out,  # cu_seqlens: unused without VARLEN
         Hq, group, Sq, Sk, D,
+        qk_scale, softcap_log2,
+        **cexp,
+        num_warps=nw,
+    )  # fmt: skip
+
+
+def flash_attention_varlen_fwd(out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal,
+                               softcap=None, lse=None) -> None:
+    """flash_attention_fwd over sequences packed along the token axis (flash-attn varlen).
+
+    q, out: [Tq, Hq, D]; k, v: [Tk, Hkv, D]; cu_seqlens_q / cu_seqlens_k: int32 [B + 1]
+    (sequence b: query rows cu_q[b]:cu_q[b + 1], key rows likewise; the caller checks that
+    they are non-decreasing and inside the tensors); max_seqlen_q: the longest query run
+    (sizes the grid). lse: None or fp32 [Hq, Tq]. Rows past cu_q[B] are not written.
+    """
+    op = "flash_attention_varlen_fwd"
+    if q.dtype not in DTYPES:
+        raise ValueError(f"{op}: q dtype must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        _check(op, name, t, 3, q.dtype)
+    Tq, Hq, D = q.shape
+    Hkv = k.shape[1]
+    if tuple(out.shape) != tuple(q.shape) or tuple(v.shape) != tuple(k.shape) or k.shape[2] != D:
+        raise ValueError(f"{op}: shapes must be out = q [Tq, Hq, D], k = v [Tk, Hkv, D]; got out {list(out.shape)}, "
+                         f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")  # fmt: skip
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.device != q.device:
+            raise ValueError(f"{op}: {name} must be int32 [B + 1] on {q.device}, got {cu.dtype} {list(cu.shape)}")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must both be [B + 1]")
+    group = _check_heads(op, Hq, Hkv)
+    _check_d(op, D)
+    if lse is not None and (lse.dtype != torch.float32 or tuple(lse.shape) != (Hq, Tq)):
+        raise ValueError(f"{op}: lse must be float32 {[Hq, Tq]}, got {lse.dtype} {list(lse.shape)}")
+    qk_scale, softcap_log2 = _scales(scale, softcap)
+    batch = cu_seqlens_q.shape[0] - 1
+    if batch <= 0 or max_seqlen_q <= 0 or Hq * D == 0:
+        return
+    kernel, cexp, nw = _flash_plan(q.dtype, D, bool(causal), softcap is not None, lse is not None, True)
+    lse_t = lse if lse is not None else out
+    l_sh, l_sm = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    grid = (triton.cdiv(max_seqlen_q, cexp["BLOCK_M"]), batch * Hq)
+    kernel[grid](
+        out, 0, out.stride(1), out.stride(0),
+        q, 0, q.stride(1), q.stride(0),
+        k, 0, k.stride(1), k.stride(0),
+        v, 0, v.stride(1), v.stride(0),
+        lse_t, 0, l_sh, l_sm,
+        cu_seqlens_q, cu_seqlens_k,
+        Hq, group, max_seqlen_q, 0, D,
         qk_scale, softcap_log2,
         **cexp,
         num_warps=nw,

@@ -4,6 +4,23 @@
 
 namespace ringfuse::cpu {
 
+// Prefill / forward attention (FlashAttention-2 style, no [Sq, Sk] matrix).
+//   out, q:   [B, Hq, Sq, D]; k, v: [B, Hkv, Sk, D]; strides (batch, head, position) in
+//             elements, inner stride 1. Varlen: cu_seqlens_q / cu_seqlens_k [B + 1] int32
+//             (both or neither); sequence b owns rows [cu[b], cu[b + 1]) of the position
+//             axis, the batch strides are 0 and seqlen_q / seqlen_k are the total rows.
+//   lse:      fp32 [B, Hq, Sq] (strides l_*) or 0: natural log of the softmax denominator.
+// causal is bottom-right aligned: query i of a sequence sees key j iff j <= i + Sk - Sq;
+// a query that sees no key gets zeros (lse -inf). cu_seqlens values are re-checked here.
+void attention(std::uintptr_t out, int64_t o_sb, int64_t o_sh, int64_t o_ss,  //
+               std::uintptr_t lse, int64_t l_sb, int64_t l_sh, int64_t l_ss,   //
+               std::uintptr_t q, int64_t q_sb, int64_t q_sh, int64_t q_ss,     //
+               std::uintptr_t k, int64_t k_sb, int64_t k_sh, int64_t k_ss,     //
+               std::uintptr_t v, int64_t v_sb, int64_t v_sh, int64_t v_ss,     //
+               std::uintptr_t cu_seqlens_q, std::uintptr_t cu_seqlens_k, int64_t batch, int64_t seqlen_q,
+               int64_t seqlen_k, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, bool causal,
+               double scale, double softcap, int dtype, int num_threads);
+
 // One new token per sequence over a KV cache, contiguous or paged (flash-decoding).
 //   out, q:        [B, Hq, D], strides (batch, head) in elements, inner stride 1
 //   k, v:          paged: [num_blocks, Hkv, block_size, D]; contiguous: [B, Hkv, S_max, D]

@@ -286,6 +286,29 @@ RF_AVX2 RF_INLINE float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// exp(x) for 8 lanes: Cephes-style range reduction x = n ln2 + r, degree-6 polynomial for
+// exp(r) on [-ln2/2, ln2/2], 2^n through the exponent bits. Max relative error ~2 ulp;
+// inputs below -87.3 give 0 (as the softmax wants for far-below-max scores), NaN stays NaN.
+RF_AVX2 RF_INLINE __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 too_small = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));  // operand order keeps NaN (maxps returns the 2nd on NaN)
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+  return _mm256_andnot_ps(too_small, y);
+}
+
 // Per-thread fp32 scratch rows (slot 0..2) of at least n floats (+ 8 for a whole tail
 // vector), so a kernel converts and adds its inputs once and re-reads them from L1/L2 as
 // fp32: the row s, and the weight and bias converted once per call.

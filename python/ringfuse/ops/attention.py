@@ -1,15 +1,32 @@
-"""Attention ops. This module so far holds decode attention over a KV cache:
+"""Attention ops.
+
+Prefill / forward (FlashAttention-2 style: tiled online softmax, no [Sq, Sk] matrix):
+
+- ``attention(q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v, *, causal, scale, softcap,
+  return_lse)``: drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+  scale=scale, enable_gqa=True)``, except that causal is bottom-right aligned when
+  Sq != Sk (query i sees key j iff j <= i + Sk - Sq, as flash-attn does for chunked
+  prefill; SDPA aligns top-left). A query that sees no key gets zeros and lse = -inf.
+- ``attention_varlen(q [Tq, Hq, D], k [Tk, Hkv, D], v, cu_seqlens_q, cu_seqlens_k, ...)``:
+  several sequences of different lengths packed along the token axis (flash-attn's
+  ``flash_attn_varlen_func``): sequence b owns rows [cu[b], cu[b + 1]); lse is [Hq, Tq].
+
+Both have autograd: the backward recomputes the forward through torch's fp32 math
+(O(Sq * Sk) memory; inference is the point, training must not break).
+
+Decode over a KV cache (flash-decoding, inference only):
 
 - ``decode_attention(q [B, Hq, D], k_cache [B, Hkv, S_max, D], v_cache, seq_lens [B])``
 - ``paged_decode_attention(q, k_pages [num_blocks, Hkv, block_size, D], v_pages,
   block_table [B, max_blocks], seq_lens)`` (vLLM's layout)
 
 One new query token per sequence; sequence b attends to its first ``seq_lens[b]`` cached
-keys (0 gives zeros). GQA: Hq is a multiple of Hkv and query head h reads kv head
-h // (Hq // Hkv), with no repeat in memory. ``scale`` defaults to 1/sqrt(D); ``softcap``
-(> 0) caps scores as ``softcap * tanh(s / softcap)``. Registered as
-``torch.ops.ringfuse.decode_attention`` / ``paged_decode_attention`` (fake kernels for
-torch.compile; inference only, no autograd).
+keys (0 gives zeros).
+
+Shared: GQA/MQA, Hq a multiple of Hkv, query head h reads kv head h // (Hq // Hkv) with
+no repeat in memory; D <= 256; fp32 / fp16 / bf16 with fp32 math. ``scale`` defaults to
+1/sqrt(D); ``softcap`` (> 0) caps scores as ``softcap * tanh(s / softcap)``. Registered as
+``torch.ops.ringfuse.*`` with fake kernels for torch.compile.
 """
 
 from __future__ import annotations
@@ -197,3 +214,286 @@ def _decode_fake(q, k_cache, v_cache, seq_lens, scale, softcap):
 @torch.library.register_fake("ringfuse::paged_decode_attention")
 def _paged_fake(q, k_pages, v_pages, block_table, seq_lens, scale, softcap):
     return q.new_empty(q.shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Prefill: attention / attention_varlen
+
+
+def _check_scale_softcap(op, d, scale, softcap):
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif not _positive(scale):
+        raise ValueError(f"{op}: scale must be None or a finite number > 0, got {scale!r}")
+    if softcap is None:
+        softcap = 0.0
+    elif not _positive(softcap):
+        raise ValueError(f"{op}: softcap must be None or a finite number > 0, got {softcap!r}")
+    return float(scale), float(softcap)
+
+
+def _check_qkv(op, q, k, v, ndim, layout):
+    """q, k, v: one float dtype and device, ``ndim`` dims (``layout`` names them), head_dim
+    last with unit stride, k and v alike, Hq a multiple of Hkv. Returns (Hq, Hkv, D)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_head_tensor(op, name, t, ndim)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have the same shape {layout}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    hq, d, hkv = q.shape[-2 if ndim == 3 else 1], q.shape[-1], k.shape[-2 if ndim == 3 else 1]
+    if k.shape[-1] != d:
+        raise ValueError(f"{op}: head_dim of q ({d}) and of k/v ({k.shape[-1]}) differ")
+    if not 1 <= d <= 256:
+        raise ValueError(f"{op}: head_dim must be in [1, 256], got {d}")
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"{op}: the number of query heads ({hq}) must be a multiple of the number of kv heads ({hkv})")
+    return hq, hkv, d
+
+
+def _check_attention_out(op, out, q, k, v):
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{op}: out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"{op}: out must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}), got "
+                         f"{tuple(out.shape)}, {out.dtype}, {out.device}")  # fmt: skip
+    if out.numel() and out.shape[-1] > 1 and out.stride(-1) != 1:
+        raise ValueError(f"{op}: out must have a unit stride in its last dimension, got strides {out.stride()}")
+    if c.needs_autograd(out, q, k, v):
+        raise ValueError(f"{op}: out= does not support autograd; call without out= when inputs require grad")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if out.numel() and t.numel() and c.overlap(out, t):
+            raise ValueError(f"{op}: out overlaps {name}; attention cannot run in place")
+
+
+def _new_lse(shape, q):
+    return torch.empty(shape, dtype=torch.float32, device=q.device)
+
+
+def _attention_forward(q, k, v, causal, scale, softcap, out=None):
+    """Validated 4D forward: returns (out [B, Hq, Sq, D], lse [B, Hq, Sq] fp32)."""
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = _new_lse(q.shape[:3], q)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if out.numel() == 0:
+        return out, lse
+    if q.is_cuda:
+        from ..kernels import attention as tk
+
+        tk.flash_attention_fwd(out, q, k, v, scale, causal, softcap or None, lse=lse)
+        return out, lse
+    _C.attention(
+        out.data_ptr(), *out.stride()[:3], lse.data_ptr(), *lse.stride(),
+        q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
+        0, 0, B, Sq, Sk, Hq, Hkv, D, bool(causal), scale, softcap, c.DTYPE_CODE[q.dtype], c.num_threads(),
+    )  # fmt: skip
+    return out, lse
+
+
+def attention(q, k, v, *, causal: bool = False, scale=None, softcap=None, return_lse: bool = False, out=None):
+    """softmax(scale * q k^T [softcapped] [causal]) v without materializing the scores.
+
+    q [B, Hq, Sq, D]; k, v [B, Hkv, Sk, D] -> [B, Hq, Sq, D] (and lse [B, Hq, Sq] fp32 with
+    ``return_lse=True``: natural log of the softmax denominator, for merging partial
+    attentions). Causal is bottom-right aligned. ``out=`` writes into a preallocated tensor
+    (no autograd).
+    """
+    op = "attention"
+    _check_qkv(op, q, k, v, 4, "[B, H, S, D]")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: q has batch {q.shape[0]} but k/v have {k.shape[0]}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
+    scale, softcap = _check_scale_softcap(op, q.shape[-1], scale, softcap)
+    if out is not None:
+        _check_attention_out(op, out, q, k, v)
+        result = _attention_forward(q, k, v, causal, scale, softcap, out)
+    elif torch.compiler.is_compiling() or c.needs_autograd(q, k, v):
+        result = torch.ops.ringfuse.attention(q, k, v, causal, scale, softcap)
+    else:
+        result = _attention_forward(q, k, v, causal, scale, softcap)
+    return result if return_lse else result[0]
+
+
+def _check_cu_k(op, cu_k, cu_q, q):
+    _check_int32(op, "cu_seqlens_k", cu_k, 1, q)
+    if cu_k.shape != cu_q.shape:
+        raise ValueError(f"{op}: cu_seqlens_k must have cu_seqlens_q's shape {tuple(cu_q.shape)} (B + 1 offsets), "
+                         f"got {tuple(cu_k.shape)}")  # fmt: skip
+
+
+def _check_cu_values(op, cu_q, cu_k, tq, tk):
+    """Offsets start at 0, never decrease and stay inside the packed tensors (one sync on
+    CUDA; the CPU kernel re-checks them before reading)."""
+    for name, cu, total in (("cu_seqlens_q", cu_q, tq), ("cu_seqlens_k", cu_k, tk)):
+        vals = cu.cpu() if cu.is_cuda else cu
+        if int(vals[0]) != 0 or bool((vals[1:] < vals[:-1]).any()) or int(vals[-1]) > total:
+            raise ValueError(f"{op}: {name} must start at 0, never decrease and end at most at {total} "
+                             f"(the packed length), got {vals.tolist()}")  # fmt: skip
+
+
+def _varlen_forward(q, k, v, cu_q, cu_k, max_seqlen_q, causal, scale, softcap, out=None):
+    """Validated varlen forward: returns (out [Tq, Hq, D], lse [Hq, Tq] fp32)."""
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[0], k.shape[1]
+    lse = _new_lse((Hq, Tq), q)
+    batch = cu_q.shape[0] - 1
+    if out.numel() == 0 or batch == 0:
+        out.zero_()
+        lse.fill_(-math.inf)
+        return out, lse
+    if q.is_cuda:
+        from ..kernels import attention as tk
+
+        tk.flash_attention_varlen_fwd(out, q, k, v, cu_q, cu_k, max_seqlen_q, scale, causal, softcap or None, lse=lse)
+        return out, lse
+    # rows outside every sequence (cu_q[-1] < Tq) are not attention outputs: zeros
+    if int(cu_q[-1]) < Tq:
+        out[int(cu_q[-1]):].zero_()
+        lse[:, int(cu_q[-1]):] = -math.inf
+    _C.attention(
+        out.data_ptr(), 0, out.stride(1), out.stride(0), lse.data_ptr(), 0, lse.stride(0), lse.stride(1),
+        q.data_ptr(), 0, q.stride(1), q.stride(0), k.data_ptr(), 0, k.stride(1), k.stride(0),
+        v.data_ptr(), 0, v.stride(1), v.stride(0), cu_q.data_ptr(), cu_k.data_ptr(), batch, Tq, Tk, Hq, Hkv, D,
+        bool(causal), scale, softcap, c.DTYPE_CODE[q.dtype], c.num_threads(),
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, causal: bool = False,
+                     scale=None, softcap=None, return_lse: bool = False, out=None):
+    """``attention`` over sequences packed along the token axis, as flash-attn's varlen API.
+
+    q [Tq, Hq, D]; k, v [Tk, Hkv, D]; cu_seqlens_q / cu_seqlens_k [B + 1] int32 offsets
+    (sequence b: queries cu_seqlens_q[b]:cu_seqlens_q[b + 1], keys likewise) ->
+    [Tq, Hq, D] (and lse [Hq, Tq] fp32). Causal is bottom-right aligned per sequence.
+    ``max_seqlen_q`` (the longest query run) saves a device sync on CUDA; it is computed
+    when None.
+    """
+    op = "attention_varlen"
+    _check_qkv(op, q, k, v, 3, "[T, H, D]")
+    _check_int32(op, "cu_seqlens_q", cu_seqlens_q, 1, q)
+    if cu_seqlens_q.shape[0] < 1:
+        raise ValueError(f"{op}: cu_seqlens_q must hold at least one offset (B + 1 >= 1)")
+    _check_cu_k(op, cu_seqlens_k, cu_seqlens_q, q)
+    if not isinstance(causal, bool):
+        raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
+    scale, softcap = _check_scale_softcap(op, q.shape[-1], scale, softcap)
+    if max_seqlen_q is not None and (isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, int)
+                                     or max_seqlen_q < 0):  # fmt: skip
+        raise ValueError(f"{op}: max_seqlen_q must be None or an int >= 0, got {max_seqlen_q!r}")
+    if not torch.compiler.is_compiling():
+        _check_cu_values(op, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+        if max_seqlen_q is None and q.is_cuda:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.shape[0] > 1 else 0
+    max_q = -1 if max_seqlen_q is None else max_seqlen_q
+    if out is not None:
+        _check_attention_out(op, out, q, k, v)
+        result = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, causal, scale, softcap, out)
+    elif torch.compiler.is_compiling() or c.needs_autograd(q, k, v):
+        result = torch.ops.ringfuse.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, causal, scale,
+                                                     softcap)  # fmt: skip
+    else:
+        result = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, causal, scale, softcap)
+    return result if return_lse else result[0]
+
+
+OP_LIB.define("attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, float softcap) -> (Tensor, Tensor)")
+OP_LIB.define(
+    "attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+    "bool causal, float scale, float softcap) -> (Tensor, Tensor)"
+)
+
+
+def _attention_kernel(q, k, v, causal, scale, softcap):
+    return _attention_forward(q, k, v, causal, scale, softcap)
+
+
+def _varlen_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap):
+    if q.is_cuda and max_seqlen_q < 0:
+        n = cu_seqlens_q.shape[0]
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if n > 1 else 0
+    _check_cu_values("attention_varlen", cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    return _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap)
+
+
+for _key in ("CPU", "CUDA"):
+    OP_LIB.impl("attention", _attention_kernel, _key)
+    OP_LIB.impl("attention_varlen", _varlen_kernel, _key)
+
+
+@torch.library.register_fake("ringfuse::attention")
+def _attention_fake(q, k, v, causal, scale, softcap):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.register_fake("ringfuse::attention_varlen")
+def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def attention_math(q, k, v, causal, scale, softcap):
+    """The forward in fp32 torch math with an [Sq, Sk] score matrix (the backward's
+    recompute path): q [B, Hq, Sq, D], k, v [B, Hkv, Sk, D] -> fp32 [B, Hq, Sq, D]."""
+    group = q.shape[1] // k.shape[1]
+    qf, kf, vf = q.float(), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hq, Sq, Sk]
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if causal:
+        sq, sk = q.shape[2], k.shape[2]
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        s = s.masked_fill(~keep, -math.inf)
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # rows without a visible key: zeros
+    return torch.matmul(p, vf)
+
+
+def _math_grads(q, k, v, grad_out, causal, scale, softcap):
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+        o = attention_math(qq, kk, vv, causal, scale, softcap)
+        return torch.autograd.grad(o, (qq, kk, vv), grad_out.float())
+
+
+def _setup_attention(ctx, inputs, output):
+    q, k, v, causal, scale, softcap = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.args = (causal, scale, softcap)
+
+
+def _backward_attention(ctx, grad_out, grad_lse):
+    q, k, v = ctx.saved_tensors
+    gq, gk, gv = _math_grads(q, k, v, grad_out, *ctx.args)
+    return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None, None
+
+
+def _setup_varlen(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, _, causal, scale, softcap = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k)
+    ctx.args = (causal, scale, softcap)
+
+
+def _backward_varlen(ctx, grad_out, grad_lse):
+    q, k, v, cu_q, cu_k = ctx.saved_tensors
+    gq, gk, gv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(bounds_q) - 1):
+        (q0, q1), (k0, k1) = bounds_q[b : b + 2], bounds_k[b : b + 2]
+        if q1 == q0 or k1 == k0:
+            continue
+        # [T, H, D] slices as [1, H, T, D]
+        grads = _math_grads(*(t[None].transpose(1, 2) for t in (q[q0:q1], k[k0:k1], v[k0:k1])),
+                            grad_out[q0:q1][None].transpose(1, 2), *ctx.args)  # fmt: skip
+        gq[q0:q1], gk[k0:k1], gv[k0:k1] = (g[0].transpose(0, 1) for g in grads)
+    return gq, gk, gv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("ringfuse::attention", _backward_attention, setup_context=_setup_attention)
+torch.library.register_autograd("ringfuse::attention_varlen", _backward_varlen, setup_context=_setup_varlen)
