@@ -61,6 +61,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out_dtype"), py::arg("num_threads"));
 
   m.def("attention", &rf::cpu::attention, release_gil());  // see cpu/attention.h for the arguments
+  m.def("write_kv", &rf::cpu::write_kv, release_gil());        // see cpu/attention.h for the arguments
   m.def("decode_attention", &rf::cpu::decode_attention, release_gil(), py::arg("out"), py::arg("out_sb"),
         py::arg("out_sh"), py::arg("q"), py::arg("q_sb"), py::arg("q_sh"), py::arg("k"), py::arg("k_sblk"),
         py::arg("k_sh"), py::arg("k_spos"), py::arg("v"), py::arg("v_sblk"), py::arg("v_sh"), py::arg("v_spos"),

@@ -113,16 +113,12 @@ def _flash_attn_fwd_kernel(
     q_base = q_ptr + b * q_sb + h * q_sh
     k_base = k_ptr + b * k_sb + kvh * k_sh
     v_base = v_ptr + b * v_sb + kvh * v_sh
-    o_base = out_ptr + b * o_sb + h * o_sh
-    lse_base = lse_ptr + b * l_sb + h * l_sh
     if VARLEN:  # the batch strides are 0; move the bases to the sequence's first row
         q_start = tl.load(cu_q_ptr + b).to(tl.int64)
         k_start = tl.load(cu_k_ptr + b).to(tl.int64)
         Sq = (tl.load(cu_q_ptr + b + 1) - q_start).to(tl.int32)
         Sk = (tl.load(cu_k_ptr + b + 1) - k_start).to(tl.int32)
         q_base += q_start * q_sm
-        o_base += q_start * o_sm
-        lse_base += q_start * l_sm
         k_base += k_start * k_sn
         v_base += k_start * v_sn
 
@@ -180,6 +176,12 @@ def _flash_attn_fwd_kernel(
     has_any = l_i > 0.0
     l_safe = tl.where(has_any, l_i, 1.0)
     o = acc / l_safe[:, None]
+    o_base = out_ptr + b * o_sb + h * o_sh
+    lse_base = lse_ptr + b * l_sb + h * l_sh
+    if VARLEN:  # re-read rather than keep the offset live through the key loop (registers)
+        q_start = tl.load(cu_q_ptr + b).to(tl.int64)
+        o_base += q_start * o_sm
+        lse_base += q_start * l_sm
     tl.store(o_base + offs_m[:, None] * o_sm + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])  # fmt: skip
     if HAS_LSE:
@@ -376,9 +378,41 @@ _FLASH_TILES = {
     (False, 32): (64, 32, 4),
     (False, 64): (32, 32, 4),
     (False, 128): (32, 32, 4),
-    (False, 256): (32, 16, 4),
+    (False, 256): (16, 32, 4),  # (32, 16, 4) spills on sm_90 with VARLEN, (32, 32, 8) exceeds sm_80 smem
 }
 DECODE_WARPS = 4
+
+
+@triton.jit
+def _write_kv_kernel(
+    kc_ptr,  # *dtype [num_blocks, Hkv, block_size, D]: key cache
+    kc_sblk, kc_sh, kc_spos,  # strides of the key cache
+    vc_ptr,  # *dtype: value cache, same layout
+    vc_sblk, vc_sh, vc_spos,  # strides of the value cache
+    k_ptr,  # *dtype [T, Hkv, D]: new keys
+    k_st, k_sh,  # strides of k
+    v_ptr,  # *dtype [T, Hkv, D]: new values
+    v_st, v_sh,  # strides of v
+    slot_ptr,  # *i64 [T]: slot per token (block * block_size + position), -1 skips
+    block_size,  # positions per block (S_max for a contiguous cache)
+    Hkv,  # kv heads
+    D,  # head dim
+    BLOCK_H: tl.constexpr,  # kv heads per program
+    BLOCK_D: tl.constexpr,  # next_pow2(D)
+):  # fmt: skip
+    """Grid (T, cdiv(Hkv, BLOCK_H)): a program copies BLOCK_H head rows of one token."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    slot = tl.load(slot_ptr + t)
+    blk = slot // block_size
+    pos = slot % block_size
+    mask = (slot >= 0) & (offs_h[:, None] < Hkv) & (offs_d[None, :] < D)
+    hh = offs_h[:, None].to(tl.int64)
+    k = tl.load(k_ptr + t * k_st + hh * k_sh + offs_d[None, :], mask=mask)
+    v = tl.load(v_ptr + t * v_st + hh * v_sh + offs_d[None, :], mask=mask)
+    tl.store(kc_ptr + blk * kc_sblk + hh * kc_sh + pos * kc_spos + offs_d[None, :], k, mask=mask)
+    tl.store(vc_ptr + blk * vc_sblk + hh * vc_sh + pos * vc_spos + offs_d[None, :], v, mask=mask)
 
 
 def block_d_for(d: int) -> int:
@@ -444,6 +478,19 @@ def _stage2_spec(dtype, d: int):
     return _decode_attn_stage2_kernel, sig, {"BLOCK_D": block_d}, 1
 
 
+WRITE_KV_HEADS = 4  # kv heads per write_kv program
+
+
+def _write_kv_spec(dtype, d: int):
+    t = TL_NAME[dtype]
+    sig = {"kc_ptr": f"*{t}", **_int_sig(["kc_sblk", "kc_sh", "kc_spos"]),
+           "vc_ptr": f"*{t}", **_int_sig(["vc_sblk", "vc_sh", "vc_spos"]),
+           "k_ptr": f"*{t}", **_int_sig(["k_st", "k_sh"]), "v_ptr": f"*{t}", **_int_sig(["v_st", "v_sh"]),
+           "slot_ptr": "*i64", **_int_sig(["block_size", "Hkv", "D"])}  # fmt: skip
+    cexp = {"BLOCK_H": WRITE_KV_HEADS, "BLOCK_D": block_d_for(d)}
+    sig.update({k: "constexpr" for k in cexp})
+    return _write_kv_kernel, sig, cexp, 1
+
 def shipped_configs():
     """Every (kernel, signature, constexprs, num_warps) the launchers can choose on a GPU,
     as dicts with an ``id`` (argument ints as i32; Triton's JIT also specializes ints == 1
@@ -470,6 +517,7 @@ def shipped_configs():
                 for sc in (False, True):
                     add(f"{'paged' if paged else 'decode'}1-{t}-D{bd}-sc{int(sc)}", _decode_spec(dt, bd, sc, paged))
             add(f"decode2-{t}-D{bd}", _stage2_spec(dt, bd))
+            add(f"write_kv-{t}-D{bd}", _write_kv_spec(dt, bd))
     return configs
 
 
@@ -702,3 +750,23 @@ def paged_decode_attention_fwd(out, q, k_pages, v_pages, block_table, seq_lens, 
         raise ValueError(f"{op}: block_size must be >= 1")
     s_max = block_table.shape[1] * block_size
     _decode_launch(out, q, k_pages, v_pages, seq_lens, scale, softcap, num_splits, s_max, (block_table, block_size))
+
+
+def write_kv_fwd(k_cache, v_cache, k, v, slot_mapping, block_size: int) -> None:
+    """Store k, v [T, Hkv, D] into caches viewed as [num_blocks, Hkv, block_size, D] (a
+    contiguous [B, Hkv, S_max, D] cache is block_size = S_max): token t goes to block
+    slot // block_size, position slot % block_size; slot -1 skips it. The caller checks
+    that slots lie in [-1, num_blocks * block_size)."""
+    T, Hkv, D = k.shape
+    if T == 0:
+        return
+    kernel, _, cexp, nw = _write_kv_spec(k.dtype, D)
+    grid = (T, triton.cdiv(Hkv, cexp["BLOCK_H"]))
+    kernel[grid](
+        k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
+        slot_mapping, block_size, Hkv, D,
+        **cexp,
+        num_warps=nw,
+    )  # fmt: skip

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
@@ -645,8 +646,9 @@ struct PrefillKernel {
       for (int64_t j = 0; j < hi; ++j) {
         const T* kp = static_cast<const T*>(a.k) + it.b * a.k_sb + it.kvh * a.k_sh + (ks + j) * a.k_ss;
         const T* vp = static_cast<const T*>(a.v) + it.b * a.v_sb + it.kvh * a.v_sh + (ks + j) * a.v_ss;
-        float score = 0.0f;
-        for (int64_t c = 0; c < D; ++c) score += E::load(qp + c) * a.scale * E::load(kp + c);
+        double dot = 0.0;  // serial sums: fp64 keeps the fallback within the tolerance rule
+        for (int64_t c = 0; c < D; ++c) dot += double(E::load(qp + c)) * E::load(kp + c);
+        float score = float(dot * a.scale);
         if (a.softcap > 0.0f) score = a.softcap * std::tanh(score / a.softcap);
         const float m_new = std::max(m, score);
         const float m_safe = m_new == -std::numeric_limits<float>::infinity() ? 0.0f : m_new;
@@ -699,7 +701,7 @@ void attention(std::uintptr_t out, int64_t o_sb, int64_t o_sh, int64_t o_ss,  //
   RINGFUSE_CHECK(std::isfinite(scale) && std::isfinite(softcap) && softcap >= 0.0, p + "scale and softcap must be finite (softcap >= 0)");
   RINGFUSE_CHECK((cu_seqlens_q == 0) == (cu_seqlens_k == 0), p + "cu_seqlens_q and cu_seqlens_k come together");
   if (batch == 0 || seqlen_q == 0) return;
-  RINGFUSE_CHECK(out && q && k && v, p + "null pointer");
+  RINGFUSE_CHECK(out && q && (seqlen_k == 0 || (k && v)), p + "null pointer");
   const auto* cu_q = reinterpret_cast<const int32_t*>(cu_seqlens_q);
   const auto* cu_k = reinterpret_cast<const int32_t*>(cu_seqlens_k);
   if (cu_q) {  // varlen: seqlen_q / seqlen_k are the total rows; every range must lie inside
@@ -738,6 +740,41 @@ void attention(std::uintptr_t out, int64_t o_sb, int64_t o_sh, int64_t o_ss,  //
     case kFloat16: PrefillKernel<F16>::run(a, items, isa, num_threads); break;
     case kBFloat16: PrefillKernel<BF16>::run(a, items, isa, num_threads); break;
     default: PrefillKernel<F32>::run(a, items, isa, num_threads); break;
+  }
+}
+
+// write_kv: copy new K/V rows into cache slots. Sequential in token order on purpose: the
+// bytes are small (prefill of 2048 tokens x 3 kv heads x 64 x bf16 x 2 = 1.5 MB, ~0.1 ms),
+// and a slot named twice then deterministically holds the last token's row.
+void write_kv(std::uintptr_t k_cache, int64_t kc_sblk, int64_t kc_sh, int64_t kc_spos,  //
+              std::uintptr_t v_cache, int64_t vc_sblk, int64_t vc_sh, int64_t vc_spos,  //
+              std::uintptr_t k, int64_t k_st, int64_t k_sh, std::uintptr_t v, int64_t v_st, int64_t v_sh,
+              std::uintptr_t slot_mapping, int64_t tokens, int64_t num_kv_heads, int64_t head_dim,
+              int64_t num_blocks, int64_t block_size, int dtype) {
+  const std::string p = "write_kv: ";
+  RINGFUSE_CHECK(tokens >= 0 && num_kv_heads >= 1 && head_dim >= 1 && num_blocks >= 1 && block_size >= 1,
+                 p + "bad sizes");
+  RINGFUSE_CHECK(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, p + "dtype must be float32, float16 or bfloat16");
+  if (tokens == 0) return;
+  RINGFUSE_CHECK(k_cache && v_cache && k && v && slot_mapping, p + "null pointer");
+  const auto* slots = reinterpret_cast<const int64_t*>(slot_mapping);
+  const int64_t capacity = num_blocks * block_size;
+  for (int64_t t = 0; t < tokens; ++t)  // every slot checked before any byte is written
+    RINGFUSE_CHECK(slots[t] >= -1 && slots[t] < capacity,
+                   p + "slot_mapping[" + std::to_string(t) + "] = " + std::to_string(slots[t]) +
+                       " outside [-1, " + std::to_string(capacity) + ") (-1 skips a token)");
+  const int64_t esize = dtype == kFloat32 ? 4 : 2, row_bytes = head_dim * esize;
+  auto* kc = reinterpret_cast<char*>(k_cache);
+  auto* vc = reinterpret_cast<char*>(v_cache);
+  const auto* kp = reinterpret_cast<const char*>(k);
+  const auto* vp = reinterpret_cast<const char*>(v);
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (slots[t] < 0) continue;
+    const int64_t blk = slots[t] / block_size, pos = slots[t] % block_size;
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      std::memcpy(kc + (blk * kc_sblk + h * kc_sh + pos * kc_spos) * esize, kp + (t * k_st + h * k_sh) * esize, size_t(row_bytes));
+      std::memcpy(vc + (blk * vc_sblk + h * vc_sh + pos * vc_spos) * esize, vp + (t * v_st + h * v_sh) * esize, size_t(row_bytes));
+    }
   }
 }
 

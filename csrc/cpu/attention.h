@@ -39,4 +39,14 @@ void decode_attention(std::uintptr_t out, int64_t out_sb, int64_t out_sh,  //
                       int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, double scale,
                       double softcap, int dtype, int64_t split_size, int num_threads);
 
+// Store new K/V rows into a cache: k, v [tokens, Hkv, D] (strides token, head); the caches
+// [num_blocks, Hkv, block_size, D] (strides block, head, position; a contiguous cache
+// [B, Hkv, S_max, D] is block_size = S_max). slot_mapping: [tokens] int64, slot s goes to
+// block s / block_size, position s % block_size; -1 skips the token. Slots are re-checked.
+void write_kv(std::uintptr_t k_cache, int64_t kc_sblk, int64_t kc_sh, int64_t kc_spos,  //
+              std::uintptr_t v_cache, int64_t vc_sblk, int64_t vc_sh, int64_t vc_spos,  //
+              std::uintptr_t k, int64_t k_st, int64_t k_sh, std::uintptr_t v, int64_t v_st, int64_t v_sh,
+              std::uintptr_t slot_mapping, int64_t tokens, int64_t num_kv_heads, int64_t head_dim,
+              int64_t num_blocks, int64_t block_size, int dtype);
+
 }  // namespace ringfuse::cpu

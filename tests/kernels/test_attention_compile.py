@@ -2,11 +2,10 @@
 spills nothing, stays within the register file and fits in shared memory (DESIGN.md, "GPU
 code without a GPU").
 
-kernels/attention.py can choose 156 variants: 3 dtypes x 4 BLOCK_D buckets x (8 prefill
-flag combinations (causal, softcap, lse) + 2 x 2 decode stage-1 (contiguous / paged,
-softcap) + 1 stage 2). Compiling all of them for two archs (312 compiles) takes ~4 minutes on the 2-core
-dev VM (RINGFUSE_COMPILE_ALL=1 does; last full run: 0 spills, at most 106752 bytes of shared
-memory). By default each (kernel, BLOCK_D) is compiled with
+kernels/attention.py can choose 264 variants: 3 dtypes x 4 BLOCK_D buckets x (16 prefill
+flag combinations (causal, softcap, lse, varlen) + 2 x 2 decode stage-1 (contiguous / paged,
+softcap) + 1 stage 2 + 1 write_kv). Compiling all of them for two archs takes several
+minutes on the 2-core dev VM (RINGFUSE_COMPILE_ALL=1 does). By default each (kernel, BLOCK_D) is compiled with
 every flag on for bf16 (fp16 is the same code with another element type), plus the
 prefill kernel with fp32 inputs (its own tiles, the most registers and shared memory),
 plus the variants Triton's JIT derives from argument values (ints == 1 as constexprs,
@@ -37,7 +36,7 @@ ARCHS = (80, 90)
 COMPILE_ALL = os.environ.get("RINGFUSE_COMPILE_ALL") == "1"
 # max dynamic shared memory per CTA: sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB
 MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
-FLAGS = ("CAUSAL", "SOFTCAP", "HAS_LSE")
+FLAGS = ("CAUSAL", "SOFTCAP", "HAS_LSE", "VARLEN")
 
 
 def _representative(configs):
@@ -46,7 +45,8 @@ def _representative(configs):
         cexp = cfg["constexprs"]
         if not all(cexp.get(f, True) for f in FLAGS):
             continue
-        dtype = cfg["signature"]["q_ptr" if "q_ptr" in cfg["signature"] else "out_ptr"]
+        sig = cfg["signature"]
+        dtype = sig.get("q_ptr") or sig.get("k_ptr") or sig["out_ptr"]
         is_flash = cfg["kernel"] is triton_attention._flash_attn_fwd_kernel
         if dtype == "*bf16" or (dtype == "*fp32" and is_flash):
             picked.append(cfg)
@@ -123,5 +123,5 @@ def test_shipped_configs_cover_every_bucket():
     checked in test_attention_triton.py::test_launchers_only_pick_shipped_configs)."""
     ta = triton_attention
     n = len(ta.DTYPES) * len(ta.BLOCK_D_BUCKETS)
-    assert len(ta.SHIPPED_CONFIGS) == n * (8 + 4 + 1)
+    assert len(ta.SHIPPED_CONFIGS) == n * (16 + 4 + 1 + 1)
     assert all(not c["constexprs"].get("DOT_FP32", False) for c in ta.SHIPPED_CONFIGS)

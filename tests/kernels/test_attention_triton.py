@@ -228,6 +228,57 @@ def test_flash_d256_and_tiny_d():
 # Decode (contiguous and paged KV cache)
 
 
+@interp_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_flash_varlen_matches_per_sequence_reference(dtype, causal, softcap):
+    """Packed sequences of mixed lengths (an empty one, Sq != Sk, one longer than a tile),
+    rows past the last sequence left untouched."""
+    lens_q, lens_k, hq, hkv, d = [5, 0, 70, 1], [9, 3, 70, 20], 4, 2, 40
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    g = torch.Generator().manual_seed(31)
+    q = make((int(cu_q[-1]) + 2, hq, d), dtype, g, 3.0 if softcap else 1.0)
+    k, v = make((int(cu_k[-1]), hkv, d), dtype, g), make((int(cu_k[-1]), hkv, d), dtype, g)
+    sentinel = -7.0
+    out = torch.full_like(q, sentinel)
+    lse = torch.full((hq, q.shape[0]), sentinel)
+    triton_attention.flash_attention_varlen_fwd(out, q, k, v, cu_q, cu_k, max(lens_q), d**-0.5, causal,
+                                                softcap=softcap, lse=lse)  # fmt: skip
+    assert (out[int(cu_q[-1]) :] == sentinel).all() and (lse[:, int(cu_q[-1]) :] == sentinel).all()
+    for b in range(len(lens_q)):
+        (q0, q1), (k0, k1) = cu_q[b : b + 2].tolist(), cu_k[b : b + 2].tolist()
+        if q1 == q0:
+            continue
+        qs, ks, vs = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        ref, ref_lse = reference(qs, ks, vs, d**-0.5, causal, softcap)
+        got = out[q0:q1].transpose(0, 1)[None]
+        assert_close_2x(got, ref, torch_baseline(qs, ks, vs, d**-0.5, causal, softcap))
+        assert_lse(lse[:, q0:q1][None], ref_lse)
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
+@pytest.mark.parametrize("block_size,d,hkv", [(16, 64, 2), (5, 40, 5), (12, 128, 1)], ids=str)
+def test_write_kv_matches_index_put(dtype, block_size, d, hkv):
+    """Rows land exactly where slot_mapping says (paged layout and, block_size = S_max,
+    contiguous); -1 skips; nothing else changes."""
+    g = torch.Generator().manual_seed(block_size)
+    num_blocks, T = 4, 9
+    k, v = make((T, hkv, d), dtype, g), make((T, hkv, d), dtype, g)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:T]
+    slots[3] = -1
+    k_cache, v_cache = make((num_blocks, hkv, block_size, d), dtype, g), make((num_blocks, hkv, block_size, d), dtype, g)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            ref_k[s // block_size, :, s % block_size] = k[t]
+            ref_v[s // block_size, :, s % block_size] = v[t]
+    triton_attention.write_kv_fwd(k_cache, v_cache, k, v, slots, block_size)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+
 def decode_reference(q, k_cache, v_cache, seq_lens, scale, softcap, compute_dtype=torch.float64, sdpa=False):
     """[B, Hq, D] per sequence over its first len keys; len 0 -> zeros."""
     outs = []
@@ -375,8 +426,9 @@ def test_launchers_only_pick_shipped_configs():
         for d in (1, 16, 40, 64, 80, 96, 128, 200, 256):
             specs = [ta._stage2_spec(dtype, d)]
             specs += [ta._decode_spec(dtype, d, sc, paged) for sc in (False, True) for paged in (False, True)]
-            specs += [ta._flash_spec(dtype, d, c, sc, lse) for c in (False, True) for sc in (False, True)
-                      for lse in (False, True)]  # fmt: skip
+            specs += [ta._flash_spec(dtype, d, c, sc, lse, vl) for c in (False, True) for sc in (False, True)
+                      for lse in (False, True) for vl in (False, True)]  # fmt: skip
+            specs.append(ta._write_kv_spec(dtype, d))
             for kernel, sig, cexp, nw in specs:
                 assert (kernel.__name__, tuple(sig.items()), tuple(cexp.items()), nw) in shipped, (dtype, d, cexp)
 

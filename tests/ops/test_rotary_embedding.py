@@ -112,3 +112,21 @@ def test_bad_inputs():
         cos_sin_cache(16, 7)
     # nothing was written by the failed calls
     assert torch.equal(q, q_before) and torch.equal(k, k_before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("style", ["neox", "gptj"])
+def test_cuda_matches_cpu(style):
+    """CUDA tensors go to the Triton kernel: same rotation as the CPU kernel; positions
+    outside the cache are caught before the launch."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(9, 8, 64, generator=g).bfloat16(), torch.randn(9, 2, 64, generator=g).bfloat16()
+    positions = torch.tensor([0, 1, 2, 7, 7, 30, 4, 5, 6])
+    cache = cos_sin_cache(32, 64, base=1e5)
+    q_gpu, k_gpu = q.cuda(), k.cuda()
+    rotary_embedding(q_gpu, k_gpu, positions.cuda(), cache.cuda(), style=style)
+    rotary_embedding(q, k, positions, cache, style=style)
+    torch.testing.assert_close(q_gpu.cpu().float(), q.float(), atol=1e-2, rtol=0)
+    torch.testing.assert_close(k_gpu.cpu().float(), k.float(), atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="positions must lie in"):
+        rotary_embedding(q_gpu, k_gpu, (positions + 100).cuda(), cache.cuda(), style=style)

@@ -1,7 +1,7 @@
 """torch custom ops (``torch.ops.ringfuse.*``) and their fast eager entry points."""
 
 from ._common import cuda_backend, set_cuda_backend
-from .attention import attention, attention_varlen, decode_attention, paged_decode_attention
+from .attention import attention, attention_varlen, decode_attention, paged_decode_attention, write_kv
 from .layer_norm import add_layer_norm, layer_norm
 from .rms_norm import add_rms_norm, add_rms_norm_, rms_norm
 from .rotary_embedding import cos_sin_cache, rotary_embedding
@@ -20,4 +20,5 @@ __all__ = [
     "rms_norm",
     "rotary_embedding",
     "set_cuda_backend",
+    "write_kv",
 ]

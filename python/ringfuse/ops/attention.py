@@ -23,6 +23,12 @@ Decode over a KV cache (flash-decoding, inference only):
 One new query token per sequence; sequence b attends to its first ``seq_lens[b]`` cached
 keys (0 gives zeros).
 
+Writing the cache:
+
+- ``write_kv(k [T, Hkv, D], v, k_cache, v_cache, slot_mapping [T])`` stores each new token's
+  K/V rows into either cache layout (contiguous [B, Hkv, S_max, D]: slot = b * S_max + pos;
+  paged [num_blocks, Hkv, block_size, D]: slot = block * block_size + offset; -1 skips).
+
 Shared: GQA/MQA, Hq a multiple of Hkv, query head h reads kv head h // (Hq // Hkv) with
 no repeat in memory; D <= 256; fp32 / fp16 / bf16 with fp32 math. ``scale`` defaults to
 1/sqrt(D); ``softcap`` (> 0) caps scores as ``softcap * tanh(s / softcap)``. Registered as
@@ -497,3 +503,83 @@ def _backward_varlen(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd("ringfuse::attention", _backward_attention, setup_context=_setup_attention)
 torch.library.register_autograd("ringfuse::attention_varlen", _backward_varlen, setup_context=_setup_varlen)
+
+
+# ---------------------------------------------------------------------------------------
+# write_kv
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Store new keys/values k, v [T, Hkv, D] into k_cache / v_cache, in place.
+
+    The caches are [num_blocks, Hkv, block_size, D] (paged) or [B, Hkv, S_max, D]
+    (contiguous, i.e. block_size = S_max): token t goes to block slot // block_size,
+    position slot % block_size, with slot = slot_mapping[t] (int64 or int32 [T]); -1 skips
+    the token (padding). A slot named twice holds the last such token's row.
+    """
+    op = "write_kv"
+    for name, t in (("k", k), ("v", v)):
+        _check_head_tensor(op, name, t, 3)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_head_tensor(op, name, t, 4)
+    for name, t in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != k.dtype:
+            raise TypeError(f"{op}: {name} must have k's dtype {k.dtype}, got {t.dtype}")
+        if t.device != k.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but k is on {k.device}")
+    if v.shape != k.shape:
+        raise ValueError(f"{op}: k and v must have the same shape [T, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{op}: k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")  # fmt: skip
+    T, hkv, d = k.shape
+    if (k_cache.shape[1], k_cache.shape[3]) != (hkv, d):
+        raise ValueError(f"{op}: the cache must be [blocks, {hkv}, block_size, {d}] to hold k [T, {hkv}, {d}], "
+                         f"got {tuple(k_cache.shape)}")  # fmt: skip
+    if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: slot_mapping must be an int64 or int32 tensor, got "
+                        f"{slot_mapping.dtype if isinstance(slot_mapping, torch.Tensor) else type(slot_mapping).__name__}")
+    if slot_mapping.shape != (T,):
+        raise ValueError(f"{op}: slot_mapping must have shape ({T},) (one slot per token), got {tuple(slot_mapping.shape)}")
+    if slot_mapping.device != k.device:
+        raise ValueError(f"{op}: slot_mapping is on {slot_mapping.device} but k is on {k.device}")
+    if torch.compiler.is_compiling():
+        torch.ops.ringfuse.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return
+    for name, t in (("k", k), ("v", v)):
+        for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if t.numel() and cache.numel() and c.overlap(t, cache):
+                raise ValueError(f"{op}: {name} overlaps {cname}")
+    _write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def _write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    T, hkv, d = k.shape
+    if T == 0 or k_cache.numel() == 0 and not bool((slot_mapping >= 0).any()):
+        return
+    slots = slot_mapping.to(torch.int64).contiguous()
+    num_blocks, _, block_size, _ = k_cache.shape
+    if k.is_cuda:
+        from ..kernels import attention as tk
+
+        lo, hi = int(slots.min()), int(slots.max())  # the Triton kernel trusts the slots: one sync
+        if lo < -1 or hi >= num_blocks * block_size:
+            raise ValueError(f"write_kv: slot_mapping must lie in [-1, {num_blocks * block_size}) (the cache's "
+                             f"slots; -1 skips), got values in [{lo}, {hi}]")  # fmt: skip
+        tk.write_kv_fwd(k_cache, v_cache, k, v, slots, block_size)
+        return
+    _C.write_kv(
+        k_cache.data_ptr(), *k_cache.stride()[:3], v_cache.data_ptr(), *v_cache.stride()[:3],
+        k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), slots.data_ptr(),
+        T, hkv, d, max(num_blocks, 1), max(block_size, 1), c.DTYPE_CODE[k.dtype],
+    )  # fmt: skip
+
+
+OP_LIB.define("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()")
+for _key in ("CPU", "CUDA"):
+    OP_LIB.impl("write_kv", _write_kv, _key)
+
+
+@torch.library.register_fake("ringfuse::write_kv")
+def _write_kv_fake(k, v, k_cache, v_cache, slot_mapping):
+    return None

@@ -5,8 +5,8 @@ t at position ``positions[t]``, the first ``rot_dim`` dims of each head of q [T,
 k [T, Hkv, D] (k may be None). ``cos_sin_cache`` [max_positions, rot_dim] fp32 holds cos in
 its first half and sin in its second, as ``cos_sin_cache(...)`` builds it. style "neox"
 (Llama, "rotate half": pairs (i, i + rot_dim/2)) or "gptj" (interleaved pairs (2i, 2i+1)).
-Math in fp32, one rounding to x's dtype. CPU only for now (CUDA lands with the rest of the
-attention issue).
+Math in fp32, one rounding to x's dtype. CPU: csrc/cpu/rotary_embedding.cpp (AVX2 + scalar);
+CUDA: the Triton kernel in kernels/rotary_embedding.py.
 """
 
 from __future__ import annotations
@@ -66,8 +66,6 @@ def rotary_embedding(q, k, positions, cos_sin_cache, *, style: str = "neox"):
     for name, t in (("positions", positions), ("cos_sin_cache", cos_sin_cache)):
         if t.device != q.device:
             raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
-    if not q.is_cpu:
-        raise ValueError(f"{op}: only CPU tensors are supported so far, got {q.device}")
     if torch.compiler.is_compiling():
         torch.ops.ringfuse.rotary_embedding(q, k, positions, cos_sin_cache, style == "gptj")
         return q, k
@@ -78,6 +76,17 @@ def rotary_embedding(q, k, positions, cos_sin_cache, *, style: str = "neox"):
 def _rotate(q, k, positions, cache, gptj: bool) -> None:
     positions = positions.to(torch.int64).contiguous()
     cache = cache if cache.stride(1) == 1 else cache.contiguous()
+    if q.is_cuda:
+        from ..kernels import rotary_embedding as tk
+
+        # the Triton kernel trusts positions (the CPU kernel checks them itself): one sync
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= cache.shape[0]):
+            raise ValueError(f"rotary_embedding: positions must lie in [0, {cache.shape[0]}) (the cache's rows), "
+                             f"got values in [{int(positions.min())}, {int(positions.max())}]")  # fmt: skip
+        for x in (q, k):
+            if x is not None:
+                tk.rotary_embedding_fwd(x, positions, cache, gptj)
+        return
     for x in (q, k):
         if x is None or x.numel() == 0:
             continue
@@ -90,6 +99,7 @@ def _rotate(q, k, positions, cache, gptj: bool) -> None:
 
 OP_LIB.define("rotary_embedding(Tensor(a!) q, Tensor(b!)? k, Tensor positions, Tensor cos_sin_cache, bool gptj) -> ()")
 OP_LIB.impl("rotary_embedding", _rotate, "CPU")
+OP_LIB.impl("rotary_embedding", _rotate, "CUDA")
 
 
 @torch.library.register_fake("ringfuse::rotary_embedding")

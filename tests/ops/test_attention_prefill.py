@@ -1,0 +1,332 @@
+"""ringfuse.ops.attention / attention_varlen (prefill) on CPU vs an fp64 reference, under
+the tolerance rule, on the AVX2 path and the scalar fallback."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ringfuse import _C
+from ringfuse.ops import attention, attention_varlen
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make(shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(dtype)
+
+
+def reference64(q, k, v, causal, scale, softcap=None):
+    """fp64 spec: [B, Hq, Sq, Sk] scores, GQA by repeat, causal bottom-right aligned, rows
+    without a visible key -> zeros and lse -inf. Returns (out, lse)."""
+    group = q.shape[1] // k.shape[1]
+    kk, vv = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    s = q.double() @ kk.transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if causal:
+        sq, sk = q.shape[2], k.shape[2]
+        s = s.masked_fill(~torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq), -math.inf)
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ vv, lse
+
+
+def torch_same_dtype(q, k, v, causal, scale, softcap=None):
+    """torch's own computation in the inputs' dtype: the error budget of the tolerance rule."""
+    sq, sk = q.shape[2], k.shape[2]
+    if softcap is None and (not causal or sq == sk):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    s = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if causal:
+        s = s.masked_fill(~torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq), -math.inf)
+    p = torch.softmax(s.float(), -1).nan_to_num(0.0).to(q.dtype)
+    return p @ v.repeat_interleave(group, 1)
+
+
+def assert_tolerance(got, ref64, same_dtype):
+    err = (got.double() - ref64).abs().max().item()
+    err_torch = (same_dtype.double() - ref64).abs().max().item()
+    floor = torch.finfo(got.dtype).eps * max(1.0, ref64.abs().max().item())
+    assert err <= 2 * err_torch + floor, f"error {err:.3g} > 2 x torch's {err_torch:.3g} + {floor:.3g}"
+
+
+def check(q, k, v, causal, scale=None, softcap=None):
+    d = q.shape[-1]
+    scale_v = scale if scale is not None else 1 / math.sqrt(d)
+    got, lse = attention(q, k, v, causal=causal, scale=scale, softcap=softcap, return_lse=True)
+    assert got.dtype == q.dtype and got.shape == q.shape and lse.dtype == torch.float32
+    ref, ref_lse = reference64(q, k, v, causal, scale_v, softcap)
+    assert_tolerance(got, ref, torch_same_dtype(q, k, v, causal, scale_v, softcap))
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=0, atol=1e-4 * max(1, d / 64))
+    return got, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("s", [1, 7, 77, 129, 1000])
+def test_odd_lengths(isa, dtype, causal, s):
+    q, k, v = make((1, 9, s, 64), dtype, 1), make((1, 3, s, 64), dtype, 2), make((1, 3, s, 64), dtype, 3)
+    check(q, k, v, causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (9, 3), (8, 2), (16, 2), (3, 1)], ids=str)
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 256, 20])
+def test_gqa_and_head_dims(isa, dtype, hq, hkv, d):
+    q, k, v = make((2, hq, 37, d), dtype, 4), make((2, hkv, 37, d), dtype, 5), make((2, hkv, 37, d), dtype, 6)
+    check(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(1, 77), (7, 129), (16, 1000), (77, 7), (100, 40), (65, 64)], ids=str)
+def test_sq_differs_from_sk(isa, dtype, causal, sq, sk):
+    """Chunked prefill: causal aligned bottom-right; with Sq > Sk the first queries see no
+    key at all (zeros, lse = -inf, as flash-attn)."""
+    q, k, v = make((2, 8, sq, 64), dtype, 7), make((2, 2, sk, 64), dtype, 8), make((2, 2, sk, 64), dtype, 9)
+    got, lse = check(q, k, v, causal)
+    if causal and sq > sk:
+        assert bool((got[:, :, : sq - sk] == 0).all()) and bool((lse[:, :, : sq - sk] == -math.inf).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softcap_and_scale(isa, dtype):
+    q, k, v = make((2, 6, 70, 64), dtype, 10, 3.0), make((2, 2, 90, 64), dtype, 11, 3.0), make((2, 2, 90, 64), dtype, 12)
+    check(q, k, v, causal=True, scale=0.3, softcap=20.0)
+    check(q, k, v, causal=False, softcap=5.0)
+
+
+def test_matches_sdpa_drop_in():
+    """Same call shape as F.scaled_dot_product_attention(..., is_causal, scale, enable_gqa)."""
+    q, k, v = make((2, 8, 50, 64), torch.float32, 13), make((2, 4, 50, 64), torch.float32, 14), make(
+        (2, 4, 50, 64), torch.float32, 15)  # fmt: skip
+    for causal in (False, True):
+        torch.testing.assert_close(attention(q, k, v, causal=causal, scale=0.2),
+                                   F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.2,
+                                                                  enable_gqa=True), atol=2e-6, rtol=1e-5)  # fmt: skip
+
+
+def test_strided_layouts_and_out():
+    """q/k/v as [B, S, H, D] views transposed to [B, H, S, D] (HF's layout after the
+    projection), a fused qkv buffer, and out= into a transposed view."""
+    qkv = make((2, 33, 12, 64), torch.bfloat16, 16)  # [B, S, Hq + 2 Hkv, D]
+    q, k, v = (t.transpose(1, 2) for t in (qkv[:, :, :8], qkv[:, :, 8:10], qkv[:, :, 10:]))
+    ref, _ = reference64(q, k, v, True, 1 / 8)
+    out = torch.full((2, 33, 8, 64), float("nan"), dtype=torch.bfloat16).transpose(1, 2)
+    ret = attention(q, k, v, causal=True, out=out)
+    assert ret is out
+    assert_tolerance(out, ref, torch_same_dtype(q, k, v, True, 1 / 8))
+    torch.testing.assert_close(attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True), out,
+                               atol=0, rtol=0)  # fmt: skip
+
+
+def test_empty_and_degenerate():
+    q, k = make((2, 4, 0, 64), torch.float32, 0), make((2, 2, 5, 64), torch.float32, 1)
+    assert attention(q, k, k, causal=True).shape == (2, 4, 0, 64)
+    q = make((2, 4, 3, 64), torch.float32, 2)
+    out, lse = attention(q, k[:, :, :0], k[:, :, :0], return_lse=True)  # no keys: zeros
+    assert bool((out == 0).all()) and bool((lse == -math.inf).all())
+    assert attention(q[:0], k[:0], k[:0]).shape == (0, 4, 3, 64)
+
+
+def test_nan_propagates_only_where_seen():
+    q, k, v = make((1, 2, 40, 64), torch.float32, 3), make((1, 2, 40, 64), torch.float32, 4), make(
+        (1, 2, 40, 64), torch.float32, 5)  # fmt: skip
+    k[0, 0, 20, 3] = float("nan")
+    out = attention(q, k, v, causal=True)
+    assert bool(torch.isfinite(out[0, 0, :20]).all())  # queries before key 20 never see it
+    assert bool(torch.isnan(out[0, 0, 20:]).all()) and bool(torch.isfinite(out[0, 1]).all())
+
+
+def test_deterministic_across_threads():
+    q, k, v = make((1, 9, 300, 64), torch.float32, 6), make((1, 3, 300, 64), torch.float32, 7), make(
+        (1, 3, 300, 64), torch.float32, 8)  # fmt: skip
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = attention(q, k, v, causal=True)
+        torch.set_num_threads(2)
+        two = attention(q, k, v, causal=True)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(one, two)
+
+
+# ---------------------------------------------------------------------------------------
+# varlen
+
+
+def packed(lens_q, lens_k, hq, hkv, d, dtype, seed):
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    q = make((int(cu_q[-1]), hq, d), dtype, seed)
+    k, v = make((int(cu_k[-1]), hkv, d), dtype, seed + 1), make((int(cu_k[-1]), hkv, d), dtype, seed + 2)
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_equals_per_sequence_calls(isa, dtype, causal):
+    """Mixed lengths (including an empty sequence and Sq != Sk) in one call give, bitwise,
+    what one attention call per sequence gives, and match the reference."""
+    lens_q, lens_k = [5, 0, 77, 1, 130], [9, 3, 77, 40, 130]
+    q, k, v, cu_q, cu_k = packed(lens_q, lens_k, 6, 2, 64, dtype, 20)
+    out, lse = attention_varlen(q, k, v, cu_q, cu_k, causal=causal, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (6, q.shape[0])
+    for b in range(len(lens_q)):
+        (q0, q1), (k0, k1) = cu_q[b : b + 2].tolist(), cu_k[b : b + 2].tolist()
+        if q1 == q0:
+            continue
+        qs, ks, vs = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        one, one_lse = attention(qs, ks, vs, causal=causal, return_lse=True)
+        assert torch.equal(out[q0:q1], one[0].transpose(0, 1))
+        assert torch.equal(lse[:, q0:q1], one_lse[0])
+        ref, _ = reference64(qs, ks, vs, causal, 1 / 8)
+        assert_tolerance(one, ref, torch_same_dtype(qs, ks, vs, causal, 1 / 8))
+
+
+def test_varlen_rows_past_the_last_sequence_are_zero():
+    q, k, v, cu_q, cu_k = packed([4, 6], [4, 6], 2, 2, 32, torch.float32, 30)
+    q = torch.cat([q, make((3, 2, 32), torch.float32, 0)])  # 3 padding rows
+    out = attention_varlen(q, k, v, cu_q, cu_k, causal=True)
+    assert bool((out[10:] == 0).all())
+
+
+def test_varlen_bad_offsets():
+    q, k, v, cu_q, cu_k = packed([4, 6], [4, 6], 2, 2, 32, torch.float32, 31)
+    with pytest.raises(ValueError, match="cu_seqlens_q must start at 0, never decrease and end at most at 10"):
+        attention_varlen(q, k, v, torch.tensor([0, 6, 4], dtype=torch.int32), cu_k)
+    with pytest.raises(ValueError, match="cu_seqlens_k must start at 0"):
+        attention_varlen(q, k, v, cu_q, torch.tensor([0, 4, 11], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens_q must start at 0"):
+        attention_varlen(q, k, v, torch.tensor([1, 4, 10], dtype=torch.int32), cu_k)
+    with pytest.raises(TypeError, match="cu_seqlens_q must have dtype int32"):
+        attention_varlen(q, k, v, cu_q.long(), cu_k)
+    with pytest.raises(ValueError, match="cu_seqlens_k must have cu_seqlens_q's shape"):
+        attention_varlen(q, k, v, cu_q, cu_k[:2])
+    with pytest.raises(ValueError, match="must have 3 dimensions"):
+        attention_varlen(q[None], k, v, cu_q, cu_k)
+    with pytest.raises(ValueError, match="max_seqlen_q must be None or an int"):
+        attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q=-1)
+    # C++ re-checks the offsets before reading
+    bad = torch.tensor([0, 4, 99], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        _C.attention(1, 0, 1, 1, 0, 0, 0, 0, 1, 0, 1, 1, 1, 0, 1, 1, 1, 0, 1, 1, bad.data_ptr(), cu_k.data_ptr(),
+                     2, 10, 10, 2, 2, 32, False, 1.0, 0.0, 0, 1)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# autograd, torch.compile, bad input
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_autograd_matches_sdpa(causal):
+    q, k, v = (make(s, torch.float32, i).requires_grad_() for i, s in
+               enumerate([(2, 6, 19, 32), (2, 2, 19, 32), (2, 2, 19, 32)]))  # fmt: skip
+    g = make((2, 6, 19, 32), torch.float32, 9)
+    grads = torch.autograd.grad(attention(q, k, v, causal=causal, softcap=None), (q, k, v), g)
+    ref = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True), (q, k, v), g)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_autograd_varlen_and_bf16():
+    q, k, v, cu_q, cu_k = packed([3, 7], [5, 7], 4, 2, 16, torch.bfloat16, 40)
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = attention_varlen(q, k, v, cu_q, cu_k, causal=True)
+    out.float().square().sum().backward()
+    # per-sequence fp32 reference grads
+    for b in range(2):
+        (q0, q1), (k0, k1) = cu_q[b : b + 2].tolist(), cu_k[b : b + 2].tolist()
+        qs, ks, vs = (t.detach()[a:z].float().transpose(0, 1)[None].requires_grad_() for t, a, z in
+                      ((q, q0, q1), (k, k0, k1), (v, k0, k1)))  # fmt: skip
+        o = reference64(qs, ks, vs, True, 0.25)[0]
+        o.square().sum().backward()
+        for got, ref in ((q.grad[q0:q1], qs.grad), (k.grad[k0:k1], ks.grad), (v.grad[k0:k1], vs.grad)):
+            torch.testing.assert_close(got.float(), ref[0].transpose(0, 1).float(), atol=0.1, rtol=0.05)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = make((1, 4, 20, 32), torch.float32, 50), make((1, 2, 20, 32), torch.float32, 51), make(
+        (1, 2, 20, 32), torch.float32, 52)  # fmt: skip
+    f = torch.compile(lambda a, b, c: attention(a, b, c, causal=True) * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(q, k, v), attention(q, k, v, causal=True) * 2)
+    qv, kv, vv, cu_q, cu_k = packed([3, 7], [5, 7], 4, 2, 16, torch.float32, 53)
+    fv = torch.compile(lambda a, b, c, x, y: attention_varlen(a, b, c, x, y, causal=True), fullgraph=True,
+                       backend="aot_eager")  # fmt: skip
+    torch.testing.assert_close(fv(qv, kv, vv, cu_q, cu_k), attention_varlen(qv, kv, vv, cu_q, cu_k, causal=True))
+
+
+def test_opcheck():
+    q, k, v = make((1, 4, 9, 16), torch.float32, 60), make((1, 2, 9, 16), torch.float32, 61), make(
+        (1, 2, 9, 16), torch.float32, 62)  # fmt: skip
+    torch.library.opcheck(torch.ops.ringfuse.attention, (q, k, v, True, 0.25, 0.0))
+    qv, kv, vv, cu_q, cu_k = packed([3, 7], [5, 7], 4, 2, 16, torch.float32, 63)
+    torch.library.opcheck(torch.ops.ringfuse.attention_varlen, (qv, kv, vv, cu_q, cu_k, 7, True, 0.25, 0.0))
+
+
+def test_bad_inputs():
+    q, k, v = make((2, 6, 8, 16), torch.float32, 0), make((2, 4, 8, 16), torch.float32, 1), make(
+        (2, 4, 8, 16), torch.float32, 2)  # fmt: skip
+    with pytest.raises(ValueError, match=r"query heads \(6\) must be a multiple of the number of kv heads \(4\)"):
+        attention(q, k, v)
+    k, v = k[:, :3], v[:, :3]
+    with pytest.raises(ValueError, match=r"head_dim of q \(8\) and of k/v \(16\) differ"):
+        attention(make((2, 6, 8, 8), torch.float32, 0), k, v)
+    with pytest.raises(TypeError, match="k must have q's dtype"):
+        attention(q, k.bfloat16(), v)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        attention(q.double(), k.double(), v.double())
+    with pytest.raises(TypeError, match="q must have dtype"):
+        attention(q.int(), k, v)
+    with pytest.raises(ValueError, match="k must be on a cpu or cuda device, got meta"):
+        attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        attention(q, k, v[:, :, :4])
+    with pytest.raises(ValueError, match="q has batch 2 but k/v have 1"):
+        attention(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match="must have 4 dimensions"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match="head_dim must be in"):
+        big = make((1, 1, 2, 300), torch.float32, 0)
+        attention(big, big, big)
+    with pytest.raises(ValueError, match="unit stride in its last"):
+        attention(q.transpose(2, 3).contiguous().transpose(2, 3), k, v)
+    with pytest.raises(ValueError, match="scale must be"):
+        attention(q, k, v, scale=-1.0)
+    with pytest.raises(ValueError, match="softcap must be"):
+        attention(q, k, v, softcap=float("inf"))
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        attention(q, k, v, causal=1)
+    with pytest.raises(ValueError, match="out must match q"):
+        attention(q, k, v, out=torch.empty(2, 6, 8, 8))
+    with pytest.raises(ValueError, match="out overlaps q"):
+        attention(q, k, v, out=q)
+    with pytest.raises(ValueError, match="out= does not support autograd"):
+        attention(q.clone().requires_grad_(), k, v, out=torch.empty_like(q))
+    with pytest.raises(ValueError, match="num_q_heads must be a positive multiple"):  # C++ boundary
+        _C.attention(1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1, 3, 2, 8, False, 1.0,
+                     0.0, 0, 1)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_matches_reference(dtype):
+    """CUDA tensors go to the Triton flash kernel (4D and varlen)."""
+    q, k, v = make((2, 8, 130, 64), dtype, 70), make((2, 2, 130, 64), dtype, 71), make((2, 2, 130, 64), dtype, 72)
+    ref, _ = reference64(q, k, v, True, 1 / 8)
+    got = attention(q.cuda(), k.cuda(), v.cuda(), causal=True).cpu()
+    assert_tolerance(got, ref, torch_same_dtype(q, k, v, True, 1 / 8))
+    qv, kv, vv, cu_q, cu_k = packed([5, 0, 77], [9, 3, 77], 6, 2, 64, dtype, 73)
+    cpu = attention_varlen(qv, kv, vv, cu_q, cu_k, causal=True)
+    gpu = attention_varlen(qv.cuda(), kv.cuda(), vv.cuda(), cu_q.cuda(), cu_k.cuda(), causal=True).cpu()
+    torch.testing.assert_close(gpu.float(), cpu.float(), atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=0)

@@ -1,0 +1,129 @@
+"""ringfuse.ops.write_kv: new K/V rows into a contiguous or paged cache, vs index_put."""
+
+import pytest
+import torch
+
+from ringfuse import _C
+from ringfuse.ops import decode_attention, paged_decode_attention, write_kv
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def expected(cache, rows, slots, block_size):
+    out = cache.clone()
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            out[s // block_size, :, s % block_size] = rows[t]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("block_size,hkv,d", [(16, 2, 64), (5, 3, 80), (1, 1, 7)], ids=str)
+def test_paged_matches_index_put(dtype, slot_dtype, block_size, hkv, d):
+    num_blocks, T = 12, 11
+    k, v = make((T, hkv, d), dtype, 1), make((T, hkv, d), dtype, 2)
+    k_cache, v_cache = make((num_blocks, hkv, block_size, d), dtype, 3), make((num_blocks, hkv, block_size, d), dtype, 4)
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(5))[:T]
+    slots[[2, 7]] = -1  # padding tokens
+    slots = slots.to(slot_dtype)
+    ref_k, ref_v = expected(k_cache, k, slots, block_size), expected(v_cache, v, slots, block_size)
+    write_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+
+def test_contiguous_cache_prefill_then_decode():
+    """The contiguous layout [B, Hkv, S_max, D] is block_size = S_max: slot = b * S_max + pos.
+    Write a prefill then one decode token per sequence and attend over it."""
+    B, hkv, S_max, d = 2, 2, 32, 64
+    k_cache, v_cache = torch.zeros(B, hkv, S_max, d), torch.zeros(B, hkv, S_max, d)
+    lens = [10, 4]
+    k = make((sum(lens), hkv, d), torch.float32, 6)
+    v = make((sum(lens), hkv, d), torch.float32, 7)
+    slots = torch.tensor([b * S_max + p for b, n in enumerate(lens) for p in range(n)])
+    write_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache[0, :, :10], k[:10].transpose(0, 1)) and torch.equal(v_cache[1, :, :4], v[10:].transpose(0, 1))
+    assert bool((k_cache[0, :, 10:] == 0).all()) and bool((k_cache[1, :, 4:] == 0).all())
+    # decode step: token at position len[b] for each sequence, strided views of a [T, 3, Hkv, D] qkv buffer
+    qkv = make((B, 3, hkv, d), torch.float32, 8)
+    write_kv(qkv[:, 1], qkv[:, 2], k_cache, v_cache, torch.tensor([0 * S_max + 10, 1 * S_max + 4]))
+    assert torch.equal(k_cache[1, :, 4], qkv[1, 1]) and torch.equal(v_cache[0, :, 10], qkv[0, 2])
+    seq_lens = torch.tensor([11, 5], dtype=torch.int32)
+    out = decode_attention(qkv[:, 0], k_cache, v_cache, seq_lens)
+    # the same data in pages gives the same bits
+    pages_k = k_cache.reshape(B, hkv, 2, 16, d).permute(0, 2, 1, 3, 4).reshape(B * 2, hkv, 16, d)
+    pages_v = v_cache.reshape(B, hkv, 2, 16, d).permute(0, 2, 1, 3, 4).reshape(B * 2, hkv, 16, d)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    assert torch.equal(paged_decode_attention(qkv[:, 0], pages_k, pages_v, table, seq_lens), out)
+
+
+def test_duplicate_slot_keeps_the_last_token():
+    k, v = make((3, 1, 8), torch.float32, 9), make((3, 1, 8), torch.float32, 10)
+    kc, vc = torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)
+    write_kv(k, v, kc, vc, torch.tensor([2, 2, 2]))
+    assert torch.equal(kc[0, 0, 2], k[2, 0]) and torch.equal(vc[0, 0, 2], v[2, 0])
+
+
+def test_torch_compile_fullgraph():
+    k, v = make((4, 2, 16), torch.float32, 11), make((4, 2, 16), torch.float32, 12)
+
+    def step(k, v, kc, vc, slots):
+        write_kv(k, v, kc, vc, slots)
+        return kc.sum() + vc.sum()
+
+    kc, vc = torch.zeros(3, 2, 4, 16), torch.zeros(3, 2, 4, 16)
+    f = torch.compile(step, fullgraph=True, backend="aot_eager")
+    total = f(k, v, kc, vc, torch.tensor([0, 5, 11, -1]))
+    assert torch.equal(kc[1, :, 1], k[1]) and torch.equal(kc[2, :, 3], k[2])
+    torch.testing.assert_close(total, k[:3].sum() + v[:3].sum())
+
+
+def test_bad_inputs():
+    k, v = make((3, 2, 16), torch.float32, 0), make((3, 2, 16), torch.float32, 1)
+    kc, vc = torch.zeros(2, 2, 4, 16), torch.zeros(2, 2, 4, 16)
+    slots = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"slot_mapping\[1\] = 8 outside \[-1, 8\)"):
+        write_kv(k, v, kc, vc, torch.tensor([0, 8, 1]))
+    assert bool((kc == 0).all())  # checked before any write
+    with pytest.raises(ValueError, match=r"slot_mapping\[2\] = -2"):
+        write_kv(k, v, kc, vc, torch.tensor([0, 1, -2]))
+    with pytest.raises(TypeError, match="slot_mapping must be an int64 or int32 tensor"):
+        write_kv(k, v, kc, vc, slots.float())
+    with pytest.raises(ValueError, match=r"slot_mapping must have shape \(3,\)"):
+        write_kv(k, v, kc, vc, slots[:2])
+    with pytest.raises(TypeError, match="k_cache must have k's dtype"):
+        write_kv(k, v, kc.half(), vc, slots)
+    with pytest.raises(ValueError, match="the cache must be"):
+        write_kv(k, v, torch.zeros(2, 2, 4, 8), torch.zeros(2, 2, 4, 8), slots)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        write_kv(k, v[:2], kc, vc, slots[:2])
+    with pytest.raises(ValueError, match="k_cache and v_cache must have the same shape"):
+        write_kv(k, v, kc, vc[:1], slots)
+    with pytest.raises(ValueError, match="must have 4 dimensions"):
+        write_kv(k, v, kc[0], vc[0], slots)
+    with pytest.raises(ValueError, match="k overlaps k_cache"):
+        write_kv(kc[0, :, :3].transpose(0, 1), v, kc, vc, slots)
+    with pytest.raises(ValueError, match="slot_mapping is on meta"):
+        write_kv(k, v, kc, vc, slots.to("meta"))
+    bad = torch.tensor([9], dtype=torch.int64)  # C++ re-checks slots
+    with pytest.raises(ValueError, match="outside"):
+        _C.write_kv(kc.data_ptr(), 128, 64, 16, vc.data_ptr(), 128, 64, 16, k.data_ptr(), 32, 16, v.data_ptr(), 32,
+                    16, bad.data_ptr(), 1, 2, 16, 2, 4, 0)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    k, v = make((9, 2, 64), torch.bfloat16, 20), make((9, 2, 64), torch.bfloat16, 21)
+    kc, vc = make((4, 2, 16, 64), torch.bfloat16, 22), make((4, 2, 16, 64), torch.bfloat16, 23)
+    slots = torch.tensor([3, -1, 63, 17, 16, 0, 40, 41, 5])
+    kg, vg = kc.cuda(), vc.cuda()
+    write_kv(k.cuda(), v.cuda(), kg, vg, slots.cuda())
+    write_kv(k, v, kc, vc, slots)
+    assert torch.equal(kg.cpu(), kc) and torch.equal(vg.cpu(), vc)
+    with pytest.raises(ValueError, match="slot_mapping must lie in"):
+        write_kv(k.cuda(), v.cuda(), kg, vg, (slots + 100).cuda())
