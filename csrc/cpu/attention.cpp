@@ -78,29 +78,30 @@ struct DecodeKernel {
     }
   }
 
-  // One work item with AVX2: keys [j0, j1) of sequence it.b, query heads [g0, g1) of kv head.
+  // One work item with AVX2: keys [j0, j1) of sequence it.b, query heads [g0, g0 + G) of
+  // kv head it.kvh. G is a template argument so the group's accumulators live in registers
+  // (a runtime-sized array of __m256 goes through the stack, and every FMA of the PV loop
+  // then waits on a store-to-load round trip).
+  template <int G>
   static RF_AVX2 void split_avx2(const DecodeArgs& a, const Item& it, int64_t j0, int64_t j1) {
-    const int64_t D = a.d, G = it.g1 - it.g0, Dv = D & ~int64_t(7);
+    const int64_t D = a.d, Dv = D & ~int64_t(7), Dp = (D + 7) & ~int64_t(7);
     const int64_t h0 = it.kvh * a.group + it.g0;  // first query head of the item
-    // q * scale in fp32, zero-padded to a multiple of 8
-    const int64_t Dp = (D + 7) & ~int64_t(7);
-    float qf[kMaxGroup][256 + 8];
-    float kf[256 + 8];
-    for (int64_t g = 0; g < G; ++g) {
+    alignas(32) float qf[G][256 + 8];  // q * scale in fp32, zero-padded to a multiple of 8
+    for (int g = 0; g < G; ++g) {
       const T* qp = static_cast<const T*>(a.q) + it.b * a.q_sb + (h0 + g) * a.q_sh;
       for (int64_t i = 0; i < D; ++i) qf[g][i] = E::load(qp + i) * a.scale;
       for (int64_t i = D; i < Dp; ++i) qf[g][i] = 0.0f;
     }
-    float* acc[kMaxGroup];
-    float m[kMaxGroup], l[kMaxGroup];
-    for (int64_t g = 0; g < G; ++g) {
+    float* acc[G];
+    float m[G], l[G];
+    for (int g = 0; g < G; ++g) {
       const int64_t slot = ((it.b * a.hq) + h0 + g) * a.max_splits + it.split;
       acc[g] = a.part_acc + slot * D;
       std::fill(acc[g], acc[g] + D, 0.0f);
       m[g] = -std::numeric_limits<float>::infinity();
       l[g] = 0.0f;
     }
-    alignas(32) float s[kMaxGroup][kTile];
+    alignas(32) float s[G][kTile];
     const T* krow[kTile];
     const T* vrow[kTile];
     for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
@@ -108,31 +109,31 @@ struct DecodeKernel {
       tile_rows(a, it.b, it.kvh, t0, nt, krow, vrow);
       // scores of the tile: each key row converted to fp32 once for the whole group
       for (int64_t t = 0; t < nt; ++t) {
-        // fp32 rows of a multiple of 8 are read in place; others are converted once
-        const float* kr = kf;
-        if constexpr (E::code == kFloat32) {
-          if (Dv == D) kr = reinterpret_cast<const float*>(krow[t]);
-        }
-        if (kr == kf) {
-          int64_t i = 0;
-          for (; i < Dv; i += 8) _mm256_storeu_ps(kf + i, V8<E>::load(krow[t] + i));
-          if (i < D) _mm256_storeu_ps(kf + i, load_tail<E>(krow[t] + i, D - i));
-        }
-        for (int64_t g = 0; g < G; ++g) {
-          __m256 d0 = _mm256_setzero_ps(), d1 = d0;
-          int64_t c = 0;
-          for (; c + 16 <= Dp; c += 16) {
-            d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + c), _mm256_loadu_ps(kr + c), d0);
-            d1 = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + c + 8), _mm256_loadu_ps(kr + c + 8), d1);
+        // each 8-element chunk of the key row is loaded (and converted to fp32) once, in
+        // registers, and used by the whole group
+        const T* kr = krow[t];
+        __m256 d0[G], d1[G];
+        for (int g = 0; g < G; ++g) d0[g] = d1[g] = _mm256_setzero_ps();
+        int64_t c = 0;
+        for (; c + 16 <= Dv; c += 16) {
+          const __m256 k0 = V8<E>::load(kr + c), k1 = V8<E>::load(kr + c + 8);
+          for (int g = 0; g < G; ++g) {
+            d0[g] = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + c), k0, d0[g]);
+            d1[g] = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + c + 8), k1, d1[g]);
           }
-          if (c < Dp) d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf[g] + c), _mm256_loadu_ps(kr + c), d0);
-          float score = hsum(_mm256_add_ps(d0, d1));
+        }
+        for (; c < D; c += 8) {
+          const __m256 k0 = c + 8 <= D ? V8<E>::load(kr + c) : load_tail<E>(kr + c, D - c);
+          for (int g = 0; g < G; ++g) d0[g] = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + c), k0, d0[g]);
+        }
+        for (int g = 0; g < G; ++g) {
+          float score = hsum(_mm256_add_ps(d0[g], d1[g]));
           if (a.softcap > 0.0f) score = a.softcap * std::tanh(score / a.softcap);
           s[g][t] = score;
         }
       }
       // online softmax update per query: p = exp(s - m_new), rescale the running sums
-      for (int64_t g = 0; g < G; ++g) {
+      for (int g = 0; g < G; ++g) {
         float tile_max = s[g][0];
         for (int64_t t = 1; t < nt; ++t) tile_max = std::max(tile_max, s[g][t]);
         const float m_new = std::max(m[g], tile_max);
@@ -156,16 +157,34 @@ struct DecodeKernel {
           for (int64_t i = Dv; i < D; ++i) acc[g][i] *= alpha;
         }
       }
-      // acc += p * v: per 8 columns, the group's accumulators stay in registers over the tile
-      for (int64_t c = 0; c < Dp; c += 8) {
+      // acc += p * v: 16 columns at a time for small groups (2G independent FMA chains),
+      // 8 for larger ones, the accumulators in registers over the whole tile
+      constexpr int kChunks = G <= 4 ? 2 : 1;
+      int64_t c = 0;
+      for (; c + 8 * kChunks <= Dv; c += 8 * kChunks) {
+        __m256 accv[G][kChunks];
+        for (int g = 0; g < G; ++g)
+          for (int u = 0; u < kChunks; ++u) accv[g][u] = _mm256_loadu_ps(acc[g] + c + 8 * u);
+        for (int64_t t = 0; t < nt; ++t) {
+          __m256 vv[kChunks];
+          for (int u = 0; u < kChunks; ++u) vv[u] = V8<E>::load(vrow[t] + c + 8 * u);
+          for (int g = 0; g < G; ++g) {
+            const __m256 pb = _mm256_broadcast_ss(&s[g][t]);
+            for (int u = 0; u < kChunks; ++u) accv[g][u] = _mm256_fmadd_ps(pb, vv[u], accv[g][u]);
+          }
+        }
+        for (int g = 0; g < G; ++g)
+          for (int u = 0; u < kChunks; ++u) _mm256_storeu_ps(acc[g] + c + 8 * u, accv[g][u]);
+      }
+      for (; c < Dp; c += 8) {  // the rest: single full chunks, then the tail
         const int64_t n = std::min<int64_t>(8, D - c);
-        __m256 accv[kMaxGroup];
-        for (int64_t g = 0; g < G; ++g) accv[g] = n == 8 ? _mm256_loadu_ps(acc[g] + c) : load_tail<F32>(acc[g] + c, n);
+        __m256 accv[G];
+        for (int g = 0; g < G; ++g) accv[g] = n == 8 ? _mm256_loadu_ps(acc[g] + c) : load_tail<F32>(acc[g] + c, n);
         for (int64_t t = 0; t < nt; ++t) {
           const __m256 vv = n == 8 ? V8<E>::load(vrow[t] + c) : load_tail<E>(vrow[t] + c, n);
-          for (int64_t g = 0; g < G; ++g) accv[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[g][t]), vv, accv[g]);
+          for (int g = 0; g < G; ++g) accv[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[g][t]), vv, accv[g]);
         }
-        for (int64_t g = 0; g < G; ++g) {
+        for (int g = 0; g < G; ++g) {
           if (n == 8)
             _mm256_storeu_ps(acc[g] + c, accv[g]);
           else
@@ -173,10 +192,23 @@ struct DecodeKernel {
         }
       }
     }
-    for (int64_t g = 0; g < G; ++g) {
+    for (int g = 0; g < G; ++g) {
       const int64_t slot = ((it.b * a.hq) + h0 + g) * a.max_splits + it.split;
       a.part_m[slot] = m[g];
       a.part_l[slot] = l[g];
+    }
+  }
+
+  static void split_avx2_any(const DecodeArgs& a, const Item& it, int64_t j0, int64_t j1) {
+    switch (it.g1 - it.g0) {
+      case 1: split_avx2<1>(a, it, j0, j1); break;
+      case 2: split_avx2<2>(a, it, j0, j1); break;
+      case 3: split_avx2<3>(a, it, j0, j1); break;
+      case 4: split_avx2<4>(a, it, j0, j1); break;
+      case 5: split_avx2<5>(a, it, j0, j1); break;
+      case 6: split_avx2<6>(a, it, j0, j1); break;
+      case 7: split_avx2<7>(a, it, j0, j1); break;
+      default: split_avx2<8>(a, it, j0, j1); break;
     }
   }
 
@@ -243,7 +275,7 @@ struct DecodeKernel {
       const int64_t j0 = it.split * a.split_size;
       const int64_t j1 = std::min<int64_t>(a.seq_lens[it.b], j0 + a.split_size);
       if (isa == Isa::kAvx2)
-        split_avx2(a, it, j0, j1);
+        split_avx2_any(a, it, j0, j1);
       else
         split_scalar(a, it, j0, j1);
     }

@@ -31,6 +31,25 @@ RF_AVX2 void copy_avx2(char* dst, const char* src, int64_t n) {
   _mm_sfence();
 }
 
+// Sum n / 4 int32 with 4 independent AVX2 accumulators: a read-only stream (what decode
+// attention does with its KV cache).
+RF_AVX2 int64_t read_avx2(const char* src, int64_t n) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    a0 = _mm256_add_epi32(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+    a1 = _mm256_add_epi32(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 32)));
+    a2 = _mm256_add_epi32(a2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 64)));
+    a3 = _mm256_add_epi32(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 96)));
+  }
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3)));
+  int64_t total = 0;
+  for (int k = 0; k < 8; ++k) total += lanes[k];
+  for (; i < n; ++i) total += src[i];
+  return total;
+}
+
 // 10 independent FMA chains of 8 lanes: enough to cover FMA latency x 2 pipes on Zen 3.
 RF_AVX2 float fma_avx2(int64_t iters) {
   __m256 acc[10];
@@ -75,6 +94,28 @@ void probe_copy(std::uintptr_t dst, std::uintptr_t src, int64_t nbytes, int num_
     else
       std::memcpy(d + lo, s + lo, size_t(hi - lo));
   });
+}
+
+int64_t probe_read(std::uintptr_t src, int64_t nbytes, int num_threads) {
+  RINGFUSE_CHECK(nbytes >= 0, "probe_read: nbytes must be >= 0");
+  if (nbytes == 0) return 0;
+  RINGFUSE_CHECK(src, "probe_read: null pointer");
+  const char* s = reinterpret_cast<const char*>(src);
+  const bool avx2 = active_isa() == Isa::kAvx2;
+  const int64_t block = 1 << 16;
+  const int64_t blocks = (nbytes + block - 1) / block;
+  const int threads = num_threads < 1 ? 1 : num_threads;
+  int64_t total = 0;
+#pragma omp parallel for num_threads(threads) reduction(+ : total) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t lo = b * block, n = std::min(nbytes, lo + block) - lo;
+    if (avx2) {
+      total += read_avx2(s + lo, n);
+    } else {
+      for (int64_t i = 0; i < n; ++i) total += s[lo + i];
+    }
+  }
+  return total;
 }
 
 double probe_fma(int64_t iters, int num_threads) {

@@ -1,10 +1,11 @@
-// Machine-limit probes (copy bandwidth, fp32 FMA peak); see limits.cpp.
+// Machine-limit probes (copy and read bandwidth, fp32 FMA peak); see limits.cpp.
 #pragma once
 #include <cstdint>
 
 namespace ringfuse::cpu {
 
 void probe_copy(std::uintptr_t dst, std::uintptr_t src, int64_t nbytes, int num_threads);
+int64_t probe_read(std::uintptr_t src, int64_t nbytes, int num_threads);  // returns a checksum
 double probe_fma(int64_t iters, int num_threads);  // returns a checksum (keeps the loop alive)
 int64_t probe_fma_flops_per_iter(int num_threads);
 

@@ -84,7 +84,7 @@ def _bench(args) -> int:
     if args.op == "attention":
         from .bench import attention
 
-        attention.run(lengths=attention.LENGTHS[:2] if args.quick else attention.LENGTHS, rounds=args.rounds, lim=lim)
+        attention.run(rounds=args.rounds, lim=lim, quick=args.quick)
         return 0
     from .bench import norms
 

@@ -21,6 +21,7 @@ class Limits:
     threads: int
     copy_gbs: float  # DRAM -> DRAM copy, read + write bytes per second / 1e9
     copy_l2_gbs: float  # a buffer that fits L2, for small benches
+    read_gbs: float  # DRAM read-only stream (512 MiB, past the L3), bytes per second / 1e9
     fma_gflops: float  # fp32 FMA peak, GFLOP/s
 
     @property
@@ -48,6 +49,14 @@ def copy_bandwidth(nbytes: int, threads: int, repeats: int = 9) -> float:
     return 2 * nbytes / t / 1e9
 
 
+def read_bandwidth(nbytes: int, threads: int, repeats: int = 3) -> float:
+    src = torch.ones(nbytes // 4, dtype=torch.int32)  # the checksum is the number of int32
+    if _C.probe_read(src.data_ptr(), nbytes, threads) != nbytes // 4:
+        raise RuntimeError("probe_read did not read every byte")
+    t = _best_of(lambda: _C.probe_read(src.data_ptr(), nbytes, threads), repeats)
+    return nbytes / t / 1e9
+
+
 def fma_peak(threads: int, iters: int = 2_000_000) -> float:
     flops = _C.probe_fma_flops_per_iter(threads) * iters
     t = _best_of(lambda: _C.probe_fma(iters, threads), 5)
@@ -60,6 +69,7 @@ def measure(threads: int | None = None) -> Limits:
         threads=threads,
         copy_gbs=copy_bandwidth(64 << 20, threads),
         copy_l2_gbs=copy_bandwidth(256 << 10, threads, repeats=200),
+        read_gbs=read_bandwidth(512 << 20, threads),
         fma_gflops=fma_peak(threads),
     )
 
@@ -72,6 +82,7 @@ def run(threads: int | None = None) -> Limits:
         [
             ["copy bandwidth", "64 MiB -> 64 MiB, AVX2 + NT stores", f"{lim.copy_gbs:.1f} GB/s"],
             ["copy in L2", "256 KiB -> 256 KiB, memcpy", f"{lim.copy_l2_gbs:.1f} GB/s"],
+            ["read from DRAM", "512 MiB, AVX2 loads, 4 sums per thread", f"{lim.read_gbs:.1f} GB/s"],
             ["fp32 FMA peak", "10 chains x 8 lanes per thread", f"{lim.fma_gflops:.1f} GFLOP/s"],
         ],
         left=2,

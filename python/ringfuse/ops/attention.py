@@ -46,7 +46,7 @@ from .. import _C
 from . import _common as c
 from .rms_norm import OP_LIB
 
-SPLIT_SIZE = 256  # keys per flash-decoding split (the kernel widens it for > 64 splits)
+SPLIT_SIZE = 512  # keys per flash-decoding split (the kernel widens it for > 64 splits)
 
 
 def _check_head_tensor(op: str, name: str, t, dim: int) -> None:
