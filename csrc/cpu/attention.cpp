@@ -1,4 +1,4 @@
-// Decode attention on CPU (flash-decoding): one new query token per sequence attends over
+// Attention on CPU. Decode (flash-decoding): one new query token per sequence attends over
 // its KV cache, contiguous or paged, split along the KV length so a long context keeps
 // both cores busy, with a deterministic merge of the splits.
 //
@@ -10,9 +10,12 @@
 // results are bitwise identical run to run, whatever the thread count, and between the
 // contiguous and the paged layout of the same data (splits depend on the length only).
 //
-// Napkin math: B = 1, Hkv = 3, D = 64, L = 8192, fp32: K + V = 12.6 MB read once, ~0.55 ms
-// at 23 GB/s; flops 4 * Hq * L * D = 19 MFLOP, ~0.1 ms at the FMA peak: memory-bound,
-// provided exp is vectorized (a scalar exp per score would cost more than the reads).
+// Napkin math: B = 1, Hkv = 3, D = 64, L = 8192, fp32: K + V = 12.6 MB read once, ~0.3 ms
+// at a 40-50 GB/s DRAM read stream; flops 4 * Hq * L * D = 19 MFLOP, ~0.1 ms at the FMA
+// peak: memory-bound, provided exp is vectorized (a scalar exp per score would cost more
+// than the reads) and the loads are prefetched (see split_avx2).
+//
+// The prefill kernel (attention) and write_kv follow after the decode kernel.
 #include "cpu/attention.h"
 
 #include <algorithm>
@@ -104,11 +107,25 @@ struct DecodeKernel {
     alignas(32) float s[G][kTile];
     const T* krow[kTile];
     const T* vrow[kTile];
+    const T* nkrow[kTile];
+    const T* nvrow[kTile];
+    const int64_t row_bytes = D * int64_t(sizeof(T));
     for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
       const int64_t nt = std::min<int64_t>(kTile, j1 - t0);
       tile_rows(a, it.b, it.kvh, t0, nt, krow, vrow);
+      const int64_t nn = std::min<int64_t>(kTile, j1 - t0 - kTile);  // keys of the next tile
+      if (nn > 0) tile_rows(a, it.b, it.kvh, t0 + kTile, nn, nkrow, nvrow);
       // scores of the tile: each key row converted to fp32 once for the whole group
       for (int64_t t = 0; t < nt; ++t) {
+        // Prefetch the next tile's rows, a row per key of this tile: with the hardware
+        // prefetcher alone, cold-cache decode read its K/V at ~19 GB/s; with this, ~27 GB/s
+        // (2 threads). A burst of all of them at the tile's start, or two tiles ahead, did
+        // not help.
+        if (t < nn)
+          for (int64_t off = 0; off < row_bytes; off += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(nkrow[t]) + off, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(nvrow[t]) + off, _MM_HINT_T0);
+          }
         // each 8-element chunk of the key row is loaded (and converted to fp32) once, in
         // registers, and used by the whole group
         const T* kr = krow[t];
