@@ -92,6 +92,11 @@ def _check_common(op, q, k, v, seq_lens, scale, softcap):
     _check_int32(op, "seq_lens", seq_lens, 1, q)
     if seq_lens.shape[0] != batch:
         raise ValueError(f"{op}: seq_lens must have shape ({batch},) (one length per sequence), got {tuple(seq_lens.shape)}")
+    return _check_scale_softcap(op, d, scale, softcap)
+
+
+def _check_scale_softcap(op, d, scale, softcap):
+    """scale (None: 1/sqrt(D)) and softcap (None: off, 0.0 to the kernels) as floats."""
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     elif not _positive(scale):
@@ -224,18 +229,6 @@ def _paged_fake(q, k_pages, v_pages, block_table, seq_lens, scale, softcap):
 
 # ---------------------------------------------------------------------------------------
 # Prefill: attention / attention_varlen
-
-
-def _check_scale_softcap(op, d, scale, softcap):
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif not _positive(scale):
-        raise ValueError(f"{op}: scale must be None or a finite number > 0, got {scale!r}")
-    if softcap is None:
-        softcap = 0.0
-    elif not _positive(softcap):
-        raise ValueError(f"{op}: softcap must be None or a finite number > 0, got {softcap!r}")
-    return float(scale), float(softcap)
 
 
 def _check_qkv(op, q, k, v, ndim, layout):
