@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "cpu/attention.h"
+#include "cpu/int8_gemm.h"
 #include "cpu/limits.h"
 #include "cpu/memory.h"
 #include "cpu/norms.h"
@@ -74,6 +75,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x_sh"), py::arg("tokens"), py::arg("heads"), py::arg("head_dim"), py::arg("positions"),
         py::arg("cache"), py::arg("cache_stride"), py::arg("max_positions"), py::arg("rot_dim"), py::arg("gptj"),
         py::arg("dtype"), py::arg("num_threads"));
+
+  m.def("quantize_per_token", &rf::cpu::quantize_per_token, release_gil(), py::arg("q"), py::arg("q_stride"),
+        py::arg("scale"), py::arg("x"), py::arg("x_stride"), py::arg("rows"), py::arg("k"), py::arg("dtype"),
+        py::arg("num_threads"));
 
   m.def("advise_hugepages", &rf::cpu::advise_hugepages, py::arg("ptr"), py::arg("nbytes"));
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding")
+BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "int8")
 
 
 def _cpu_flags() -> list[str]:
@@ -80,6 +80,11 @@ def _bench(args) -> int:
         from .bench import rotary
 
         rotary.run(rounds=args.rounds, lim=lim)
+        return 0
+    if args.op == "int8":
+        from .bench import int8
+
+        int8.run(rows=int8.ROWS[:2] if args.quick else int8.ROWS, rounds=args.rounds, lim=lim)
         return 0
     if args.op == "attention":
         from .bench import attention

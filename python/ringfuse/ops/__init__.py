@@ -2,6 +2,7 @@
 
 from ._common import cuda_backend, set_cuda_backend
 from .attention import attention, attention_varlen, decode_attention, paged_decode_attention, write_kv
+from .int8_gemm import quantize_per_token
 from .layer_norm import add_layer_norm, layer_norm
 from .rms_norm import add_rms_norm, add_rms_norm_, rms_norm
 from .rotary_embedding import cos_sin_cache, rotary_embedding
@@ -17,6 +18,7 @@ __all__ = [
     "decode_attention",
     "layer_norm",
     "paged_decode_attention",
+    "quantize_per_token",
     "rms_norm",
     "rotary_embedding",
     "set_cuda_backend",
