@@ -1,4 +1,4 @@
-"""Benches of the int8 ops vs torch eager (so far quantize_per_token):
+"""Benches of the int8 ops vs torch eager (quantize_per_token, int8_gemm):
 
     .venv/bin/python -m pytest bench/bench_int8_gemm.py
     .venv/bin/ringfuse bench int8
@@ -9,4 +9,9 @@ from ringfuse.bench import int8
 
 def test_table():
     rows = int8.run()
+    assert rows and all(r["speedup"] > 0 for r in rows)
+
+
+def test_gemm_table():
+    rows = int8.run_gemm()
     assert rows and all(r["speedup"] > 0 for r in rows)

@@ -80,6 +80,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale"), py::arg("x"), py::arg("x_stride"), py::arg("rows"), py::arg("k"), py::arg("dtype"),
         py::arg("num_threads"));
 
+  m.def("int8_packed_size", &rf::cpu::int8_packed_size);
+  m.def("int8_pack_b", &rf::cpu::int8_pack_b, release_gil());        // see cpu/int8_gemm.h for the arguments
+  m.def("int8_gemm_packed", &rf::cpu::int8_gemm_packed, release_gil());
+
   m.def("advise_hugepages", &rf::cpu::advise_hugepages, py::arg("ptr"), py::arg("nbytes"));
 
   m.def("probe_copy", &rf::cpu::probe_copy, release_gil(), py::arg("dst"), py::arg("src"),

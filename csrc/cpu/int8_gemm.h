@@ -13,3 +13,24 @@ void quantize_per_token(std::uintptr_t q, int64_t q_stride, std::uintptr_t scale
                         int64_t x_stride, int64_t rows, int64_t k, int dtype, int num_threads);
 
 }  // namespace ringfuse::cpu
+
+namespace ringfuse::cpu {
+
+// Bytes of the packed form of b [n, k] int8 (see int8_pack_b).
+int64_t int8_packed_size(int64_t n, int64_t k);
+
+// Pack b [n, k] int8 (rows b_stride apart) for int8_gemm_packed: panels of 16 rows (output
+// columns), K in groups of 4, zero-padded: packed[panel][k / 4][16][4]. Returns whether b
+// holds -128 (the fast kernel then cannot be used: its sign trick needs b in [-127, 127]).
+bool int8_pack_b(std::uintptr_t packed, std::uintptr_t b, int64_t b_stride, int64_t n, int64_t k);
+
+// out[m, n] = sum_k a[m, k] * b[n, k] (exact int32), then either stored as int32
+// (out_dtype = int32 code) or as a_scale[m] * b_scale[n] * acc + bias[n] in fp32 / bf16 /
+// fp16. a: int8 rows a_stride apart; packed: int8_pack_b(b); b_raw: b itself, for the
+// exact fallback when b holds -128 (b_has_min). bias may be 0 (else fp32 [n]).
+void int8_gemm_packed(std::uintptr_t out, int64_t out_stride, int out_dtype, std::uintptr_t a, int64_t a_stride,
+                      std::uintptr_t packed, std::uintptr_t b_raw, int64_t b_stride, bool b_has_min,
+                      std::uintptr_t a_scale, std::uintptr_t b_scale, std::uintptr_t bias, int64_t m, int64_t n,
+                      int64_t k, int num_threads);
+
+}  // namespace ringfuse::cpu

@@ -1,10 +1,11 @@
-"""ringfuse.ops.quantize_per_token on CPU (AVX2 and scalar) vs torch's formula, bitwise."""
+"""ringfuse.ops.quantize_per_token and int8_gemm on CPU (AVX2 and scalar): quantization
+bitwise vs torch's formula, the int32 product bitwise vs an int64 matmul."""
 
 import pytest
 import torch
 
 from ringfuse import _C
-from ringfuse.ops import quantize_per_token
+from ringfuse.ops import int8_gemm, pack_int8_weight, quantize_per_token
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -101,3 +102,111 @@ def test_cuda_matches_cpu(dtype):
     x[3, 3] = float("nan")
     with pytest.raises(ValueError, match="inf or NaN"):
         quantize_per_token(x.cuda())
+
+
+# ---------------------------------------------------------------------------------------
+# int8_gemm
+
+SIZES = [1, 3, 17, 129, 577]
+
+
+def rand_int8(shape, seed, low=-128):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(low, 128, shape, generator=g, dtype=torch.int8)
+    t.view(-1)[: min(4, t.numel())] = torch.tensor([-128 if low == -128 else -127, 127, -127, 0], dtype=torch.int8)[
+        : min(4, t.numel())]  # the extremes are always there
+    return t
+
+
+@pytest.mark.parametrize("m", SIZES)
+@pytest.mark.parametrize("k", SIZES)
+@pytest.mark.parametrize("n", SIZES)
+def test_int32_product_is_exact(m, k, n):
+    """Weights in [-127, 127] (what symmetric quantization gives) take the AVX2 kernel; a
+    holds -128 too. Weights with -128 take the exact fallback."""
+    a = rand_int8((m, k), m * 1000 + k)
+    for b in (rand_int8((n, k), n * 7 + k, low=-127), rand_int8((n, k), n * 7 + k + 1)):
+        got = int8_gemm(a, b, out_dtype=torch.int32)
+        assert got.dtype == torch.int32 and got.shape == (m, n)
+        assert torch.equal(got, (a.long() @ b.long().T).int())
+
+
+def test_saturation_corner_and_scalar_isa(isa):
+    """All -128 in a against all +-127 in b: the largest int16 pair sums of the sign trick."""
+    a = torch.full((5, 64), -128, dtype=torch.int8)
+    b = torch.full((19, 64), 127, dtype=torch.int8)
+    b[::2] = -127
+    assert torch.equal(int8_gemm(a, b, out_dtype=torch.int32), (a.long() @ b.long().T).int())
+    a2, b2 = rand_int8((33, 70), 1), rand_int8((40, 70), 2)
+    assert torch.equal(int8_gemm(a2, b2, out_dtype=torch.int32), (a2.long() @ b2.long().T).int())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_scaled_epilogue(isa, out_dtype, with_bias):
+    a, b = rand_int8((17, 129), 3), rand_int8((33, 129), 4, low=-127)
+    a_scale, b_scale = torch.rand(17) * 0.1, torch.rand(33) * 0.01
+    bias = torch.randn(33).to(out_dtype) if with_bias else None
+    got = int8_gemm(a, b, a_scale, b_scale, bias, out_dtype=out_dtype)
+    prod = (a.double() @ b.double().T) * a_scale.double()[:, None] * b_scale.double()[None, :]
+    ref = prod + bias.double() if with_bias else prod
+    assert got.dtype == out_dtype
+    # fp32 epilogue (two products and an add: errors relative to the terms, not their sum)
+    # then one rounding to out_dtype
+    terms = prod.abs() + (bias.double().abs() if with_bias else 0)
+    tol = 4 * torch.finfo(torch.float32).eps * terms + torch.finfo(out_dtype).eps * ref.abs()
+    assert bool(((got.double() - ref).abs() <= tol + 1e-12).all())
+
+
+def test_w8a8_approximates_float_matmul():
+    x, w = torch.randn(64, 256), torch.randn(96, 256)
+    (xq, xs), (wq, ws) = quantize_per_token(x), quantize_per_token(w)
+    y = int8_gemm(xq, wq, xs, ws)
+    ref = x @ w.T
+    assert ((y - ref).norm() / ref.norm()).item() < 0.02  # two 8-bit roundings of Gaussian data
+
+
+def test_int8_gemm_compile_and_opcheck():
+    a, b = rand_int8((6, 40), 5), rand_int8((7, 40), 6, low=-127)
+    s_a, s_b = torch.rand(6), torch.rand(7)
+    f = torch.compile(lambda x, y: int8_gemm(x, y, s_a, s_b), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(a, b), int8_gemm(a, b, s_a, s_b))
+    torch.library.opcheck(torch.ops.ringfuse.int8_gemm, (a, b, s_a, s_b, None, torch.float32))
+    torch.library.opcheck(torch.ops.ringfuse.int8_gemm, (a, b, None, None, None, torch.int32))
+
+
+def test_int8_gemm_bad_inputs():
+    a, b = rand_int8((4, 16), 7), rand_int8((5, 16), 8)
+    s_a, s_b = torch.rand(4), torch.rand(5)
+    with pytest.raises(TypeError, match="a_q must have dtype int8"):
+        int8_gemm(a.float(), b, s_a, s_b)
+    with pytest.raises(ValueError, match=r"K of a_q \(16\) and b_q \(8\) differ"):
+        int8_gemm(a, b[:, :8], s_a, s_b)
+    with pytest.raises(ValueError, match=r"a_scale must have shape \(4,\)"):
+        int8_gemm(a, b, s_a[:3], s_b)
+    with pytest.raises(TypeError, match="b_scale must have dtype torch.float32"):
+        int8_gemm(a, b, s_a, s_b.half())
+    with pytest.raises(ValueError, match="a_scale \\[M\\] and b_scale \\[N\\] are required"):
+        int8_gemm(a, b)
+    with pytest.raises(ValueError, match="pass no scales and no bias"):
+        int8_gemm(a, b, s_a, s_b, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="unit stride along K"):
+        int8_gemm(a.t().contiguous().t(), b, s_a, s_b)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        int8_gemm(a[None], b, s_a, s_b)
+    with pytest.raises(TypeError, match="out_dtype must be one of"):
+        int8_gemm(a, b, s_a, s_b, out_dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
+        int8_gemm(a, b, s_a, s_b, torch.zeros(4))
+    with pytest.raises(ValueError, match="bad pointers or strides"):  # C++ boundary
+        _C.int8_gemm_packed(0, 1, 4, 0, 1, 0, 0, 1, False, 0, 0, 0, 2, 2, 4, 1)
+
+
+def test_prepacked_weight_gives_the_same_bits():
+    a, b = rand_int8((9, 100), 11), rand_int8((50, 100), 12, low=-127)
+    s_a, s_b = torch.rand(9), torch.rand(50)
+    packed = pack_int8_weight(b)
+    assert not packed.has_min and pack_int8_weight(rand_int8((3, 8), 13)).has_min
+    assert torch.equal(int8_gemm(a, b, s_a, s_b, packed=packed), int8_gemm(a, b, s_a, s_b))
+    with pytest.raises(ValueError, match="packed must be pack_int8_weight"):
+        int8_gemm(a, b.clone(), s_a, s_b, packed=packed)

@@ -1,15 +1,23 @@
-"""int8 ops. So far: dynamic per-token activation quantization, the first half of a W8A8
-linear layer.
+"""int8 ops: dynamic per-token activation quantization and the W8A8 GEMM (CPU so far).
 
 ``quantize_per_token(x [..., K]) -> (x_q int8 [..., K], scale fp32 [...])``:
 symmetric, one scale per row: ``scale = max|x_row| / 127``, ``x_q = round(x / scale)``
 (round half to even, as ``torch.round``), so ``x_q * scale`` approximates x within half a
 step. A zero row gets scale 0 and x_q 0. inf / NaN cannot be quantized: ValueError.
-Registered as ``torch.ops.ringfuse.quantize_per_token`` (fake kernel for torch.compile; no
-autograd: quantization is not differentiable).
+
+``int8_gemm(a_q [M, K] int8, b_q [N, K] int8, a_scale [M], b_scale [N], bias=None,
+out_dtype=torch.float32)``: ``(a_q @ b_q.T) * a_scale[:, None] * b_scale[None, :] + bias``
+with exact int32 accumulation and the scales and bias applied in the epilogue;
+``out_dtype=torch.int32`` returns the raw int32 product (scales and bias must then be None).
+b is packed into the kernel's layout on every call (a quantized linear layer packs once).
+
+Registered as ``torch.ops.ringfuse.quantize_per_token`` / ``int8_gemm`` (fake kernels for
+torch.compile; no autograd: quantization is not differentiable).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -58,3 +66,113 @@ for _key in ("CPU", "CUDA"):
 @torch.library.register_fake("ringfuse::quantize_per_token")
 def _quantize_fake(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# int8_gemm
+
+GEMM_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int32)
+
+
+def _check_int8_matrix(op, name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int8:
+        raise TypeError(f"{op}: {name} must have dtype int8, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{op}: {name} must have a unit stride along K (rows of K bytes), got strides {t.stride()}")
+
+
+def _check_vector(op, name, t, n, ref, dtypes=(torch.float32,)):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must have dtype {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
+    if t.shape != (n,):
+        raise ValueError(f"{op}: {name} must have shape ({n},), got {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but a_q is on {ref.device}")
+
+
+def int8_gemm(a_q, b_q, a_scale=None, b_scale=None, bias=None, *, out_dtype=torch.float32, packed=None):
+    """``packed=pack_int8_weight(b_q)`` skips packing b on every call (eager only)."""
+    op = "int8_gemm"
+    _check_int8_matrix(op, "a_q", a_q)
+    _check_int8_matrix(op, "b_q", b_q)
+    (m, k), n = a_q.shape, b_q.shape[0]
+    if b_q.shape[1] != k:
+        raise ValueError(f"{op}: K of a_q ({k}) and b_q ({b_q.shape[1]}) differ (b_q is [N, K])")
+    if b_q.device != a_q.device:
+        raise ValueError(f"{op}: b_q is on {b_q.device} but a_q is on {a_q.device}")
+    if out_dtype not in GEMM_OUT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be one of {GEMM_OUT_DTYPES}, got {out_dtype}")
+    if out_dtype == torch.int32:
+        if a_scale is not None or b_scale is not None or bias is not None:
+            raise ValueError(f"{op}: out_dtype=torch.int32 returns the raw product: pass no scales and no bias")
+    else:
+        if a_scale is None or b_scale is None:
+            raise ValueError(f"{op}: a_scale [M] and b_scale [N] are required unless out_dtype=torch.int32")
+        _check_vector(op, "a_scale", a_scale, m, a_q)
+        _check_vector(op, "b_scale", b_scale, n, a_q)
+        if bias is not None:
+            _check_vector(op, "bias", bias, n, a_q, c.FLOAT_DTYPES)
+    if not a_q.is_cpu:
+        raise ValueError(f"{op}: only CPU tensors are supported so far, got {a_q.device}")
+    if k == 0:
+        raise ValueError(f"{op}: K must be >= 1, got a_q of shape {tuple(a_q.shape)}")
+    if packed is not None and (not isinstance(packed, PackedInt8Weight) or packed.b_q is not b_q):
+        raise ValueError(f"{op}: packed must be pack_int8_weight(b_q) of this very b_q")
+    if torch.compiler.is_compiling():
+        return torch.ops.ringfuse.int8_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype)
+    return _int8_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype, packed)
+
+
+class PackedInt8Weight(NamedTuple):
+    """b [N, K] int8 in the CPU kernel's layout (``pack_int8_weight``), plus b itself for
+    the exact fallback that b holding -128 needs."""
+
+    packed: torch.Tensor  # int8 [panels * K/4 * 64]
+    b_q: torch.Tensor  # int8 [N, K], unit stride along K
+    has_min: bool  # b holds -128
+
+
+def pack_int8_weight(b_q) -> PackedInt8Weight:
+    """Pack b_q [N, K] int8 once for repeated ``int8_gemm(..., packed=)`` calls."""
+    _check_int8_matrix("pack_int8_weight", "b_q", b_q)
+    n, k = b_q.shape
+    if k == 0 or not b_q.is_cpu:
+        raise ValueError(f"pack_int8_weight: b_q must be a CPU tensor with K >= 1, got {tuple(b_q.shape)} on {b_q.device}")
+    packed = torch.empty(_C.int8_packed_size(n, k), dtype=torch.int8)
+    has_min = bool(_C.int8_pack_b(packed.data_ptr(), b_q.data_ptr(), b_q.stride(0), n, k)) if n else False
+    return PackedInt8Weight(packed, b_q, has_min)
+
+
+def _int8_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype, packed=None):
+    (m, k), n = a_q.shape, b_q.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
+    if m == 0 or n == 0:
+        return out
+    if packed is None:
+        packed = pack_int8_weight(b_q)
+    packed, b_q, has_min = packed
+    vec = [t.contiguous() if t is not None else None for t in (a_scale, b_scale)]
+    bias32 = bias.float().contiguous() if bias is not None else None
+    _C.int8_gemm_packed(
+        out.data_ptr(), out.stride(0), c.DTYPE_CODE[out_dtype], a_q.data_ptr(), a_q.stride(0), packed.data_ptr(),
+        b_q.data_ptr(), b_q.stride(0), has_min, *(t.data_ptr() if t is not None else 0 for t in (*vec, bias32)),
+        m, n, k, c.num_threads(),
+    )  # fmt: skip
+    return out
+
+
+OP_LIB.define(
+    "int8_gemm(Tensor a_q, Tensor b_q, Tensor? a_scale, Tensor? b_scale, Tensor? bias, ScalarType out_dtype) -> Tensor"
+)
+OP_LIB.impl("int8_gemm", _int8_gemm, "CPU")
+
+
+@torch.library.register_fake("ringfuse::int8_gemm")
+def _int8_gemm_fake(a_q, b_q, a_scale, b_scale, bias, out_dtype):
+    return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
