@@ -1,4 +1,4 @@
-"""Benches of the int8 ops vs torch eager (quantize_per_token, int8_gemm):
+"""Benches of the int8 ops vs torch eager (quantize_per_token, int8_gemm, int8_weight_only_linear):
 
     .venv/bin/python -m pytest bench/bench_int8_gemm.py
     .venv/bin/ringfuse bench int8
@@ -14,4 +14,9 @@ def test_table():
 
 def test_gemm_table():
     rows = int8.run_gemm()
+    assert rows and all(r["speedup"] > 0 for r in rows)
+
+
+def test_weight_only_table():
+    rows = int8.run_weight_only()
     assert rows and all(r["speedup"] > 0 for r in rows)

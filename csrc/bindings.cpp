@@ -83,6 +83,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_packed_size", &rf::cpu::int8_packed_size);
   m.def("int8_pack_b", &rf::cpu::int8_pack_b, release_gil());        // see cpu/int8_gemm.h for the arguments
   m.def("int8_gemm_packed", &rf::cpu::int8_gemm_packed, release_gil());
+  m.def("int8_weight_only_linear", &rf::cpu::int8_weight_only_linear, release_gil());
 
   m.def("advise_hugepages", &rf::cpu::advise_hugepages, py::arg("ptr"), py::arg("nbytes"));
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ringfuse import _C
-from ringfuse.ops import int8_gemm, pack_int8_weight, quantize_per_token
+from ringfuse.ops import int8_gemm, int8_weight_only_linear, pack_int8_weight, quantize_per_token
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -210,3 +210,54 @@ def test_prepacked_weight_gives_the_same_bits():
     assert torch.equal(int8_gemm(a, b, s_a, s_b, packed=packed), int8_gemm(a, b, s_a, s_b))
     with pytest.raises(ValueError, match="packed must be pack_int8_weight"):
         int8_gemm(a, b.clone(), s_a, s_b, packed=packed)
+
+
+# ---------------------------------------------------------------------------------------
+# int8_weight_only_linear
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 3, 4, 17])
+@pytest.mark.parametrize("k,n", [(1, 1), (7, 5), (64, 33), (577, 129)], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_weight_only_matches_reference(isa, dtype, m, k, n, with_bias):
+    """vs the fp64 product with the dequantized weight, under the tolerance rule (torch's
+    own F.linear in x's dtype with the dequantized weight is the error budget)."""
+    g = torch.Generator().manual_seed(m * 100 + k + n)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w_q = rand_int8((n, k), k + n, low=-127)
+    w_scale = torch.rand(n, generator=g) * 0.02
+    bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    w = w_q.double() * w_scale.double()[:, None]
+    ref = x.double() @ w.T + (bias.double() if with_bias else 0)
+    got = int8_weight_only_linear(x, w_q, w_scale, bias)
+    assert got.dtype == dtype and got.shape == (m, n)
+    same = torch.nn.functional.linear(x, w.to(dtype), bias)
+    err, err_torch = (got.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+    floor = 4 * torch.finfo(torch.float32).eps * max(1.0, (x.double().abs() @ w.abs().T).max().item())
+    assert err <= 2 * err_torch + floor
+
+
+def test_weight_only_batched_input_and_compile():
+    x = torch.randn(2, 3, 40)
+    w_q, w_scale = quantize_per_token(torch.randn(24, 40))
+    y = int8_weight_only_linear(x, w_q, w_scale)
+    assert y.shape == (2, 3, 24)
+    torch.testing.assert_close(y, x @ (w_q.float() * w_scale[:, None]).T, atol=1e-5, rtol=1e-5)
+    f = torch.compile(lambda t: int8_weight_only_linear(t, w_q, w_scale), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(x), y)
+    torch.library.opcheck(torch.ops.ringfuse.int8_weight_only_linear, (x, w_q, w_scale, None))
+
+
+def test_weight_only_bad_inputs():
+    x, w_q, w_scale = torch.randn(3, 16), rand_int8((5, 16), 1, low=-127), torch.rand(5)
+    with pytest.raises(ValueError, match=r"x must be \[..., K\] with K = 16"):
+        int8_weight_only_linear(x[:, :8], w_q, w_scale)
+    with pytest.raises(TypeError, match="w_q must have dtype int8"):
+        int8_weight_only_linear(x, w_q.float(), w_scale)
+    with pytest.raises(ValueError, match=r"w_scale must have shape \(5,\)"):
+        int8_weight_only_linear(x, w_q, w_scale[:4])
+    with pytest.raises(TypeError, match="x must have dtype"):
+        int8_weight_only_linear(x.double(), w_q, w_scale)
+    with pytest.raises(ValueError, match="bad pointers or strides"):  # C++ boundary
+        _C.int8_weight_only_linear(0, 1, 0, 0, 1, 0, 1, 0, 0, 2, 2, 4, 1)

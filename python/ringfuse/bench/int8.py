@@ -7,6 +7,10 @@
   torch._int_mm, for M in {1, 4, 16, 64, 256} and (K, N) of SmolLM2 and Llama-7B layers.
   GOPS counts 2 M N K; % is of the AVX2 int8 dot peak (vpmaddubsw + vpmaddwd: twice the
   fp32 FMA peak measured in this run, 32 vs 16 multiply-adds per instruction pair).
+- int8_weight_only_linear (fp32 activations, int8 weights in memory) vs fp32 and bf16
+  F.linear at decode sizes M in {1, 4, 16}: GB/s counts the int8 weight bytes read once; %
+  is of the DRAM read bandwidth measured in this run. The weights of all (K, N) cases are
+  cycled so each call reads them from DRAM.
 """
 
 from __future__ import annotations
@@ -82,4 +86,42 @@ def run_gemm(ms=GEMM_MS, kns=GEMM_KN, rounds: int = 5, lim=None):
                 table, left=2,
                 note=f"int8 peak taken as 2 x the fp32 FMA peak measured in this run ({int8_peak:.0f} GOPS); "
                      "activations pre-quantized, weights prepacked (the quantized layer does both once).")
+    return results
+
+
+WO_MS = [1, 4, 16]
+
+
+def run_weight_only(ms=WO_MS, kns=GEMM_KN, rounds: int = 5, lim=None):
+    lim = lim or limits_mod.measure()
+    table, results = [], []
+    for k, n in kns:
+        copies = max(2, (256 << 20) // (n * k))  # int8 copies cycled: cold weights, as in a model
+        ws = [torch.randn(n, k) for _ in range(2)]
+        w_q, w_s = ops.quantize_per_token(ws[0])
+        q_copies = [w_q.clone() for _ in range(copies)]
+        f_copies = [ws[i % 2] for i in range(max(2, copies // 4))]  # fp32: 4x the bytes per copy
+        b_copies = [w.bfloat16() for w in f_copies]
+        for m in ms:
+            x = torch.randn(m, k)
+            it = {"q": 0, "f": 0, "b": 0}
+
+            def nxt(key, pool):
+                it[key] = (it[key] + 1) % len(pool)
+                return pool[it[key]]
+
+            t = compare({"fp32 linear": lambda: torch.nn.functional.linear(x, nxt("f", f_copies)),
+                         "bf16 linear": lambda: torch.nn.functional.linear(x.bfloat16(), nxt("b", b_copies)),
+                         "ringfuse": lambda: ops.int8_weight_only_linear(x, nxt("q", q_copies), w_s)},
+                        rounds=rounds)  # fmt: skip
+            ours, base = t["ringfuse"].median_s, t["fp32 linear"].median_s
+            gbs = n * k / ours / 1e9
+            results.append(dict(op="int8_weight_only_linear", m=m, k=k, n=n, fp32_s=base, ringfuse_s=ours,
+                                speedup=base / ours, gbs=gbs, bw_frac=gbs / lim.read_gbs))
+            table.append([f"M={m}", f"K={k} N={n}", fmt_us(base), fmt_us(t["bf16 linear"].median_s), fmt_us(ours),
+                          f"{base / ours:.2f}x", f"{gbs:.1f}", f"{100 * gbs / lim.read_gbs:.0f}%"])
+    print_table(f"int8_weight_only_linear (W8A32) vs F.linear, cold weights, {lim.threads} threads, {lim.isa}",
+                ["M", "K, N", "fp32 linear us", "bf16 linear us", "ringfuse us", "vs fp32", "weight GB/s",
+                 "% DRAM read"], table, left=2,
+                note=f"DRAM read bandwidth measured in this run: {lim.read_gbs:.1f} GB/s.")
     return results

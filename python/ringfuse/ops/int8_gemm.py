@@ -11,7 +11,13 @@ with exact int32 accumulation and the scales and bias applied in the epilogue;
 ``out_dtype=torch.int32`` returns the raw int32 product (scales and bias must then be None).
 b is packed into the kernel's layout on every call (a quantized linear layer packs once).
 
-Registered as ``torch.ops.ringfuse.quantize_per_token`` / ``int8_gemm`` (fake kernels for
+``int8_weight_only_linear(x [..., K] float, w_q [N, K] int8, w_scale [N], bias=None)``:
+``x @ (w_q * w_scale[:, None]).T + bias`` in x's dtype, the weights dequantized on the fly
+with fp32 accumulation (activations stay float): the decode path, where the weight bytes
+are the cost and int8 weights read a quarter of fp32's.
+
+Registered as ``torch.ops.ringfuse.quantize_per_token`` / ``int8_gemm`` /
+``int8_weight_only_linear`` (fake kernels for
 torch.compile; no autograd: quantization is not differentiable).
 """
 
@@ -176,3 +182,54 @@ OP_LIB.impl("int8_gemm", _int8_gemm, "CPU")
 @torch.library.register_fake("ringfuse::int8_gemm")
 def _int8_gemm_fake(a_q, b_q, a_scale, b_scale, bias, out_dtype):
     return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# int8_weight_only_linear
+
+
+def int8_weight_only_linear(x, w_q, w_scale, bias=None):
+    op = "int8_weight_only_linear"
+    c.check_float_tensor(op, "x", x)
+    _check_int8_matrix(op, "w_q", w_q)
+    n, k = w_q.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{op}: x must be [..., K] with K = {k} (w_q is [N, K]), got shape {tuple(x.shape)}")
+    if w_q.device != x.device:
+        raise ValueError(f"{op}: w_q is on {w_q.device} but x is on {x.device}")
+    _check_vector(op, "w_scale", w_scale, n, w_q)
+    if bias is not None:
+        _check_vector(op, "bias", bias, n, w_q, c.FLOAT_DTYPES)
+    if not x.is_cpu:
+        raise ValueError(f"{op}: only CPU tensors are supported so far, got {x.device}")
+    if k == 0:
+        raise ValueError(f"{op}: K must be >= 1")
+    if torch.compiler.is_compiling():
+        return torch.ops.ringfuse.int8_weight_only_linear(x, w_q, w_scale, bias)
+    return _weight_only(x, w_q, w_scale, bias)
+
+
+def _weight_only(x, w_q, w_scale, bias):
+    n, k = w_q.shape
+    x2 = x.reshape(-1, k).float()  # [M, K] fp32: small on the decode path this op is for
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m and n:
+        scale = w_scale.contiguous()
+        bias32 = bias.float().contiguous() if bias is not None else None
+        _C.int8_weight_only_linear(
+            out.data_ptr(), out.stride(0), c.DTYPE_CODE[x.dtype], x2.data_ptr(), x2.stride(0), w_q.data_ptr(),
+            w_q.stride(0), scale.data_ptr(), bias32.data_ptr() if bias32 is not None else 0, m, n, k, c.num_threads(),
+        )  # fmt: skip
+    return out.reshape(*x.shape[:-1], n)
+
+
+OP_LIB.define("int8_weight_only_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor")
+OP_LIB.impl("int8_weight_only_linear", _weight_only, "CPU")
+
+
+@torch.library.register_fake("ringfuse::int8_weight_only_linear")
+def _weight_only_fake(x, w_q, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
