@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 
-from .compile_jobs import compile_in_child, max_regs
+from .triton_helpers import compile_in_child, max_regs
 
 try:
     from ringfuse.kernels import attention as triton_attention

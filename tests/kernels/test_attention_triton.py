@@ -11,7 +11,6 @@ computed from the same (already rounded) inputs, so it measures only the kernel'
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -22,15 +21,12 @@ try:
 except ImportError:
     from kernels import attention as triton_attention
 
+from .triton_helpers import interp_only
+
 flash_attention_fwd = triton_attention.flash_attention_fwd
 decode_attention_fwd = triton_attention.decode_attention_fwd
 paged_decode_attention_fwd = triton_attention.paged_decode_attention_fwd
 
-# CPU tensors only run under the interpreter; with TRITON_INTERPRET=0 (a GPU run of the
-# suite) these tests skip and the @pytest.mark.gpu tests at the end run the compiled kernels
-interp_only = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter (TRITON_INTERPRET=1)"
-)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -9,7 +9,6 @@ for fp16 / bf16 outputs).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -20,14 +19,14 @@ try:
 except ImportError:
     from kernels import layer_norm as triton_layer_norm
 
+from .triton_helpers import interp_only
+
 layer_norm_fwd = triton_layer_norm.layer_norm_fwd
 
 # CPU tensors only run under the interpreter; with TRITON_INTERPRET=0 (e.g. a GPU run of
 # the suite) these tests skip and the GPU tests of the ops cover the compiled kernels
 pytestmark = [
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter (TRITON_INTERPRET=1)"
-    ),
+    interp_only,
     # rounds the interpreter's fp32 -> bf16 casts as GPUs do (tests/kernels/conftest.py)
     pytest.mark.usefixtures("interpreter_bf16_round_to_nearest_even"),
 ]

@@ -3,12 +3,11 @@ shipped configs compiled for sm_80 / sm_90 with no spills."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from .compile_jobs import compile_in_child, max_regs
+from .triton_helpers import assert_configs_compile, interp_only
 
 try:
     from ringfuse.kernels import compile_check
@@ -17,9 +16,6 @@ except ImportError:
     from kernels import compile_check
     from kernels import rotary_embedding as triton_rotary
 
-interp_only = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter (TRITON_INTERPRET=1)"
-)
 pytestmark = pytest.mark.usefixtures("interpreter_bf16_round_to_nearest_even")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -59,15 +55,5 @@ def test_rotary_matches_reference(dtype, gptj, heads, d, rot):
 
 
 def test_shipped_configs_compile_without_spills():
-    jobs = []
-    picked = [c for c in triton_rotary.SHIPPED_CONFIGS if c["signature"]["x_ptr"] == "*bf16"]
-    for cfg in picked:
-        for arch in (80, 90):
-            jobs.append({"module": "rotary_embedding", "kernel": cfg["kernel"].__name__, "signature": cfg["signature"],
-                         "constexprs": cfg["constexprs"], "arch": arch, "num_warps": cfg["num_warps"]})  # fmt: skip
-    results = compile_in_child(compile_check.__name__, jobs)
-    for job, res in zip(jobs, results):
-        assert res.get("error") is None, (job["constexprs"], res.get("error"))
-        assert res["targets_arch"] and res["cubin_len"] > 0
-        assert res["n_spills"] == 0, (job["constexprs"], job["arch"], res)
-        assert 0 < res["n_regs"] <= max_regs(job["num_warps"])
+    bf16 = [c for c in triton_rotary.SHIPPED_CONFIGS if c["signature"]["x_ptr"] == "*bf16"]
+    assert_configs_compile(compile_check.__name__, "rotary_embedding", bf16)
