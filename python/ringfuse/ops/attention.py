@@ -70,25 +70,33 @@ def _check_int32(op: str, name: str, t, dim: int, x: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} must have a unit stride in its last dimension, got strides {t.stride()}")
 
 
-def _check_common(op, q, k, v, seq_lens, scale, softcap):
-    _check_head_tensor(op, "q", q, 3)
-    _check_head_tensor(op, "k", k, 4)
-    _check_head_tensor(op, "v", v, 4)
+def _check_qkv(op, q, k, v, q_ndim, kv_ndim, pair="k and v", kv_name="k/v", layout=""):
+    """q, k, v: one float dtype and device, q_ndim / kv_ndim dims with the heads on axis 1
+    and head_dim last (unit stride), k and v alike, D in [1, 256], Hq a multiple of Hkv.
+    ``pair`` / ``kv_name`` / ``layout`` name k and v in the errors. Returns (Hq, Hkv, D)."""
+    _check_head_tensor(op, "q", q, q_ndim)
+    for name, t in (("k", k), ("v", v)):
+        _check_head_tensor(op, name, t, kv_ndim)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
     if k.shape != v.shape:
-        raise ValueError(f"{op}: k and v caches must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    batch, hq, d = q.shape
-    hkv = k.shape[1]
-    if k.shape[3] != d:
-        raise ValueError(f"{op}: head_dim of q ({d}) and of the cache ({k.shape[3]}) differ")
-    if d > 256:
-        raise ValueError(f"{op}: head_dim must be <= 256, got {d}")
+        raise ValueError(f"{op}: {pair} must have the same shape{layout}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
+    if k.shape[-1] != d:
+        raise ValueError(f"{op}: head_dim of q ({d}) and of {kv_name} ({k.shape[-1]}) differ")
+    if not 1 <= d <= 256:
+        raise ValueError(f"{op}: head_dim must be in [1, 256], got {d}")
     if hkv < 1 or hq % hkv:
         raise ValueError(f"{op}: the number of query heads ({hq}) must be a multiple of the number of kv heads ({hkv})")
+    return hq, hkv, d
+
+
+def _check_common(op, q, k, v, seq_lens, scale, softcap):
+    _, _, d = _check_qkv(op, q, k, v, 3, 4, pair="k and v caches", kv_name="the cache")
+    batch = q.shape[0]
     _check_int32(op, "seq_lens", seq_lens, 1, q)
     if seq_lens.shape[0] != batch:
         raise ValueError(f"{op}: seq_lens must have shape ({batch},) (one length per sequence), got {tuple(seq_lens.shape)}")
@@ -231,28 +239,6 @@ def _paged_fake(q, k_pages, v_pages, block_table, seq_lens, scale, softcap):
 # Prefill: attention / attention_varlen
 
 
-def _check_qkv(op, q, k, v, ndim, layout):
-    """q, k, v: one float dtype and device, ``ndim`` dims (``layout`` names them), head_dim
-    last with unit stride, k and v alike, Hq a multiple of Hkv. Returns (Hq, Hkv, D)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_head_tensor(op, name, t, ndim)
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"{op}: k and v must have the same shape {layout}, got {tuple(k.shape)} and {tuple(v.shape)}")
-    hq, d, hkv = q.shape[-2 if ndim == 3 else 1], q.shape[-1], k.shape[-2 if ndim == 3 else 1]
-    if k.shape[-1] != d:
-        raise ValueError(f"{op}: head_dim of q ({d}) and of k/v ({k.shape[-1]}) differ")
-    if not 1 <= d <= 256:
-        raise ValueError(f"{op}: head_dim must be in [1, 256], got {d}")
-    if hkv < 1 or hq % hkv:
-        raise ValueError(f"{op}: the number of query heads ({hq}) must be a multiple of the number of kv heads ({hkv})")
-    return hq, hkv, d
-
-
 def _check_attention_out(op, out, q, k, v):
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{op}: out must be a torch.Tensor, got {type(out).__name__}")
@@ -303,7 +289,7 @@ def attention(q, k, v, *, causal: bool = False, scale=None, softcap=None, return
     (no autograd).
     """
     op = "attention"
-    _check_qkv(op, q, k, v, 4, "[B, H, S, D]")
+    _check_qkv(op, q, k, v, 4, 4, layout=" [B, H, S, D]")
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"{op}: q has batch {q.shape[0]} but k/v have {k.shape[0]}")
     if not isinstance(causal, bool):
@@ -377,7 +363,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     when None.
     """
     op = "attention_varlen"
-    _check_qkv(op, q, k, v, 3, "[T, H, D]")
+    _check_qkv(op, q, k, v, 3, 3, layout=" [T, H, D]")
     _check_int32(op, "cu_seqlens_q", cu_seqlens_q, 1, q)
     if cu_seqlens_q.shape[0] < 1:
         raise ValueError(f"{op}: cu_seqlens_q must hold at least one offset (B + 1 >= 1)")
@@ -388,19 +374,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     if max_seqlen_q is not None and (isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, int)
                                      or max_seqlen_q < 0):  # fmt: skip
         raise ValueError(f"{op}: max_seqlen_q must be None or an int >= 0, got {max_seqlen_q!r}")
-    if not torch.compiler.is_compiling():
-        _check_cu_values(op, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
-        if max_seqlen_q is None and q.is_cuda:
-            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.shape[0] > 1 else 0
     max_q = -1 if max_seqlen_q is None else max_seqlen_q
-    if out is not None:
-        _check_attention_out(op, out, q, k, v)
-        result = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, causal, scale, softcap, out)
-    elif torch.compiler.is_compiling() or c.needs_autograd(q, k, v):
+    if out is None and (torch.compiler.is_compiling() or c.needs_autograd(q, k, v)):
         result = torch.ops.ringfuse.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, causal, scale,
                                                      softcap)  # fmt: skip
     else:
-        result = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, causal, scale, softcap)
+        if out is not None:
+            _check_attention_out(op, out, q, k, v)
+        result = _varlen_checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, causal, scale, softcap, out)
     return result if return_lse else result[0]
 
 
@@ -415,17 +396,19 @@ def _attention_kernel(q, k, v, causal, scale, softcap):
     return _attention_forward(q, k, v, causal, scale, softcap)
 
 
-def _varlen_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap):
+def _varlen_checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap, out=None):
+    """The offsets' values checked (and on CUDA max_seqlen_q, -1 = unknown, computed), then
+    the forward: the one eager path, also the dispatcher's kernel."""
+    _check_cu_values("attention_varlen", cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     if q.is_cuda and max_seqlen_q < 0:
         n = cu_seqlens_q.shape[0]
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if n > 1 else 0
-    _check_cu_values("attention_varlen", cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
-    return _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap)
+    return _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap, out)
 
 
 for _key in ("CPU", "CUDA"):
     OP_LIB.impl("attention", _attention_kernel, _key)
-    OP_LIB.impl("attention_varlen", _varlen_kernel, _key)
+    OP_LIB.impl("attention_varlen", _varlen_checked, _key)
 
 
 @torch.library.register_fake("ringfuse::attention")
@@ -548,23 +531,28 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 def _write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     T, hkv, d = k.shape
-    if T == 0 or k_cache.numel() == 0 and not bool((slot_mapping >= 0).any()):
+    if T == 0:
         return
     slots = slot_mapping.to(torch.int64).contiguous()
     num_blocks, _, block_size, _ = k_cache.shape
-    if k.is_cuda:
-        from ..kernels import attention as tk
-
-        lo, hi = int(slots.min()), int(slots.max())  # the Triton kernel trusts the slots: one sync
+    if k.is_cuda or num_blocks * block_size == 0:
+        # the Triton kernel trusts the slots (the CPU kernel checks them itself, but needs a
+        # cache of at least one slot): one sync
+        lo, hi = int(slots.min()), int(slots.max())
         if lo < -1 or hi >= num_blocks * block_size:
             raise ValueError(f"write_kv: slot_mapping must lie in [-1, {num_blocks * block_size}) (the cache's "
                              f"slots; -1 skips), got values in [{lo}, {hi}]")  # fmt: skip
+        if num_blocks * block_size == 0:  # every token skipped
+            return
+    if k.is_cuda:
+        from ..kernels import attention as tk
+
         tk.write_kv_fwd(k_cache, v_cache, k, v, slots, block_size)
         return
     _C.write_kv(
         k_cache.data_ptr(), *k_cache.stride()[:3], v_cache.data_ptr(), *v_cache.stride()[:3],
         k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), slots.data_ptr(),
-        T, hkv, d, max(num_blocks, 1), max(block_size, 1), c.DTYPE_CODE[k.dtype],
+        T, hkv, d, num_blocks, block_size, c.DTYPE_CODE[k.dtype],
     )  # fmt: skip
 
 
