@@ -261,3 +261,9 @@ def test_weight_only_bad_inputs():
         int8_weight_only_linear(x.double(), w_q, w_scale)
     with pytest.raises(ValueError, match="bad pointers or strides"):  # C++ boundary
         _C.int8_weight_only_linear(0, 1, 0, 0, 1, 0, 1, 0, 0, 2, 2, 4, 1)
+
+
+def test_weight_only_names_the_tensor_on_another_device():
+    x, w_q = torch.randn(3, 16), rand_int8((5, 16), 1, low=-127)
+    with pytest.raises(ValueError, match="w_scale is on meta but w_q is on cpu"):
+        int8_weight_only_linear(x, w_q, torch.rand(5, device="meta"))

@@ -127,3 +127,13 @@ def test_cuda_matches_cpu():
     assert torch.equal(kg.cpu(), kc) and torch.equal(vg.cpu(), vc)
     with pytest.raises(ValueError, match="slot_mapping must lie in"):
         write_kv(k.cuda(), v.cuda(), kg, vg, (slots + 100).cuda())
+
+
+def test_cache_without_slots():
+    """A cache of zero blocks holds nothing: a real slot is out of range (checked before the
+    kernel, which would otherwise write past the empty buffer); all -1 is a no-op."""
+    k = make((2, 1, 8), torch.float32, 30)
+    kc, vc = torch.zeros(0, 1, 4, 8), torch.zeros(0, 1, 4, 8)
+    with pytest.raises(ValueError, match=r"slot_mapping must lie in \[-1, 0\)"):
+        write_kv(k, k, kc, vc, torch.tensor([0, -1]))
+    write_kv(k, k, kc, vc, torch.tensor([-1, -1]))

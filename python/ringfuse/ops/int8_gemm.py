@@ -91,7 +91,7 @@ def _check_int8_matrix(op, name, t):
         raise ValueError(f"{op}: {name} must have a unit stride along K (rows of K bytes), got strides {t.stride()}")
 
 
-def _check_vector(op, name, t, n, ref, dtypes=(torch.float32,)):
+def _check_vector(op, name, t, n, ref, ref_name, dtypes=(torch.float32,)):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
@@ -99,7 +99,7 @@ def _check_vector(op, name, t, n, ref, dtypes=(torch.float32,)):
     if t.shape != (n,):
         raise ValueError(f"{op}: {name} must have shape ({n},), got {tuple(t.shape)}")
     if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but a_q is on {ref.device}")
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
 def int8_gemm(a_q, b_q, a_scale=None, b_scale=None, bias=None, *, out_dtype=torch.float32, packed=None):
@@ -120,10 +120,10 @@ def int8_gemm(a_q, b_q, a_scale=None, b_scale=None, bias=None, *, out_dtype=torc
     else:
         if a_scale is None or b_scale is None:
             raise ValueError(f"{op}: a_scale [M] and b_scale [N] are required unless out_dtype=torch.int32")
-        _check_vector(op, "a_scale", a_scale, m, a_q)
-        _check_vector(op, "b_scale", b_scale, n, a_q)
+        _check_vector(op, "a_scale", a_scale, m, a_q, "a_q")
+        _check_vector(op, "b_scale", b_scale, n, a_q, "a_q")
         if bias is not None:
-            _check_vector(op, "bias", bias, n, a_q, c.FLOAT_DTYPES)
+            _check_vector(op, "bias", bias, n, a_q, "a_q", c.FLOAT_DTYPES)
     if not a_q.is_cpu:
         raise ValueError(f"{op}: only CPU tensors are supported so far, got {a_q.device}")
     if k == 0:
@@ -197,9 +197,9 @@ def int8_weight_only_linear(x, w_q, w_scale, bias=None):
         raise ValueError(f"{op}: x must be [..., K] with K = {k} (w_q is [N, K]), got shape {tuple(x.shape)}")
     if w_q.device != x.device:
         raise ValueError(f"{op}: w_q is on {w_q.device} but x is on {x.device}")
-    _check_vector(op, "w_scale", w_scale, n, w_q)
+    _check_vector(op, "w_scale", w_scale, n, w_q, "w_q")
     if bias is not None:
-        _check_vector(op, "bias", bias, n, w_q, c.FLOAT_DTYPES)
+        _check_vector(op, "bias", bias, n, w_q, "w_q", c.FLOAT_DTYPES)
     if not x.is_cpu:
         raise ValueError(f"{op}: only CPU tensors are supported so far, got {x.device}")
     if k == 0:
