@@ -325,42 +325,71 @@ RF_AVX2 RF_INLINE __m256 load_w8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+// Weight scales of the weight-only linear: per output channel (group = 0: scale[n], applied
+// once to the finished dot product) or per group of `group` K-columns (scale[n, k / group],
+// rows `stride` apart; group is a multiple of 16, so vectors never straddle two groups and
+// each weight vector is scaled once before its FMAs: one vmulps per 8 weights, shared by
+// all rows of x).
+struct WScale {
+  const float* scale;
+  int64_t stride, group;
+};
+
 // dots[r][j] = x[r] . w[j] over K for MR rows of x and NR weight rows (nrows of them real;
 // the rest repeat the last one and are not stored). MR x NR x U independent FMA chains
 // (U-way unrolled over K): at least 8, to hide the FMA latency that a single chain per
 // row would expose (72 dependent FMAs for K = 576 cost more than reading the row).
-template <int MR, int NR, int U>
+// GROUPED: the group scales are already in dots; else the caller applies scale[n].
+template <int MR, int NR, int U, bool GROUPED>
 RF_AVX2 void wo_block(const float* x, int64_t x_stride, const int8_t* w, int64_t w_stride, int64_t k, int64_t nrows,
-                      float dots[kRows][4]) {
+                      const WScale& ws, int64_t n0, float dots[kRows][4]) {
   __m256 acc[MR][NR][U];
   for (auto& row : acc)
     for (auto& col : row)
       for (auto& a : col) a = _mm256_setzero_ps();
   const int8_t* wr[NR];
-  for (int j = 0; j < NR; ++j) wr[j] = w + std::min<int64_t>(j, nrows - 1) * w_stride;
+  const float* sr[NR];  // GROUPED: row j's group scales
+  for (int j = 0; j < NR; ++j) {
+    const int64_t jj = std::min<int64_t>(j, nrows - 1);
+    wr[j] = w + jj * w_stride;
+    sr[j] = GROUPED ? ws.scale + (n0 + jj) * ws.stride : nullptr;
+  }
+  const int64_t group = GROUPED ? ws.group : k;
   int64_t i = 0;
-  for (; i + 8 * U <= k; i += 8 * U) {
-    for (int u = 0; u < U; ++u) {
-      __m256 wv[NR];
-      for (int j = 0; j < NR; ++j) wv[j] = load_w8(wr[j] + i + 8 * u);
-      for (int r = 0; r < MR; ++r) {
-        const __m256 xv = _mm256_loadu_ps(x + r * x_stride + i + 8 * u);
-        for (int j = 0; j < NR; ++j) acc[r][j][u] = _mm256_fmadd_ps(xv, wv[j], acc[r][j][u]);
+  for (int64_t g0 = 0; g0 < k; g0 += group) {
+    const int64_t gend = std::min(k, g0 + group);
+    __m256 sv[NR];
+    if constexpr (GROUPED)
+      for (int j = 0; j < NR; ++j) sv[j] = _mm256_set1_ps(sr[j][g0 / group]);
+    for (i = g0; i + 8 * U <= gend; i += 8 * U) {
+      for (int u = 0; u < U; ++u) {
+        __m256 wv[NR];
+        for (int j = 0; j < NR; ++j) {
+          wv[j] = load_w8(wr[j] + i + 8 * u);
+          if constexpr (GROUPED) wv[j] = _mm256_mul_ps(wv[j], sv[j]);
+        }
+        for (int r = 0; r < MR; ++r) {
+          const __m256 xv = _mm256_loadu_ps(x + r * x_stride + i + 8 * u);
+          for (int j = 0; j < NR; ++j) acc[r][j][u] = _mm256_fmadd_ps(xv, wv[j], acc[r][j][u]);
+        }
       }
     }
   }
+  // i < k only in the last group (the others are multiples of 16 >= 8 * U long)
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) {
       __m256 sum = acc[r][j][0];
       for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[r][j][u]);
       float t = hsum(sum);
-      for (int64_t q = i; q < k; ++q) t += x[r * x_stride + q] * float(wr[j][q]);
+      for (int64_t q = i; q < k; ++q)
+        t += x[r * x_stride + q] * float(wr[j][q]) * (GROUPED ? sr[j][q / group] : 1.0f);
       dots[r][j] = t;
     }
 }
 
+template <bool GROUPED>
 RF_AVX2 void wo_avx2(const GemmArgs& g, const float* x, int64_t x_stride, const int8_t* w, int64_t w_stride,
-                     int num_threads) {
+                     const WScale& ws, int num_threads) {
   constexpr int64_t kCols = 4;  // weight rows per work item
   const int64_t items = (g.n + kCols - 1) / kCols;
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (items > 1 && g.m * g.n * g.k > (1 << 16))
@@ -372,27 +401,30 @@ RF_AVX2 void wo_avx2(const GemmArgs& g, const float* x, int64_t x_stride, const 
       const float* xr = x + r0 * x_stride;
       const int8_t* wr = w + n0 * w_stride;
       switch (rows) {  // MR x NR x U >= 8 chains
-        case 4: wo_block<4, 4, 1>(xr, x_stride, wr, w_stride, g.k, ncols, dots); break;
-        case 3: wo_block<3, 4, 1>(xr, x_stride, wr, w_stride, g.k, ncols, dots); break;
-        case 2: wo_block<2, 4, 1>(xr, x_stride, wr, w_stride, g.k, ncols, dots); break;
-        default: wo_block<1, 4, 2>(xr, x_stride, wr, w_stride, g.k, ncols, dots); break;
+        case 4: wo_block<4, 4, 1, GROUPED>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
+        case 3: wo_block<3, 4, 1, GROUPED>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
+        case 2: wo_block<2, 4, 1, GROUPED>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
+        default: wo_block<1, 4, 2, GROUPED>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
       }
       for (int64_t r = 0; r < rows; ++r) {
         float v[kCols];
-        for (int64_t j = 0; j < ncols; ++j) v[j] = dots[r][j] * g.b_scale[n0 + j] + (g.bias ? g.bias[n0 + j] : 0.0f);
+        for (int64_t j = 0; j < ncols; ++j)
+          v[j] = dots[r][j] * (GROUPED ? 1.0f : ws.scale[n0 + j]) + (g.bias ? g.bias[n0 + j] : 0.0f);
         store_floats(g, r0 + r, n0, ncols, v);
       }
     }
   }
 }
 
-void wo_scalar(const GemmArgs& g, const float* x, int64_t x_stride, const int8_t* w, int64_t w_stride, int num_threads) {
+void wo_scalar(const GemmArgs& g, const float* x, int64_t x_stride, const int8_t* w, int64_t w_stride,
+               const WScale& ws, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (g.n > 1 && g.m * g.n * g.k > (1 << 16))
   for (int64_t col = 0; col < g.n; ++col)
     for (int64_t r = 0; r < g.m; ++r) {
       float t = 0.0f;
-      for (int64_t i = 0; i < g.k; ++i) t += x[r * x_stride + i] * float(w[col * w_stride + i]);
-      const float v = t * g.b_scale[col] + (g.bias ? g.bias[col] : 0.0f);
+      for (int64_t i = 0; i < g.k; ++i)
+        t += x[r * x_stride + i] * float(w[col * w_stride + i]) * (ws.group ? ws.scale[col * ws.stride + i / ws.group] : 1.0f);
+      const float v = t * (ws.group ? 1.0f : ws.scale[col]) + (g.bias ? g.bias[col] : 0.0f);
       store_floats(g, r, col, 1, &v);
     }
 }
@@ -401,23 +433,30 @@ void wo_scalar(const GemmArgs& g, const float* x, int64_t x_stride, const int8_t
 
 void int8_weight_only_linear(std::uintptr_t out, int64_t out_stride, int out_dtype, std::uintptr_t x,
                              int64_t x_stride, std::uintptr_t w, int64_t w_stride, std::uintptr_t w_scale,
-                             std::uintptr_t bias, int64_t m, int64_t n, int64_t k, int num_threads) {
+                             int64_t scale_stride, int64_t group_size, std::uintptr_t bias, int64_t m, int64_t n,
+                             int64_t k, int num_threads) {
   const std::string p = "int8_weight_only_linear: ";
   RINGFUSE_CHECK(m >= 0 && n >= 0 && k >= 1, p + "sizes must be m, n >= 0 and k >= 1");
   RINGFUSE_CHECK(out_dtype == kFloat32 || out_dtype == kBFloat16 || out_dtype == kFloat16,
                  p + "out dtype must be float32, bfloat16 or float16");
+  RINGFUSE_CHECK(group_size == 0 || (group_size > 0 && group_size % 16 == 0 &&
+                                     scale_stride >= (k + group_size - 1) / group_size),
+                 p + "group_size must be 0 (per channel) or a positive multiple of 16 with scale rows of ceil(k / group_size)");
   if (m == 0 || n == 0) return;
   RINGFUSE_CHECK(out && x && w && w_scale && out_stride >= n && x_stride >= k && w_stride >= k,
                  p + "bad pointers or strides");
   GemmArgs g{reinterpret_cast<void*>(out), out_stride, out_dtype, nullptr, 0, nullptr, nullptr,
-             reinterpret_cast<const float*>(w_scale), reinterpret_cast<const float*>(bias), m, n, k};
+             nullptr, reinterpret_cast<const float*>(bias), m, n, k};
+  const WScale ws{reinterpret_cast<const float*>(w_scale), scale_stride, group_size};
   const auto* xp = reinterpret_cast<const float*>(x);
   const auto* wp = reinterpret_cast<const int8_t*>(w);
   const int threads = std::max(1, num_threads);
-  if (active_isa() == Isa::kAvx2)
-    wo_avx2(g, xp, x_stride, wp, w_stride, threads);
+  if (active_isa() != Isa::kAvx2)
+    wo_scalar(g, xp, x_stride, wp, w_stride, ws, threads);
+  else if (group_size)
+    wo_avx2<true>(g, xp, x_stride, wp, w_stride, ws, threads);
   else
-    wo_scalar(g, xp, x_stride, wp, w_stride, threads);
+    wo_avx2<false>(g, xp, x_stride, wp, w_stride, ws, threads);
 }
 
 }  // namespace ringfuse::cpu

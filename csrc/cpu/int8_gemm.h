@@ -37,13 +37,16 @@ void int8_gemm_packed(std::uintptr_t out, int64_t out_stride, int out_dtype, std
 
 namespace ringfuse::cpu {
 
-// Weight-only int8 linear (W8A16 / W8A32): out[m, n] = w_scale[n] * sum_k x[m, k] w[n, k]
-// + bias[n], weights dequantized on the fly, fp32 accumulation. x: fp32 rows x_stride
+// Weight-only int8 linear (W8A16 / W8A32): out[m, n] = sum_k x[m, k] w[n, k] s(n, k)
+// + bias[n], weights dequantized on the fly, fp32 accumulation. Scales: group_size 0 gives
+// s(n, k) = w_scale[n]; else s(n, k) = w_scale[n * scale_stride + k / group_size] (group_size
+// a multiple of 16, ceil(k / group_size) scales per row). x: fp32 rows x_stride
 // apart; w: int8 [n, k] rows w_stride apart; out: out_dtype (fp32 / bf16 / fp16) rows
 // out_stride apart; bias: fp32 [n] or 0. Made for small M (decode), where the weight bytes
 // are the cost: each weight row is read once per block of 4 rows of x.
 void int8_weight_only_linear(std::uintptr_t out, int64_t out_stride, int out_dtype, std::uintptr_t x,
                              int64_t x_stride, std::uintptr_t w, int64_t w_stride, std::uintptr_t w_scale,
-                             std::uintptr_t bias, int64_t m, int64_t n, int64_t k, int num_threads);
+                             int64_t scale_stride, int64_t group_size, std::uintptr_t bias, int64_t m, int64_t n,
+                             int64_t k, int num_threads);
 
 }  // namespace ringfuse::cpu

@@ -4,5 +4,6 @@ and drop-in modules. See README.md."""
 import torch  # noqa: F401  (loads torch's runtime before our extension)
 
 from . import _C, nn, ops  # noqa: F401
+from .nn import quantize  # noqa: F401
 
 __version__ = "0.1.0"

@@ -260,7 +260,52 @@ def test_weight_only_bad_inputs():
     with pytest.raises(TypeError, match="x must have dtype"):
         int8_weight_only_linear(x.double(), w_q, w_scale)
     with pytest.raises(ValueError, match="bad pointers or strides"):  # C++ boundary
-        _C.int8_weight_only_linear(0, 1, 0, 0, 1, 0, 1, 0, 0, 2, 2, 4, 1)
+        _C.int8_weight_only_linear(0, 1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 2, 2, 4, 1)
+    with pytest.raises(ValueError, match="group_size must be 0"):  # C++ boundary
+        _C.int8_weight_only_linear(0, 1, 0, 0, 1, 0, 1, 0, 1, 24, 0, 2, 2, 4, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("k,group_size", [(16, 16), (77, 32), (200, 64), (300, 128), (128, 128)], ids=str)
+def test_weight_only_per_group_scales(isa, dtype, m, k, group_size):
+    """w_scale [N, ceil(K / group_size)]: each group of K-columns has its own scale (the
+    last group may be partial); same tolerance rule as the per-channel test."""
+    n = 11
+    g = torch.Generator().manual_seed(k + m)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w_q = rand_int8((n, k), k, low=-127)
+    groups = -(-k // group_size)
+    w_scale = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
+    bias = torch.randn(n, generator=g)
+    w = w_q.double() * w_scale.double().repeat_interleave(group_size, dim=1)[:, :k]
+    ref = x.double() @ w.T + bias.double()
+    got = int8_weight_only_linear(x, w_q, w_scale, bias, group_size=group_size)
+    same = torch.nn.functional.linear(x, w.to(dtype), bias.to(dtype))
+    err, err_torch = (got.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+    floor = 4 * torch.finfo(torch.float32).eps * max(1.0, (x.double().abs() @ w.abs().T).max().item())
+    assert err <= 2 * err_torch + floor
+    if groups > 1:  # the group scales matter: one scale per row would be far off
+        flat = int8_weight_only_linear(x, w_q, w_scale[:, 0].contiguous(), bias)
+        assert (flat.double() - ref).abs().max().item() > 10 * (err + floor)
+
+
+def test_weight_only_per_group_bad_inputs():
+    x, w_q = torch.randn(3, 40), rand_int8((5, 40), 1, low=-127)
+    with pytest.raises(ValueError, match=r"w_scale must have shape \(N, ceil\(K / group_size\)\) = \(5, 2\)"):
+        int8_weight_only_linear(x, w_q, torch.rand(5, 3), group_size=32)
+    with pytest.raises(ValueError, match=r"w_scale must have shape \(5,\)"):
+        int8_weight_only_linear(x, w_q, torch.rand(5, 2))  # group scales without group_size
+    with pytest.raises(ValueError, match="group_size must be a positive multiple of 16"):
+        int8_weight_only_linear(x, w_q, torch.rand(5, 2), group_size=24)
+    with pytest.raises(TypeError, match="group_size must be an int or None"):
+        int8_weight_only_linear(x, w_q, torch.rand(5, 2), group_size=32.0)
+    with pytest.raises(TypeError, match="w_scale must have dtype torch.float32"):
+        int8_weight_only_linear(x, w_q, torch.rand(5, 2).half(), group_size=32)
+    f = torch.compile(lambda t: int8_weight_only_linear(t, w_q, torch.ones(5, 2), group_size=32), fullgraph=True,
+                      backend="aot_eager")  # fmt: skip
+    torch.testing.assert_close(f(x), int8_weight_only_linear(x, w_q, torch.ones(5, 2), group_size=32))
+    torch.library.opcheck(torch.ops.ringfuse.int8_weight_only_linear, (x, w_q, torch.ones(5, 2), None, 32))
 
 
 def test_weight_only_names_the_tensor_on_another_device():

@@ -11,10 +11,11 @@ with exact int32 accumulation and the scales and bias applied in the epilogue;
 ``out_dtype=torch.int32`` returns the raw int32 product (scales and bias must then be None).
 b is packed into the kernel's layout on every call (a quantized linear layer packs once).
 
-``int8_weight_only_linear(x [..., K] float, w_q [N, K] int8, w_scale [N], bias=None)``:
-``x @ (w_q * w_scale[:, None]).T + bias`` in x's dtype, the weights dequantized on the fly
-with fp32 accumulation (activations stay float): the decode path, where the weight bytes
-are the cost and int8 weights read a quarter of fp32's.
+``int8_weight_only_linear(x [..., K] float, w_q [N, K] int8, w_scale [N], bias=None,
+group_size=None)``: ``x @ (w_q * w_scale[:, None]).T + bias`` in x's dtype, the weights
+dequantized on the fly with fp32 accumulation (activations stay float): the decode path,
+where the weight bytes are the cost and int8 weights read a quarter of fp32's. With
+``group_size=g`` (a multiple of 16) w_scale is [N, ceil(K / g)], one scale per g K-columns.
 
 Registered as ``torch.ops.ringfuse.quantize_per_token`` / ``int8_gemm`` /
 ``int8_weight_only_linear`` (fake kernels for
@@ -188,7 +189,7 @@ def _int8_gemm_fake(a_q, b_q, a_scale, b_scale, bias, out_dtype):
 # int8_weight_only_linear
 
 
-def int8_weight_only_linear(x, w_q, w_scale, bias=None):
+def int8_weight_only_linear(x, w_q, w_scale, bias=None, *, group_size=None):
     op = "int8_weight_only_linear"
     c.check_float_tensor(op, "x", x)
     _check_int8_matrix(op, "w_q", w_q)
@@ -197,7 +198,10 @@ def int8_weight_only_linear(x, w_q, w_scale, bias=None):
         raise ValueError(f"{op}: x must be [..., K] with K = {k} (w_q is [N, K]), got shape {tuple(x.shape)}")
     if w_q.device != x.device:
         raise ValueError(f"{op}: w_q is on {w_q.device} but x is on {x.device}")
-    _check_vector(op, "w_scale", w_scale, n, w_q, "w_q")
+    if group_size is None:
+        _check_vector(op, "w_scale", w_scale, n, w_q, "w_q")
+    else:
+        _check_group_scale(op, w_scale, group_size, n, k, w_q)
     if bias is not None:
         _check_vector(op, "bias", bias, n, w_q, "w_q", c.FLOAT_DTYPES)
     if not x.is_cpu:
@@ -205,11 +209,28 @@ def int8_weight_only_linear(x, w_q, w_scale, bias=None):
     if k == 0:
         raise ValueError(f"{op}: K must be >= 1")
     if torch.compiler.is_compiling():
-        return torch.ops.ringfuse.int8_weight_only_linear(x, w_q, w_scale, bias)
-    return _weight_only(x, w_q, w_scale, bias)
+        return torch.ops.ringfuse.int8_weight_only_linear(x, w_q, w_scale, bias, group_size)
+    return _weight_only(x, w_q, w_scale, bias, group_size)
 
 
-def _weight_only(x, w_q, w_scale, bias):
+def _check_group_scale(op, w_scale, group_size, n, k, ref):
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"{op}: group_size must be an int or None, got {type(group_size).__name__}")
+    if group_size < 16 or group_size % 16:
+        raise ValueError(f"{op}: group_size must be a positive multiple of 16 (e.g. 32, 64, 128), got {group_size}")
+    groups = -(-k // group_size)
+    if not isinstance(w_scale, torch.Tensor):
+        raise TypeError(f"{op}: w_scale must be a torch.Tensor, got {type(w_scale).__name__}")
+    if w_scale.dtype != torch.float32:
+        raise TypeError(f"{op}: w_scale must have dtype torch.float32, got {w_scale.dtype}")
+    if w_scale.shape != (n, groups):
+        raise ValueError(f"{op}: w_scale must have shape (N, ceil(K / group_size)) = ({n}, {groups}) for "
+                         f"group_size={group_size}, got {tuple(w_scale.shape)}")  # fmt: skip
+    if w_scale.device != ref.device:
+        raise ValueError(f"{op}: w_scale is on {w_scale.device} but w_q is on {ref.device}")
+
+
+def _weight_only(x, w_q, w_scale, bias, group_size=None):
     n, k = w_q.shape
     x2 = x.reshape(-1, k).float()  # [M, K] fp32: small on the decode path this op is for
     if x2.stride(-1) != 1:
@@ -217,19 +238,22 @@ def _weight_only(x, w_q, w_scale, bias):
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
-        scale = w_scale.contiguous()
+        scale = w_scale.contiguous()  # [N] or [N, groups]
         bias32 = bias.float().contiguous() if bias is not None else None
         _C.int8_weight_only_linear(
             out.data_ptr(), out.stride(0), c.DTYPE_CODE[x.dtype], x2.data_ptr(), x2.stride(0), w_q.data_ptr(),
-            w_q.stride(0), scale.data_ptr(), bias32.data_ptr() if bias32 is not None else 0, m, n, k, c.num_threads(),
+            w_q.stride(0), scale.data_ptr(), scale.shape[-1] if group_size else 0, group_size or 0,
+            bias32.data_ptr() if bias32 is not None else 0, m, n, k, c.num_threads(),
         )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 
 
-OP_LIB.define("int8_weight_only_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor")
+OP_LIB.define(
+    "int8_weight_only_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, int? group_size=None) -> Tensor"
+)
 OP_LIB.impl("int8_weight_only_linear", _weight_only, "CPU")
 
 
 @torch.library.register_fake("ringfuse::int8_weight_only_linear")
-def _weight_only_fake(x, w_q, w_scale, bias):
+def _weight_only_fake(x, w_q, w_scale, bias, group_size=None):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))

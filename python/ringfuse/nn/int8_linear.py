@@ -1,0 +1,174 @@
+"""``Int8Linear``: a drop-in for ``torch.nn.Linear`` with int8 weights.
+
+Two modes:
+- ``"w8a8"`` (SmoothQuant-style): weights symmetric per output channel, activations
+  quantized per token on every call (``ops.quantize_per_token``), int8 x int8 -> int32 GEMM
+  with the scales and bias applied in its epilogue. The compute is int8: the fast path for
+  prefill / large M.
+- ``"w8a16"`` (weight-only): weights int8 (per channel, or per group of ``group_size``
+  K-columns), activations stay float. Decode (small M) is bound by weight bytes, and int8
+  weights are a quarter of fp32's.
+
+Each mode keeps its numerics at every M; within a mode the module picks the kernel by the
+number of rows M (see ``Int8Linear.forward``). The state_dict holds plain tensors: ``weight``
+(int8 [N, K]), ``weight_scale`` (fp32 [N] or [N, ceil(K / group_size)]), ``bias`` (as
+nn.Linear) and, when smoothing is kept in the layer, ``smooth`` (fp32 [K], the input is
+divided by it). The CPU GEMM's packed weight layout is built from ``weight`` on first use
+and rebuilt whenever ``weight`` changes (``load_state_dict`` included); it is never saved.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+
+MODES = ("w8a8", "w8a16")
+
+# w8a16 on CPU: up to this many rows the weight-only kernel (int8 weights read once per 4
+# rows) beats fp32 F.linear; beyond it the GEMM is compute-bound, and dequantizing the
+# weight to fp32 once per call, then torch's F.linear, is faster (bench: ringfuse bench int8).
+W8A16_CPU_MAX_ROWS = 16
+
+
+def quantize_weight(weight: torch.Tensor, group_size: int | None = None):
+    """Symmetric int8 of a float weight [N, K]: ``w_q = round(w / s)``, ``s = max|w| / 127``
+    per output row (``group_size=None``) or per row and group of ``group_size`` K-columns
+    (the last group may be partial). Returns (w_q int8 [N, K], s fp32 [N] or [N, groups])."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize_weight: weight must be a 2-D float tensor [N, K], got {_describe(weight)}")
+    w = weight.detach().float()
+    if group_size is None:
+        return ops.quantize_per_token(w)
+    _check_group_size("quantize_weight", group_size)
+    n, k = w.shape
+    groups = -(-k // group_size)
+    padded = torch.nn.functional.pad(w, (0, groups * group_size - k))  # zeros leave each max unchanged
+    q, s = ops.quantize_per_token(padded.reshape(n * groups, group_size))
+    return q.reshape(n, groups * group_size)[:, :k].contiguous(), s.reshape(n, groups)
+
+
+def _check_group_size(where, group_size):
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 16 or group_size % 16:
+        raise ValueError(f"{where}: group_size must be None or a positive multiple of 16 (e.g. 128), got {group_size!r}")
+
+
+def _describe(t):
+    if isinstance(t, torch.Tensor):
+        return f"a {t.dtype} tensor of shape {tuple(t.shape)}"
+    return type(t).__name__
+
+
+class Int8Linear(torch.nn.Module):
+    """y = x @ W.T + b with W held in int8; see the module docstring for the modes."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, mode: str = "w8a8",
+                 group_size: int | None = None, smooth: bool = False, device=None, dtype=None):  # fmt: skip
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"Int8Linear: mode must be one of {MODES}, got {mode!r}")
+        if group_size is not None:
+            _check_group_size("Int8Linear", group_size)
+            if mode == "w8a8":
+                raise ValueError("Int8Linear: group_size applies to mode='w8a16' only: the w8a8 GEMM accumulates "
+                                 "the whole K in int32, which needs one scale per output channel")  # fmt: skip
+        self.in_features, self.out_features, self.mode, self.group_size = in_features, out_features, mode, group_size
+        scale_shape = (out_features,) if group_size is None else (out_features, -(-in_features // group_size))
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = torch.nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        if smooth:
+            self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32, device=device))
+        else:
+            self.smooth = None
+        self._packed = None  # (PackedInt8Weight, weight._version) for the CPU GEMM
+
+    @classmethod
+    def from_float(cls, linear: torch.nn.Linear, mode: str = "w8a8", smooth: torch.Tensor | None = None,
+                   group_size: int | None = None, *, divide_input: bool = True) -> "Int8Linear":  # fmt: skip
+        """Quantize ``linear``. ``smooth`` [K] (SmoothQuant factors, positive): the weight's
+        input channels are multiplied by it, which moves activation outliers into the
+        weight; the layer divides its input by it (a ``smooth`` buffer), unless
+        ``divide_input=False`` says the caller has folded 1 / smooth into the op that
+        produces the input (``quantize`` does that for the norms of Llama-family layers)."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"Int8Linear.from_float: linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach().float()  # [N, K]
+        if smooth is not None:
+            smooth = _check_smooth("Int8Linear.from_float", smooth, linear.in_features, w.device)
+            w = w * smooth[None, :]
+        keep = smooth is not None and divide_input
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, mode=mode, group_size=group_size,
+                  smooth=keep, device=w.device,
+                  dtype=linear.bias.dtype if linear.bias is not None else None)  # fmt: skip
+        w_q, w_s = quantize_weight(w, group_size)
+        new.weight.copy_(w_q)
+        new.weight_scale.copy_(w_s)
+        if linear.bias is not None:
+            new.bias.data.copy_(linear.bias.detach())
+        if keep:
+            new.smooth.copy_(smooth)
+        return new
+
+    def _scaled_weight(self) -> torch.Tensor:
+        """w_q * scale as fp32 [N, K]: the weight that multiplies the (smoothed) input."""
+        scale = self.weight_scale
+        if self.group_size is None:
+            scale = scale[:, None]
+        else:
+            scale = scale.repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
+        return self.weight.float() * scale
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W as fp32 [N, K], the smoothing divided back out: what the layer computes with."""
+        w = self._scaled_weight()
+        return w / self.smooth[None, :] if self.smooth is not None else w
+
+    def _packed_weight(self):
+        version = self.weight._version
+        if self._packed is None or self._packed[0].b_q is not self.weight or self._packed[1] != version:
+            self._packed = (ops.pack_int8_weight(self.weight), version)
+        return self._packed[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"Int8Linear: input must be a float tensor, got {_describe(x)}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"Int8Linear: input must be [..., {self.in_features}], got shape {tuple(x.shape)}")
+        if self.smooth is not None:
+            x = (x.float() / self.smooth).to(x.dtype)
+        if self.mode == "w8a8":
+            return self._forward_w8a8(x)
+        return self._forward_w8a16(x)
+
+    def _forward_w8a8(self, x):
+        x_q, x_s = ops.quantize_per_token(x)  # [..., K] int8, [...] fp32
+        x_q, x_s = x_q.reshape(-1, self.in_features), x_s.reshape(-1)
+        packed = self._packed_weight() if x.is_cpu and not torch.compiler.is_compiling() else None
+        y = ops.int8_gemm(x_q, self.weight, x_s, self.weight_scale, self.bias, out_dtype=x.dtype, packed=packed)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _forward_w8a16(self, x):
+        rows = x.numel() // self.in_features
+        if x.is_cpu and rows > W8A16_CPU_MAX_ROWS:
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return torch.nn.functional.linear(x, self._scaled_weight().to(x.dtype), bias)
+        return ops.int8_weight_only_linear(x, self.weight, self.weight_scale, self.bias, group_size=self.group_size)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size is not None else ""
+        smooth = ", smooth=True" if self.smooth is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"mode={self.mode!r}{group}{smooth}")  # fmt: skip
+
+
+def _check_smooth(where, smooth, k, device):
+    if not isinstance(smooth, torch.Tensor) or smooth.shape != (k,):
+        raise ValueError(f"{where}: smooth must be a tensor of shape ({k},), got {_describe(smooth)}")
+    smooth = smooth.detach().to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(smooth).all()) or not bool((smooth > 0).all()):
+        raise ValueError(f"{where}: smooth factors must be finite and > 0")
+    return smooth
