@@ -26,7 +26,11 @@ using release_gil = py::call_guard<py::gil_scoped_release>;
 static py::dict build_info() {
   py::dict d;
   d["cpu_has_avx2"] = rf::cpu::cpu_has_avx2();
+  d["cpu_has_avx512_vnni"] = rf::cpu::cpu_has_avx512_vnni();
   d["isa"] = rf::cpu::isa_name(rf::cpu::active_isa());
+  d["int8_gemm_isa"] = rf::cpu::active_isa() == rf::cpu::Isa::kScalar ? "scalar"
+                       : rf::cpu::int8_use_vnni()                      ? "avx512vnni"
+                                                                         : "avx2";
 #ifdef _OPENMP
   d["openmp"] = _OPENMP;
 #else
@@ -47,7 +51,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "ringfuse native kernels (CPU AVX2/OpenMP, optional CUDA)";
   m.def("build_info", &build_info);
   m.def("set_isa", [](const std::string& name) { rf::cpu::set_isa(name.c_str()); },
-        "Choose the CPU path: 'auto', 'avx2' or 'scalar'.");
+        "Choose the CPU path: 'auto', 'avx512vnni' (avx2 + the int8 GEMM's VNNI kernel), 'avx2' or 'scalar'.");
   m.def("isa", [] { return std::string(rf::cpu::isa_name(rf::cpu::active_isa())); });
 
   m.def("rms_norm", &rf::cpu::rms_norm, release_gil(), py::arg("out"), py::arg("out_stride"),
@@ -92,6 +96,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("probe_read", &rf::cpu::probe_read, release_gil(), py::arg("src"), py::arg("nbytes"), py::arg("num_threads"));
   m.def("probe_fma", &rf::cpu::probe_fma, release_gil(), py::arg("iters"), py::arg("num_threads"));
   m.def("probe_fma_flops_per_iter", &rf::cpu::probe_fma_flops_per_iter, py::arg("num_threads"));
+  m.def("probe_int8_dot", &rf::cpu::probe_int8_dot, release_gil(), py::arg("iters"), py::arg("num_threads"));
+  m.def("probe_int8_ops_per_iter", &rf::cpu::probe_int8_ops_per_iter, py::arg("num_threads"));
 
 #ifdef RINGFUSE_WITH_CUDA
   m.def("rms_norm_cuda", &rf::cuda::rms_norm, release_gil());

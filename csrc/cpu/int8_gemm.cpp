@@ -32,6 +32,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "cpu/vec.h"
 
@@ -270,6 +271,134 @@ void gemm_scalar(const GemmArgs& g, const int8_t* b, int64_t b_stride, int num_t
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// AVX-512 VNNI (hosts that have it; chosen at run time). vpdpbusd multiplies unsigned by
+// signed bytes and adds each group of 4 products into an int32 lane: one instruction per
+// 64 multiply-adds, and no int16 stage that could saturate. The packed B bytes are flipped
+// to unsigned (b + 128 = b ^ 0x80) once per loaded vector; a's 4 bytes ride along as the
+// signed broadcast operand. So acc = sum_k (b + 128) a = a . b + 128 * rowsum(a), and the
+// epilogue subtracts 128 * rowsum(a) (row sums taken once per call). vpdpbusd wraps mod
+// 2^32, so the result is exact whenever a . b fits int32, and any b, -128 included, works.
+// The same packed layout as the AVX2 kernel: one 64-byte [16 cols][4 k] group is one zmm.
+// Register block: 8 rows x 3 panels (48 columns) = 24 zmm accumulators + 3 B vectors.
+// Napkin math, M = 256, K = N = 4096: 4.3 G multiply-adds; two vpdpbusd zmm per cycle per
+// core would be 128 per cycle, ~11 ms at 3 GHz on one core.
+constexpr int kVnniRows = 8, kVnniPanels = 3;
+
+// acc += 4-byte dot products of unsigned u and signed s in each int32 lane. Inline asm
+// because GCC 12 copies the accumulator to a fresh register around every
+// _mm512_dpbusd_epi32 (two extra moves per instruction measured in the 8 x 3 block).
+RF_AVX512VNNI RF_INLINE __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+}
+
+// one k-group of 4: c[r][p] += (b + 128) . a[r] for MR rows x NP panels (b: 64 bytes per panel)
+template <int MR, int NP>
+RF_AVX512VNNI RF_INLINE void vnni_step(const int8_t* a, int64_t a_stride, const int8_t* b, int64_t panel_bytes,
+                                       __m512i c[MR][NP]) {
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  __m512i bu[NP];
+#pragma GCC unroll 4
+  for (int p = 0; p < NP; ++p) bu[p] = _mm512_xor_si512(_mm512_loadu_si512(b + p * panel_bytes), flip);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    int32_t word;
+    std::memcpy(&word, a + r * a_stride, 4);
+    const __m512i av = _mm512_set1_epi32(word);
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) c[r][p] = dpbusd(c[r][p], bu[p], av);
+  }
+}
+
+template <int MR, int NP>
+RF_AVX512VNNI void vnni_block(const int8_t* a, int64_t a_stride, const int8_t* panels, int64_t panel_bytes,
+                              int64_t k, __m512i acc[kVnniRows][kVnniPanels]) {
+  __m512i c[MR][NP];  // local, so the accumulators live in registers (24 of the 32 zmm)
+  for (auto& row : c)
+    for (auto& v : row) v = _mm512_setzero_si512();
+  const int64_t full = k / 4;
+  for (int64_t g = 0; g < full; ++g) vnni_step<MR, NP>(a + 4 * g, a_stride, panels + g * 64, panel_bytes, c);
+  if (full * 4 < k) {  // tail group: a's bytes past k are 0, so the padded b (0x80) adds nothing
+    alignas(4) int8_t tail[kVnniRows][4] = {};
+    for (int r = 0; r < MR; ++r) std::memcpy(tail[r], a + r * a_stride + 4 * full, size_t(k - 4 * full));
+    vnni_step<MR, NP>(&tail[0][0], 4, panels + full * 64, panel_bytes, c);
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int p = 0; p < NP; ++p) acc[r][p] = c[r][p];
+}
+
+template <int NP>
+RF_AVX512VNNI void vnni_rows(const int8_t* a, int64_t a_stride, const int8_t* panels, int64_t panel_bytes,
+                             int64_t k, int rows, __m512i acc[kVnniRows][kVnniPanels]) {
+  switch (rows) {
+    case 8: vnni_block<8, NP>(a, a_stride, panels, panel_bytes, k, acc); break;
+    case 7: vnni_block<7, NP>(a, a_stride, panels, panel_bytes, k, acc); break;
+    case 6: vnni_block<6, NP>(a, a_stride, panels, panel_bytes, k, acc); break;
+    case 5: vnni_block<5, NP>(a, a_stride, panels, panel_bytes, k, acc); break;
+    case 4: vnni_block<4, NP>(a, a_stride, panels, panel_bytes, k, acc); break;
+    case 3: vnni_block<3, NP>(a, a_stride, panels, panel_bytes, k, acc); break;
+    case 2: vnni_block<2, NP>(a, a_stride, panels, panel_bytes, k, acc); break;
+    default: vnni_block<1, NP>(a, a_stride, panels, panel_bytes, k, acc); break;
+  }
+}
+
+// sum_k a[r, k] for every row (int32: |sum| <= 128 K)
+RF_AVX2 void row_sums(const GemmArgs& g, int32_t* sums) {
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  for (int64_t r = 0; r < g.m; ++r) {
+    const int8_t* a = g.a + r * g.a_stride;
+    __m256i acc = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 32 <= g.k; i += 32)  // 1 x a pairs: |sum| <= 256 fits int16
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, _mm256_loadu_si256(
+                                                        reinterpret_cast<const __m256i*>(a + i))), ones16));
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+    int32_t s = 0;
+    for (int32_t v : lanes) s += v;
+    for (; i < g.k; ++i) s += a[i];
+    sums[r] = s;
+  }
+}
+
+RF_AVX512VNNI void gemm_vnni(const GemmArgs& g, int num_threads) {
+  const int64_t panels = (g.n + kPanel - 1) / kPanel, panel_bytes = (g.k + 3) / 4 * 64;
+  const int64_t chunks = (panels + kVnniPanels - 1) / kVnniPanels;
+  const int64_t mblocks = (g.m + kVnniRows - 1) / kVnniRows;
+  std::vector<int32_t> sums(size_t(g.m));
+  row_sums(g, sums.data());
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (chunks * mblocks > 1 && g.m * g.n * g.k > (1 << 18))
+  for (int64_t c = 0; c < chunks; ++c) {  // 48 columns of B (3 panels, ~K * 48 bytes) stay in L2 for all of A
+    const int64_t p0 = c * kVnniPanels;
+    const int np = int(std::min<int64_t>(kVnniPanels, panels - p0));
+    const int8_t* chunk = g.packed + p0 * panel_bytes;
+    for (int64_t mb = 0; mb < mblocks; ++mb) {
+      const int64_t r0 = mb * kVnniRows;
+      const int rows = int(std::min<int64_t>(kVnniRows, g.m - r0));
+      __m512i acc[kVnniRows][kVnniPanels];
+      for (auto& row : acc)
+        for (auto& v : row) v = _mm512_setzero_si512();
+      const int8_t* a = g.a + r0 * g.a_stride;
+      if (np == 3)
+        vnni_rows<3>(a, g.a_stride, chunk, panel_bytes, g.k, rows, acc);
+      else if (np == 2)
+        vnni_rows<2>(a, g.a_stride, chunk, panel_bytes, g.k, rows, acc);
+      else
+        vnni_rows<1>(a, g.a_stride, chunk, panel_bytes, g.k, rows, acc);
+      alignas(64) int32_t lanes[kPanel];
+      for (int r = 0; r < rows; ++r) {
+        const __m512i offset = _mm512_set1_epi32(128 * sums[size_t(r0 + r)]);
+        for (int p = 0; p < np; ++p) {
+          _mm512_store_si512(lanes, _mm512_sub_epi32(acc[r][p], offset));
+          const int64_t n0 = (p0 + p) * kPanel;
+          store_row(g, r0 + r, n0, std::min(kPanel, g.n - n0), lanes);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int64_t int8_packed_size(int64_t n, int64_t k) {
@@ -312,7 +441,9 @@ void int8_gemm_packed(std::uintptr_t out, int64_t out_stride, int out_dtype, std
              reinterpret_cast<const int8_t*>(packed), reinterpret_cast<const float*>(a_scale),
              reinterpret_cast<const float*>(b_scale), reinterpret_cast<const float*>(bias), m, n, k};
   const int threads = std::max(1, num_threads);
-  if (active_isa() == Isa::kAvx2 && !b_has_min)
+  if (active_isa() == Isa::kAvx2 && int8_use_vnni())
+    gemm_vnni(g, threads);
+  else if (active_isa() == Isa::kAvx2 && !b_has_min)
     gemm_avx2(g, threads);
   else
     gemm_scalar(g, reinterpret_cast<const int8_t*>(b_raw), b_stride, threads);

@@ -134,4 +134,67 @@ int64_t probe_fma_flops_per_iter(int num_threads) {
   return int64_t(threads) * 10 * lanes * 2;  // 10 chains x lanes x (mul + add)
 }
 
+// int8 dot-product peak on the int8 GEMM's path (vec.h: int8_use_vnni): 12 independent
+// chains of vpdpbusd zmm (64 multiply-adds each), or 10 of vpmaddubsw + vpmaddwd + vpaddd
+// ymm (32 each), or scalar integer multiply-adds.
+namespace {
+constexpr int kInt8Chains = 12;
+
+RF_AVX512VNNI int64_t int8_vnni(int64_t iters) {
+  __m512i acc[kInt8Chains];
+  for (auto& a : acc) a = _mm512_setzero_si512();
+  const __m512i u = _mm512_set1_epi8(1), s = _mm512_set1_epi8(1);
+  for (int64_t i = 0; i < iters; ++i)
+    for (auto& a : acc) asm volatile("vpdpbusd %2, %1, %0" : "+v"(a) : "v"(u), "v"(s));
+  int64_t total = 0;
+  for (auto& a : acc) total += _mm512_reduce_add_epi32(a);
+  return total;
+}
+
+RF_AVX2 int64_t int8_avx2(int64_t iters) {
+  __m256i acc[kInt8Chains];
+  for (auto& a : acc) a = _mm256_setzero_si256();
+  const __m256i u = _mm256_set1_epi8(1), ones = _mm256_set1_epi16(1);
+  __m256i s = _mm256_set1_epi8(1);
+  for (int64_t i = 0; i < iters; ++i) {
+    for (auto& a : acc) a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones));
+    asm volatile("" : "+x"(s));  // keep the products inside the loop
+  }
+  alignas(32) int32_t lanes[8];
+  int64_t total = 0;
+  for (auto& a : acc) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), a);
+    for (int32_t v : lanes) total += v;
+  }
+  return total;
+}
+
+int64_t int8_scalar(int64_t iters) {
+  volatile int32_t x = 1;
+  int32_t acc[kInt8Chains] = {};
+  for (int64_t i = 0; i < iters; ++i)
+    for (auto& a : acc) a += x * x;
+  int64_t total = 0;
+  for (int32_t a : acc) total += a;
+  return total;
+}
+}  // namespace
+
+int64_t probe_int8_dot(int64_t iters, int num_threads) {
+  RINGFUSE_CHECK(iters >= 0, "probe_int8_dot: iters must be >= 0");
+  const int threads = num_threads < 1 ? 1 : num_threads;
+  const bool avx2 = active_isa() == Isa::kAvx2, vnni = avx2 && int8_use_vnni();
+  int64_t total = 0;
+#pragma omp parallel for num_threads(threads) reduction(+ : total) schedule(static, 1)
+  for (int t = 0; t < threads; ++t) total += vnni ? int8_vnni(iters) : avx2 ? int8_avx2(iters) : int8_scalar(iters);
+  return total;
+}
+
+int64_t probe_int8_ops_per_iter(int num_threads) {
+  const int threads = num_threads < 1 ? 1 : num_threads;
+  const bool avx2 = active_isa() == Isa::kAvx2;
+  const int macs = avx2 && int8_use_vnni() ? 64 : avx2 ? 32 : 1;
+  return int64_t(threads) * kInt8Chains * macs * 2;  // multiply + add
+}
+
 }  // namespace ringfuse::cpu

@@ -15,17 +15,22 @@
 #include "common.h"
 
 #define RF_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define RF_AVX512VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define RF_INLINE inline __attribute__((always_inline))
 
 namespace ringfuse::cpu {
 
 // ---------------------------------------------------------------------------------------
 // Run-time ISA choice. "avx2" needs AVX2 + FMA + F16C; "scalar" runs anywhere. Tests force
-// "scalar" to exercise the fallback on this machine.
+// "scalar" to exercise the fallback on this machine. "avx512vnni" is "avx2" plus the int8
+// GEMM's AVX-512 VNNI kernel (hosts that have it: auto picks it there); "avx2" alone keeps
+// the int8 GEMM on its AVX2 kernel, so tests can run both.
 enum class Isa : int { kScalar = 0, kAvx2 = 1 };
-bool cpu_has_avx2();  // AVX2 + FMA + F16C present
+bool cpu_has_avx2();         // AVX2 + FMA + F16C present
+bool cpu_has_avx512_vnni();  // AVX-512 F/BW/VL + VNNI present
 Isa active_isa();
-void set_isa(const char* name);  // "auto" | "avx2" | "scalar"; throws on unknown / unsupported
+bool int8_use_vnni();            // the int8 GEMM takes its AVX-512 VNNI kernel
+void set_isa(const char* name);  // "auto" | "avx512vnni" | "avx2" | "scalar"; throws on unknown / unsupported
 const char* isa_name(Isa isa);
 
 // ---------------------------------------------------------------------------------------

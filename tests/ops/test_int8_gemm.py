@@ -121,9 +121,10 @@ def rand_int8(shape, seed, low=-128):
 @pytest.mark.parametrize("m", SIZES)
 @pytest.mark.parametrize("k", SIZES)
 @pytest.mark.parametrize("n", SIZES)
-def test_int32_product_is_exact(m, k, n):
+def test_int32_product_is_exact(int8_isa, m, k, n):
     """Weights in [-127, 127] (what symmetric quantization gives) take the AVX2 kernel; a
-    holds -128 too. Weights with -128 take the exact fallback."""
+    holds -128 too. Weights with -128 take the exact fallback there (the VNNI kernel takes
+    any int8)."""
     a = rand_int8((m, k), m * 1000 + k)
     for b in (rand_int8((n, k), n * 7 + k, low=-127), rand_int8((n, k), n * 7 + k + 1)):
         got = int8_gemm(a, b, out_dtype=torch.int32)
@@ -131,7 +132,7 @@ def test_int32_product_is_exact(m, k, n):
         assert torch.equal(got, (a.long() @ b.long().T).int())
 
 
-def test_saturation_corner_and_scalar_isa(isa):
+def test_saturation_corner_and_scalar_isa(int8_isa):
     """All -128 in a against all +-127 in b: the largest int16 pair sums of the sign trick."""
     a = torch.full((5, 64), -128, dtype=torch.int8)
     b = torch.full((19, 64), 127, dtype=torch.int8)
@@ -141,9 +142,21 @@ def test_saturation_corner_and_scalar_isa(isa):
     assert torch.equal(int8_gemm(a2, b2, out_dtype=torch.int32), (a2.long() @ b2.long().T).int())
 
 
+def test_long_k_wraps_back_to_the_exact_product(int8_isa):
+    """K = 131000 with a = -128, b = +-127: a . b still fits int32, but the VNNI kernel's
+    offset sum (b + 128) a = 255 * -128 * K does not; it wraps mod 2^32 and the subtracted
+    128 * rowsum(a) wraps it back."""
+    k = 131000
+    a = torch.full((2, k), -128, dtype=torch.int8)
+    b = torch.full((3, k), 127, dtype=torch.int8)
+    b[1] = -127
+    b[2, ::2] = -128
+    assert torch.equal(int8_gemm(a, b, out_dtype=torch.int32), (a.long() @ b.long().T).int())
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_scaled_epilogue(isa, out_dtype, with_bias):
+def test_scaled_epilogue(int8_isa, out_dtype, with_bias):
     a, b = rand_int8((17, 129), 3), rand_int8((33, 129), 4, low=-127)
     a_scale, b_scale = torch.rand(17) * 0.1, torch.rand(33) * 0.01
     bias = torch.randn(33).to(out_dtype) if with_bias else None
@@ -312,3 +325,10 @@ def test_weight_only_names_the_tensor_on_another_device():
     x, w_q = torch.randn(3, 16), rand_int8((5, 16), 1, low=-127)
     with pytest.raises(ValueError, match="w_scale is on meta but w_q is on cpu"):
         int8_weight_only_linear(x, w_q, torch.rand(5, device="meta"))
+
+
+def test_int8_peak_probe_does_the_work_it_counts(int8_isa):
+    """bench limits' int8 dot peak: every counted multiply-add of 1 x 1 lands in the sum."""
+    from ringfuse import _C
+
+    assert _C.probe_int8_dot(1000, 2) == _C.probe_int8_ops_per_iter(2) * 1000 // 2

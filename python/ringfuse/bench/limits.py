@@ -1,4 +1,4 @@
-"""Machine limits measured by small loops in _C: copy bandwidth and fp32 FMA peak.
+"""Machine limits measured by small loops in _C: copy bandwidth, fp32 FMA and int8 dot peaks.
 
 Every bench prints its GB/s or GFLOP/s as a fraction of these, measured in the same run.
 Copy bandwidth counts bytes read + bytes written (the STREAM convention), with AVX2 loads
@@ -23,6 +23,7 @@ class Limits:
     copy_l2_gbs: float  # a buffer that fits L2, for small benches
     read_gbs: float  # DRAM read-only stream (512 MiB, past the L3), bytes per second / 1e9
     fma_gflops: float  # fp32 FMA peak, GFLOP/s
+    int8_gops: float  # int8 dot peak on the int8 GEMM's path (AVX-512 VNNI or AVX2), GOPS
 
     @property
     def isa(self) -> str:
@@ -63,6 +64,16 @@ def fma_peak(threads: int, iters: int = 2_000_000) -> float:
     return flops / t / 1e9
 
 
+def int8_peak(threads: int, iters: int = 1_000_000) -> float:
+    ops = _C.probe_int8_ops_per_iter(threads) * iters
+    t = _best_of(lambda: _C.probe_int8_dot(iters, threads), 5)
+    return ops / t / 1e9
+
+
+def int8_path() -> str:
+    return _C.build_info()["int8_gemm_isa"]
+
+
 def measure(threads: int | None = None) -> Limits:
     threads = threads or torch.get_num_threads()
     return Limits(
@@ -71,6 +82,7 @@ def measure(threads: int | None = None) -> Limits:
         copy_l2_gbs=copy_bandwidth(256 << 10, threads, repeats=200),
         read_gbs=read_bandwidth(512 << 20, threads),
         fma_gflops=fma_peak(threads),
+        int8_gops=int8_peak(threads),
     )
 
 
@@ -84,6 +96,9 @@ def run(threads: int | None = None) -> Limits:
             ["copy in L2", "256 KiB -> 256 KiB, memcpy", f"{lim.copy_l2_gbs:.1f} GB/s"],
             ["read from DRAM", "512 MiB, AVX2 loads, 4 sums per thread", f"{lim.read_gbs:.1f} GB/s"],
             ["fp32 FMA peak", "10 chains x 8 lanes per thread", f"{lim.fma_gflops:.1f} GFLOP/s"],
+            ["int8 dot peak", f"12 chains per thread, {int8_path()} "
+             f"({'vpdpbusd zmm' if int8_path() == 'avx512vnni' else 'vpmaddubsw + vpmaddwd + vpaddd'})",
+             f"{lim.int8_gops:.0f} GOPS"],
         ],
         left=2,
         note="GB/s counts bytes read + written. Benches print their % of these, measured in the same run.",
