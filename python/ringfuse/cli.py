@@ -87,6 +87,7 @@ def _bench(args) -> int:
         int8.run(rows=int8.ROWS[:2] if args.quick else int8.ROWS, rounds=args.rounds, lim=lim)
         int8.run_gemm(kns=int8.GEMM_KN[:2] if args.quick else int8.GEMM_KN, rounds=args.rounds, lim=lim)
         int8.run_weight_only(kns=int8.GEMM_KN[:2] if args.quick else int8.GEMM_KN, rounds=args.rounds, lim=lim)
+        int8.run_linear(kns=int8.GEMM_KN[:2] if args.quick else int8.GEMM_KN, rounds=args.rounds, lim=lim)
         return 0
     if args.op == "attention":
         from .bench import attention

@@ -9,8 +9,9 @@ Two modes:
   K-columns), activations stay float. Decode (small M) is bound by weight bytes, and int8
   weights are a quarter of fp32's.
 
-Each mode keeps its numerics at every M; within a mode the module picks the kernel by the
-number of rows M (see ``Int8Linear.forward``). The state_dict holds plain tensors: ``weight``
+Each mode keeps its numerics at every M; within a mode the op picks the kernel by the
+number of rows M (w8a16 on CPU: a GEMV-style kernel up to 4 rows, then a blocked GEMM on
+weights dequantized once per call). The state_dict holds plain tensors: ``weight``
 (int8 [N, K]), ``weight_scale`` (fp32 [N] or [N, ceil(K / group_size)]), ``bias`` (as
 nn.Linear) and, when smoothing is kept in the layer, ``smooth`` (fp32 [K], the input is
 divided by it). The CPU GEMM's packed weight layout is built from ``weight`` on first use
@@ -24,12 +25,6 @@ import torch
 from .. import ops
 
 MODES = ("w8a8", "w8a16")
-
-# w8a16 on CPU: up to this many rows the weight-only kernel (int8 weights read once per 4
-# rows) beats fp32 F.linear; beyond it the GEMM is compute-bound, and dequantizing the
-# weight to fp32 once per call, then torch's F.linear, is faster (bench: ringfuse bench int8).
-W8A16_CPU_MAX_ROWS = 16
-
 
 def quantize_weight(weight: torch.Tensor, group_size: int | None = None):
     """Symmetric int8 of a float weight [N, K]: ``w_q = round(w / s)``, ``s = max|w| / 127``
@@ -113,18 +108,14 @@ class Int8Linear(torch.nn.Module):
             new.smooth.copy_(smooth)
         return new
 
-    def _scaled_weight(self) -> torch.Tensor:
-        """w_q * scale as fp32 [N, K]: the weight that multiplies the (smoothed) input."""
+    def dequantized_weight(self) -> torch.Tensor:
+        """W as fp32 [N, K], the smoothing divided back out: what the layer computes with."""
         scale = self.weight_scale
         if self.group_size is None:
             scale = scale[:, None]
         else:
             scale = scale.repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
-        return self.weight.float() * scale
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """W as fp32 [N, K], the smoothing divided back out: what the layer computes with."""
-        w = self._scaled_weight()
+        w = self.weight.float() * scale
         return w / self.smooth[None, :] if self.smooth is not None else w
 
     def _packed_weight(self):
@@ -152,10 +143,6 @@ class Int8Linear(torch.nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _forward_w8a16(self, x):
-        rows = x.numel() // self.in_features
-        if x.is_cpu and rows > W8A16_CPU_MAX_ROWS:
-            bias = self.bias.to(x.dtype) if self.bias is not None else None
-            return torch.nn.functional.linear(x, self._scaled_weight().to(x.dtype), bias)
         return ops.int8_weight_only_linear(x, self.weight, self.weight_scale, self.bias, group_size=self.group_size)
 
     def extra_repr(self) -> str:
