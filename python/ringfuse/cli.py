@@ -45,6 +45,7 @@ def info() -> dict:
         "openmp": build["openmp"],
         "cpu flags": " ".join(_cpu_flags()) or "unknown",
         "cpu path": build["isa"],
+        "cpu int8 gemm path": build["int8_gemm_isa"],
         "threads": torch.get_num_threads(),
         "backend cpu": f"built ({build['isa']}, OpenMP)",
         "backend cuda": (
