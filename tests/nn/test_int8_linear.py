@@ -289,3 +289,13 @@ def test_quantize_bad_arguments():
         quantize(model, skip="lm_head")
     with pytest.raises(ValueError, match="calibration .* applies to mode='w8a8' only"):
         quantize(model, "w8a16", calibration=[torch.randn(2, K)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,group_size", [("w8a8", None), ("w8a16", None), ("w8a16", 64)])
+def test_cuda_layer_matches_cpu_layer(mode, group_size):
+    lin = gaussian_linear()
+    layer = Int8Linear.from_float(lin, mode, group_size=group_size)
+    x = torch.randn(3, 5, K)
+    got = layer.cuda()(x.cuda()).cpu()
+    torch.testing.assert_close(got, layer.cpu()(x), atol=1e-3, rtol=1e-3)

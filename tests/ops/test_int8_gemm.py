@@ -332,3 +332,33 @@ def test_int8_peak_probe_does_the_work_it_counts(int8_isa):
     from ringfuse import _C
 
     assert _C.probe_int8_dot(1000, 2) == _C.probe_int8_ops_per_iter(2) * 1000 // 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 17, 300])
+def test_cuda_int8_gemm_matches_cpu(m):
+    """CUDA (Triton) vs the CPU kernels: the int32 product bitwise, the scaled output within
+    one rounding of the output dtype."""
+    a, b = rand_int8((m, 577), m), rand_int8((129, 577), m + 1)
+    assert torch.equal(int8_gemm(a.cuda(), b.cuda(), out_dtype=torch.int32).cpu(), int8_gemm(a, b, out_dtype=torch.int32))
+    s_a, s_b, bias = torch.rand(m) * 0.01, torch.rand(129) * 0.01, torch.randn(129)
+    for dt in (torch.float32, torch.bfloat16):
+        got = int8_gemm(a.cuda(), b.cuda(), s_a.cuda(), s_b.cuda(), bias.cuda(), out_dtype=dt).cpu()
+        torch.testing.assert_close(got, int8_gemm(a, b, s_a, s_b, bias, out_dtype=dt), atol=1e-5, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_cuda_weight_only_matches_cpu(dtype, group_size):
+    x, w_q = torch.randn(5, 200).to(dtype), rand_int8((70, 200), 3, low=-127)
+    w_scale = torch.rand(70) * 0.01 if group_size is None else torch.rand(70, 7) * 0.01
+    bias = torch.randn(70)
+    got = int8_weight_only_linear(x.cuda(), w_q.cuda(), w_scale.cuda(), bias.cuda(), group_size=group_size).cpu()
+    ref = int8_weight_only_linear(x, w_q, w_scale, bias, group_size=group_size)
+    torch.testing.assert_close(got, ref, atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=2e-2)
+
+
+def test_packing_is_cpu_only():
+    with pytest.raises(ValueError, match="CUDA needs no packing"):
+        pack_int8_weight(torch.zeros(3, 4, dtype=torch.int8, device="meta"))

@@ -1,4 +1,6 @@
-"""int8 ops: dynamic per-token activation quantization and the W8A8 GEMM (CPU so far).
+"""int8 ops: dynamic per-token activation quantization, the W8A8 GEMM and the weight-only
+linear. CPU tensors run the C++ kernels (csrc/cpu/int8_gemm.cpp), CUDA tensors the Triton
+ones (kernels/int8_gemm.py).
 
 ``quantize_per_token(x [..., K]) -> (x_q int8 [..., K], scale fp32 [...])``:
 symmetric, one scale per row: ``scale = max|x_row| / 127``, ``x_q = round(x / scale)``
@@ -9,7 +11,8 @@ step. A zero row gets scale 0 and x_q 0. inf / NaN cannot be quantized: ValueErr
 out_dtype=torch.float32)``: ``(a_q @ b_q.T) * a_scale[:, None] * b_scale[None, :] + bias``
 with exact int32 accumulation and the scales and bias applied in the epilogue;
 ``out_dtype=torch.int32`` returns the raw int32 product (scales and bias must then be None).
-b is packed into the kernel's layout on every call (a quantized linear layer packs once).
+On CPU, b is packed into the kernel's layout on every call unless ``packed=`` is given (a
+quantized linear layer packs once); CUDA reads b as it is.
 
 ``int8_weight_only_linear(x [..., K] float, w_q [N, K] int8, w_scale [N], bias=None,
 group_size=None)``: ``x @ (w_q * w_scale[:, None]).T + bias`` in x's dtype, the weights
@@ -125,10 +128,11 @@ def int8_gemm(a_q, b_q, a_scale=None, b_scale=None, bias=None, *, out_dtype=torc
         _check_vector(op, "b_scale", b_scale, n, a_q, "a_q")
         if bias is not None:
             _check_vector(op, "bias", bias, n, a_q, "a_q", c.FLOAT_DTYPES)
-    if not a_q.is_cpu:
-        raise ValueError(f"{op}: only CPU tensors are supported so far, got {a_q.device}")
+    _check_device(op, a_q)
     if k == 0:
         raise ValueError(f"{op}: K must be >= 1, got a_q of shape {tuple(a_q.shape)}")
+    if a_q.is_cuda and k >= 131072:
+        raise ValueError(f"{op}: K must be < 131072 on CUDA (int32 accumulation of int8 products), got {k}")
     if packed is not None and (not isinstance(packed, PackedInt8Weight) or packed.b_q is not b_q):
         raise ValueError(f"{op}: packed must be pack_int8_weight(b_q) of this very b_q")
     if torch.compiler.is_compiling():
@@ -150,16 +154,28 @@ def pack_int8_weight(b_q) -> PackedInt8Weight:
     _check_int8_matrix("pack_int8_weight", "b_q", b_q)
     n, k = b_q.shape
     if k == 0 or not b_q.is_cpu:
-        raise ValueError(f"pack_int8_weight: b_q must be a CPU tensor with K >= 1, got {tuple(b_q.shape)} on {b_q.device}")
+        raise ValueError(f"pack_int8_weight: b_q must be a CPU tensor with K >= 1 (CUDA needs no packing), "
+                         f"got {tuple(b_q.shape)} on {b_q.device}")  # fmt: skip
     packed = torch.empty(_C.int8_packed_size(n, k), dtype=torch.int8)
     has_min = bool(_C.int8_pack_b(packed.data_ptr(), b_q.data_ptr(), b_q.stride(0), n, k)) if n else False
     return PackedInt8Weight(packed, b_q, has_min)
+
+
+def _check_device(op, t):
+    if not (t.is_cpu or t.is_cuda):
+        raise ValueError(f"{op}: tensors must be on CPU or CUDA, got {t.device}")
 
 
 def _int8_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype, packed=None):
     (m, k), n = a_q.shape, b_q.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0 or n == 0:
+        return out
+    if a_q.is_cuda:
+        from ..kernels import int8_gemm as tk
+
+        vec = [t.contiguous() if t is not None else None for t in (a_scale, b_scale)]
+        tk.int8_gemm_fwd(out, a_q, b_q, *vec, bias.float().contiguous() if bias is not None else None)
         return out
     if packed is None:
         packed = pack_int8_weight(b_q)
@@ -177,7 +193,8 @@ def _int8_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype, packed=None):
 OP_LIB.define(
     "int8_gemm(Tensor a_q, Tensor b_q, Tensor? a_scale, Tensor? b_scale, Tensor? bias, ScalarType out_dtype) -> Tensor"
 )
-OP_LIB.impl("int8_gemm", _int8_gemm, "CPU")
+for _key in ("CPU", "CUDA"):
+    OP_LIB.impl("int8_gemm", _int8_gemm, _key)
 
 
 @torch.library.register_fake("ringfuse::int8_gemm")
@@ -204,8 +221,7 @@ def int8_weight_only_linear(x, w_q, w_scale, bias=None, *, group_size=None):
         _check_group_scale(op, w_scale, group_size, n, k, w_q)
     if bias is not None:
         _check_vector(op, "bias", bias, n, w_q, "w_q", c.FLOAT_DTYPES)
-    if not x.is_cpu:
-        raise ValueError(f"{op}: only CPU tensors are supported so far, got {x.device}")
+    _check_device(op, x)
     if k == 0:
         raise ValueError(f"{op}: K must be >= 1")
     if torch.compiler.is_compiling():
@@ -232,12 +248,18 @@ def _check_group_scale(op, w_scale, group_size, n, k, ref):
 
 def _weight_only(x, w_q, w_scale, bias, group_size=None):
     n, k = w_q.shape
-    x2 = x.reshape(-1, k).float()  # [M, K] fp32: small on the decode path this op is for
+    x2 = x.reshape(-1, k)  # [M, K]
+    x2 = x2.float() if x.is_cpu else x2  # CPU kernels take fp32 x (small on the decode path)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m and n:
+    if m and n and x.is_cuda:
+        from ..kernels import int8_gemm as tk
+
+        scale = w_scale if group_size is None else w_scale.contiguous()
+        tk.weight_only_fwd(out, x2, w_q, scale, bias.float().contiguous() if bias is not None else None, group_size)
+    elif m and n:
         scale = w_scale.contiguous()  # [N] or [N, groups]
         bias32 = bias.float().contiguous() if bias is not None else None
         _C.int8_weight_only_linear(
@@ -251,7 +273,8 @@ def _weight_only(x, w_q, w_scale, bias, group_size=None):
 OP_LIB.define(
     "int8_weight_only_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, int? group_size=None) -> Tensor"
 )
-OP_LIB.impl("int8_weight_only_linear", _weight_only, "CPU")
+for _key in ("CPU", "CUDA"):
+    OP_LIB.impl("int8_weight_only_linear", _weight_only, _key)
 
 
 @torch.library.register_fake("ringfuse::int8_weight_only_linear")
