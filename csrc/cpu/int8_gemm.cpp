@@ -567,6 +567,8 @@ RF_AVX2 void dequant_panel(const int8_t* w, int64_t w_stride, int64_t ncols, int
                            float* wp) {
   int64_t kk = 0;
   for (; kk + 8 <= k; kk += 8) {  // 8 k never straddle two groups (group % 16 == 0)
+    if ((kk & 63) == 0)  // cold weights: 16 row streams, each cut at page ends (see kPrefetch)
+      for (int64_t j = 0; j < ncols; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * w_stride + kk + kPrefetch), _MM_HINT_T0);
     for (int h = 0; h < 2; ++h) {
       __m256 r[8];
       for (int j = 0; j < 8; ++j) {
