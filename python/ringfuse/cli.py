@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "int8")
+BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "int8", "allreduce")
 
 
 def _cpu_flags() -> list[str]:
@@ -76,6 +76,12 @@ def _bench(args) -> int:
     if args.op == "limits":
         limits.run()
         return 0
+    if args.op == "allreduce":
+        from .bench import allreduce
+
+        allreduce.run(nproc=args.nproc, sizes=allreduce.QUICK_SIZES if args.quick else allreduce.SIZES,
+                      rounds=min(args.rounds, 5))  # fmt: skip
+        return 0
     lim = limits.run()
     if args.op == "rotary_embedding":
         from .bench import rotary
@@ -112,6 +118,7 @@ def main(argv=None) -> int:
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     bench.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
     bench.add_argument("--quick", action="store_true", help="skip the largest shapes")
+    bench.add_argument("--nproc", type=int, default=2, help="processes for the allreduce bench")
     args = parser.parse_args(argv)
     if args.command == "info":
         _print_info()

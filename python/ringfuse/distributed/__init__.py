@@ -1,0 +1,30 @@
+"""Distributed: the ring all-reduce (shared memory / torch.distributed transports) and its
+collectives. See allreduce.py."""
+
+from .allreduce import (
+    RingMismatchError,
+    RingTimeoutError,
+    all_gather,
+    all_reduce,
+    backend_for,
+    ddp_comm_hook,
+    destroy,
+    get_communicator,
+    init,
+    reduce_scatter,
+    set_timeout,
+)
+
+__all__ = [
+    "RingMismatchError",
+    "RingTimeoutError",
+    "all_gather",
+    "all_reduce",
+    "backend_for",
+    "ddp_comm_hook",
+    "destroy",
+    "get_communicator",
+    "init",
+    "reduce_scatter",
+    "set_timeout",
+]

@@ -1,0 +1,175 @@
+"""ringfuse.distributed: the ring collectives on 2, 3 and 4 CPU processes (gloo control
+plane), every transport, against a fixed-order reference computed here.
+
+The reference follows the ring's documented order: chunk c starts from rank c+1's values
+and folds in ranks c+2, ..., c (mod N), each step ``(received, local)`` in fp32 for fp16 /
+bf16 and rounded back to the dtype; avg divides the final sum once. Integers: exact sums.
+"""
+
+from __future__ import annotations
+
+import glob
+
+import pytest
+import torch
+
+from ringfuse import _C
+from ringfuse import distributed as rdist
+
+from . import workers
+from .harness import run_ranks, values
+
+BACKENDS = ["torch"] + (["shm"] if hasattr(_C, "shm_ring_open") else [])
+
+
+def shm_segments():
+    return set(glob.glob("/dev/shm/ringfuse-*"))
+
+
+@pytest.fixture(autouse=True)
+def no_segment_left_behind():
+    before = shm_segments()
+    yield
+    assert shm_segments() <= before, "a ringfuse shared-memory segment outlived its processes"
+
+
+def _step(op, a, b):
+    af, bf = (a.float(), b.float()) if a.dtype in (torch.float16, torch.bfloat16) else (a, b)
+    r = {"sum": torch.add, "avg": torch.add, "max": torch.maximum, "min": torch.minimum}[op](af, bf)
+    return r.to(a.dtype)
+
+
+def reference_all_reduce(inputs, op, bounds):
+    n = len(inputs)
+    out = torch.empty_like(inputs[0])
+    for c, (b, e) in enumerate(bounds):
+        acc = inputs[(c + 1) % n][b:e].clone()
+        for j in range(2, n + 1):
+            acc = _step(op, acc, inputs[(c + j) % n][b:e])
+        if op == "avg":
+            acc = (acc.float() / n).to(acc.dtype) if acc.dtype in (torch.float16, torch.bfloat16) else acc / n
+        out[b:e] = acc
+    return out
+
+
+def even_bounds(numel, n):
+    base, extra = divmod(numel, n)
+    out, start = [], 0
+    for c in range(n):
+        size = base + (c < extra)
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def cases_for(world):
+    cases = []
+    for dtype in ("float32", "bfloat16", "float16", "int32", "int64"):
+        for numel in (1, 7, world - 1 or 1, 1000):
+            cases.append(("all_reduce", numel, dtype, "sum", numel))
+    for op in ("avg", "max", "min"):
+        cases.append(("all_reduce", 77, "float32", op, 3))
+        cases.append(("all_reduce", 77, "bfloat16", op, 4))
+    cases.append(("all_reduce", 1_000_003, "float32", "sum", 5))
+    cases.append(("all_reduce", 300_001, "bfloat16", "sum", 6))
+    cases.append(("reduce_scatter", 12 * world, "float32", "sum", 7))
+    cases.append(("reduce_scatter", 4 * world, "int64", "max", 8))
+    cases.append(("all_gather", 5, "bfloat16", "sum", 9))
+    cases.append(("all_gather", 1, "int32", "sum", 10))
+    return cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_collectives_match_the_fixed_order_reference_on_every_rank(backend, world):
+    cases = cases_for(world)
+    results = values(run_ranks(workers.collectives, world, backend, cases))
+    for r in range(world):
+        assert results[r][-1] == backend
+    for i, (kind, numel, dtype, op, seed) in enumerate(cases):
+        inputs = [workers.rank_input(r, numel, getattr(torch, dtype), seed) for r in range(world)]
+        if kind == "all_reduce":
+            expected = [reference_all_reduce(inputs, op, even_bounds(numel, world))] * world
+        elif kind == "reduce_scatter":
+            n = numel // world
+            full = reference_all_reduce(inputs, op, [(c * n, (c + 1) * n) for c in range(world)])
+            expected = [full[r * n : (r + 1) * n] for r in range(world)]
+        else:
+            expected = [torch.cat(inputs)] * world
+        for r in range(world):
+            got = results[r][i]
+            assert got.dtype == expected[r].dtype and torch.equal(got, expected[r]), (kind, numel, dtype, op, r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_groups_used_alternately(backend):
+    res = values(run_ranks(workers.two_groups, 3, backend))
+    for r, got in enumerate(res):
+        steps = [i for i in range(6) if i % 2 == 0 or r in (0, 1)]
+        for t, i in zip(got, steps):
+            members = range(3) if i % 2 == 0 else (0, 1)
+            assert torch.equal(t, torch.full((5,), float(sum(m + 1 + i for m in members))))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_thousand_small_calls(backend):
+    assert values(run_ranks(workers.many_small_calls, 2, backend, 1000)) == [1000, 1000]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dead_peer_raises_ring_timeout_error_within_the_timeout(backend):
+    timeout_s = 3.0
+    res = run_ranks(workers.dead_peer, 3, backend, timeout_s, allow_missing=(2,), timeout_s=60)
+    for rank in (0, 1):
+        status, value = res[rank]
+        assert status == "ok", value
+        kind, elapsed, message = value
+        assert kind == "RingTimeoutError", (rank, value)
+        assert elapsed < timeout_s + 5, elapsed
+        assert "rank" in message
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what", ["numel", "dtype", "op"])
+def test_mismatched_calls_are_refused_before_data_moves(backend, what):
+    for kind, message, untouched in values(run_ranks(workers.mismatched, 2, backend, what)):
+        assert kind == "RingMismatchError" and untouched
+        assert "rank 0" in message and "rank 1" in message
+
+
+def test_ddp_comm_hook_matches_torch_default_hook():
+    """20 SGD steps on 2 ranks: the ring's average equals gloo's (for two ranks both are
+    (a + b) / 2 up to an exact power-of-two scaling), so the losses are bitwise equal."""
+    ours = values(run_ranks(workers.ddp_losses, 2, True, 20))
+    theirs = values(run_ranks(workers.ddp_losses, 2, False, 20))
+    for a, b in zip(ours, theirs):
+        assert a.shape == (20,) and torch.equal(a, b)
+
+
+def test_bad_inputs_are_refused_before_any_communication():
+    x = torch.ones(4, 4)
+    with pytest.raises(TypeError, match="tensor must be a torch.Tensor"):
+        rdist.all_reduce([1, 2])
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        rdist.all_reduce(x.double())
+    with pytest.raises(ValueError, match="tensor must be contiguous"):
+        rdist.all_reduce(x.t())
+    with pytest.raises(ValueError, match="op must be one of"):
+        rdist.all_reduce(x, "prod")
+    with pytest.raises(ValueError, match="op 'avg' needs a float dtype"):
+        rdist.all_reduce(x.int(), "avg")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rdist.all_reduce(x, backend="mpi")
+    with pytest.raises(ValueError, match="tensor must be on CPU"):
+        rdist.all_reduce(torch.ones(2, device="meta"))
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        rdist.all_reduce(x)
+    with pytest.raises(ValueError, match="seconds must be a positive number"):
+        rdist.set_timeout(0)
+
+
+def test_init_explains_what_is_missing(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set; start the program with torchrun"):
+        rdist.init()

@@ -1,0 +1,101 @@
+"""Rank bodies for tests/distributed (module-level so spawned processes can import them)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from ringfuse import distributed as rdist
+
+
+def rank_input(rank: int, numel: int, dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    if dtype.is_floating_point:
+        return (torch.randn(numel, generator=g) * 3).to(dtype)
+    return torch.randint(-(2**30), 2**30, (numel,), generator=g, dtype=dtype)
+
+
+def collectives(rank, world, backend, cases):
+    """cases: (kind, numel, dtype name, op, seed); returns each result."""
+    out = []
+    for kind, numel, dtype, op, seed in cases:
+        x = rank_input(rank, numel, getattr(torch, dtype), seed)
+        if kind == "all_reduce":
+            out.append(rdist.all_reduce(x, op, backend=backend))
+        elif kind == "reduce_scatter":
+            out.append(rdist.reduce_scatter(x, op, backend=backend))
+        else:
+            out.append(rdist.all_gather(x, backend=backend))
+    out.append(rdist.get_communicator(None, backend).backend)
+    return out
+
+
+def two_groups(rank, world, backend):
+    """The default group and a subgroup of ranks {0, 1}, used alternately."""
+    sub = dist.new_group([0, 1])
+    out = []
+    for i in range(6):
+        x = torch.full((5,), float(rank + 1 + i))
+        if i % 2 == 0:
+            out.append(rdist.all_reduce(x, backend=backend))
+        elif rank in (0, 1):
+            out.append(rdist.all_reduce(x, group=sub, backend=backend))
+    return out
+
+
+def many_small_calls(rank, world, backend, calls):
+    x = torch.zeros(3, dtype=torch.int64)
+    for i in range(calls):
+        x.fill_(i + rank)
+        rdist.all_reduce(x, backend=backend)
+        if int(x[0]) != world * i + world * (world - 1) // 2:
+            raise AssertionError(f"call {i}: {x.tolist()}")
+    return calls
+
+
+def dead_peer(rank, world, backend, timeout_s):
+    rdist.set_timeout(timeout_s)
+    rdist.all_reduce(torch.ones(4), backend=backend)  # everyone is alive: builds the communicator
+    if rank == world - 1:
+        os._exit(0)  # dies without a word
+    t0 = time.monotonic()
+    try:
+        rdist.all_reduce(torch.ones(4), backend=backend)
+    except rdist.RingTimeoutError as e:
+        return ("RingTimeoutError", time.monotonic() - t0, str(e))
+    return ("no error", time.monotonic() - t0, "")
+
+
+def mismatched(rank, world, backend, what):
+    numel = 8 + (rank if what == "numel" else 0)
+    x = torch.ones(numel, dtype=torch.int32 if what == "dtype" and rank == 1 else torch.float32)
+    op = "max" if what == "op" and rank == 1 else "sum"
+    before = x.clone()
+    try:
+        rdist.all_reduce(x, op, backend=backend)
+    except rdist.RingMismatchError as e:
+        return ("RingMismatchError", str(e), bool(torch.equal(x, before)))
+    return ("no error", "", True)
+
+
+def ddp_losses(rank, world, use_ring, steps):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    if use_ring:
+        ddp.register_comm_hook(None, rdist.ddp_comm_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(100 + rank)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(8, 16, generator=g)
+        y = x.sum(1, keepdim=True).sin()
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
