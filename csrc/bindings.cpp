@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include "common.h"
+#include "cpu/allreduce.h"
 #include "cpu/attention.h"
 #include "cpu/int8_gemm.h"
 #include "cpu/limits.h"
@@ -88,6 +89,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_pack_b", &rf::cpu::int8_pack_b, release_gil());        // see cpu/int8_gemm.h for the arguments
   m.def("int8_gemm_packed", &rf::cpu::int8_gemm_packed, release_gil());
   m.def("int8_weight_only_linear", &rf::cpu::int8_weight_only_linear, release_gil());
+
+  // CPU shared-memory ring transport (see cpu/allreduce.h): handles are opaque ints; run
+  // returns a status (0 ok, 1 timeout, 2 peer gone, 3 mismatch, 4 broken).
+  m.def("shm_ring_open", &rf::cpu::shm_ring_open, release_gil(), py::arg("name"), py::arg("rank"), py::arg("world"),
+        py::arg("create"), py::arg("slot_bytes"));
+  m.def("shm_ring_unlink", &rf::cpu::shm_ring_unlink, py::arg("name"));
+  m.def("shm_ring_close", &rf::cpu::shm_ring_close, py::arg("handle"));
+  m.def("shm_ring_run", &rf::cpu::shm_ring_run, release_gil(), py::arg("handle"), py::arg("kind"), py::arg("data"),
+        py::arg("numel"), py::arg("dtype"), py::arg("op"), py::arg("timeout_ms"), py::arg("num_threads"));
+  m.def("shm_ring_last_error", &rf::cpu::shm_ring_last_error, py::arg("handle"));
 
   m.def("advise_hugepages", &rf::cpu::advise_hugepages, py::arg("ptr"), py::arg("nbytes"));
 

@@ -251,7 +251,8 @@ class Communicator:
         self.broken: str | None = None
         store = _store_of(group)
         if backend == "auto":
-            backend = "shm" if _all_on_this_host(group, store, self.world, timeout_s) else "torch"
+            shm = hasattr(_C, "shm_ring_open") and _all_on_this_host(group, store, self.world, timeout_s)
+            backend = "shm" if shm else "torch"
         self.backend = backend
         if backend == "shm":
             self.transport = ShmTransport(group, self.rank, self.world, timeout_s, store)
