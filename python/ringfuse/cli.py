@@ -57,6 +57,9 @@ def info() -> dict:
             if triton_version else "triton not installed"
         ),
         "cuda tensors run on": ops.cuda_backend(),
+        "distributed transports": ("shm (C++ shared-memory ring), torch (send/recv)" if hasattr(_C, "shm_ring_open")
+                                   else "torch (send/recv)") + "; nccl: not built",
+        "distributed auto picks": "shm when all ranks share this host and the tensor is on CPU, else torch",
     }
 
 

@@ -89,9 +89,9 @@ def run_ranks(fn, world: int, *args, timeout_s: float = 120.0, pg_timeout_s: flo
     for p in procs:
         p.start()
     results = {}
-    expected = world - len(allow_missing)
+    required = set(range(world)) - set(allow_missing)
     try:
-        while len(results) < expected:
+        while not required <= results.keys():
             rank, status, value = queue.get(timeout=timeout_s)
             results[rank] = (status, unpack(value) if status == "ok" else value)
     finally:

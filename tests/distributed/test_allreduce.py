@@ -117,9 +117,12 @@ def test_a_thousand_small_calls(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dead_peer_raises_ring_timeout_error_within_the_timeout(backend):
+@pytest.mark.parametrize("how", ["exit", "sigkill", "exception"])
+def test_dead_peer_raises_ring_timeout_error_within_the_timeout(backend, how):
+    """The last rank exits, is SIGKILLed or raises instead of calling: the others raise
+    RingTimeoutError within the timeout, and (the autouse fixture) no segment is left."""
     timeout_s = 3.0
-    res = run_ranks(workers.dead_peer, 3, backend, timeout_s, allow_missing=(2,), timeout_s=60)
+    res = run_ranks(workers.dead_peer, 3, backend, timeout_s, how, allow_missing=(2,), timeout_s=60)
     for rank in (0, 1):
         status, value = res[rank]
         assert status == "ok", value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
@@ -56,10 +57,14 @@ def many_small_calls(rank, world, backend, calls):
     return calls
 
 
-def dead_peer(rank, world, backend, timeout_s):
+def dead_peer(rank, world, backend, timeout_s, how="exit"):
     rdist.set_timeout(timeout_s)
     rdist.all_reduce(torch.ones(4), backend=backend)  # everyone is alive: builds the communicator
     if rank == world - 1:
+        if how == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "exception":
+            raise RuntimeError("rank failed before the collective")  # reported; the process then exits
         os._exit(0)  # dies without a word
     t0 = time.monotonic()
     try:
