@@ -197,7 +197,10 @@ class ShmTransport:
             self.handle = None
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown or a call still running: the OS unmaps it
+            pass
 
 
 def _group_key(group):
@@ -381,7 +384,8 @@ def all_gather(tensor: torch.Tensor, group=None, *, backend: str = "auto") -> to
 
 
 def backend_for(tensor: torch.Tensor | None = None, group=None) -> str:
-    """The transport ``backend="auto"`` picks for this tensor and group."""
+    """The transport ``backend="auto"`` picks for this tensor and group (a collective call
+    the first time for a group: every rank must make it)."""
     if tensor is not None and tensor.is_cuda:
         return "nccl (not built)"
     return get_communicator(group, "auto").backend
