@@ -17,6 +17,7 @@
 #ifdef RINGFUSE_WITH_CUDA
 #include <cuda_runtime_api.h>
 
+#include "cuda/allreduce.h"
 #include "cuda/norms.h"
 #endif
 
@@ -113,5 +114,17 @@ PYBIND11_MODULE(_C, m) {
 #ifdef RINGFUSE_WITH_CUDA
   m.def("rms_norm_cuda", &rf::cuda::rms_norm, release_gil());
   m.def("layer_norm_cuda", &rf::cuda::layer_norm, release_gil());
+
+  // NCCL ring transport (see cuda/allreduce.h): libnccl.so.2 is loaded at run time; handles
+  // are opaque ints; run returns a status (0 ok, 1 timeout / NCCL error, 4 broken).
+  m.def("nccl_load", &rf::cuda::nccl_load, release_gil(), py::arg("path"));
+  m.def("nccl_unique_id", [] { return py::bytes(rf::cuda::nccl_unique_id()); });
+  m.def("nccl_comm_open", &rf::cuda::nccl_comm_open, release_gil(), py::arg("unique_id"), py::arg("rank"),
+        py::arg("world"), py::arg("device"), py::arg("piece_bytes") = int64_t(4) << 20,
+        py::arg("timeout_ms") = int64_t(60000));
+  m.def("nccl_comm_close", &rf::cuda::nccl_comm_close, release_gil(), py::arg("handle"), py::arg("abort") = false);
+  m.def("nccl_ring_run", &rf::cuda::nccl_ring_run, release_gil(), py::arg("handle"), py::arg("kind"), py::arg("data"),
+        py::arg("numel"), py::arg("dtype"), py::arg("op"), py::arg("stream"), py::arg("timeout_ms"));
+  m.def("nccl_last_error", &rf::cuda::nccl_last_error, py::arg("handle"));
 #endif
 }

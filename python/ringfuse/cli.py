@@ -21,6 +21,19 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+def _nccl_line(_C) -> str:
+    """The NCCL transport: built or not, and the libnccl.so.2 it would load (found, not loaded)."""
+    if not hasattr(_C, "nccl_ring_run"):
+        return "nccl: not built"
+    import os
+
+    from .distributed.allreduce import nccl_library_path
+
+    path = nccl_library_path()
+    found = path if os.path.isabs(path) else f"{path} from the loader's path (no nvidia-nccl wheel found)"
+    return f"nccl (built; CUDA tensors; loads {found})"
+
+
 def info() -> dict:
     """What this install has: versions, CPU features, backends built, threads."""
     import torch
@@ -58,8 +71,9 @@ def info() -> dict:
         ),
         "cuda tensors run on": ops.cuda_backend(),
         "distributed transports": ("shm (C++ shared-memory ring), torch (send/recv)" if hasattr(_C, "shm_ring_open")
-                                   else "torch (send/recv)") + "; nccl: not built",
-        "distributed auto picks": "shm when all ranks share this host and the tensor is on CPU, else torch",
+                                   else "torch (send/recv)") + "; " + _nccl_line(_C),
+        "distributed auto picks": "shm when all ranks share this host and the tensor is on CPU, nccl for CUDA "
+                                  "tensors" + ("" if hasattr(_C, "nccl_ring_run") else " (not built)") + ", else torch",
     }
 
 

@@ -1,9 +1,11 @@
 """Start N ranks as spawned processes on a gloo group and collect what each returns.
 
 Each rank runs ``fn(rank, world, *args)`` (a module-level function, as spawn needs) after
-``init_process_group("gloo")`` on a free loopback port; its return value comes back through
-a queue (tensors as (dtype, shape, raw bytes), so nothing rides on shared-memory handles).
-A rank that raises returns the exception's type name and message instead.
+``init_process_group("gloo")`` on a free loopback port (``use_cuda=True``: rank r first
+selects cuda:r and the group is "cpu:gloo,cuda:nccl"); its return value comes back through
+a queue (tensors, CUDA ones copied to CPU first, as (dtype, shape, raw bytes), so nothing
+rides on shared-memory handles). A rank that raises returns the exception's type name and
+message instead.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ _RAW = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 def pack(t: torch.Tensor):
-    raw = t.detach().contiguous().view(_RAW.get(t.dtype, t.dtype))
+    raw = t.detach().cpu().contiguous().view(_RAW.get(t.dtype, t.dtype))
     return ("tensor", str(t.dtype), tuple(t.shape), raw.numpy().tobytes())
 
 
@@ -54,13 +56,15 @@ def packed(obj):
     return obj
 
 
-def _entry(fn, rank, world, port, queue, args, pg_timeout_s):
+def _entry(fn, rank, world, port, queue, args, pg_timeout_s, use_cuda=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world,
+        if use_cuda:
+            torch.cuda.set_device(rank)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))  # fmt: skip
         result = fn(rank, world, *args)
         queue.put((rank, "ok", packed(result)))
@@ -78,13 +82,15 @@ def _entry(fn, rank, world, port, queue, args, pg_timeout_s):
     os._exit(0)  # skip gloo's teardown, which can block on a peer that is gone
 
 
-def run_ranks(fn, world: int, *args, timeout_s: float = 120.0, pg_timeout_s: float = 60.0, allow_missing=()):
+def run_ranks(fn, world: int, *args, timeout_s: float = 120.0, pg_timeout_s: float = 60.0, allow_missing=(),
+              use_cuda: bool = False):  # fmt: skip
     """{rank: ("ok", value) or ("error", (type name, message, traceback))}. Ranks in
-    ``allow_missing`` may exit without reporting (a test's dead peer)."""
+    ``allow_missing`` may exit without reporting (a test's dead peer). ``use_cuda``: rank r
+    on cuda:r (needs ``world`` devices), group "cpu:gloo,cuda:nccl"."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue, args, pg_timeout_s), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue, args, pg_timeout_s, use_cuda), daemon=True)
              for r in range(world)]  # fmt: skip
     for p in procs:
         p.start()

@@ -15,8 +15,18 @@ Transports (``backend=``):
   as soon as every rank has attached, so nothing outlives the processes.
 - ``"torch"``: torch.distributed send/recv (gloo or nccl) on the group, the same schedule
   driven from Python: works across hosts.
+- ``"nccl"``: CUDA tensors (when ``_C`` was built with CUDA): NCCL point-to-point on a
+  communicator of ringfuse's own (csrc/cuda/allreduce.cu: ncclSend / ncclRecv groups on a
+  side stream, a CUDA combine kernel on the tensor's stream, pipelined pieces), whose
+  ncclUniqueId travels through the group's store. libnccl.so.2 is loaded at run time from the
+  ``nvidia-nccl-cu13`` wheel (``pip install 'ringfuse[cuda]'``; torch's CUDA wheels bring an
+  nvidia-nccl wheel too), else from the loader's path; ``RINGFUSE_NCCL_LIB`` overrides. One
+  communicator per (group, device). A call returns once the ring has finished on the device
+  (that is how it enforces the timeout); work queued on the tensor's stream before it comes
+  first. Closing NCCL communicators (``destroy()``) is collective, like torch's
+  ``destroy_process_group``.
 - ``"auto"``: shm when every rank of the group runs on this host and the tensor is on CPU,
-  else torch.
+  nccl for CUDA tensors, else torch.
 
 torch.distributed stays the control plane (process groups, stores, torchrun's
 environment); ringfuse's ring is the data plane. A peer that dies or stops answering makes
@@ -27,6 +37,7 @@ pass different sizes, dtypes or ops get ``RingMismatchError`` before any data mo
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import socket
 import time
@@ -41,9 +52,10 @@ OPS = {"sum": 0, "avg": 1, "max": 2, "min": 3}
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int32: 4, torch.int64: 5}
 ALL_REDUCE, REDUCE_SCATTER, ALL_GATHER = 0, 1, 2
 KIND_NAME = {ALL_REDUCE: "all_reduce", REDUCE_SCATTER: "reduce_scatter", ALL_GATHER: "all_gather"}
-BACKENDS = ("auto", "shm", "torch")
+BACKENDS = ("auto", "shm", "torch", "nccl")
 DEFAULT_TIMEOUT_S = 60.0
 SHM_SLOT_BYTES = 1 << 20  # one of the two double-buffer slots per rank
+NCCL_PIECE_BYTES = 4 << 20  # reduce-scatter pipelining piece (and staging slot) of the NCCL ring
 
 
 class RingTimeoutError(RuntimeError):
@@ -86,10 +98,13 @@ def combine(op: str, received: torch.Tensor, local: torch.Tensor) -> torch.Tenso
 
 def finish_avg(chunk: torch.Tensor, world: int) -> None:
     """avg = the ring's sum divided by N once, by the chunk's owner (fp32 for fp16 / bf16)."""
+    # the divisor lives on the chunk's device: CUDA divides by a CPU scalar as a multiply by
+    # its reciprocal, which is not the IEEE division the other transports do
+    w = torch.tensor(float(world), device=chunk.device)
     if chunk.dtype in (torch.float16, torch.bfloat16):
-        chunk.copy_((chunk.float() / world).to(chunk.dtype))
+        chunk.copy_((chunk.float() / w).to(chunk.dtype))
     else:
-        chunk.div_(world)
+        chunk.div_(w)
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,7 +153,7 @@ class TorchTransport:
             bounds = [(c * size, (c + 1) * size) for c in range(n)]
         part = [flat[b:e] for b, e in bounds]
         if kind in (ALL_REDUCE, REDUCE_SCATTER):
-            scratch = torch.empty(max(e - b for b, e in bounds), dtype=flat.dtype)
+            scratch = torch.empty(max(e - b for b, e in bounds), dtype=flat.dtype, device=flat.device)
             for s in range(n - 1):
                 c_send, c_recv = (r - s - 1) % n, (r - s - 2) % n
                 recv = scratch[: part[c_recv].numel()]
@@ -203,6 +218,120 @@ class ShmTransport:
             pass
 
 
+def nccl_built() -> bool:
+    """Whether ``_C`` has the NCCL ring (it is built whenever the CUDA kernels are)."""
+    return hasattr(_C, "nccl_ring_run")
+
+
+def nccl_library_path() -> str:
+    """The libnccl.so.2 the NCCL transport loads: ``RINGFUSE_NCCL_LIB`` if set, else the
+    ``nvidia-nccl-cu13`` wheel's (any ``nvidia.nccl`` package's) lib/libnccl.so.2, else the
+    bare name for the dynamic loader's search path."""
+    env = os.environ.get("RINGFUSE_NCCL_LIB")
+    if env:
+        return env
+    try:
+        spec = importlib.util.find_spec("nvidia.nccl")
+    except (ImportError, ValueError):
+        spec = None
+    for base in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(base, "lib", "libnccl.so.2")
+        if os.path.isfile(path):
+            return path
+    return "libnccl.so.2"
+
+
+_nccl_version: int | None = None
+
+
+def nccl_version() -> int:
+    """Load libnccl.so.2 (once per process) and return its version code (2.32.3 -> 23203)."""
+    global _nccl_version
+    if _nccl_version is None:
+        if not nccl_built():
+            raise RuntimeError("ringfuse.distributed: the NCCL transport is not built (ringfuse._C was built "
+                               "without CUDA)")  # fmt: skip
+        path = nccl_library_path()
+        try:
+            _nccl_version = _C.nccl_load(path)
+        except ValueError as e:
+            raise RuntimeError(f"ringfuse.distributed: the NCCL transport needs libnccl.so.2 ({e}); install it "
+                               "with pip install 'ringfuse[cuda]' (the nvidia-nccl-cu13 wheel), set "
+                               "RINGFUSE_NCCL_LIB to its path, or pass backend='torch'") from e  # fmt: skip
+    return _nccl_version
+
+
+class NcclTransport:
+    """The ring in C++/CUDA over NCCL point-to-point (CUDA tensors, one device per rank)."""
+
+    name = "nccl"
+
+    def __init__(self, group, rank: int, world: int, timeout_s: float, store, device: torch.device,
+                 piece_bytes: int | None = None):  # fmt: skip
+        self.rank, self.world, self.device = rank, world, device
+        self.timeout_s, self.timeout_ms = timeout_s, int(timeout_s * 1000)
+        self.store, self.handle, self.calls = store, None, 0
+        self.failed = False  # a call failed: peers may be gone, so close aborts
+        nccl_version()
+        self.key = f"ringfuse/nccl/{_next_id(group, 'nccl')}"
+        try:
+            if rank == 0:
+                store.set(self.key + "/id", _C.nccl_unique_id())
+            store.wait([self.key + "/id"], datetime.timedelta(seconds=timeout_s))
+            uid = store.get(self.key + "/id")
+            # ncclCommInitRank cannot time out: start it only once every rank got here
+            store.add(self.key + "/arrived", 1)
+        except RuntimeError as e:  # the store's timeout, or its server (rank 0) is gone
+            raise RingTimeoutError(f"ringfuse.distributed: exchanging the NCCL id failed on rank {rank}: {e}") from e
+        _wait_counter(store, self.key + "/arrived", world, timeout_s, "reached the NCCL communicator's creation")
+        self.handle = _C.nccl_comm_open(uid, rank, world, device.index, piece_bytes or NCCL_PIECE_BYTES,
+                                        self.timeout_ms)  # fmt: skip
+
+    def handshake(self, desc):
+        """Every rank's (kind, numel, dtype, op) through the store: one key per rank and call.
+        A rank deletes its key of call n-2 during call n, when every rank has read it (they
+        all published call n-1, so they finished reading call n-2), so the store holds at
+        most two calls' keys."""
+        self.calls += 1
+        n = self.calls
+        keys = [f"{self.key}/call/{n}/{q}" for q in range(self.world)]
+        try:
+            self.store.set(keys[self.rank], ",".join(str(v) for v in desc))
+            self.store.wait(keys, datetime.timedelta(seconds=self.timeout_s))
+            values = self.store.multi_get(keys)
+            if n > 2:
+                self.store.delete_key(f"{self.key}/call/{n - 2}/{self.rank}")
+        except RuntimeError as e:
+            self.failed = True
+            raise RingTimeoutError(f"ringfuse.distributed: the handshake of NCCL call {n} failed on rank "
+                                   f"{self.rank} (a peer died or did not call within {self.timeout_s:.0f} s): "
+                                   f"{e}") from e  # fmt: skip
+        return [[int(v) for v in bytes(value).decode().split(",")] for value in values]
+
+    def run(self, kind: int, flat: torch.Tensor, op: str) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            raise ValueError("ringfuse.distributed: the NCCL ring cannot be captured in a CUDA graph (each call "
+                             "waits on the host for its completion, to enforce the timeout)")  # fmt: skip
+        stream = torch.cuda.current_stream(flat.device).cuda_stream
+        status = _C.nccl_ring_run(self.handle, kind, flat.data_ptr(), flat.numel(), DTYPE_CODE[flat.dtype], OPS[op],
+                                  stream, self.timeout_ms)  # fmt: skip
+        if status == 0:
+            return
+        detail = _C.nccl_last_error(self.handle)
+        if status == 3:
+            raise RingMismatchError(f"ringfuse.distributed: ranks disagree on the call: {detail}")
+        self.failed = True
+        raise RingTimeoutError(f"ringfuse.distributed: NCCL ring failed on rank {self.rank}: {detail}")
+
+    def close(self) -> None:
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            _C.nccl_comm_close(handle, self.failed)
+
+    # no __del__: ncclCommDestroy waits for the other ranks of the node, which a garbage
+    # collection or the interpreter's exit must not do; destroy() closes explicitly
+
+
 def _group_key(group):
     """This process's key for a group (store keys need no group name: each group's store is
     already prefixed by it)."""
@@ -220,13 +349,19 @@ def _next_id(group, what: str) -> int:
     return _counters[key]
 
 
-def _wait_counter(store, key: str, target: int, timeout_s: float) -> None:
+def _wait_counter(store, key: str, target: int, timeout_s: float,
+                  what: str = "attached to the shared-memory segment") -> None:  # fmt: skip
     deadline = time.monotonic() + timeout_s
-    while store.add(key, 0) < target:
-        if time.monotonic() > deadline:
-            raise RingTimeoutError(f"ringfuse.distributed: only {store.add(key, 0)} of {target} ranks attached to "
-                                   f"the shared-memory segment within {timeout_s:.0f} s")  # fmt: skip
-        time.sleep(0.001)
+    try:
+        while store.add(key, 0) < target:
+            if time.monotonic() > deadline:
+                raise RingTimeoutError(f"ringfuse.distributed: only {store.add(key, 0)} of {target} ranks {what} "
+                                       f"within {timeout_s:.0f} s")  # fmt: skip
+            time.sleep(0.001)
+    except RingTimeoutError:
+        raise
+    except RuntimeError as e:  # the store's server (rank 0) is gone
+        raise RingTimeoutError(f"ringfuse.distributed: waiting until {target} ranks {what} failed: {e}") from e
 
 
 def _host_id() -> str:
@@ -248,17 +383,19 @@ def _store_of(group):
 
 
 class Communicator:
-    def __init__(self, group, backend: str, timeout_s: float):
-        self.group, self.timeout_s = group, timeout_s
+    def __init__(self, group, backend: str, timeout_s: float, device: torch.device | None = None):
+        self.group, self.timeout_s, self.device = group, timeout_s, device
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.broken: str | None = None
         store = _store_of(group)
-        if backend == "auto":
+        if backend == "auto":  # CPU tensors (get_communicator resolves auto for CUDA ones)
             shm = hasattr(_C, "shm_ring_open") and _all_on_this_host(group, store, self.world, timeout_s)
             backend = "shm" if shm else "torch"
         self.backend = backend
         if backend == "shm":
             self.transport = ShmTransport(group, self.rank, self.world, timeout_s, store)
+        elif backend == "nccl":
+            self.transport = NcclTransport(group, self.rank, self.world, timeout_s, store, device)
         else:
             self.transport = TorchTransport(group, self.rank, self.world, timeout_s)
 
@@ -307,26 +444,52 @@ def set_timeout(seconds: float, group=None) -> None:
     _timeouts[_group_key(group)] = float(seconds)
 
 
-def get_communicator(group=None, backend: str = "auto") -> Communicator:
-    """The cached communicator of ``group`` (None: the default group) for ``backend``."""
+def _cuda_device(device) -> torch.device | None:
+    """The CUDA device (with its index) a communicator serves, or None for CPU."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def get_communicator(group=None, backend: str = "auto", device=None) -> Communicator:
+    """The cached communicator of ``group`` (None: the default group) for ``backend`` and
+    the tensors' ``device`` (None or CPU: CPU tensors; a CUDA device: NCCL or torch)."""
     if backend not in BACKENDS:
         raise ValueError(f"ringfuse.distributed: backend must be one of {BACKENDS}, got {backend!r}")
+    cuda = _cuda_device(device)
+    if cuda is None and backend == "nccl":
+        raise ValueError("ringfuse.distributed: backend 'nccl' needs a CUDA device")
+    if cuda is not None and backend == "shm":
+        raise ValueError("ringfuse.distributed: backend 'shm' needs CPU tensors")
     if not dist.is_initialized():
         raise RuntimeError("ringfuse.distributed: torch.distributed is not initialized; call "
                            "ringfuse.distributed.init() (reads torchrun's environment) first")  # fmt: skip
-    key = (_group_key(group), backend)
+    if cuda is not None and backend == "auto":
+        backend = "nccl" if nccl_built() else "torch"
+    key = (_group_key(group), backend, cuda)
     comm = _communicators.get(key)
     if comm is None:
-        comm = Communicator(group, backend, _timeouts.get(_group_key(group), DEFAULT_TIMEOUT_S))
+        comm = Communicator(group, backend, _timeouts.get(_group_key(group), DEFAULT_TIMEOUT_S), cuda)
         _communicators[key] = comm
     return comm
 
 
 def destroy() -> None:
-    """Close every cached communicator (their shared-memory mappings included)."""
-    for comm in _communicators.values():
-        comm.transport.close()
+    """Close every cached communicator (their shared-memory mappings and NCCL communicators
+    included; for NCCL every rank should call it, as NCCL's destroy waits for its peers)."""
+    comms = list(_communicators.values())
     _communicators.clear()
+    error = None
+    for comm in comms:
+        try:
+            comm.transport.close()
+        except Exception as e:  # noqa: BLE001 - close the others, then report the first
+            error = error or e
+    if error is not None:
+        raise error
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,15 +510,22 @@ def _check(op_name: str, tensor, op: str, backend: str):
     if backend not in BACKENDS:
         raise ValueError(f"{op_name}: backend must be one of {BACKENDS}, got {backend!r}")
     if tensor.is_cuda:
-        raise ValueError(f"{op_name}: CUDA tensors need the NCCL transport, which this build does not have yet")
-    if not tensor.is_cpu:
-        raise ValueError(f"{op_name}: tensor must be on CPU, got {tensor.device}")
+        if not nccl_built():
+            raise ValueError(f"{op_name}: CUDA tensors need the NCCL transport, which this build does not have "
+                             "(ringfuse._C was built without CUDA)")  # fmt: skip
+        if backend == "shm":
+            raise ValueError(f"{op_name}: backend 'shm' needs CPU tensors, got {tensor.device} (use 'nccl' or 'auto')")
+    elif not tensor.is_cpu:
+        where = "CPU or a CUDA device" if nccl_built() else "CPU"
+        raise ValueError(f"{op_name}: tensor must be on {where}, got {tensor.device}")
+    elif backend == "nccl":
+        raise ValueError(f"{op_name}: backend 'nccl' needs CUDA tensors, got a CPU tensor")
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None, *, backend: str = "auto") -> torch.Tensor:
     """Reduce ``tensor`` across the ranks of ``group``, in place; returns it."""
     _check("all_reduce", tensor, op, backend)
-    get_communicator(group, backend).run(ALL_REDUCE, tensor.view(-1), op)
+    get_communicator(group, backend, tensor.device).run(ALL_REDUCE, tensor.view(-1), op)
     return tensor
 
 
@@ -363,7 +533,7 @@ def reduce_scatter(tensor: torch.Tensor, op: str = "sum", group=None, *, backend
     """``tensor`` [N * n, ...] on every rank -> this rank's reduced n-element chunk (a new
     tensor of shape [n] flattened). ``tensor`` is used as scratch."""
     _check("reduce_scatter", tensor, op, backend)
-    comm = get_communicator(group, backend)
+    comm = get_communicator(group, backend, tensor.device)
     if tensor.numel() % comm.world:
         raise ValueError(f"reduce_scatter: numel ({tensor.numel()}) must be a multiple of the group size ({comm.world})")
     flat = tensor.view(-1)
@@ -375,9 +545,9 @@ def reduce_scatter(tensor: torch.Tensor, op: str = "sum", group=None, *, backend
 def all_gather(tensor: torch.Tensor, group=None, *, backend: str = "auto") -> torch.Tensor:
     """``tensor`` [n] (any shape, flattened) on every rank -> [N * n]: rank c's at chunk c."""
     _check("all_gather", tensor, "sum", backend)
-    comm = get_communicator(group, backend)
+    comm = get_communicator(group, backend, tensor.device)
     n = tensor.numel()
-    out = torch.empty(comm.world * n, dtype=tensor.dtype)
+    out = torch.empty(comm.world * n, dtype=tensor.dtype, device=tensor.device)
     out[comm.rank * n : (comm.rank + 1) * n] = tensor.view(-1)
     comm.run(ALL_GATHER, out, "sum")
     return out
@@ -386,8 +556,8 @@ def all_gather(tensor: torch.Tensor, group=None, *, backend: str = "auto") -> to
 def backend_for(tensor: torch.Tensor | None = None, group=None) -> str:
     """The transport ``backend="auto"`` picks for this tensor and group (a collective call
     the first time for a group: every rank must make it)."""
-    if tensor is not None and tensor.is_cuda:
-        return "nccl (not built)"
+    if tensor is not None and tensor.is_cuda:  # no communicator needed: auto is nccl for CUDA tensors
+        return "nccl" if nccl_built() else "nccl (not built)"
     return get_communicator(group, "auto").backend
 
 
