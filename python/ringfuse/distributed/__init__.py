@@ -14,8 +14,13 @@ from .allreduce import (
     reduce_scatter,
     set_timeout,
 )
+from .tensor_parallel import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 
 __all__ = [
+    "ColumnParallelLinear",
+    "ParallelLMHead",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
     "RingMismatchError",
     "RingTimeoutError",
     "all_gather",

@@ -1,0 +1,255 @@
+"""Tensor-parallel layers (Megatron-LM's layout) on ringfuse's ring collectives.
+
+- ``ColumnParallelLinear``: rank r holds rows [r n, (r+1) n) of W [N, K] (n = N / tp) and
+  computes y_r = x W_r^T + b_r; ``gather_output=True`` all-gathers [..., N].
+- ``RowParallelLinear``: rank r holds columns [r k, (r+1) k) of W (k = K / tp); the partial
+  products x_r W_r^T are summed by the ring all-reduce, then the bias is added once.
+- ``VocabParallelEmbedding``: the vocab split in contiguous ranges of ceil(V / tp) rows
+  (the last padded with zero rows no id selects); ids outside a rank's range give zeros
+  there and the all-reduce sums the one nonzero row.
+- ``ParallelLMHead``: vocab-sharded logits; gathered to [..., V], or reduced to the argmax
+  without gathering (two tiny all-gathers of each rank's best value and index).
+
+A column-parallel layer followed by a row-parallel one (an MLP, attention's qkv then o)
+needs one all-reduce per pair. Inference only: the collectives do not take part in autograd.
+``quant="w8a8" | "w8a16"`` keeps each rank's shard as an ``Int8Linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..nn import Int8Linear
+from . import allreduce as ring
+
+
+def group_rank_world(group=None) -> tuple[int, int]:
+    if not dist.is_initialized():
+        raise RuntimeError("tensor parallel layers need torch.distributed: call ringfuse.distributed.init() first")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _split(what: str, total: int, world: int) -> int:
+    if total % world:
+        valid = [t for t in range(1, total + 1) if total % t == 0 and t <= 64]
+        raise ValueError(f"{what} ({total}) must be divisible by the tensor-parallel size {world}; "
+                         f"tp sizes that divide it: {valid}")  # fmt: skip
+    return total // world
+
+
+def _gather_last_dim(y: torch.Tensor, group, world: int) -> torch.Tensor:
+    """[..., n] on every rank -> [..., world * n], rank r's block at r."""
+    flat = ring.all_gather(y.contiguous(), group)  # [world * numel]
+    return flat.view(world, *y.shape).movedim(0, -2).reshape(*y.shape[:-1], world * y.shape[-1])
+
+
+class _ShardedLinear(torch.nn.Module):
+    """The local shard: float parameters ``weight`` / ``bias``, or an Int8Linear ``inner``."""
+
+    def _init_local(self, out_f, in_f, bias, quant, device, dtype):
+        self.quant = quant
+        if quant is None:
+            self.weight = torch.nn.Parameter(torch.empty(out_f, in_f, device=device, dtype=dtype), requires_grad=False)
+            self.bias = torch.nn.Parameter(torch.zeros(out_f, device=device, dtype=dtype), requires_grad=False) \
+                if bias else None  # fmt: skip
+            torch.nn.init.normal_(self.weight, std=in_f**-0.5)
+        else:
+            self.inner = Int8Linear(in_f, out_f, bias, mode=quant, device=device, dtype=dtype)
+            self.weight = self.bias = None
+
+    def _local(self, x):
+        return self.inner(x) if self.quant is not None else F.linear(x, self.weight, self.bias)
+
+    def _load_shard(self, weight, bias):
+        if self.quant is None:
+            self.weight.data.copy_(weight)
+            if bias is not None:
+                self.bias.data.copy_(bias)
+        else:
+            tmp = torch.nn.Linear(weight.shape[1], weight.shape[0], bias is not None, dtype=weight.dtype)
+            with torch.no_grad():
+                tmp.weight.copy_(weight)
+                if bias is not None:
+                    tmp.bias.copy_(bias)
+            self.inner = Int8Linear.from_float(tmp, self.quant)
+
+
+class ColumnParallelLinear(_ShardedLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
+                 group=None, dtype=None, device=None, quant: str | None = None):  # fmt: skip
+        super().__init__()
+        self.group = group
+        self.rank, self.world = group_rank_world(group)
+        self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
+        self.out_per_rank = _split("out_features", out_features, self.world)
+        self._init_local(self.out_per_rank, in_features, bias, quant, device, dtype)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, group=None, gather_output: bool = False, quant=None):
+        """This rank's rows of a full ``linear`` (the same on every rank)."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"from_linear: linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, gather_output, group,
+                  dtype=w.dtype, device=w.device, quant=quant)  # fmt: skip
+        rows = slice(new.rank * new.out_per_rank, (new.rank + 1) * new.out_per_rank)
+        new._load_shard(w[rows], linear.bias.detach()[rows] if linear.bias is not None else None)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"ColumnParallelLinear: input must be [..., {self.in_features}], got {tuple(x.shape)}")
+        y = self._local(x)  # [..., out / tp]
+        return _gather_last_dim(y, self.group, self.world) if self.gather_output and self.world > 1 else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} ({self.out_per_rank} on rank "
+                f"{self.rank} of {self.world}), gather_output={self.gather_output}, quant={self.quant}")  # fmt: skip
+
+
+class RowParallelLinear(_ShardedLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
+                 group=None, dtype=None, device=None, quant: str | None = None):  # fmt: skip
+        super().__init__()
+        self.group = group
+        self.rank, self.world = group_rank_world(group)
+        self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, input_is_parallel
+        self.in_per_rank = _split("in_features", in_features, self.world)
+        # the bias is added once, after the reduction, so the shard holds none
+        self._init_local(out_features, self.in_per_rank, False, quant, device, dtype)
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
+            if bias else None  # fmt: skip
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, group=None, input_is_parallel: bool = True, quant=None):
+        """This rank's columns of a full ``linear`` (the same on every rank)."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"from_linear: linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, input_is_parallel, group,
+                  dtype=w.dtype, device=w.device, quant=quant)  # fmt: skip
+        cols = slice(new.rank * new.in_per_rank, (new.rank + 1) * new.in_per_rank)
+        new._load_shard(w[:, cols].contiguous(), None)
+        if linear.bias is not None:
+            new.bias.data.copy_(linear.bias.detach())
+        return new
+
+    def _local(self, x):  # the shard has no bias: it is added after the reduction
+        return self.inner(x) if self.quant is not None else F.linear(x, self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        want = self.in_per_rank if self.input_is_parallel else self.in_features
+        if x.shape[-1] != want:
+            what = "this rank's slice" if self.input_is_parallel else "the full input"
+            raise ValueError(f"RowParallelLinear: input must be [..., {want}] ({what}), got {tuple(x.shape)}")
+        if not self.input_is_parallel:
+            x = x[..., self.rank * self.in_per_rank : (self.rank + 1) * self.in_per_rank]
+        y = self._local(x).contiguous()  # [..., out]: this rank's partial sum
+        if self.world > 1:
+            ring.all_reduce(y, "sum", self.group)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} ({self.in_per_rank} on rank {self.rank} of {self.world}), "
+                f"out_features={self.out_features}, quant={self.quant}")  # fmt: skip
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, group=None,
+                 dtype=None, device=None):  # fmt: skip
+        super().__init__()
+        self.group = group
+        self.rank, self.world = group_rank_world(group)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.per_rank = -(-num_embeddings // self.world)  # rows per rank, the vocab padded to tp * per_rank
+        self.start = self.rank * self.per_rank
+        self.end = min(num_embeddings, self.start + self.per_rank)  # real rows: [start, end)
+        self.weight = torch.nn.Parameter(torch.zeros(self.per_rank, embedding_dim, device=device, dtype=dtype),
+                                         requires_grad=False)  # fmt: skip
+
+    @classmethod
+    def from_embedding(cls, embedding: torch.nn.Embedding, group=None):
+        if not isinstance(embedding, torch.nn.Embedding):
+            raise TypeError(f"from_embedding: embedding must be a torch.nn.Embedding, got {type(embedding).__name__}")
+        w = embedding.weight.detach()
+        new = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, group, w.dtype, w.device)
+        new.weight.data[: new.end - new.start].copy_(w[new.start : new.end])
+        return new
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"VocabParallelEmbedding: ids must be int32 or int64, got {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise ValueError(f"VocabParallelEmbedding: ids must be in [0, {self.num_embeddings}), got "
+                             f"[{int(ids.min())}, {int(ids.max())}]")  # fmt: skip
+        mine = (ids >= self.start) & (ids < self.end)
+        local = torch.where(mine, ids - self.start, torch.zeros_like(ids))
+        out = F.embedding(local, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)  # [..., D]
+        if self.world > 1:
+            ring.all_reduce(out, "sum", self.group)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}: rows [{self.start}, {self.end}) on rank {self.rank} "
+                f"of {self.world}")  # fmt: skip
+
+
+class ParallelLMHead(torch.nn.Module):
+    """logits = h @ E^T over a vocab-sharded E [V, D] (``tie_to``: share a
+    VocabParallelEmbedding's shard)."""
+
+    def __init__(self, embedding_dim: int, num_embeddings: int, bias: bool = False, group=None, dtype=None,
+                 device=None, tie_to: VocabParallelEmbedding | None = None):  # fmt: skip
+        super().__init__()
+        if bias:
+            raise ValueError("ParallelLMHead: bias is not supported (Llama-family heads have none)")
+        self.group = group
+        self.rank, self.world = group_rank_world(group)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.per_rank = -(-num_embeddings // self.world)
+        self.start = self.rank * self.per_rank
+        self.end = min(num_embeddings, self.start + self.per_rank)
+        if tie_to is not None:
+            if (tie_to.num_embeddings, tie_to.embedding_dim) != (num_embeddings, embedding_dim):
+                raise ValueError("ParallelLMHead: tie_to has another vocab or width")
+            self.weight = tie_to.weight  # the same Parameter
+        else:
+            self.weight = torch.nn.Parameter(torch.zeros(self.per_rank, embedding_dim, device=device, dtype=dtype),
+                                             requires_grad=False)  # fmt: skip
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, group=None):
+        if not isinstance(linear, torch.nn.Linear) or linear.bias is not None:
+            raise TypeError("ParallelLMHead.from_linear: linear must be a torch.nn.Linear without bias")
+        w = linear.weight.detach()  # [V, D]
+        new = cls(linear.in_features, linear.out_features, group=group, dtype=w.dtype, device=w.device)
+        new.weight.data[: new.end - new.start].copy_(w[new.start : new.end])
+        return new
+
+    def local_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., per_rank]: this rank's vocab range; padding columns are -inf."""
+        logits = F.linear(h, self.weight)
+        if self.end - self.start < self.per_rank:
+            logits[..., self.end - self.start :] = float("-inf")
+        return logits
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Full logits [..., V] on every rank."""
+        logits = self.local_logits(h)
+        if self.world > 1:
+            logits = _gather_last_dim(logits, self.group, self.world)
+        return logits[..., : self.num_embeddings]
+
+    def argmax(self, h: torch.Tensor) -> torch.Tensor:
+        """argmax over the vocab without gathering the logits (greedy decoding): [...] int64,
+        the lowest id among equal maxima, as torch.argmax."""
+        best, idx = self.local_logits(h).float().max(-1)  # [...], first maximum of this shard
+        idx = idx + self.start
+        if self.world == 1:
+            return idx
+        values = ring.all_gather(best.contiguous(), self.group).view(self.world, *best.shape)
+        ids = ring.all_gather(idx.contiguous(), self.group).view(self.world, *idx.shape)
+        winner = values.argmax(0, keepdim=True)  # first (lowest-rank, so lowest-id) maximum
+        return ids.gather(0, winner).squeeze(0)

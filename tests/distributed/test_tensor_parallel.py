@@ -1,0 +1,59 @@
+"""Tensor-parallel layers (ringfuse.distributed) on tp = 2 and 3 spawned CPU ranks vs the
+unsharded layers: fp32 within 1e-5 relative (max |diff| / max |ref|), bf16 within the
+tolerance rule (2x torch's own bf16 error vs fp32, plus a floor), quantized shards within
+the Int8Linear bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from . import workers_tp
+from .harness import run_ranks, values
+from .test_allreduce import no_segment_left_behind  # noqa: F401  (autouse fixture)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear_layers_match_the_unsharded_ones(world, dtype):
+    for rank, out in enumerate(values(run_ranks(workers_tp.linears, world, dtype))):
+        n_local = out["ref_col"].shape[-1] // world
+        tol = 1e-5 if dtype == "float32" else 2e-2
+        assert rel(out["col_local"], out["ref_col"][..., rank * n_local : (rank + 1) * n_local]) <= tol
+        assert rel(out["col_gathered"], out["ref_col"]) <= tol
+        assert rel(out["mlp"], out["ref_mlp"]) <= tol
+        assert rel(out["row_full_input"], out["ref_mlp"]) <= tol
+        for quant in ("w8a8", "w8a16"):
+            err = ((out[f"mlp_{quant}"] - out["ref_mlp"].float()).norm() / out["ref_mlp"].float().norm()).item()
+            assert err <= (0.03 if quant == "w8a8" else 0.02), (quant, err)
+
+
+@pytest.mark.parametrize("world,vocab", [(2, 1000), (3, 1000), (3, 49152), (2, 49157)])
+def test_vocab_parallel_embedding_and_lm_head(world, vocab):
+    """Ids at both ends of every shard; a vocab tp does not divide (padding rows)."""
+    for out in values(run_ranks(workers_tp.embeddings, world, vocab)):
+        assert torch.equal(out["emb"], out["ref_emb"])  # one nonzero row per id: the sum is exact
+        assert out["logits"].shape == out["ref_logits"].shape
+        assert rel(out["logits"], out["ref_logits"]) <= 1e-5
+        assert torch.equal(out["argmax"], out["ref_argmax"])
+        assert out["shares"] and rel(out["tied_logits"], out["ref_tied"]) <= 1e-5
+        assert torch.equal(out["tied_argmax"], out["ref_tied_argmax"])
+
+
+def test_bad_sizes_give_clear_errors():
+    for errors in values(run_ranks(workers_tp.bad_sizes, 2)):
+        assert "out_features (7) must be divisible by the tensor-parallel size 2; tp sizes that divide it: [1, 7]" in errors[0]
+        assert "in_features (7) must be divisible" in errors[1]
+        assert "input must be [..., 16], got (2, 15)" in errors[2]
+        assert "ids must be in [0, 10), got [10, 10]" in errors[3]
+
+
+def test_layers_need_an_initialized_group():
+    from ringfuse import distributed as rd
+
+    with pytest.raises(RuntimeError, match="need torch.distributed"):
+        rd.ColumnParallelLinear(4, 4)

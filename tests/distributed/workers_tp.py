@@ -1,0 +1,71 @@
+"""Rank bodies of tests/distributed/test_tensor_parallel.py: every rank builds the same full
+layers from one seed, shards them, and returns the sharded layer's output next to the full
+layer's."""
+
+from __future__ import annotations
+
+import torch
+
+from ringfuse import distributed as rd
+
+
+def linears(rank, world, dtype_name):
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    k, n = 96, 48 * 6  # divisible by 2 and 3
+    col, row = torch.nn.Linear(k, n).to(dtype), torch.nn.Linear(n, k).to(dtype)
+    x = torch.randn(5, 7, k).to(dtype)
+    out = {}
+    c = rd.ColumnParallelLinear.from_linear(col)
+    out["col_local"] = c(x)
+    out["col_gathered"] = rd.ColumnParallelLinear.from_linear(col, gather_output=True)(x)
+    r = rd.RowParallelLinear.from_linear(row)
+    out["mlp"] = r(torch.relu(c(x)))  # column -> row: one all-reduce
+    out["row_full_input"] = rd.RowParallelLinear.from_linear(row, input_is_parallel=False)(torch.relu(col(x)))
+    out["ref_col"], out["ref_mlp"] = col(x), row(torch.relu(col(x)))
+    for quant in ("w8a8", "w8a16"):
+        cq = rd.ColumnParallelLinear.from_linear(col.float(), quant=quant)
+        rq = rd.RowParallelLinear.from_linear(row.float(), quant=quant)
+        out[f"mlp_{quant}"] = rq(torch.relu(cq(x.float())))
+    return out
+
+
+def embeddings(rank, world, vocab):
+    torch.manual_seed(1)
+    emb = torch.nn.Embedding(vocab, 32)
+    head = torch.nn.Linear(32, vocab, bias=False)
+    per = -(-vocab // world)
+    edges = sorted({0, vocab - 1} | {min(vocab - 1, r * per + d) for r in range(world) for d in (-1, 0, per - 1)
+                                     if 0 <= r * per + d < vocab})  # fmt: skip
+    ids = torch.tensor([edges, list(reversed(edges))])
+    pe = rd.VocabParallelEmbedding.from_embedding(emb)
+    h = torch.randn(3, 32)
+    ph = rd.ParallelLMHead.from_linear(head)
+    tied = rd.ParallelLMHead(32, vocab, tie_to=pe)
+    logits = ph(h)
+    h_tie = torch.randn(2, 32)
+    h_tie[1] = 0  # all logits equal: argmax must pick id 0, like torch
+    return {"emb": pe(ids), "ref_emb": emb(ids), "logits": logits, "ref_logits": head(h),
+            "argmax": ph.argmax(h), "ref_argmax": head(h).argmax(-1),
+            "tied_logits": tied(h_tie), "ref_tied": h_tie @ emb.weight.T, "tied_argmax": tied.argmax(h_tie),
+            "ref_tied_argmax": (h_tie @ emb.weight.T).argmax(-1), "shares": tied.weight is pe.weight}
+
+
+def bad_sizes(rank, world):
+    errors = []
+    for make in (lambda: rd.ColumnParallelLinear(16, 7), lambda: rd.RowParallelLinear(7, 16)):
+        try:
+            make()
+        except ValueError as e:
+            errors.append(str(e))
+    layer = rd.ColumnParallelLinear(16, 8)
+    try:
+        layer(torch.randn(2, 15))
+    except ValueError as e:
+        errors.append(str(e))
+    emb = rd.VocabParallelEmbedding(10, 4)
+    try:
+        emb(torch.tensor([10]))
+    except ValueError as e:
+        errors.append(str(e))
+    return errors
