@@ -57,3 +57,21 @@ def test_layers_need_an_initialized_group():
 
     with pytest.raises(RuntimeError, match="need torch.distributed"):
         rd.ColumnParallelLinear(4, 4)
+
+
+@pytest.mark.parametrize("world,heads,kv_heads,tied", [(2, 4, 2, False), (2, 4, 1, True), (3, 6, 3, True),
+                                                       (3, 6, 1, False)])  # fmt: skip
+def test_parallelized_hf_llama_matches_the_original(world, heads, kv_heads, tied):
+    """A tiny random LlamaForCausalLM: KV heads split (kv % tp == 0) or replicated (tp %
+    kv == 0), tied and untied embeddings; full logits on every rank within 1e-4."""
+    pytest.importorskip("transformers")
+    for out in values(run_ranks(workers_tp.llama, world, heads, kv_heads, tied)):
+        assert out["counts"] == {"attention": 2, "mlp": 2, "embedding": 1, "lm_head": 1}
+        assert out["logits"].shape == out["ref"].shape
+        assert (out["logits"] - out["ref"]).abs().max().item() <= 1e-4
+
+
+def test_parallelize_names_the_valid_tp_sizes():
+    pytest.importorskip("transformers")
+    for out in values(run_ranks(workers_tp.llama, 3, 4, 2, False)):
+        assert out["error"] == "tensor-parallel size 3 does not fit 4 query / 2 KV heads; valid tp sizes: [1, 2, 4]"

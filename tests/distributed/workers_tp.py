@@ -69,3 +69,23 @@ def bad_sizes(rank, world):
     except ValueError as e:
         errors.append(str(e))
     return errors
+
+
+def llama(rank, world, heads, kv_heads, tied, quant=None):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8,
+                                   max_position_embeddings=64, tie_word_embeddings=tied)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        try:
+            counts = rd.parallelize(model, quant=quant)
+        except ValueError as e:
+            return {"error": str(e)}
+        got = model(input_ids=ids, attention_mask=mask).logits
+    return {"counts": counts, "logits": got, "ref": ref}

@@ -14,7 +14,14 @@ from .allreduce import (
     reduce_scatter,
     set_timeout,
 )
-from .tensor_parallel import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from .tensor_parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    attention_head_split,
+    parallelize,
+)
 
 __all__ = [
     "ColumnParallelLinear",
@@ -24,12 +31,14 @@ __all__ = [
     "RingMismatchError",
     "RingTimeoutError",
     "all_gather",
+    "attention_head_split",
     "all_reduce",
     "backend_for",
     "ddp_comm_hook",
     "destroy",
     "get_communicator",
     "init",
+    "parallelize",
     "reduce_scatter",
     "set_timeout",
 ]

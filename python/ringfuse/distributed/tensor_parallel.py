@@ -78,24 +78,36 @@ class _ShardedLinear(torch.nn.Module):
 
 class ColumnParallelLinear(_ShardedLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
-                 group=None, dtype=None, device=None, quant: str | None = None):  # fmt: skip
+                 group=None, dtype=None, device=None, quant: str | None = None, *,
+                 out_per_rank: int | None = None):  # fmt: skip
+        """``out_per_rank``: rows this rank holds when they are not an even split of
+        out_features (replicated KV heads); gather_output then is not available."""
         super().__init__()
         self.group = group
         self.rank, self.world = group_rank_world(group)
         self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
-        self.out_per_rank = _split("out_features", out_features, self.world)
+        if out_per_rank is None:
+            self.out_per_rank = _split("out_features", out_features, self.world)
+        elif gather_output:
+            raise ValueError("ColumnParallelLinear: gather_output needs an even split (no out_per_rank)")
+        else:
+            self.out_per_rank = out_per_rank
         self._init_local(self.out_per_rank, in_features, bias, quant, device, dtype)
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, group=None, gather_output: bool = False, quant=None):
-        """This rank's rows of a full ``linear`` (the same on every rank)."""
+    def from_linear(cls, linear: torch.nn.Linear, group=None, gather_output: bool = False, quant=None,
+                    rows: tuple[int, int] | None = None):  # fmt: skip
+        """This rank's rows of a full ``linear`` (the same on every rank): the even split,
+        or ``rows=(start, stop)``."""
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"from_linear: linear must be a torch.nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, gather_output, group,
-                  dtype=w.dtype, device=w.device, quant=quant)  # fmt: skip
-        rows = slice(new.rank * new.out_per_rank, (new.rank + 1) * new.out_per_rank)
-        new._load_shard(w[rows], linear.bias.detach()[rows] if linear.bias is not None else None)
+                  dtype=w.dtype, device=w.device, quant=quant,
+                  out_per_rank=None if rows is None else rows[1] - rows[0])  # fmt: skip
+        start = new.rank * new.out_per_rank if rows is None else rows[0]
+        sel = slice(start, start + new.out_per_rank)
+        new._load_shard(w[sel], linear.bias.detach()[sel] if linear.bias is not None else None)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,3 +265,66 @@ class ParallelLMHead(torch.nn.Module):
         ids = ring.all_gather(idx.contiguous(), self.group).view(self.world, *idx.shape)
         winner = values.argmax(0, keepdim=True)  # first (lowest-rank, so lowest-id) maximum
         return ids.gather(0, winner).squeeze(0)
+
+
+# ---------------------------------------------------------------------------------------
+# HF Llama-family models
+
+
+def attention_head_split(num_heads: int, num_kv_heads: int, world: int, rank: int):
+    """(q heads [start, stop), kv heads [start, stop)) of this rank. KV heads are split
+    when tp divides them, else replicated: each rank keeps the one KV head its query heads
+    use (tp must then be a multiple of num_kv_heads). tp must divide num_heads."""
+    valid = [t for t in range(1, num_heads + 1) if num_heads % t == 0 and (num_kv_heads % t == 0 or t % num_kv_heads == 0)]
+    if num_heads % world or not (num_kv_heads % world == 0 or world % num_kv_heads == 0):
+        raise ValueError(f"tensor-parallel size {world} does not fit {num_heads} query / {num_kv_heads} KV heads; "
+                         f"valid tp sizes: {valid}")  # fmt: skip
+    hq = num_heads // world
+    q = (rank * hq, (rank + 1) * hq)
+    if num_kv_heads % world == 0:
+        hk = num_kv_heads // world
+        return q, (rank * hk, (rank + 1) * hk)
+    kv = q[0] // (num_heads // num_kv_heads)  # the one KV head all of this rank's query heads use
+    return q, (kv, kv + 1)
+
+
+def parallelize(model: torch.nn.Module, group=None, quant: str | None = None) -> dict[str, int]:
+    """Shard an HF Llama-family model (Llama, Mistral, Qwen2, SmolLM2...) in place over the
+    ranks of ``group``: attention heads (q/k/v column-parallel, o row-parallel), MLP
+    (gate/up column-parallel, down row-parallel), the embedding (vocab-parallel) and the LM
+    head (vocab-parallel, logits gathered; tied weights stay tied). Every rank must hold
+    the same full model before the call; afterwards ``model(input_ids)`` returns the full
+    logits on every rank. Returns {what: count}."""
+    rank, world = group_rank_world(group)
+    counts = {"attention": 0, "mlp": 0, "embedding": 0, "lm_head": 0}
+    for module in list(model.modules()):
+        if all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
+            d = module.head_dim
+            heads, kv_heads = module.q_proj.out_features // d, module.k_proj.out_features // d
+            (q0, q1), (k0, k1) = attention_head_split(heads, kv_heads, world, rank)
+            module.q_proj = ColumnParallelLinear.from_linear(module.q_proj, group, quant=quant, rows=(q0 * d, q1 * d))
+            module.k_proj = ColumnParallelLinear.from_linear(module.k_proj, group, quant=quant, rows=(k0 * d, k1 * d))
+            module.v_proj = ColumnParallelLinear.from_linear(module.v_proj, group, quant=quant, rows=(k0 * d, k1 * d))
+            module.o_proj = RowParallelLinear.from_linear(module.o_proj, group, quant=quant)
+            module.num_key_value_groups = (q1 - q0) // (k1 - k0)
+            counts["attention"] += 1
+        elif all(isinstance(getattr(module, a, None), torch.nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
+            module.gate_proj = ColumnParallelLinear.from_linear(module.gate_proj, group, quant=quant)
+            module.up_proj = ColumnParallelLinear.from_linear(module.up_proj, group, quant=quant)
+            module.down_proj = RowParallelLinear.from_linear(module.down_proj, group, quant=quant)
+            counts["mlp"] += 1
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = isinstance(embed, torch.nn.Embedding) and isinstance(head, torch.nn.Linear) and head.weight is embed.weight
+    if isinstance(embed, torch.nn.Embedding):
+        embed = VocabParallelEmbedding.from_embedding(embed, group)
+        model.set_input_embeddings(embed)
+        counts["embedding"] = 1
+    if isinstance(head, torch.nn.Linear):
+        if tied:
+            new_head = ParallelLMHead(head.in_features, head.out_features, group=group, tie_to=embed)
+        else:
+            new_head = ParallelLMHead.from_linear(head, group)
+        model.set_output_embeddings(new_head)
+        counts["lm_head"] = 1
+    return counts
