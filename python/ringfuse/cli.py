@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "int8", "allreduce")
+BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "int8", "allreduce", "tp")
 
 
 def _cpu_flags() -> list[str]:
@@ -93,6 +93,11 @@ def _bench(args) -> int:
     if args.op == "limits":
         limits.run()
         return 0
+    if args.op == "tp":
+        from .bench import tp
+
+        tp.run(nproc=args.nproc, rounds=args.rounds, quick=args.quick)
+        return 0
     if args.op == "allreduce":
         from .bench import allreduce
 
@@ -135,7 +140,7 @@ def main(argv=None) -> int:
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     bench.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
     bench.add_argument("--quick", action="store_true", help="skip the largest shapes")
-    bench.add_argument("--nproc", type=int, default=2, help="processes for the allreduce bench")
+    bench.add_argument("--nproc", type=int, default=2, help="processes for the allreduce and tp benches")
     args = parser.parse_args(argv)
     if args.command == "info":
         _print_info()

@@ -59,7 +59,9 @@ def _worker(rank, world, port, sizes, rounds, queue):
                 t_gloo.append(_time_block(gloo, calls, dist.barrier))
             rows.append((x.numel() * 4, statistics.median(t_gloo), statistics.median(t_ours)))
         if rank == 0:
-            queue.put((backend, rows))
+            queue.put(("ok", (backend, rows)))
+    except BaseException as e:  # noqa: BLE001 - the parent reports it
+        queue.put(("error", f"rank {rank}: {type(e).__name__}: {e}"))
     finally:
         rdist.destroy()
         queue.close()
@@ -79,12 +81,15 @@ def run(nproc: int = 2, sizes=SIZES, rounds: int = 5):
     for p in procs:
         p.start()
     try:
-        backend, rows = queue.get(timeout=1800)
+        status, payload = queue.get(timeout=1800)
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+    if status != "ok":
+        raise RuntimeError(f"bench allreduce: {payload}")
+    backend, rows = payload
     bus = 2 * (nproc - 1) / nproc
     table, results = [], []
     for nbytes, t_gloo, t_ours in rows:
