@@ -75,3 +75,13 @@ def test_parallelize_names_the_valid_tp_sizes():
     pytest.importorskip("transformers")
     for out in values(run_ranks(workers_tp.llama, 3, 4, 2, False)):
         assert out["error"] == "tensor-parallel size 3 does not fit 4 query / 2 KV heads; valid tp sizes: [1, 2, 4]"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_loading_only_this_ranks_slices(tmp_path, tied):
+    """A parallelized model with other weights loads the original's slices from its
+    safetensors file (get_slice reads) or from a full state_dict: logits as the original's."""
+    pytest.importorskip("transformers")
+    for out in values(run_ranks(workers_tp.load_shards, 2, str(tmp_path), tied)):
+        assert out["file_diff"].item() <= 1e-4 and out["dict_diff"].item() <= 1e-4
+        assert "shape" in out["error"] and "this rank's shard needs" in out["error"]

@@ -89,3 +89,41 @@ def llama(rank, world, heads, kv_heads, tied, quant=None):
             return {"error": str(e)}
         got = model(input_ids=ids, attention_mask=mask).logits
     return {"counts": counts, "logits": got, "ref": ref}
+
+
+def load_shards(rank, world, tmp_dir, tied):
+    import os
+
+    import transformers
+
+    def build(seed, hidden=48):
+        cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                       max_position_embeddings=64, tie_word_embeddings=tied)  # fmt: skip
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+    source = build(0)
+    from safetensors.torch import save_model
+
+    path = os.path.join(tmp_dir, f"rank{rank}")
+    os.makedirs(path)
+    save_model(source, os.path.join(path, "model.safetensors"))  # a tied head is stored once
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    out = {}
+    with torch.no_grad():
+        ref = source(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        from_file = build(5)
+        rd.parallelize(from_file)
+        rd.load_safetensors_shard(from_file, os.path.join(path, "model.safetensors"))
+        out["file_diff"] = (from_file(input_ids=ids, attention_mask=torch.ones_like(ids)).logits - ref).abs().max()
+        from_dict = build(6)
+        rd.parallelize(from_dict)
+        rd.load_state_dict_shard(from_dict, source.state_dict())
+        out["dict_diff"] = (from_dict(input_ids=ids, attention_mask=torch.ones_like(ids)).logits - ref).abs().max()
+        wrong = build(7, hidden=64)
+        try:
+            rd.load_state_dict_shard(from_dict, wrong.state_dict())
+        except ValueError as e:
+            out["error"] = str(e)
+    return out

@@ -20,6 +20,8 @@ from .tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     attention_head_split,
+    load_safetensors_shard,
+    load_state_dict_shard,
     parallelize,
 )
 
@@ -38,6 +40,8 @@ __all__ = [
     "destroy",
     "get_communicator",
     "init",
+    "load_safetensors_shard",
+    "load_state_dict_shard",
     "parallelize",
     "reduce_scatter",
     "set_timeout",

@@ -17,6 +17,8 @@ needs one all-reduce per pair. Inference only: the collectives do not take part 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -92,7 +94,13 @@ class ColumnParallelLinear(_ShardedLinear):
             raise ValueError("ColumnParallelLinear: gather_output needs an even split (no out_per_rank)")
         else:
             self.out_per_rank = out_per_rank
+        self.row_start = self.rank * self.out_per_rank  # from_linear(rows=) moves it
         self._init_local(self.out_per_rank, in_features, bias, quant, device, dtype)
+
+    def shard_slices(self) -> dict[str, tuple[int, int, int]]:
+        """{parameter: (dim, start, stop)} of the full layer's tensors this rank holds."""
+        rows = (0, self.row_start, self.row_start + self.out_per_rank)
+        return {"weight": rows, "bias": rows} if self.quant is None else {}
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, group=None, gather_output: bool = False, quant=None,
@@ -106,6 +114,7 @@ class ColumnParallelLinear(_ShardedLinear):
                   dtype=w.dtype, device=w.device, quant=quant,
                   out_per_rank=None if rows is None else rows[1] - rows[0])  # fmt: skip
         start = new.rank * new.out_per_rank if rows is None else rows[0]
+        new.row_start = start
         sel = slice(start, start + new.out_per_rank)
         new._load_shard(w[sel], linear.bias.detach()[sel] if linear.bias is not None else None)
         return new
@@ -148,6 +157,10 @@ class RowParallelLinear(_ShardedLinear):
             new.bias.data.copy_(linear.bias.detach())
         return new
 
+    def shard_slices(self) -> dict[str, tuple[int, int, int]]:
+        start = self.rank * self.in_per_rank
+        return {"weight": (1, start, start + self.in_per_rank)} if self.quant is None else {}
+
     def _local(self, x):  # the shard has no bias: it is added after the reduction
         return self.inner(x) if self.quant is not None else F.linear(x, self.weight)
 
@@ -189,6 +202,9 @@ class VocabParallelEmbedding(torch.nn.Module):
         new = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, group, w.dtype, w.device)
         new.weight.data[: new.end - new.start].copy_(w[new.start : new.end])
         return new
+
+    def shard_slices(self) -> dict[str, tuple[int, int, int]]:
+        return {"weight": (0, self.start, self.end)}  # rows past end (padding) stay zero
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int32, torch.int64):
@@ -240,6 +256,9 @@ class ParallelLMHead(torch.nn.Module):
         new.weight.data[: new.end - new.start].copy_(w[new.start : new.end])
         return new
 
+    def shard_slices(self) -> dict[str, tuple[int, int, int]]:
+        return {"weight": (0, self.start, self.end)}
+
     def local_logits(self, h: torch.Tensor) -> torch.Tensor:
         """[..., per_rank]: this rank's vocab range; padding columns are -inf."""
         logits = F.linear(h, self.weight)
@@ -265,6 +284,75 @@ class ParallelLMHead(torch.nn.Module):
         ids = ring.all_gather(idx.contiguous(), self.group).view(self.world, *idx.shape)
         winner = values.argmax(0, keepdim=True)  # first (lowest-rank, so lowest-id) maximum
         return ids.gather(0, winner).squeeze(0)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading only this rank's slices
+
+
+def _shard_map(model) -> dict[str, tuple[int, int, int]]:
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "shard_slices"):
+            for pname, where in module.shard_slices().items():
+                out[f"{name}.{pname}" if name else pname] = where
+    return out
+
+
+def _load_into(model, fetch, source: str) -> None:
+    """Copy every tensor of model.state_dict() from ``fetch(key, dim, start, stop)``
+    (dim None: the whole tensor; returns None if the key is absent)."""
+    shards = _shard_map(model)
+    loaded: set[int] = set()
+    missing = []
+    for key, dst in model.state_dict(keep_vars=True).items():
+        where = shards.get(key)
+        dim, start, stop = where if where is not None else (None, 0, 0)
+        src = fetch(key, dim, start, stop)
+        if src is None:
+            missing.append((key, dst))
+            continue
+        target = dst.data if where is None else dst.data.narrow(dim, 0, stop - start)
+        if tuple(src.shape) != tuple(target.shape):
+            raise ValueError(f"{source}: {key!r} has shape {tuple(src.shape)} but this rank's shard needs "
+                             f"{tuple(target.shape)}")  # fmt: skip
+        target.copy_(src)
+        loaded.add(dst.data_ptr())
+    for key, dst in missing:  # fine only for a tied tensor loaded under another name
+        if dst.data_ptr() not in loaded:
+            raise ValueError(f"{source}: no tensor {key!r} for this model")
+
+
+def load_state_dict_shard(model: torch.nn.Module, full_state_dict: dict) -> None:
+    """Load a full (unsharded) state_dict into a parallelized model: each parallel layer
+    takes its rows / columns, everything else is copied whole."""
+
+    def fetch(key, dim, start, stop):
+        t = full_state_dict.get(key)
+        return t if t is None or dim is None else t.narrow(dim, start, stop - start)
+
+    _load_into(model, fetch, "load_state_dict_shard")
+
+
+def load_safetensors_shard(model: torch.nn.Module, paths) -> None:
+    """Like load_state_dict_shard, from safetensors files, reading only this rank's
+    slices of the parallel layers' tensors from disk (safetensors' get_slice)."""
+    from safetensors import safe_open
+
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    handles = [safe_open(str(p), framework="pt") for p in paths]
+    where = {k: h for h in handles for k in h.keys()}
+
+    def fetch(key, dim, start, stop):
+        h = where.get(key)
+        if h is None:
+            return None
+        if dim is None:
+            return h.get_tensor(key)
+        sl = h.get_slice(key)
+        return sl[start:stop] if dim == 0 else sl[:, start:stop]
+
+    _load_into(model, fetch, "load_safetensors_shard")
 
 
 # ---------------------------------------------------------------------------------------
