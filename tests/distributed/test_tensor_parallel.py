@@ -59,14 +59,16 @@ def test_layers_need_an_initialized_group():
         rd.ColumnParallelLinear(4, 4)
 
 
-@pytest.mark.parametrize("world,heads,kv_heads,tied", [(2, 4, 2, False), (2, 4, 1, True), (3, 6, 3, True),
-                                                       (3, 6, 1, False)])  # fmt: skip
-def test_parallelized_hf_llama_matches_the_original(world, heads, kv_heads, tied):
+@pytest.mark.parametrize("world,heads,kv_heads,tied,fuse", [(2, 4, 2, False, False), (2, 4, 1, True, True),
+                                                            (3, 6, 3, True, False), (3, 6, 1, False, True)])  # fmt: skip
+def test_parallelized_hf_llama_matches_the_original(world, heads, kv_heads, tied, fuse):
     """A tiny random LlamaForCausalLM: KV heads split (kv % tp == 0) or replicated (tp %
-    kv == 0), tied and untied embeddings; full logits on every rank within 1e-4."""
+    kv == 0), tied and untied embeddings, separate or fused gate/up; full logits on every
+    rank within 1e-4."""
     pytest.importorskip("transformers")
-    for out in values(run_ranks(workers_tp.llama, world, heads, kv_heads, tied)):
+    for out in values(run_ranks(workers_tp.llama, world, heads, kv_heads, tied, fuse)):
         assert out["counts"] == {"attention": 2, "mlp": 2, "embedding": 1, "lm_head": 1}
+        assert out["fused"] == (2 if fuse else 0)
         assert out["logits"].shape == out["ref"].shape
         assert (out["logits"] - out["ref"]).abs().max().item() <= 1e-4
 
@@ -85,3 +87,9 @@ def test_loading_only_this_ranks_slices(tmp_path, tied):
     for out in values(run_ranks(workers_tp.load_shards, 2, str(tmp_path), tied)):
         assert out["file_diff"].item() <= 1e-4 and out["dict_diff"].item() <= 1e-4
         assert "shape" in out["error"] and "this rank's shard needs" in out["error"]
+
+
+def test_a_group_this_rank_is_not_in_is_refused():
+    res = values(run_ranks(workers_tp.wrong_group, 2))
+    assert res[0] == "member"
+    assert "is not a member of the group passed" in res[1]

@@ -71,7 +71,7 @@ def bad_sizes(rank, world):
     return errors
 
 
-def llama(rank, world, heads, kv_heads, tied, quant=None):
+def llama(rank, world, heads, kv_heads, tied, fuse_mlp=False):
     import transformers
 
     cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
@@ -84,11 +84,12 @@ def llama(rank, world, heads, kv_heads, tied, quant=None):
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits
         try:
-            counts = rd.parallelize(model, quant=quant)
+            counts = rd.parallelize(model, fuse_mlp=fuse_mlp)
         except ValueError as e:
             return {"error": str(e)}
         got = model(input_ids=ids, attention_mask=mask).logits
-    return {"counts": counts, "logits": got, "ref": ref}
+    fused = sum(isinstance(m, rd.ParallelGatedMLP) for m in model.modules())
+    return {"counts": counts, "logits": got, "ref": ref, "fused": fused}
 
 
 def load_shards(rank, world, tmp_dir, tied):
@@ -127,3 +128,16 @@ def load_shards(rank, world, tmp_dir, tied):
         except ValueError as e:
             out["error"] = str(e)
     return out
+
+
+def wrong_group(rank, world):
+    import torch.distributed as dist
+
+    sub = dist.new_group([0])
+    if rank == 0:
+        return "member"
+    try:
+        rd.ColumnParallelLinear(8, 8, group=sub)
+    except ValueError as e:
+        return str(e)
+    return "no error"

@@ -16,6 +16,7 @@ from .allreduce import (
 )
 from .tensor_parallel import (
     ColumnParallelLinear,
+    ParallelGatedMLP,
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -27,6 +28,7 @@ from .tensor_parallel import (
 
 __all__ = [
     "ColumnParallelLinear",
+    "ParallelGatedMLP",
     "ParallelLMHead",
     "RowParallelLinear",
     "VocabParallelEmbedding",

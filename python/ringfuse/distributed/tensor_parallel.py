@@ -30,7 +30,11 @@ from . import allreduce as ring
 def group_rank_world(group=None) -> tuple[int, int]:
     if not dist.is_initialized():
         raise RuntimeError("tensor parallel layers need torch.distributed: call ringfuse.distributed.init() first")
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"tensor parallel: this process (global rank {dist.get_rank()}) is not a member of the "
+                         "group passed")  # fmt: skip
+    return rank, dist.get_world_size(group)
 
 
 def _split(what: str, total: int, world: int) -> int:
@@ -286,6 +290,38 @@ class ParallelLMHead(torch.nn.Module):
         return ids.gather(0, winner).squeeze(0)
 
 
+class ParallelGatedMLP(torch.nn.Module):
+    """Llama's MLP, down(act(gate(x)) * up(x)), with gate and up fused into one
+    column-parallel GEMM (this rank's gate rows, then its up rows: [2 * ffn / tp, hidden])
+    and down row-parallel: one input read and one all-reduce per call."""
+
+    def __init__(self, gate_up: ColumnParallelLinear, down: RowParallelLinear, act_fn):
+        super().__init__()
+        self.gate_up, self.down, self.act_fn = gate_up, down, act_fn
+
+    @classmethod
+    def from_linears(cls, gate: torch.nn.Linear, up: torch.nn.Linear, down: torch.nn.Linear, act_fn=F.silu,
+                     group=None, quant=None):  # fmt: skip
+        if gate.weight.shape != up.weight.shape or (gate.bias is None) != (up.bias is None):
+            raise ValueError("ParallelGatedMLP: gate and up projections must have the same shape")
+        rank, world = group_rank_world(group)
+        n = _split("ffn size", gate.out_features, world)
+        rows = slice(rank * n, (rank + 1) * n)
+        fused = torch.nn.Linear(gate.in_features, 2 * n, gate.bias is not None, dtype=gate.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([gate.weight[rows], up.weight[rows]]))
+            if gate.bias is not None:
+                fused.bias.copy_(torch.cat([gate.bias[rows], up.bias[rows]]))
+        gate_up = ColumnParallelLinear(gate.in_features, 2 * n, gate.bias is not None, group=group,
+                                       dtype=gate.weight.dtype, quant=quant, out_per_rank=2 * n)  # fmt: skip
+        gate_up._load_shard(fused.weight.detach(), fused.bias.detach() if fused.bias is not None else None)
+        return cls(gate_up, RowParallelLinear.from_linear(down, group, quant=quant), act_fn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [..., ffn / tp] each
+        return self.down(self.act_fn(gate) * up)
+
+
 # ---------------------------------------------------------------------------------------
 # Loading only this rank's slices
 
@@ -376,15 +412,17 @@ def attention_head_split(num_heads: int, num_kv_heads: int, world: int, rank: in
     return q, (kv, kv + 1)
 
 
-def parallelize(model: torch.nn.Module, group=None, quant: str | None = None) -> dict[str, int]:
+def parallelize(model: torch.nn.Module, group=None, quant: str | None = None, fuse_mlp: bool = False) -> dict[str, int]:
     """Shard an HF Llama-family model (Llama, Mistral, Qwen2, SmolLM2...) in place over the
     ranks of ``group``: attention heads (q/k/v column-parallel, o row-parallel), MLP
     (gate/up column-parallel, down row-parallel), the embedding (vocab-parallel) and the LM
     head (vocab-parallel, logits gathered; tied weights stay tied). Every rank must hold
     the same full model before the call; afterwards ``model(input_ids)`` returns the full
-    logits on every rank. Returns {what: count}."""
+    logits on every rank. ``fuse_mlp=True`` replaces each MLP by a ``ParallelGatedMLP``
+    (gate and up in one GEMM; the state_dict keys then differ from HF's). Returns {what: count}."""
     rank, world = group_rank_world(group)
     counts = {"attention": 0, "mlp": 0, "embedding": 0, "lm_head": 0}
+    mlps = []
     for module in list(model.modules()):
         if all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
             d = module.head_dim
@@ -397,10 +435,19 @@ def parallelize(model: torch.nn.Module, group=None, quant: str | None = None) ->
             module.num_key_value_groups = (q1 - q0) // (k1 - k0)
             counts["attention"] += 1
         elif all(isinstance(getattr(module, a, None), torch.nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
-            module.gate_proj = ColumnParallelLinear.from_linear(module.gate_proj, group, quant=quant)
-            module.up_proj = ColumnParallelLinear.from_linear(module.up_proj, group, quant=quant)
-            module.down_proj = RowParallelLinear.from_linear(module.down_proj, group, quant=quant)
+            if fuse_mlp:
+                mlps.append(module)
+            else:
+                module.gate_proj = ColumnParallelLinear.from_linear(module.gate_proj, group, quant=quant)
+                module.up_proj = ColumnParallelLinear.from_linear(module.up_proj, group, quant=quant)
+                module.down_proj = RowParallelLinear.from_linear(module.down_proj, group, quant=quant)
             counts["mlp"] += 1
+    if mlps:  # swap each MLP module for the fused one in its parent
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if any(child is m for m in mlps):
+                    setattr(parent, child_name, ParallelGatedMLP.from_linears(
+                        child.gate_proj, child.up_proj, child.down_proj, child.act_fn, group, quant))
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = isinstance(embed, torch.nn.Embedding) and isinstance(head, torch.nn.Linear) and head.weight is embed.weight
