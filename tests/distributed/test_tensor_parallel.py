@@ -20,15 +20,23 @@ def rel(a, b):
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_linear_layers_match_the_unsharded_ones(world, dtype):
+    """fp32: within 1e-5 of the unsharded layer. bf16: the sharded result's error vs the
+    fp32 layer is at most 2x the unsharded bf16 layer's (+ a floor of one bf16 step)."""
     for rank, out in enumerate(values(run_ranks(workers_tp.linears, world, dtype))):
         n_local = out["ref_col"].shape[-1] // world
-        tol = 1e-5 if dtype == "float32" else 2e-2
-        assert rel(out["col_local"], out["ref_col"][..., rank * n_local : (rank + 1) * n_local]) <= tol
-        assert rel(out["col_gathered"], out["ref_col"]) <= tol
-        assert rel(out["mlp"], out["ref_mlp"]) <= tol
-        assert rel(out["row_full_input"], out["ref_mlp"]) <= tol
+        local = slice(rank * n_local, (rank + 1) * n_local)
+        pairs = [(out["col_local"], out["ref_col"][..., local], out["ref32_col"][..., local]),
+                 (out["col_gathered"], out["ref_col"], out["ref32_col"]),
+                 (out["mlp"], out["ref_mlp"], out["ref32_mlp"]),
+                 (out["row_full_input"], out["ref_mlp"], out["ref32_mlp"])]  # fmt: skip
+        for got, ref, ref32 in pairs:
+            if dtype == "float32":
+                assert rel(got, ref) <= 1e-5
+            else:
+                err, err_torch = (got.float() - ref32).abs().max(), (ref.float() - ref32).abs().max()
+                assert err <= 2 * err_torch + 2**-8 * ref32.abs().max()
         for quant in ("w8a8", "w8a16"):
-            err = ((out[f"mlp_{quant}"] - out["ref_mlp"].float()).norm() / out["ref_mlp"].float().norm()).item()
+            err = ((out[f"mlp_{quant}"] - out["ref32_mlp"]).norm() / out["ref32_mlp"].norm()).item()
             assert err <= (0.03 if quant == "w8a8" else 0.02), (quant, err)
 
 
