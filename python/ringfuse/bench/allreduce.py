@@ -8,16 +8,12 @@ comparable), and the ratio gloo time / ringfuse time.
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing as mp
-import os
-import socket
 import statistics
 import time
 
 import torch
 
-from .harness import fmt_us, print_table
+from .harness import fmt_us, print_table, run_ranks
 
 SIZES = [4 << (2 * i) for i in range(13)]  # 4 B, 16 B, ..., 64 MiB (x4 steps)
 QUICK_SIZES = [4, 4096, 1 << 20, 16 << 20]
@@ -36,60 +32,31 @@ def _time_block(fn, calls: int, barrier) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def _worker(rank, world, port, sizes, rounds, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _rank_body(rank, world, sizes, rounds):
     import torch.distributed as dist
 
     from .. import distributed as rdist
 
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     rows = []
-    try:
-        backend = rdist.backend_for(None)
-        for nbytes in sizes:
-            x = torch.ones(max(1, nbytes // 4))  # fp32
-            calls = _calls(nbytes)
-            ours = lambda: rdist.all_reduce(x)  # noqa: E731
-            gloo = lambda: dist.all_reduce(x)  # noqa: E731
-            ours(), gloo()  # warm up (and build the communicator)
-            t_ours, t_gloo = [], []
-            for _ in range(rounds):
-                t_ours.append(_time_block(ours, calls, dist.barrier))
-                t_gloo.append(_time_block(gloo, calls, dist.barrier))
-            rows.append((x.numel() * 4, statistics.median(t_gloo), statistics.median(t_ours)))
-        if rank == 0:
-            queue.put(("ok", (backend, rows)))
-    except BaseException as e:  # noqa: BLE001 - the parent reports it
-        queue.put(("error", f"rank {rank}: {type(e).__name__}: {e}"))
-    finally:
-        rdist.destroy()
-        queue.close()
-        queue.join_thread()
-        os._exit(0)
+    backend = rdist.backend_for(None)
+    for nbytes in sizes:
+        x = torch.ones(max(1, nbytes // 4))  # fp32
+        calls = _calls(nbytes)
+        ours = lambda: rdist.all_reduce(x)  # noqa: E731
+        gloo = lambda: dist.all_reduce(x)  # noqa: E731
+        ours(), gloo()  # warm up (and build the communicator)
+        t_ours, t_gloo = [], []
+        for _ in range(rounds):
+            t_ours.append(_time_block(ours, calls, dist.barrier))
+            t_gloo.append(_time_block(gloo, calls, dist.barrier))
+        rows.append((x.numel() * 4, statistics.median(t_gloo), statistics.median(t_ours)))
+    return backend, rows
 
 
 def run(nproc: int = 2, sizes=SIZES, rounds: int = 5):
     if nproc < 2:
         raise ValueError(f"bench allreduce: --nproc must be >= 2, got {nproc}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, nproc, port, list(sizes), rounds, queue)) for r in range(nproc)]
-    for p in procs:
-        p.start()
-    try:
-        status, payload = queue.get(timeout=1800)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if status != "ok":
-        raise RuntimeError(f"bench allreduce: {payload}")
-    backend, rows = payload
+    backend, rows = run_ranks(_rank_body, nproc, list(sizes), rounds)
     bus = 2 * (nproc - 1) / nproc
     table, results = [], []
     for nbytes, t_gloo, t_ours in rows:

@@ -74,3 +74,56 @@ def print_table(title: str, columns: list[str], rows: list[list[str]], note: str
             print(" | ".join(row))
         if note:
             print(note)
+
+
+def _rank_entry(body, rank: int, world: int, port: int, args, queue) -> None:
+    """One rank of a multi-process bench: joins a gloo group on loopback with one thread,
+    runs ``body(rank, world, *args)``; rank 0's result (or any rank's exception) goes back
+    to the parent through ``queue``."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from .. import distributed as rd
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+        result = body(rank, world, *args)
+        if rank == 0:
+            queue.put(("ok", result))
+    except BaseException as e:  # noqa: BLE001 - the parent reports it
+        queue.put(("error", f"rank {rank}: {type(e).__name__}: {e}"))
+    finally:
+        rd.destroy()
+        queue.close()
+        queue.join_thread()  # the result is in the pipe before the process goes
+        os._exit(0)  # skip gloo's teardown
+
+
+def run_ranks(body, nproc: int, *args, timeout_s: float = 1800):
+    """Run ``body`` (a module-level function) on ``nproc`` spawned ranks; rank 0's result."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_entry, args=(body, r, nproc, port, args, queue)) for r in range(nproc)]
+    for p in procs:
+        p.start()
+    try:
+        status, payload = queue.get(timeout=timeout_s)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if status != "ok":
+        raise RuntimeError(f"{body.__module__}.{body.__name__}: {payload}")
+    return payload

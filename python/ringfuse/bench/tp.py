@@ -8,16 +8,12 @@ the tp = 2 step.
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing as mp
-import os
-import socket
 import statistics
 import time
 
 import torch
 
-from .harness import fmt_us, print_table
+from .harness import fmt_us, print_table, run_ranks
 
 MLP_SIZES = [(576, 1536), (4096, 11008)]  # (hidden, ffn): SmolLM2-135M, Llama-2-7B
 TOKENS = [(1, 1), (8, 128)]  # (batch, seq)
@@ -98,60 +94,32 @@ def _tp1(cases, rounds):
     return out
 
 
-def _worker(rank, world, port, cases, rounds, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _rank_body(rank, world, cases, rounds):
     import torch.distributed as dist
 
     from .. import distributed as rd
 
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     rows = []
-    try:
-        with torch.no_grad():
-            for kind, hidden, ffn, b, s in cases:
-                module, rotary = _build(kind, hidden, ffn)
-                if module is None:
-                    rows.append(None)
-                    continue
-                rd.parallelize(module)
-                x = torch.randn(b, s, hidden)
-                step = _time(lambda: _call(kind, module, rotary, x), rounds, dist.barrier)
-                reduces = 1 if kind == "mlp" else 2  # MLP: down; decoder: o_proj and down
-                y = torch.randn(b, s, hidden)
-                comm = reduces * _time(lambda: rd.all_reduce(y), rounds, dist.barrier)
-                rows.append((step, comm))
-        if rank == 0:
-            queue.put(("ok", rows))
-    except BaseException as e:  # noqa: BLE001 - the parent reports it
-        queue.put(("error", f"rank {rank}: {type(e).__name__}: {e}"))
-    finally:
-        rd.destroy()
-        queue.close()
-        queue.join_thread()
-        os._exit(0)
+    with torch.no_grad():
+        for kind, hidden, ffn, b, s in cases:
+            module, rotary = _build(kind, hidden, ffn)
+            if module is None:
+                rows.append(None)
+                continue
+            rd.parallelize(module)
+            x = torch.randn(b, s, hidden)
+            step = _time(lambda: _call(kind, module, rotary, x), rounds, dist.barrier)
+            reduces = 1 if kind == "mlp" else 2  # MLP: down; decoder: o_proj and down
+            y = torch.randn(b, s, hidden)
+            comm = reduces * _time(lambda: rd.all_reduce(y), rounds, dist.barrier)
+            rows.append((step, comm))
+    return rows
 
 
 def run(nproc: int = 2, rounds: int = 7, quick: bool = False):
     cases = _cases(quick)
     before = _tp1(cases, rounds)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, nproc, port, cases, rounds, queue)) for r in range(nproc)]
-    for p in procs:
-        p.start()
-    try:
-        status, rows = queue.get(timeout=1800)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if status != "ok":
-        raise RuntimeError(f"bench tp: {rows}")
+    rows = run_ranks(_rank_body, nproc, cases, rounds)
     after = _tp1(cases, rounds)
     table, results = [], []
     for (kind, hidden, ffn, b, s), t_a, t_b, row in zip(cases, before, after, rows):
