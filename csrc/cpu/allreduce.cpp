@@ -80,6 +80,7 @@
 #include <unordered_set>
 
 #include "cpu/vec.h"
+#include "ring_schedule.h"  // the element math shared with the NCCL ring (ring::fop / ring::iop)
 
 namespace ringfuse::cpu {
 namespace {
@@ -388,19 +389,6 @@ int wait_ge(Ring& R, uint64_t* value, uint32_t* waiters, uint64_t target, int wh
 
 using ReduceFn = void (*)(const void* in, const void* loc, void* d1, void* d2, int64_t n, bool div, float w);
 
-template <int OP>
-inline float fop_scalar(float a, float b) {
-  if constexpr (OP == kShmMax) {
-    if (a != a || b != b) return a + b;  // NaN propagates
-    return a > b ? a : b;
-  } else if constexpr (OP == kShmMin) {
-    if (a != a || b != b) return a + b;
-    return a < b ? a : b;
-  } else {
-    return a + b;
-  }
-}
-
 template <class E, int OP>
 void reduce_float_scalar(const void* in_, const void* loc_, void* d1_, void* d2_, int64_t n, bool div, float w) {
   using T = typename E::T;
@@ -409,22 +397,10 @@ void reduce_float_scalar(const void* in_, const void* loc_, void* d1_, void* d2_
   T* d1 = static_cast<T*>(d1_);
   T* d2 = static_cast<T*>(d2_);
   for (int64_t i = 0; i < n; ++i) {
-    float r = fop_scalar<OP>(E::load(in + i), E::load(loc + i));
+    float r = ring::fop<OP>(E::load(in + i), E::load(loc + i));
     if (div) r = E::round(r) / w;
     E::store(d1 + i, r);
     if (d2) E::store(d2 + i, r);
-  }
-}
-
-template <class T, int OP>
-inline T iop_scalar(T a, T b) {
-  if constexpr (OP == kShmMax) {
-    return a > b ? a : b;
-  } else if constexpr (OP == kShmMin) {
-    return a < b ? a : b;
-  } else {
-    using U = std::make_unsigned_t<T>;
-    return T(U(a) + U(b));  // two's complement wrap
   }
 }
 
@@ -435,7 +411,7 @@ void reduce_int_scalar(const void* in_, const void* loc_, void* d1_, void* d2_, 
   T* d1 = static_cast<T*>(d1_);
   T* d2 = static_cast<T*>(d2_);
   for (int64_t i = 0; i < n; ++i) {
-    const T r = iop_scalar<T, OP>(in[i], loc[i]);
+    const T r = ring::iop<T, OP>(in[i], loc[i]);
     d1[i] = r;
     if (d2) d2[i] = r;
   }

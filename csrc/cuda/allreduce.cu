@@ -46,7 +46,7 @@
 #include "common.h"
 #include "cpu/allreduce.h"
 #include "cuda/nccl_api.h"
-#include "cuda/ring_schedule.h"
+#include "ring_schedule.h"
 
 namespace ringfuse::cuda {
 

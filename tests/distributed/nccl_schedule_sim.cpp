@@ -1,4 +1,4 @@
-// Host-only checks of the NCCL transport's ring schedule (csrc/cuda/ring_schedule.h), the
+// Host-only checks of the NCCL transport's ring schedule (csrc/ring_schedule.h), the
 // part of csrc/cuda/allreduce.cu that decides what every NCCL group and combine kernel
 // does and which events order them. Built with g++ and run by
 // tests/distributed/test_nccl_build.py; needs no GPU and no NCCL.
@@ -26,7 +26,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/ring_schedule.h"
+#include "ring_schedule.h"
 
 using namespace ringfuse::ring;
 

@@ -14,7 +14,7 @@
        RINGFUSE_NCCL_LIB=/tmp/nccl/unz/nvidia/nccl/lib/libnccl.so.2 \\
            pytest tests/distributed/test_nccl_build.py
 
-2. The ring schedule (csrc/cuda/ring_schedule.h): tests/distributed/nccl_schedule_sim.cpp
+2. The ring schedule (csrc/ring_schedule.h): tests/distributed/nccl_schedule_sim.cpp
    checks every rank's sends against its successor's receives, looks for races between the
    two streams, and runs the schedule (rendezvous semantics, random interleavings) against
    an independently computed fixed-order reduction, bit for bit.

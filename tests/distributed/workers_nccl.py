@@ -156,6 +156,7 @@ def fake_transport_handshakes(rank, world, calls, mismatch_at):
             answers.append(t.handshake(desc))
         left = sum(1 for n in range(1, calls + 1) for q in range(world)
                    if store.check([f"{t.key}/call/{n}/{q}"]))  # fmt: skip
+        torch.distributed.barrier()  # rank 0 hosts the store: nobody exits while another still reads it
         t.close()
         return fake.opened, answers, left, fake.closed
     finally:
