@@ -1,11 +1,11 @@
-"""``ringfuse`` command line: ``info`` and ``bench``."""
+"""``ringfuse`` command line: ``info``, ``bench``, ``generate`` and ``chat``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "int8", "allreduce", "tp")
+BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "int8", "allreduce", "tp", "generate")
 
 
 def _cpu_flags() -> list[str]:
@@ -98,6 +98,10 @@ def _bench(args) -> int:
 
         tp.run(nproc=args.nproc, rounds=args.rounds, quick=args.quick)
         return 0
+    if args.op == "generate":
+        from .bench import generate
+
+        return generate.run(model=args.model, quick=args.quick, rounds=min(args.rounds, 3), peers=args.peers)
     if args.op == "allreduce":
         from .bench import allreduce
 
@@ -131,6 +135,31 @@ def _bench(args) -> int:
     return 0
 
 
+def _add_generate_parser(sub) -> None:
+    def engine_args(p):
+        p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+        p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+        p.add_argument("--quant", default="none", choices=("none", "w8a16", "w8a8"))
+        p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--repetition-penalty", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+    gen = sub.add_parser("generate", help="generate text for one or more prompts (streamed to stdout)")
+    gen.add_argument("prompts", nargs="*", help="prompts (default: a short demo prompt)")
+    engine_args(gen)
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
+    chat = sub.add_parser("chat", help="interactive chat with the chat template (Ctrl-D or Ctrl-C to quit)")
+    engine_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ringfuse", description="ringfuse: fused kernels for LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,7 +170,15 @@ def main(argv=None) -> int:
     bench.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
     bench.add_argument("--quick", action="store_true", help="skip the largest shapes")
     bench.add_argument("--nproc", type=int, default=2, help="processes for the allreduce and tp benches")
+    bench.add_argument("--model", default=None, help="generate bench: model (default: SmolLM2-135M-Instruct)")
+    bench.add_argument("--peers", action="store_true",
+                       help="generate bench: also time CTranslate2 / llama.cpp when installed")
+    _add_generate_parser(sub)
     args = parser.parse_args(argv)
+    if args.command in ("generate", "chat"):
+        from . import cli_generate
+
+        return cli_generate.run(args)
     if args.command == "info":
         _print_info()
         return 0

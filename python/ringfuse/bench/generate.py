@@ -1,0 +1,207 @@
+"""``ringfuse bench generate``: the runtime end to end against HF transformers (fp32, eager
+attention) in the same run, on the default model unless --model is given.
+
+Batch 1: greedy, the chat-templated prompt "Explain photosynthesis." (~33 tokens), exactly
+64 new tokens (EOS ignored), 2 threads. Each engine runs in its own process (clean peak
+RSS, no shared caches): a warm-up, then 3 runs of 1 new token and 3 of 64; medians.
+prefill = wall time to the first token; decode tok/s = 63 / (wall(64) - wall(1)).
+Batch 8: 8 different prompts, 64 new tokens each, total tok/s = 512 / wall.
+Python overhead: the share of a batch-1 decode step spent outside C/C++ calls (kernels,
+torch ops), measured with sys.setprofile over 16 steps against the unprofiled step time.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+PROMPT = "Explain photosynthesis."
+BATCH_PROMPTS = [
+    "Explain photosynthesis.", "What is the capital of France and why is it famous?", "Write a haiku about the sea.",
+    "List three prime numbers and explain why they are prime.", "How do vaccines work?",
+    "Give me a recipe for pancakes.", "What causes the seasons on Earth?", "Summarize the plot of Romeo and Juliet.",
+]  # fmt: skip
+NEW_TOKENS = 64
+ENGINES = [("ringfuse", "fp32", "none"), ("ringfuse", "bf16", "none"), ("ringfuse", "fp32", "w8a16"),
+           ("ringfuse", "fp32", "w8a8"), ("hf", "fp32", "none")]  # fmt: skip
+
+
+def _median_wall(fn, rounds):
+    walls = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - t0)
+    return statistics.median(walls)
+
+
+def _ringfuse_worker(model, dtype, quant, rounds, batch8):
+    import torch
+
+    from ..runtime import LLM
+
+    llm = LLM(model, dtype=dtype, quant=quant, max_batch=8, max_model_len=1024)
+    ids = llm.encode(PROMPT)
+
+    def run(n, prompts=(ids,)):
+        return llm.generate(list(prompts), max_new_tokens=n, ignore_eos=True)
+
+    run(8)
+    w1 = _median_wall(lambda: run(1), rounds)
+    w64 = _median_wall(lambda: run(NEW_TOKENS), rounds)
+    out = {"prompt_tokens": len(ids), "prefill_ms": w1 * 1e3, "decode_tok_s": (NEW_TOKENS - 1) / (w64 - w1),
+           "tokens": run(NEW_TOKENS)[0].token_ids}  # fmt: skip
+    out["python_overhead"] = _python_overhead(llm, ids)
+    if batch8:
+        prompts = [llm.encode(p) for p in BATCH_PROMPTS]
+        run(8, prompts)
+        out["b8_tok_s"] = 8 * NEW_TOKENS / _median_wall(lambda: run(NEW_TOKENS, prompts), max(1, rounds - 1))
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def _python_overhead(llm, ids, steps=16) -> float:
+    """1 - (time inside C calls) / (step wall time) for batch-1 decode steps."""
+    from ..runtime.sampling import SamplingParams
+
+    def decode_steps(profiled):
+        llm.add_request(ids, SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
+        llm.step()  # prefill
+        inside, depth, t_enter = 0.0, 0, 0.0
+
+        def prof(frame, event, arg):
+            nonlocal inside, depth, t_enter
+            if event == "c_call":
+                if depth == 0:
+                    t_enter = time.perf_counter()
+                depth += 1
+            elif event in ("c_return", "c_exception"):
+                depth -= 1
+                if depth == 0:
+                    inside += time.perf_counter() - t_enter
+
+        t0 = time.perf_counter()
+        if profiled:
+            sys.setprofile(prof)
+        for _ in range(steps):
+            llm.step()
+        sys.setprofile(None)
+        wall = time.perf_counter() - t0
+        llm.abort_all()
+        return wall, inside
+
+    decode_steps(False)
+    wall = min(decode_steps(False)[0] for _ in range(3))
+    inside = min(decode_steps(True)[1] for _ in range(3))
+    return max(0.0, 1.0 - inside / wall)
+
+
+def _hf_worker(model_path, rounds, batch8):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = (str(model_path.parent), model_path.name) if model_path.suffix == ".gguf" else (str(model_path), None)
+    kw = {"gguf_file": name} if name else {}
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager", **kw).eval()
+
+    def enc(p):
+        return tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False)  # fmt: skip
+
+    def run(n, prompts):
+        seqs = [enc(p) for p in prompts]
+        width = max(map(len, seqs))
+        ids = torch.tensor([[tok.pad_token_id or 0] * (width - len(s)) + s for s in seqs])  # left padding
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        with torch.no_grad():
+            return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=tok.pad_token_id)  # fmt: skip
+
+    run(8, [PROMPT])
+    w1 = _median_wall(lambda: run(1, [PROMPT]), rounds)
+    w64 = _median_wall(lambda: run(NEW_TOKENS, [PROMPT]), rounds)
+    n_prompt = len(enc(PROMPT))
+    out = {"prompt_tokens": n_prompt, "prefill_ms": w1 * 1e3, "decode_tok_s": (NEW_TOKENS - 1) / (w64 - w1),
+           "tokens": run(NEW_TOKENS, [PROMPT])[0, n_prompt:].tolist()}  # fmt: skip
+    if batch8:
+        run(8, BATCH_PROMPTS)
+        out["b8_tok_s"] = 8 * NEW_TOKENS / _median_wall(lambda: run(NEW_TOKENS, BATCH_PROMPTS), max(1, rounds - 1))
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def worker(spec: str) -> None:
+    """Entry of one engine's process: prints one JSON line with its figures and peak RSS."""
+    import resource
+
+    import torch
+
+    s = json.loads(spec)
+    torch.set_num_threads(s["threads"])
+    if s["engine"] == "hf":
+        from pathlib import Path
+
+        out = _hf_worker(Path(s["path"]), s["rounds"], s["batch8"])
+    else:
+        out = _ringfuse_worker(s["path"], s["dtype"], s["quant"], s["rounds"], s["batch8"])
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _spawn(spec: dict) -> dict | None:
+    code = f"from ringfuse.bench.generate import worker; worker({json.dumps(json.dumps(spec))})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    print(f"  {spec['engine']} {spec['dtype']} {spec['quant']} failed:\n{done.stderr[-1500:]}", file=sys.stderr)
+    return None
+
+
+def run(model=None, quick: bool = False, rounds: int = 3, peers: bool = False, threads: int = 2) -> int:
+    from rich.progress import Progress
+
+    from ..runtime.model_files import resolve_model
+    from .harness import print_table
+
+    path = str(resolve_model(model))
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("bench generate: the HF transformers baseline needs `pip install transformers`", file=sys.stderr)
+        return 1
+    engines = [e for e in ENGINES if not quick or e[1:] in (("fp32", "none"), ("fp32", "w8a16"))]
+    engines.sort(key=lambda e: e[0] != "hf")  # the baseline first
+    results = {}
+    with Progress(transient=True) as progress:
+        task = progress.add_task("bench generate", total=len(engines))
+        for engine, dtype, quant in engines:
+            label = "hf-fp32-eager" if engine == "hf" else f"ringfuse-{dtype}" + ("" if quant == "none" else f"-{quant}")
+            progress.update(task, description=f"{label} ({len(results) + 1}/{len(engines)})")
+            spec = dict(engine=engine, dtype=dtype, quant=quant, path=path, rounds=rounds, batch8=True, threads=threads)
+            results[label] = _spawn(spec)
+            progress.advance(task)
+    base = results.get("hf-fp32-eager")
+    if base is None:
+        return 1
+    rows = []
+    for label, r in results.items():
+        if r is None:
+            continue
+        same = next((i for i, (a, b) in enumerate(zip(r["tokens"], base["tokens"])) if a != b), len(r["tokens"]))
+        rows.append([label, f"{r['prefill_ms']:.1f}", f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x",
+                     f"{r['b8_tok_s']:.1f}", f"{r['b8_tok_s'] / base['decode_tok_s']:.2f}x",
+                     f"{100 * r['python_overhead']:.0f}%" if "python_overhead" in r else "-",
+                     f"{r['peak_rss_mb']:.0f}", f"{same}/{len(r['tokens'])}"])  # fmt: skip
+    print_table(f"bench generate: {path}, batch 1 prompt {base['prompt_tokens']} tokens, {NEW_TOKENS} new, greedy, "
+                f"{threads} threads; ratios vs hf-fp32-eager batch-1 decode, same run",
+                ["engine", "prefill ms", "decode tok/s", "vs HF", "b8 total tok/s", "b8 vs HF b1", "py overhead",
+                 "peak RSS MB", "same tokens as HF"], rows)  # fmt: skip
+    if peers:
+        print("peer engines (CTranslate2, llama.cpp): run ../shared/peers/bench_peers.py in its own venv; compare its "
+              "ratios to hf-fp32 with the ones above", file=sys.stderr)  # fmt: skip
+    return 0

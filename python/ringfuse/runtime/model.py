@@ -1,0 +1,249 @@
+"""The Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2), in one file,
+from ringfuse ops: fused RMSNorm with the residual add, q/k/v in one GEMM, in-place RoPE,
+the KV cache written by ``write_kv``, varlen flash attention for prefill and paged decode
+attention, gate and up in one GEMM, float (torch) or int8 (ringfuse) linears, and the
+ring all-reduce under tensor parallelism (Megatron's layout: heads and FFN columns split,
+o_proj and down_proj row-parallel, embedding and LM head split over the vocab).
+
+Tokens of all sequences in a step are packed along one axis T (no padding):
+  prefill: T = sum of prompt lengths, attention over each prompt (cu_seqlens);
+  decode:  T = B, one new token per sequence, attention over its pages of the KV cache.
+
+Napkin math per decode token (SmolLM2-135M, 30 layers, hidden 576, ffn 1536): 134.5 M
+weights -> 538 MB fp32 or 135 MB int8 read once per step, 2 * 134.5 M = 269 MFLOP; at
+~47 GB/s from DRAM the floor is ~11.5 ms (fp32) / ~2.9 ms (int8) per step at batch 1,
+and a batch of B tokens shares that read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..nn import quantize_weight
+from .config import ModelConfig
+
+QUANT_MODES = ("none", "w8a16", "w8a8")
+
+
+class Linear:
+    """y = x W^T + b: W float [N, K] (torch GEMM), or int8 per output channel with fp32
+    scales (w8a16: ringfuse's weight-only kernels; w8a8: activations quantized per token,
+    int8 x int8 GEMM with the scales in its epilogue)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quant: str, dtype: torch.dtype):
+        self.quant = quant
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else bias.to(dtype if quant == "none" else torch.float32).contiguous()
+        if quant == "none":
+            self.weight = weight.to(dtype).contiguous()
+        else:
+            self.w_q, self.w_scale = quantize_weight(weight.float())  # [N, K] int8, [N] fp32
+            self.packed = ops.pack_int8_weight(self.w_q) if quant == "w8a8" else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
+        if self.quant == "none":
+            return F.linear(x, self.weight, self.bias)
+        if self.quant == "w8a16":
+            return ops.int8_weight_only_linear(x, self.w_q, self.w_scale, self.bias)
+        x_q, x_s = ops.quantize_per_token(x)
+        return ops.int8_gemm(x_q, self.w_q, x_s, self.w_scale, self.bias, out_dtype=x.dtype, packed=self.packed)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.quant == "none":
+            out = {"weight": self.weight}
+        else:
+            out = {"w_q": self.w_q, "w_scale": self.w_scale}
+        return out if self.bias is None else {**out, "bias": self.bias}
+
+
+@dataclasses.dataclass
+class Layer:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: Linear  # [(hq + 2 hkv) * D, hidden]: this rank's q heads, then its k and v heads
+    o_proj: Linear  # [hidden, hq * D]: this rank's columns
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: Linear  # [2 * ffn / tp, hidden]: this rank's gate rows, then its up rows
+    down: Linear  # [hidden, ffn / tp]
+
+
+@dataclasses.dataclass
+class Step:
+    """What one forward pass computes. Token-major tensors are [T]."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64: where each token's k/v go in the cache
+    # prefill: sequences packed along T
+    cu_seqlens: torch.Tensor | None = None  # [B + 1] int32
+    max_seqlen: int = 0
+    # decode: one token per sequence
+    block_table: torch.Tensor | None = None  # [B, max_blocks] int32
+    seq_lens: torch.Tensor | None = None  # [B] int32, the new token included
+    # rows of the hidden states whose logits are wanted (None: all T)
+    logit_rows: torch.Tensor | None = None  # [R] int64
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.cu_seqlens is not None
+
+
+class KVCache:
+    """Paged KV cache: per layer k, v [num_blocks, Hkv, block_size, D] (this rank's heads).
+    Pages are allocated (not touched) up front; untouched pages cost no memory."""
+
+    def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
+                 dtype: torch.dtype):  # fmt: skip
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_blocks, num_kv_heads, block_size, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
+
+
+class LlamaModel:
+    """Weights for this rank and the forward pass. ``tp_group``: a torch.distributed group
+    (None with tp = 1)."""
+
+    def __init__(self, weights, dtype: torch.dtype = torch.float32, quant: str = "none", tp_group=None):
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        cfg: ModelConfig = weights.config
+        self.config, self.dtype, self.quant, self.group = cfg, dtype, quant, tp_group
+        self.rank, self.world = (0, 1)
+        if tp_group is not None:
+            import torch.distributed as dist
+
+            self.rank, self.world = dist.get_rank(tp_group), dist.get_world_size(tp_group)
+        from ..distributed import attention_head_split
+
+        D = cfg.head_dim
+        (q0, q1), (k0, k1) = attention_head_split(cfg.num_heads, cfg.num_kv_heads, self.world, self.rank)
+        if cfg.intermediate_size % self.world:
+            raise ValueError(f"tensor-parallel size {self.world} must divide the FFN size {cfg.intermediate_size}")
+        self.hq, self.hkv = q1 - q0, k1 - k0
+        f = cfg.intermediate_size // self.world
+        f0, f1 = self.rank * f, (self.rank + 1) * f
+        self.ffn = f
+        # the vocab in contiguous ranges of ceil(V / tp) rows per rank
+        per = -(-cfg.vocab_size // self.world)
+        self.vocab_start, self.vocab_end = self.rank * per, min(cfg.vocab_size, (self.rank + 1) * per)
+
+        def get(name, dim=None, start=0, stop=None):
+            return weights.get(name, dim, start, stop)
+
+        def norm(name):
+            return get(name).to(dtype).contiguous()
+
+        self.layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            q_rows, kv_rows = (q0 * D, q1 * D), (k0 * D, k1 * D)
+            qkv_w = torch.cat([get(a + "q_proj.weight", 0, *q_rows), get(a + "k_proj.weight", 0, *kv_rows),
+                               get(a + "v_proj.weight", 0, *kv_rows)])  # fmt: skip
+            qkv_b = None
+            if cfg.attention_bias:
+                parts = [(a + "q_proj.bias", q_rows), (a + "k_proj.bias", kv_rows), (a + "v_proj.bias", kv_rows)]
+                qkv_b = torch.cat([get(n, 0, *r) for n, r in parts]) if weights.has(parts[0][0]) else None
+            gate_up_w = torch.cat([get(p + "mlp.gate_proj.weight", 0, f0, f1), get(p + "mlp.up_proj.weight", 0, f0, f1)])
+            self.layers.append(Layer(
+                input_norm=norm(p + "input_layernorm.weight"),
+                qkv=Linear(qkv_w, qkv_b, quant, dtype),
+                o_proj=Linear(get(a + "o_proj.weight", 1, q0 * D, q1 * D), None, quant, dtype),
+                post_norm=norm(p + "post_attention_layernorm.weight"),
+                gate_up=Linear(gate_up_w, None, quant, dtype),
+                down=Linear(get(p + "mlp.down_proj.weight", 1, f0, f1), None, quant, dtype),
+            ))  # fmt: skip
+            del qkv_w, gate_up_w
+        self.norm = norm("model.norm.weight")
+        head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        head_w = get(head_name, 0, self.vocab_start, self.vocab_end)  # [V / tp, hidden]
+        # The LM head is the largest matrix (28 % of SmolLM2's weights): int8 too when quantized.
+        self.lm_head = Linear(head_w, None, quant, dtype)
+        if cfg.tie_word_embeddings and quant != "none":
+            self.embed = None  # rows are dequantized from the int8 head: one copy of the table
+        else:
+            self.embed = head_w.to(dtype) if cfg.tie_word_embeddings else \
+                get("model.embed_tokens.weight", 0, self.vocab_start, self.vocab_end).to(dtype)  # fmt: skip
+        del head_w
+        inv = cfg.inv_freq()  # [D / 2]
+        angles = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)[:, None] * inv[None, :]
+        self.cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).float()  # [max_pos, D]
+
+    # ------------------------------------------------------------------------------------
+
+    def new_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
+        return KVCache(self.config.num_layers, num_blocks, self.hkv, block_size, self.config.head_dim, self.dtype)
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            from ..distributed import all_reduce
+
+            all_reduce(x, "sum", self.group)
+        return x
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
+        local = ids - self.vocab_start
+        mine = (local >= 0) & (local < self.vocab_end - self.vocab_start)
+        if self.world > 1:
+            local = torch.where(mine, local, torch.zeros_like(local))
+        if self.embed is not None:
+            h = self.embed[local]
+        else:
+            h = (self.lm_head.w_q[local].float() * self.lm_head.w_scale[local, None]).to(self.dtype)
+        if self.world > 1:
+            h *= mine[:, None].to(h.dtype)
+            self._all_reduce(h)
+        return h
+
+    def forward(self, step: Step, kv: KVCache) -> torch.Tensor:
+        """Hidden states after the final norm, [R, hidden] for R = step.logit_rows (or all T)."""
+        cfg = self.config
+        T, D = step.input_ids.shape[0], cfg.head_dim
+        qn, kn = self.hq * D, self.hkv * D
+        h = self.embed_tokens(step.input_ids)  # [T, hidden]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            if residual is None:
+                residual = h
+                x = ops.rms_norm(h, layer.input_norm, cfg.rms_norm_eps, cast_mode="llama")
+            else:  # residual += h; x = norm(residual)
+                x, residual = ops.add_rms_norm_(h, residual, layer.input_norm, cfg.rms_norm_eps, cast_mode="llama")
+            qkv = layer.qkv(x)  # [T, qn + 2 kn]
+            q = qkv[:, :qn].view(T, self.hq, D)
+            k = qkv[:, qn : qn + kn].view(T, self.hkv, D)
+            v = qkv[:, qn + kn :].view(T, self.hkv, D)
+            ops.rotary_embedding(q, k, step.positions, self.cos_sin)
+            ops.write_kv(k, v, kv.k[i], kv.v[i], step.slot_mapping)
+            if step.is_prefill:
+                o = ops.attention_varlen(q, k, v, step.cu_seqlens, step.cu_seqlens, max_seqlen_q=step.max_seqlen,
+                                         causal=True)  # fmt: skip
+            else:
+                o = ops.paged_decode_attention(q, kv.k[i], kv.v[i], step.block_table, step.seq_lens)
+            h = self._all_reduce(layer.o_proj(o.view(T, qn)))  # [T, hidden]
+            x, residual = ops.add_rms_norm_(h, residual, layer.post_norm, cfg.rms_norm_eps, cast_mode="llama")
+            gate_up = layer.gate_up(x)  # [T, 2 ffn]
+            act = F.silu(gate_up[:, : self.ffn]).mul_(gate_up[:, self.ffn :])  # [T, ffn]
+            h = self._all_reduce(layer.down(act))
+        if step.logit_rows is not None:
+            h, residual = h[step.logit_rows], residual[step.logit_rows]
+        x, _ = ops.add_rms_norm_(h.contiguous(), residual.contiguous(), self.norm, cfg.rms_norm_eps, cast_mode="llama")
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[R, hidden] -> [R, vocab] fp32 (gathered over the ranks)."""
+        local = self.lm_head(hidden).float()  # [R, V / tp]
+        if self.world == 1:
+            return local
+        from ..distributed import all_gather
+
+        per = -(-self.config.vocab_size // self.world)
+        if local.shape[1] < per:  # the last rank's range is short: pad it
+            local = F.pad(local, (0, per - local.shape[1]), value=float("-inf"))
+        full = all_gather(local.contiguous(), self.group).view(self.world, -1, per)
+        return full.permute(1, 0, 2).reshape(local.shape[0], -1)[:, : self.config.vocab_size]

@@ -1,0 +1,94 @@
+"""Sampling parameters and next-token selection, in HF transformers' order: repetition
+penalty, temperature, top-k, top-p, then a draw from each request's own generator (so a
+seed gives the same tokens whatever else shares the batch). temperature 0 is greedy."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already in the sequence
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # generation ends where one of these strings appears (not included)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        def number(name, lo, lo_open=False, hi=None):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise TypeError(f"{name} must be a finite number, got {v!r}")
+            if v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+                rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
+                raise ValueError(f"{name} must be in {rng}, got {v!r}")
+
+        for name in ("max_new_tokens", "top_k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        number("temperature", 0.0)
+        number("top_p", 0.0, lo_open=True, hi=1.0)
+        number("repetition_penalty", 0.0, lo_open=True)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if not all(isinstance(s, str) and s for s in stop):
+            raise TypeError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
+    """In place on one row [V]: the logits of ids in ``seen`` (int64) are divided by the
+    penalty when positive and multiplied when negative (CTRL / HF)."""
+    scores = logits[seen]
+    logits[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
+
+
+def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Row [V] fp32 of penalized logits -> the sampling distribution after temperature,
+    top-k and top-p (at least one token always kept)."""
+    logits = logits / p.temperature
+    if 0 < p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits)  # ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - p.top_p
+        drop[-1] = False
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return logits.softmax(-1)
+
+
+def select(logits: torch.Tensor, params: list[SamplingParams], seen: list, generators: list) -> list[int]:
+    """Next token per row of logits [R, V] fp32. ``seen[r]``: int64 ids for the repetition
+    penalty (or None); ``generators[r]``: that request's torch.Generator."""
+    if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+        return logits.argmax(-1).tolist()  # the common case: one op for the whole batch
+    out = []
+    for r, p in enumerate(params):
+        row = logits[r].clone()
+        if p.repetition_penalty != 1.0 and seen[r] is not None and seen[r].numel():
+            apply_repetition_penalty(row, seen[r], p.repetition_penalty)
+        if p.greedy:
+            out.append(int(row.argmax()))
+        else:
+            out.append(int(torch.multinomial(filtered_probs(row, p), 1, generator=generators[r])))
+    return out

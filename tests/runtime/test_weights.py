@@ -1,0 +1,590 @@
+"""ringfuse.runtime.weights + model: tiny random HF models (Llama tied / untied, Mistral,
+Qwen2 with q/k/v biases, Llama 3.1 RoPE scaling) saved as safetensors folders and as
+hand-written GGUF files, loaded by ``open_weights`` and run by ``LlamaModel``; the logits
+are checked against HF transformers running the same weights.
+
+Tolerance (DESIGN.md, Numerics): ringfuse's fp32 error vs an fp64 copy of the HF model is
+at most 2x the error of HF's own fp32 run vs that fp64 reference (with a 1e-5 floor: on
+these tiny models both errors are ~1e-7 and summation order alone can exceed 2x)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+from ringfuse.runtime.model import LlamaModel, Step  # noqa: E402
+from ringfuse.runtime.weights import open_weights  # noqa: E402
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}  # fmt: skip
+KINDS = ("llama", "llama_tied", "mistral", "qwen2", "llama3_rope")
+BLOCK = 4  # small pages so a 10-token prompt spans several, placed out of order
+
+
+def _hf_config(kind: str):
+    if kind == "llama":
+        return transformers.LlamaConfig(**SMALL)
+    if kind == "llama_tied":
+        return transformers.LlamaConfig(**SMALL, tie_word_embeddings=True)
+    if kind == "llama3_rope":
+        return transformers.LlamaConfig(**SMALL, rope_scaling=dict(LLAMA3_ROPE))
+    if kind == "mistral":
+        return transformers.MistralConfig(**SMALL)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**SMALL, use_sliding_window=False)
+    raise AssertionError(kind)
+
+
+def _randomize(model, seed: int) -> None:
+    """O(1) logits: weights ~ N(0, 1/fan_in), norm weights 1 + N(0, 0.2), biases N(0, 0.2)
+    (Qwen2's q/k/v biases included: they are zero after HF's init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * noise)
+            elif p.ndim == 1:
+                p.copy_(0.2 * noise)
+            else:
+                p.copy_(noise / math.sqrt(p.shape[1]))
+
+
+def _build_hf(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = _hf_config(kind)
+    cls = {"mistral": transformers.MistralForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}.get(
+        kind, transformers.LlamaForCausalLM)  # fmt: skip
+    model = cls(cfg).eval()
+    _randomize(model, seed)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """kind -> (HF fp32 model, HF fp64 copy, saved folder); built once per module."""
+    out = {}
+    for i, kind in enumerate(KINDS):
+        model = _build_hf(kind, seed=i)
+        path = tmp_path_factory.mktemp(kind)
+        model.save_pretrained(path, safe_serialization=True)
+        out[kind] = (model, copy.deepcopy(model).double(), path)
+    return out
+
+
+# ---- driving LlamaModel ----------------------------------------------------------------
+
+
+def _slots(blocks, positions):
+    return [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in positions]
+
+
+def _prefill(lm: LlamaModel, kv, prompts, blocks) -> torch.Tensor:
+    """Prompts packed along T (varlen); logits for all T rows."""
+    ids, pos, slots, cu = [], [], [], [0]
+    for p, b in zip(prompts, blocks):
+        ids += p
+        pos += range(len(p))
+        slots += _slots(b, range(len(p)))
+        cu.append(cu[-1] + len(p))
+    step = Step(
+        input_ids=torch.tensor(ids, dtype=torch.int64),
+        positions=torch.tensor(pos, dtype=torch.int64),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+        max_seqlen=max(map(len, prompts)),
+    )
+    with torch.no_grad():
+        return lm.logits(lm.forward(step, kv))
+
+
+def _decode(lm: LlamaModel, kv, tokens, positions, blocks) -> torch.Tensor:
+    """One new token per sequence at the given positions; logits [B, V]."""
+    width = max(map(len, blocks))
+    table = torch.zeros(len(blocks), width, dtype=torch.int32)
+    for r, b in enumerate(blocks):
+        table[r, : len(b)] = torch.tensor(b, dtype=torch.int32)
+    step = Step(
+        input_ids=torch.tensor(tokens, dtype=torch.int64),
+        positions=torch.tensor(positions, dtype=torch.int64),
+        slot_mapping=torch.tensor([_slots(b, [p])[0] for b, p in zip(blocks, positions)], dtype=torch.int64),
+        block_table=table,
+        seq_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int32),
+    )
+    with torch.no_grad():
+        return lm.logits(lm.forward(step, kv))
+
+
+def _hf_logits(model, seqs) -> list[torch.Tensor]:
+    """HF logits per sequence ([len, V]), the batch right-padded with an attention mask."""
+    n = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), n, dtype=torch.int64)
+    mask = torch.zeros(len(seqs), n, dtype=torch.int64)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    return [logits[r, : len(s)] for r, s in enumerate(seqs)]
+
+
+def _check(out: torch.Tensor, ref64: torch.Tensor, hf32: torch.Tensor, what: str) -> None:
+    """The tolerance rule: |ringfuse - fp64| <= 2 |HF fp32 - fp64| (1e-5 floor)."""
+    assert out.shape == ref64.shape, what
+    assert torch.isfinite(out).all(), what
+    err = (out.double() - ref64).abs().max().item()
+    base = (hf32.double() - ref64).abs().max().item()
+    assert err <= max(2 * base, 1e-5), f"{what}: max error {err:.3g} vs HF fp32's {base:.3g}"
+
+
+def _prompts(seed, lengths, vocab=128):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _run_and_check(lm, hf32, hf64, what, lengths=(10,), decode_steps=3, check=_check):
+    """Prefill the prompts (packed), decode ``decode_steps`` tokens for each, and compare every
+    logit row with HF's logits for the full sequences."""
+    prompts = _prompts(len(what), lengths)
+    extra = _prompts(len(what) + 1, [decode_steps] * len(lengths))
+    n_blocks = [-(-(n + decode_steps) // BLOCK) for n in lengths]
+    # pages out of order and interleaved between the sequences
+    order = torch.randperm(sum(n_blocks), generator=torch.Generator().manual_seed(1)).tolist()
+    blocks, at = [], 0
+    for nb in n_blocks:
+        blocks.append(order[at : at + nb])
+        at += nb
+    kv = lm.new_kv_cache(sum(n_blocks) + 1, BLOCK)
+
+    full = [p + e for p, e in zip(prompts, extra)]
+    ref64, ref32 = _hf_logits(hf64, full), _hf_logits(hf32, full)
+    out = _prefill(lm, kv, prompts, blocks)
+    cu = np.cumsum([0, *lengths])
+    for r, n in enumerate(lengths):
+        check(out[cu[r] : cu[r + 1]], ref64[r][:n], ref32[r][:n], f"{what} prefill seq {r}")
+    for s in range(decode_steps):
+        positions = [n + s for n in lengths]
+        out = _decode(lm, kv, [e[s] for e in extra], positions, blocks)
+        for r, p in enumerate(positions):
+            check(out[r], ref64[r][p], ref32[r][p], f"{what} decode step {s} seq {r}")
+
+
+# ---- safetensors folders ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hf_folder_prefill_and_decode(hf_models, kind):
+    hf32, hf64, path = hf_models[kind]
+    w = open_weights(path)
+    cfg = w.config
+    assert cfg.arch == {"mistral": "mistral", "qwen2": "qwen2"}.get(kind, "llama")
+    assert cfg.tie_word_embeddings == (kind == "llama_tied")
+    assert cfg.attention_bias == (kind == "qwen2")
+    assert (cfg.rope_scaling is not None) == (kind == "llama3_rope")
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers) == (4, 2, 16, 2)
+    if kind == "llama_tied":
+        assert not w.has("lm_head.weight")
+    lm = LlamaModel(w)
+    _run_and_check(lm, hf32, hf64, kind, lengths=(10,))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_hf_folder_varlen_batch(hf_models, kind):
+    """Two prompts of different lengths packed along T, then decoded together."""
+    hf32, hf64, path = hf_models[kind]
+    lm = LlamaModel(open_weights(path))
+    _run_and_check(lm, hf32, hf64, kind + " varlen", lengths=(7, 12), decode_steps=2)
+
+
+def test_llama3_rope_scaling_matters(hf_models):
+    """The Llama 3.1 scaling is really applied: the same weights with plain RoPE differ."""
+    import dataclasses
+
+    w = open_weights(hf_models["llama3_rope"][2])
+    inv_scaled = w.config.inv_freq()
+    inv_plain = dataclasses.replace(w.config, rope_scaling=None).inv_freq()
+    assert inv_scaled[0] == inv_plain[0]  # high frequency: kept
+    assert torch.allclose(inv_scaled[-1], inv_plain[-1] / 8)  # low frequency: divided by the factor
+    assert ((inv_scaled < inv_plain) & (inv_scaled > inv_plain / 8)).any()  # the smooth band
+
+
+def test_sharded_checkpoint(hf_models, tmp_path):
+    hf32, hf64, path = hf_models["llama"]
+    hf32.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    w, ref = open_weights(tmp_path), open_weights(path)
+    for name in ref.where:
+        assert torch.equal(w.get(name), ref.get(name)), name
+    assert torch.equal(w.get("model.layers.1.mlp.up_proj.weight", 0, 8, 40),
+                       hf32.model.layers[1].mlp.up_proj.weight[8:40])  # fmt: skip
+    assert torch.equal(w.get("model.layers.1.mlp.down_proj.weight", 1, 8, 40),
+                       hf32.model.layers[1].mlp.down_proj.weight[:, 8:40])  # fmt: skip
+    _run_and_check(LlamaModel(w), hf32, hf64, "sharded", decode_steps=1)
+
+
+def _all_logits(lm, lengths=(10, 6)):
+    prompts = _prompts(7, lengths)
+    blocks = [[0, 1, 2], [3, 4]]
+    return _prefill(lm, lm.new_kv_cache(5, BLOCK), prompts, blocks), prompts
+
+
+def test_bf16_close_to_fp32(hf_models):
+    hf32, hf64, path = hf_models["llama"]
+    w = open_weights(path)
+    out16, prompts = _all_logits(LlamaModel(w, dtype=torch.bfloat16))
+    out32, _ = _all_logits(LlamaModel(w))
+    assert out16.dtype == torch.float32 and torch.isfinite(out16).all()
+    # the rule against HF's own bf16 run (reference: fp64), with slack for rounding luck
+    ref64 = torch.cat(_hf_logits(hf64, prompts))
+    hf16 = torch.cat(_hf_logits(copy.deepcopy(hf32).to(torch.bfloat16), prompts)).double()
+    err, base = (out16.double() - ref64).abs().max().item(), (hf16 - ref64).abs().max().item()
+    assert err <= 2 * base + 0.02, (err, base)
+    assert (out16 - out32).abs().max() < 0.15 * out32.abs().max()
+    assert (out16.argmax(-1) == out32.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("quant", ["w8a16", "w8a8"])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2"])
+def test_int8_quant_close_to_fp32(hf_models, kind, quant):
+    w = open_weights(hf_models[kind][2])
+    outq, _ = _all_logits(LlamaModel(w, quant=quant))
+    out32, _ = _all_logits(LlamaModel(w))
+    assert outq.dtype == torch.float32 and torch.isfinite(outq).all()
+    cos = torch.nn.functional.cosine_similarity(outq, out32, dim=-1)
+    assert cos.min() > 0.99, cos
+    assert (outq.argmax(-1) == out32.argmax(-1)).float().mean() >= 0.75
+
+
+def test_model_rejects_bad_dtype_and_quant(hf_models):
+    w = open_weights(hf_models["llama"][2])
+    with pytest.raises(ValueError, match="quant must be one of"):
+        LlamaModel(w, quant="int4")
+    with pytest.raises(ValueError, match="dtype must be"):
+        LlamaModel(w, dtype=torch.float16)
+
+
+# ---- error cases -----------------------------------------------------------------------
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        open_weights(tmp_path / "nope")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        open_weights(tmp_path)
+
+
+def _write_config(folder, **overrides):
+    cfg = {**_hf_config("llama").to_dict(), "architectures": ["LlamaForCausalLM"], **overrides}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return cfg
+
+
+def test_folder_without_safetensors(tmp_path):
+    _write_config(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors"):
+        open_weights(tmp_path)
+
+
+def test_corrupt_safetensors(tmp_path):
+    _write_config(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"this is not a safetensors file" * 10)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        open_weights(tmp_path)
+
+
+def test_config_not_json(tmp_path):
+    (tmp_path / "config.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        open_weights(tmp_path)
+
+
+def test_unsupported_hf_architecture(tmp_path):
+    _write_config(tmp_path, architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
+        open_weights(tmp_path)
+
+
+def test_config_missing_key(tmp_path):
+    cfg = _write_config(tmp_path)
+    del cfg["intermediate_size"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="missing key 'intermediate_size'"):
+        open_weights(tmp_path)
+
+
+def test_unsupported_rope_scaling(tmp_path):
+    _write_config(tmp_path, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
+        open_weights(tmp_path)
+
+
+def test_missing_tensor(hf_models):
+    w = open_weights(hf_models["llama"][2])
+    with pytest.raises(ValueError, match="no tensor 'model.layers.9.mlp.up_proj.weight'"):
+        w.get("model.layers.9.mlp.up_proj.weight")
+
+
+def test_garbage_gguf(tmp_path):
+    p = tmp_path / "model.gguf"
+    p.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="not a readable GGUF"):
+        open_weights(p)
+    p.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a readable GGUF"):
+        open_weights(p)
+
+
+def test_gguf_unsupported_architecture(tmp_path):
+    p = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(p), "gpt2")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_head_count(2)
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    _finish(w)
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        open_weights(p)
+
+
+def test_gguf_missing_metadata(tmp_path, hf_models):
+    p = tmp_path / "m.gguf"
+    _write_gguf(p, hf_models["llama"][0], skip_keys={"block_count"})
+    with pytest.raises(ValueError, match="missing metadata key llama.'block_count'|missing metadata key.*block_count"):
+        open_weights(p)
+
+
+# ---- GGUF ------------------------------------------------------------------------------
+
+_LAYER_NAMES = {  # HF suffix -> GGUF name in block N
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter: per head, rotate-half rows -> interleaved rows."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _finish(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _llama3_rope_factors(cfg) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf rope_freqs for "llama3" scaling (theta = pos * inv / factor)."""
+    s, d = LLAMA3_ROPE, cfg.hidden_size // cfg.num_attention_heads
+    inv = 1.0 / (10000.0 ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    low_wl = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wl = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    out = []
+    for f in inv:
+        wl = 2 * math.pi / f
+        if wl < high_wl:
+            out.append(1.0)
+        elif wl > low_wl:
+            out.append(s["factor"])
+        else:
+            smooth = (s["original_max_position_embeddings"] / wl - s["low_freq_factor"]) / (
+                s["high_freq_factor"] - s["low_freq_factor"])  # fmt: skip
+            out.append(1 / ((1 - smooth) / s["factor"] + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def _write_gguf(path, model, arch="llama", quant=None, skip_keys=(), rope_freqs=False):
+    """A GGUF as llama.cpp's converter writes it: F32 tensors (those in ``quant``: name ->
+    GGMLQuantizationType quantized), q/k rows permuted for arch llama."""
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    w = gguf.GGUFWriter(str(path), arch)
+    keys = {
+        "context_length": cfg.max_position_embeddings,
+        "embedding_length": cfg.hidden_size,
+        "block_count": cfg.num_hidden_layers,
+        "feed_forward_length": cfg.intermediate_size,
+        "attention.head_count": heads,
+        "attention.head_count_kv": kv_heads,
+        "rope.dimension_count": cfg.hidden_size // heads,
+    }
+    for key, value in keys.items():
+        if key not in skip_keys:
+            w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    w.add_uint32(f"{arch}.vocab_size", cfg.vocab_size)
+    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        tensors["output.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.num_hidden_layers):
+        for suffix, name in _LAYER_NAMES.items():
+            t = sd.get(f"model.layers.{i}.{suffix}")
+            if t is None:
+                continue
+            if arch == "llama" and suffix.startswith(("self_attn.q_proj", "self_attn.k_proj")):
+                t = _llama_cpp_permute(t, heads if "q_proj" in suffix else kv_heads)
+            tensors[f"blk.{i}.{name}"] = t
+    if rope_freqs:
+        tensors["rope_freqs.weight"] = _llama3_rope_factors(cfg)
+    for name, t in tensors.items():
+        qtype = (quant or {}).get(name)
+        if qtype is None:
+            w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+    _finish(w)
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def llama_gguf(hf_models, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "llama.gguf"
+    _write_gguf(path, hf_models["llama"][0])
+    return path
+
+
+def test_gguf_config(llama_gguf, hf_models):
+    w = open_weights(llama_gguf)
+    ref = open_weights(hf_models["llama"][2]).config
+    assert w.config.arch == "llama" and w.config.rope_scaling is None
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "max_position_embeddings", "tie_word_embeddings", "attention_bias"):  # fmt: skip
+        assert getattr(w.config, field) == getattr(ref, field), field
+    assert w.config.rms_norm_eps == pytest.approx(ref.rms_norm_eps)
+    assert w.config.eos_token_ids == (2,) and w.config.bos_token_id == 1
+
+
+def test_gguf_tensors_equal_hf(llama_gguf, hf_models):
+    hf = hf_models["llama"][0]
+    w = open_weights(llama_gguf)
+    D = 16
+    for i in range(2):
+        attn = hf.model.layers[i].self_attn
+        for name, ref in (("q_proj", attn.q_proj.weight), ("k_proj", attn.k_proj.weight)):
+            full = f"model.layers.{i}.self_attn.{name}.weight"
+            assert torch.equal(w.get(full), ref), full
+            # whole-head row slices (what a tensor-parallel rank reads)
+            for h0, h1 in ((0, 1), (1, 2), (0, 2)):
+                assert torch.equal(w.get(full, 0, h0 * D, h1 * D), ref[h0 * D : h1 * D]), (full, h0, h1)
+            for c0, c1 in ((0, 32), (5, 41), (40, None)):
+                assert torch.equal(w.get(full, 1, c0, c1), ref[:, c0:c1]), (full, c0, c1)
+        down = hf.model.layers[i].mlp.down_proj.weight
+        assert torch.equal(w.get(f"model.layers.{i}.mlp.down_proj.weight", 1, 3, 50), down[:, 3:50])
+        assert torch.equal(w.get(f"model.layers.{i}.mlp.down_proj.weight", 0, 3, 50), down[3:50])
+    assert torch.equal(w.get("lm_head.weight"), hf.lm_head.weight)
+    assert torch.equal(w.get("model.norm.weight"), hf.model.norm.weight)
+    assert torch.equal(w.get("model.embed_tokens.weight", 0, 10, 20), hf.model.embed_tokens.weight[10:20])
+
+
+def test_gguf_logits_match_hf(llama_gguf, hf_models):
+    hf32, hf64, _ = hf_models["llama"]
+    _run_and_check(LlamaModel(open_weights(llama_gguf)), hf32, hf64, "gguf llama", lengths=(10, 5))
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama_tied"])
+def test_gguf_other_models(hf_models, tmp_path, kind):
+    """Qwen2 (arch qwen2: no q/k permutation, q/k/v biases) and tied embeddings (no output.weight)."""
+    hf32, hf64, _ = hf_models[kind]
+    path = tmp_path / f"{kind}.gguf"
+    _write_gguf(path, hf32, arch="qwen2" if kind == "qwen2" else "llama")
+    w = open_weights(path)
+    assert w.config.attention_bias == (kind == "qwen2")
+    assert w.config.tie_word_embeddings == (kind == "llama_tied")
+    _run_and_check(LlamaModel(w), hf32, hf64, f"gguf {kind}", decode_steps=1)
+
+
+def test_gguf_llama3_rope_freqs(hf_models, tmp_path):
+    """Llama 3.1 GGUFs carry the RoPE scaling as a rope_freqs tensor, not as metadata."""
+    hf32, hf64, _ = hf_models["llama3_rope"]
+    path = tmp_path / "llama3.gguf"
+    _write_gguf(path, hf32, rope_freqs=True)
+    w = open_weights(path)
+    ref = open_weights(hf_models["llama3_rope"][2]).config
+    assert torch.allclose(w.config.inv_freq(), ref.inv_freq(), rtol=1e-6, atol=0)
+    _run_and_check(LlamaModel(w), hf32, hf64, "gguf llama3 rope", decode_steps=1)
+
+
+def test_gguf_q8_0_slices(hf_models, tmp_path):
+    hf = hf_models["llama"][0]
+    Q8 = gguf.GGMLQuantizationType.Q8_0
+    path = tmp_path / "q8.gguf"
+    quant = {"blk.0.ffn_down.weight": Q8, "blk.1.attn_q.weight": Q8, "blk.1.ffn_gate.weight": Q8}
+    written = _write_gguf(path, hf, quant=quant)
+    w = open_weights(path)
+
+    name = "model.layers.0.mlp.down_proj.weight"  # [64, 96]: 3 blocks of 32 per row
+    full = w.get(name)
+    deq = gguf.quants.dequantize(gguf.quants.quantize(written["blk.0.ffn_down.weight"], Q8), Q8)
+    assert torch.equal(full, torch.from_numpy(deq))
+    ref = hf.model.layers[0].mlp.down_proj.weight
+    assert (full - ref).abs().max() <= ref.abs().max() / 127  # Q8_0: 1/254 of each block's max, at most
+    for c0, c1 in ((0, 32), (32, 96), (64, None), (0, None)):  # block-aligned: cut before dequantizing
+        assert torch.equal(w.get(name, 1, c0, c1), full[:, c0:c1]), (c0, c1)
+    for c0, c1 in ((5, 40), (31, 33), (50, None), (0, 48)):  # not aligned
+        assert torch.equal(w.get(name, 1, c0, c1), full[:, c0:c1]), (c0, c1)
+    for r0, r1 in ((0, 10), (17, 64)):
+        assert torch.equal(w.get(name, 0, r0, r1), full[r0:r1]), (r0, r1)
+
+    # a quantized permuted tensor: unpermuted after dequantizing, whole-head row slices too
+    q = w.get("model.layers.1.self_attn.q_proj.weight")
+    q_ref = hf.model.layers[1].self_attn.q_proj.weight
+    assert (q - q_ref).abs().max() <= q_ref.abs().max() / 127
+    assert torch.equal(w.get("model.layers.1.self_attn.q_proj.weight", 0, 16, 48), q[16:48])
+    assert torch.equal(w.get("model.layers.1.self_attn.q_proj.weight", 1, 32, 64), q[:, 32:64])
+
+    # and the model runs on it, close to the fp32 logits
+    lm, lm32 = LlamaModel(w), LlamaModel(open_weights(hf_models["llama"][2]))
+    out, out32 = _all_logits(lm)[0], _all_logits(lm32)[0]
+    assert torch.nn.functional.cosine_similarity(out, out32, dim=-1).min() > 0.99
+
+
+def test_gguf_bf16_and_f16_slices(hf_models, tmp_path):
+    """BF16 tensors are stored as bytes by the gguf reader: column slices must count bytes."""
+    hf = hf_models["llama"][0]
+    BF16, F16 = gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.F16
+    path = tmp_path / "half.gguf"
+    _write_gguf(path, hf, quant={"blk.0.ffn_up.weight": BF16, "blk.0.ffn_gate.weight": F16,
+                                 "blk.1.attn_k.weight": BF16, "output_norm.weight": BF16})  # fmt: skip
+    w = open_weights(path)
+    up = hf.model.layers[0].mlp.up_proj.weight.to(torch.bfloat16)
+    gate = hf.model.layers[0].mlp.gate_proj.weight.half()
+    k = hf.model.layers[1].self_attn.k_proj.weight.to(torch.bfloat16)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert w.get(name).dtype == torch.bfloat16
+    assert torch.equal(w.get(name), up)
+    assert torch.equal(w.get(name, 0, 3, 9), up[3:9])
+    assert torch.equal(w.get(name, 1, 3, 41), up[:, 3:41])
+    assert torch.equal(w.get("model.layers.0.mlp.gate_proj.weight", 1, 3, 41), gate[:, 3:41])
+    assert torch.equal(w.get("model.layers.1.self_attn.k_proj.weight"), k)
+    assert torch.equal(w.get("model.layers.1.self_attn.k_proj.weight", 1, 7, 30), k[:, 7:30])
+    assert torch.equal(w.get("model.norm.weight"), hf.model.norm.weight.to(torch.bfloat16))
