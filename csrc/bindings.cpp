@@ -10,6 +10,7 @@
 #include "cpu/attention.h"
 #include "cpu/int8_gemm.h"
 #include "cpu/limits.h"
+#include "cpu/linear.h"
 #include "cpu/memory.h"
 #include "cpu/norms.h"
 #include "cpu/rotary_embedding.h"
@@ -90,6 +91,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_pack_b", &rf::cpu::int8_pack_b, release_gil());        // see cpu/int8_gemm.h for the arguments
   m.def("int8_gemm_packed", &rf::cpu::int8_gemm_packed, release_gil());
   m.def("int8_weight_only_linear", &rf::cpu::int8_weight_only_linear, release_gil());
+
+  m.def("linear", &rf::cpu::linear, release_gil(), py::arg("out"), py::arg("out_stride"), py::arg("out_dtype"),
+        py::arg("x"), py::arg("x_stride"), py::arg("x_dtype"), py::arg("w"), py::arg("w_stride"), py::arg("w_dtype"),
+        py::arg("bias"), py::arg("bias_dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads"));
 
   // CPU shared-memory ring transport (see cpu/allreduce.h): handles are opaque ints; run
   // returns a status (0 ok, 1 timeout, 2 peer gone, 3 mismatch, 4 broken).

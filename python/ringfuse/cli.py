@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "int8", "allreduce", "tp", "generate")
+BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "int8", "linear", "allreduce", "tp", "generate")
 
 
 def _cpu_flags() -> list[str]:
@@ -121,6 +121,12 @@ def _bench(args) -> int:
         int8.run_gemm(kns=int8.GEMM_KN[:2] if args.quick else int8.GEMM_KN, rounds=args.rounds, lim=lim)
         int8.run_weight_only(kns=int8.GEMM_KN[:2] if args.quick else int8.GEMM_KN, rounds=args.rounds, lim=lim)
         int8.run_linear(kns=int8.GEMM_KN[:2] if args.quick else int8.GEMM_KN, rounds=args.rounds, lim=lim)
+        return 0
+    if args.op == "linear":
+        from .bench import linear
+
+        linear.run(ms=linear.QUICK_MS if args.quick else linear.MS,
+                   configs=linear.QUICK_CONFIGS if args.quick else tuple(linear.CONFIGS), rounds=args.rounds, lim=lim)
         return 0
     if args.op == "attention":
         from .bench import attention

@@ -49,7 +49,7 @@ def _ringfuse_worker(model, dtype, quant, rounds, batch8):
     def run(n, prompts=(ids,)):
         return llm.generate(list(prompts), max_new_tokens=n, ignore_eos=True)
 
-    run(8)
+    run(1), run(NEW_TOKENS)  # warm-up of both timed shapes
     w1 = _median_wall(lambda: run(1), rounds)
     w64 = _median_wall(lambda: run(NEW_TOKENS), rounds)
     out = {"prompt_tokens": len(ids), "prefill_ms": w1 * 1e3, "decode_tok_s": (NEW_TOKENS - 1) / (w64 - w1),
@@ -121,7 +121,10 @@ def _hf_worker(model_path, rounds, batch8):
             return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                pad_token_id=tok.pad_token_id)  # fmt: skip
 
-    run(8, [PROMPT])
+    # warm-up of both timed shapes: HF's first generate(max_new_tokens=1) calls take ~9x
+    # longer than later ones here, which would make its decode rate meaningless
+    for _ in range(2):
+        run(1, [PROMPT]), run(NEW_TOKENS, [PROMPT])
     w1 = _median_wall(lambda: run(1, [PROMPT]), rounds)
     w64 = _median_wall(lambda: run(NEW_TOKENS, [PROMPT]), rounds)
     n_prompt = len(enc(PROMPT))

@@ -4,6 +4,7 @@ from ._common import cuda_backend, set_cuda_backend
 from .attention import attention, attention_varlen, decode_attention, paged_decode_attention, write_kv
 from .int8_gemm import int8_gemm, int8_weight_only_linear, pack_int8_weight, quantize_per_token
 from .layer_norm import add_layer_norm, layer_norm
+from .linear import linear, linear_path
 from .rms_norm import add_rms_norm, add_rms_norm_, rms_norm
 from .rotary_embedding import cos_sin_cache, rotary_embedding
 
@@ -19,6 +20,8 @@ __all__ = [
     "int8_weight_only_linear",
     "decode_attention",
     "layer_norm",
+    "linear",
+    "linear_path",
     "pack_int8_weight",
     "paged_decode_attention",
     "quantize_per_token",

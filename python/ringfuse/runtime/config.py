@@ -115,7 +115,9 @@ class ModelConfig:
                 head_dim=cfg.get("head_dim") or hidden // heads,
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(rope_theta),
-                max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+                # no sliding-window attention here: the context stops at the window (Mistral)
+                max_position_embeddings=min(cfg.get("max_position_embeddings", 2048),
+                                            cfg.get("sliding_window") or 1 << 62),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
                 rope_scaling=scaling,
@@ -135,7 +137,7 @@ class ModelConfig:
         def get(key, default=None):
             value = meta.get(f"{arch}.{key}", default)
             if value is None:
-                raise ValueError(f"{source}: missing metadata key {arch}.{key!r}")
+                raise ValueError(f"{source}: missing metadata key {f'{arch}.{key}'!r}")
             return value
 
         hidden, heads = get("embedding_length"), get("attention.head_count")

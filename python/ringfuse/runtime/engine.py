@@ -56,7 +56,7 @@ class TokenEvent:
 
 
 class _Request:
-    def __init__(self, index, prompt_ids, params: SamplingParams, decoder):
+    def __init__(self, index, prompt_ids, params: SamplingParams, decoder, seed: int):
         self.index, self.prompt_ids, self.params, self.decoder = index, prompt_ids, params, decoder
         self.out_ids: list[int] = []
         self.blocks: list[int] = []
@@ -64,8 +64,7 @@ class _Request:
         self.finish_reason: str | None = None
         self.generator = None
         if not params.greedy:
-            self.generator = torch.Generator().manual_seed(params.seed if params.seed is not None else
-                                                           int.from_bytes(os.urandom(8), "little") >> 1)  # fmt: skip
+            self.generator = torch.Generator().manual_seed(params.seed if params.seed is not None else seed)
         self.seen = torch.tensor(prompt_ids, dtype=torch.int64) if params.repetition_penalty != 1.0 else None
         self.t_admit = self.t_first = self.t_last = 0.0
 
@@ -124,8 +123,19 @@ class LLM:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self._new: list[_Request] = []  # admitted, not yet prefilled
-        self._ids = itertools.count()
+        self._ids, self._draws = itertools.count(), itertools.count()
+        self._base_seed = int.from_bytes(os.urandom(8), "little") >> 1
+        if group is not None:
+            import torch.distributed as dist
+
+            box = [self._base_seed]
+            dist.broadcast_object_list(box, src=0, group=group)
+            self._base_seed = box[0]
         self.forward_s = 0.0  # time inside the model's forward + logits (for the bench)
+        # warm-up: the first step pays one-time costs (OpenMP threads, first-touch pages,
+        # lazy inits) that would otherwise show up as the first request's prefill time
+        for _ in self.stream([[cfg.bos_token_id or 0] * 4], max_new_tokens=2, ignore_eos=True):
+            pass
 
     # ---- public API ----------------------------------------------------------------------
 
@@ -186,7 +196,10 @@ class LLM:
             raise ValueError(f"the request needs {need * self.block_size} cache tokens but the cache holds "
                              f"{self.kv.num_blocks * self.block_size} (raise kv_cache_tokens)")  # fmt: skip
         index = next(self._ids) if index is None else index
-        self.waiting.append(_Request(index, prompt_ids, params, self.tokenizer.decoder()))
+        # an unseeded request draws from base seed + a counter: under TP every rank then
+        # samples the same tokens (the base seed is rank 0's, broadcast at start-up)
+        seed = (self._base_seed + next(self._draws)) % (1 << 63)
+        self.waiting.append(_Request(index, prompt_ids, params, self.tokenizer.decoder(), seed))
         return index
 
     def has_unfinished(self) -> bool:

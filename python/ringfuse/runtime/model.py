@@ -27,6 +27,22 @@ from ..nn import quantize_weight
 from .config import ModelConfig
 
 QUANT_MODES = ("none", "w8a16", "w8a8")
+SMALL_M = 8  # rows up to which float linears take ringfuse's GEMV-style kernel
+
+
+def head_split(num_heads: int, num_kv_heads: int, world: int, rank: int):
+    """(q heads [start, stop), kv heads [start, stop)) of this rank. With tp <= the KV
+    heads, ranks take whole GQA groups (a KV head and its query heads), as evenly as they
+    go: SmolLM2's 3 groups of 3 over tp = 2 are 1 + 2 groups, which keeps the GQA mapping
+    uniform on each rank (9 query heads do not split in two). With more ranks than KV
+    heads, the KV heads are replicated (distributed.attention_head_split)."""
+    if world <= num_kv_heads:
+        group = num_heads // num_kv_heads
+        k0, k1 = rank * num_kv_heads // world, (rank + 1) * num_kv_heads // world
+        return (k0 * group, k1 * group), (k0, k1)
+    from ..distributed import attention_head_split
+
+    return attention_head_split(num_heads, num_kv_heads, world, rank)
 
 
 class Linear:
@@ -46,6 +62,10 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         if self.quant == "none":
+            # decode-sized M: ringfuse's bandwidth-bound kernel (MKL streams the weights at a
+            # third of the DRAM bandwidth on AMD hosts); prefill-sized M: torch's GEMM
+            if x.shape[0] <= SMALL_M and x.is_cpu:
+                return ops.linear(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         if self.quant == "w8a16":
             return ops.int8_weight_only_linear(x, self.w_q, self.w_scale, self.bias)
@@ -119,10 +139,8 @@ class LlamaModel:
             import torch.distributed as dist
 
             self.rank, self.world = dist.get_rank(tp_group), dist.get_world_size(tp_group)
-        from ..distributed import attention_head_split
-
         D = cfg.head_dim
-        (q0, q1), (k0, k1) = attention_head_split(cfg.num_heads, cfg.num_kv_heads, self.world, self.rank)
+        (q0, q1), (k0, k1) = head_split(cfg.num_heads, cfg.num_kv_heads, self.world, self.rank)
         if cfg.intermediate_size % self.world:
             raise ValueError(f"tensor-parallel size {self.world} must divide the FFN size {cfg.intermediate_size}")
         self.hq, self.hkv = q1 - q0, k1 - k0

@@ -44,7 +44,10 @@ class SamplingParams:
         number("repetition_penalty", 0.0, lo_open=True)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        try:
+            stop = (self.stop,) if isinstance(self.stop, str) else () if self.stop is None else tuple(self.stop)
+        except TypeError:  # not iterable (3, True...)
+            stop = (self.stop,)
         if not all(isinstance(s, str) and s for s in stop):
             raise TypeError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)

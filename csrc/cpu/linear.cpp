@@ -1,0 +1,250 @@
+// Float linear y[M, N] = x[M, K] @ W[N, K]^T + bias[N] for small M (decode), on CPU.
+//
+// At decode sizes the weights are the cost: every weight is used M <= 8 times, so the
+// kernel should stream W from DRAM at the read bandwidth and hide the FMAs under it.
+// Napkin math, SmolLM2 lm_head (N = 49152, K = 576), M = 1: W is N K sizeof(W) = 113 MB in
+// fp32 (57 MB bf16) and 2 M N K = 57 MFLOP. At ~40 GB/s of DRAM read that is ~2.8 ms (fp32)
+// / ~1.4 ms (bf16), while the FMAs alone need ~0.3 ms at the 2-core fp32 peak; M = 8 is
+// still memory-bound (453 MFLOP, ~2.5 ms at peak, about the read time). torch's MKL sgemv
+// path reads the same 113 MB at ~16 GB/s here (~7 ms).
+//
+// Design (AVX2 + FMA):
+// - x is converted once per call to fp32 rows zero-padded to a multiple of 8 (M K floats,
+//   L1/L2-resident for K up to ~8K), so every x load is a full vector.
+// - Work item: a block of kBlock = 8 consecutive weight rows. Inside it, x is taken 4 rows
+//   at a time (MR) against NR weight rows: MR x NR accumulators of 8 lanes (1 x 8, 2 x 4,
+//   3 x 4, 4 x 3: 8-12 independent FMA chains, enough to hide the FMA latency). Each weight
+//   vector is loaded (bf16: widened to fp32 in registers, vpmovzxwd + vpslld) once per MR
+//   rows of x; for M > 4 the block's rows (8 K sizeof(W) bytes) are re-read from L1/L2,
+//   never from DRAM.
+// - Prefetch: while a block is computed, each cache line of its rows is matched by a
+//   software prefetch of the same line of the next block's rows (8 rows further on), so the
+//   next block's W is in flight during this block's FMAs; the hardware stream prefetcher
+//   alone stops at 4 KiB page ends and misses the start of every row. Measured against
+//   prefetching each row 1 KiB ahead (as int8_weight_only_linear does): about the same at
+//   M = 1, 1.4-2.5x faster at M = 4 and 8, where the FMAs are long enough to hide a block.
+// - OpenMP over blocks (schedule static: each thread streams one contiguous range of W).
+//
+// Reduction order, fixed per output element whatever the blocking or thread count: 8 lanes
+// (k = 8 i + lane, the K tail in a zero-padded last vector), each summed in chunks of
+// kChunk = 256 k (32 terms per lane) that are then added in order, then the hsum tree
+// ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), + bias, one rounding to out's dtype.
+// The chunks keep the longest chain of dependent adds at 32 + K / 256 instead of K / 8:
+// with a single chain per lane the error at K = 4096 was 2.1-2.2x torch's (MKL blocks its
+// sums too). The scalar fallback keeps the same order (with separate multiply and add).
+#include "cpu/linear.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu/vec.h"
+
+namespace ringfuse::cpu {
+namespace {
+
+constexpr int64_t kBlock = 8;        // weight rows per work item
+constexpr int kMaxRows = 4;          // rows of x per register block
+constexpr int64_t kChunk = 256;      // k per partial sum (a multiple of 32: whole cache lines)
+
+struct Args {
+  void* out;
+  int64_t out_stride;
+  int out_dtype;
+  const float* x;  // fp32 [m][kp], zero-padded
+  int64_t kp;
+  const void* w;
+  int64_t w_stride;
+  const void* bias;
+  int bias_dtype;
+  int64_t m, n, k;
+};
+
+inline float load_scalar(const void* p, int64_t i, int dtype) {
+  switch (dtype) {
+    case kBFloat16: return BF16::load(static_cast<const uint16_t*>(p) + i);
+    case kFloat16: return F16::load(static_cast<const uint16_t*>(p) + i);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// out[r0 + r, n0 + j] = dots[r][j] + bias[n0 + j] for r < rows, j < cols
+inline void store_block(const Args& a, int64_t r0, int64_t rows, int64_t n0, int64_t cols,
+                        const float dots[kMaxRows][kBlock]) {
+  float bv[kBlock] = {};
+  if (a.bias)
+    for (int64_t j = 0; j < cols; ++j) bv[j] = load_scalar(a.bias, n0 + j, a.bias_dtype);
+  const int64_t elem = a.out_dtype == kFloat32 ? 4 : 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    float v[kBlock];
+    for (int64_t j = 0; j < cols; ++j) v[j] = dots[r][j] + bv[j];
+    char* dst = static_cast<char*>(a.out) + ((r0 + r) * a.out_stride + n0) * elem;
+    switch (a.out_dtype) {
+      case kFloat32: std::memcpy(dst, v, size_t(cols) * 4); break;
+      case kBFloat16:
+        for (int64_t j = 0; j < cols; ++j) BF16::store(reinterpret_cast<uint16_t*>(dst) + j, v[j]);
+        break;
+      default:
+        for (int64_t j = 0; j < cols; ++j) F16::store(reinterpret_cast<uint16_t*>(dst) + j, v[j]);
+        break;
+    }
+  }
+}
+
+template <class E>
+void to_f32(float* dst, int64_t kp, const typename E::T* src, int64_t stride, int64_t m, int64_t k) {
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < k; ++i) dst[r * kp + i] = E::load(src + r * stride + i);
+}
+
+// ---------------------------------------------------------------------------------------
+// AVX2
+
+// acc[r][j] += x[r, i : i + 8] * wv[j]
+template <int MR, int NR>
+RF_AVX2 RF_INLINE void fma_step(__m256 acc[MR][NR], const float* x, int64_t kp, int64_t i, const __m256 wv[NR]) {
+  for (int r = 0; r < MR; ++r) {
+    const __m256 xv = _mm256_loadu_ps(x + r * kp + i);
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
+  }
+}
+
+// dots[r * kBlock + j] = x[r] . w[j] for MR rows of x (kp apart) and NR weight rows wr[j];
+// prefetches the same lines of the rows `ahead` bytes further on (the next block's).
+template <class W, int MR, int NR>
+RF_AVX2 void dot_block(const float* x, int64_t kp, const typename W::T* const* wr, int64_t k, float* dots,
+                       int64_t ahead) {
+  using T = typename W::T;
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line: 16 fp32, 32 bf16
+  __m256 acc[MR][NR];                        // sums of the finished chunks
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm256_setzero_ps();
+  const T* w[NR];
+  for (int j = 0; j < NR; ++j) w[j] = wr[j];
+  for (int64_t c0 = 0; c0 < k; c0 += kChunk) {
+    const int64_t cend = std::min(k, c0 + kChunk);
+    __m256 part[MR][NR];  // this chunk
+    for (auto& row : part)
+      for (auto& v : row) v = _mm256_setzero_ps();
+    int64_t i = c0;
+    for (; i + kLine <= cend; i += kLine) {
+      for (int j = 0; j < NR; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(w[j] + i) + ahead, _MM_HINT_T0);
+      for (int64_t u = 0; u < kLine; u += 8) {
+        __m256 wv[NR];
+        for (int j = 0; j < NR; ++j) wv[j] = V8<W>::load(w[j] + i + u);
+        fma_step<MR, NR>(part, x, kp, i + u, wv);
+      }
+    }
+    for (; i + 8 <= cend; i += 8) {
+      __m256 wv[NR];
+      for (int j = 0; j < NR; ++j) wv[j] = V8<W>::load(w[j] + i);
+      fma_step<MR, NR>(part, x, kp, i, wv);
+    }
+    if (i < cend) {  // last partial vector: w lanes past k read as 0, x is zero-padded
+      __m256 wv[NR];
+      for (int j = 0; j < NR; ++j) wv[j] = load_tail<W>(w[j] + i, cend - i);
+      fma_step<MR, NR>(part, x, kp, i, wv);
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_add_ps(acc[r][j], part[r][j]);
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) dots[r * kBlock + j] = hsum(acc[r][j]);
+}
+
+template <class W>
+RF_AVX2 void run_avx2(const Args& a, int threads) {
+  using T = typename W::T;
+  const int64_t blocks = (a.n + kBlock - 1) / kBlock;
+  const int64_t ahead = kBlock * a.w_stride * int64_t(sizeof(T));  // the next block of rows, in bytes
+  const bool parallel = threads > 1 && blocks > 1 && a.n * a.k * std::min<int64_t>(a.m, 4) >= (int64_t(1) << 16);
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t n0 = b * kBlock, cols = std::min(kBlock, a.n - n0);
+    const T* wr[kBlock];  // rows past n repeat the last one (computed, not stored)
+    for (int64_t j = 0; j < kBlock; ++j)
+      wr[j] = static_cast<const T*>(a.w) + (n0 + std::min(j, cols - 1)) * a.w_stride;
+    for (int64_t r0 = 0; r0 < a.m; r0 += kMaxRows) {
+      const int64_t rows = std::min<int64_t>(kMaxRows, a.m - r0);
+      const float* x = a.x + r0 * a.kp;
+      float dots[kMaxRows][kBlock];
+      float* d = &dots[0][0];
+      switch (rows) {
+        case 1: dot_block<W, 1, 8>(x, a.kp, wr, a.k, d, ahead); break;
+        case 2:
+          for (int64_t j0 = 0; j0 < cols; j0 += 4) dot_block<W, 2, 4>(x, a.kp, wr + j0, a.k, d + j0, ahead);
+          break;
+        case 3:
+          for (int64_t j0 = 0; j0 < cols; j0 += 4) dot_block<W, 3, 4>(x, a.kp, wr + j0, a.k, d + j0, ahead);
+          break;
+        default:  // 4 x 3, 4 x 3, 4 x 2 (12 chains; 4 x 2 everywhere measured ~10% slower at M = 4, 8)
+          dot_block<W, 4, 3>(x, a.kp, wr, a.k, d, ahead);
+          if (cols > 3) dot_block<W, 4, 3>(x, a.kp, wr + 3, a.k, d + 3, ahead);
+          if (cols > 6) dot_block<W, 4, 2>(x, a.kp, wr + 6, a.k, d + 6, ahead);
+          break;
+      }
+      store_block(a, r0, rows, n0, cols, dots);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Scalar fallback: the same reduction order, separate multiply and add.
+
+template <class W>
+void run_scalar(const Args& a, int threads) {
+  using T = typename W::T;
+  const bool parallel = threads > 1 && a.n > 1 && a.n * a.k * a.m >= (int64_t(1) << 16);
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+  for (int64_t col = 0; col < a.n; ++col) {
+    const T* w = static_cast<const T*>(a.w) + col * a.w_stride;
+    for (int64_t r = 0; r < a.m; ++r) {
+      const float* x = a.x + r * a.kp;
+      float lane[8] = {};
+      for (int64_t c0 = 0; c0 < a.k; c0 += kChunk) {
+        float part[8] = {};
+        for (int64_t i = c0; i < std::min(a.k, c0 + kChunk); i += 8)
+          for (int64_t l = 0; l < 8 && i + l < a.k; ++l) part[l] += x[i + l] * W::load(w + i + l);
+        for (int l = 0; l < 8; ++l) lane[l] += part[l];
+      }
+      float dots[kMaxRows][kBlock];
+      dots[0][0] = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+      store_block(a, r, 1, col, 1, dots);
+    }
+  }
+}
+
+}  // namespace
+
+void linear(std::uintptr_t out, int64_t out_stride, int out_dtype, std::uintptr_t x, int64_t x_stride, int x_dtype,
+            std::uintptr_t w, int64_t w_stride, int w_dtype, std::uintptr_t bias, int bias_dtype, int64_t m,
+            int64_t n, int64_t k, int num_threads) {
+  const std::string p = "linear: ";
+  auto is_float = [](int d) { return d == kFloat32 || d == kBFloat16 || d == kFloat16; };
+  RINGFUSE_CHECK(m >= 0 && n >= 0 && k >= 0, p + "sizes m, n, k must be >= 0");
+  RINGFUSE_CHECK(is_float(out_dtype) && is_float(x_dtype), p + "x and out must be float32, bfloat16 or float16");
+  RINGFUSE_CHECK(w_dtype == kFloat32 || w_dtype == kBFloat16, p + "w must be float32 or bfloat16");
+  RINGFUSE_CHECK(!bias || is_float(bias_dtype), p + "bias must be float32, bfloat16 or float16");
+  if (m == 0 || n == 0) return;
+  RINGFUSE_CHECK(out && out_stride >= n, p + "null out or out_stride < n");
+  RINGFUSE_CHECK(k == 0 || (x && w && x_stride >= k && w_stride >= k), p + "null x / w or row stride < k");
+  const int64_t kp = (k + 7) / 8 * 8;
+  std::vector<float> xf(size_t(m * kp), 0.0f);  // x as fp32, zero-padded: M K floats, small next to W
+  switch (x_dtype) {
+    case kBFloat16: to_f32<BF16>(xf.data(), kp, reinterpret_cast<const uint16_t*>(x), x_stride, m, k); break;
+    case kFloat16: to_f32<F16>(xf.data(), kp, reinterpret_cast<const uint16_t*>(x), x_stride, m, k); break;
+    default: to_f32<F32>(xf.data(), kp, reinterpret_cast<const float*>(x), x_stride, m, k); break;
+  }
+  const Args a{reinterpret_cast<void*>(out), out_stride, out_dtype, xf.data(), kp,
+               reinterpret_cast<const void*>(w), w_stride, reinterpret_cast<const void*>(bias), bias_dtype, m, n, k};
+  const int threads = std::max(1, num_threads);
+  const bool bf16 = w_dtype == kBFloat16;
+  if (active_isa() == Isa::kAvx2)
+    bf16 ? run_avx2<BF16>(a, threads) : run_avx2<F32>(a, threads);
+  else
+    bf16 ? run_scalar<BF16>(a, threads) : run_scalar<F32>(a, threads);
+}
+
+}  // namespace ringfuse::cpu

@@ -1,0 +1,18 @@
+// Float linear for small M (decode) on CPU. See linear.cpp.
+#pragma once
+#include <cstdint>
+
+namespace ringfuse::cpu {
+
+// out[m, n] = sum_k x[m, k] w[n, k] + bias[n], fp32 accumulation, one rounding to out's
+// dtype at the end. x: [m, k] fp32 / bf16 / fp16 (x_dtype), rows x_stride apart;
+// w: [n, k] fp32 or bf16 (w_dtype), rows w_stride apart, unit inner stride;
+// bias: [n] fp32 / bf16 / fp16 (bias_dtype) or 0; out: [m, n] fp32 / bf16 / fp16
+// (out_dtype), rows out_stride apart. Made for m <= 8, where reading w is the cost: each
+// weight row is read from memory once for all m rows of x. Any m is correct. The result
+// does not depend on num_threads (each output's reduction order is fixed).
+void linear(std::uintptr_t out, int64_t out_stride, int out_dtype, std::uintptr_t x, int64_t x_stride, int x_dtype,
+            std::uintptr_t w, int64_t w_stride, int w_dtype, std::uintptr_t bias, int bias_dtype, int64_t m,
+            int64_t n, int64_t k, int num_threads);
+
+}  // namespace ringfuse::cpu

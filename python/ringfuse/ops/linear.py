@@ -1,0 +1,155 @@
+"""Float linear for decode-sized inputs: ``linear(x, weight, bias=None)``, the CPU kernel in
+csrc/cpu/linear.cpp.
+
+``linear(x [..., K], weight [N, K], bias [N] = None) -> [..., N]`` computes
+``x @ weight.T + bias`` like ``torch.nn.functional.linear``, with fp32 accumulation and one
+rounding to x's dtype at the end. The output has x's dtype.
+
+Kernel path (CPU tensors, no autograd): x float32 or bfloat16; weight float32 or bfloat16
+(independently of x: bf16 weights with fp32 activations read half the bytes, each weight
+widened to fp32 in registers); bias float32 or bfloat16 (any other float dtype is cast to
+fp32). Made for M = 1..8 rows of x, where torch's MKL path streams the weights at a
+fraction of the DRAM bandwidth; larger M is correct but not tuned (use F.linear there).
+The result is bitwise the same for any ``torch.get_num_threads()``.
+
+Layouts: weight rows may be further apart than K (e.g. a slice ``big[:, :K]``); a weight
+whose inner (K) stride is not 1 is copied to a contiguous tensor first (a full copy of the
+weights on every call: keep weights contiguous). x may have any layout (copied if needed).
+
+Fallback (documented; ``linear_path`` says which path a call takes): tensors not on the CPU
+(CUDA), x or weight in float16 / float64, or autograd (an input requires grad with grad
+enabled) run ``F.linear(x, weight.to(x.dtype), bias.to(x.dtype))``: the same math in x's
+dtype, through torch.
+
+Registered as ``torch.ops.ringfuse.linear`` (fake kernel, for torch.compile); eager calls
+reach ``_C.linear`` directly, without the ~9 us of the dispatcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _C
+from . import _common as c
+from .rms_norm import OP_LIB
+
+ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_F32, _BF16 = torch.float32, torch.bfloat16
+_CODE = c.DTYPE_CODE
+_NAMES = "float32, bfloat16, float16 or float64"
+
+
+def _check(x, weight, bias) -> None:
+    op = "linear"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if x.dtype not in ACCEPTED_DTYPES:
+        raise TypeError(f"{op}: x must have dtype {_NAMES}; got {x.dtype}")
+    if weight.dtype not in ACCEPTED_DTYPES:
+        hint = " (int8 weights: use ops.int8_weight_only_linear)" if weight.dtype == torch.int8 else ""
+        raise TypeError(f"{op}: weight must have dtype {_NAMES}; got {weight.dtype}{hint}")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dimension [..., K], got a scalar")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"{op}: x's last dim ({x.shape[-1]}) must equal K = {k} (weight is [N, K] = {tuple(weight.shape)})")
+    if not (x.is_cpu and weight.is_cpu) and weight.device != x.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but x is on {x.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dtype not in ACCEPTED_DTYPES:
+            raise TypeError(f"{op}: bias must have dtype {_NAMES}; got {bias.dtype}")
+        if bias.shape != (n,):
+            raise ValueError(f"{op}: bias must have shape ({n},) (N of weight [N, K]), got {tuple(bias.shape)}")
+        if not (x.is_cpu and bias.is_cpu) and bias.device != x.device:
+            raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
+
+
+def _fallback_reason(x, weight, bias) -> str | None:
+    """Why a validated call cannot take the CPU kernel (None: it can)."""
+    if not x.is_cpu:
+        return f"x is on {x.device} (the kernel is CPU-only)"
+    if x.dtype not in KERNEL_DTYPES or weight.dtype not in KERNEL_DTYPES:
+        return f"dtypes x {x.dtype}, weight {weight.dtype} (the kernel takes float32 / bfloat16)"
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return "autograd (an input requires grad)"
+    return None
+
+
+def linear_path(x, weight, bias=None) -> str:
+    """Which path ``linear(x, weight, bias)`` takes: ``"kernel"`` or ``"F.linear: <why>"``."""
+    _check(x, weight, bias)
+    why = _fallback_reason(x, weight, bias)
+    return "kernel" if why is None else f"F.linear: {why}"
+
+
+def _fallback(x, weight, bias):
+    dt = x.dtype
+    return F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))
+
+
+def linear(x, weight, bias=None):
+    """``x [..., K] @ weight[N, K].T + bias[N] -> [..., N]`` in x's dtype, as
+    ``torch.nn.functional.linear``. CPU float32 / bfloat16 x and weight (mixed allowed) run
+    the bandwidth-bound C++ kernel; anything else (CUDA, float16 / float64, autograd) falls
+    back to ``F.linear(x, weight.to(x.dtype), bias.to(x.dtype))``. See the module docstring."""
+    _check(x, weight, bias)
+    if _fallback_reason(x, weight, bias) is not None:
+        return _fallback(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return torch.ops.ringfuse.linear(x, weight, bias)
+    return _forward(x, weight, bias)
+
+
+def _rows(t, k):
+    """(tensor, row stride) of t as [rows, k] rows with a unit inner stride (a copy if needed)."""
+    if t.is_contiguous():
+        return t, k
+    r = c.rows(t)
+    return r.t, r.stride
+
+
+def _forward(x, weight, bias):
+    """The kernel on validated CPU tensors."""
+    n, k = weight.shape
+    lead = None if x.dim() == 2 else x.shape[:-1]
+    m = x.shape[0] if lead is None else lead.numel()
+    out = torch.empty(m, n, dtype=x.dtype)
+    if m and n:
+        x_ptr = x_stride = w_ptr = w_stride = 0  # K = 0: out = bias (or 0); nothing is read
+        if k:
+            (xt, x_stride), (wt, w_stride) = _rows(x, k), _rows(weight, k)
+            x_ptr, w_ptr = xt.data_ptr(), wt.data_ptr()
+        if bias is not None:
+            if bias.dtype not in KERNEL_DTYPES:
+                bias = bias.float()
+            if bias.stride(0) != 1:
+                bias = bias.contiguous()
+        _C.linear(
+            out.data_ptr(), n, _CODE[x.dtype], x_ptr, x_stride, _CODE[x.dtype], w_ptr, w_stride, _CODE[weight.dtype],
+            0 if bias is None else bias.data_ptr(), 0 if bias is None else _CODE[bias.dtype], m, n, k, c.num_threads(),
+        )  # fmt: skip
+    return out if lead is None else out.view(*lead, n)
+
+
+def _linear_impl(x, weight, bias=None):
+    if x.is_cpu and x.dtype in KERNEL_DTYPES and weight.dtype in KERNEL_DTYPES:
+        return _forward(x, weight, bias)
+    return _fallback(x, weight, bias)
+
+
+OP_LIB.define("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
+for _key in ("CPU", "CUDA"):
+    OP_LIB.impl("linear", _linear_impl, _key)
+
+
+@torch.library.register_fake("ringfuse::linear")
+def _linear_fake(x, weight, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

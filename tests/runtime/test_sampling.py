@@ -1,0 +1,280 @@
+"""ringfuse.runtime.sampling: SamplingParams validation, the filtered distribution
+(temperature, top-k, top-p) vs a reference written here and HF's warpers, the repetition
+penalty vs HF's processor, and select() (greedy, seeded sampling, the draw's distribution)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ringfuse.runtime.sampling import SamplingParams, apply_repetition_penalty, filtered_probs, select
+
+# ---- SamplingParams --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, value, exc",
+    [
+        ("max_new_tokens", 0, ValueError),
+        ("max_new_tokens", -3, ValueError),
+        ("max_new_tokens", 1.5, TypeError),
+        ("max_new_tokens", True, TypeError),
+        ("max_new_tokens", "8", TypeError),
+        ("temperature", -1, ValueError),
+        ("temperature", -1e-9, ValueError),
+        ("temperature", float("nan"), (TypeError, ValueError)),
+        ("temperature", float("inf"), (TypeError, ValueError)),
+        ("temperature", "0.5", TypeError),
+        ("temperature", None, TypeError),
+        ("top_p", 0, ValueError),
+        ("top_p", 0.0, ValueError),
+        ("top_p", 1.5, ValueError),
+        ("top_p", -0.1, ValueError),
+        ("top_p", float("nan"), (TypeError, ValueError)),
+        ("top_k", -1, ValueError),
+        ("top_k", 2.0, TypeError),
+        ("top_k", False, TypeError),
+        ("repetition_penalty", 0, ValueError),
+        ("repetition_penalty", -1.2, ValueError),
+        ("repetition_penalty", True, TypeError),
+        ("seed", "x", TypeError),
+        ("seed", 1.0, TypeError),
+        ("seed", True, TypeError),
+        ("stop", [""], TypeError),
+        ("stop", "", TypeError),
+        ("stop", ["ok", 3], TypeError),
+        ("stop", 3, TypeError),
+        ("stop", 0, TypeError),
+    ],
+)
+def test_params_reject(name, value, exc):
+    with pytest.raises(exc, match=name):
+        SamplingParams(**{name: value})
+
+
+def test_params_accept_and_normalize():
+    p = SamplingParams()
+    assert p.greedy and p.stop == () and p.max_new_tokens == 128
+    assert SamplingParams(stop="abc").stop == ("abc",)
+    assert SamplingParams(stop=["a", "bc"]).stop == ("a", "bc")
+    assert SamplingParams(stop=("a",)).stop == ("a",)
+    assert SamplingParams(stop=None).stop == ()
+    p = SamplingParams(max_new_tokens=1, temperature=0.7, top_k=5, top_p=1.0, repetition_penalty=1.3, seed=0)
+    assert not p.greedy
+    assert SamplingParams(top_p=1e-6, repetition_penalty=0.5, temperature=0).greedy
+    with pytest.raises(Exception):  # frozen
+        p.temperature = 1.0
+
+
+# ---- filtered_probs vs a reference -----------------------------------------------------
+
+
+def _reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """fp64, by the definitions: top-k keeps every token whose logit is >= the k-th largest
+    (ties kept); top-p then keeps the smallest set of most probable tokens whose mass
+    reaches top_p (a token is kept when the mass strictly above it is < top_p: HF's
+    "cumulative ascending prob <= 1 - top_p is removed"), at least one token."""
+    x = logits.double() / temperature
+    V = x.numel()
+    keep = torch.ones(V, dtype=torch.bool)
+    if 0 < top_k < V:
+        kth = sorted(x.tolist(), reverse=True)[top_k - 1]
+        keep &= x >= kth
+    if top_p < 1.0:
+        p = torch.where(keep, x, -math.inf).softmax(-1).tolist()
+        order = sorted(range(V), key=lambda i: -p[i])
+        above = 0.0
+        for rank, i in enumerate(order):
+            if above >= top_p and rank > 0:
+                keep[i] = False
+            above += p[i]
+    return torch.where(keep, x, -math.inf).softmax(-1)
+
+
+def _near_top_p_boundary(logits, temperature, top_k, top_p) -> bool:
+    """True when some token's mass-above sits within 1e-5 of top_p (fp32 vs fp64 may then
+    legitimately disagree on it)."""
+    if top_p >= 1.0:
+        return False
+    x = logits.double() / temperature
+    if 0 < top_k < x.numel():
+        x = torch.where(x >= x.topk(top_k).values[-1], x, -math.inf)
+    p = x.softmax(-1).sort(descending=True).values
+    above = p.cumsum(0) - p
+    return bool(((above - top_p).abs() < 1e-5).any())
+
+
+def _logit_cases():
+    g = torch.Generator().manual_seed(0)
+    yield "normal", torch.randn(50, generator=g) * 2
+    yield "ties", torch.randint(-6, 6, (50,), generator=g).float() / 2  # many equal logits
+    yield "peaked", torch.cat([torch.tensor([12.0]), torch.randn(30, generator=g)])
+    yield "flat", torch.zeros(20)
+    yield "with -inf", torch.where(torch.rand(40, generator=g) < 0.3, -math.inf, torch.randn(40, generator=g))
+
+
+@pytest.mark.parametrize("case, logits", list(_logit_cases()), ids=[c for c, _ in _logit_cases()])
+def test_filtered_probs_vs_reference(case, logits):
+    checked = 0
+    for temperature in (0.3, 1.0, 1.7):
+        for top_k in (0, 1, 3, 10, logits.numel() - 1, logits.numel(), 1000):
+            for top_p in (1.0, 0.95, 0.7, 0.3, 0.01):
+                if _near_top_p_boundary(logits, temperature, top_k, top_p):
+                    continue
+                p = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+                out = filtered_probs(logits.clone(), p)
+                ref = _reference_probs(logits, temperature, top_k, top_p)
+                what = (case, temperature, top_k, top_p)
+                assert out.dtype == torch.float32 and out.shape == logits.shape, what
+                assert torch.isfinite(out).all() and (out >= 0).all(), what
+                assert out.sum().item() == pytest.approx(1.0, abs=1e-5), what
+                # the same distribution up to which of several equal logits the nucleus
+                # boundary cuts: same sorted probabilities, and kept tokens never less likely
+                # than dropped ones; elementwise equal when the kept sets agree
+                assert torch.allclose(out.double().sort().values, ref.sort().values, atol=1e-6), what
+                kept = out > 0
+                if (~kept).any():  # every kept token at least as likely as every dropped one
+                    assert logits[kept].min() >= logits[~kept].max(), what
+                if kept.sum() == (ref > 0).sum() and torch.equal(kept, ref > 0):
+                    assert torch.allclose(out.double(), ref, atol=1e-6), what
+                else:  # only a tie at the boundary may pick a different (equal) token
+                    assert case in ("ties", "flat"), what
+                checked += 1
+    assert checked >= 30
+
+
+def test_filtered_probs_vs_hf_warpers():
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        logits = torch.randn(64, generator=g) * 3
+        temperature = [0.5, 1.0, 1.5][trial % 3]
+        top_k = [0, 1, 5, 20][trial % 4]
+        top_p = [1.0, 0.9, 0.5, 0.2, 0.05][trial % 5]
+        if _near_top_p_boundary(logits, temperature, top_k, top_p):
+            continue
+        scores = TemperatureLogitsWarper(temperature)(None, logits[None].clone())
+        if top_k:
+            scores = TopKLogitsWarper(top_k)(None, scores)
+        if top_p < 1.0:
+            scores = TopPLogitsWarper(top_p)(None, scores)
+        ref = scores.softmax(-1)[0]
+        out = filtered_probs(logits.clone(), SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+        assert torch.equal(out > 0, ref > 0), (trial, temperature, top_k, top_p)
+        assert torch.allclose(out, ref, atol=1e-6), (trial, temperature, top_k, top_p)
+
+
+def test_filtered_probs_keeps_one_token():
+    logits = torch.tensor([0.0, 30.0, 1.0, 2.0])
+    out = filtered_probs(logits, SamplingParams(temperature=1.0, top_p=1e-9))
+    assert out.tolist() == [0.0, 1.0, 0.0, 0.0]
+    out = filtered_probs(logits, SamplingParams(temperature=1.0, top_k=1, top_p=0.5))
+    assert out.tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+# ---- repetition penalty ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7, 2.0])
+def test_repetition_penalty_vs_hf(penalty):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(100, generator=g) * 3
+    logits[7] = 0.0
+    seen = torch.tensor([3, 7, 3, 99, 0, 42, 42, 5], dtype=torch.int64)  # repeats included
+    row = logits.clone()
+    apply_repetition_penalty(row, seen, penalty)
+    ref = RepetitionPenaltyLogitsProcessor(penalty)(seen[None], logits[None].clone())[0]
+    assert torch.equal(row, ref)
+    untouched = torch.ones(100, dtype=torch.bool)
+    untouched[seen] = False
+    assert torch.equal(row[untouched], logits[untouched])
+    # the formula: positive logits divided, negative multiplied
+    for i in seen.unique().tolist():
+        v = logits[i].item()
+        assert row[i].item() == pytest.approx(v / penalty if v >= 0 else v * penalty, rel=1e-6)
+
+
+# ---- select ----------------------------------------------------------------------------
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_select_greedy_rows_give_argmax():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 40, generator=g)
+    greedy = SamplingParams()
+    assert select(logits, [greedy] * 5, [None] * 5, [None] * 5) == logits.argmax(-1).tolist()
+    # mixed with sampled rows: the greedy rows still give argmax
+    sampled = SamplingParams(temperature=1.0, seed=0)
+    params = [greedy, sampled, greedy, sampled, greedy]
+    gens = [None, _gen(0), None, _gen(1), None]
+    out = select(logits, params, [None] * 5, gens)
+    assert [out[i] for i in (0, 2, 4)] == [logits[i].argmax().item() for i in (0, 2, 4)]
+    assert all(0 <= t < 40 for t in out)
+    # top_k = 1 sampling is greedy too
+    one = SamplingParams(temperature=2.0, top_k=1)
+    assert select(logits, [one] * 5, [None] * 5, [_gen(i) for i in range(5)]) == logits.argmax(-1).tolist()
+
+
+def test_select_greedy_with_repetition_penalty():
+    logits = torch.tensor([[1.0, 3.0, 2.9, -1.0]])
+    p = SamplingParams(repetition_penalty=1.5)
+    assert select(logits, [p], [torch.tensor([1])], [None]) == [2]  # 3.0 / 1.5 < 2.9
+    assert select(logits, [p], [None], [None]) == [1]
+    assert select(logits, [p], [torch.tensor([], dtype=torch.int64)], [None]) == [1]
+    assert logits[0, 1] == 3.0  # the caller's logits are left alone
+
+
+def test_select_same_seed_same_tokens():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(30, 50, generator=g)
+    p = SamplingParams(temperature=1.3, top_k=20, top_p=0.9, seed=123)
+
+    def run(seed, other_rows):
+        gen = _gen(seed)
+        toks = []
+        for step in range(30):  # one row per step, as the engine does per decode step
+            rows = [logits[step]] + [logits[(step + j) % 30] for j in range(1, other_rows + 1)]
+            params = [p] + [SamplingParams(temperature=1.0)] * other_rows
+            gens = [gen] + [_gen(1000 + step + j) for j in range(other_rows)]
+            toks.append(select(torch.stack(rows), params, [None] * len(rows), gens)[0])
+        return toks
+
+    a, b = run(123, 0), run(123, 0)
+    assert a == b
+    assert run(123, 3) == a  # whatever shares the batch
+    assert run(124, 0) != a
+
+
+def test_select_distribution():
+    logits = torch.tensor([[0.5, -0.3, 1.2]])
+    expected = torch.softmax(logits[0].double(), -1)
+    p = SamplingParams(temperature=1.0, seed=0)
+    gen = _gen(0)
+    n = 4000
+    counts = torch.zeros(3)
+    for _ in range(n):
+        counts[select(logits, [p], [None], [gen])[0]] += 1
+    freq = counts.double() / n
+    assert (freq - expected).abs().max() < 0.03, (freq, expected)
+
+
+def test_select_distribution_filtered():
+    """temperature 2 and top_k 2: the third token never comes; the two others in the
+    ratio exp((l0 - l1) / 2)."""
+    logits = torch.tensor([[1.0, 0.2, -0.5]])
+    p = SamplingParams(temperature=2.0, top_k=2, seed=5)
+    gen = _gen(5)
+    counts = torch.zeros(3)
+    for _ in range(2000):
+        counts[select(logits, [p], [None], [gen])[0]] += 1
+    assert counts[2] == 0
+    expected = 1 / (1 + math.exp(-0.4))
+    assert abs(counts[0].item() / 2000 - expected) < 0.04
