@@ -5,7 +5,7 @@ o [576, 576], gate_up [3072, 576], down [576, 1536], lm_head [49152, 576]) for M
 Configurations:
 - fp32: x and W fp32, vs F.linear in fp32 (MKL sgemv / sgemm);
 - bf16: x and W bf16, vs F.linear in bf16;
-- bf16 W, fp32 x (full run only): ops.linear reads bf16 weights with fp32 activations, vs
+- bf16W/fp32x (full run only): ops.linear reads bf16 weights with fp32 activations, vs
   fp32 F.linear on the fp32 weights it replaces.
 Weights are cold, as in decode (a model's weights stream from DRAM once per token): each
 call takes the next of enough copies to pass 256 MiB. GB/s counts the weight bytes read
@@ -29,7 +29,7 @@ QUICK_MS = [1, 8]
 CONFIGS = {
     "fp32": (torch.float32, torch.float32, torch.float32),
     "bf16": (torch.bfloat16, torch.bfloat16, torch.bfloat16),
-    "bf16 W, fp32 x": (torch.float32, torch.bfloat16, torch.float32),
+    "bf16W/fp32x": (torch.float32, torch.bfloat16, torch.float32),
 }
 QUICK_CONFIGS = ("fp32", "bf16")
 POOL_BYTES = 256 << 20
