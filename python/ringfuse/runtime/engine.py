@@ -131,7 +131,6 @@ class LLM:
             box = [self._base_seed]
             dist.broadcast_object_list(box, src=0, group=group)
             self._base_seed = box[0]
-        self.forward_s = 0.0  # time inside the model's forward + logits (for the bench)
         # warm-up: the first step pays one-time costs (OpenMP threads, first-touch pages,
         # lazy inits) that would otherwise show up as the first request's prefill time
         for _ in self.stream([[cfg.bos_token_id or 0] * 4], max_new_tokens=2, ignore_eos=True):
@@ -246,9 +245,9 @@ class LLM:
         self.free_blocks.extend(r.blocks)
         r.blocks = []
 
-    def _slots(self, r: _Request, positions: range) -> list[int]:
-        bs = self.block_size
-        return [r.blocks[p // bs] * bs + p % bs for p in positions]
+    def _slot(self, r: _Request, position: int) -> int:
+        """Where the token at ``position`` of request r lives in the paged cache."""
+        return r.blocks[position // self.block_size] * self.block_size + position % self.block_size
 
     def _prefill(self, reqs: list[_Request]) -> list[TokenEvent]:
         ids, pos, slots, cu = [], [], [], [0]
@@ -256,7 +255,7 @@ class LLM:
             n = len(r.prompt_ids)
             ids += r.prompt_ids
             pos += range(n)
-            slots += self._slots(r, range(n))
+            slots += [self._slot(r, p) for p in range(n)]
             cu.append(cu[-1] + n)
         step = Step(
             input_ids=torch.tensor(ids, dtype=torch.int64),
@@ -270,7 +269,6 @@ class LLM:
 
     def _decode(self) -> list[TokenEvent]:
         reqs = self.running
-        bs = self.block_size
         width = max(len(r.blocks) for r in reqs)
         table = torch.zeros(len(reqs), width, dtype=torch.int32)
         for b, r in enumerate(reqs):
@@ -279,17 +277,15 @@ class LLM:
         step = Step(
             input_ids=torch.tensor([r.out_ids[-1] for r in reqs], dtype=torch.int64),
             positions=torch.tensor(pos, dtype=torch.int64),
-            slot_mapping=torch.tensor([r.blocks[p // bs] * bs + p % bs for r, p in zip(reqs, pos)], dtype=torch.int64),
+            slot_mapping=torch.tensor([self._slot(r, p) for r, p in zip(reqs, pos)], dtype=torch.int64),
             block_table=table,
             seq_lens=torch.tensor([p + 1 for p in pos], dtype=torch.int32),
         )
         return self._run(step, reqs)
 
     def _run(self, step: Step, reqs: list[_Request]) -> list[TokenEvent]:
-        t0 = time.perf_counter()
         with torch.no_grad():
             logits = self.model.logits(self.model.forward(step, self.kv))  # [B, V] fp32
-        self.forward_s += time.perf_counter() - t0
         tokens = select(logits, [r.params for r in reqs], [r.seen for r in reqs], [r.generator for r in reqs])
         now = time.perf_counter()
         return [self._accept(r, t, now) for r, t in zip(reqs, tokens)]

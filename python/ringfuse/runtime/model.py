@@ -72,13 +72,6 @@ class Linear:
         x_q, x_s = ops.quantize_per_token(x)
         return ops.int8_gemm(x_q, self.w_q, x_s, self.w_scale, self.bias, out_dtype=x.dtype, packed=self.packed)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        if self.quant == "none":
-            out = {"weight": self.weight}
-        else:
-            out = {"w_q": self.w_q, "w_scale": self.w_scale}
-        return out if self.bias is None else {**out, "bias": self.bias}
-
 
 @dataclasses.dataclass
 class Layer:

@@ -75,10 +75,6 @@ class GGUFWeights:
         # undo it (as transformers does) so every source has HF's rotate-half layout.
         self._permuted = self.config.arch == "llama"
 
-    def identity(self) -> str:
-        st = self.path.stat()
-        return f"gguf:{self.path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
-
     def has(self, name: str) -> bool:
         return name in self.tensors
 
@@ -157,10 +153,6 @@ class SafetensorsWeights:
                 raise ValueError(f"{self.path / f}: not a readable safetensors file ({e})") from None
             self.handles.append(h)
             self.where.update({k: h for k in h.keys()})
-
-    def identity(self) -> str:
-        stats = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in sorted(self.path.glob("*.safetensors"))]
-        return f"hf:{self.path.resolve()}:{stats}"
 
     def has(self, name: str) -> bool:
         return name in self.where
