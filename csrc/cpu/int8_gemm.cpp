@@ -17,9 +17,13 @@
 // Napkin math, M = 256, K = N = 4096: 4.3 G multiply-adds; at ~32 per cycle per core (two
 // vpmaddubsw pipes) and 3 GHz, ~22 ms on 2 cores (measured: ~24 ms, 350 GOPS).
 //
-// Weight-only linear, M <= 4: per 8 weights, one widening load (vpmovsxbd), a convert and
-// one FMA per row of x; at M = 1 it should stream the int8 weights at DRAM speed (4x fewer
-// bytes than fp32 F.linear). M > 4: wo_gemm, a blocked fp32 GEMM on dequantized panels.
+// Weight-only linear: per 8 weights, one widening load (vpmovsxbd), a convert and one FMA
+// per row of x; at M = 1 it should stream the int8 weights at DRAM speed (4x fewer bytes
+// than fp32 F.linear). Per-channel scales, M <= 8: linear.cpp's GEMV-style kernel (blocks
+// of 8 weight rows, next-block prefetch); against the 4-row kernel below it measured
+// 1.2x / 1.35x / 1.7x faster at M = 1 / 4 / 8 over all of SmolLM2's linears (135 MB int8,
+// M = 8 at ~150 GFLOP/s, near the 2-core FMA peak). Group scales, M <= 4: wo_grouped.
+// Larger M: wo_gemm, a blocked fp32 GEMM on dequantized panels.
 //
 // Napkin math: quantize_per_token reads x once from memory (the row stays in L1/L2 for its
 // second pass) and writes 1 byte per element + 4 per row: for bf16 x, 3 bytes moved per
@@ -34,6 +38,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/linear.h"
 #include "cpu/vec.h"
 
 namespace ringfuse::cpu {
@@ -468,12 +473,12 @@ struct WScale {
   int64_t stride, group;
 };
 
-// dots[r][j] = x[r] . w[j] over K for MR rows of x and NR weight rows (nrows of them real;
-// the rest repeat the last one and are not stored). MR x NR x U independent FMA chains
-// (U-way unrolled over K): at least 8, to hide the FMA latency that a single chain per
-// row would expose (72 dependent FMAs for K = 576 cost more than reading the row).
-// GROUPED: the group scales are already in dots; else the caller applies scale[n].
-template <int MR, int NR, int U, bool GROUPED>
+// dots[r][j] = x[r] . (w[j] * group scales) over K for MR rows of x and NR weight rows
+// (nrows of them real; the rest repeat the last one and are not stored). MR x NR x U
+// independent FMA chains (U-way unrolled over K): at least 8, to hide the FMA latency that
+// a single chain per row would expose (72 dependent FMAs for K = 576 cost more than
+// reading the row).
+template <int MR, int NR, int U>
 RF_AVX2 void wo_block(const float* x, int64_t x_stride, const int8_t* w, int64_t w_stride, int64_t k, int64_t nrows,
                       const WScale& ws, int64_t n0, float dots[kRows][4]) {
   __m256 acc[MR][NR][U];
@@ -481,19 +486,18 @@ RF_AVX2 void wo_block(const float* x, int64_t x_stride, const int8_t* w, int64_t
     for (auto& col : row)
       for (auto& a : col) a = _mm256_setzero_ps();
   const int8_t* wr[NR];
-  const float* sr[NR];  // GROUPED: row j's group scales
+  const float* sr[NR];  // row j's group scales
   for (int j = 0; j < NR; ++j) {
     const int64_t jj = std::min<int64_t>(j, nrows - 1);
     wr[j] = w + jj * w_stride;
-    sr[j] = GROUPED ? ws.scale + (n0 + jj) * ws.stride : nullptr;
+    sr[j] = ws.scale + (n0 + jj) * ws.stride;
   }
-  const int64_t group = GROUPED ? ws.group : k;
+  const int64_t group = ws.group;
   int64_t i = 0;
   for (int64_t g0 = 0; g0 < k; g0 += group) {
     const int64_t gend = std::min(k, g0 + group);
     __m256 sv[NR];
-    if constexpr (GROUPED)
-      for (int j = 0; j < NR; ++j) sv[j] = _mm256_set1_ps(sr[j][g0 / group]);
+    for (int j = 0; j < NR; ++j) sv[j] = _mm256_set1_ps(sr[j][g0 / group]);
     for (i = g0; i + 8 * U <= gend; i += 8 * U) {
       // Weight rows are K bytes apart, often exactly a 4 KiB page, and the hardware stream
       // prefetcher stops at page ends: fetch each row kPrefetch bytes ahead ourselves
@@ -502,10 +506,7 @@ RF_AVX2 void wo_block(const float* x, int64_t x_stride, const int8_t* w, int64_t
         for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + i + kPrefetch), _MM_HINT_T0);
       for (int u = 0; u < U; ++u) {
         __m256 wv[NR];
-        for (int j = 0; j < NR; ++j) {
-          wv[j] = load_w8(wr[j] + i + 8 * u);
-          if constexpr (GROUPED) wv[j] = _mm256_mul_ps(wv[j], sv[j]);
-        }
+        for (int j = 0; j < NR; ++j) wv[j] = _mm256_mul_ps(load_w8(wr[j] + i + 8 * u), sv[j]);
         for (int r = 0; r < MR; ++r) {
           const __m256 xv = _mm256_loadu_ps(x + r * x_stride + i + 8 * u);
           for (int j = 0; j < NR; ++j) acc[r][j][u] = _mm256_fmadd_ps(xv, wv[j], acc[r][j][u]);
@@ -520,13 +521,12 @@ RF_AVX2 void wo_block(const float* x, int64_t x_stride, const int8_t* w, int64_t
       for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[r][j][u]);
       float t = hsum(sum);
       for (int64_t q = i; q < k; ++q)
-        t += x[r * x_stride + q] * float(wr[j][q]) * (GROUPED ? sr[j][q / group] : 1.0f);
+        t += x[r * x_stride + q] * float(wr[j][q]) * sr[j][q / group];
       dots[r][j] = t;
     }
 }
 
-template <bool GROUPED>
-RF_AVX2 void wo_avx2(const GemmArgs& g, const float* x, int64_t x_stride, const int8_t* w, int64_t w_stride,
+RF_AVX2 void wo_grouped(const GemmArgs& g, const float* x, int64_t x_stride, const int8_t* w, int64_t w_stride,
                      const WScale& ws, int num_threads) {
   constexpr int64_t kCols = 4;  // weight rows per work item
   const int64_t items = (g.n + kCols - 1) / kCols;
@@ -539,15 +539,15 @@ RF_AVX2 void wo_avx2(const GemmArgs& g, const float* x, int64_t x_stride, const 
       const float* xr = x + r0 * x_stride;
       const int8_t* wr = w + n0 * w_stride;
       switch (rows) {  // MR x NR x U >= 8 chains
-        case 4: wo_block<4, 4, 1, GROUPED>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
-        case 3: wo_block<3, 4, 1, GROUPED>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
-        case 2: wo_block<2, 4, 1, GROUPED>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
-        default: wo_block<1, 4, 2, GROUPED>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
+        case 4: wo_block<4, 4, 1>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
+        case 3: wo_block<3, 4, 1>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
+        case 2: wo_block<2, 4, 1>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
+        default: wo_block<1, 4, 2>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
       }
       for (int64_t r = 0; r < rows; ++r) {
         float v[kCols];
         for (int64_t j = 0; j < ncols; ++j)
-          v[j] = dots[r][j] * (GROUPED ? 1.0f : ws.scale[n0 + j]) + (g.bias ? g.bias[n0 + j] : 0.0f);
+          v[j] = dots[r][j] + (g.bias ? g.bias[n0 + j] : 0.0f);
         store_floats(g, r0 + r, n0, ncols, v);
       }
     }
@@ -561,7 +561,8 @@ RF_AVX2 void wo_avx2(const GemmArgs& g, const float* x, int64_t x_stride, const 
 // The dequantization costs ~1 / M of the FMAs. Napkin math, M = 256, K = N = 4096: 8.6
 // GFLOP, ~45 ms at the 2-thread FMA peak of a Zen 3 (182 GFLOP/s); weights read once (16 MB).
 constexpr int kWoRows = 6;
-constexpr int64_t kWoGemmMinRows = 4;  // more rows than this take wo_gemm (measured crossover 4-8 rows)
+constexpr int64_t kWoGemmMinRows = 4;    // grouped scales: more rows than this take wo_gemm (measured crossover 4-8 rows)
+constexpr int64_t kWoLinearMaxRows = 8;  // per-channel scales: up to this many rows take linear.cpp's kernel
 
 RF_AVX2 void dequant_panel(const int8_t* w, int64_t w_stride, int64_t ncols, int64_t k, const WScale& ws, int64_t n0,
                            float* wp) {
@@ -673,12 +674,12 @@ void int8_weight_only_linear(std::uintptr_t out, int64_t out_stride, int out_dty
   const int threads = std::max(1, num_threads);
   if (active_isa() != Isa::kAvx2)
     wo_scalar(g, xp, x_stride, wp, w_stride, ws, threads);
+  else if (group_size == 0 && m <= kWoLinearMaxRows)
+    linear_int8_per_channel(out, out_stride, out_dtype, x, x_stride, w, w_stride, w_scale, bias, m, n, k, threads);
   else if (m > kWoGemmMinRows)
     wo_gemm(g, xp, x_stride, wp, w_stride, ws, threads);
-  else if (group_size)
-    wo_avx2<true>(g, xp, x_stride, wp, w_stride, ws, threads);
   else
-    wo_avx2<false>(g, xp, x_stride, wp, w_stride, ws, threads);
+    wo_grouped(g, xp, x_stride, wp, w_stride, ws, threads);
 }
 
 }  // namespace ringfuse::cpu

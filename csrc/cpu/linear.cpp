@@ -48,7 +48,15 @@ namespace {
 
 constexpr int64_t kBlock = 8;        // weight rows per work item
 constexpr int kMaxRows = 4;          // rows of x per register block
-constexpr int64_t kChunk = 256;      // k per partial sum (a multiple of 32: whole cache lines)
+constexpr int64_t kChunk = 256;      // k per partial sum (a multiple of 64: whole cache lines)
+
+// int8 weights (the per-channel w8a16 path of int8_weight_only_linear): widened to fp32 in
+// registers (vpmovsxbd + vcvtdq2ps, 2 uops per 8 weights); the row scale is applied to the
+// finished dot product in store_block.
+struct I8 {
+  using T = int8_t;
+  static RF_INLINE float load(const T* p) { return float(*p); }
+};
 
 struct Args {
   void* out;
@@ -60,6 +68,7 @@ struct Args {
   int64_t w_stride;
   const void* bias;
   int bias_dtype;
+  const float* w_scale;  // [n] per weight row (int8 weights), else null
   int64_t m, n, k;
 };
 
@@ -71,16 +80,18 @@ inline float load_scalar(const void* p, int64_t i, int dtype) {
   }
 }
 
-// out[r0 + r, n0 + j] = dots[r][j] + bias[n0 + j] for r < rows, j < cols
+// out[r0 + r, n0 + j] = dots[r][j] (* w_scale[n0 + j]) + bias[n0 + j] for r < rows, j < cols
 inline void store_block(const Args& a, int64_t r0, int64_t rows, int64_t n0, int64_t cols,
                         const float dots[kMaxRows][kBlock]) {
-  float bv[kBlock] = {};
-  if (a.bias)
-    for (int64_t j = 0; j < cols; ++j) bv[j] = load_scalar(a.bias, n0 + j, a.bias_dtype);
+  float bv[kBlock] = {}, sv[kBlock];
+  for (int64_t j = 0; j < cols; ++j) {
+    if (a.bias) bv[j] = load_scalar(a.bias, n0 + j, a.bias_dtype);
+    sv[j] = a.w_scale ? a.w_scale[n0 + j] : 1.0f;
+  }
   const int64_t elem = a.out_dtype == kFloat32 ? 4 : 2;
   for (int64_t r = 0; r < rows; ++r) {
     float v[kBlock];
-    for (int64_t j = 0; j < cols; ++j) v[j] = dots[r][j] + bv[j];
+    for (int64_t j = 0; j < cols; ++j) v[j] = a.w_scale ? dots[r][j] * sv[j] + bv[j] : dots[r][j] + bv[j];
     char* dst = static_cast<char*>(a.out) + ((r0 + r) * a.out_stride + n0) * elem;
     switch (a.out_dtype) {
       case kFloat32: std::memcpy(dst, v, size_t(cols) * 4); break;
@@ -103,6 +114,24 @@ void to_f32(float* dst, int64_t kp, const typename E::T* src, int64_t stride, in
 // ---------------------------------------------------------------------------------------
 // AVX2
 
+template <class W>
+struct WLoad {  // 8 weights as fp32
+  static RF_AVX2 RF_INLINE __m256 load(const typename W::T* p) { return V8<W>::load(p); }
+};
+template <>
+struct WLoad<I8> {
+  static RF_AVX2 RF_INLINE __m256 load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+};
+
+template <class W>
+RF_AVX2 RF_INLINE __m256 wload_tail(const typename W::T* p, int64_t n) {
+  typename W::T buf[8] = {};
+  std::memcpy(buf, p, size_t(n) * sizeof(typename W::T));
+  return WLoad<W>::load(buf);
+}
+
 // acc[r][j] += x[r, i : i + 8] * wv[j]
 template <int MR, int NR>
 RF_AVX2 RF_INLINE void fma_step(__m256 acc[MR][NR], const float* x, int64_t kp, int64_t i, const __m256 wv[NR]) {
@@ -118,7 +147,7 @@ template <class W, int MR, int NR>
 RF_AVX2 void dot_block(const float* x, int64_t kp, const typename W::T* const* wr, int64_t k, float* dots,
                        int64_t ahead) {
   using T = typename W::T;
-  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line: 16 fp32, 32 bf16
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line: 16 fp32, 32 bf16, 64 int8
   __m256 acc[MR][NR];                        // sums of the finished chunks
   for (auto& row : acc)
     for (auto& v : row) v = _mm256_setzero_ps();
@@ -135,18 +164,18 @@ RF_AVX2 void dot_block(const float* x, int64_t kp, const typename W::T* const* w
         _mm_prefetch(reinterpret_cast<const char*>(w[j] + i) + ahead, _MM_HINT_T0);
       for (int64_t u = 0; u < kLine; u += 8) {
         __m256 wv[NR];
-        for (int j = 0; j < NR; ++j) wv[j] = V8<W>::load(w[j] + i + u);
+        for (int j = 0; j < NR; ++j) wv[j] = WLoad<W>::load(w[j] + i + u);
         fma_step<MR, NR>(part, x, kp, i + u, wv);
       }
     }
     for (; i + 8 <= cend; i += 8) {
       __m256 wv[NR];
-      for (int j = 0; j < NR; ++j) wv[j] = V8<W>::load(w[j] + i);
+      for (int j = 0; j < NR; ++j) wv[j] = WLoad<W>::load(w[j] + i);
       fma_step<MR, NR>(part, x, kp, i, wv);
     }
     if (i < cend) {  // last partial vector: w lanes past k read as 0, x is zero-padded
       __m256 wv[NR];
-      for (int j = 0; j < NR; ++j) wv[j] = load_tail<W>(w[j] + i, cend - i);
+      for (int j = 0; j < NR; ++j) wv[j] = wload_tail<W>(w[j] + i, cend - i);
       fma_step<MR, NR>(part, x, kp, i, wv);
     }
     for (int r = 0; r < MR; ++r)
@@ -220,6 +249,29 @@ void run_scalar(const Args& a, int threads) {
 
 }  // namespace
 
+namespace {
+
+// x as fp32 rows zero-padded to kp = 8 ceil(k / 8): M K floats, small next to W
+std::vector<float> padded_x(std::uintptr_t x, int64_t x_stride, int x_dtype, int64_t m, int64_t k, int64_t kp) {
+  std::vector<float> xf(size_t(m * kp), 0.0f);
+  switch (x_dtype) {
+    case kBFloat16: to_f32<BF16>(xf.data(), kp, reinterpret_cast<const uint16_t*>(x), x_stride, m, k); break;
+    case kFloat16: to_f32<F16>(xf.data(), kp, reinterpret_cast<const uint16_t*>(x), x_stride, m, k); break;
+    default: to_f32<F32>(xf.data(), kp, reinterpret_cast<const float*>(x), x_stride, m, k); break;
+  }
+  return xf;
+}
+
+template <class W>
+void run(const Args& a, int threads) {
+  if (active_isa() == Isa::kAvx2)
+    run_avx2<W>(a, threads);
+  else
+    run_scalar<W>(a, threads);
+}
+
+}  // namespace
+
 void linear(std::uintptr_t out, int64_t out_stride, int out_dtype, std::uintptr_t x, int64_t x_stride, int x_dtype,
             std::uintptr_t w, int64_t w_stride, int w_dtype, std::uintptr_t bias, int bias_dtype, int64_t m,
             int64_t n, int64_t k, int num_threads) {
@@ -233,20 +285,30 @@ void linear(std::uintptr_t out, int64_t out_stride, int out_dtype, std::uintptr_
   RINGFUSE_CHECK(out && out_stride >= n, p + "null out or out_stride < n");
   RINGFUSE_CHECK(k == 0 || (x && w && x_stride >= k && w_stride >= k), p + "null x / w or row stride < k");
   const int64_t kp = (k + 7) / 8 * 8;
-  std::vector<float> xf(size_t(m * kp), 0.0f);  // x as fp32, zero-padded: M K floats, small next to W
-  switch (x_dtype) {
-    case kBFloat16: to_f32<BF16>(xf.data(), kp, reinterpret_cast<const uint16_t*>(x), x_stride, m, k); break;
-    case kFloat16: to_f32<F16>(xf.data(), kp, reinterpret_cast<const uint16_t*>(x), x_stride, m, k); break;
-    default: to_f32<F32>(xf.data(), kp, reinterpret_cast<const float*>(x), x_stride, m, k); break;
-  }
+  const std::vector<float> xf = padded_x(x, x_stride, x_dtype, m, k, kp);
   const Args a{reinterpret_cast<void*>(out), out_stride, out_dtype, xf.data(), kp,
-               reinterpret_cast<const void*>(w), w_stride, reinterpret_cast<const void*>(bias), bias_dtype, m, n, k};
+               reinterpret_cast<const void*>(w), w_stride, reinterpret_cast<const void*>(bias), bias_dtype,
+               nullptr, m, n, k};
   const int threads = std::max(1, num_threads);
-  const bool bf16 = w_dtype == kBFloat16;
-  if (active_isa() == Isa::kAvx2)
-    bf16 ? run_avx2<BF16>(a, threads) : run_avx2<F32>(a, threads);
+  if (w_dtype == kBFloat16)
+    run<BF16>(a, threads);
   else
-    bf16 ? run_scalar<BF16>(a, threads) : run_scalar<F32>(a, threads);
+    run<F32>(a, threads);
+}
+
+void linear_int8_per_channel(std::uintptr_t out, int64_t out_stride, int out_dtype, std::uintptr_t x,
+                             int64_t x_stride, std::uintptr_t w, int64_t w_stride, std::uintptr_t w_scale,
+                             std::uintptr_t bias, int64_t m, int64_t n, int64_t k, int num_threads) {
+  RINGFUSE_CHECK(m >= 0 && n >= 0 && k >= 1, "linear_int8_per_channel: sizes must be m, n >= 0 and k >= 1");
+  if (m == 0 || n == 0) return;
+  RINGFUSE_CHECK(out && x && w && w_scale && out_stride >= n && x_stride >= k && w_stride >= k,
+                 "linear_int8_per_channel: bad pointers or strides");
+  const int64_t kp = (k + 7) / 8 * 8;
+  const std::vector<float> xf = padded_x(x, x_stride, kFloat32, m, k, kp);
+  const Args a{reinterpret_cast<void*>(out), out_stride, out_dtype, xf.data(), kp,
+               reinterpret_cast<const void*>(w), w_stride, reinterpret_cast<const void*>(bias), kFloat32,
+               reinterpret_cast<const float*>(w_scale), m, n, k};
+  run<I8>(a, std::max(1, num_threads));
 }
 
 }  // namespace ringfuse::cpu

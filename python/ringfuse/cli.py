@@ -178,7 +178,8 @@ def main(argv=None) -> int:
     bench.add_argument("--nproc", type=int, default=2, help="processes for the allreduce and tp benches")
     bench.add_argument("--model", default=None, help="generate bench: model (default: SmolLM2-135M-Instruct)")
     bench.add_argument("--peers", action="store_true",
-                       help="generate bench: also time CTranslate2 / llama.cpp when installed")
+                       help="generate bench: also time CTranslate2 and llama.cpp in the same run (the peer "
+                       "harness in ../shared/peers or $RINGFUSE_PEERS_DIR)")
     _add_generate_parser(sub)
     args = parser.parse_args(argv)
     if args.command in ("generate", "chat"):

@@ -230,7 +230,7 @@ def test_prepacked_weight_gives_the_same_bits():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 3, 4, 17])
+@pytest.mark.parametrize("m", [1, 3, 4, 8, 9, 17])
 @pytest.mark.parametrize("k,n", [(1, 1), (7, 5), (64, 33), (577, 129)], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_weight_only_matches_reference(isa, dtype, m, k, n, with_bias):
@@ -279,7 +279,7 @@ def test_weight_only_bad_inputs():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 4, 5])
 @pytest.mark.parametrize("k,group_size", [(16, 16), (77, 32), (200, 64), (300, 128), (128, 128)], ids=str)
 def test_weight_only_per_group_scales(isa, dtype, m, k, group_size):
     """w_scale [N, ceil(K / group_size)]: each group of K-columns has its own scale (the

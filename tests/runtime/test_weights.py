@@ -266,6 +266,22 @@ def test_int8_quant_close_to_fp32(hf_models, kind, quant):
     assert (outq.argmax(-1) == out32.argmax(-1)).float().mean() >= 0.75
 
 
+@pytest.mark.parametrize("quant", ["none", "w8a16", "w8a8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_from_row_blocks_equals_whole(quant, dtype):
+    """The LM head is built from blocks of rows (never whole in fp32): the same weights and
+    outputs as from the whole matrix."""
+    from ringfuse.runtime.model import Linear
+
+    w = torch.randn(70, 48, generator=torch.Generator().manual_seed(0))
+    whole, blocks = Linear(w, None, quant, dtype), Linear(iter(w.split(32)), None, quant, dtype)
+    assert (blocks.out_features, blocks.in_features) == (70, 48)
+    for name in ("weight",) if quant == "none" else ("w_q", "w_scale"):
+        assert torch.equal(getattr(whole, name), getattr(blocks, name)), name
+    x = torch.randn(3, 48).to(dtype)
+    assert torch.equal(whole(x), blocks(x))
+
+
 def test_model_rejects_bad_dtype_and_quant(hf_models):
     w = open_weights(hf_models["llama"][2])
     with pytest.raises(ValueError, match="quant must be one of"):
@@ -621,3 +637,53 @@ def test_gguf_bf16_and_f16_slices(hf_models, tmp_path):
     # the model runs on BF16 / F16 tensors (upcast to fp32) close to the fp32 logits
     out, out32 = _all_logits(LlamaModel(w))[0], _all_logits(LlamaModel(open_weights(hf_models["llama"][2])))[0]
     assert torch.nn.functional.cosine_similarity(out, out32, dim=-1).min() > 0.999
+
+
+# ---- GGUF header reader ------------------------------------------------------------------
+
+
+def test_gguf_header_matches_gguf_reader(llama_gguf, tmp_path):
+    """read_gguf_header gives what gguf.GGUFReader gives: every metadata value type (scalars,
+    strings, arrays of numbers, of strings and of arrays) and every tensor's place."""
+    from ringfuse.runtime.weights import read_gguf_header
+
+    p = tmp_path / "types.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_uint8("t.u8", 200), w.add_int8("t.i8", -100), w.add_uint16("t.u16", 60000), w.add_int16("t.i16", -30000)
+    w.add_uint32("t.u32", 4_000_000_000), w.add_int32("t.i32", -2_000_000_000), w.add_float32("t.f32", 0.1)
+    w.add_uint64("t.u64", 2**63), w.add_int64("t.i64", -(2**62)), w.add_float64("t.f64", 0.1), w.add_bool("t.b", True)
+    w.add_string("t.s", "héllo ✓"), w.add_array("t.ai", [1, -2, 3]), w.add_array("t.af", [0.5, 1.5])
+    w.add_array("t.as", ["a", "", "ü"]), w.add_array("t.aa", [[1, 2], [3]]), w.add_array("t.empty", [])
+    w.add_tensor("a.weight", np.arange(96, dtype=np.float32).reshape(3, 32))
+    w.add_tensor("b.weight", gguf.quants.quantize(np.ones((2, 64), np.float32), gguf.GGMLQuantizationType.Q8_0),
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # fmt: skip
+    _finish(w)
+    for path in (p, llama_gguf):
+        reader = gguf.GGUFReader(path)
+        metadata, tensors = read_gguf_header(path)
+        expected = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        if path == p:  # GGUFReader flattens nested arrays; the header reader keeps them nested
+            assert metadata.pop("t.aa") == [[1, 2], [3]]
+            expected.pop("t.aa")
+        assert {k: v for k, v in metadata.items() if not k.startswith("GGUF.")} == expected
+        assert all(type(metadata[k]) is type(v) for k, v in expected.items())
+        assert [(t.name, t.qtype, t.shape, t.offset, t.n_bytes) for t in tensors] == [
+            (t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape)), t.data_offset, t.n_bytes)
+            for t in reader.tensors]  # fmt: skip
+
+
+def test_gguf_truncated_or_foreign(llama_gguf, tmp_path):
+    data = llama_gguf.read_bytes()
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(data[: len(data) - 100])  # the last tensor's bytes cut short
+    with pytest.raises(ValueError, match=r"not a readable GGUF.*runs past the end of the file"):
+        open_weights(p)
+    p.write_bytes(data[:200])  # inside the metadata
+    with pytest.raises(ValueError, match=r"not a readable GGUF.*past the end of the file"):
+        open_weights(p)
+    p.write_bytes(data[:4] + (3 << 24).to_bytes(4, "little") + data[8:])  # version 3, big-endian
+    with pytest.raises(ValueError, match="big-endian GGUF files are not supported"):
+        open_weights(p)
+    p.write_bytes(data[:4] + (1).to_bytes(4, "little") + data[8:])
+    with pytest.raises(ValueError, match=r"GGUF version 1 \(2 or 3 supported\)"):
+        open_weights(p)

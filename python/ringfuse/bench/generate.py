@@ -8,21 +8,29 @@ prefill = wall time to the first token; decode tok/s = 63 / (wall(64) - wall(1))
 Batch 8: 8 different prompts, 64 new tokens each, total tok/s = 512 / wall.
 Python overhead: the share of a batch-1 decode step spent outside C/C++ calls (kernels,
 torch ops), measured with sys.setprofile over 16 steps against the unprofiled step time.
+
+Peers (``--peers``, default model only): CTranslate2 and llama.cpp, timed in the same run by
+the project's peer harness (``bench_peers.py -e <engine>`` in its own venv, found through
+$RINGFUSE_PEERS_DIR or ../shared/peers; $PEERS_VENV, default /tmp/peers-venv). It uses the
+same prompt, the same 8 batch prompts, 64 new tokens and the same medians.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 PROMPT = "Explain photosynthesis."
-BATCH_PROMPTS = [
-    "Explain photosynthesis.", "What is the capital of France and why is it famous?", "Write a haiku about the sea.",
-    "List three prime numbers and explain why they are prime.", "How do vaccines work?",
-    "Give me a recipe for pancakes.", "What causes the seasons on Earth?", "Summarize the plot of Romeo and Juliet.",
+BATCH_PROMPTS = [  # the peer harness's 8 prompts (33-46 tokens with the chat template)
+    PROMPT, "Write a poem about the sea.", "What is a black hole?", "List three uses of copper and explain each one.",
+    "Tell me a joke.", "How do vaccines train the immune system?", "Describe Paris.",
+    "Why do cats purr, and what does it mean when they do it?",
 ]  # fmt: skip
 NEW_TOKENS = 64
 ENGINES = [("ringfuse", "fp32", "none"), ("ringfuse", "bf16", "none"), ("ringfuse", "fp32", "w8a16"),
@@ -165,6 +173,42 @@ def _spawn(spec: dict) -> dict | None:
     return None
 
 
+PEER_ENGINES = ["ct2-fp32", "ct2-int8", "llama-f32", "llama-q8_0", "llama-q4_1", "ct2-int8-b8"]
+PEER_ENGINES_QUICK = ["ct2-fp32", "ct2-int8", "llama-f32", "llama-q8_0", "ct2-int8-b8"]
+
+
+def peer_harness() -> tuple[Path, Path] | str:
+    """(bench_peers.py, the peers venv's python), or why the peers cannot run."""
+    folder = Path(os.environ.get("RINGFUSE_PEERS_DIR", "../shared/peers"))
+    script = folder / "bench_peers.py"
+    python = Path(os.environ.get("PEERS_VENV", "/tmp/peers-venv")) / "bin" / "python"
+    if not script.is_file():
+        return f"no peer harness at {script} (set RINGFUSE_PEERS_DIR to the folder holding bench_peers.py)"
+    if not python.is_file():
+        return f"no peers venv at {python.parent.parent}: run setup.sh, export_hf.py and requant_gguf.py in {folder}"
+    return script, python
+
+
+def _spawn_peer(script: Path, python: Path, engine: str, threads: int, rounds: int) -> dict | None:
+    """One peer engine in its own process: its JSON line, plus its peak RSS (wait4)."""
+    env = dict(os.environ, BENCH_THREADS=str(threads), BENCH_REPS=str(rounds))
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([str(python), str(script), "-e", engine], stdout=subprocess.PIPE, stderr=err,
+                                stdin=subprocess.DEVNULL, env=env, cwd=script.parent)  # fmt: skip
+        out = proc.stdout.read().decode()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.stdout.close()
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if proc.returncode == 0 and lines:
+            r = json.loads(lines[-1])
+            r["peak_rss_mb"] = usage.ru_maxrss / 1024
+            return r
+        err.seek(0)
+        print(f"  peer {engine} failed (exit {proc.returncode}):\n{err.read().decode()[-1500:]}", file=sys.stderr)
+        return None
+
+
 def run(model=None, quick: bool = False, rounds: int = 3, peers: bool = False, threads: int = 2) -> int:
     from rich.progress import Progress
 
@@ -179,14 +223,30 @@ def run(model=None, quick: bool = False, rounds: int = 3, peers: bool = False, t
         return 1
     engines = [e for e in ENGINES if not quick or e[1:] in (("fp32", "none"), ("fp32", "w8a16"))]
     engines.sort(key=lambda e: e[0] != "hf")  # the baseline first
-    results = {}
+    harness = peer_harness() if peers else None
+    if peers and model is not None:
+        harness = "the peer harness runs the default model only"
+    if isinstance(harness, str):
+        print(f"bench generate: --peers skipped: {harness}", file=sys.stderr)
+        harness = None
+    peer_engines = (PEER_ENGINES_QUICK if quick else PEER_ENGINES) if harness else []
+    results, total = {}, len(engines) + len(peer_engines)
     with Progress(transient=True) as progress:
-        task = progress.add_task("bench generate", total=len(engines))
+        task = progress.add_task("bench generate", total=total)
         for engine, dtype, quant in engines:
             label = "hf-fp32-eager" if engine == "hf" else f"ringfuse-{dtype}" + ("" if quant == "none" else f"-{quant}")
-            progress.update(task, description=f"{label} ({len(results) + 1}/{len(engines)})")
+            progress.update(task, description=f"{label} ({len(results) + 1}/{total})")
             spec = dict(engine=engine, dtype=dtype, quant=quant, path=path, rounds=rounds, batch8=True, threads=threads)
             results[label] = _spawn(spec)
+            progress.advance(task)
+        for name in peer_engines:
+            progress.update(task, description=f"peer {name} ({len(results) + 1}/{total})")
+            r = _spawn_peer(*harness, name, threads, rounds)
+            if name.endswith("-b8"):  # the batch-8 figure joins its engine's row
+                if r is not None and results.get(name[:-3]) is not None:
+                    results[name[:-3]]["b8_tok_s"] = r["total_tok_s"]
+            else:
+                results[name] = r
             progress.advance(task)
     base = results.get("hf-fp32-eager")
     if base is None:
@@ -196,15 +256,13 @@ def run(model=None, quick: bool = False, rounds: int = 3, peers: bool = False, t
         if r is None:
             continue
         same = next((i for i, (a, b) in enumerate(zip(r["tokens"], base["tokens"])) if a != b), len(r["tokens"]))
+        b8 = r.get("b8_tok_s")
         rows.append([label, f"{r['prefill_ms']:.1f}", f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x",
-                     f"{r['b8_tok_s']:.1f}", f"{r['b8_tok_s'] / base['decode_tok_s']:.2f}x",
+                     "-" if b8 is None else f"{b8:.1f}", "-" if b8 is None else f"{b8 / base['decode_tok_s']:.2f}x",
                      f"{100 * r['python_overhead']:.0f}%" if "python_overhead" in r else "-",
                      f"{r['peak_rss_mb']:.0f}", f"{same}/{len(r['tokens'])}"])  # fmt: skip
     print_table(f"bench generate: {path}, batch 1 prompt {base['prompt_tokens']} tokens, {NEW_TOKENS} new, greedy, "
                 f"{threads} threads; ratios vs hf-fp32-eager batch-1 decode, same run",
                 ["engine", "prefill ms", "decode tok/s", "vs HF", "b8 total tok/s", "b8 vs HF b1", "py overhead",
                  "peak RSS MB", "same tokens as HF"], rows)  # fmt: skip
-    if peers:
-        print("peer engines (CTranslate2, llama.cpp): run ../shared/peers/bench_peers.py in its own venv; compare its "
-              "ratios to hf-fp32 with the ones above", file=sys.stderr)  # fmt: skip
     return 0

@@ -50,14 +50,21 @@ class Linear:
     scales (w8a16: ringfuse's weight-only kernels; w8a8: activations quantized per token,
     int8 x int8 GEMM with the scales in its epilogue)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, quant: str, dtype: torch.dtype):
+    def __init__(self, weight, bias: torch.Tensor | None, quant: str, dtype: torch.dtype):
+        """``weight``: [N, K] float, or an iterator of its row blocks, taken one at a time so
+        that a large matrix (the LM head) is never whole in fp32 when it is quantized."""
         self.quant = quant
-        self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else bias.to(dtype if quant == "none" else torch.float32).contiguous()
+        blocks = [weight] if isinstance(weight, torch.Tensor) else weight
         if quant == "none":
-            self.weight = weight.to(dtype).contiguous()
+            parts = [b.to(dtype) for b in blocks]
+            self.weight = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
+            self.out_features, self.in_features = self.weight.shape
         else:
-            self.w_q, self.w_scale = quantize_weight(weight.float())  # [N, K] int8, [N] fp32
+            parts = [quantize_weight(b.float()) for b in blocks]  # ([rows, K] int8, [rows] fp32) each
+            self.w_q = parts[0][0] if len(parts) == 1 else torch.cat([q for q, _ in parts])
+            self.w_scale = parts[0][1] if len(parts) == 1 else torch.cat([s for _, s in parts])
+            self.out_features, self.in_features = self.w_q.shape
             self.packed = ops.pack_int8_weight(self.w_q) if quant == "w8a8" else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
@@ -173,15 +180,17 @@ class LlamaModel:
             del qkv_w, gate_up_w
         self.norm = norm("model.norm.weight")
         head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        head_w = get(head_name, 0, self.vocab_start, self.vocab_end)  # [V / tp, hidden]
-        # The LM head is the largest matrix (28 % of SmolLM2's weights): int8 too when quantized.
-        self.lm_head = Linear(head_w, None, quant, dtype)
-        if cfg.tie_word_embeddings and quant != "none":
-            self.embed = None  # rows are dequantized from the int8 head: one copy of the table
+        # The LM head is the largest matrix (21 % of SmolLM2's weights, 113 MB in fp32): int8
+        # too when quantized, read in blocks of 4096 rows. [V / tp, hidden]
+        head_rows = range(self.vocab_start, self.vocab_end, 4096)
+        self.lm_head = Linear((get(head_name, 0, r, min(r + 4096, self.vocab_end)) for r in head_rows), None, quant,
+                              dtype)  # fmt: skip
+        if not cfg.tie_word_embeddings:
+            self.embed = get("model.embed_tokens.weight", 0, self.vocab_start, self.vocab_end).to(dtype)
+        elif quant == "none":
+            self.embed = self.lm_head.weight  # one copy of the table
         else:
-            self.embed = head_w.to(dtype) if cfg.tie_word_embeddings else \
-                get("model.embed_tokens.weight", 0, self.vocab_start, self.vocab_end).to(dtype)  # fmt: skip
-        del head_w
+            self.embed = None  # rows are dequantized from the int8 head: one copy of the table
         inv = cfg.inv_freq()  # [D / 2]
         angles = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)[:, None] * inv[None, :]
         self.cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).float()  # [max_pos, D]

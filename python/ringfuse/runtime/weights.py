@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -44,28 +46,142 @@ def _hf_name(gguf_name: str) -> str | None:
     return _GGUF_NAMES[m.group(2)].format(i=m.group(1)) + "." + m.group(3)
 
 
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    qtype: int  # GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order (GGUF lists dims fastest first)
+    offset: int  # absolute byte offset in the file
+    n_bytes: int
+
+
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Header:
+    """Bounds-checked little-endian reads over the bytes of a GGUF header."""
+
+    def __init__(self, buf: bytes):
+        self.buf, self.pos = buf, 0
+
+    def take(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise ValueError("the header runs past the end of the file")
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return v
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError(f"a string of {n} bytes runs past the end of the file")
+        v = self.buf[self.pos : self.pos + n].decode("utf-8")
+        self.pos += n
+        return v
+
+    def value(self, vtype: int):
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            sub, n = self.take("<I"), self.take("<Q")
+            if sub in _NUMPY:  # numbers in one read
+                dt = np.dtype(_NUMPY[sub])
+                if self.pos + n * dt.itemsize > len(self.buf):
+                    raise ValueError(f"an array of {n} values runs past the end of the file")
+                v = np.frombuffer(self.buf, dt, n, self.pos).tolist()
+                self.pos += n * dt.itemsize
+                return v
+            if n > len(self.buf):
+                raise ValueError(f"an array claims {n} entries")
+            return [self.value(sub) for _ in range(n)]
+        if vtype not in _SCALAR:
+            raise ValueError(f"unknown metadata value type {vtype}")
+        return self.take(_SCALAR[vtype])
+
+
+def read_gguf_header(path: Path) -> tuple[dict, list[GGUFTensor]]:
+    """(metadata {key: value}, tensors) of a GGUF file (v2/v3, little-endian): values as
+    ``gguf.GGUFReader``'s ``field.contents()`` gives them (str, int, float, bool, lists).
+
+    Why not GGUFReader itself: it keeps a numpy memmap view per array entry, ~160 MB for
+    SmolLM2's 49k tokens and merges, half of which Python never returns to the OS; this
+    reads the header's bytes once (a few MB) and nothing else."""
+    from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+        if len(head) < 24 or struct.unpack_from("<I", head)[0] != GGUF_MAGIC:
+            raise ValueError("no GGUF magic at the start")
+        version = struct.unpack_from("<I", head, 4)[0]
+        if version not in (2, 3):
+            big = version & 0xFFFF == 0
+            raise ValueError("big-endian GGUF files are not supported" if big else f"GGUF version {version} (2 or 3 supported)")
+        n_tensors, n_kv = struct.unpack_from("<QQ", head, 8)
+        if n_tensors > size or n_kv > size:
+            raise ValueError(f"implausible counts ({n_tensors} tensors, {n_kv} metadata keys)")
+        # the header is the start of the file; grow the read until it fits
+        chunk = 1 << 22
+        while True:
+            f.seek(0)
+            buf = f.read(chunk)
+            try:
+                h = _Header(buf)
+                h.pos = 24
+                metadata = {}
+                for _ in range(n_kv):
+                    key = h.string()
+                    metadata[key] = h.value(h.take("<I"))
+                infos = []
+                for _ in range(n_tensors):
+                    name = h.string()
+                    dims = [h.take("<Q") for _ in range(h.take("<I"))]
+                    infos.append((name, dims, h.take("<I"), h.take("<Q")))
+                break
+            except ValueError:
+                if len(buf) < chunk:  # the whole file was read: truly cut short
+                    raise
+                chunk *= 4
+    align = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    data_start = -(-h.pos // align) * align
+    tensors = []
+    for name, dims, qtype, offset in infos:
+        if qtype not in GGML_QUANT_SIZES:
+            raise ValueError(f"tensor {name} has unknown type {qtype}")
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        n = math.prod(dims)
+        if not dims or dims[0] % block:
+            raise ValueError(f"tensor {name}: shape {dims} does not fit blocks of {block}")
+        t = GGUFTensor(name, qtype, tuple(reversed(dims)), data_start + offset, n // block * block_bytes)
+        if t.offset + t.n_bytes > size:
+            raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
+        tensors.append(t)
+    return metadata, tensors
+
+
 class GGUFWeights:
     """A GGUF file. Dequantized tensors come back as fp32 (F16/BF16 ones in their dtype)."""
 
     def __init__(self, path: str | os.PathLike):
-        import gguf
-
         self.path = Path(path)
         try:
-            self.reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on bad bytes
-            raise ValueError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-        self.metadata = {k: f.contents() for k, f in self.reader.fields.items() if not k.startswith("GGUF.")}
+            self.metadata, tensors = read_gguf_header(self.path)
+        except (ValueError, UnicodeDecodeError, struct.error) as e:
+            raise ValueError(f"{self.path}: not a readable GGUF file ({e})") from None
+        self.metadata = {k: v for k, v in self.metadata.items() if not k.startswith("GGUF.")}
         self.tensors = {}
-        for t in self.reader.tensors:
+        for t in tensors:
             name = _hf_name(t.name)
             if name is not None:
                 self.tensors[name] = t
-        self.config = ModelConfig.from_gguf(self.metadata, [t.name for t in self.reader.tensors], str(self.path))
+        self.config = ModelConfig.from_gguf(self.metadata, [t.name for t in tensors], str(self.path))
         # Llama 3.1+ GGUFs carry the RoPE scaling as per-frequency divisors, not as metadata
-        freqs = next((t for t in self.reader.tensors if t.name == "rope_freqs.weight"), None)
+        freqs = next((t for t in tensors if t.name == "rope_freqs.weight"), None)
         if freqs is not None:
-            factors = gguf.quants.dequantize(np.asarray(freqs.data), freqs.tensor_type).astype(np.float64).ravel()
+            factors = self._tensor(freqs, self._read(freqs)).double().numpy().ravel()
             if factors.shape != (self.config.head_dim // 2,):
                 raise ValueError(f"{self.path}: rope_freqs.weight has {factors.size} values, expected head_dim / 2 = "
                                  f"{self.config.head_dim // 2}")  # fmt: skip
@@ -79,41 +195,61 @@ class GGUFWeights:
         return name in self.tensors
 
     def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+        from gguf import GGML_QUANT_SIZES
 
         t = self.tensors.get(name)
         if t is None:
             raise ValueError(f"{self.path}: no tensor for {name!r}")
-        data = t.data  # numpy memmap: [rows, bytes per row] for quantized types
-        qtype = t.tensor_type
-        block, block_bytes = GGML_QUANT_SIZES[qtype]
-        plain = qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-        typed = qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16)  # else rows of bytes (BF16 too)
+        if len(t.shape) == 1:  # norms, biases: whole, then sliced
+            out = self._tensor(t, self._read(t)).reshape(-1)
+            return out[start:stop].contiguous() if dim == 0 else out
+        block, block_bytes = GGML_QUANT_SIZES[t.qtype]
+        data = self._read(t, start, stop) if dim == 0 else self._read(t)  # [rows, bytes per row]
         cols = None
-        if dim == 0:
-            data = data[start:stop]
-        elif dim == 1:
-            if plain or (start % block == 0 and (stop is None or stop % block == 0)):
-                b0 = start // block * block_bytes
-                b1 = None if stop is None else stop // block * block_bytes
-                data = data[:, start:stop] if typed else data[:, b0:b1]
+        if dim == 1:  # cut the bytes of whole blocks before dequantizing, when the slice allows
+            b0, b1 = start // block * block_bytes, None if stop is None else stop // block * block_bytes
+            if start % block == 0 and (stop is None or stop % block == 0):
+                data = data[:, b0:b1]
             else:
                 cols = (start, stop)
-        try:
-            if qtype == GGMLQuantizationType.BF16:
-                out = torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16)  # a copy: not the mmap
-            elif plain:
-                out = torch.from_numpy(np.array(data))
-            else:
-                out = torch.from_numpy(quants.dequantize(np.ascontiguousarray(data), qtype))
-        except NotImplementedError:
-            raise ValueError(f"{self.path}: tensor {t.name} has quantization {qtype.name}, which the gguf "
-                             "package cannot dequantize") from None  # fmt: skip
+        out = self._tensor(t, data)
+        if dim != 1:
+            out = out.reshape(out.shape[0], *t.shape[1:])
         if cols is not None:
             out = out[:, cols[0] : cols[1]]
         if self._permuted and (".q_proj." in name or ".k_proj." in name):
             out = _unpermute_rows(out, self.config.head_dim)
         return out.contiguous()
+
+    def _tensor(self, t: GGUFTensor, data: np.ndarray) -> torch.Tensor:
+        """Raw rows [rows, bytes] -> [rows, values]: fp32 if quantized, F32 / F16 / BF16 as stored."""
+        from gguf import GGMLQuantizationType as Q
+        from gguf import quants
+
+        data = np.ascontiguousarray(data)
+        if t.qtype == Q.BF16:
+            return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
+        if t.qtype in (Q.F32, Q.F16):
+            return torch.from_numpy(data.view(np.float32 if t.qtype == Q.F32 else np.float16))
+        try:
+            return torch.from_numpy(quants.dequantize(data, t.qtype))
+        except NotImplementedError:
+            raise ValueError(f"{self.path}: tensor {t.name} has quantization {Q(t.qtype).name}, which the gguf "
+                             "package cannot dequantize") from None  # fmt: skip
+
+    def _read(self, t: GGUFTensor, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of tensor t as raw bytes [rows, bytes per row], read into fresh
+        memory (an mmap's touched pages would stay resident for as long as it lives)."""
+        rows = t.shape[0] if len(t.shape) > 1 else 1
+        row_bytes = t.n_bytes // rows
+        start, stop, _ = slice(start, stop).indices(rows)
+        out = np.empty((max(stop - start, 0), row_bytes), dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(t.offset + start * row_bytes)
+            got = f.readinto(memoryview(out).cast("B"))
+        if got != out.nbytes:
+            raise ValueError(f"{self.path}: tensor {t.name} is cut short ({got} of {out.nbytes} bytes): truncated file?")
+        return out
 
 
 def _unpermute_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
