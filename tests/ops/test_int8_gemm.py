@@ -251,6 +251,18 @@ def test_weight_only_matches_reference(isa, dtype, m, k, n, with_bias):
     assert err <= 2 * err_torch + floor
 
 
+@pytest.mark.parametrize("k", [7, 300, 1100])
+def test_weight_only_row_equals_alone(k):
+    """Per-channel weights at M <= 8: row r of an M-row call has the bits of the 1-row call
+    (a batch does not change a sequence's logits)."""
+    g = torch.Generator().manual_seed(k)
+    x, w_q, w_scale = torch.randn(8, k, generator=g), rand_int8((37, k), k, low=-127), torch.rand(37, generator=g)
+    for m in (2, 4, 8):
+        full = int8_weight_only_linear(x[:m], w_q, w_scale)
+        for r in range(m):
+            assert torch.equal(full[r], int8_weight_only_linear(x[r : r + 1], w_q, w_scale)[0]), (m, r)
+
+
 def test_weight_only_batched_input_and_compile():
     x = torch.randn(2, 3, 40)
     w_q, w_scale = quantize_per_token(torch.randn(24, 40))

@@ -100,13 +100,17 @@ def test_threads_bitwise_equal(isa, wdt):
         assert torch.equal(one, linear(x, w, b))  # run to run
 
 
-def test_row_blocking_does_not_change_a_row():
-    """Each output's reduction order is fixed: row r of an M-row call equals the 1-row call."""
-    w, b = rand((37, 300), 16), rand((37,), 17)
-    x = rand((8, 300), 18)
-    full = linear(x, w, b)
-    for r in range(8):
-        assert torch.equal(full[r], linear(x[r], w, b))
+@pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k", [7, 300, 577, 1100])
+def test_row_blocking_does_not_change_a_row(wdt, k):
+    """Each output's reduction order is fixed: row r of an M-row call (8-row blocks) equals
+    the 1-row call (rows walked one by one, chunks as parallel chains)."""
+    w, b = rand((37, k), 16).to(wdt), rand((37,), 17)
+    x = rand((8, k), 18)
+    for m in (2, 3, 5, 8):
+        full = linear(x[:m], w, b)
+        for r in range(m):
+            assert torch.equal(full[r], linear(x[r], w, b)), (m, r)
 
 
 def test_empty_and_k_zero(isa):

@@ -179,7 +179,7 @@ PEER_ENGINES_QUICK = ["ct2-fp32", "ct2-int8", "llama-f32", "llama-q8_0", "ct2-in
 
 def peer_harness() -> tuple[Path, Path] | str:
     """(bench_peers.py, the peers venv's python), or why the peers cannot run."""
-    folder = Path(os.environ.get("RINGFUSE_PEERS_DIR", "../shared/peers"))
+    folder = Path(os.environ.get("RINGFUSE_PEERS_DIR", "../shared/peers")).resolve()
     script = folder / "bench_peers.py"
     python = Path(os.environ.get("PEERS_VENV", "/tmp/peers-venv")) / "bin" / "python"
     if not script.is_file():
