@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..nn import quantize_weight
 from .config import ModelConfig
+from .weights import release_freed_memory
 
 QUANT_MODES = ("none", "w8a16", "w8a8")
 SMALL_M = 8  # rows up to which float linears take ringfuse's GEMV-style kernel
@@ -178,6 +179,7 @@ class LlamaModel:
                 down=Linear(get(p + "mlp.down_proj.weight", 1, f0, f1), None, quant, dtype),
             ))  # fmt: skip
             del qkv_w, gate_up_w
+            release_freed_memory()
         self.norm = norm("model.norm.weight")
         head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         # The LM head is the largest matrix (21 % of SmolLM2's weights, 113 MB in fp32): int8
@@ -191,6 +193,7 @@ class LlamaModel:
             self.embed = self.lm_head.weight  # one copy of the table
         else:
             self.embed = None  # rows are dequantized from the int8 head: one copy of the table
+        release_freed_memory()
         inv = cfg.inv_freq()  # [D / 2]
         angles = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)[:, None] * inv[None, :]
         self.cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).float()  # [max_pos, D]
