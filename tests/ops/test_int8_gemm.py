@@ -263,6 +263,30 @@ def test_weight_only_row_equals_alone(k):
             assert torch.equal(full[r], int8_weight_only_linear(x[r : r + 1], w_q, w_scale)[0]), (m, r)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_prepared_weight_only_equals_op(with_bias):
+    """prepare_int8_weight_only_linear gives the op's bits on its direct path and on every
+    fallback; bad weights fail when prepared, bad x when called."""
+    from ringfuse.ops import prepare_int8_weight_only_linear
+
+    g = torch.Generator().manual_seed(5)
+    w_q, w_scale = rand_int8((21, 66), 6, low=-127), torch.rand(21, generator=g)
+    bias = torch.randn(21, generator=g).bfloat16() if with_bias else None
+    p = prepare_int8_weight_only_linear(w_q, w_scale, bias)
+    x = torch.randn(6, 66, generator=g)
+    for xi in (x, x[:1], x[:0], x.bfloat16(), x[:, None, :], x.T.contiguous().T, torch.randn(1, 66).expand(3, 66)):
+        assert torch.equal(p(xi), int8_weight_only_linear(xi, w_q, w_scale, bias)), (xi.shape, xi.dtype)
+    rows = torch.randn(1, 66).expand(3, 66)  # row stride 0 (was refused by the C++ check)
+    assert torch.equal(int8_weight_only_linear(rows, w_q, w_scale, bias),
+                       int8_weight_only_linear(rows.contiguous(), w_q, w_scale, bias))  # fmt: skip
+    with pytest.raises(ValueError, match=r"x must be \[..., K\] with K = 66"):
+        p(torch.randn(2, 65))
+    with pytest.raises(TypeError, match="w_q must"):
+        prepare_int8_weight_only_linear(w_q.float(), w_scale)
+    with pytest.raises(ValueError, match="w_scale"):
+        prepare_int8_weight_only_linear(w_q, w_scale[:4])
+
+
 def test_weight_only_batched_input_and_compile():
     x = torch.randn(2, 3, 40)
     w_q, w_scale = quantize_per_token(torch.randn(24, 40))

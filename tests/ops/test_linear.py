@@ -10,7 +10,7 @@ from ringfuse.ops import linear, linear_path
 
 MS = [1, 2, 3, 4, 5, 8, 17]
 # (N, K): N below / not a multiple of the 8-row block, K not a multiple of 8 / 16 / 32, K
-# over several 256-k chunks (4100)
+# over several 64-k chunks and groups of 4 (4100)
 SHAPES = [(1, 1), (7, 9), (33, 577), (64, 40), (130, 1000), (20, 4100)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -217,3 +217,45 @@ def test_cuda_falls_back_to_f_linear():
     assert linear_path(x, w, b).startswith("F.linear: x is on cuda")
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))
     assert torch.equal(linear(x, w.bfloat16(), b), F.linear(x, w.bfloat16().float(), b))
+
+
+# ---- prepare_linear ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wdt", list(DTYPES))
+@pytest.mark.parametrize("bias", [None, "fp32", "fp16"])
+def test_prepared_equals_linear(wdt, bias):
+    """The prepared op gives linear's bits on its direct path and on every fallback."""
+    from ringfuse.ops import prepare_linear
+
+    w = rand((19, 70), 30, DTYPES[wdt])
+    b = None if bias is None else rand((19,), 31, torch.float32 if bias == "fp32" else torch.float16)
+    p = prepare_linear(w, b)
+    x = rand((5, 70), 32)
+    cases = [x, x[:1], x[:0], x.bfloat16(),  # direct
+             x.half(), x.double(), x[:, None, :], x.T.contiguous().T, x[:, :70].expand(5, 70),  # full op
+             torch.randn(3, 2, 70), x.clone().requires_grad_()]  # fmt: skip
+    for xi in cases:
+        with torch.no_grad() if not xi.requires_grad else torch.enable_grad():
+            want = linear(xi, w, b)
+        assert torch.equal(p(xi).detach(), want.detach()), (xi.shape, xi.dtype, xi.stride())
+    rows = torch.randn(1, 70).expand(4, 70)  # row stride 0: the full op copies it
+    assert torch.equal(p(rows), linear(rows, w, b))
+
+
+def test_prepared_bad_inputs():
+    from ringfuse.ops import prepare_linear
+
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        prepare_linear([[1.0]])
+    with pytest.raises(ValueError, match=r"weight must be 2-D \[N, K\]"):
+        prepare_linear(torch.randn(4))
+    with pytest.raises(TypeError, match="int8 weights: use ops.int8_weight_only_linear"):
+        prepare_linear(torch.zeros(3, 4, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\)"):
+        prepare_linear(torch.randn(3, 4), torch.randn(4))
+    p = prepare_linear(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"x's last dim \(5\) must equal K = 4"):
+        p(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        p([1.0, 2.0, 3.0, 4.0])

@@ -6,8 +6,10 @@ Batch 1: greedy, the chat-templated prompt "Explain photosynthesis." (~33 tokens
 RSS, no shared caches): a warm-up, then 3 runs of 1 new token and 3 of 64; medians.
 prefill = wall time to the first token; decode tok/s = 63 / (wall(64) - wall(1)).
 Batch 8: 8 different prompts, 64 new tokens each, total tok/s = 512 / wall.
-Python overhead: the share of a batch-1 decode step spent outside C/C++ calls (kernels,
-torch ops), measured with sys.setprofile over 16 steps against the unprofiled step time.
+Python overhead: the share of a batch-1 decode step spent outside kernels, measured with
+sys.setprofile over 16 steps against the unprofiled step time. Inside: ringfuse._C calls and
+torch ops (allocation included); outside: Python code, builtins (isinstance...) and tensor
+metadata calls (stride, data_ptr, view...), which are C functions but glue, not work.
 
 Peers (``--peers``, default model only): CTranslate2 and llama.cpp, timed in the same run by
 the project's peer harness (``bench_peers.py -e <engine>`` in its own venv, found through
@@ -71,8 +73,17 @@ def _ringfuse_worker(model, dtype, quant, rounds, batch8):
     return out
 
 
+_GLUE = frozenset({"stride", "size", "dim", "numel", "nbytes", "element_size", "data_ptr", "is_contiguous", "view",
+                   "reshape", "contiguous", "untyped_storage", "get_num_threads", "is_grad_enabled", "is_compiling"})
+
+
+def _is_work(fn) -> bool:
+    """A C function that does work (a kernel, a torch op), not glue (see the module doc)."""
+    return getattr(fn, "__module__", None) not in ("builtins", "math") and getattr(fn, "__name__", "") not in _GLUE
+
+
 def _python_overhead(llm, ids, steps=16) -> float:
-    """1 - (time inside C calls) / (step wall time) for batch-1 decode steps."""
+    """1 - (time inside kernels and torch ops) / (step wall time) for batch-1 decode steps."""
     from ..runtime.sampling import SamplingParams
 
     def decode_steps(profiled):
@@ -84,11 +95,11 @@ def _python_overhead(llm, ids, steps=16) -> float:
             nonlocal inside, depth, t_enter
             if event == "c_call":
                 if depth == 0:
-                    t_enter = time.perf_counter()
+                    t_enter = time.perf_counter() if _is_work(arg) else None
                 depth += 1
             elif event in ("c_return", "c_exception"):
                 depth -= 1
-                if depth == 0:
+                if depth == 0 and t_enter is not None:
                     inside += time.perf_counter() - t_enter
 
         t0 = time.perf_counter()

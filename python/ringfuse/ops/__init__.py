@@ -2,9 +2,15 @@
 
 from ._common import cuda_backend, set_cuda_backend
 from .attention import attention, attention_varlen, decode_attention, paged_decode_attention, write_kv
-from .int8_gemm import int8_gemm, int8_weight_only_linear, pack_int8_weight, quantize_per_token
+from .int8_gemm import (
+    int8_gemm,
+    int8_weight_only_linear,
+    pack_int8_weight,
+    prepare_int8_weight_only_linear,
+    quantize_per_token,
+)
 from .layer_norm import add_layer_norm, layer_norm
-from .linear import linear, linear_path
+from .linear import linear, linear_path, prepare_linear
 from .rms_norm import add_rms_norm, add_rms_norm_, rms_norm
 from .rotary_embedding import cos_sin_cache, rotary_embedding
 
@@ -23,6 +29,8 @@ __all__ = [
     "linear",
     "linear_path",
     "pack_int8_weight",
+    "prepare_int8_weight_only_linear",
+    "prepare_linear",
     "paged_decode_attention",
     "quantize_per_token",
     "rms_norm",

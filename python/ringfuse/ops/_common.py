@@ -169,14 +169,25 @@ def rows(t: torch.Tensor) -> Rows:
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
-    extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+    """[first byte, one past the last byte] that t's elements occupy (t non-empty)."""
     start = t.data_ptr()
+    if t.is_contiguous():  # the common case, without a Python loop over the dims
+        return start, start + t.nbytes
+    extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
     return start, start + extent * t.element_size()
 
 
 def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    (a0, a1), (b0, b1) = _span(a), _span(b)
-    return a0 < b1 and b0 < a1
+    return spans_overlap(_span(a), _span(b))
+
+
+def span(t: torch.Tensor) -> tuple[int, int]:
+    """t's byte range, for several overlap tests against the same tensor (t non-empty)."""
+    return _span(t)
+
+
+def spans_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
 
 
 def check_out(op: str, out, shape, dtype, x: torch.Tensor, inputs: dict, name: str = "out") -> Rows:

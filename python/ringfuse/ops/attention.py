@@ -522,10 +522,13 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     if torch.compiler.is_compiling():
         torch.ops.ringfuse.write_kv(k, v, k_cache, v_cache, slot_mapping)
         return
-    for name, t in (("k", k), ("v", v)):
-        for cname, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if t.numel() and cache.numel() and c.overlap(t, cache):
-                raise ValueError(f"{op}: {name} overlaps {cname}")
+    if k.numel() and k_cache.numel():  # spans taken once each
+        caches = (("k_cache", c.span(k_cache)), ("v_cache", c.span(v_cache)))
+        for name, t in (("k", k), ("v", v)):
+            ts = c.span(t)
+            for cname, cs in caches:
+                if c.spans_overlap(ts, cs):
+                    raise ValueError(f"{op}: {name} overlaps {cname}")
     _write_kv(k, v, k_cache, v_cache, slot_mapping)
 
 

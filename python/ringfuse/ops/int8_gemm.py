@@ -250,9 +250,9 @@ def _weight_only(x, w_q, w_scale, bias, group_size=None):
     n, k = w_q.shape
     x2 = x.reshape(-1, k)  # [M, K]
     x2 = x2.float() if x.is_cpu else x2  # CPU kernels take fp32 x (small on the decode path)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     m = x2.shape[0]
+    if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):  # e.g. expanded rows (stride 0)
+        x2 = x2.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n and x.is_cuda:
         from ..kernels import int8_gemm as tk
@@ -263,11 +263,54 @@ def _weight_only(x, w_q, w_scale, bias, group_size=None):
         scale = w_scale.contiguous()  # [N] or [N, groups]
         bias32 = bias.float().contiguous() if bias is not None else None
         _C.int8_weight_only_linear(
-            out.data_ptr(), out.stride(0), c.DTYPE_CODE[x.dtype], x2.data_ptr(), x2.stride(0), w_q.data_ptr(),
+            out.data_ptr(), out.stride(0), c.DTYPE_CODE[x.dtype], x2.data_ptr(), max(x2.stride(0), k), w_q.data_ptr(),
             w_q.stride(0), scale.data_ptr(), scale.shape[-1] if group_size else 0, group_size or 0,
             bias32.data_ptr() if bias32 is not None else 0, m, n, k, c.num_threads(),
         )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
+
+
+class PreparedInt8WeightOnlyLinear:
+    """``int8_weight_only_linear(x, w_q, w_scale, bias)`` (per-channel scales) with the
+    weights checked once, for a caller that applies them many times, like a decode loop. A
+    call checks only x: a CPU float32 [M, K] tensor with a unit inner stride goes straight
+    to the kernel; anything else takes the full op (same result, same errors). Made with
+    ``prepare_int8_weight_only_linear``."""
+
+    def __init__(self, w_q, w_scale, bias=None):
+        op = "prepare_int8_weight_only_linear"
+        _check_int8_matrix(op, "w_q", w_q)
+        n, k = w_q.shape
+        if k == 0:
+            raise ValueError(f"{op}: K must be >= 1")
+        _check_vector(op, "w_scale", w_scale, n, w_q, "w_q")
+        if bias is not None:
+            _check_vector(op, "bias", bias, n, w_q, "w_q", c.FLOAT_DTYPES)
+        self.w_q, self.w_scale, self.bias = w_q, w_scale.contiguous(), bias
+        self.out_features, self.in_features = n, k
+        self._bias32 = None if bias is None else bias.float().contiguous()
+        self._direct = w_q.is_cpu
+        self._args = (w_q.data_ptr(), w_q.stride(0), self.w_scale.data_ptr(), 0, 0,
+                      0 if bias is None else self._bias32.data_ptr())  # fmt: skip
+
+    def __call__(self, x):
+        k = self.in_features
+        if (not self._direct or type(x) is not torch.Tensor or x.dim() != 2 or x.dtype is not torch.float32
+                or not x.is_cpu or x.shape[1] != k or x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < k)
+                or torch.compiler.is_compiling()):  # fmt: skip
+            return int8_weight_only_linear(x, self.w_q, self.w_scale, self.bias)
+        m, n = x.shape[0], self.out_features
+        out = torch.empty(m, n)
+        if m:  # [M, N] <- [M, K] @ ([N, K] int8 * [N])^T
+            _C.int8_weight_only_linear(out.data_ptr(), n, c.DTYPE_CODE[torch.float32], x.data_ptr(),
+                                       max(x.stride(0), k), *self._args, m, n, k, c.num_threads())  # fmt: skip
+        return out
+
+
+def prepare_int8_weight_only_linear(w_q, w_scale, bias=None) -> PreparedInt8WeightOnlyLinear:
+    """An ``int8_weight_only_linear`` with these per-channel weights checked once:
+    ``prepare_int8_weight_only_linear(w_q, s, b)(x) == int8_weight_only_linear(x, w_q, s, b)``."""
+    return PreparedInt8WeightOnlyLinear(w_q, w_scale, bias)
 
 
 OP_LIB.define(

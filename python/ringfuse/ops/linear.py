@@ -108,6 +108,48 @@ def linear(x, weight, bias=None):
     return _forward(x, weight, bias)
 
 
+class PreparedLinear:
+    """``linear(x, weight, bias)`` with weight and bias checked (and laid out) once, for a
+    caller that applies the same weights many times, like a decode loop. A call checks only
+    x: a CPU float32 / bfloat16 [M, K] tensor with a unit inner stride and no autograd goes
+    straight to the kernel; anything else takes the full ``linear`` (same result, same
+    errors). Made with ``prepare_linear``."""
+
+    def __init__(self, weight, bias=None):
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"prepare_linear: weight must be a torch.Tensor, got {type(weight).__name__}")
+        if weight.dim() != 2:
+            raise ValueError(f"prepare_linear: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+        _check(weight.new_empty(0, weight.shape[1], dtype=_F32), weight, bias)  # weight and bias
+        self.weight = weight if weight.stride(-1) == 1 or weight.shape[1] <= 1 else weight.contiguous()
+        self.bias = bias if bias is None or (bias.dtype in KERNEL_DTYPES and bias.stride(0) == 1) else \
+            bias.float().contiguous()  # fmt: skip
+        self.out_features, self.in_features = weight.shape
+        self._direct = (self.weight.is_cpu and self.weight.dtype in KERNEL_DTYPES and self.in_features > 0
+                        and (bias is None or bias.is_cpu))  # fmt: skip
+        self._w = (self.weight.data_ptr(), max(self.weight.stride(0), self.in_features), _CODE[self.weight.dtype]) \
+            if self._direct else None  # fmt: skip
+        self._b = (0, 0) if self.bias is None else (self.bias.data_ptr(), _CODE[self.bias.dtype])
+
+    def __call__(self, x):
+        k = self.in_features
+        if (not self._direct or type(x) is not torch.Tensor or x.dim() != 2 or x.dtype not in KERNEL_DTYPES
+                or not x.is_cpu or x.shape[1] != k or x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < k)
+                or x.requires_grad or self.weight.requires_grad or torch.compiler.is_compiling()):  # fmt: skip
+            return linear(x, self.weight, self.bias)
+        m, n = x.shape[0], self.out_features
+        out = torch.empty(m, n, dtype=x.dtype)
+        if m:  # [M, N] <- [M, K] @ [N, K]^T
+            _C.linear(out.data_ptr(), n, _CODE[x.dtype], x.data_ptr(), max(x.stride(0), k), _CODE[x.dtype],
+                      *self._w, *self._b, m, n, k, c.num_threads())  # fmt: skip
+        return out
+
+
+def prepare_linear(weight, bias=None) -> PreparedLinear:
+    """A ``linear`` with these weights checked once: ``prepare_linear(w, b)(x) == linear(x, w, b)``."""
+    return PreparedLinear(weight, bias)
+
+
 def _rows(t, k):
     """(tensor, row stride) of t as [rows, k] rows with a unit inner stride (a copy if needed)."""
     if t.is_contiguous():

@@ -151,10 +151,13 @@ def _add_rms_norm_inplace(x, residual, weight, eps, llama) -> None:
     x_rows, res_rows = c.rows(x), c.rows(residual)
     if x_rows.t.data_ptr() != x.data_ptr() or res_rows.t.data_ptr() != residual.data_ptr():
         raise ValueError(f"{op}: x and residual must have a unit inner stride and one row stride to be updated in place")
-    if c.overlap(x, residual):
+    xs, rs = c.span(x), c.span(residual)
+    if c.spans_overlap(xs, rs):
         raise ValueError(f"{op}: x and residual must not share memory (got the same tensor or overlapping views)")
-    if weight is not None and (c.overlap(weight, x) or c.overlap(weight, residual)):
-        raise ValueError(f"{op}: weight must not share memory with x or residual, which are overwritten")
+    if weight is not None and weight.numel():
+        ws = c.span(weight)
+        if c.spans_overlap(ws, xs) or c.spans_overlap(ws, rs):
+            raise ValueError(f"{op}: weight must not share memory with x or residual, which are overwritten")
     weight = c.kernel_param(weight, x)
     hidden = x.shape[-1]
     launch(x_rows, x_rows, x.numel() // hidden, hidden, weight, eps, llama, res_rows, res_rows)

@@ -61,22 +61,25 @@ class Linear:
             parts = [b.to(dtype) for b in blocks]
             self.weight = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
             self.out_features, self.in_features = self.weight.shape
+            self._small = ops.prepare_linear(self.weight, self.bias)  # weights checked once
         else:
             parts = [quantize_weight(b.float()) for b in blocks]  # ([rows, K] int8, [rows] fp32) each
             self.w_q = parts[0][0] if len(parts) == 1 else torch.cat([q for q, _ in parts])
             self.w_scale = parts[0][1] if len(parts) == 1 else torch.cat([s for _, s in parts])
             self.out_features, self.in_features = self.w_q.shape
             self.packed = ops.pack_int8_weight(self.w_q) if quant == "w8a8" else None
+            if quant == "w8a16":
+                self._w8a16 = ops.prepare_int8_weight_only_linear(self.w_q, self.w_scale, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         if self.quant == "none":
             # decode-sized M: ringfuse's bandwidth-bound kernel (MKL streams the weights at a
             # third of the DRAM bandwidth on AMD hosts); prefill-sized M: torch's GEMM
             if x.shape[0] <= SMALL_M and x.is_cpu:
-                return ops.linear(x, self.weight, self.bias)
+                return self._small(x)
             return F.linear(x, self.weight, self.bias)
         if self.quant == "w8a16":
-            return ops.int8_weight_only_linear(x, self.w_q, self.w_scale, self.bias)
+            return self._w8a16(x)
         x_q, x_s = ops.quantize_per_token(x)
         return ops.int8_gemm(x_q, self.w_q, x_s, self.w_scale, self.bias, out_dtype=x.dtype, packed=self.packed)
 
