@@ -217,9 +217,9 @@ def test_bad_inputs():
         rms_norm(x.double())
     with pytest.raises(ValueError, match="at least 1 dimension"):
         rms_norm(torch.tensor(1.0))
-    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+    with pytest.raises(ValueError, match=r"weight must have shape \(9,\) to match x's last dim, got \(8,\)"):
         rms_norm(x, torch.ones(7))
-    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+    with pytest.raises(ValueError, match=r"weight must have shape \(9,\) to match x's last dim, got \(8,\)"):
         rms_norm(x, torch.ones(2, 4))
     with pytest.raises(TypeError, match="weight must have dtype"):
         rms_norm(x, torch.ones(8, dtype=torch.int32))
@@ -413,3 +413,56 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.ringfuse.add_rms_norm.default, (xt.bfloat16(), rt.bfloat16(), w, 1e-6, True))
     torch.library.opcheck(torch.ops.ringfuse.add_rms_norm_.default,
                           (make((4, 16), torch.float32), make((4, 16), torch.float32, seed=2), w, 1e-6, False))
+
+
+# ---- prepare_rms_norm ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cast_mode", ["torch", "llama"])
+@pytest.mark.parametrize("xdt,wdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                     (torch.bfloat16, torch.float32), (torch.float32, torch.float16)])  # fmt: skip
+def test_prepared_add_rms_norm_equals_op(cast_mode, xdt, wdt):
+    """prepare_rms_norm(w).add_ gives add_rms_norm_'s bits (and errors) on the direct path
+    and on every fallback."""
+    import ringfuse.ops as rops
+
+    g = torch.Generator().manual_seed(3)
+    w = (torch.rand(40, generator=g) + 0.5).to(wdt)
+    norm = rops.prepare_rms_norm(w, 1e-5, cast_mode=cast_mode)
+    base_x, base_r = torch.randn(4, 40, generator=g).to(xdt), torch.randn(4, 40, generator=g).to(xdt)
+    layouts = [lambda t: t, lambda t: t[:1], lambda t: t[:0], lambda t: t.view(2, 2, 40),
+               lambda t: torch.empty(4, 80, dtype=t.dtype)[:, :40].copy_(t)]  # fmt: skip
+    for layout in layouts:
+        a = (layout(base_x.clone()), layout(base_r.clone()))
+        b = (layout(base_x.clone()), layout(base_r.clone()))
+        try:
+            rops.add_rms_norm_(*a, w, 1e-5, cast_mode=cast_mode)
+        except TypeError as e:  # llama mode with a weight that widens x's dtype
+            with pytest.raises(TypeError, match=str(e)[:40]):
+                norm.add_(*b)
+            continue
+        got = norm.add_(*b)
+        assert got[0] is b[0] and got[1] is b[1]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_prepared_rms_norm_bad_inputs():
+    import ringfuse.ops as rops
+
+    with pytest.raises(ValueError, match=r"weight must be a 1-D tensor \[hidden\]"):
+        rops.prepare_rms_norm(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="cast_mode must be one of"):
+        rops.prepare_rms_norm(torch.ones(3), cast_mode="hf")
+    with pytest.raises(ValueError, match="eps"):
+        rops.prepare_rms_norm(torch.ones(3), -1.0)
+    norm = rops.prepare_rms_norm(torch.ones(8))
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="x and residual must not share memory"):
+        norm.add_(x, x)
+    with pytest.raises(ValueError, match=r"residual must have the shape of x"):
+        norm.add_(x, torch.randn(3, 8))
+    with pytest.raises(ValueError, match=r"weight must have shape \(9,\) to match x's last dim, got \(8,\)"):
+        norm.add_(torch.randn(2, 9), torch.randn(2, 9))
+    w = torch.ones(8)
+    with pytest.raises(ValueError, match="weight must not share memory with x or residual"):
+        rops.prepare_rms_norm(w).add_(w.view(1, 8), torch.randn(1, 8))

@@ -137,3 +137,85 @@ def test_cache_without_slots():
     with pytest.raises(ValueError, match=r"slot_mapping must lie in \[-1, 0\)"):
         write_kv(k, k, kc, vc, torch.tensor([0, -1]))
     write_kv(k, k, kc, vc, torch.tensor([-1, -1]))
+
+
+# ---- PagedDecodePlan: rotary + write_kv + paged decode attention per layer ----------------
+
+
+def _decode_step_inputs(batch, hq, hkv, d, block_size, dtype, seed, pos_dtype=torch.int64):
+    """A paged cache with `batch` sequences already holding some tokens, and one new token each."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks, per_seq = 3 * batch + 2, 3
+    k_pages = torch.randn(num_blocks, hkv, block_size, d, generator=g).to(dtype)
+    v_pages = torch.randn(num_blocks, hkv, block_size, d, generator=g).to(dtype)
+    table = torch.randperm(num_blocks, generator=g)[: batch * per_seq].view(batch, per_seq).int()
+    lens = torch.randint(1, per_seq * block_size + 1, (batch,), generator=g).int()  # the new token included
+    pos = (lens - 1).to(pos_dtype)
+    slots = (table.gather(1, (pos.long() // block_size)[:, None])[:, 0].long() * block_size + pos.long() % block_size)
+    qkv = torch.randn(batch, (hq + 2 * hkv) * d, generator=g).to(dtype)  # q, k, v as views of one row, as a model has
+    cos_sin = rope_cache(64, d)
+    return k_pages, v_pages, table, lens, pos, slots.to(pos_dtype), qkv, cos_sin
+
+
+def rope_cache(max_pos, d):
+    from ringfuse.ops import cos_sin_cache
+
+    return cos_sin_cache(max_pos, d, base=10000.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch,hq,hkv,d,block_size", [(1, 9, 3, 64, 16), (3, 4, 4, 32, 4), (5, 8, 2, 24, 8)])
+@pytest.mark.parametrize("pos_dtype", [torch.int64, torch.int32], ids=str)
+def test_paged_decode_plan_equals_the_three_ops(dtype, batch, hq, hkv, d, block_size, pos_dtype):
+    from ringfuse.ops import PagedDecodePlan, paged_decode_attention, rotary_embedding, write_kv
+
+    k_pages, v_pages, table, lens, pos, slots, qkv, cos_sin = _decode_step_inputs(batch, hq, hkv, d, block_size,
+                                                                                  dtype, batch + d, pos_dtype)  # fmt: skip
+    views = lambda t: (t[:, : hq * d].view(batch, hq, d), t[:, hq * d : (hq + hkv) * d].view(batch, hkv, d),  # noqa: E731
+                       t[:, (hq + hkv) * d :].view(batch, hkv, d))  # fmt: skip
+    qkv_a, kp_a, vp_a = qkv.clone(), k_pages.clone(), v_pages.clone()
+    q, k, v = views(qkv_a)
+    rotary_embedding(q, k, pos, cos_sin)
+    write_kv(k, v, kp_a, vp_a, slots)
+    want = paged_decode_attention(q, kp_a, vp_a, table, lens)
+    qkv_b, kp_b, vp_b = qkv.clone(), k_pages.clone(), v_pages.clone()
+    plan = PagedDecodePlan(k_pages, v_pages, cos_sin, pos, slots, table, lens, hq)
+    got = plan.run(*views(qkv_b), kp_b, vp_b)
+    assert torch.equal(got, want) and torch.equal(qkv_b, qkv_a)  # q and k rotated in place alike
+    assert torch.equal(kp_b, kp_a) and torch.equal(vp_b, vp_a)
+
+
+def test_paged_decode_plan_bad_inputs():
+    from ringfuse.ops import PagedDecodePlan
+
+    k_pages, v_pages, table, lens, pos, slots, qkv, cos_sin = _decode_step_inputs(2, 4, 2, 16, 4, torch.float32, 0)
+    q, k, v = qkv[:, :64].view(2, 4, 16), qkv[:, 64:96].view(2, 2, 16), qkv[:, 96:].view(2, 2, 16)
+    with pytest.raises(ValueError, match="multiple of the number of kv heads"):
+        PagedDecodePlan(k_pages, v_pages, cos_sin, pos, slots, table, lens, 3)
+    with pytest.raises(ValueError, match=r"positions must have shape \(2,\)"):
+        PagedDecodePlan(k_pages, v_pages, cos_sin, pos[:1], slots, table, lens, 4)
+    with pytest.raises(TypeError, match="slot_mapping must be an int64 or int32 tensor"):
+        PagedDecodePlan(k_pages, v_pages, cos_sin, pos, slots.float(), table, lens, 4)
+    with pytest.raises(TypeError, match="seq_lens must have dtype int32"):
+        PagedDecodePlan(k_pages, v_pages, cos_sin, pos, slots, table, lens.long(), 4)
+    with pytest.raises(ValueError, match="v_pages must match k_pages"):
+        PagedDecodePlan(k_pages, v_pages[:-1], cos_sin, pos, slots, table, lens, 4)
+    with pytest.raises(ValueError, match="rot_dim must be even and <= head_dim 16"):
+        PagedDecodePlan(k_pages, v_pages, rope_cache(64, 32), pos, slots, table, lens, 4)
+    with pytest.raises(ValueError, match="style must be one of"):
+        PagedDecodePlan(k_pages, v_pages, cos_sin, pos, slots, table, lens, 4, style="xx")
+    plan = PagedDecodePlan(k_pages, v_pages, cos_sin, pos, slots, table, lens, 4)
+    with pytest.raises(ValueError, match=r"q must be a tensor of shape \(2, 4, 16\)"):
+        plan.run(q[:1], k, v, k_pages, v_pages)
+    with pytest.raises(TypeError, match="k must be torch.float32"):
+        plan.run(q, k.double(), v, k_pages, v_pages)
+    with pytest.raises(ValueError, match="k_pages must have the planned cache's shape"):
+        plan.run(q, k, v, k_pages[:-1], v_pages)
+    with pytest.raises(ValueError, match="v overlaps v_pages"):
+        plan.run(q, k, v_pages[0, :, :2], k_pages, v_pages)
+    bad = PagedDecodePlan(k_pages, v_pages, cos_sin, torch.tensor([0, 64]), slots, table, lens, 4)
+    with pytest.raises(ValueError, match="position"):  # the rotary kernel checks the rows it reads
+        bad.run(q, k, v, k_pages, v_pages)
+    bad = PagedDecodePlan(k_pages, v_pages, cos_sin, pos, torch.tensor([0, 10**6]), table, lens, 4)
+    with pytest.raises(ValueError, match="slot"):
+        bad.run(q, k, v, k_pages, v_pages)

@@ -1,20 +1,32 @@
 """torch custom ops (``torch.ops.ringfuse.*``) and their fast eager entry points."""
 
 from ._common import cuda_backend, set_cuda_backend
-from .attention import attention, attention_varlen, decode_attention, paged_decode_attention, write_kv
+from .attention import (
+    PagedDecodePlan,
+    attention,
+    attention_varlen,
+    decode_attention,
+    paged_decode_attention,
+    write_kv,
+)
 from .int8_gemm import (
     int8_gemm,
+    PreparedInt8WeightOnlyLinear,
     int8_weight_only_linear,
     pack_int8_weight,
     prepare_int8_weight_only_linear,
     quantize_per_token,
 )
 from .layer_norm import add_layer_norm, layer_norm
-from .linear import linear, linear_path, prepare_linear
-from .rms_norm import add_rms_norm, add_rms_norm_, rms_norm
+from .linear import PreparedLinear, linear, linear_path, prepare_linear
+from .rms_norm import PreparedRMSNorm, add_rms_norm, add_rms_norm_, prepare_rms_norm, rms_norm
 from .rotary_embedding import cos_sin_cache, rotary_embedding
 
 __all__ = [
+    "PagedDecodePlan",
+    "PreparedInt8WeightOnlyLinear",
+    "PreparedLinear",
+    "PreparedRMSNorm",
     "add_layer_norm",
     "add_rms_norm",
     "add_rms_norm_",
@@ -31,6 +43,7 @@ __all__ = [
     "pack_int8_weight",
     "prepare_int8_weight_only_linear",
     "prepare_linear",
+    "prepare_rms_norm",
     "paged_decode_attention",
     "quantize_per_token",
     "rms_norm",

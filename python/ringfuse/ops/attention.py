@@ -567,3 +567,119 @@ for _key in ("CPU", "CUDA"):
 @torch.library.register_fake("ringfuse::write_kv")
 def _write_kv_fake(k, v, k_cache, v_cache, slot_mapping):
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# Decode step plan: rotary + write_kv + paged decode attention, checked once per step
+
+
+class PagedDecodePlan:
+    """One decode step of every layer over a paged KV cache, split as FlashInfer splits it:
+    ``plan = PagedDecodePlan(...)`` checks what all layers share (positions, slots, block
+    table, seq_lens, the cos/sin cache, the caches' layout) once per step; ``plan.run(q, k,
+    v, k_pages, v_pages)`` per layer then does what ``rotary_embedding(q, k, ...)``,
+    ``write_kv(k, v, k_pages, v_pages, slot_mapping)`` and ``paged_decode_attention(q,
+    k_pages, v_pages, block_table, seq_lens)`` do, with the same bits, checking only its own
+    tensors (a decode step at batch 1 is ~90% Python glue otherwise: ~50 us of checks per
+    layer against ~10 us of kernels).
+
+    ``k_pages`` / ``v_pages``: any layer's caches [num_blocks, Hkv, block_size, D] (each
+    run's must have the same shape, strides and dtype); q [B, Hq, D], k / v [B, Hkv, D];
+    positions / slot_mapping [B] int64 or int32; block_table [B, max_blocks] and seq_lens
+    [B] int32 (the new token counted). CUDA tensors run the three ops one after another."""
+
+    def __init__(self, k_pages, v_pages, cos_sin_cache, positions, slot_mapping, block_table, seq_lens,
+                 num_q_heads: int, *, scale=None, style: str = "neox"):  # fmt: skip
+        from .rotary_embedding import STYLES
+
+        op = "PagedDecodePlan"
+        if style not in STYLES:
+            raise ValueError(f"{op}: style must be one of {STYLES}, got {style!r}")
+        if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, int) or num_q_heads < 1:
+            raise ValueError(f"{op}: num_q_heads must be a positive int, got {num_q_heads!r}")
+        for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
+            _check_head_tensor(op, name, t, 4)
+        if v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype or v_pages.device != k_pages.device:
+            raise ValueError(f"{op}: v_pages must match k_pages (shape {tuple(k_pages.shape)}, {k_pages.dtype}, "
+                             f"{k_pages.device}), got {tuple(v_pages.shape)}, {v_pages.dtype}, {v_pages.device}")  # fmt: skip
+        num_blocks, hkv, block_size, d = k_pages.shape
+        _check_int32(op, "block_table", block_table, 2, k_pages)
+        batch = block_table.shape[0]
+        # the checks the three ops make, once: q/k/v and caches, the integer tensors, rotary's cache
+        q_probe = k_pages.new_empty(batch, num_q_heads, d)
+        self.scale, self.softcap = _check_common(op, q_probe, k_pages, v_pages, seq_lens, scale, None)
+        for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
+            if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"{op}: {name} must be an int64 or int32 tensor")
+            if t.shape != (batch,):
+                raise ValueError(f"{op}: {name} must have shape ({batch},) (one per sequence), got {tuple(t.shape)}")
+            if t.device != k_pages.device:
+                raise ValueError(f"{op}: {name} is on {t.device} but the cache is on {k_pages.device}")
+        if not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dtype != torch.float32 or cos_sin_cache.dim() != 2:
+            raise TypeError(f"{op}: cos_sin_cache must be a float32 [max_positions, rot_dim] tensor")
+        rot_dim = cos_sin_cache.shape[1]
+        if rot_dim < 2 or rot_dim % 2 or rot_dim > d:
+            raise ValueError(f"{op}: cos_sin_cache's rot_dim must be even and <= head_dim {d}, got {rot_dim}")
+        if cos_sin_cache.device != k_pages.device:
+            raise ValueError(f"{op}: cos_sin_cache is on {cos_sin_cache.device} but the cache is on {k_pages.device}")
+        self.cuda = k_pages.is_cuda
+        self.gptj = style == "gptj"
+        self.style = style
+        self.batch, self.hq, self.hkv, self.d = batch, num_q_heads, hkv, d
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.cache_layout = (k_pages.shape, k_pages.stride(), k_pages.dtype, k_pages.device)
+        self.positions, self.slot_mapping, self.block_table, self.seq_lens = positions, slot_mapping, block_table, seq_lens
+        self.cos_sin_cache = cos_sin_cache
+        self._cache_bytes = k_pages.nbytes if k_pages.is_contiguous() else None
+        # kernel arguments shared by every layer
+        self._pos = positions.to(torch.int64).contiguous()
+        self._slots = slot_mapping.to(torch.int64).contiguous()
+        cs = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
+        self._cs = cs
+        self._rope = (self._pos.data_ptr(), cs.data_ptr(), cs.stride(0), cs.shape[0], cs.shape[1], self.gptj)
+        self._table = (block_table.data_ptr(), block_table.stride(0), block_table.shape[1], block_size, num_blocks,
+                       seq_lens.data_ptr())  # fmt: skip
+        self._cache_strides = k_pages.stride()[:3]  # v_pages: the same layout
+        self._elem, self._code, self._threads = k_pages.element_size(), c.DTYPE_CODE[k_pages.dtype], c.num_threads()
+
+    def run(self, q, k, v, k_pages, v_pages):
+        """Rotates q and k in place, writes k and v to their slots, returns attention [B, Hq, D]."""
+        op = "PagedDecodePlan.run"
+        dtype, device = self.cache_layout[2], self.cache_layout[3]
+        for name, t, heads in (("q", q, self.hq), ("k", k, self.hkv), ("v", v, self.hkv)):
+            if type(t) is not torch.Tensor or t.shape != (self.batch, heads, self.d):
+                raise ValueError(f"{op}: {name} must be a tensor of shape {(self.batch, heads, self.d)}, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")  # fmt: skip
+            if t.dtype != dtype or t.device != device:
+                raise TypeError(f"{op}: {name} must be {dtype} on {device} like the cache, got {t.dtype} on {t.device}")
+        for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
+            if type(t) is not torch.Tensor or (t.shape, t.stride(), t.dtype, t.device) != self.cache_layout:
+                raise ValueError(f"{op}: {name} must have the planned cache's shape, strides, dtype and device "
+                                 f"{self.cache_layout}")  # fmt: skip
+        qs, ks, vs = q.stride(), k.stride(), v.stride()
+        if self.d > 1 and (qs[2] != 1 or ks[2] != 1 or vs[2] != 1):
+            raise ValueError(f"{op}: q, k and v must have a unit stride in their last (head_dim) dimension")
+        if self.cuda or self._cache_bytes is None or self.batch == 0 or self.num_blocks * self.block_size == 0:
+            from .rotary_embedding import rotary_embedding
+
+            rotary_embedding(q, k, self.positions, self.cos_sin_cache, style=self.style)
+            write_kv(k, v, k_pages, v_pages, self.slot_mapping)
+            return paged_decode_attention(q, k_pages, v_pages, self.block_table, self.seq_lens, scale=self.scale)
+        b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
+        kp, vp, kx, vx = k_pages.data_ptr(), v_pages.data_ptr(), k.data_ptr(), v.data_ptr()
+        for name, start, st in (("k", kx, ks), ("v", vx, vs)):  # the new rows must not alias the caches they go to
+            end = start + (1 + (b - 1) * st[0] + (hkv - 1) * st[1] + d - 1) * self._elem
+            for cname, p in (("k_pages", kp), ("v_pages", vp)):
+                if start < p + self._cache_bytes and p < end:
+                    raise ValueError(f"{op}: {name} overlaps {cname}")
+        code, threads = self._code, self._threads
+        qx = q.data_ptr()
+        _C.rotary_embedding(qx, qs[0], qs[1], b, hq, d, *self._rope, code, threads)  # q [B, Hq, D] in place
+        _C.rotary_embedding(kx, ks[0], ks[1], b, hkv, d, *self._rope, code, threads)  # k [B, Hkv, D] in place
+        cs = self._cache_strides
+        _C.write_kv(kp, *cs, vp, *cs, kx, ks[0], ks[1], vx, vs[0], vs[1], self._slots.data_ptr(), b, hkv, d,
+                    self.num_blocks, self.block_size, code)  # fmt: skip
+        out = torch.empty((b, hq, d), dtype=dtype)  # [B, Hq, D], contiguous
+        _C.decode_attention(out.data_ptr(), hq * d, d, qx, qs[0], qs[1], kp, *cs, vp, *cs, *self._table, b, hq, hkv,
+                            d, self.scale, self.softcap, code, SPLIT_SIZE, threads)  # fmt: skip
+        return out

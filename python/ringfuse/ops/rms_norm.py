@@ -163,6 +163,60 @@ def _add_rms_norm_inplace(x, residual, weight, eps, llama) -> None:
     launch(x_rows, x_rows, x.numel() // hidden, hidden, weight, eps, llama, res_rows, res_rows)
 
 
+class PreparedRMSNorm:
+    """RMSNorm with its weight, eps and cast mode checked once, for a caller that applies
+    the same norm many times, like a decode loop. ``norm.add_(x, residual)`` is
+    ``add_rms_norm_(x, residual, weight, eps, cast_mode=...)``: contiguous CPU x and residual
+    of one shape and dtype go straight to the kernel after a shape, dtype and overlap check;
+    anything else takes the full op (same result, same errors). Made with
+    ``prepare_rms_norm``."""
+
+    def __init__(self, weight, eps: float = 1e-6, *, cast_mode: str = "torch"):
+        op = "prepare_rms_norm"
+        self.llama = _llama(op, cast_mode)
+        self.cast_mode = cast_mode
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+            raise ValueError(f"{op}: weight must be a 1-D tensor [hidden], got "
+                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")  # fmt: skip
+        probe = weight.new_empty(0, weight.shape[0], dtype=weight.dtype if weight.dtype in c.FLOAT_DTYPES else torch.float32)
+        self.eps = _check(op, probe, weight, eps)
+        self.weight, self.hidden = weight, weight.shape[0]
+        self._w = c.kernel_param(weight, probe)  # contiguous; x's dtype or fp32
+        self._direct = weight.is_cpu and not weight.requires_grad
+        self._w_code = c.DTYPE_CODE[self._w.dtype]
+
+    def add_(self, x, residual):
+        """residual <- x + residual; x <- RMSNorm(x + residual), in place. Returns (x, residual)."""
+        h = self.hidden
+        if (not self._direct or type(x) is not torch.Tensor or type(residual) is not torch.Tensor
+                or x.dim() != 2 or x.shape[1] != h or residual.shape != x.shape or residual.dtype is not x.dtype
+                or not x.is_cpu or not residual.is_cpu or x.requires_grad or residual.requires_grad
+                or not x.is_contiguous() or not residual.is_contiguous() or x.dtype not in c.FLOAT_DTYPES
+                or (self._w.dtype is not x.dtype and self._w.dtype is not torch.float32)  # as kernel_param
+                or (self.llama and torch.promote_types(x.dtype, self.weight.dtype) is not x.dtype)
+                or torch.compiler.is_compiling()):  # fmt: skip
+            return add_rms_norm_(x, residual, self.weight, self.eps, cast_mode=self.cast_mode)
+        n = x.shape[0]
+        if n:
+            xp, rp, nbytes = x.data_ptr(), residual.data_ptr(), x.nbytes
+            if xp < rp + nbytes and rp < xp + nbytes:
+                raise ValueError("add_rms_norm_: x and residual must not share memory (got the same tensor or "
+                                 "overlapping views)")  # fmt: skip
+            wp, wb = self._w.data_ptr(), self._w.nbytes
+            if (wp < xp + nbytes and xp < wp + wb) or (wp < rp + nbytes and rp < wp + wb):
+                raise ValueError("add_rms_norm_: weight must not share memory with x or residual, which are overwritten")
+            code = c.DTYPE_CODE[x.dtype]  # [n, h] rows, h apart, updated in place
+            _C.rms_norm(xp, h, rp, h, xp, h, rp, h, wp, n, h, self.eps, code, self._w_code, code, self.llama,
+                        c.num_threads())  # fmt: skip
+        return x, residual
+
+
+def prepare_rms_norm(weight, eps: float = 1e-6, *, cast_mode: str = "torch") -> PreparedRMSNorm:
+    """An RMSNorm with this weight checked once: ``prepare_rms_norm(w, eps).add_(x, r)`` is
+    ``add_rms_norm_(x, r, w, eps)``."""
+    return PreparedRMSNorm(weight, eps, cast_mode=cast_mode)
+
+
 # ---------------------------------------------------------------------------------------
 # torch.library registration: schema, device kernels, fake kernels, autograd
 

@@ -86,10 +86,10 @@ class Linear:
 
 @dataclasses.dataclass
 class Layer:
-    input_norm: torch.Tensor  # [hidden]
+    input_norm: ops.PreparedRMSNorm  # weight [hidden], checked once
     qkv: Linear  # [(hq + 2 hkv) * D, hidden]: this rank's q heads, then its k and v heads
     o_proj: Linear  # [hidden, hq * D]: this rank's columns
-    post_norm: torch.Tensor  # [hidden]
+    post_norm: ops.PreparedRMSNorm
     gate_up: Linear  # [2 * ffn / tp, hidden]: this rank's gate rows, then its up rows
     down: Linear  # [hidden, ffn / tp]
 
@@ -158,8 +158,8 @@ class LlamaModel:
         def get(name, dim=None, start=0, stop=None):
             return weights.get(name, dim, start, stop)
 
-        def norm(name):
-            return get(name).to(dtype).contiguous()
+        def norm(name):  # weight [hidden]
+            return ops.prepare_rms_norm(get(name).to(dtype).contiguous(), cfg.rms_norm_eps, cast_mode="llama")
 
         self.layers = []
         for i in range(cfg.num_layers):
@@ -231,34 +231,36 @@ class LlamaModel:
         """Hidden states after the final norm, [R, hidden] for R = step.logit_rows (or all T)."""
         cfg = self.config
         T, D = step.input_ids.shape[0], cfg.head_dim
-        qn, kn = self.hq * D, self.hkv * D
+        qn = self.hq * D
         h = self.embed_tokens(step.input_ids)  # [T, hidden]
         residual = None
+        decode = None
+        if not step.is_prefill:  # what the 30 layers share, checked once per step
+            decode = ops.PagedDecodePlan(kv.k[0], kv.v[0], self.cos_sin, step.positions, step.slot_mapping,
+                                         step.block_table, step.seq_lens, self.hq)  # fmt: skip
         for i, layer in enumerate(self.layers):
             if residual is None:
                 residual = h
-                x = ops.rms_norm(h, layer.input_norm, cfg.rms_norm_eps, cast_mode="llama")
+                x = ops.rms_norm(h, layer.input_norm.weight, cfg.rms_norm_eps, cast_mode="llama")
             else:  # residual += h; x = norm(residual)
-                x, residual = ops.add_rms_norm_(h, residual, layer.input_norm, cfg.rms_norm_eps, cast_mode="llama")
-            qkv = layer.qkv(x)  # [T, qn + 2 kn]
-            q = qkv[:, :qn].view(T, self.hq, D)
-            k = qkv[:, qn : qn + kn].view(T, self.hkv, D)
-            v = qkv[:, qn + kn :].view(T, self.hkv, D)
-            ops.rotary_embedding(q, k, step.positions, self.cos_sin)
-            ops.write_kv(k, v, kv.k[i], kv.v[i], step.slot_mapping)
-            if step.is_prefill:
+                x, residual = layer.input_norm.add_(h, residual)
+            heads = layer.qkv(x).view(T, self.hq + 2 * self.hkv, D)  # [T, Hq + 2 Hkv, D]
+            q, k, v = heads[:, : self.hq], heads[:, self.hq : self.hq + self.hkv], heads[:, self.hq + self.hkv :]
+            if decode is not None:  # rotary, k/v into the cache, attention over the pages
+                o = decode.run(q, k, v, kv.k[i], kv.v[i])
+            else:
+                ops.rotary_embedding(q, k, step.positions, self.cos_sin)
+                ops.write_kv(k, v, kv.k[i], kv.v[i], step.slot_mapping)
                 o = ops.attention_varlen(q, k, v, step.cu_seqlens, step.cu_seqlens, max_seqlen_q=step.max_seqlen,
                                          causal=True)  # fmt: skip
-            else:
-                o = ops.paged_decode_attention(q, kv.k[i], kv.v[i], step.block_table, step.seq_lens)
             h = self._all_reduce(layer.o_proj(o.view(T, qn)))  # [T, hidden]
-            x, residual = ops.add_rms_norm_(h, residual, layer.post_norm, cfg.rms_norm_eps, cast_mode="llama")
+            x, residual = layer.post_norm.add_(h, residual)
             gate_up = layer.gate_up(x)  # [T, 2 ffn]
             act = F.silu(gate_up[:, : self.ffn]).mul_(gate_up[:, self.ffn :])  # [T, ffn]
             h = self._all_reduce(layer.down(act))
         if step.logit_rows is not None:
             h, residual = h[step.logit_rows], residual[step.logit_rows]
-        x, _ = ops.add_rms_norm_(h.contiguous(), residual.contiguous(), self.norm, cfg.rms_norm_eps, cast_mode="llama")
+        x, _ = self.norm.add_(h.contiguous(), residual.contiguous())
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
