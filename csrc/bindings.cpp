@@ -14,6 +14,7 @@
 #include "cpu/memory.h"
 #include "cpu/norms.h"
 #include "cpu/rotary_embedding.h"
+#include "cpu/silu_mul.h"
 #include "cpu/vec.h"
 #ifdef RINGFUSE_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -82,6 +83,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x_sh"), py::arg("tokens"), py::arg("heads"), py::arg("head_dim"), py::arg("positions"),
         py::arg("cache"), py::arg("cache_stride"), py::arg("max_positions"), py::arg("rot_dim"), py::arg("gptj"),
         py::arg("dtype"), py::arg("num_threads"));
+
+  m.def("silu_mul", &rf::cpu::silu_mul, release_gil(), py::arg("out"), py::arg("out_stride"), py::arg("x"),
+        py::arg("x_stride"), py::arg("rows"), py::arg("d"), py::arg("dtype"), py::arg("num_threads"));
 
   m.def("quantize_per_token", &rf::cpu::quantize_per_token, release_gil(), py::arg("q"), py::arg("q_stride"),
         py::arg("scale"), py::arg("x"), py::arg("x_stride"), py::arg("rows"), py::arg("k"), py::arg("dtype"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "int8", "linear", "allreduce", "tp", "generate")
+BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "silu_mul", "int8", "linear", "allreduce", "tp", "generate")
 
 
 def _cpu_flags() -> list[str]:
@@ -113,6 +113,11 @@ def _bench(args) -> int:
         from .bench import rotary
 
         rotary.run(rounds=args.rounds, lim=lim)
+        return 0
+    if args.op == "silu_mul":
+        from .bench import silu_mul
+
+        silu_mul.run(rounds=args.rounds, lim=lim)
         return 0
     if args.op == "int8":
         from .bench import int8

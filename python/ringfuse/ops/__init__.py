@@ -21,6 +21,7 @@ from .layer_norm import add_layer_norm, layer_norm
 from .linear import PreparedLinear, linear, linear_path, prepare_linear
 from .rms_norm import PreparedRMSNorm, add_rms_norm, add_rms_norm_, prepare_rms_norm, rms_norm
 from .rotary_embedding import cos_sin_cache, rotary_embedding
+from .silu_mul import silu_mul
 
 __all__ = [
     "PagedDecodePlan",
@@ -49,5 +50,6 @@ __all__ = [
     "rms_norm",
     "rotary_embedding",
     "set_cuda_backend",
+    "silu_mul",
     "write_kv",
 ]

@@ -1,9 +1,15 @@
 """The Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2), in one file,
 from ringfuse ops: fused RMSNorm with the residual add, q/k/v in one GEMM, in-place RoPE,
 the KV cache written by ``write_kv``, varlen flash attention for prefill and paged decode
-attention, gate and up in one GEMM, float (torch) or int8 (ringfuse) linears, and the
-ring all-reduce under tensor parallelism (Megatron's layout: heads and FFN columns split,
-o_proj and down_proj row-parallel, embedding and LM head split over the vocab).
+attention, gate and up in one GEMM with the fused SwiGLU (``silu_mul``), float or int8
+linears (ringfuse's GEMV-style kernels at decode sizes, torch's GEMM for float prefill),
+and the ring all-reduce under tensor parallelism (Megatron's layout: heads and FFN columns
+split, o_proj and down_proj row-parallel, embedding and LM head split over the vocab).
+
+A decode step at batch 1 runs ~10 us of kernels per op, so per-call checks would dominate:
+weights and norms are checked once at load (``ops.prepare_linear``,
+``prepare_int8_weight_only_linear``, ``prepare_rms_norm``) and what the layers share
+(positions, slots, block table) once per step (``ops.PagedDecodePlan``).
 
 Tokens of all sequences in a step are packed along one axis T (no padding):
   prefill: T = sum of prompt lengths, attention over each prompt (cu_seqlens);
@@ -256,7 +262,7 @@ class LlamaModel:
             h = self._all_reduce(layer.o_proj(o.view(T, qn)))  # [T, hidden]
             x, residual = layer.post_norm.add_(h, residual)
             gate_up = layer.gate_up(x)  # [T, 2 ffn]
-            act = F.silu(gate_up[:, : self.ffn]).mul_(gate_up[:, self.ffn :])  # [T, ffn]
+            act = ops.silu_mul(gate_up)  # [T, ffn]
             h = self._all_reduce(layer.down(act))
         if step.logit_rows is not None:
             h, residual = h[step.logit_rows], residual[step.logit_rows]

@@ -1,0 +1,101 @@
+"""ringfuse.ops.silu_mul on CPU (AVX2 and scalar) vs an fp64 reference with DESIGN's
+tolerance rule (2x torch's own error + a rounding floor), special values as torch, layouts,
+the documented torch fallback, torch.compile and bad inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ringfuse import _C
+from ringfuse.ops import silu_mul
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def torch_silu_mul(x):
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 2), (1, 2 * 1536), (3, 2 * 7), (17, 2 * 100), (2, 5, 2 * 33)], ids=str)
+def test_matches_reference(isa, dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (4 * torch.randn(shape, generator=g)).to(dtype)
+    got = silu_mul(x)
+    assert got.dtype == dtype and got.shape == (*shape[:-1], shape[-1] // 2)
+    ref = torch_silu_mul(x.double())
+    err = float((got.double() - ref).abs().max())
+    terr = float((torch_silu_mul(x).double() - ref).abs().max())
+    floor = torch.finfo(dtype).eps / 2 * float(ref.abs().max())
+    assert err <= 2 * terr + floor, f"error {err:.3g} vs torch {terr:.3g} (floor {floor:.3g})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_special_values_as_torch(isa, dtype):
+    """NaN propagates; -inf gives NaN, +inf gives inf, far-negative gates give 0 (exp(-a)
+    overflows), including the band just past exp's saturation."""
+    gate = torch.tensor([float("-inf"), float("inf"), float("nan"), -200.0, -100.0, -88.8, -88.7, -88.5, -87.0,
+                         -3.0, -0.0, 0.0, 1.0, 3.0, 20.0, 100.0, 5.0])  # fmt: skip
+    up = torch.tensor([2.0, 2.0, 2.0, -1.5, -100.0, 3.0, 3.0, -88.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 100.0,
+                       float("nan")])  # fmt: skip
+    x = torch.cat([gate, up])[None].to(dtype)
+    got, want = silu_mul(x), torch_silu_mul(x)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite], rtol=2 * torch.finfo(dtype).eps, atol=1e-30)
+
+
+def test_layouts_and_threads():
+    big = torch.randn(6, 300)
+    x = big[:, :200]  # strided rows: used in place
+    assert torch.equal(silu_mul(x), silu_mul(x.contiguous()))
+    xt = torch.randn(200, 6).T  # inner stride 6: copied
+    assert torch.equal(silu_mul(xt), silu_mul(xt.contiguous()))
+    assert silu_mul(torch.empty(0, 8)).shape == (0, 4)
+    x = torch.randn(512, 2 * 1536)  # big enough for OpenMP
+    one = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = silu_mul(x)
+    finally:
+        torch.set_num_threads(one)
+    assert torch.equal(a, silu_mul(x))
+
+
+def test_fallbacks_and_compile():
+    x = torch.randn(3, 16, dtype=torch.float64)
+    assert torch.equal(silu_mul(x), torch_silu_mul(x))  # float64: torch
+    xg = torch.randn(3, 16, requires_grad=True)
+    y = silu_mul(xg)  # autograd: torch
+    y.sum().backward()
+    assert xg.grad is not None and torch.allclose(y, torch_silu_mul(xg))
+    x = torch.randn(4, 16)
+    f = torch.compile(silu_mul, fullgraph=True, backend="aot_eager")
+    assert torch.equal(f(x), silu_mul(x))
+    torch.library.opcheck(torch.ops.ringfuse.silu_mul, (x,))
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        silu_mul([1.0, 2.0])
+    with pytest.raises(TypeError, match="x must have dtype"):
+        silu_mul(torch.ones(2, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"even, non-zero last dim, got shape \(2, 5\)"):
+        silu_mul(torch.ones(2, 5))
+    with pytest.raises(ValueError, match="even, non-zero last dim"):
+        silu_mul(torch.ones(2, 0))
+    with pytest.raises(ValueError, match="even, non-zero last dim"):
+        silu_mul(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="row strides must be"):
+        _C.silu_mul(1, 4, 1, 4, 2, 4, 0, 1)
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.silu_mul(0, 4, 0, 8, 2, 4, 0, 1)
+
+
+@pytest.mark.gpu
+def test_cuda_falls_back_to_torch():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x = torch.randn(4, 64, device="cuda")
+    assert torch.equal(silu_mul(x), torch_silu_mul(x))
