@@ -153,6 +153,8 @@ def _add_generate_parser(sub) -> None:
         p.add_argument("--quant", default="none", choices=("none", "w8a16", "w8a8"))
         p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
         p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
+        p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false", default=None,
+                       help="convert a GGUF's weights on every load instead of caching them")
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
         p.add_argument("--top-k", type=int, default=0)

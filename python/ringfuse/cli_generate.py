@@ -33,7 +33,8 @@ def run(args) -> int:
     from .runtime import LLM
 
     try:
-        llm = LLM(args.model, dtype=args.dtype, quant=args.quant, tp=args.tp, threads=args.threads)
+        llm = LLM(args.model, dtype=args.dtype, quant=args.quant, tp=args.tp, threads=args.threads,
+                  weight_cache=args.weight_cache)  # fmt: skip
         lead = int(os.environ.get("RANK", "0")) == 0
         if args.command == "chat":
             return _chat(llm, args, lead)

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# The converted-weights cache is tested on its own (test_weight_cache.py); elsewhere the
+# tests convert each time instead of writing ~1 GB of cache files into the user's cache.
+os.environ.setdefault("RINGFUSE_WEIGHT_CACHE", "0")
+
 
 @pytest.fixture(scope="session")
 def default_gguf_path() -> Path:

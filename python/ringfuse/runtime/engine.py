@@ -81,11 +81,14 @@ class LLM:
     ranks (run under torchrun with that many processes). ``max_batch``: requests decoded
     together. ``max_model_len``: context limit (default: the model's). ``kv_cache_tokens``:
     cache capacity in tokens (default: max_batch full contexts, at most 65536).
+    ``weight_cache``: keep the converted weights in ``$RINGFUSE_CACHE/converted`` and map them
+    on later loads (default: on for GGUF files, whose conversion dequantizes, unless
+    ``RINGFUSE_WEIGHT_CACHE=0``; off for HF folders).
     """
 
     def __init__(self, model=None, *, dtype="fp32", quant: str = "none", tp: int = 1, max_batch: int = 8,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None, block_size: int = 16,
-                 threads: int | None = None):  # fmt: skip
+                 threads: int | None = None, weight_cache: bool | None = None):  # fmt: skip
         from .model_files import resolve_model
         from .tokenizer import Tokenizer
         from .weights import open_weights
@@ -106,8 +109,7 @@ class LLM:
             self.tokenizer = Tokenizer.from_gguf(self.weights.metadata)
         else:
             self.tokenizer = Tokenizer.from_folder(self.path)
-        with torch.no_grad():
-            self.model = LlamaModel(self.weights, self.dtype, quant, group)
+        self.model = self._load_model(quant, group, weight_cache)
         self.quant, self.tp, self.max_batch, self.block_size = quant, tp, max_batch, block_size
         limit = cfg.max_position_embeddings
         if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
@@ -135,6 +137,29 @@ class LLM:
         # lazy inits) that would otherwise show up as the first request's prefill time
         for _ in self.stream([[cfg.bos_token_id or 0] * 4], max_new_tokens=2, ignore_eos=True):
             pass
+
+    def _load_model(self, quant: str, group, weight_cache: bool | None) -> LlamaModel:
+        """The model, through the converted-weights cache (default: on for GGUF files)."""
+        import torch.distributed as dist
+
+        from . import weight_cache as wc
+
+        if weight_cache is None:
+            weight_cache = self.path.suffix == ".gguf" and os.environ.get("RINGFUSE_WEIGHT_CACHE", "1") != "0"
+        use = bool(weight_cache)
+        rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+        cache = wc.cache_file(self.path, self.dtype, quant, rank, world) if use else None
+        converted = wc.load(cache) if cache is not None else None
+        with torch.no_grad():
+            if converted is not None:
+                try:
+                    return LlamaModel(self.weights, self.dtype, quant, group, converted=converted)
+                except ValueError:  # the file does not fit this model: convert again
+                    pass
+            model = LlamaModel(self.weights, self.dtype, quant, group)
+        if cache is not None:
+            wc.save(cache, model.converted_tensors())
+        return model
 
     # ---- public API ----------------------------------------------------------------------
 

@@ -60,22 +60,50 @@ class Linear:
     def __init__(self, weight, bias: torch.Tensor | None, quant: str, dtype: torch.dtype):
         """``weight``: [N, K] float, or an iterator of its row blocks, taken one at a time so
         that a large matrix (the LM head) is never whole in fp32 when it is quantized."""
-        self.quant = quant
-        self.bias = None if bias is None else bias.to(dtype if quant == "none" else torch.float32).contiguous()
+        bias = None if bias is None else bias.to(dtype if quant == "none" else torch.float32).contiguous()
         blocks = [weight] if isinstance(weight, torch.Tensor) else weight
         if quant == "none":
             parts = [b.to(dtype) for b in blocks]
-            self.weight = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
-            self.out_features, self.in_features = self.weight.shape
-            self._small = ops.prepare_linear(self.weight, self.bias)  # weights checked once
+            self._setup(quant, {"weight": parts[0].contiguous() if len(parts) == 1 else torch.cat(parts), "bias": bias})
         else:
             parts = [quantize_weight(b.float()) for b in blocks]  # ([rows, K] int8, [rows] fp32) each
-            self.w_q = parts[0][0] if len(parts) == 1 else torch.cat([q for q, _ in parts])
-            self.w_scale = parts[0][1] if len(parts) == 1 else torch.cat([s for _, s in parts])
-            self.out_features, self.in_features = self.w_q.shape
-            self.packed = ops.pack_int8_weight(self.w_q) if quant == "w8a8" else None
-            if quant == "w8a16":
-                self._w8a16 = ops.prepare_int8_weight_only_linear(self.w_q, self.w_scale, self.bias)
+            w_q = parts[0][0] if len(parts) == 1 else torch.cat([q for q, _ in parts])
+            w_scale = parts[0][1] if len(parts) == 1 else torch.cat([s for _, s in parts])
+            self._setup(quant, {"w_q": w_q, "w_scale": w_scale, "bias": bias})
+
+    @classmethod
+    def from_parts(cls, parts: dict, quant: str, shape: tuple[int, int], key: str) -> Linear:
+        """A Linear from the tensors ``parts()`` gave (the converted-weights cache), checked
+        against the expected [N, K]."""
+        self = cls.__new__(cls)
+        names = {"weight"} if quant == "none" else {"w_q", "w_scale"}
+        if not names <= parts.keys():
+            raise ValueError(f"{key}: missing {sorted(names - parts.keys())}")
+        main = parts["weight" if quant == "none" else "w_q"]
+        if tuple(main.shape) != shape or (quant != "none" and tuple(parts["w_scale"].shape) != shape[:1]):
+            raise ValueError(f"{key}: shape {tuple(main.shape)}, expected {shape}")
+        if parts.get("bias") is not None and tuple(parts["bias"].shape) != shape[:1]:
+            raise ValueError(f"{key}: bias shape {tuple(parts['bias'].shape)}, expected {shape[:1]}")
+        self._setup(quant, {"bias": None, **parts})
+        return self
+
+    def _setup(self, quant: str, parts: dict) -> None:
+        self.quant, self.bias = quant, parts["bias"]
+        if quant == "none":
+            self.weight = parts["weight"]  # [N, K]
+            self.out_features, self.in_features = self.weight.shape
+            self._small = ops.prepare_linear(self.weight, self.bias)  # weights checked once
+            return
+        self.w_q, self.w_scale = parts["w_q"], parts["w_scale"]  # [N, K] int8, [N] fp32
+        self.out_features, self.in_features = self.w_q.shape
+        self.packed = ops.pack_int8_weight(self.w_q) if quant == "w8a8" else None
+        if quant == "w8a16":
+            self._w8a16 = ops.prepare_int8_weight_only_linear(self.w_q, self.w_scale, self.bias)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The converted tensors, as ``from_parts`` takes them back."""
+        out = {"weight": self.weight} if self.quant == "none" else {"w_q": self.w_q, "w_scale": self.w_scale}
+        return out if self.bias is None else {**out, "bias": self.bias}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         if self.quant == "none":
@@ -137,7 +165,11 @@ class LlamaModel:
     """Weights for this rank and the forward pass. ``tp_group``: a torch.distributed group
     (None with tp = 1)."""
 
-    def __init__(self, weights, dtype: torch.dtype = torch.float32, quant: str = "none", tp_group=None):
+    def __init__(self, weights, dtype: torch.dtype = torch.float32, quant: str = "none", tp_group=None,
+                 converted: dict[str, torch.Tensor] | None = None):  # fmt: skip
+        """``converted``: this rank's tensors as ``converted_tensors()`` gave them (the
+        converted-weights cache); then ``weights`` only supplies the config. A converted
+        set that does not fit the config is a ValueError."""
         if quant not in QUANT_MODES:
             raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
         if dtype not in (torch.float32, torch.bfloat16):
@@ -164,40 +196,58 @@ class LlamaModel:
         def get(name, dim=None, start=0, stop=None):
             return weights.get(name, dim, start, stop)
 
-        def norm(name):  # weight [hidden]
-            return ops.prepare_rms_norm(get(name).to(dtype).contiguous(), cfg.rms_norm_eps, cast_mode="llama")
+        hidden = cfg.hidden_size
+
+        def norm(key, name):  # weight [hidden]
+            w = get(name).to(dtype).contiguous() if converted is None else converted.get(key)
+            if w is None or tuple(w.shape) != (hidden,) or w.dtype != dtype:
+                raise ValueError(f"{key}: expected a {dtype} [{hidden}] norm weight")
+            return ops.prepare_rms_norm(w, cfg.rms_norm_eps, cast_mode="llama")
+
+        def linear(key, shape, weight_fn, bias_fn=lambda: None):  # [N, K]
+            if converted is None:
+                return Linear(weight_fn(), bias_fn(), quant, dtype)
+            prefix = key + "."
+            parts = {k[len(prefix) :]: v for k, v in converted.items() if k.startswith(prefix)}
+            return Linear.from_parts(parts, quant, shape, key)
+
+        def qkv_bias(a, q_rows, kv_rows):
+            if not cfg.attention_bias or not weights.has(a + "q_proj.bias"):
+                return None
+            parts = [(a + "q_proj.bias", q_rows), (a + "k_proj.bias", kv_rows), (a + "v_proj.bias", kv_rows)]
+            return torch.cat([get(n, 0, *r) for n, r in parts])
 
         self.layers = []
         for i in range(cfg.num_layers):
-            p = f"model.layers.{i}."
+            p, key = f"model.layers.{i}.", f"layers.{i}."
             a = p + "self_attn."
             q_rows, kv_rows = (q0 * D, q1 * D), (k0 * D, k1 * D)
-            qkv_w = torch.cat([get(a + "q_proj.weight", 0, *q_rows), get(a + "k_proj.weight", 0, *kv_rows),
-                               get(a + "v_proj.weight", 0, *kv_rows)])  # fmt: skip
-            qkv_b = None
-            if cfg.attention_bias:
-                parts = [(a + "q_proj.bias", q_rows), (a + "k_proj.bias", kv_rows), (a + "v_proj.bias", kv_rows)]
-                qkv_b = torch.cat([get(n, 0, *r) for n, r in parts]) if weights.has(parts[0][0]) else None
-            gate_up_w = torch.cat([get(p + "mlp.gate_proj.weight", 0, f0, f1), get(p + "mlp.up_proj.weight", 0, f0, f1)])
             self.layers.append(Layer(
-                input_norm=norm(p + "input_layernorm.weight"),
-                qkv=Linear(qkv_w, qkv_b, quant, dtype),
-                o_proj=Linear(get(a + "o_proj.weight", 1, q0 * D, q1 * D), None, quant, dtype),
-                post_norm=norm(p + "post_attention_layernorm.weight"),
-                gate_up=Linear(gate_up_w, None, quant, dtype),
-                down=Linear(get(p + "mlp.down_proj.weight", 1, f0, f1), None, quant, dtype),
+                input_norm=norm(key + "input_norm", p + "input_layernorm.weight"),
+                qkv=linear(key + "qkv", ((self.hq + 2 * self.hkv) * D, hidden),
+                           lambda: torch.cat([get(a + "q_proj.weight", 0, *q_rows), get(a + "k_proj.weight", 0, *kv_rows),
+                                              get(a + "v_proj.weight", 0, *kv_rows)]),
+                           lambda: qkv_bias(a, q_rows, kv_rows)),
+                o_proj=linear(key + "o_proj", (hidden, self.hq * D), lambda: get(a + "o_proj.weight", 1, q0 * D, q1 * D)),
+                post_norm=norm(key + "post_norm", p + "post_attention_layernorm.weight"),
+                gate_up=linear(key + "gate_up", (2 * f, hidden),
+                               lambda: torch.cat([get(p + "mlp.gate_proj.weight", 0, f0, f1),
+                                                  get(p + "mlp.up_proj.weight", 0, f0, f1)])),
+                down=linear(key + "down", (hidden, f), lambda: get(p + "mlp.down_proj.weight", 1, f0, f1)),
             ))  # fmt: skip
-            del qkv_w, gate_up_w
             release_freed_memory()
-        self.norm = norm("model.norm.weight")
+        self.norm = norm("norm", "model.norm.weight")
         head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         # The LM head is the largest matrix (21 % of SmolLM2's weights, 113 MB in fp32): int8
         # too when quantized, read in blocks of 4096 rows. [V / tp, hidden]
         head_rows = range(self.vocab_start, self.vocab_end, 4096)
-        self.lm_head = Linear((get(head_name, 0, r, min(r + 4096, self.vocab_end)) for r in head_rows), None, quant,
-                              dtype)  # fmt: skip
+        self.lm_head = linear("lm_head", (self.vocab_end - self.vocab_start, hidden),
+                              lambda: (get(head_name, 0, r, min(r + 4096, self.vocab_end)) for r in head_rows))
         if not cfg.tie_word_embeddings:
-            self.embed = get("model.embed_tokens.weight", 0, self.vocab_start, self.vocab_end).to(dtype)
+            self.embed = converted.get("embed") if converted is not None else \
+                get("model.embed_tokens.weight", 0, self.vocab_start, self.vocab_end).to(dtype)  # fmt: skip
+            if self.embed is None or tuple(self.embed.shape) != (self.vocab_end - self.vocab_start, hidden):
+                raise ValueError(f"embed: expected [{self.vocab_end - self.vocab_start}, {hidden}]")
         elif quant == "none":
             self.embed = self.lm_head.weight  # one copy of the table
         else:
@@ -206,6 +256,19 @@ class LlamaModel:
         inv = cfg.inv_freq()  # [D / 2]
         angles = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)[:, None] * inv[None, :]
         self.cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).float()  # [max_pos, D]
+
+    def converted_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's converted weights by name, for the converted-weights cache."""
+        out = {"norm": self.norm.weight}
+        for i, layer in enumerate(self.layers):
+            out[f"layers.{i}.input_norm"] = layer.input_norm.weight
+            out[f"layers.{i}.post_norm"] = layer.post_norm.weight
+            for name in ("qkv", "o_proj", "gate_up", "down"):
+                out.update({f"layers.{i}.{name}.{k}": v for k, v in getattr(layer, name).parts().items()})
+        out.update({f"lm_head.{k}": v for k, v in self.lm_head.parts().items()})
+        if not self.config.tie_word_embeddings:
+            out["embed"] = self.embed
+        return out
 
     # ------------------------------------------------------------------------------------
 
