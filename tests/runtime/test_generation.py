@@ -103,7 +103,7 @@ def test_continuous_batching_joins_between_steps(llm_fp32):
         if not llm_fp32.has_unfinished():
             break
     assert got[0] == alone[PROMPTS[0]] and got[2] == alone[PROMPTS[2]] and got[1] == alone[PROMPTS[1]][:3]
-    assert len(llm_fp32.free_blocks) == llm_fp32.kv.num_blocks
+    assert llm_fp32.blocks.available() == llm_fp32.kv.num_blocks and not any(llm_fp32.blocks.refs)
 
 
 def test_stream_pieces_add_up_to_the_result(llm_fp32):

@@ -5,7 +5,9 @@ Continuous batching over a paged KV cache: each ``step()`` first admits waiting 
 ``max_new_tokens`` so nothing is ever preempted) and prefills them together (prompts
 packed along one token axis, varlen attention); otherwise it decodes one token for every
 running request (paged decode attention). Finished requests leave at once and free their
-blocks; new ones join between decode steps.
+blocks; new ones join between decode steps. Prompt blocks stay cached after their request
+(kv_blocks.BlockPool): a prompt that starts with the same tokens maps them and prefills
+only the rest.
 
 Under tensor parallelism (``tp > 1``, one process per rank under torchrun) every rank runs
 this same scheduler on the same requests; the logits are gathered on every rank, so all
@@ -23,6 +25,7 @@ from typing import Iterator
 
 import torch
 
+from .kv_blocks import BlockPool
 from .model import QUANT_MODES, LlamaModel, Step
 from .sampling import SamplingParams, select
 
@@ -37,6 +40,7 @@ class GenerationResult:
     finish_reason: str  # "eos" | "stop" | "length"
     prefill_s: float  # time from the request's admission to its first token
     decode_s: float  # time from its first token to its last
+    cached_tokens: int = 0  # prompt tokens whose k/v came from the prefix cache (not computed)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -60,6 +64,7 @@ class _Request:
         self.index, self.prompt_ids, self.params, self.decoder = index, prompt_ids, params, decoder
         self.out_ids: list[int] = []
         self.blocks: list[int] = []
+        self.cached = 0  # leading prompt tokens already in the cache (prefix reuse)
         self.text, self.emitted = "", 0  # all decoded text; how much of it was handed out
         self.finish_reason: str | None = None
         self.generator = None
@@ -83,12 +88,15 @@ class LLM:
     cache capacity in tokens (default: max_batch full contexts, at most 65536).
     ``weight_cache``: keep the converted weights in ``$RINGFUSE_CACHE/converted`` and map them
     on later loads (default: on for GGUF files, whose conversion dequantizes, unless
-    ``RINGFUSE_WEIGHT_CACHE=0``; off for HF folders).
+    ``RINGFUSE_WEIGHT_CACHE=0``; off for HF folders). ``prefix_caching``: reuse the k/v of
+    prompt prefixes seen before (whole blocks: the chat template's system prompt, earlier
+    turns), see kv_blocks.py.
     """
 
     def __init__(self, model=None, *, dtype="fp32", quant: str = "none", tp: int = 1, max_batch: int = 8,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None, block_size: int = 16,
-                 threads: int | None = None, weight_cache: bool | None = None):  # fmt: skip
+                 threads: int | None = None, weight_cache: bool | None = None,
+                 prefix_caching: bool = True):  # fmt: skip
         from .model_files import resolve_model
         from .tokenizer import Tokenizer
         from .weights import open_weights
@@ -120,7 +128,7 @@ class LLM:
         if tokens < 2:
             raise ValueError(f"kv_cache_tokens must be >= 2, got {tokens}")
         self.kv = self.model.new_kv_cache(-(-tokens // block_size), block_size)
-        self.free_blocks = deque(range(self.kv.num_blocks))
+        self.blocks = BlockPool(self.kv.num_blocks, block_size, prefix_caching)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
@@ -257,17 +265,17 @@ class LLM:
     def _admit(self) -> None:
         while self.waiting and len(self.running) + len(self._new) < self.max_batch:
             r = self.waiting[0]
-            need = self._blocks_needed(len(r.prompt_ids), r.params)
-            if need > len(self.free_blocks):
+            got = self.blocks.allocate(r.prompt_ids, self._blocks_needed(len(r.prompt_ids), r.params))
+            if got is None:
                 break  # first come, first served: wait for blocks to free up
             self.waiting.popleft()
-            r.blocks = [self.free_blocks.popleft() for _ in range(need)]
+            r.blocks, r.cached = got
             r.t_admit = time.perf_counter()
             self._new.append(r)
             self.running.append(r)
 
     def _release(self, r: _Request) -> None:
-        self.free_blocks.extend(r.blocks)
+        self.blocks.release(r.blocks)
         r.blocks = []
 
     def _slot(self, r: _Request, position: int) -> int:
@@ -275,22 +283,32 @@ class LLM:
         return r.blocks[position // self.block_size] * self.block_size + position % self.block_size
 
     def _prefill(self, reqs: list[_Request]) -> list[TokenEvent]:
-        ids, pos, slots, cu = [], [], [], [0]
+        """The prompts' tokens past their cached prefixes, packed; with any cached prefix, the
+        attention reads each prompt's whole context back from the cache."""
+        ids, pos, slots, cu, ctx, cu_ctx = [], [], [], [0], [], [0]
         for r in reqs:
             n = len(r.prompt_ids)
-            ids += r.prompt_ids
-            pos += range(n)
-            slots += [self._slot(r, p) for p in range(n)]
-            cu.append(cu[-1] + n)
+            ids += r.prompt_ids[r.cached :]
+            pos += range(r.cached, n)
+            slots += [self._slot(r, p) for p in range(r.cached, n)]
+            cu.append(cu[-1] + n - r.cached)
+            ctx += [self._slot(r, p) for p in range(n)]
+            cu_ctx.append(cu_ctx[-1] + n)
+        reuse = any(r.cached for r in reqs)
         step = Step(
             input_ids=torch.tensor(ids, dtype=torch.int64),
             positions=torch.tensor(pos, dtype=torch.int64),
             slot_mapping=torch.tensor(slots, dtype=torch.int64),
             cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-            max_seqlen=max(len(r.prompt_ids) for r in reqs),
+            max_seqlen=max(len(r.prompt_ids) - r.cached for r in reqs),
             logit_rows=torch.tensor(cu[1:], dtype=torch.int64) - 1,
+            context_slots=torch.tensor(ctx, dtype=torch.int64) if reuse else None,
+            cu_seqlens_context=torch.tensor(cu_ctx, dtype=torch.int32) if reuse else None,
         )
-        return self._run(step, reqs)
+        events = self._run(step, reqs)
+        for r in reqs:
+            self.blocks.register(r.prompt_ids, r.blocks)
+        return events
 
     def _decode(self) -> list[TokenEvent]:
         reqs = self.running
@@ -347,7 +365,7 @@ class LLM:
         result = None
         if finished:
             result = GenerationResult(r.prompt_ids, r.out_ids, r.text, r.finish_reason, r.t_first - r.t_admit,
-                                      r.t_last - r.t_first)  # fmt: skip
+                                      r.t_last - r.t_first, r.cached)  # fmt: skip
         return TokenEvent(r.index, token, delta, finished, result)
 
 

@@ -143,6 +143,9 @@ class Step:
     seq_lens: torch.Tensor | None = None  # [B] int32, the new token included
     # rows of the hidden states whose logits are wanted (None: all T)
     logit_rows: torch.Tensor | None = None  # [R] int64
+    # prefill over cached prefixes: every prompt's whole context, read back from the cache
+    context_slots: torch.Tensor | None = None  # [Tk] int64: the cache slots of each context, packed
+    cu_seqlens_context: torch.Tensor | None = None  # [B + 1] int32
 
     @property
     def is_prefill(self) -> bool:
@@ -303,7 +306,9 @@ class LlamaModel:
         qn = self.hq * D
         h = self.embed_tokens(step.input_ids)  # [T, hidden]
         residual = None
-        decode = None
+        decode = context = None
+        if step.context_slots is not None:  # (block, offset) of every context token
+            context = (step.context_slots // kv.block_size, step.context_slots % kv.block_size)
         if not step.is_prefill:  # what the 30 layers share, checked once per step
             decode = ops.PagedDecodePlan(kv.k[0], kv.v[0], self.cos_sin, step.positions, step.slot_mapping,
                                          step.block_table, step.seq_lens, self.hq)  # fmt: skip
@@ -320,7 +325,11 @@ class LlamaModel:
             else:
                 ops.rotary_embedding(q, k, step.positions, self.cos_sin)
                 ops.write_kv(k, v, kv.k[i], kv.v[i], step.slot_mapping)
-                o = ops.attention_varlen(q, k, v, step.cu_seqlens, step.cu_seqlens, max_seqlen_q=step.max_seqlen,
+                cu_k = step.cu_seqlens
+                if context is not None:  # cached prefixes: the whole contexts from the cache
+                    blk, off = context
+                    k, v, cu_k = kv.k[i][blk, :, off], kv.v[i][blk, :, off], step.cu_seqlens_context  # [Tk, Hkv, D]
+                o = ops.attention_varlen(q, k, v, step.cu_seqlens, cu_k, max_seqlen_q=step.max_seqlen,
                                          causal=True)  # fmt: skip
             h = self._all_reduce(layer.o_proj(o.view(T, qn)))  # [T, hidden]
             x, residual = layer.post_norm.add_(h, residual)
