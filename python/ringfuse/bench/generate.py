@@ -4,7 +4,8 @@ attention) in the same run, on the default model unless --model is given.
 Batch 1: greedy, the chat-templated prompt "Explain photosynthesis." (~33 tokens), exactly
 64 new tokens (EOS ignored), 2 threads. Each engine runs in its own process (clean peak
 RSS, no shared caches): a warm-up, then 3 runs of 1 new token and 3 of 64; medians.
-prefill = wall time to the first token; decode tok/s = 63 / (wall(64) - wall(1)).
+prefill = wall time to the first token; decode tok/s = 63 / (wall(64) - wall(1)). Prefix
+caching is off (each run computes its whole prompt, as llama.cpp's cache_prompt: false).
 Batch 8: 8 different prompts, 64 new tokens each, total tok/s = 512 / wall.
 Python overhead: the share of a batch-1 decode step spent outside kernels, measured with
 sys.setprofile over 16 steps against the unprofiled step time. Inside: ringfuse._C calls and
@@ -53,7 +54,8 @@ def _ringfuse_worker(model, dtype, quant, rounds, batch8):
 
     from ..runtime import LLM
 
-    llm = LLM(model, dtype=dtype, quant=quant, max_batch=8, max_model_len=1024)
+    # prefix caching off: every timed run prefills its whole prompt, as the peers do
+    llm = LLM(model, dtype=dtype, quant=quant, max_batch=8, max_model_len=1024, prefix_caching=False)
     ids = llm.encode(PROMPT)
 
     def run(n, prompts=(ids,)):
