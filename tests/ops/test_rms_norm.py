@@ -217,9 +217,9 @@ def test_bad_inputs():
         rms_norm(x.double())
     with pytest.raises(ValueError, match="at least 1 dimension"):
         rms_norm(torch.tensor(1.0))
-    with pytest.raises(ValueError, match=r"weight must have shape \(9,\) to match x's last dim, got \(8,\)"):
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
         rms_norm(x, torch.ones(7))
-    with pytest.raises(ValueError, match=r"weight must have shape \(9,\) to match x's last dim, got \(8,\)"):
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
         rms_norm(x, torch.ones(2, 4))
     with pytest.raises(TypeError, match="weight must have dtype"):
         rms_norm(x, torch.ones(8, dtype=torch.int32))
