@@ -183,6 +183,13 @@ def test_paged_decode_plan_equals_the_three_ops(dtype, batch, hq, hkv, d, block_
     got = plan.run(*views(qkv_b), kp_b, vp_b)
     assert torch.equal(got, want) and torch.equal(qkv_b, qkv_a)  # q and k rotated in place alike
     assert torch.equal(kp_b, kp_a) and torch.equal(vp_b, vp_a)
+    qkv_c, kp_c, vp_c = qkv.clone(), k_pages.clone(), v_pages.clone()  # the fused projection as it comes
+    assert torch.equal(plan.run_packed(qkv_c, kp_c, vp_c), want) and torch.equal(qkv_c, qkv_a)
+    assert torch.equal(kp_c, kp_a) and torch.equal(vp_c, vp_a)
+    wide = torch.zeros(batch, qkv.shape[1] + 8, dtype=dtype)  # rows further apart than their width
+    wide[:, : qkv.shape[1]] = qkv
+    kp_d, vp_d = k_pages.clone(), v_pages.clone()
+    assert torch.equal(plan.run_packed(wide[:, : qkv.shape[1]], kp_d, vp_d), want) and torch.equal(kp_d, kp_a)
 
 
 def test_paged_decode_plan_bad_inputs():
@@ -213,6 +220,12 @@ def test_paged_decode_plan_bad_inputs():
         plan.run(q, k, v, k_pages[:-1], v_pages)
     with pytest.raises(ValueError, match="v overlaps v_pages"):
         plan.run(q, k, v_pages[0, :, :2], k_pages, v_pages)
+    with pytest.raises(ValueError, match=r"qkv must be a tensor of shape \(2, 128\)"):
+        plan.run_packed(qkv[:, :64], k_pages, v_pages)
+    with pytest.raises(ValueError, match="qkv overlaps k_pages"):
+        plan.run_packed(k_pages.view(-1)[:256].view(2, 128), k_pages, v_pages)
+    with pytest.raises(TypeError, match="qkv must be torch.float32"):
+        plan.run_packed(qkv.double(), k_pages, v_pages)
     bad = PagedDecodePlan(k_pages, v_pages, cos_sin, torch.tensor([0, 64]), slots, table, lens, 4)
     with pytest.raises(ValueError, match="position"):  # the rotary kernel checks the rows it reads
         bad.run(q, k, v, k_pages, v_pages)

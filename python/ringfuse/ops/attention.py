@@ -642,6 +642,35 @@ class PagedDecodePlan:
         self._cache_strides = k_pages.stride()[:3]  # v_pages: the same layout
         self._elem, self._code, self._threads = k_pages.element_size(), c.DTYPE_CODE[k_pages.dtype], c.num_threads()
 
+    def run_packed(self, qkv, k_pages, v_pages):
+        """``run`` on the fused q/k/v projection as a model computes it: qkv [B, (Hq + 2 Hkv) D]
+        holds each token's q heads, then its k heads, then its v heads (no views to build)."""
+        op = "PagedDecodePlan.run_packed"
+        b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
+        width = (hq + 2 * hkv) * d
+        if type(qkv) is not torch.Tensor or qkv.shape != (b, width):
+            raise ValueError(f"{op}: qkv must be a tensor of shape {(b, width)} ([B, (Hq + 2 Hkv) D]), got "
+                             f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")  # fmt: skip
+        st = qkv.stride()
+        if (self.cuda or self._cache_bytes is None or b == 0 or self.num_blocks * self.block_size == 0 or st[1] != 1
+                or (b > 1 and st[0] < width)):  # fmt: skip
+            heads = qkv.view(b, hq + 2 * hkv, d) if st[1] == 1 else qkv.reshape(b, hq + 2 * hkv, d)
+            return self.run(heads[:, :hq], heads[:, hq : hq + hkv], heads[:, hq + hkv :], k_pages, v_pages)
+        if qkv.dtype != self.cache_layout[2] or qkv.device != self.cache_layout[3]:
+            raise TypeError(f"{op}: qkv must be {self.cache_layout[2]} on {self.cache_layout[3]} like the cache, got "
+                            f"{qkv.dtype} on {qkv.device}")  # fmt: skip
+        for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
+            if type(t) is not torch.Tensor or (t.shape, t.stride(), t.dtype, t.device) != self.cache_layout:
+                raise ValueError(f"{op}: {name} must have the planned cache's shape, strides, dtype and device "
+                                 f"{self.cache_layout}")  # fmt: skip
+        kp, vp, qx = k_pages.data_ptr(), v_pages.data_ptr(), qkv.data_ptr()
+        end = qx + ((b - 1) * st[0] + width) * self._elem
+        for cname, p in (("k_pages", kp), ("v_pages", vp)):  # the new rows must not alias the caches
+            if qx < p + self._cache_bytes and p < end:
+                raise ValueError(f"{op}: qkv overlaps {cname}")
+        return self._launch(qx, (st[0], d), qx + hq * d * self._elem, (st[0], d), qx + (hq + hkv) * d * self._elem,
+                            (st[0], d), kp, vp)  # fmt: skip
+
     def run(self, q, k, v, k_pages, v_pages):
         """Rotates q and k in place, writes k and v to their slots, returns attention [B, Hq, D]."""
         op = "PagedDecodePlan.run"
@@ -672,14 +701,18 @@ class PagedDecodePlan:
             for cname, p in (("k_pages", kp), ("v_pages", vp)):
                 if start < p + self._cache_bytes and p < end:
                     raise ValueError(f"{op}: {name} overlaps {cname}")
+        return self._launch(q.data_ptr(), qs, kx, ks, vx, vs, kp, vp)
+
+    def _launch(self, qx, qs, kx, ks, vx, vs, kp, vp):
+        """The kernels on checked pointers; qs / ks / vs: (token, head) strides in elements."""
+        b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
         code, threads = self._code, self._threads
-        qx = q.data_ptr()
         _C.rotary_embedding(qx, qs[0], qs[1], b, hq, d, *self._rope, code, threads)  # q [B, Hq, D] in place
         _C.rotary_embedding(kx, ks[0], ks[1], b, hkv, d, *self._rope, code, threads)  # k [B, Hkv, D] in place
         cs = self._cache_strides
         _C.write_kv(kp, *cs, vp, *cs, kx, ks[0], ks[1], vx, vs[0], vs[1], self._slots.data_ptr(), b, hkv, d,
                     self.num_blocks, self.block_size, code)  # fmt: skip
-        out = torch.empty((b, hq, d), dtype=dtype)  # [B, Hq, D], contiguous
+        out = torch.empty((b, hq, d), dtype=self.cache_layout[2])  # [B, Hq, D], contiguous
         _C.decode_attention(out.data_ptr(), hq * d, d, qx, qs[0], qs[1], kp, *cs, vp, *cs, *self._table, b, hq, hkv,
                             d, self.scale, self.softcap, code, SPLIT_SIZE, threads)  # fmt: skip
         return out

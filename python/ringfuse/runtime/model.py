@@ -318,11 +318,12 @@ class LlamaModel:
                 x = ops.rms_norm(h, layer.input_norm.weight, cfg.rms_norm_eps, cast_mode="llama")
             else:  # residual += h; x = norm(residual)
                 x, residual = layer.input_norm.add_(h, residual)
-            heads = layer.qkv(x).view(T, self.hq + 2 * self.hkv, D)  # [T, Hq + 2 Hkv, D]
-            q, k, v = heads[:, : self.hq], heads[:, self.hq : self.hq + self.hkv], heads[:, self.hq + self.hkv :]
+            qkv = layer.qkv(x)  # [T, (Hq + 2 Hkv) D]
             if decode is not None:  # rotary, k/v into the cache, attention over the pages
-                o = decode.run(q, k, v, kv.k[i], kv.v[i])
+                o = decode.run_packed(qkv, kv.k[i], kv.v[i])
             else:
+                heads = qkv.view(T, self.hq + 2 * self.hkv, D)  # [T, Hq + 2 Hkv, D]
+                q, k, v = heads[:, : self.hq], heads[:, self.hq : self.hq + self.hkv], heads[:, self.hq + self.hkv :]
                 ops.rotary_embedding(q, k, step.positions, self.cos_sin)
                 ops.write_kv(k, v, kv.k[i], kv.v[i], step.slot_mapping)
                 cu_k = step.cu_seqlens
