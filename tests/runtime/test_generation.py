@@ -167,3 +167,30 @@ def test_bad_input(llm_fp32, default_gguf_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         LLM("/nonexistent/model.gguf")
     assert not llm_fp32.has_unfinished()
+
+
+def test_decode_graphs_equal_eager(default_gguf_path, llm_fp32):
+    """Decode steps replayed as CPU graphs (one per batch size, captured on first use) give
+    the eager engine's tokens, batch sizes changing as requests finish; a capture that is
+    refused leaves the engine eager with the same results."""
+    from ringfuse.runtime import model as model_mod
+
+    eager = LLM(default_gguf_path, max_batch=8, max_model_len=1024, decode_graphs=False)
+    params = [dict(max_new_tokens=n) for n in (5, 17, 9, 24)]
+    want = [eager.generate(p, **kw)[0] for p, kw in zip(PROMPTS, params)]
+    for r in want:
+        assert eager._graphs is None and r.token_ids
+    got = [llm_fp32.generate(p, **kw)[0] for p, kw in zip(PROMPTS, params)]
+    batched = llm_fp32.generate(PROMPTS, max_new_tokens=24)  # 4, then fewer as some stop at eos
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert [b.token_ids for b in batched] == [e.token_ids for e in eager.generate(PROMPTS, max_new_tokens=24)]
+    assert llm_fp32._graphs and all(g.graph.calls for g in llm_fp32._graphs.values())
+    refused = LLM(default_gguf_path, max_batch=8, max_model_len=1024)
+    refused._graphs.clear()
+    real = model_mod.ops.silu_mul
+    try:  # a torch op in the decode step: capture refuses, the engine stays eager
+        model_mod.ops.silu_mul = lambda x: torch.nn.functional.silu(x[:, : x.shape[1] // 2]) * x[:, x.shape[1] // 2 :]
+        out = refused.generate(PROMPTS[0], max_new_tokens=5)[0]
+    finally:
+        model_mod.ops.silu_mul = real
+    assert refused._graphs is None and out.token_ids == want[0].token_ids

@@ -9,6 +9,7 @@ from .attention import (
     paged_decode_attention,
     write_kv,
 )
+from .cpu_graph import CpuGraph, NotCapturable, capture_cpu_graph
 from .int8_gemm import (
     int8_gemm,
     PreparedInt8WeightOnlyLinear,
@@ -24,6 +25,8 @@ from .rotary_embedding import cos_sin_cache, rotary_embedding
 from .silu_mul import silu_mul
 
 __all__ = [
+    "CpuGraph",
+    "NotCapturable",
     "PagedDecodePlan",
     "PreparedInt8WeightOnlyLinear",
     "PreparedLinear",
@@ -33,6 +36,7 @@ __all__ = [
     "add_rms_norm_",
     "attention",
     "attention_varlen",
+    "capture_cpu_graph",
     "cos_sin_cache",
     "cuda_backend",
     "int8_gemm",

@@ -25,8 +25,9 @@ from typing import Iterator
 
 import torch
 
+from .. import ops
 from .kv_blocks import BlockPool
-from .model import QUANT_MODES, LlamaModel, Step
+from .model import QUANT_MODES, DecodeGraph, LlamaModel, Step
 from .sampling import SamplingParams, select
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -90,13 +91,14 @@ class LLM:
     on later loads (default: on for GGUF files, whose conversion dequantizes, unless
     ``RINGFUSE_WEIGHT_CACHE=0``; off for HF folders). ``prefix_caching``: reuse the k/v of
     prompt prefixes seen before (whole blocks: the chat template's system prompt, earlier
-    turns), see kv_blocks.py.
+    turns), see kv_blocks.py. ``decode_graphs``: replay each batch size's decode step as a
+    captured CPU graph (model.DecodeGraph; single rank), without the per-op Python.
     """
 
     def __init__(self, model=None, *, dtype="fp32", quant: str = "none", tp: int = 1, max_batch: int = 8,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None, block_size: int = 16,
                  threads: int | None = None, weight_cache: bool | None = None,
-                 prefix_caching: bool = True):  # fmt: skip
+                 prefix_caching: bool = True, decode_graphs: bool = True):  # fmt: skip
         from .model_files import resolve_model
         from .tokenizer import Tokenizer
         from .weights import open_weights
@@ -129,6 +131,8 @@ class LLM:
             raise ValueError(f"kv_cache_tokens must be >= 2, got {tokens}")
         self.kv = self.model.new_kv_cache(-(-tokens // block_size), block_size)
         self.blocks = BlockPool(self.kv.num_blocks, block_size, prefix_caching)
+        # decode graphs by (batch, threads); None: off (TP, CUDA, or a capture was refused)
+        self._graphs = {} if decode_graphs and group is None else None
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
@@ -324,14 +328,31 @@ class LLM:
             block_table=table,
             seq_lens=torch.tensor([p + 1 for p in pos], dtype=torch.int32),
         )
-        return self._run(step, reqs)
+        return self._run(step, reqs, decode=True)
 
-    def _run(self, step: Step, reqs: list[_Request]) -> list[TokenEvent]:
+    def _run(self, step: Step, reqs: list[_Request], decode: bool = False) -> list[TokenEvent]:
         with torch.no_grad():
-            logits = self.model.logits(self.model.forward(step, self.kv))  # [B, V] fp32
+            logits = self._graph_logits(step) if decode and self._graphs is not None else None
+            if logits is None:
+                logits = self.model.logits(self.model.forward(step, self.kv))  # [B, V] fp32
         tokens = select(logits, [r.params for r in reqs], [r.seen for r in reqs], [r.generator for r in reqs])
         now = time.perf_counter()
         return [self._accept(r, t, now) for r, t in zip(reqs, tokens)]
+
+    def _graph_logits(self, step: Step) -> torch.Tensor | None:
+        """This decode step through its batch size's CPU graph (captured on first use), or
+        None when graphs cannot serve it (the caller then runs the model eagerly)."""
+        key = (step.input_ids.shape[0], torch.get_num_threads())
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = DecodeGraph(self.model, self.kv, key[0], -(-self.max_model_len // self.block_size))
+        try:
+            logits = graph.run(step)
+        except ops.NotCapturable:  # something in the step is not a recorded kernel: stay eager
+            self._graphs = None
+            return None
+        self._graphs[key] = graph
+        return logits
 
     def _accept(self, r: _Request, token: int, now: float) -> TokenEvent:
         if not r.out_ids:

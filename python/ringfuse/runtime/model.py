@@ -9,7 +9,8 @@ split, o_proj and down_proj row-parallel, embedding and LM head split over the v
 A decode step at batch 1 runs ~10 us of kernels per op, so per-call checks would dominate:
 weights and norms are checked once at load (``ops.prepare_linear``,
 ``prepare_int8_weight_only_linear``, ``prepare_rms_norm``) and what the layers share
-(positions, slots, block table) once per step (``ops.PagedDecodePlan``).
+(positions, slots, block table) once per step (``ops.PagedDecodePlan``); the engine then
+replays each batch size's decode step as a CPU graph (``DecodeGraph``, below).
 
 Tokens of all sequences in a step are packed along one axis T (no padding):
   prefill: T = sum of prompt lengths, attention over each prompt (cu_seqlens);
@@ -299,12 +300,13 @@ class LlamaModel:
             self._all_reduce(h)
         return h
 
-    def forward(self, step: Step, kv: KVCache) -> torch.Tensor:
-        """Hidden states after the final norm, [R, hidden] for R = step.logit_rows (or all T)."""
+    def forward(self, step: Step, kv: KVCache, h: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states after the final norm, [R, hidden] for R = step.logit_rows (or all T).
+        ``h``: the embedded tokens [T, hidden] when the caller has them (a DecodeGraph)."""
         cfg = self.config
         T, D = step.input_ids.shape[0], cfg.head_dim
         qn = self.hq * D
-        h = self.embed_tokens(step.input_ids)  # [T, hidden]
+        h = self.embed_tokens(step.input_ids) if h is None else h  # [T, hidden]
         residual = None
         decode = context = None
         if step.context_slots is not None:  # (block, offset) of every context token
@@ -354,3 +356,37 @@ class LlamaModel:
             local = F.pad(local, (0, per - local.shape[1]), value=float("-inf"))
         full = all_gather(local.contiguous(), self.group).view(self.world, -1, per)
         return full.permute(1, 0, 2).reshape(local.shape[0], -1)[:, : self.config.vocab_size]
+
+
+class DecodeGraph:
+    """A decode step of ``batch`` sequences captured as a CPU graph (ops.capture_cpu_graph):
+    the first ``run`` captures the layers and the LM head on static input buffers, later
+    runs copy the step's inputs into them and replay the recorded kernels, without the
+    per-op Python. Bitwise the same logits as ``model.logits(model.forward(step, kv))``.
+    Single rank only (the all-reduce is not a recorded kernel)."""
+
+    def __init__(self, model: LlamaModel, kv: KVCache, batch: int, max_blocks: int):
+        self.model, self.kv, self.graph, self.out = model, kv, None, None
+        self.h = torch.zeros(batch, model.config.hidden_size, dtype=model.dtype)  # [B, hidden]
+        self.step = Step(input_ids=torch.zeros(batch, dtype=torch.int64), positions=torch.zeros(batch, dtype=torch.int64),
+                         slot_mapping=torch.zeros(batch, dtype=torch.int64),
+                         block_table=torch.zeros(batch, max_blocks, dtype=torch.int32),
+                         seq_lens=torch.ones(batch, dtype=torch.int32))  # fmt: skip
+
+    def run(self, step: Step) -> torch.Tensor:
+        """[B, V] fp32 logits of this decode step."""
+        s, width = self.step, step.block_table.shape[1]
+        self.h.copy_(self.model.embed_tokens(step.input_ids))
+        s.positions.copy_(step.positions)
+        s.slot_mapping.copy_(step.slot_mapping)
+        s.block_table[:, :width].copy_(step.block_table)
+        s.block_table[:, width:] = 0
+        s.seq_lens.copy_(step.seq_lens)
+        if self.graph is None:
+            with ops.capture_cpu_graph() as g:  # runs this step's kernels while recording them
+                self.out = self.model.lm_head(self.model.forward(s, self.kv, h=self.h))  # [B, V / tp]
+            self.graph = g
+        else:
+            self.graph.replay()
+        return self.out.float()
+

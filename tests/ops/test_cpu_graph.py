@@ -1,0 +1,64 @@
+"""ops.capture_cpu_graph: replaying the recorded kernels equals running the ops again on the
+captured buffers; torch compute and value-returning kernels are refused; the ops' kernel
+module is restored whatever happens; buffers made during capture outlive their names."""
+
+import gc
+import importlib
+
+import pytest
+import torch
+
+from ringfuse import _C, ops
+
+linear_mod = importlib.import_module("ringfuse.ops.linear")  # the module (ops.linear is the function)
+
+
+def test_replay_equals_eager_on_new_inputs():
+    g0 = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 40, generator=g0), torch.randn(48, generator=g0)
+    lin, norm = ops.prepare_linear(w, b), ops.prepare_rms_norm(torch.rand(48, generator=g0) + 0.5, 1e-5)
+    x, res = torch.randn(2, 40, generator=g0), torch.randn(2, 48, generator=g0)
+    with ops.capture_cpu_graph() as g:
+        h = lin(x)
+        y, r = norm.add_(h, res)
+        out = ops.silu_mul(y)
+    assert len(g.calls) == 3
+    for seed in (1, 2):
+        gen = torch.Generator().manual_seed(seed)
+        x.copy_(torch.randn(2, 40, generator=gen))
+        res.copy_(torch.randn(2, 48, generator=gen))
+        r0 = res.clone()
+        g.replay()
+        want_h = ops.linear(x, w, b)
+        want_y, want_r = ops.add_rms_norm_(want_h, r0, norm.weight, 1e-5)
+        assert torch.equal(out, ops.silu_mul(want_y)) and torch.equal(res, want_r)
+
+
+def test_refuses_what_a_replay_would_not_repeat():
+    x = torch.randn(4, 8)
+    with pytest.raises(ops.NotCapturable, match="aten.add"):
+        with ops.capture_cpu_graph():
+            ops.silu_mul(x + 1)
+    w_q = torch.zeros(16, 8, dtype=torch.int8)
+    with pytest.raises(ops.NotCapturable, match="int8_packed_size returned a value"):
+        with ops.capture_cpu_graph():
+            ops.pack_int8_weight(w_q)
+    with pytest.raises(ops.NotCapturable, match="_local_scalar_dense"):
+        with ops.capture_cpu_graph():
+            float(x[0, 0])  # reading a value: a data-dependent decision
+    assert linear_mod._C is _C  # the real module is back after each failure
+
+
+def test_buffers_made_during_capture_stay_alive():
+    w = torch.randn(64, 32)
+    lin = ops.prepare_linear(w)
+    x = torch.randn(1, 32)
+    with ops.capture_cpu_graph() as g:
+        kept = ops.silu_mul(lin(x))  # lin's output has no name left after this line
+    ptr = kept.data_ptr()
+    del kept
+    gc.collect()
+    junk = [torch.randn(1, 64) for _ in range(64)]  # would reuse freed memory
+    g.replay()
+    out = next(t for t in g._keep if t.data_ptr() == ptr)
+    assert torch.equal(out, ops.silu_mul(ops.linear(x, w))) and junk
