@@ -21,16 +21,19 @@ import contextlib
 import importlib
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 from .. import _C
 
 # ops modules whose _C calls are recorded
 _MODULES = ("attention", "int8_gemm", "layer_norm", "linear", "rms_norm", "rotary_embedding", "silu_mul")
-_ALLOWED = frozenset(torch.ops.aten.__getattr__(n) for n in (  # allocation, views, dtype queries
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view", "_unsafe_view", "slice",
-    "select", "as_strided", "alias", "detach", "permute", "t", "transpose", "expand", "unsqueeze", "squeeze",
-    "_reshape_alias", "promote_types", "result_type"))  # fmt: skip
+# torch functions a captured block may call (a TorchFunctionMode sees them; a
+# TorchDispatchMode would import torch._dynamo, ~140 MB of RSS with triton):
+_ALLOC = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
+_METADATA = frozenset({"__get__", "data_ptr", "dim", "element_size", "is_contiguous", "numel", "size", "stride",
+                       "promote_types", "result_type", "get_num_threads", "is_grad_enabled"})  # fmt: skip
+_MAYBE_VIEW = frozenset({"contiguous", "reshape", "to", "float", "view", "detach", "t", "transpose", "permute",
+                         "expand", "unsqueeze", "squeeze", "as_strided", "__getitem__"})  # refused when they copy
 
 
 class NotCapturable(RuntimeError):
@@ -69,20 +72,24 @@ class _Recorder:
         return record
 
 
-class _Guard(TorchDispatchMode):
+class _Guard(TorchFunctionMode):
     """Refuses torch compute during capture and keeps every new tensor alive."""
 
     def __init__(self, keep):
         super().__init__()
         self.keep = keep
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket not in _ALLOWED:
-            raise NotCapturable(f"torch op {func} ran during capture: only ringfuse kernels are replayed")
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name not in _ALLOC and name not in _METADATA and name not in _MAYBE_VIEW:
+            raise NotCapturable(f"torch function {name or func} ran during capture: only ringfuse kernels are replayed")
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.keep.append(t)
+        if name in _MAYBE_VIEW and isinstance(out, torch.Tensor) and out.numel() and (
+                not isinstance(args[0], torch.Tensor)
+                or out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr()):  # fmt: skip
+            raise NotCapturable(f"{name} copied its input during capture: only ringfuse kernels are replayed")
+        if isinstance(out, torch.Tensor) and name not in _METADATA:
+            self.keep.append(out)
         return out
 
 
