@@ -101,7 +101,8 @@ def _bench(args) -> int:
     if args.op == "generate":
         from .bench import generate
 
-        return generate.run(model=args.model, quick=args.quick, rounds=min(args.rounds, 3), peers=args.peers)
+        return generate.run(model=args.model, quick=args.quick, rounds=min(args.rounds, 3), peers=args.peers,
+                            passes=args.passes)  # fmt: skip
     if args.op == "allreduce":
         from .bench import allreduce
 
@@ -184,6 +185,8 @@ def main(argv=None) -> int:
     bench.add_argument("--quick", action="store_true", help="skip the largest shapes")
     bench.add_argument("--nproc", type=int, default=2, help="processes for the allreduce and tp benches")
     bench.add_argument("--model", default=None, help="generate bench: model (default: SmolLM2-135M-Instruct)")
+    bench.add_argument("--passes", type=int, default=1,
+                       help="generate bench: interleaved passes over all engines, medians reported")
     bench.add_argument("--peers", action="store_true",
                        help="generate bench: also time CTranslate2 and llama.cpp in the same run (the peer "
                        "harness in ../shared/peers or $RINGFUSE_PEERS_DIR)")

@@ -7,6 +7,9 @@ RSS, no shared caches): a warm-up, then 3 runs of 1 new token and 3 of 64; media
 prefill = wall time to the first token; decode tok/s = 63 / (wall(64) - wall(1)). Prefix
 caching is off (each run computes its whole prompt, as llama.cpp's cache_prompt: false).
 Batch 8: 8 different prompts, 64 new tokens each, total tok/s = 512 / wall.
+``passes`` > 1 runs every engine once per pass, passes one after another, and reports the
+medians (the VM's memory bandwidth drifts over minutes: one pass can catch one engine in a
+slow spell), with each pass's decode rate.
 Python overhead: the share of a batch-1 decode step spent outside kernels, measured with
 sys.setprofile over 16 steps against the unprofiled step time. Inside: ringfuse._C calls and
 torch ops (allocation included); outside: Python code, builtins (isinstance...) and tensor
@@ -222,12 +225,29 @@ def _spawn_peer(script: Path, python: Path, engine: str, threads: int, rounds: i
         return None
 
 
-def run(model=None, quick: bool = False, rounds: int = 3, peers: bool = False, threads: int = 2) -> int:
+def _median_result(runs: list[dict]) -> dict:
+    """One engine's figures over the passes: medians of the rates and times, the peak RSS
+    maximum, the tokens of the first pass."""
+    out = dict(runs[0])
+    for key in ("prefill_ms", "decode_tok_s", "b8_tok_s", "python_overhead"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            out[key] = statistics.median(values)
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    out["passes"] = [round(r["decode_tok_s"], 1) for r in runs]
+    return out
+
+
+def run(model=None, quick: bool = False, rounds: int = 3, peers: bool = False, threads: int = 2,
+        passes: int = 1) -> int:  # fmt: skip
     from rich.progress import Progress
 
     from ..runtime.model_files import resolve_model
     from .harness import print_table
 
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        print(f"bench generate: --passes must be a positive int, got {passes!r}", file=sys.stderr)
+        return 2
     path = str(resolve_model(model))
     try:
         import transformers  # noqa: F401
@@ -243,24 +263,30 @@ def run(model=None, quick: bool = False, rounds: int = 3, peers: bool = False, t
         print(f"bench generate: --peers skipped: {harness}", file=sys.stderr)
         harness = None
     peer_engines = (PEER_ENGINES_QUICK if quick else PEER_ENGINES) if harness else []
-    results, total = {}, len(engines) + len(peer_engines)
+    runs: dict[str, list] = {}
+    total, done = passes * (len(engines) + len(peer_engines)), 0
     with Progress(transient=True) as progress:
         task = progress.add_task("bench generate", total=total)
-        for engine, dtype, quant in engines:
-            label = "hf-fp32-eager" if engine == "hf" else f"ringfuse-{dtype}" + ("" if quant == "none" else f"-{quant}")
-            progress.update(task, description=f"{label} ({len(results) + 1}/{total})")
-            spec = dict(engine=engine, dtype=dtype, quant=quant, path=path, rounds=rounds, batch8=True, threads=threads)
-            results[label] = _spawn(spec)
-            progress.advance(task)
-        for name in peer_engines:
-            progress.update(task, description=f"peer {name} ({len(results) + 1}/{total})")
-            r = _spawn_peer(*harness, name, threads, rounds)
-            if name.endswith("-b8"):  # the batch-8 figure joins its engine's row
-                if r is not None and results.get(name[:-3]) is not None:
-                    results[name[:-3]]["b8_tok_s"] = r["total_tok_s"]
-            else:
-                results[name] = r
-            progress.advance(task)
+        for p in range(passes):  # every engine once per pass: the machine's drift hits all alike
+            for engine, dtype, quant in engines:
+                label = "hf-fp32-eager" if engine == "hf" else f"ringfuse-{dtype}" + ("" if quant == "none" else f"-{quant}")
+                progress.update(task, description=f"pass {p + 1}/{passes}: {label} ({done + 1}/{total})")
+                spec = dict(engine=engine, dtype=dtype, quant=quant, path=path, rounds=rounds, batch8=True, threads=threads)
+                runs.setdefault(label, []).append(_spawn(spec))
+                done += 1
+                progress.advance(task)
+            for name in peer_engines:
+                progress.update(task, description=f"pass {p + 1}/{passes}: peer {name} ({done + 1}/{total})")
+                r = _spawn_peer(*harness, name, threads, rounds)
+                if name.endswith("-b8"):  # the batch-8 figure joins its engine's row of this pass
+                    if r is not None and runs.get(name[:-3]) and runs[name[:-3]][-1] is not None:
+                        runs[name[:-3]][-1]["b8_tok_s"] = r["total_tok_s"]
+                else:
+                    runs.setdefault(name, []).append(r)
+                done += 1
+                progress.advance(task)
+    results = {label: _median_result([r for r in rs if r is not None]) if any(rs) else None
+               for label, rs in runs.items()}  # fmt: skip
     base = results.get("hf-fp32-eager")
     if base is None:
         return 1
@@ -273,9 +299,11 @@ def run(model=None, quick: bool = False, rounds: int = 3, peers: bool = False, t
         rows.append([label, f"{r['prefill_ms']:.1f}", f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x",
                      "-" if b8 is None else f"{b8:.1f}", "-" if b8 is None else f"{b8 / base['decode_tok_s']:.2f}x",
                      f"{100 * r['python_overhead']:.0f}%" if "python_overhead" in r else "-",
-                     f"{r['peak_rss_mb']:.0f}", f"{same}/{len(r['tokens'])}"])  # fmt: skip
+                     f"{r['peak_rss_mb']:.0f}", f"{same}/{len(r['tokens'])}"]
+                    + ([" / ".join(map(str, r["passes"]))] if passes > 1 else []))  # fmt: skip
     print_table(f"bench generate: {path}, batch 1 prompt {base['prompt_tokens']} tokens, {NEW_TOKENS} new, greedy, "
-                f"{threads} threads; ratios vs hf-fp32-eager batch-1 decode, same run",
+                f"{threads} threads; ratios vs hf-fp32-eager batch-1 decode, same run"
+                + (f"; medians of {passes} interleaved passes" if passes > 1 else ""),
                 ["engine", "prefill ms", "decode tok/s", "vs HF", "b8 total tok/s", "b8 vs HF b1", "py overhead",
-                 "peak RSS MB", "same tokens as HF"], rows)  # fmt: skip
+                 "peak RSS MB", "same tokens as HF"] + (["decode tok/s per pass"] if passes > 1 else []), rows)  # fmt: skip
     return 0
