@@ -65,3 +65,18 @@ def test_buffers_made_during_capture_stay_alive():
     g.replay()
     out = next(t for t in g._keep if t.data_ptr() == ptr)
     assert torch.equal(out, ops.silu_mul(ops.linear(x, w))) and junk
+
+
+def test_other_threads_are_not_recorded():
+    import threading
+
+    w = torch.randn(16, 8)
+    lin = ops.prepare_linear(w)
+    x, other = torch.randn(1, 8), torch.randn(1, 8)
+    done = threading.Event()
+    with ops.capture_cpu_graph() as g:
+        y = lin(x)
+        t = threading.Thread(target=lambda: (ops.silu_mul(lin(other)), done.set()))
+        t.start()
+        t.join()
+    assert done.is_set() and len(g.calls) == 1 and torch.equal(y, ops.linear(x, w))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -53,10 +54,11 @@ class CpuGraph:
 
 
 class _Recorder:
-    """Stands in for the _C module: each kernel call is run and recorded."""
+    """Stands in for the _C module: each kernel call of the capturing thread is run and
+    recorded (other threads' calls just run)."""
 
     def __init__(self, calls):
-        self._calls = calls
+        self._calls, self._thread = calls, threading.get_ident()
 
     def __getattr__(self, name):
         fn = getattr(_C, name)
@@ -65,6 +67,8 @@ class _Recorder:
 
         def record(*args):
             out = fn(*args)
+            if threading.get_ident() != self._thread:
+                return out
             if out is not None:
                 raise NotCapturable(f"_C.{name} returned a value; its caller's logic cannot be replayed")
             self._calls.append((fn, args))
