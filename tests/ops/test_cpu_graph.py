@@ -49,7 +49,19 @@ def test_refuses_what_a_replay_would_not_repeat():
     with pytest.raises(ops.NotCapturable, match="contiguous copied its input"):
         with ops.capture_cpu_graph():
             ops.silu_mul(x.T.contiguous())
-    assert linear_mod._C is _C  # the real module is back after each failure
+    row = torch.tensor(1)
+    with pytest.raises(ops.NotCapturable, match="indexing with a tensor"):
+        with ops.capture_cpu_graph():
+            ops.silu_mul(x[row])  # a row picked by a value
+    with pytest.raises(ops.NotCapturable, match="non-CPU tensor"):
+        with ops.capture_cpu_graph():
+            torch.empty(2, 4, device="meta").view(8)
+    with pytest.raises(ops.NotCapturable, match="already in progress"):
+        with ops.capture_cpu_graph():
+            with ops.capture_cpu_graph():
+                pass
+    assert not getattr(_C.linear, "_ringfuse_recording", False)  # the real kernels are back after each failure
+    assert linear_mod._C is _C
 
 
 def test_buffers_made_during_capture_stay_alive():

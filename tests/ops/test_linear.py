@@ -241,6 +241,8 @@ def test_prepared_equals_linear(wdt, bias):
         assert torch.equal(p(xi).detach(), want.detach()), (xi.shape, xi.dtype, xi.stride())
     rows = torch.randn(1, 70).expand(4, 70)  # row stride 0: the full op copies it
     assert torch.equal(p(rows), linear(rows, w, b))
+    shared = torch.randn(1, 70).expand(6, 70)  # a weight whose rows overlap: copied when prepared
+    assert torch.equal(prepare_linear(shared)(x), linear(x, shared.contiguous()))
 
 
 def test_prepared_bad_inputs():

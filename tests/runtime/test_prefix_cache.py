@@ -65,7 +65,20 @@ def test_pool_evicts_least_recently_used_first():
     touched, _ = pool.allocate([100 + i for i in range(5)], 1)  # 100's used again: 200's is now the oldest
     pool.release(touched)
     pool.allocate([9] * 8, 2)  # one free block + one eviction
-    assert (None, tuple(range(200, 204))) not in pool.cached and (None, tuple(range(100, 104))) in pool.cached
+    assert [k.tokens for k in pool.cached] == [tuple(range(100, 104))]
+
+
+def test_pool_evicts_a_prefix_from_its_end():
+    """A chain's last block goes first, so what stays cached is still a reachable prefix."""
+    pool = BlockPool(3, BS)
+    p = list(range(13))  # 3 full blocks + 1 token
+    blocks, _ = pool.allocate(p, 3)
+    pool.register(p, blocks)
+    pool.release(blocks)
+    pool.allocate([7] * 4, 1)  # no free block: one eviction
+    assert blocks[2] not in pool.key_of and blocks[0] in pool.key_of and blocks[1] in pool.key_of
+    got = pool.allocate(p[:9], 2)
+    assert got is not None and got[1] == 8 and got[0] == blocks[:2]
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +136,11 @@ def test_batch_sharing_a_prefix_and_eviction(default_gguf_path, llm_no_prefix):
     assert done[1].cached_tokens >= 16 and done[1].token_ids == want[1][:4]
     assert done[0].token_ids == llm_no_prefix.generate(prompts[:1], max_new_tokens=8, ignore_eos=True)[0].token_ids
     assert torch.tensor(llm.blocks.refs).sum() == 0
+
+
+def test_a_request_done_at_its_first_token_still_caches_its_prompt(llm_fp32):
+    llm_fp32.blocks = type(llm_fp32.blocks)(llm_fp32.kv.num_blocks, llm_fp32.block_size)
+    first = llm_fp32.generate(PROMPTS[0], max_new_tokens=1)[0]
+    again = llm_fp32.generate(PROMPTS[0], max_new_tokens=1)[0]
+    assert first.cached_tokens == 0 and again.cached_tokens == (len(first.prompt_token_ids) - 1) // 16 * 16
+    assert again.token_ids == first.token_ids

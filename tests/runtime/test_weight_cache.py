@@ -86,3 +86,16 @@ def test_unwritable_cache_still_loads(default_gguf_path, tmp_path, monkeypatch):
     monkeypatch.setenv("RINGFUSE_CACHE", str(blocked))
     llm = LLM(default_gguf_path, quant="w8a16", max_model_len=256, weight_cache=True)
     assert llm.generate([PROMPT], max_new_tokens=2, ignore_eos=True)[0].token_ids
+
+
+def test_saving_removes_superseded_files(cache_root, tmp_path):
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"x")
+    old = wc.cache_file(src, torch.float32, "none", 0, 1)
+    assert wc.save(old, {"a": torch.ones(2)})
+    other = wc.cache_file(src, torch.float32, "w8a16", 0, 1)  # other options: kept
+    assert wc.save(other, {"a": torch.ones(2)})
+    os.utime(src, ns=(5, 5))  # the source changed
+    new = wc.cache_file(src, torch.float32, "none", 0, 1)
+    assert new != old and wc.save(new, {"a": torch.zeros(2)})
+    assert not old.exists() and other.exists() and torch.equal(wc.load(new)["a"], torch.zeros(2))

@@ -168,7 +168,7 @@ def rows(t: torch.Tensor) -> Rows:
     return Rows(t.contiguous(), hidden)
 
 
-def _span(t: torch.Tensor) -> tuple[int, int]:
+def span(t: torch.Tensor) -> tuple[int, int]:
     """[first byte, one past the last byte] that t's elements occupy (t non-empty)."""
     start = t.data_ptr()
     if t.is_contiguous():  # the common case, without a Python loop over the dims
@@ -178,12 +178,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return spans_overlap(_span(a), _span(b))
-
-
-def span(t: torch.Tensor) -> tuple[int, int]:
-    """t's byte range, for several overlap tests against the same tensor (t non-empty)."""
-    return _span(t)
+    return spans_overlap(span(a), span(b))
 
 
 def spans_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:

@@ -10,15 +10,19 @@ Everything that decides which kernels run (shapes, dtypes, the thread count) is 
 capture; the values in the buffers (token positions, slots, block tables) are not, and the
 C++ kernels still check those on every replay.
 
-Only ringfuse ``_C`` kernels are recorded. Anything else that computes (a torch op other
-than allocation and views, a ``_C`` function that returns a value) raises NotCapturable,
-so a sequence that cannot be replayed faithfully is never captured.
+Only ringfuse ``_C`` kernels called from the capturing thread are recorded (every ``_C``
+function is wrapped for the capture, so the ops and ringfuse.distributed alike go through
+it). Anything else raises NotCapturable, so a sequence that cannot be replayed faithfully
+is never captured: a torch op other than allocation, metadata and views that do not copy; a
+``_C`` function that returns a value (its caller decides with it; the all-reduce's status
+is one); indexing with a tensor; any tensor off the CPU (Triton launches are not recorded).
+Objects made before the capture that hold private copies (a PagedDecodePlan converts int32
+positions to int64) must be made inside it, where such a copy is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import threading
 
 import torch
@@ -26,8 +30,6 @@ from torch.overrides import TorchFunctionMode
 
 from .. import _C
 
-# ops modules whose _C calls are recorded
-_MODULES = ("attention", "int8_gemm", "layer_norm", "linear", "rms_norm", "rotary_embedding", "silu_mul")
 # torch functions a captured block may call (a TorchFunctionMode sees them; a
 # TorchDispatchMode would import torch._dynamo, ~140 MB of RSS with triton):
 _ALLOC = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
@@ -53,31 +55,22 @@ class CpuGraph:
             fn(*args)
 
 
-class _Recorder:
-    """Stands in for the _C module: each kernel call of the capturing thread is run and
-    recorded (other threads' calls just run)."""
+def _wrap(fn, name, calls, thread):
+    def record(*args):
+        out = fn(*args)
+        if threading.get_ident() != thread:  # another thread's call: just run
+            return out
+        if out is not None:
+            raise NotCapturable(f"_C.{name} returned a value; its caller's logic cannot be replayed")
+        calls.append((fn, args))
 
-    def __init__(self, calls):
-        self._calls, self._thread = calls, threading.get_ident()
-
-    def __getattr__(self, name):
-        fn = getattr(_C, name)
-        if not callable(fn):
-            return fn
-
-        def record(*args):
-            out = fn(*args)
-            if threading.get_ident() != self._thread:
-                return out
-            if out is not None:
-                raise NotCapturable(f"_C.{name} returned a value; its caller's logic cannot be replayed")
-            self._calls.append((fn, args))
-
-        return record
+    record._ringfuse_recording = True
+    return record
 
 
 class _Guard(TorchFunctionMode):
-    """Refuses torch compute during capture and keeps every new tensor alive."""
+    """Refuses torch compute (and any tensor off the CPU) during capture; keeps every new
+    tensor alive."""
 
     def __init__(self, keep):
         super().__init__()
@@ -87,6 +80,12 @@ class _Guard(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name not in _ALLOC and name not in _METADATA and name not in _MAYBE_VIEW:
             raise NotCapturable(f"torch function {name or func} ran during capture: only ringfuse kernels are replayed")
+        flat = [*args, *(kwargs or {}).values()]
+        flat += [i for a in flat if isinstance(a, (tuple, list)) for i in a]
+        if name != "__get__" and any(isinstance(a, torch.Tensor) and not a.is_cpu for a in flat):
+            raise NotCapturable(f"{name} on a non-CPU tensor during capture: CPU graphs record CPU kernels only")
+        if name == "__getitem__" and any(isinstance(a, torch.Tensor) for a in flat[1:]):
+            raise NotCapturable("indexing with a tensor during capture: the row it picks would be fixed at capture")
         out = func(*args, **(kwargs or {}))
         if name in _MAYBE_VIEW and isinstance(out, torch.Tensor) and out.numel() and (
                 not isinstance(args[0], torch.Tensor)
@@ -100,16 +99,19 @@ class _Guard(TorchFunctionMode):
 @contextlib.contextmanager
 def capture_cpu_graph():
     """``with capture_cpu_graph() as g: ...`` runs the block (its kernels really run) and
-    records its ringfuse kernel calls in ``g``; ``g.replay()`` repeats them."""
+    records the ringfuse kernel calls it makes from this thread in ``g``; ``g.replay()``
+    repeats them. Captures do not nest."""
+    names = [n for n in dir(_C) if not n.startswith("_") and callable(getattr(_C, n))]
+    if any(getattr(getattr(_C, n), "_ringfuse_recording", False) for n in names):
+        raise NotCapturable("a CPU graph capture is already in progress")
     g = CpuGraph()
-    modules = [importlib.import_module(f"{__package__}.{m}") for m in _MODULES]
-    saved = [m._C for m in modules]
-    recorder = _Recorder(g.calls)
-    for m in modules:
-        m._C = recorder
+    real = {n: getattr(_C, n) for n in names}
+    thread = threading.get_ident()
+    for n, fn in real.items():  # every user of _C (ops, distributed) calls through these
+        setattr(_C, n, _wrap(fn, n, g.calls, thread))
     try:
         with _Guard(g._keep):
             yield g
     finally:
-        for m, real in zip(modules, saved):
-            m._C = real
+        for n, fn in real.items():
+            setattr(_C, n, fn)

@@ -121,7 +121,9 @@ class PreparedLinear:
         if weight.dim() != 2:
             raise ValueError(f"prepare_linear: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
         _check(weight.new_empty(0, weight.shape[1], dtype=_F32), weight, bias)  # weight and bias
-        self.weight = weight if weight.stride(-1) == 1 or weight.shape[1] <= 1 else weight.contiguous()
+        n, k = weight.shape  # rows must be apart by >= K with a unit inner stride, else a copy
+        unit = weight.stride(1) == 1 or k <= 1
+        self.weight = weight if unit and (n <= 1 or weight.stride(0) >= k) else weight.contiguous()
         self.bias = bias if bias is None or (bias.dtype in KERNEL_DTYPES and bias.stride(0) == 1) else \
             bias.float().contiguous()  # fmt: skip
         self.out_features, self.in_features = weight.shape
@@ -135,7 +137,8 @@ class PreparedLinear:
         k = self.in_features
         if (not self._direct or type(x) is not torch.Tensor or x.dim() != 2 or x.dtype not in KERNEL_DTYPES
                 or not x.is_cpu or x.shape[1] != k or x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < k)
-                or x.requires_grad or self.weight.requires_grad or torch.compiler.is_compiling()):  # fmt: skip
+                or x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+                or torch.compiler.is_compiling()):  # fmt: skip
             return linear(x, self.weight, self.bias)
         m, n = x.shape[0], self.out_features
         out = torch.empty(m, n, dtype=x.dtype)

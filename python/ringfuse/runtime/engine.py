@@ -131,7 +131,7 @@ class LLM:
             raise ValueError(f"kv_cache_tokens must be >= 2, got {tokens}")
         self.kv = self.model.new_kv_cache(-(-tokens // block_size), block_size)
         self.blocks = BlockPool(self.kv.num_blocks, block_size, prefix_caching)
-        # decode graphs by (batch, threads); None: off (TP, CUDA, or a capture was refused)
+        # decode graphs by (batch, threads), False where a capture was refused; None: off (TP)
         self._graphs = {} if decode_graphs and group is None else None
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self.waiting: deque[_Request] = deque()
@@ -309,10 +309,7 @@ class LLM:
             context_slots=torch.tensor(ctx, dtype=torch.int64) if reuse else None,
             cu_seqlens_context=torch.tensor(cu_ctx, dtype=torch.int32) if reuse else None,
         )
-        events = self._run(step, reqs)
-        for r in reqs:
-            self.blocks.register(r.prompt_ids, r.blocks)
-        return events
+        return self._run(step, reqs, prefilled=True)
 
     def _decode(self) -> list[TokenEvent]:
         reqs = self.running
@@ -330,11 +327,14 @@ class LLM:
         )
         return self._run(step, reqs, decode=True)
 
-    def _run(self, step: Step, reqs: list[_Request], decode: bool = False) -> list[TokenEvent]:
+    def _run(self, step: Step, reqs: list[_Request], decode: bool = False, prefilled: bool = False) -> list[TokenEvent]:
         with torch.no_grad():
             logits = self._graph_logits(step) if decode and self._graphs is not None else None
             if logits is None:
                 logits = self.model.logits(self.model.forward(step, self.kv))  # [B, V] fp32
+        if prefilled:  # the prompts' k/v are in their blocks now: cache them (before a request can finish)
+            for r in reqs:
+                self.blocks.register(r.prompt_ids, r.blocks)
         tokens = select(logits, [r.params for r in reqs], [r.seen for r in reqs], [r.generator for r in reqs])
         now = time.perf_counter()
         return [self._accept(r, t, now) for r, t in zip(reqs, tokens)]
@@ -344,12 +344,14 @@ class LLM:
         None when graphs cannot serve it (the caller then runs the model eagerly)."""
         key = (step.input_ids.shape[0], torch.get_num_threads())
         graph = self._graphs.get(key)
+        if graph is False:  # refused before: this batch size runs eagerly
+            return None
         if graph is None:
             graph = DecodeGraph(self.model, self.kv, key[0], -(-self.max_model_len // self.block_size))
         try:
             logits = graph.run(step)
-        except ops.NotCapturable:  # something in the step is not a recorded kernel: stay eager
-            self._graphs = None
+        except ops.NotCapturable:  # something in this step is not a recorded kernel: stay eager
+            self._graphs[key] = False
             return None
         self._graphs[key] = graph
         return logits

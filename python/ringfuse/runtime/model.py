@@ -73,7 +73,7 @@ class Linear:
             self._setup(quant, {"w_q": w_q, "w_scale": w_scale, "bias": bias})
 
     @classmethod
-    def from_parts(cls, parts: dict, quant: str, shape: tuple[int, int], key: str) -> Linear:
+    def from_parts(cls, parts: dict, quant: str, shape: tuple[int, int], key: str, dtype: torch.dtype) -> Linear:
         """A Linear from the tensors ``parts()`` gave (the converted-weights cache), checked
         against the expected [N, K]."""
         self = cls.__new__(cls)
@@ -85,6 +85,11 @@ class Linear:
             raise ValueError(f"{key}: shape {tuple(main.shape)}, expected {shape}")
         if parts.get("bias") is not None and tuple(parts["bias"].shape) != shape[:1]:
             raise ValueError(f"{key}: bias shape {tuple(parts['bias'].shape)}, expected {shape[:1]}")
+        want = {"weight": dtype, "bias": dtype} if quant == "none" else \
+            {"w_q": torch.int8, "w_scale": torch.float32, "bias": torch.float32}  # fmt: skip
+        bad = [k for k, v in parts.items() if v is not None and v.dtype != want.get(k, v.dtype)]
+        if bad or not parts.keys() <= want.keys():
+            raise ValueError(f"{key}: unexpected tensors or dtypes {[(k, parts[k].dtype) for k in parts]}")
         self._setup(quant, {"bias": None, **parts})
         return self
 
@@ -213,7 +218,7 @@ class LlamaModel:
                 return Linear(weight_fn(), bias_fn(), quant, dtype)
             prefix = key + "."
             parts = {k[len(prefix) :]: v for k, v in converted.items() if k.startswith(prefix)}
-            return Linear.from_parts(parts, quant, shape, key)
+            return Linear.from_parts(parts, quant, shape, key, dtype)
 
         def qkv_bias(a, q_rows, kv_rows):
             if not cfg.attention_bias or not weights.has(a + "q_proj.bias"):
@@ -311,7 +316,7 @@ class LlamaModel:
         decode = context = None
         if step.context_slots is not None:  # (block, offset) of every context token
             context = (step.context_slots // kv.block_size, step.context_slots % kv.block_size)
-        if not step.is_prefill:  # what the 30 layers share, checked once per step
+        if not step.is_prefill:  # what the layers share, checked once per step
             decode = ops.PagedDecodePlan(kv.k[0], kv.v[0], self.cos_sin, step.positions, step.slot_mapping,
                                          step.block_table, step.seq_lens, self.hq)  # fmt: skip
         for i, layer in enumerate(self.layers):

@@ -60,6 +60,10 @@ _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 
 _STRING, _ARRAY = 8, 9
 
 
+class _NeedMore(ValueError):
+    """The header runs past the bytes read so far."""
+
+
 class _Header:
     """Bounds-checked little-endian reads over the bytes of a GGUF header."""
 
@@ -69,7 +73,7 @@ class _Header:
     def take(self, fmt: str):
         size = struct.calcsize(fmt)
         if self.pos + size > len(self.buf):
-            raise ValueError("the header runs past the end of the file")
+            raise _NeedMore("the header runs past the end of the file")
         (v,) = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += size
         return v
@@ -77,7 +81,7 @@ class _Header:
     def string(self) -> str:
         n = self.take("<Q")
         if self.pos + n > len(self.buf):
-            raise ValueError(f"a string of {n} bytes runs past the end of the file")
+            raise _NeedMore(f"a string of {n} bytes runs past the end of the file")
         v = self.buf[self.pos : self.pos + n].decode("utf-8")
         self.pos += n
         return v
@@ -90,7 +94,7 @@ class _Header:
             if sub in _NUMPY:  # numbers in one read
                 dt = np.dtype(_NUMPY[sub])
                 if self.pos + n * dt.itemsize > len(self.buf):
-                    raise ValueError(f"an array of {n} values runs past the end of the file")
+                    raise _NeedMore(f"an array of {n} values runs past the end of the file")
                 v = np.frombuffer(self.buf, dt, n, self.pos).tolist()
                 self.pos += n * dt.itemsize
                 return v
@@ -141,11 +145,13 @@ def read_gguf_header(path: Path) -> tuple[dict, list[GGUFTensor]]:
                     dims = [h.take("<Q") for _ in range(h.take("<I"))]
                     infos.append((name, dims, h.take("<I"), h.take("<Q")))
                 break
-            except ValueError:
+            except _NeedMore:
                 if len(buf) < chunk:  # the whole file was read: truly cut short
                     raise
                 chunk *= 4
     align = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ValueError(f"general.alignment must be a positive int, got {align!r}")
     data_start = -(-h.pos // align) * align
     tensors = []
     for name, dims, qtype, offset in infos:
@@ -153,8 +159,8 @@ def read_gguf_header(path: Path) -> tuple[dict, list[GGUFTensor]]:
             raise ValueError(f"tensor {name} has unknown type {qtype}")
         block, block_bytes = GGML_QUANT_SIZES[qtype]
         n = math.prod(dims)
-        if not dims or dims[0] % block:
-            raise ValueError(f"tensor {name}: shape {dims} does not fit blocks of {block}")
+        if not dims or dims[0] % block or 0 in dims:
+            raise ValueError(f"tensor {name}: shape {dims} is empty or does not fit blocks of {block}")
         t = GGUFTensor(name, qtype, tuple(reversed(dims)), data_start + offset, n // block * block_bytes)
         if t.offset + t.n_bytes > size:
             raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
