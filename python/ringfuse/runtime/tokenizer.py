@@ -171,7 +171,8 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, metadata: Mapping[str, Any]) -> Tokenizer:
-        """Build from GGUF metadata: ``{key: field.contents()}`` of a ``gguf.GGUFReader``."""
+        """Build from GGUF metadata as ``weights.read_gguf_header`` gives it (the values of
+        ``gguf.GGUFReader``'s ``field.contents()``)."""
         model = _required(metadata, "tokenizer.ggml.model")
         tokens = [str(t) for t in _as_list(_required(metadata, "tokenizer.ggml.tokens"))]
         types = _as_list(metadata.get("tokenizer.ggml.token_type") or [])

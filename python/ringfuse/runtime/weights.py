@@ -108,7 +108,8 @@ class _Header:
 
 def read_gguf_header(path: Path) -> tuple[dict, list[GGUFTensor]]:
     """(metadata {key: value}, tensors) of a GGUF file (v2/v3, little-endian): values as
-    ``gguf.GGUFReader``'s ``field.contents()`` gives them (str, int, float, bool, lists).
+    ``gguf.GGUFReader``'s ``field.contents()`` gives them (str, int, float, bool, lists;
+    arrays of arrays stay nested, which GGUFReader flattens).
 
     Why not GGUFReader itself: it keeps a numpy memmap view per array entry, ~160 MB for
     SmolLM2's 49k tokens and merges, half of which Python never returns to the OS; this
