@@ -640,6 +640,8 @@ class PagedDecodePlan:
         self._table = (block_table.data_ptr(), block_table.stride(0), block_table.shape[1], block_size, num_blocks,
                        seq_lens.data_ptr())  # fmt: skip
         self._cache_strides = k_pages.stride()[:3]  # v_pages: the same layout
+        # the kernels directly (else the three ops): CPU, contiguous caches with a slot, tokens
+        self._direct = not self.cuda and self._cache_bytes is not None and batch > 0 and num_blocks * block_size > 0
         self._elem, self._code, self._threads = k_pages.element_size(), c.DTYPE_CODE[k_pages.dtype], c.num_threads()
 
     def run_packed(self, qkv, k_pages, v_pages):
@@ -652,22 +654,15 @@ class PagedDecodePlan:
             raise ValueError(f"{op}: qkv must be a tensor of shape {(b, width)} ([B, (Hq + 2 Hkv) D]), got "
                              f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")  # fmt: skip
         st = qkv.stride()
-        if (self.cuda or self._cache_bytes is None or b == 0 or self.num_blocks * self.block_size == 0 or st[1] != 1
-                or (b > 1 and st[0] < width)):  # fmt: skip
+        if not self._direct or st[1] != 1 or (b > 1 and st[0] < width):
             heads = qkv.view(b, hq + 2 * hkv, d) if st[1] == 1 else qkv.reshape(b, hq + 2 * hkv, d)
             return self.run(heads[:, :hq], heads[:, hq : hq + hkv], heads[:, hq + hkv :], k_pages, v_pages)
         if qkv.dtype != self.cache_layout[2] or qkv.device != self.cache_layout[3]:
             raise TypeError(f"{op}: qkv must be {self.cache_layout[2]} on {self.cache_layout[3]} like the cache, got "
                             f"{qkv.dtype} on {qkv.device}")  # fmt: skip
-        for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
-            if type(t) is not torch.Tensor or (t.shape, t.stride(), t.dtype, t.device) != self.cache_layout:
-                raise ValueError(f"{op}: {name} must have the planned cache's shape, strides, dtype and device "
-                                 f"{self.cache_layout}")  # fmt: skip
-        kp, vp, qx = k_pages.data_ptr(), v_pages.data_ptr(), qkv.data_ptr()
-        end = qx + ((b - 1) * st[0] + width) * self._elem
-        for cname, p in (("k_pages", kp), ("v_pages", vp)):  # the new rows must not alias the caches
-            if qx < p + self._cache_bytes and p < end:
-                raise ValueError(f"{op}: qkv overlaps {cname}")
+        kp, vp = self._pages(op, k_pages, v_pages)
+        qx = qkv.data_ptr()
+        self._no_alias(op, "qkv", qx, qx + ((b - 1) * st[0] + width) * self._elem, kp, vp)
         return self._launch(qx, (st[0], d), qx + hq * d * self._elem, (st[0], d), qx + (hq + hkv) * d * self._elem,
                             (st[0], d), kp, vp)  # fmt: skip
 
@@ -681,27 +676,35 @@ class PagedDecodePlan:
                                  f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")  # fmt: skip
             if t.dtype != dtype or t.device != device:
                 raise TypeError(f"{op}: {name} must be {dtype} on {device} like the cache, got {t.dtype} on {t.device}")
-        for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
-            if type(t) is not torch.Tensor or (t.shape, t.stride(), t.dtype, t.device) != self.cache_layout:
-                raise ValueError(f"{op}: {name} must have the planned cache's shape, strides, dtype and device "
-                                 f"{self.cache_layout}")  # fmt: skip
+        kp, vp = self._pages(op, k_pages, v_pages)
         qs, ks, vs = q.stride(), k.stride(), v.stride()
         if self.d > 1 and (qs[2] != 1 or ks[2] != 1 or vs[2] != 1):
             raise ValueError(f"{op}: q, k and v must have a unit stride in their last (head_dim) dimension")
-        if self.cuda or self._cache_bytes is None or self.batch == 0 or self.num_blocks * self.block_size == 0:
+        if not self._direct:
             from .rotary_embedding import rotary_embedding
 
             rotary_embedding(q, k, self.positions, self.cos_sin_cache, style=self.style)
             write_kv(k, v, k_pages, v_pages, self.slot_mapping)
             return paged_decode_attention(q, k_pages, v_pages, self.block_table, self.seq_lens, scale=self.scale)
-        b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
-        kp, vp, kx, vx = k_pages.data_ptr(), v_pages.data_ptr(), k.data_ptr(), v.data_ptr()
-        for name, start, st in (("k", kx, ks), ("v", vx, vs)):  # the new rows must not alias the caches they go to
-            end = start + (1 + (b - 1) * st[0] + (hkv - 1) * st[1] + d - 1) * self._elem
-            for cname, p in (("k_pages", kp), ("v_pages", vp)):
-                if start < p + self._cache_bytes and p < end:
-                    raise ValueError(f"{op}: {name} overlaps {cname}")
+        b, d, hkv = self.batch, self.d, self.hkv
+        kx, vx = k.data_ptr(), v.data_ptr()
+        for name, start, st in (("k", kx, ks), ("v", vx, vs)):
+            self._no_alias(op, name, start, start + (1 + (b - 1) * st[0] + (hkv - 1) * st[1] + d - 1) * self._elem, kp, vp)
         return self._launch(q.data_ptr(), qs, kx, ks, vx, vs, kp, vp)
+
+    def _pages(self, op, k_pages, v_pages) -> tuple[int, int]:
+        """Checks that this run's caches have the planned layout; their data pointers."""
+        for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
+            if type(t) is not torch.Tensor or (t.shape, t.stride(), t.dtype, t.device) != self.cache_layout:
+                raise ValueError(f"{op}: {name} must have the planned cache's shape, strides, dtype and device "
+                                 f"{self.cache_layout}")  # fmt: skip
+        return k_pages.data_ptr(), v_pages.data_ptr()
+
+    def _no_alias(self, op, name, start, end, kp, vp) -> None:
+        """The new rows [start, end) (bytes) must not alias the caches they go to."""
+        for cname, p in (("k_pages", kp), ("v_pages", vp)):
+            if start < p + self._cache_bytes and p < end:
+                raise ValueError(f"{op}: {name} overlaps {cname}")
 
     def _launch(self, qx, qs, kx, ks, vx, vs, kp, vp):
         """The kernels on checked pointers; qs / ks / vs: (token, head) strides in elements."""

@@ -64,8 +64,8 @@ def save(path: Path, tensors: dict[str, torch.Tensor]) -> bool:
         os.close(fd)
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
         os.replace(tmp, path)
-        stem = path.name[: -len("0123456789abcdef.safetensors")]  # the same source and options
-        for old in path.parent.glob(stem + "*.safetensors"):  # superseded (the source changed)
+        prefix = path.name.rsplit("-", 1)[0] + "-"  # the same source name and options, any digest
+        for old in path.parent.glob(prefix + "*.safetensors"):  # superseded (the source changed)
             if old != path and len(old.name) == len(path.name):
                 old.unlink(missing_ok=True)
         return True
