@@ -74,3 +74,32 @@ def test_one_name_stem_per_op():
         assert (PKG / package / f"{stem}.py").exists(), stem
         assert (ROOT / "tests" / package / f"test_{stem}.py").exists(), stem
         assert (ROOT / "bench" / f"bench_{stem}.py").exists(), stem
+
+
+def test_no_top_level_directory_shadows_an_installed_distribution():
+    """`python -m pytest` (and pytest's rootdir insertion for tests/__init__.py) put the
+    repository root first on sys.path, so a top-level directory importable under a name that
+    an installed distribution provides would replace it: kernels/ did that to Hugging Face's
+    `kernels`, which transformers >= 5.25 imports. From a Python started at the root, every
+    such name must resolve outside the repository; the Triton sources' directory is no package
+    of its own (the only import name is ringfuse.kernels)."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    provided = set(importlib.metadata.packages_distributions())
+    names = sorted({p.stem if p.suffix == ".py" else p.name for p in ROOT.iterdir()} & provided)
+    code = ("import importlib.util, sys\n"
+            "for n in sys.argv[1:]:\n"
+            "    s = importlib.util.find_spec(n)\n"
+            "    print(n, *(([s.origin] if s.origin else []) + list(s.submodule_search_locations or [])), sep='|')\n")
+    lines = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.splitlines()  # fmt: skip
+    assert len(lines) == len(names)
+    def in_tree(name, path):  # the top-level entry itself (a .venv inside the root is no shadow)
+        path = pathlib.Path(path).resolve()
+        return path.is_relative_to(ROOT / name) or path == ROOT / f"{name}.py"
+
+    shadowed = [line for line in lines if any(in_tree(line.split("|")[0], p) for p in line.split("|")[1:])]
+    assert not shadowed, f"top-level directories shadow installed distributions: {shadowed}"

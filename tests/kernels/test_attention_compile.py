@@ -25,12 +25,8 @@ import torch
 
 from .triton_helpers import compile_in_child, max_regs
 
-try:
-    from ringfuse.kernels import attention as triton_attention
-    from ringfuse.kernels import compile_check
-except ImportError:
-    from kernels import attention as triton_attention
-    from kernels import compile_check
+from ringfuse.kernels import attention as triton_attention
+from ringfuse.kernels import compile_check
 
 ARCHS = (80, 90)
 COMPILE_ALL = os.environ.get("RINGFUSE_COMPILE_ALL") == "1"

@@ -16,10 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    from ringfuse.kernels import attention as triton_attention
-except ImportError:
-    from kernels import attention as triton_attention
+from ringfuse.kernels import attention as triton_attention
 
 from .triton_helpers import interp_only
 

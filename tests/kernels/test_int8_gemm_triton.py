@@ -24,12 +24,8 @@ import torch.nn.functional as F
 
 from .triton_helpers import compile_in_child, interp_only, max_regs
 
-try:
-    from ringfuse.kernels import compile_check
-    from ringfuse.kernels import int8_gemm as triton_int8
-except ImportError:
-    from kernels import compile_check
-    from kernels import int8_gemm as triton_int8
+from ringfuse.kernels import compile_check
+from ringfuse.kernels import int8_gemm as triton_int8
 
 int8_gemm_fwd = triton_int8.int8_gemm_fwd
 weight_only_fwd = triton_int8.weight_only_fwd

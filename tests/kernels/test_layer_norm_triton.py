@@ -14,10 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    from ringfuse.kernels import layer_norm as triton_layer_norm
-except ImportError:
-    from kernels import layer_norm as triton_layer_norm
+from ringfuse.kernels import layer_norm as triton_layer_norm
 
 from .triton_helpers import interp_only
 

@@ -15,10 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    from ringfuse.kernels import rms_norm as triton_rms_norm
-except ImportError:
-    from kernels import rms_norm as triton_rms_norm
+from ringfuse.kernels import rms_norm as triton_rms_norm
 
 from .triton_helpers import interp_only
 

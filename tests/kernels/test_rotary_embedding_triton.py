@@ -9,12 +9,8 @@ import torch
 
 from .triton_helpers import assert_configs_compile, interp_only
 
-try:
-    from ringfuse.kernels import compile_check
-    from ringfuse.kernels import rotary_embedding as triton_rotary
-except ImportError:
-    from kernels import compile_check
-    from kernels import rotary_embedding as triton_rotary
+from ringfuse.kernels import compile_check
+from ringfuse.kernels import rotary_embedding as triton_rotary
 
 pytestmark = pytest.mark.usefixtures("interpreter_bf16_round_to_nearest_even")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -23,14 +23,9 @@ import torch
 
 from .triton_helpers import compile_in_child, max_regs
 
-try:
-    from ringfuse.kernels import compile_check
-    from ringfuse.kernels import layer_norm as triton_layer_norm
-    from ringfuse.kernels import rms_norm as triton_rms_norm
-except ImportError:
-    from kernels import compile_check
-    from kernels import layer_norm as triton_layer_norm
-    from kernels import rms_norm as triton_rms_norm
+from ringfuse.kernels import compile_check
+from ringfuse.kernels import layer_norm as triton_layer_norm
+from ringfuse.kernels import rms_norm as triton_rms_norm
 
 ARCHS = (80, 90)
 MODULES = (triton_rms_norm, triton_layer_norm)
