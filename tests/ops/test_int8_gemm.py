@@ -398,3 +398,28 @@ def test_cuda_weight_only_matches_cpu(dtype, group_size):
 def test_packing_is_cpu_only():
     with pytest.raises(ValueError, match="CUDA needs no packing"):
         pack_int8_weight(torch.zeros(3, 4, dtype=torch.int8, device="meta"))
+
+
+def test_k_past_exact_int32_accumulation_is_refused(isa):
+    """K * 128 * 128 must fit int32: K = 140000 of 127s wrapped to -2.04e9 (exact 2.26e9)."""
+    a = torch.full((1, 140000), 127, dtype=torch.int8)
+    with pytest.raises(ValueError, match="K must be <= 131071"):
+        int8_gemm(a, a, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="K must be <= 131071"):
+        int8_gemm(a, a, torch.ones(1), torch.ones(1))
+    with pytest.raises(ValueError, match="K must be <= 131071"):
+        pack_int8_weight(a)
+    k = 131071  # the largest exact K, at the extreme products (-128 * -128 everywhere)
+    a = torch.full((1, k), -128, dtype=torch.int8)
+    assert int(int8_gemm(a, a, out_dtype=torch.int32)[0, 0]) == 128 * 128 * k
+
+
+def test_overlapping_rows_are_read_as_given(isa):
+    """Expanded (stride-0) operands: b_q gave 'int8_pack_b: bad sizes', a_q 'bad strides'."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(-128, 128, (1, 40), dtype=torch.int8, generator=g).expand(3, 40)
+    b = torch.randint(-128, 128, (1, 40), dtype=torch.int8, generator=g).expand(5, 40)
+    want = a.long() @ b.long().T
+    assert torch.equal(int8_gemm(a, b, out_dtype=torch.int32).long(), want)
+    with pytest.raises(ValueError, match="rows must not overlap"):
+        pack_int8_weight(b)

@@ -130,3 +130,24 @@ def test_cuda_matches_cpu(style):
     torch.testing.assert_close(k_gpu.cpu().float(), k.float(), atol=1e-2, rtol=0)
     with pytest.raises(ValueError, match="positions must lie in"):
         rotary_embedding(q_gpu, k_gpu, (positions + 100).cuda(), cache.cuda(), style=style)
+
+
+def test_refuses_memory_it_would_rotate_twice():
+    cache = cos_sin_cache(16, 8, base=10000.0)
+    q = torch.randn(3, 2, 8)
+    pos = torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match="q and k share memory"):
+        rotary_embedding(q, q, pos, cache)
+    with pytest.raises(ValueError, match="q and k share memory"):
+        rotary_embedding(q, q[:, 1:], pos, cache)
+    with pytest.raises(ValueError, match="q's \\(token, head\\) rows overlap"):
+        rotary_embedding(q[:, :1].expand(3, 4, 8), None, pos, cache)
+    with pytest.raises(ValueError, match="k's \\(token, head\\) rows overlap"):
+        rotary_embedding(q, torch.randn(1, 1, 8).expand(3, 1, 8), pos, cache)
+    # q and k as views of one fused projection interleave their spans, not their elements
+    qkv = torch.randn(3, 4 * 8)
+    heads = qkv.view(3, 4, 8)
+    want_q, want_k = heads[:, :2].clone(), heads[:, 2:3].clone()
+    rotary_embedding(want_q, want_k, pos, cache)
+    rotary_embedding(heads[:, :2], heads[:, 2:3], pos, cache)
+    assert torch.equal(heads[:, :2], want_q) and torch.equal(heads[:, 2:3], want_k)

@@ -232,3 +232,31 @@ def test_paged_decode_plan_bad_inputs():
     bad = PagedDecodePlan(k_pages, v_pages, cos_sin, pos, torch.tensor([0, 10**6]), table, lens, 4)
     with pytest.raises(ValueError, match="slot"):
         bad.run(q, k, v, k_pages, v_pages)
+
+
+def test_refuses_caches_whose_slots_share_memory():
+    k, v = torch.randn(2, 2, 8), torch.randn(2, 2, 8)
+    slots = torch.tensor([0, 5])
+    cache = torch.zeros(1, 2, 4, 8).expand(3, 2, 4, 8)  # every block is the same memory
+    with pytest.raises(ValueError, match="k_cache's rows overlap"):
+        write_kv(k, v, cache, torch.zeros(3, 2, 4, 8), slots)
+    with pytest.raises(ValueError, match="v_cache's rows overlap"):
+        write_kv(k, v, torch.zeros(3, 2, 4, 8), torch.zeros(3, 2, 1, 8).expand(3, 2, 4, 8), slots)
+    both = torch.zeros(3, 2, 4, 8)
+    with pytest.raises(ValueError, match="k_cache and v_cache overlap"):
+        write_kv(k, v, both, both, slots)
+
+
+def test_decode_out_must_not_alias_the_cache():
+    """out was checked against q only: an out inside v_cache overwrote the cache."""
+    q = torch.randn(2, 4, 8)
+    k_cache, v_cache = torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    lens = torch.tensor([5, 9], dtype=torch.int32)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        out = cache.view(-1)[:64].view(2, 4, 8)
+        with pytest.raises(ValueError, match=f"out overlaps {name}"):
+            decode_attention(q, k_cache, v_cache, lens, out=out)
+    table = torch.tensor([[0], [1]], dtype=torch.int32)
+    pages = torch.randn(2, 2, 16, 8)
+    with pytest.raises(ValueError, match="out overlaps v_pages"):
+        paged_decode_attention(q, k_cache, pages, table, lens, out=pages.view(-1)[8:72].view(2, 4, 8))

@@ -79,7 +79,7 @@ class Int8Linear(torch.nn.Module):
             self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32, device=device))
         else:
             self.smooth = None
-        self._packed = None  # (PackedInt8Weight, weight._version) for the CPU GEMM
+        self._packed = None  # PackedInt8Weight for the CPU GEMM
 
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, mode: str = "w8a8", smooth: torch.Tensor | None = None,
@@ -119,10 +119,12 @@ class Int8Linear(torch.nn.Module):
         return w / self.smooth[None, :] if self.smooth is not None else w
 
     def _packed_weight(self):
-        version = self.weight._version
-        if self._packed is None or self._packed[0].b_q is not self.weight or self._packed[1] != version:
-            self._packed = (ops.pack_int8_weight(self.weight), version)
-        return self._packed[0]
+        # packed again when weight was replaced, swapped (weight.data = ...), resized or
+        # written in place: PackedInt8Weight.stamp is its (data pointer, version) when packed
+        p = self._packed
+        if p is None or p.b_q is not self.weight or not p.is_current():
+            self._packed = ops.pack_int8_weight(self.weight)
+        return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():

@@ -63,6 +63,25 @@ def new_output(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return out
 
 
+def stamp(tensors) -> tuple:
+    """(data pointer, version counter) of each tensor, for objects that cache pointers or
+    private copies of them (prepared ops, decode plans): a different stamp later means the
+    tensor's memory was swapped (``t.data = ...``, ``set_``, ``resize_``, which may free what
+    a cached pointer points at) or written in place (which a private copy would miss).
+    Inference-mode tensors have no version counter: only their pointer counts."""
+    tensors = tuple(tensors)
+    try:
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+    except RuntimeError:
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+
+
+def watched(sources: tuple, kernel_tensors) -> tuple:
+    """The tensors a prepared object stamps on every call: the caller's sources, then the
+    private copies the kernels read instead (reading their pointers at each call is also
+    what lets a CPU graph capture hold them alive)."""
+    return sources + tuple(t for t in kernel_tensors if t is not None and not any(t is s for s in sources))
+
 
 def num_threads() -> int:
     """Threads for CPU kernels: the same count torch uses (torch.set_num_threads)."""
@@ -183,6 +202,19 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def spans_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
+
+
+def rows_overlap(t: torch.Tensor) -> bool:
+    """Whether two rows (last dim, unit stride) of t could share memory, as in an expanded
+    tensor: a kernel writing t in place would then write some elements twice. The outer dims
+    are nested by stride; each must step past everything the inner ones span (a sufficient
+    test for views that do not interleave, which is every layout torch makes but as_strided)."""
+    extent = t.shape[-1]
+    for st, n in sorted((st, n) for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+        if st < extent:
+            return True
+        extent += st * (n - 1)
+    return False
 
 
 def check_out(op: str, out, shape, dtype, x: torch.Tensor, inputs: dict, name: str = "out") -> Rows:

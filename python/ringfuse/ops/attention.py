@@ -121,10 +121,15 @@ def _positive(value) -> bool:
             and math.isfinite(value) and value > 0)
 
 
-def _out(op, out, q):
+def _out(op, out, q, inputs):
+    """A new output like q, or ``out`` checked against q and every input it must not alias
+    (the caches, the block table and seq_lens are read while out is written)."""
     if out is None:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     c.check_out(op, out, q.shape, q.dtype, q, {"q": q})
+    for name, t in inputs.items():
+        if t is not None and t.numel() and out.numel() and c.overlap(out, t):
+            raise ValueError(f"{op}: out overlaps {name} in memory; use a separate buffer")
     return out
 
 
@@ -155,7 +160,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, *, scale=None, softcap=None,
         raise ValueError(f"{op}: the cache holds {k_cache.shape[0]} sequences but q has {q.shape[0]}")
     if torch.compiler.is_compiling() and out is None:
         return torch.ops.ringfuse.decode_attention(q, k_cache, v_cache, seq_lens, scale, softcap)
-    out = _out(op, out, q)
+    out = _out(op, out, q, {"k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens})
     _run(out, q, k_cache, v_cache, None, k_cache.shape[2], seq_lens, scale, softcap)
     return out
 
@@ -171,7 +176,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, *, scale=
         raise ValueError(f"{op}: block_table must have one row per sequence ({q.shape[0]}), got {tuple(block_table.shape)}")
     if torch.compiler.is_compiling() and out is None:
         return torch.ops.ringfuse.paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, scale, softcap)
-    out = _out(op, out, q)
+    out = _out(op, out, q, {"k_pages": k_pages, "v_pages": v_pages, "block_table": block_table, "seq_lens": seq_lens})
     _run(out, q, k_pages, v_pages, block_table, k_pages.shape[2], seq_lens, scale, softcap)
     return out
 
@@ -523,7 +528,13 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
         torch.ops.ringfuse.write_kv(k, v, k_cache, v_cache, slot_mapping)
         return
     if k.numel() and k_cache.numel():  # spans taken once each
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if c.rows_overlap(t):
+                raise ValueError(f"{op}: {name}'s rows overlap in memory (strides {t.stride()}, e.g. an expanded "
+                                 "tensor): slots written there would overwrite each other")  # fmt: skip
         caches = (("k_cache", c.span(k_cache)), ("v_cache", c.span(v_cache)))
+        if c.spans_overlap(*(span for _, span in caches)):
+            raise ValueError(f"{op}: k_cache and v_cache overlap in memory")
         for name, t in (("k", k), ("v", v)):
             ts = c.span(t)
             for cname, cs in caches:
@@ -640,6 +651,13 @@ class PagedDecodePlan:
         self._table = (block_table.data_ptr(), block_table.stride(0), block_table.shape[1], block_size, num_blocks,
                        seq_lens.data_ptr())  # fmt: skip
         self._cache_strides = k_pages.stride()[:3]  # v_pages: the same layout
+        # tensors whose pointers the kernels get: one swapped or resized (its memory maybe
+        # freed) is refused at the next run; private copies follow in-place writes to their source
+        self._pointed = (self._pos, self._slots, cs, block_table, seq_lens)
+        self._ptrs = tuple(t.data_ptr() for t in self._pointed)
+        self._copies = tuple((src, dst) for src, dst in ((positions, self._pos), (slot_mapping, self._slots),
+                                                         (cos_sin_cache, cs)) if dst is not src)  # fmt: skip
+        self._copies_stamp = c.stamp(src for src, _ in self._copies)
         # the kernels directly (else the three ops): CPU, contiguous caches with a slot, tokens
         self._direct = not self.cuda and self._cache_bytes is not None and batch > 0 and num_blocks * block_size > 0
         self._elem, self._code, self._threads = k_pages.element_size(), c.DTYPE_CODE[k_pages.dtype], c.num_threads()
@@ -686,14 +704,23 @@ class PagedDecodePlan:
             rotary_embedding(q, k, self.positions, self.cos_sin_cache, style=self.style)
             write_kv(k, v, k_pages, v_pages, self.slot_mapping)
             return paged_decode_attention(q, k_pages, v_pages, self.block_table, self.seq_lens, scale=self.scale)
-        b, d, hkv = self.batch, self.d, self.hkv
-        kx, vx = k.data_ptr(), v.data_ptr()
-        for name, start, st in (("k", kx, ks), ("v", vx, vs)):
-            self._no_alias(op, name, start, start + (1 + (b - 1) * st[0] + (hkv - 1) * st[1] + d - 1) * self._elem, kp, vp)
-        return self._launch(q.data_ptr(), qs, kx, ks, vx, vs, kp, vp)
+        b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
+        qx, kx, vx = q.data_ptr(), k.data_ptr(), v.data_ptr()
+        for name, start, st, heads in (("q", qx, qs, hq), ("k", kx, ks, hkv), ("v", vx, vs, hkv)):
+            end = start + (1 + (b - 1) * st[0] + (heads - 1) * st[1] + d - 1) * self._elem
+            self._no_alias(op, name, start, end, kp, vp)
+        return self._launch(qx, qs, kx, ks, vx, vs, kp, vp)
 
     def _pages(self, op, k_pages, v_pages) -> tuple[int, int]:
-        """Checks that this run's caches have the planned layout; their data pointers."""
+        """Checks that this run's caches have the planned layout and the planned buffers are
+        where they were; the caches' data pointers."""
+        if tuple(t.data_ptr() for t in self._pointed) != self._ptrs:
+            raise ValueError(f"{op}: positions, slot_mapping, block_table, seq_lens or cos_sin_cache was resized "
+                             "or swapped since the plan was made: make a new PagedDecodePlan")  # fmt: skip
+        if self._copies and c.stamp(src for src, _ in self._copies) != self._copies_stamp:
+            for src, dst in self._copies:  # written in place since: refresh the private copies
+                dst.copy_(src)
+            self._copies_stamp = c.stamp(src for src, _ in self._copies)
         for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
             if type(t) is not torch.Tensor or (t.shape, t.stride(), t.dtype, t.device) != self.cache_layout:
                 raise ValueError(f"{op}: {name} must have the planned cache's shape, strides, dtype and device "

@@ -34,7 +34,7 @@ from .. import _C
 # TorchDispatchMode would import torch._dynamo, ~140 MB of RSS with triton):
 _ALLOC = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
 _METADATA = frozenset({"__get__", "data_ptr", "dim", "element_size", "is_contiguous", "numel", "size", "stride",
-                       "promote_types", "result_type", "get_num_threads", "is_grad_enabled"})  # fmt: skip
+                       "promote_types", "result_type", "get_num_threads", "is_grad_enabled", "is_inference"})  # fmt: skip
 _MAYBE_VIEW = frozenset({"contiguous", "reshape", "to", "float", "view", "detach", "t", "transpose", "permute",
                          "expand", "unsqueeze", "squeeze", "as_strided", "__getitem__"})  # refused when they copy
 
@@ -49,16 +49,33 @@ class CpuGraph:
     def __init__(self):
         self.calls: list[tuple] = []  # (kernel, args)
         self._keep: list[torch.Tensor] = []  # every tensor created during capture
+        # the storage of every tensor whose data pointer was read during capture (inputs and
+        # weights made before it included), held so that none is freed while the graph lives,
+        # with the address it had: replay refuses a storage that moved (resize_, set_)
+        self._storages: dict[int, torch.UntypedStorage] = {}  # data pointer at capture -> storage
+
+    def _hold(self, t: torch.Tensor) -> None:
+        s = t.untyped_storage()
+        self._storages.setdefault(s.data_ptr(), s)
 
     def replay(self) -> None:
+        for ptr, s in self._storages.items():
+            if s.data_ptr() != ptr:
+                raise RuntimeError("CpuGraph.replay: a tensor the graph reads or writes was resized or moved to "
+                                   "new memory since the capture (resize_, set_): capture the graph again")  # fmt: skip
         for fn, args in self.calls:
             fn(*args)
+
+
+# _C functions that only advise or answer a question about sizes: they run during capture
+# and are not replayed (their result does not depend on the buffers' values)
+_NOT_RECORDED = frozenset({"advise_hugepages", "int8_packed_size", "isa", "build_info"})
 
 
 def _wrap(fn, name, calls, thread):
     def record(*args):
         out = fn(*args)
-        if threading.get_ident() != thread:  # another thread's call: just run
+        if threading.get_ident() != thread or name in _NOT_RECORDED:  # just run
             return out
         if out is not None:
             raise NotCapturable(f"_C.{name} returned a value; its caller's logic cannot be replayed")
@@ -72,9 +89,10 @@ class _Guard(TorchFunctionMode):
     """Refuses torch compute (and any tensor off the CPU) during capture; keeps every new
     tensor alive."""
 
-    def __init__(self, keep):
+    def __init__(self, graph):
         super().__init__()
-        self.keep = keep
+        self.keep = graph._keep
+        self.graph = graph
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
@@ -87,6 +105,8 @@ class _Guard(TorchFunctionMode):
         if name == "__getitem__" and any(isinstance(a, torch.Tensor) for a in flat[1:]):
             raise NotCapturable("indexing with a tensor during capture: the row it picks would be fixed at capture")
         out = func(*args, **(kwargs or {}))
+        if name == "data_ptr" and isinstance(args[0], torch.Tensor):  # a pointer a kernel may be given
+            self.graph._hold(args[0])
         if name in _MAYBE_VIEW and isinstance(out, torch.Tensor) and out.numel() and (
                 not isinstance(args[0], torch.Tensor)
                 or out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr()):  # fmt: skip
@@ -110,7 +130,7 @@ def capture_cpu_graph():
     for n, fn in real.items():  # every user of _C (ops, distributed) calls through these
         setattr(_C, n, _wrap(fn, n, g.calls, thread))
     try:
-        with _Guard(g._keep):
+        with _Guard(g):
             yield g
     finally:
         for n, fn in real.items():

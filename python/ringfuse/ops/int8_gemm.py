@@ -131,10 +131,12 @@ def int8_gemm(a_q, b_q, a_scale=None, b_scale=None, bias=None, *, out_dtype=torc
     _check_device(op, a_q)
     if k == 0:
         raise ValueError(f"{op}: K must be >= 1, got a_q of shape {tuple(a_q.shape)}")
-    if a_q.is_cuda and k >= 131072:
-        raise ValueError(f"{op}: K must be < 131072 on CUDA (int32 accumulation of int8 products), got {k}")
+    _check_k(op, k)
     if packed is not None and (not isinstance(packed, PackedInt8Weight) or packed.b_q is not b_q):
         raise ValueError(f"{op}: packed must be pack_int8_weight(b_q) of this very b_q")
+    if packed is not None and not packed.is_current():
+        raise ValueError(f"{op}: b_q was swapped, resized or written in place since pack_int8_weight(b_q): "
+                         "pack it again")  # fmt: skip
     if torch.compiler.is_compiling():
         return torch.ops.ringfuse.int8_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype)
     return _int8_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype, packed)
@@ -147,6 +149,22 @@ class PackedInt8Weight(NamedTuple):
     packed: torch.Tensor  # int8 [panels * K/4 * 64]
     b_q: torch.Tensor  # int8 [N, K], unit stride along K
     has_min: bool  # b holds -128
+    stamp: tuple  # b_q's _common.stamp when packed: a later change makes the packing stale
+
+    def is_current(self) -> bool:
+        """False once b_q was swapped (``b_q.data = ...``), resized or written in place."""
+        return c.stamp((self.b_q,)) == self.stamp
+
+
+# The int32 accumulator of int8 x int8 products is exact while K * 128 * 128 < 2^31 (every
+# backend accumulates the whole K in int32): larger K is refused, never silently wrapped.
+MAX_GEMM_K = 131071
+
+
+def _check_k(op, k):
+    if k > MAX_GEMM_K:
+        raise ValueError(f"{op}: K must be <= {MAX_GEMM_K} (K * 128 * 128 products must fit the exact int32 "
+                         f"accumulation), got K = {k}; split K and add the int32 partial products in int64")  # fmt: skip
 
 
 def pack_int8_weight(b_q) -> PackedInt8Weight:
@@ -156,9 +174,13 @@ def pack_int8_weight(b_q) -> PackedInt8Weight:
     if k == 0 or not b_q.is_cpu:
         raise ValueError(f"pack_int8_weight: b_q must be a CPU tensor with K >= 1 (CUDA needs no packing), "
                          f"got {tuple(b_q.shape)} on {b_q.device}")  # fmt: skip
+    _check_k("pack_int8_weight", k)
+    if n > 1 and b_q.stride(0) < k:  # e.g. expanded rows: the kernel reads rows K apart at least
+        raise ValueError(f"pack_int8_weight: b_q's rows must not overlap (row stride >= K = {k}), got strides "
+                         f"{b_q.stride()}; pass b_q.contiguous()")  # fmt: skip
     packed = torch.empty(_C.int8_packed_size(n, k), dtype=torch.int8)
     has_min = bool(_C.int8_pack_b(packed.data_ptr(), b_q.data_ptr(), b_q.stride(0), n, k)) if n else False
-    return PackedInt8Weight(packed, b_q, has_min)
+    return PackedInt8Weight(packed, b_q, has_min, c.stamp((b_q,)))
 
 
 def _check_device(op, t):
@@ -177,14 +199,16 @@ def _int8_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype, packed=None):
         vec = [t.contiguous() if t is not None else None for t in (a_scale, b_scale)]
         tk.int8_gemm_fwd(out, a_q, b_q, *vec, bias.float().contiguous() if bias is not None else None)
         return out
+    if m > 1 and a_q.stride(0) < k:  # overlapping rows (e.g. expanded): the kernel reads rows >= K apart
+        a_q = a_q.contiguous()
     if packed is None:
-        packed = pack_int8_weight(b_q)
-    packed, b_q, has_min = packed
+        packed = pack_int8_weight(b_q if n == 1 or b_q.stride(0) >= k else b_q.contiguous())
+    packed, b_q, has_min, _ = packed
     vec = [t.contiguous() if t is not None else None for t in (a_scale, b_scale)]
     bias32 = bias.float().contiguous() if bias is not None else None
     _C.int8_gemm_packed(
-        out.data_ptr(), out.stride(0), c.DTYPE_CODE[out_dtype], a_q.data_ptr(), a_q.stride(0), packed.data_ptr(),
-        b_q.data_ptr(), b_q.stride(0), has_min, *(t.data_ptr() if t is not None else 0 for t in (*vec, bias32)),
+        out.data_ptr(), out.stride(0), c.DTYPE_CODE[out_dtype], a_q.data_ptr(), max(a_q.stride(0), k),
+        packed.data_ptr(), b_q.data_ptr(), max(b_q.stride(0), k), has_min, *(t.data_ptr() if t is not None else 0 for t in (*vec, bias32)),
         m, n, k, c.num_threads(),
     )  # fmt: skip
     return out
@@ -286,14 +310,20 @@ class PreparedInt8WeightOnlyLinear:
         _check_vector(op, "w_scale", w_scale, n, w_q, "w_q")
         if bias is not None:
             _check_vector(op, "bias", bias, n, w_q, "w_q", c.FLOAT_DTYPES)
+        # a call prepares again when one of these was swapped, resized or written in place
+        self._sources = (w_q, w_scale) if bias is None else (w_q, w_scale, bias)
         self.w_q, self.w_scale, self.bias = w_q, w_scale.contiguous(), bias
         self.out_features, self.in_features = n, k
         self._bias32 = None if bias is None else bias.float().contiguous()
         self._direct = w_q.is_cpu
         self._args = (w_q.data_ptr(), w_q.stride(0), self.w_scale.data_ptr(), 0, 0,
                       0 if bias is None else self._bias32.data_ptr())  # fmt: skip
+        self._watched = c.watched(self._sources, (self.w_scale, self._bias32))
+        self._stamp = c.stamp(self._watched)
 
     def __call__(self, x):
+        if c.stamp(self._watched) != self._stamp:
+            self.__init__(*self._sources)
         k = self.in_features
         if (not self._direct or type(x) is not torch.Tensor or x.dim() != 2 or x.dtype is not torch.float32
                 or not x.is_cpu or x.shape[1] != k or x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < k)

@@ -113,14 +113,23 @@ class PreparedLinear:
     caller that applies the same weights many times, like a decode loop. A call checks only
     x: a CPU float32 / bfloat16 [M, K] tensor with a unit inner stride and no autograd goes
     straight to the kernel; anything else takes the full ``linear`` (same result, same
-    errors). Made with ``prepare_linear``."""
+    errors). Made with ``prepare_linear``. A weight or bias swapped (``w.data = ...``),
+    resized or written in place after preparing is noticed at the next call, which prepares
+    again: the result is always that of ``linear(x, weight, bias)`` with their current
+    values."""
 
     def __init__(self, weight, bias=None):
+        self._prepare(weight, bias)
+
+    def _prepare(self, weight, bias=None):
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"prepare_linear: weight must be a torch.Tensor, got {type(weight).__name__}")
         if weight.dim() != 2:
             raise ValueError(f"prepare_linear: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
         _check(weight.new_empty(0, weight.shape[1], dtype=_F32), weight, bias)  # weight and bias
+        # the caller's tensors: a call re-prepares when one was swapped, resized or written in
+        # place since (the cached pointers could point at freed memory, a copy be stale)
+        self._sources = (weight,) if bias is None else (weight, bias)
         n, k = weight.shape  # rows must be apart by >= K with a unit inner stride, else a copy
         unit = weight.stride(1) == 1 or k <= 1
         self.weight = weight if unit and (n <= 1 or weight.stride(0) >= k) else weight.contiguous()
@@ -132,8 +141,12 @@ class PreparedLinear:
         self._w = (self.weight.data_ptr(), max(self.weight.stride(0), self.in_features), _CODE[self.weight.dtype]) \
             if self._direct else None  # fmt: skip
         self._b = (0, 0) if self.bias is None else (self.bias.data_ptr(), _CODE[self.bias.dtype])
+        self._watched = c.watched(self._sources, (self.weight, self.bias))
+        self._stamp = c.stamp(self._watched)
 
     def __call__(self, x):
+        if c.stamp(self._watched) != self._stamp:
+            self._prepare(*self._sources)
         k = self.in_features
         if (not self._direct or type(x) is not torch.Tensor or x.dim() != 2 or x.dtype not in KERNEL_DTYPES
                 or not x.is_cpu or x.shape[1] != k or x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < k)

@@ -45,6 +45,23 @@ def _check_x(op, name, x, ref=None):
             raise ValueError(f"{op}: {name} must have q's tokens and head_dim, got {tuple(x.shape)} vs q {tuple(ref.shape)}")
 
 
+def _share_memory(q, k) -> bool:
+    """Whether q and k [T, H*, D] share elements. Disjoint spans are the quick answer; views
+    of one fused projection (q and k heads of each token side by side, one token stride)
+    interleave their spans but not their elements: there each token's q and k windows must
+    lie apart modulo the token stride."""
+    if not c.overlap(q, k):
+        return False
+    es = q.element_size()
+    if q.shape[0] < 2 or q.stride(0) != k.stride(0) or q.stride(0) <= 0:
+        return True
+    row = q.stride(0) * es
+    ext_q = ((q.shape[1] - 1) * q.stride(1) + q.shape[2]) * es
+    ext_k = ((k.shape[1] - 1) * k.stride(1) + k.shape[2]) * es
+    delta = (k.data_ptr() - q.data_ptr()) % row
+    return not (ext_q + ext_k <= row and ext_q <= delta <= row - ext_k)
+
+
 def rotary_embedding(q, k, positions, cos_sin_cache, *, style: str = "neox"):
     """Rotate q and k in place; returns (q, k)."""
     op = "rotary_embedding"
@@ -53,6 +70,13 @@ def rotary_embedding(q, k, positions, cos_sin_cache, *, style: str = "neox"):
     _check_x(op, "q", q)
     if k is not None:
         _check_x(op, "k", k, q)
+    for name, t in (("q", q), ("k", k)):
+        if t is not None and t.numel() and c.rows_overlap(t):
+            raise ValueError(f"{op}: {name}'s (token, head) rows overlap in memory (strides {t.stride()}, e.g. an "
+                             f"expanded tensor): it is rotated in place; pass {name}.contiguous()")  # fmt: skip
+    if k is not None and q.numel() and k.numel() and _share_memory(q, k):
+        raise ValueError(f"{op}: q and k share memory (the same tensor or overlapping views): each is rotated in "
+                         "place, so shared elements would be rotated twice")  # fmt: skip
     if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: positions must be an int64 or int32 tensor, got "
                         f"{positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__}")

@@ -2,7 +2,9 @@
 ``F.silu(x[..., :d]) * x[..., d:]`` (the gate and up projections of a Llama MLP, computed by
 one GEMM, in one pass instead of torch's silu, a temporary and a multiply).
 
-CPU kernel (csrc/cpu/silu_mul.cpp): float32 / bfloat16 / float16, fp32 math with one rounding;
+CPU kernel (csrc/cpu/silu_mul.cpp): float32 / bfloat16 / float16, fp32 math (a ~2 ulp exp;
+fp32 outputs within 3 ulp of exact, not bitwise torch's) with one rounding to fp16 / bf16
+(within 1 ulp of exact);
 x's rows may be strided (unit inner stride). Fallback (documented): CUDA tensors, float64 and
 autograd run the torch expression above. Registered as ``torch.ops.ringfuse.silu_mul`` (fake
 kernel, for torch.compile); eager calls reach ``_C.silu_mul`` directly.
