@@ -1,5 +1,6 @@
 """ringfuse.runtime.weights + model: tiny random HF models (Llama tied / untied, Mistral,
-Qwen2 with q/k/v biases, Llama 3.1 RoPE scaling) saved as safetensors folders and as
+Qwen2 with q/k/v biases, Llama with attention_bias + mlp_bias, Llama 3.1 RoPE scaling)
+saved as safetensors folders and as
 hand-written GGUF files, loaded by ``open_weights`` and run by ``LlamaModel``; the logits
 are checked against HF transformers running the same weights.
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -27,7 +29,7 @@ SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
              num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}  # fmt: skip
-KINDS = ("llama", "llama_tied", "mistral", "qwen2", "llama3_rope")
+KINDS = ("llama", "llama_tied", "mistral", "qwen2", "llama3_rope", "llama_bias")
 BLOCK = 4  # small pages so a 10-token prompt spans several, placed out of order
 
 
@@ -36,6 +38,8 @@ def _hf_config(kind: str):
         return transformers.LlamaConfig(**SMALL)
     if kind == "llama_tied":
         return transformers.LlamaConfig(**SMALL, tie_word_embeddings=True)
+    if kind == "llama_bias":  # biases on q/k/v/o and gate/up/down
+        return transformers.LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True)
     if kind == "llama3_rope":
         return transformers.LlamaConfig(**SMALL, rope_scaling=dict(LLAMA3_ROPE))
     if kind == "mistral":
@@ -189,7 +193,8 @@ def test_hf_folder_prefill_and_decode(hf_models, kind):
     cfg = w.config
     assert cfg.arch == {"mistral": "mistral", "qwen2": "qwen2"}.get(kind, "llama")
     assert cfg.tie_word_embeddings == (kind == "llama_tied")
-    assert cfg.attention_bias == (kind == "qwen2")
+    assert cfg.attention_bias == (kind in ("qwen2", "llama_bias"))
+    assert cfg.o_proj_bias == cfg.mlp_bias == (kind == "llama_bias")
     assert (cfg.rope_scaling is not None) == (kind == "llama3_rope")
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers) == (4, 2, 16, 2)
     if kind == "llama_tied":
@@ -255,7 +260,7 @@ def test_bf16_close_to_fp32(hf_models):
 
 
 @pytest.mark.parametrize("quant", ["w8a16", "w8a8"])
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "llama_bias"])
 def test_int8_quant_close_to_fp32(hf_models, kind, quant):
     w = open_weights(hf_models[kind][2])
     outq, _ = _all_logits(LlamaModel(w, quant=quant))
@@ -288,6 +293,197 @@ def test_model_rejects_bad_dtype_and_quant(hf_models):
         LlamaModel(w, quant="int4")
     with pytest.raises(ValueError, match="dtype must be"):
         LlamaModel(w, dtype=torch.float16)
+
+
+# ---- Llama attention_bias / mlp_bias ---------------------------------------------------
+
+
+def _bias_logits(lm):
+    """Prefill logits of two packed prompts, then two decode steps' logits, in one tensor."""
+    prompts, extra = _prompts(11, (10, 6)), _prompts(12, (2, 2))
+    blocks = [[4, 0, 2, 7], [1, 5, 3]]  # 12 and 8 tokens in pages of 4, out of order
+    kv = lm.new_kv_cache(8, BLOCK)
+    out = [_prefill(lm, kv, prompts, blocks)]
+    for s in range(2):
+        out.append(_decode(lm, kv, [e[s] for e in extra], [len(p) + s for p in prompts], blocks))
+    return torch.cat(out)
+
+
+def test_biases_change_the_logits(hf_models):
+    """The o_proj and gate/up/down biases are read and used: zeroing each set in the HF
+    model moves its logits (so the HF-matched tests above would notice them dropped)."""
+    hf32 = hf_models["llama_bias"][0]
+    ids = torch.tensor([_prompts(3, (8,))[0]])
+    ref = hf32(ids).logits
+    for attr in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        model = copy.deepcopy(hf32)
+        for layer in model.model.layers:
+            layer.get_submodule(attr).bias.data.zero_()
+        assert (model(ids).logits - ref).abs().max() > 0.05, attr
+
+
+def test_biased_llama_greedy_tokens_match_hf(hf_models, tmp_path):
+    """LLM on the biased Llama folder (a word-level tokenizer.json beside it) generates HF's
+    greedy tokens, decode graphs and all; a divergence is allowed only after a near-tie."""
+    import shutil
+
+    tokenizers = pytest.importorskip("tokenizers")
+    from ringfuse.runtime import LLM
+
+    hf32, _, path = hf_models["llama_bias"]
+    for f in path.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    llm = LLM(tmp_path, max_model_len=64, kv_cache_tokens=256, weight_cache=False)
+    prompts = _prompts(5, (9, 4))
+    results = llm.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    for prompt, result in zip(prompts, results):
+        ids = list(prompt)
+        for got in result.token_ids:
+            with torch.no_grad():
+                logits = hf32(torch.tensor([ids])).logits[0, -1]
+            top2 = logits.topk(2).values
+            want = int(logits.argmax())
+            if got != want:
+                assert top2[0] - top2[1] < 1e-4, (prompt, ids, got, want)
+                break
+            ids.append(want)
+        assert len(result.token_ids) == 12
+
+
+def _tp_bias_worker(rank, world, path):
+    import torch.distributed as dist
+
+    lm = LlamaModel(open_weights(path), tp_group=dist.group.WORLD)
+    layer = lm.layers[0]
+    biases = {name: getattr(layer, name).bias is not None for name in ("qkv", "o_proj", "gate_up", "down")}
+    return _bias_logits(lm), biases
+
+
+def test_biases_tensor_parallel(hf_models):
+    """tp = 2: q/k/v and gate/up biases split with their rows; the row-parallel o_proj and
+    down biases on rank 0 only, so the all-reduce adds them once: tp = 1's logits."""
+    from tests.distributed.harness import run_ranks, values
+
+    path = hf_models["llama_bias"][2]
+    want = _bias_logits(LlamaModel(open_weights(path)))
+    got = values(run_ranks(_tp_bias_worker, 2, str(path), timeout_s=300))
+    for rank, (logits, biases) in enumerate(got):
+        assert biases == {"qkv": True, "o_proj": rank == 0, "gate_up": True, "down": rank == 0}, rank
+        assert torch.allclose(logits, want, atol=1e-5, rtol=0), (rank, (logits - want).abs().max())
+
+
+@pytest.mark.parametrize("quant", ["none", "w8a16"])
+def test_biases_through_the_converted_weights_cache(hf_models, tmp_path, quant):
+    """The new biases are converted tensors like the weights: saved by weight_cache, mapped
+    back to the same logits; a cache file without them (written before they were read) does
+    not fit, so the engine converts again."""
+    from ringfuse.runtime import weight_cache as wc
+
+    w = open_weights(hf_models["llama_bias"][2])
+    lm = LlamaModel(w, quant=quant)
+    tensors = lm.converted_tensors()
+    for name in ("qkv", "o_proj", "gate_up", "down"):
+        assert tensors[f"layers.1.{name}.bias"].shape == (getattr(lm.layers[1], name).out_features,), name
+    f = tmp_path / "cache.safetensors"
+    assert wc.save(f, tensors)
+    assert torch.equal(_bias_logits(LlamaModel(w, quant=quant, converted=wc.load(f))), _bias_logits(lm))
+    stale = {k: v for k, v in tensors.items() if not k.endswith(".down.bias")}
+    with pytest.raises(ValueError, match="layers.0.down: converted weights without a bias"):
+        LlamaModel(w, quant=quant, converted=stale)
+
+
+def test_a_missing_bias_is_zeros_as_in_hf(hf_models, tmp_path):
+    """A bias the config declares but the file lacks: HF initializes it to zeros (and warns);
+    so does ringfuse, instead of dropping the whole fused bias or failing."""
+    from safetensors.torch import load_file, save_file
+
+    hf32, hf64, path = hf_models["llama_bias"]
+    sd = load_file(path / "model.safetensors")
+    drop = "model.layers.1.mlp.up_proj.bias"
+    del sd[drop]
+    save_file(sd, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes((path / "config.json").read_bytes())
+    ref32, ref64 = copy.deepcopy(hf32), copy.deepcopy(hf64)
+    for m in (ref32, ref64):
+        m.model.layers[1].mlp.up_proj.bias.data.zero_()
+    _run_and_check(LlamaModel(open_weights(tmp_path)), ref32, ref64, "missing up bias", decode_steps=1)
+
+
+# ---- tensor shapes against the config ----------------------------------------------------
+
+SHAPE_CASES = [  # (kind, tensor, wrong shape, the config's shape)
+    ("llama_tied", "model.embed_tokens.weight", (100, 64), (128, 64)),  # was an IndexError in generate
+    ("llama", "model.embed_tokens.weight", (100, 64), (128, 64)),
+    ("llama", "lm_head.weight", (128, 32), (128, 64)),
+    ("llama", "model.norm.weight", (1, 64), (64,)),
+    ("llama", "model.layers.0.input_layernorm.weight", (63,), (64,)),
+    ("llama", "model.layers.1.post_attention_layernorm.weight", (96,), (64,)),
+    ("llama", "model.layers.1.self_attn.q_proj.weight", (48, 64), (64, 64)),
+    ("llama", "model.layers.0.self_attn.k_proj.weight", (64, 32), (32, 64)),
+    ("llama", "model.layers.1.self_attn.v_proj.weight", (32, 63), (32, 64)),
+    ("llama", "model.layers.0.self_attn.o_proj.weight", (64, 48), (64, 64)),
+    ("llama", "model.layers.1.mlp.gate_proj.weight", (64, 96), (96, 64)),
+    ("llama", "model.layers.0.mlp.up_proj.weight", (95, 64), (96, 64)),
+    ("llama", "model.layers.1.mlp.down_proj.weight", (96, 64), (64, 96)),
+    ("qwen2", "model.layers.0.self_attn.k_proj.bias", (64,), (32,)),
+    ("llama_bias", "model.layers.1.self_attn.q_proj.bias", (32,), (64,)),
+    ("llama_bias", "model.layers.0.self_attn.o_proj.bias", (32,), (64,)),
+    ("llama_bias", "model.layers.1.mlp.up_proj.bias", (64,), (96,)),
+    ("llama_bias", "model.layers.0.mlp.down_proj.bias", (96,), (64,)),
+]
+
+
+@pytest.mark.parametrize("kind,name,bad,want", SHAPE_CASES, ids=[f"{c[0]}-{c[1]}" for c in SHAPE_CASES])
+def test_tensor_shape_checked_at_load(hf_models, tmp_path, kind, name, bad, want):
+    """Every tensor the model reads is checked against the config when the folder is opened:
+    a ValueError naming it with both shapes, before any weight is converted."""
+    from safetensors.torch import load_file, save_file
+
+    path = hf_models[kind][2]
+    sd = load_file(path / "model.safetensors")
+    assert tuple(sd[name].shape) == want
+    sd[name] = torch.zeros(bad)
+    save_file(sd, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes((path / "config.json").read_bytes())
+    msg = f"tensor '{name}' has shape {list(bad)}, expected {list(want)}"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        open_weights(tmp_path)
+
+
+def test_missing_weight_checked_at_load(hf_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = hf_models["llama"][2]
+    sd = load_file(path / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes((path / "config.json").read_bytes())
+    with pytest.raises(ValueError, match=re.escape("missing tensor 'model.layers.1.mlp.up_proj.weight' (expected "
+                                                   "shape [96, 64])")):  # fmt: skip
+        open_weights(tmp_path)
+
+
+@pytest.mark.parametrize("kind,name,bad,want", [
+    ("llama_tied", "token_embd.weight", (100, 64), (128, 64)),
+    ("llama", "blk.1.ffn_down.weight", (96, 64), (64, 96)),
+    ("llama_bias", "blk.0.attn_output.bias", (32,), (64,)),
+])  # fmt: skip
+def test_gguf_tensor_shape_checked_at_load(hf_models, tmp_path, kind, name, bad, want):
+    import types
+
+    hf = hf_models[kind][0]
+    gguf_name = {v: k for k, v in _LAYER_NAMES.items()}.get(name.split(".", 2)[-1])
+    hf_name = "model.embed_tokens.weight" if gguf_name is None else f"model.layers.{name.split('.')[1]}.{gguf_name}"
+    sd = dict(hf.state_dict())
+    sd[hf_name] = torch.zeros(bad)
+    p = tmp_path / "bad.gguf"
+    _write_gguf(p, types.SimpleNamespace(config=hf.config, state_dict=lambda: sd))
+    msg = f"tensor '{hf_name}' has shape {list(bad)}, expected {list(want)}"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        open_weights(p)
 
 
 # ---- error cases -----------------------------------------------------------------------
@@ -411,10 +607,14 @@ _LAYER_NAMES = {  # HF suffix -> GGUF name in block N
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.o_proj.bias": "attn_output.bias",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate_proj.bias": "ffn_gate.bias",
+    "mlp.up_proj.bias": "ffn_up.bias",
+    "mlp.down_proj.bias": "ffn_down.bias",
 }
 
 
@@ -542,14 +742,17 @@ def test_gguf_logits_match_hf(llama_gguf, hf_models):
     _run_and_check(LlamaModel(open_weights(llama_gguf)), hf32, hf64, "gguf llama", lengths=(10, 5))
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama_tied"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama_tied", "llama_bias"])
 def test_gguf_other_models(hf_models, tmp_path, kind):
-    """Qwen2 (arch qwen2: no q/k permutation, q/k/v biases) and tied embeddings (no output.weight)."""
+    """Qwen2 (arch qwen2: no q/k permutation, q/k/v biases), tied embeddings (no output.weight)
+    and arch llama with every bias (q/k biases interleaved like their rows, as llama.cpp's
+    converter writes them)."""
     hf32, hf64, _ = hf_models[kind]
     path = tmp_path / f"{kind}.gguf"
     _write_gguf(path, hf32, arch="qwen2" if kind == "qwen2" else "llama")
     w = open_weights(path)
-    assert w.config.attention_bias == (kind == "qwen2")
+    assert w.config.attention_bias == (kind in ("qwen2", "llama_bias"))
+    assert w.config.o_proj_bias == w.config.mlp_bias == (kind == "llama_bias")
     assert w.config.tie_word_embeddings == (kind == "llama_tied")
     _run_and_check(LlamaModel(w), hf32, hf64, f"gguf {kind}", decode_steps=1)
 

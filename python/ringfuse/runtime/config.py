@@ -14,6 +14,53 @@ HF_ARCHITECTURES = {
 }
 GGUF_ARCHITECTURES = ("llama", "qwen2")  # Mistral GGUFs use "llama"
 
+_HF_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")  # fmt: skip
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v, what: str) -> float:
+    """A JSON / GGUF number as float; anything else (a string, a list, a bool) is a ValueError
+    naming the key, not float()'s TypeError or its message without one."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{what} must be a number, got {_short(v)}")
+    return float(v)
+
+
+def _make(cls, source: str, **kw):
+    """cls(**kw), its __post_init__ errors naming the file they came from."""
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        raise ValueError(f"{source}: {str(e).removeprefix('model config: ')}") from None
+
+
+def _check_hf_types(cfg: dict, source: str) -> None:
+    """The values from_hf computes with, checked first: a hostile config.json gets a ValueError
+    naming the file and the key, not a TypeError / ZeroDivisionError from the arithmetic."""
+    for key in _HF_INTS:
+        v = cfg.get(key)
+        if v is not None and (not _is_int(v) or v < 1):
+            raise ValueError(f"{source}: {key} must be a positive int, got {_short(v)}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        if cfg.get(key) is not None:
+            _num(cfg[key], f"{source}: {key}")
+    for key in ("rope_scaling", "rope_parameters"):
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"{source}: {key} must be an object, got {_short(v)}")
+    archs = cfg.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise ValueError(f"{source}: architectures must be a list of strings, got {_short(archs)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -29,7 +76,9 @@ class ModelConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    attention_bias: bool = False  # q/k/v biases (Qwen2; Llama with attention_bias)
+    o_proj_bias: bool = False  # Llama with attention_bias (HF's flag covers q/k/v and o)
+    mlp_bias: bool = False  # gate/up/down biases (Llama with mlp_bias)
     # Llama 3.1 "llama3" scaling (HF), or {"rope_type": "rope_freqs", "factors": (...)}: a GGUF's
     # rope_freqs tensor (llama.cpp: inv_freq / factor); None = plain RoPE
     rope_scaling: dict | None = None
@@ -40,8 +89,15 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "max_position_embeddings"):  # fmt: skip
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model config: {name} must be a positive int, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):  # NaN / inf / <= 0 would give NaN logits, not an error
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"model config: {name} must be a positive finite number, got {value!r}")
+        for value in (self.bos_token_id, *self.eos_token_ids):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"model config: token ids must be non-negative ints, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model config: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")  # fmt: skip
@@ -81,6 +137,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(cfg).__name__} {_short(cfg)}")
+        _check_hf_types(cfg, source)
         archs = cfg.get("architectures") or []
         arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
         if not archs and cfg.get("model_type") in HF_ARCHITECTURES.values():
@@ -103,8 +162,14 @@ class ModelConfig:
                 if kind not in ("llama3", "default"):
                     raise ValueError(f"{source}: unsupported rope_scaling type {kind!r} (supported: llama3)")
                 scaling = None if kind == "default" else dict(scaling)
+                required = ("factor", "original_max_position_embeddings")
+                for key in (*required, "low_freq_factor", "high_freq_factor"):  # inv_freq() computes with these
+                    if scaling is not None and (key in scaling or key in required):
+                        _num(scaling.get(key), f"{source}: rope_scaling {key}")
             eos = cfg.get("eos_token_id")
-            return cls(
+            return _make(
+                cls,
+                source,
                 arch=arch,
                 vocab_size=cfg["vocab_size"],
                 hidden_size=hidden,
@@ -113,13 +178,17 @@ class ModelConfig:
                 num_heads=heads,
                 num_kv_heads=cfg.get("num_key_value_heads") or heads,
                 head_dim=cfg.get("head_dim") or hidden // heads,
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope_theta),
+                rms_norm_eps=_num(cfg.get("rms_norm_eps", 1e-6), f"{source}: rms_norm_eps"),
+                rope_theta=_num(rope_theta, f"{source}: rope_theta"),
                 # no sliding-window attention here: the context stops at the window (Mistral)
                 max_position_embeddings=min(cfg.get("max_position_embeddings", 2048),
                                             cfg.get("sliding_window") or 1 << 62),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+                # as HF's modules: Llama's attention_bias covers q/k/v and o, Qwen2 always has
+                # q/k/v biases and no other, Mistral none whatever its config says
+                attention_bias=arch == "qwen2" or (arch == "llama" and bool(cfg.get("attention_bias", False))),
+                o_proj_bias=arch == "llama" and bool(cfg.get("attention_bias", False)),
+                mlp_bias=arch == "llama" and bool(cfg.get("mlp_bias", False)),
                 rope_scaling=scaling,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
@@ -140,13 +209,20 @@ class ModelConfig:
                 raise ValueError(f"{source}: missing metadata key {f'{arch}.{key}'!r}")
             return value
 
+        names = set(tensor_names)
         hidden, heads = get("embedding_length"), get("attention.head_count")
-        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+        for key, v in (("embedding_length", hidden), ("attention.head_count", heads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:  # divided below, before __post_init__
+                raise ValueError(f"{source}: {arch}.{key} must be a positive int, got {_short(v)}")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = meta.get(f"{arch}.vocab_size") or (len(tokens) if isinstance(tokens, list) else 0)
         scale_type = meta.get(f"{arch}.rope.scaling.type")
         if scale_type not in (None, "none"):
             raise ValueError(f"{source}: unsupported rope scaling {scale_type!r}")
         eos = meta.get("tokenizer.ggml.eos_token_id")
-        return cls(
+        return _make(
+            cls,
+            source,
             arch=arch,
             vocab_size=vocab,
             hidden_size=hidden,
@@ -155,11 +231,14 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=meta.get(f"{arch}.attention.head_count_kv") or heads,
             head_dim=meta.get(f"{arch}.rope.dimension_count") or hidden // heads,
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            rms_norm_eps=_num(get("attention.layer_norm_rms_epsilon"), f"{source}: {arch}.layer_norm_rms_epsilon"),
+            rope_theta=_num(meta.get(f"{arch}.rope.freq_base", 10000.0), f"{source}: {arch}.rope.freq_base"),
             max_position_embeddings=get("context_length"),
-            tie_word_embeddings="output.weight" not in set(tensor_names),
-            attention_bias="blk.0.attn_q.bias" in set(tensor_names),
+            tie_word_embeddings="output.weight" not in names,
+            # biases as llama.cpp takes them: optional for llama (q/k/v, o, ffn), q/k/v for qwen2
+            attention_bias="blk.0.attn_q.bias" in names,
+            o_proj_bias=arch == "llama" and "blk.0.attn_output.bias" in names,
+            mlp_bias=arch == "llama" and "blk.0.ffn_gate.bias" in names,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (eos,),
         )

@@ -1,10 +1,11 @@
-"""The Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2), in one file,
-from ringfuse ops: fused RMSNorm with the residual add, q/k/v in one GEMM, in-place RoPE,
-the KV cache written by ``write_kv``, varlen flash attention for prefill and paged decode
-attention, gate and up in one GEMM with the fused SwiGLU (``silu_mul``), float or int8
-linears (ringfuse's GEMV-style kernels at decode sizes, torch's GEMM for float prefill),
-and the ring all-reduce under tensor parallelism (Megatron's layout: heads and FFN columns
-split, o_proj and down_proj row-parallel, embedding and LM head split over the vocab).
+"""The Llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2; linear biases
+where the config has them), in one file, from ringfuse ops: fused RMSNorm with the
+residual add, q/k/v in one GEMM, in-place RoPE, the KV cache written by ``write_kv``,
+varlen flash attention for prefill and paged decode attention, gate and up in one GEMM
+with the fused SwiGLU (``silu_mul``), float or int8 linears (ringfuse's GEMV-style kernels
+at decode sizes, torch's GEMM for float prefill), and the ring all-reduce under tensor
+parallelism (Megatron's layout: heads and FFN columns split, o_proj and down_proj
+row-parallel, embedding and LM head split over the vocab).
 
 A decode step at batch 1 runs ~10 us of kernels per op, so per-call checks would dominate:
 weights and norms are checked once at load (``ops.prepare_linear``,
@@ -127,11 +128,11 @@ class Linear:
 @dataclasses.dataclass
 class Layer:
     input_norm: ops.PreparedRMSNorm  # weight [hidden], checked once
-    qkv: Linear  # [(hq + 2 hkv) * D, hidden]: this rank's q heads, then its k and v heads
-    o_proj: Linear  # [hidden, hq * D]: this rank's columns
+    qkv: Linear  # [(hq + 2 hkv) * D, hidden]: this rank's q heads, then its k and v heads (bias alike)
+    o_proj: Linear  # [hidden, hq * D]: this rank's columns; bias [hidden] on rank 0 only
     post_norm: ops.PreparedRMSNorm
-    gate_up: Linear  # [2 * ffn / tp, hidden]: this rank's gate rows, then its up rows
-    down: Linear  # [hidden, ffn / tp]
+    gate_up: Linear  # [2 * ffn / tp, hidden]: this rank's gate rows, then its up rows (bias alike)
+    down: Linear  # [hidden, ffn / tp]; bias [hidden] on rank 0 only
 
 
 @dataclasses.dataclass
@@ -213,36 +214,52 @@ class LlamaModel:
                 raise ValueError(f"{key}: expected a {dtype} [{hidden}] norm weight")
             return ops.prepare_rms_norm(w, cfg.rms_norm_eps, cast_mode="llama")
 
-        def linear(key, shape, weight_fn, bias_fn=lambda: None):  # [N, K]
+        def linear(key, shape, weight_fn, bias=None):  # [N, K]; bias [N] or None
             if converted is None:
-                return Linear(weight_fn(), bias_fn(), quant, dtype)
+                return Linear(weight_fn(), bias, quant, dtype)
             prefix = key + "."
             parts = {k[len(prefix) :]: v for k, v in converted.items() if k.startswith(prefix)}
+            # a cache written without a bias the model has (or with one it lacks) does not fit:
+            # the engine converts again rather than run without it
+            if ("bias" in parts) != (bias is not None):
+                raise ValueError(f"{key}: converted weights {'with' if 'bias' in parts else 'without'} a bias, the "
+                                 f"model {'has none' if bias is None else 'has one'}")  # fmt: skip
             return Linear.from_parts(parts, quant, shape, key, dtype)
 
-        def qkv_bias(a, q_rows, kv_rows):
-            if not cfg.attention_bias or not weights.has(a + "q_proj.bias"):
+        def bias(on, rows_of):  # this rank's rows of the fused projections' biases, or None
+            """``rows_of``: [(name, (start, stop))]. Biases are [N] and tiny, read even when
+            the converted weights are used (to check the cache has them). A missing one is
+            zeros (what HF initializes it to), all missing is no bias."""
+            if not on or not any(weights.has(n) for n, _ in rows_of):
                 return None
-            parts = [(a + "q_proj.bias", q_rows), (a + "k_proj.bias", kv_rows), (a + "v_proj.bias", kv_rows)]
-            return torch.cat([get(n, 0, *r) for n, r in parts])
+            return torch.cat([get(n, 0, r0, r1) if weights.has(n) else torch.zeros(r1 - r0)
+                              for n, (r0, r1) in rows_of])  # fmt: skip
+
+        # o_proj and down are row-parallel (each rank's output is a partial sum, all-reduced):
+        # their bias is added on rank 0 alone, in its GEMM, so the sum holds it exactly once
+        row_bias = self.rank == 0
 
         self.layers = []
         for i in range(cfg.num_layers):
             p, key = f"model.layers.{i}.", f"layers.{i}."
             a = p + "self_attn."
             q_rows, kv_rows = (q0 * D, q1 * D), (k0 * D, k1 * D)
+            m = p + "mlp."
             self.layers.append(Layer(
                 input_norm=norm(key + "input_norm", p + "input_layernorm.weight"),
                 qkv=linear(key + "qkv", ((self.hq + 2 * self.hkv) * D, hidden),
                            lambda: torch.cat([get(a + "q_proj.weight", 0, *q_rows), get(a + "k_proj.weight", 0, *kv_rows),
                                               get(a + "v_proj.weight", 0, *kv_rows)]),
-                           lambda: qkv_bias(a, q_rows, kv_rows)),
-                o_proj=linear(key + "o_proj", (hidden, self.hq * D), lambda: get(a + "o_proj.weight", 1, q0 * D, q1 * D)),
+                           bias(cfg.attention_bias, [(a + "q_proj.bias", q_rows), (a + "k_proj.bias", kv_rows),
+                                                     (a + "v_proj.bias", kv_rows)])),
+                o_proj=linear(key + "o_proj", (hidden, self.hq * D), lambda: get(a + "o_proj.weight", 1, q0 * D, q1 * D),
+                              bias(cfg.o_proj_bias and row_bias, [(a + "o_proj.bias", (0, hidden))])),
                 post_norm=norm(key + "post_norm", p + "post_attention_layernorm.weight"),
                 gate_up=linear(key + "gate_up", (2 * f, hidden),
-                               lambda: torch.cat([get(p + "mlp.gate_proj.weight", 0, f0, f1),
-                                                  get(p + "mlp.up_proj.weight", 0, f0, f1)])),
-                down=linear(key + "down", (hidden, f), lambda: get(p + "mlp.down_proj.weight", 1, f0, f1)),
+                               lambda: torch.cat([get(m + "gate_proj.weight", 0, f0, f1), get(m + "up_proj.weight", 0, f0, f1)]),
+                               bias(cfg.mlp_bias, [(m + "gate_proj.bias", (f0, f1)), (m + "up_proj.bias", (f0, f1))])),
+                down=linear(key + "down", (hidden, f), lambda: get(m + "down_proj.weight", 1, f0, f1),
+                            bias(cfg.mlp_bias and row_bias, [(m + "down_proj.bias", (0, hidden))])),
             ))  # fmt: skip
             release_freed_memory()
         self.norm = norm("norm", "model.norm.weight")

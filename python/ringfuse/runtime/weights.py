@@ -5,7 +5,8 @@ Both answer ``get(name, dim, start, stop)`` in HF tensor names
 (``model.layers.3.self_attn.q_proj.weight``...), returning only the requested rows or
 columns: under tensor parallelism each rank reads its own slices. GGUF rows of a
 quantized tensor are whole blocks, so row slices are cut before dequantizing; column
-slices too when they fall on block boundaries.
+slices too when they fall on block boundaries. Both check every tensor the model reads
+against the config when opened (``check_shapes``), from the file headers alone.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class GGUFTensor:
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+# Arrays of arrays are read recursively; real files nest one level at most (none in
+# llama.cpp's writers), so a deeper nesting is a corrupt or hostile file, refused before
+# Python's recursion limit turns it into a RecursionError.
+_MAX_ARRAY_DEPTH = 16
 
 
 class _NeedMore(ValueError):
@@ -86,10 +91,13 @@ class _Header:
         self.pos += n
         return v
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth >= _MAX_ARRAY_DEPTH:
+                raise ValueError(f"metadata arrays nested deeper than {_MAX_ARRAY_DEPTH} levels (corrupt or "
+                                 "unsupported GGUF)")  # fmt: skip
             sub, n = self.take("<I"), self.take("<Q")
             if sub in _NUMPY:  # numbers in one read
                 dt = np.dtype(_NUMPY[sub])
@@ -100,7 +108,7 @@ class _Header:
                 return v
             if n > len(self.buf):
                 raise ValueError(f"an array claims {n} entries")
-            return [self.value(sub) for _ in range(n)]
+            return [self.value(sub, depth + 1) for _ in range(n)]
         if vtype not in _SCALAR:
             raise ValueError(f"unknown metadata value type {vtype}")
         return self.take(_SCALAR[vtype])
@@ -197,9 +205,13 @@ class GGUFWeights:
         # llama.cpp's converter interleaves each head's q/k rows for its GPT-J style RoPE;
         # undo it (as transformers does) so every source has HF's rotate-half layout.
         self._permuted = self.config.arch == "llama"
+        check_shapes(self)
 
     def has(self, name: str) -> bool:
         return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name].shape
 
     def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         from gguf import GGML_QUANT_SIZES
@@ -207,8 +219,11 @@ class GGUFWeights:
         t = self.tensors.get(name)
         if t is None:
             raise ValueError(f"{self.path}: no tensor for {name!r}")
+        permuted = self._permuted and (".q_proj." in name or ".k_proj." in name)
         if len(t.shape) == 1:  # norms, biases: whole, then sliced
             out = self._tensor(t, self._read(t)).reshape(-1)
+            if permuted:  # llama.cpp's converter interleaves q/k biases as it does their rows
+                out = _unpermute_rows(out, self.config.head_dim)
             return out[start:stop].contiguous() if dim == 0 else out
         block, block_bytes = GGML_QUANT_SIZES[t.qtype]
         data = self._read(t, start, stop) if dim == 0 else self._read(t)  # [rows, bytes per row]
@@ -224,7 +239,7 @@ class GGUFWeights:
             out = out.reshape(out.shape[0], *t.shape[1:])
         if cols is not None:
             out = out[:, cols[0] : cols[1]]
-        if self._permuted and (".q_proj." in name or ".k_proj." in name):
+        if permuted:
             out = _unpermute_rows(out, self.config.head_dim)
         return out.contiguous()
 
@@ -276,14 +291,16 @@ class SafetensorsWeights:
         cfg_path = self.path / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{self.path}: no config.json (expected an HF model folder or a .gguf file)")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-        self.config = ModelConfig.from_hf(cfg, str(cfg_path))
+        self.config = ModelConfig.from_hf(_read_json(cfg_path), str(cfg_path))
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            data = _read_json(index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) and Path(f).name == f and f
+                                                           for f in weight_map.values()):  # fmt: skip
+                raise ValueError(f"{index}: expected a JSON object whose \"weight_map\" maps tensor names to file "
+                                 "names in the folder")  # fmt: skip
+            files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not files:
@@ -296,9 +313,13 @@ class SafetensorsWeights:
                 raise ValueError(f"{self.path / f}: not a readable safetensors file ({e})") from None
             self.handles.append(h)
             self.where.update({k: h for k in h.keys()})
+        check_shapes(self)
 
     def has(self, name: str) -> bool:
         return name in self.where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.where[name].get_slice(name).get_shape())
 
     def get(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         h = self.where.get(name)
@@ -308,6 +329,52 @@ class SafetensorsWeights:
             return h.get_tensor(name)
         sl = h.get_slice(name)
         return sl[start:stop] if dim == 0 else sl[:, start:stop]
+
+
+def _read_json(path: Path):
+    """A JSON file's value; invalid JSON or UTF-8 is a ValueError naming the file."""
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """HF name -> (shape, required) of every tensor the model reads for this config. Biases
+    are optional: a missing one is zeros, as HF initializes a bias absent from the file."""
+    V, H, F, q, kv = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    out = {"model.embed_tokens.weight": ((V, H), True), "model.norm.weight": ((H,), True)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = ((V, H), True)
+    weights = {"input_layernorm": (H,), "post_attention_layernorm": (H,), "self_attn.q_proj": (q, H),
+               "self_attn.k_proj": (kv, H), "self_attn.v_proj": (kv, H), "self_attn.o_proj": (H, q),
+               "mlp.gate_proj": (F, H), "mlp.up_proj": (F, H), "mlp.down_proj": (H, F)}  # fmt: skip
+    biases = {}
+    if cfg.attention_bias:
+        biases.update({"self_attn.q_proj": (q,), "self_attn.k_proj": (kv,), "self_attn.v_proj": (kv,)})
+    if cfg.o_proj_bias:
+        biases["self_attn.o_proj"] = (H,)
+    if cfg.mlp_bias:
+        biases.update({"mlp.gate_proj": (F,), "mlp.up_proj": (F,), "mlp.down_proj": (H,)})
+    for i in range(cfg.num_layers):
+        out.update({f"model.layers.{i}.{k}.weight": (v, True) for k, v in weights.items()})
+        out.update({f"model.layers.{i}.{k}.bias": (v, False) for k, v in biases.items()})
+    return out
+
+
+def check_shapes(weights) -> None:
+    """Every tensor the model will read, against the config, from the file headers alone:
+    a misfit file (an embedding short of the vocab, a transposed projection) is a ValueError
+    naming the tensor at load, not an IndexError or a wrong answer later."""
+    for name, (shape, required) in expected_shapes(weights.config).items():
+        if not weights.has(name):
+            if required:
+                raise ValueError(f"{weights.path}: missing tensor {name!r} (expected shape {list(shape)})")
+            continue
+        found = tuple(weights.shape(name))
+        if found != shape:
+            raise ValueError(f"{weights.path}: tensor {name!r} has shape {list(found)}, expected {list(shape)} "
+                             "from the model config")  # fmt: skip
 
 
 def release_freed_memory() -> None:
