@@ -48,3 +48,95 @@ def test_chat_reads_lines_until_eof(model_arg):
 def test_bad_flags_are_clear_errors(args, match):
     done = _run(args)
     assert done.returncode == 2 and match in done.stderr, done.stderr
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(model_arg):
+    """A conversation longer than the context loses its oldest turns (one stderr line says
+    so) and goes on; a message that cannot fit even alone is skipped, and the chat goes on."""
+    lines = ["Name a color.", "Name an animal.", "Name a fruit.", "Name a tree.", "word " * 200,
+             "What is the capital of France?"]  # fmt: skip
+    done = _run(["chat", *model_arg, "--max-new-tokens", "12", "--max-model-len", "128"],
+                stdin="\n".join(lines) + "\n")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    notes = done.stderr.splitlines()
+    assert any("dropped the" in n and "oldest turn" in n for n in notes), done.stderr
+    assert sum("but the context is 128" in n and "skipped it" in n for n in notes) == 1, done.stderr
+    assert "Traceback" not in done.stderr and "Paris" in done.stdout.split("> ")[-2]
+
+
+def _read_until(proc, marker: bytes, timeout=240.0) -> bytes:
+    """Bytes from proc's stdout until ``marker`` shows up (fails on EOF or timeout)."""
+    import select
+    import time
+
+    got, end = b"", time.monotonic() + timeout
+    while marker not in got:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
+        assert ready, f"timed out waiting for {marker!r}; got {got!r}"
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        assert chunk, f"stdout closed before {marker!r}: {got!r} / {proc.stderr.read()!r}"
+        got += chunk
+    return got
+
+
+def _popen(args):
+    return subprocess.Popen([sys.executable, "-m", "ringfuse", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+
+
+def test_ctrl_c_during_generate_says_interrupted_and_exits_130(model_arg):
+    import signal
+
+    proc = _popen(["generate", *model_arg, "--max-new-tokens", "4000", "--ignore-eos", "Count to one thousand."])
+    try:
+        got = _read_until(proc, b" ")  # streaming has started
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "ringfuse generate: interrupted" and "Traceback" not in err, err
+    assert (got + out).endswith(b"\n")  # the partial line is ended
+
+
+def test_ctrl_c_in_chat_stops_the_answer_then_quits_with_130(model_arg):
+    import signal
+
+    proc = _popen(["chat", *model_arg, "--max-new-tokens", "400"])
+    try:
+        _read_until(proc, b"> ")
+        proc.stdin.write(b"Write a long essay about the history of Rome.\n")
+        proc.stdin.flush()
+        _read_until(proc, b" ")  # the answer is streaming: Ctrl-C stops it, the chat goes on
+        proc.send_signal(signal.SIGINT)
+        assert b"[interrupted]" in _read_until(proc, b"> ")
+        proc.send_signal(signal.SIGINT)  # at the prompt: quit
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "ringfuse chat: interrupted" and "Traceback" not in err, err
+
+
+def test_invalid_utf8_in_argv_and_stdin_is_replaced_with_a_warning(model_arg):
+    bad = b"Say hi \xff\xfe please".decode("utf-8", "surrogateescape")  # as Python hands such argv over
+    done = _run(["generate", *model_arg, "--max-new-tokens", "3", bad])
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "prompt 0 is not valid UTF-8" in done.stderr and done.stdout.strip()
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}  # strict stdin, as a UTF-8 locale has
+    done = subprocess.run([sys.executable, "-m", "ringfuse", "chat", *model_arg, "--max-new-tokens", "3"],
+                          input=b"Say hi \xff\xfe please\n", capture_output=True, timeout=300, env=env)  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 0 and "Traceback" not in err and "the input is not valid UTF-8" in err, err
+
+
+def test_unwritable_cache_folder_gives_one_warning(model_arg, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder would go")
+    done = _run(["generate", *model_arg, "--max-new-tokens", "3", "hi"],
+                env_extra={"RINGFUSE_CACHE": str(blocked), "RINGFUSE_WEIGHT_CACHE": "1"})  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr
+    warns = [n for n in done.stderr.splitlines() if "warning" in n]
+    assert len(warns) == 1 and f"RINGFUSE_CACHE={blocked}" in warns[0] and "is a file" in warns[0], done.stderr

@@ -42,6 +42,8 @@ from ringfuse.runtime.sampling import SamplingParams, apply_repetition_penalty, 
         ("seed", "x", TypeError),
         ("seed", 1.0, TypeError),
         ("seed", True, TypeError),
+        ("seed", -1, ValueError),
+        ("seed", 2**64, ValueError),
         ("stop", [""], TypeError),
         ("stop", "", TypeError),
         ("stop", ["ok", 3], TypeError),
@@ -278,3 +280,57 @@ def test_select_distribution_filtered():
     assert counts[2] == 0
     expected = 1 / (1 + math.exp(-0.4))
     assert abs(counts[0].item() / 2000 - expected) < 0.04
+
+
+# ---- extreme but valid values ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-6])
+def test_tiny_temperature_is_greedy(temperature):
+    """A temperature whose quotient would overflow fp32 is argmax, not a NaN distribution."""
+    logits = torch.tensor([[1.0, 30.0, 29.9, -5.0], [100.0, -100.0, 99.0, 0.0]])
+    p = SamplingParams(temperature=temperature, seed=0)
+    assert p.greedy
+    assert select(logits, [p, p], [None, None], [_gen(0), _gen(1)]) == [1, 0]
+    probs = filtered_probs(logits[0].clone(), p)  # called directly, still finite
+    assert torch.isfinite(probs).all() and probs.tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_small_temperature_samples_finite_probs():
+    logits = torch.tensor([1.0, 3.0, 2.9999, -1.0])
+    for t in (1e-5, 1e-4, 1e-3):
+        probs = filtered_probs(logits.clone(), SamplingParams(temperature=t, top_p=0.9))
+        assert torch.isfinite(probs).all() and probs.sum().item() == pytest.approx(1.0, abs=1e-6), t
+
+
+@pytest.mark.parametrize("penalty", [1e-40, 1e-30, 1e30, 1e38])
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 1e-3])
+def test_extreme_repetition_penalty_stays_finite(penalty, temperature):
+    logits = torch.tensor([[2.0, -3.0, 5.0, 0.5, -1.0]])
+    seen = torch.tensor([0, 1, 4])
+    row = logits[0].clone()
+    apply_repetition_penalty(row, seen, penalty)
+    assert torch.isfinite(row).all(), row
+    p = SamplingParams(temperature=temperature, repetition_penalty=penalty, seed=0)
+    for _ in range(20):
+        tok = select(logits, [p], [seen], [_gen(0)])[0]
+        assert 0 <= tok < 5
+    if penalty < 1:  # a tiny penalty favours the seen tokens: the seen positive one wins greedy
+        assert select(logits, [SamplingParams(repetition_penalty=penalty)], [seen], [None]) == [0]
+    if not p.greedy:
+        probs = filtered_probs(row, p)
+        assert torch.isfinite(probs).all() and probs.sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_seeds_over_the_whole_uint64_range():
+    """Any seed in [0, 2**64) works and is deterministic; seeds past 2**63 are torch's uint64
+    seeds (the same stream as torch.Generator().manual_seed of that value)."""
+    from ringfuse.runtime.sampling import generator
+
+    for seed in (0, 2**63 - 1, 2**63, 2**64 - 1):
+        a, b = torch.rand(4, generator=generator(seed)), torch.rand(4, generator=generator(seed))
+        assert torch.equal(a, b), seed
+        assert generator(seed).initial_seed() == seed
+    logits = torch.randn(1, 50, generator=_gen(0))
+    p = SamplingParams(temperature=1.0, seed=2**64 - 1)
+    assert select(logits, [p], [None], [generator(p.seed)]) == select(logits, [p], [None], [generator(p.seed)])

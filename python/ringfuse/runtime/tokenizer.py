@@ -117,6 +117,50 @@ def _generation_tag():
     return GenerationTag
 
 
+@lru_cache(maxsize=1)
+def _chat_template_error() -> type:
+    """The error of a template that refuses or fails on its messages: a jinja2 TemplateError
+    (as HF raises) that is also a ValueError (a bad input, as callers catch it)."""
+    import jinja2
+
+    return type("ChatTemplateError", (jinja2.exceptions.TemplateError, ValueError), {})
+
+
+def _check_text(text: str, what: str) -> None:
+    """A str the tokenizer can take: lone surrogates (undecodable bytes that Python kept with
+    surrogateescape, from argv or a pipe) have no UTF-8 form and the backend refuses them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode text: it holds the lone surrogate {text[e.start]!r} at index "
+                         f"{e.start} (bytes that were not UTF-8?); decode such bytes with errors='replace' "
+                         "first") from None  # fmt: skip
+
+
+def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Messages as a template may index them: each a dict with a str "role" and a str
+    "content" (an assistant's tool-call message may leave content out); None values dropped
+    as HF does, since templates test for a missing key, not a literal None."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    chat = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r}")
+        m = {k: v for k, v in m.items() if v is not None}
+        for key in ("role", "content"):
+            if key not in m:
+                if key == "content" and "tool_calls" in m:
+                    continue
+                raise ValueError(f"messages[{i}] has no {key!r}: each message needs 'role' and 'content' "
+                                 f"strings, got keys {sorted(map(str, m))}")  # fmt: skip
+            if not isinstance(m[key], str):
+                raise TypeError(f"messages[{i}][{key!r}] must be a str, got {type(m[key]).__name__}")
+            _check_text(m[key], f"messages[{i}][{key!r}]")
+        chat.append(m)
+    return chat
+
+
 @lru_cache(maxsize=16)
 def _compile_template(source: str):
     """Compile a chat template in the environment HF renders it in (sandboxed, trim/lstrip
@@ -126,7 +170,7 @@ def _compile_template(source: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):
-        raise jinja2.exceptions.TemplateError(message)
+        raise _chat_template_error()(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # jinja's own tojson escapes HTML characters, which would change the prompt
@@ -340,7 +384,9 @@ class Tokenizer:
         """Token ids of ``text``; special-token strings in it become their ids (as HF does).
         With ``add_special_tokens``, bos (and eos) are added as the model's config asks."""
         if not isinstance(text, str):
-            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+            hint = ": decode bytes first, e.g. data.decode('utf-8', errors='replace')" * isinstance(text, bytes)
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}{hint}")
+        _check_text(text, "the text")
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -365,22 +411,25 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError("this model has no chat template (no tokenizer.chat_template in the GGUF, "
                              "no chat_template in the folder); use encode() on a plain prompt instead")
-        if isinstance(messages, (str, bytes)) or not messages:
-            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        chat = []
-        for m in messages:
-            if not isinstance(m, Mapping):
-                raise TypeError(f"chat messages must be dicts, got {m!r}")
-            # HF drops None values: templates handle a missing key, not a literal None
-            chat.append({k: v for k, v in m.items() if v is not None})
-        return _compile_template(self.chat_template).render(
-            messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-            **self._special_tokens)
+        import jinja2
+
+        chat = _check_messages(messages)
+        try:
+            return _compile_template(self.chat_template).render(
+                messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                **self._special_tokens)
+        except jinja2.exceptions.TemplateError as e:  # a key the template wants, a syntax error, ...
+            if isinstance(e, ValueError):  # the template's own raise_exception: its message says it
+                raise
+            raise _chat_template_error()(f"the chat template cannot render these messages: "
+                                         f"{type(e).__name__}: {e}") from e  # fmt: skip
 
     def encode_chat(self, messages_or_prompt: str | Sequence[Mapping[str, Any]],
                     add_generation_prompt: bool = True) -> list[int]:
         """Ids of the rendered chat. A plain string is one user message. The template already
         writes the special tokens, so none are added (HF apply_chat_template(tokenize=True))."""
+        if isinstance(messages_or_prompt, str):
+            _check_text(messages_or_prompt, "the prompt")
         messages = ([{"role": "user", "content": messages_or_prompt}]
                     if isinstance(messages_or_prompt, str) else messages_or_prompt)
         return self.encode(self.apply_chat_template(messages, add_generation_prompt),
