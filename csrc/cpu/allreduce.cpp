@@ -41,8 +41,9 @@
 //
 // Handshake: every call first publishes (seq, kind, numel, dtype, op) and waits until every
 // rank has published the same seq, then compares all records: a mismatch is seen by every
-// rank before any data moves. A rank can be at most one call ahead of another (call seq + 2
-// needs everybody's seq + 1), so record seq & 1 is stable while it is read.
+// rank before any data moves, and the handle stays usable (see the mismatch return). A
+// rank can be at most one call ahead of another (call seq + 2 needs everybody's seq + 1),
+// so record seq & 1 is stable while it is read.
 //
 // Napkin math (N ranks, S bytes per rank, all_reduce): each rank writes 2 (N-1)/N S into
 // its shared-memory buffers and reads as much from its predecessor's, plus one read and one
@@ -811,7 +812,8 @@ int shm_ring_run(int64_t handle, int kind, std::uintptr_t data, int64_t numel, i
         if (x.kind != kShmAllGather) s += std::string(" op ") + op_name(x.op);
         return s;
       };
-      R.broken = true;
+      // not broken: every rank compared the same records and returns here before any data
+      // moved, so the per-link counters are untouched and the next call starts in step
       R.last_error = "ranks called different collectives: rank " + std::to_string(q) + " passed " + desc(c) +
                      ", rank 0 passed " + desc(ref);
       return kShmMismatch;

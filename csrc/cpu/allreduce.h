@@ -17,7 +17,7 @@ enum ShmRingStatus : int {
   kShmOk = 0,
   kShmTimeout = 1,   // a peer did not answer within timeout_ms
   kShmPeerGone = 2,  // a peer process exited (or closed its handle)
-  kShmMismatch = 3,  // ranks passed different (kind, numel, dtype, op); no data touched
+  kShmMismatch = 3,  // ranks passed different (kind, numel, dtype, op); no data touched, handle usable
   kShmBroken = 4,    // an earlier call on this handle failed
 };
 

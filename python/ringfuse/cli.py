@@ -157,6 +157,8 @@ def _add_generate_parser(sub) -> None:
         p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false", default=None,
                        help="convert a GGUF's weights on every load instead of caching them")
         p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--max-model-len", type=int, default=None,
+                       help="context limit in tokens (default: the model's)")
         p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
         p.add_argument("--top-k", type=int, default=0)
         p.add_argument("--top-p", type=float, default=1.0)
@@ -169,7 +171,8 @@ def _add_generate_parser(sub) -> None:
     engine_args(gen)
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
-    chat = sub.add_parser("chat", help="interactive chat with the chat template (Ctrl-D or Ctrl-C to quit)")
+    chat = sub.add_parser("chat", help="interactive chat with the chat template (Ctrl-D or Ctrl-C to quit; "
+                          "Ctrl-C during an answer stops it)")
     engine_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
 
@@ -203,6 +206,16 @@ def main(argv=None) -> int:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.op in ("allreduce", "tp"):  # before the benches start (processes, minutes of timing)
+        from .bench import allreduce, tp
+
+        try:
+            if args.op == "allreduce":
+                allreduce.check_nproc(args.nproc)
+            else:
+                tp.check_nproc(args.nproc, args.quick)
+        except ValueError as e:
+            parser.error(str(e))
     return _bench(args)
 
 

@@ -140,6 +140,80 @@ def test_mismatched_calls_are_refused_before_data_moves(backend, what):
         assert "rank 0" in message and "rank 1" in message
 
 
+@pytest.mark.skipif("shm" not in BACKENDS, reason="no shared-memory transport")
+def test_creator_killed_before_publishing_the_name_leaves_no_segment(monkeypatch):
+    """Rank 0 (also the store's host) is SIGKILLed right after creating its segment, before
+    any peer could learn its name: the peer raises RingTimeoutError (not torch's store
+    error), and the next communicator created on this host removes the dead rank's segment."""
+    before = shm_segments()
+    monkeypatch.setenv("RINGFUSE_TEST_SHM_DIE", "created")
+    res = run_ranks(workers.creator_dies, 2, "shm", 10.0, False, allow_missing=(0,), timeout_s=60)
+    monkeypatch.delenv("RINGFUSE_TEST_SHM_DIE")
+    status, (kind, elapsed, message) = res[1]
+    assert status == "ok" and kind == "RingTimeoutError", (kind, message)
+    assert elapsed < 10.0 + 5 and "rank 1" in message, (elapsed, message)
+    leftovers = shm_segments() - before
+    values(run_ranks(workers.collectives, 2, "shm", [("all_reduce", 4, "float32", "sum", 0)]))
+    assert not leftovers & shm_segments(), "the dead creator's segment was not removed by the next creation"
+
+
+@pytest.mark.skipif("shm" not in BACKENDS, reason="no shared-memory transport")
+def test_creator_killed_before_peers_attach_survivor_unlinks_the_segment(monkeypatch):
+    """The ring of ranks {1, 2} (the store lives on rank 0, which stays up): its creator is
+    SIGKILLed after publishing the segment's name. The survivor sees the creator's pid gone
+    (well before the timeout), unlinks the segment itself and raises RingTimeoutError."""
+    before = shm_segments()
+    monkeypatch.setenv("RINGFUSE_TEST_SHM_DIE", "published")
+    res = run_ranks(workers.creator_dies, 3, "shm", 20.0, True, allow_missing=(1,), timeout_s=60)
+    status, (kind, elapsed, message) = res[2]
+    assert status == "ok" and kind == "RingTimeoutError", (kind, message)
+    assert elapsed < 10 and "died" in message, (elapsed, message)
+    assert shm_segments() <= before, "the dead creator's segment is still in /dev/shm"
+
+
+@pytest.mark.parametrize("backend", ["auto"] + BACKENDS)
+@pytest.mark.parametrize("silent", [0, 1])
+def test_peer_that_never_makes_the_first_call_gives_ring_timeout_error(backend, silent):
+    """Before any communicator exists (the store-based set-up), a silent peer gives the
+    documented RingTimeoutError within the timeout, not torch's DistStoreError."""
+    timeout_s = 2.0
+    res = values(run_ranks(workers.silent_first_call, 2, backend, timeout_s, silent, timeout_s=60))
+    kind, elapsed, message = res[1 - silent]
+    assert kind == "RingTimeoutError", (kind, message)
+    assert elapsed < timeout_s + 3, elapsed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_communicator_still_works_after_a_mismatch(backend):
+    """A mismatch is found before any data moves, so the next matching call just runs."""
+    for first, second, y in values(run_ranks(workers.mismatch_then_valid, 2, backend)):
+        assert first[0] == "RingMismatchError", first
+        assert second[0] == "ok", second
+        assert torch.equal(y, torch.full((5,), 3.0))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), 0, -1.0, 1e-9, 0.09, 86400.5, 1e300])
+def test_set_timeout_refuses_values_out_of_range(bad):
+    with pytest.raises(ValueError, match=r"set_timeout: seconds must be .*\[0.1, 86400\]"):
+        rdist.set_timeout(bad)
+
+
+@pytest.mark.parametrize("bad", ["10", None, True, [1.0], torch.tensor(1.0)])
+def test_set_timeout_refuses_non_numbers(bad):
+    with pytest.raises(TypeError, match="set_timeout: seconds must be a number"):
+        rdist.set_timeout(bad)
+
+
+def test_set_timeout_accepts_the_documented_range():
+    import numpy as np
+
+    group = object()  # a key of its own: the default group's timeout stays untouched
+    for ok in (0.1, 1, 60.0, 86400, np.float64(2.5)):
+        rdist.set_timeout(ok, group)
+    with pytest.raises(ValueError, match=r"init: timeout_s must be .*\[0.1, 86400\]"):
+        rdist.init(timeout_s=float("inf"))
+
+
 def test_ddp_comm_hook_matches_torch_default_hook():
     """20 SGD steps on 2 ranks: the ring's average equals gloo's (for two ranks both are
     (a + b) / 2 up to an exact power-of-two scaling), so the losses are bitwise equal."""
@@ -167,7 +241,7 @@ def test_bad_inputs_are_refused_before_any_communication():
         rdist.all_reduce(torch.ones(2, device="meta"))
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         rdist.all_reduce(x)
-    with pytest.raises(ValueError, match="seconds must be a positive number"):
+    with pytest.raises(ValueError, match="seconds must be"):
         rdist.set_timeout(0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import time
@@ -104,3 +105,51 @@ def ddp_losses(rank, world, use_ring, steps):
         opt.step()
         losses.append(loss.detach())
     return torch.stack(losses)
+
+
+def _outcome(fn, *args, **kwargs):
+    """(exception type name or "ok", seconds, message) of fn(*args, **kwargs)."""
+    t0 = time.monotonic()
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the test checks the type
+        return (type(e).__name__, time.monotonic() - t0, str(e))
+    return ("ok", time.monotonic() - t0, "")
+
+
+def creator_dies(rank, world, backend, timeout_s, subgroup):
+    """The ring's rank 0 SIGKILLs itself while creating its segment (RINGFUSE_TEST_SHM_DIE,
+    set by the test, says at which point). subgroup: the ring runs on ranks 1.. only, so
+    global rank 0 (the store's host) stays alive until the last rank says it is done."""
+    rdist.set_timeout(timeout_s)
+    group = dist.new_group(list(range(1, world))) if subgroup else None
+    store = dist.distributed_c10d._get_default_store()
+    if subgroup and rank == 0:
+        store.wait(["test/done"], datetime.timedelta(seconds=60))
+        return None
+    out = _outcome(rdist.all_reduce, torch.ones(4), "sum", group, backend=backend)
+    if subgroup and rank == world - 1:
+        store.set("test/done", "1")
+    return out
+
+
+def silent_first_call(rank, world, backend, timeout_s, silent):
+    """Rank `silent` stays alive but never makes the first collective."""
+    rdist.set_timeout(timeout_s)
+    if rank == silent:
+        time.sleep(timeout_s + 4)
+        return None
+    return _outcome(rdist.all_reduce, torch.ones(4), "sum", None, backend=backend)
+
+
+def mismatch_then_valid(rank, world, backend):
+    """A mismatched call, then a valid one on the same communicator."""
+    first = _outcome(rdist.all_reduce, torch.ones(8 + rank), "sum", None, backend=backend)
+    y = torch.full((5,), float(rank + 1))
+    second = _outcome(rdist.all_reduce, y, "sum", None, backend=backend)
+    return first, second, y
+
+
+def bench_body_dies(rank, world):
+    """A bench body (ringfuse.bench.harness.run_ranks) whose ranks die without reporting."""
+    os.kill(os.getpid(), signal.SIGKILL)

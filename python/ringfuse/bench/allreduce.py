@@ -53,9 +53,18 @@ def _rank_body(rank, world, sizes, rounds):
     return backend, rows
 
 
+MAX_NPROC = 64  # the shared-memory ring's largest group
+
+
+def check_nproc(nproc: int) -> None:
+    """ValueError unless ``nproc`` makes a ring: 2 processes at least (one rank has nothing
+    to compare against gloo), at most the shm ring's 64."""
+    if not 2 <= nproc <= MAX_NPROC:
+        raise ValueError(f"bench allreduce: --nproc must be in [2, {MAX_NPROC}] (processes in the ring), got {nproc}")
+
+
 def run(nproc: int = 2, sizes=SIZES, rounds: int = 5):
-    if nproc < 2:
-        raise ValueError(f"bench allreduce: --nproc must be >= 2, got {nproc}")
+    check_nproc(nproc)
     backend, rows = run_ranks(_rank_body, nproc, list(sizes), rounds)
     bus = 2 * (nproc - 1) / nproc
     table, results = [], []

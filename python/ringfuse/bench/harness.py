@@ -105,25 +105,54 @@ def _rank_entry(body, rank: int, world: int, port: int, args, queue) -> None:
 
 
 def run_ranks(body, nproc: int, *args, timeout_s: float = 1800):
-    """Run ``body`` (a module-level function) on ``nproc`` spawned ranks; rank 0's result."""
+    """Run ``body`` (a module-level function) on ``nproc`` spawned ranks; rank 0's result.
+    Never waits on ranks that are gone: a rank that dies without a result (a signal, a crash)
+    or rank 0 exiting without one ends the wait at once, and ``timeout_s`` bounds the rest."""
     import multiprocessing as mp
+    import queue as queue_mod
     import socket
 
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"run_ranks: nproc must be >= 1, got {nproc!r}")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank_entry, args=(body, r, nproc, port, args, queue)) for r in range(nproc)]
-    for p in procs:
-        p.start()
+    deadline, got = time.monotonic() + timeout_s, None
     try:
-        status, payload = queue.get(timeout=timeout_s)
-    finally:
         for p in procs:
-            p.join(timeout=30)
+            p.start()
+        while True:
+            try:
+                got = queue.get(timeout=0.2)
+                break
+            except queue_mod.Empty:
+                pass
+            # every rank puts its result or error before exiting 0 (rank 0 always, the others on
+            # an error), so a nonzero exit code, or rank 0 gone, means none is coming (after
+            # one last look: rank 0's put may still be in the pipe)
+            gone = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if gone or procs[0].exitcode is not None:
+                try:
+                    got = queue.get(timeout=1.0)
+                    break
+                except queue_mod.Empty:
+                    r, code = gone[0] if gone else (0, 0)
+                    how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                    raise RuntimeError(f"{body.__module__}.{body.__name__}: rank {r} exited ({how}) without a result")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{body.__module__}.{body.__name__}: no result within {timeout_s:g} s")
+    finally:
+        for p in procs:  # a finished run: let them exit; a failed one: stop them now
+            if got is not None and got[0] == "ok" and p.pid is not None:
+                p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+            if p.pid is not None:
+                p.join(timeout=5)
+    status, payload = got
     if status != "ok":
         raise RuntimeError(f"{body.__module__}.{body.__name__}: {payload}")
     return payload

@@ -30,6 +30,12 @@ class Mlp(torch.nn.Module):
         return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _heads(hidden):
+    """(heads, kv heads) of the decoder layer: Llama-2-7B's 32 / 32 at 4096; at 576 12 / 4
+    of 48 dims (SmolLM2's own 9 / 3 heads do not split in two: tp = 2 is not a valid size)."""
+    return (12, 4) if hidden == 576 else (hidden // 128, hidden // 128)
+
+
 def _decoder_layer(hidden, ffn):
     """(HF LlamaDecoderLayer, rotary embedding) or None without transformers."""
     try:
@@ -37,9 +43,7 @@ def _decoder_layer(hidden, ffn):
         from transformers.models.llama import modeling_llama as ml
     except ImportError:
         return None
-    # (heads, kv heads): Llama-2-7B's 32 / 32 at 4096; at 576 12 / 4 of 48 dims (SmolLM2's own
-    # 9 / 3 heads do not split in two: tp = 2 is not a valid size for it)
-    heads, kv_heads = (12, 4) if hidden == 576 else (hidden // 128, hidden // 128)
+    heads, kv_heads = _heads(hidden)
     cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
                                    num_key_value_heads=kv_heads, head_dim=hidden // heads,
                                    max_position_embeddings=256)  # fmt: skip
@@ -54,6 +58,30 @@ def _cases(quick):
             cases.append(("mlp", hidden, ffn, b, s))
             cases.append(("decoder", hidden, ffn, b, s))
     return cases
+
+
+def valid_nproc(quick: bool = False) -> list[int]:
+    """The tp sizes (2 to 64) every case of the bench splits into: ffn rows, attention heads."""
+    from ..distributed.tensor_parallel import attention_head_split
+
+    def fits(tp, hidden, ffn):
+        try:
+            attention_head_split(*_heads(hidden), tp, 0)
+        except ValueError:
+            return False
+        return ffn % tp == 0
+
+    return [tp for tp in range(2, 65) if all(fits(tp, h, f) for _, h, f, _, _ in _cases(quick))]
+
+
+def check_nproc(nproc: int, quick: bool = False) -> None:
+    if nproc < 2:
+        raise ValueError(f"bench tp: --nproc must be >= 2 (tp = 1 is the baseline, timed in this process), "
+                         f"got {nproc}")  # fmt: skip
+    valid = valid_nproc(quick)
+    if nproc not in valid:
+        raise ValueError(f"bench tp: --nproc {nproc} does not fit the bench's layers (tp = --nproc processes; "
+                         f"valid: {', '.join(map(str, valid))})")  # fmt: skip
 
 
 def _build(kind, hidden, ffn):
@@ -117,6 +145,7 @@ def _rank_body(rank, world, cases, rounds):
 
 
 def run(nproc: int = 2, rounds: int = 7, quick: bool = False):
+    check_nproc(nproc, quick)
     cases = _cases(quick)
     before = _tp1(cases, rounds)
     rows = run_ranks(_rank_body, nproc, cases, rounds)

@@ -11,8 +11,10 @@ step), so results are bitwise identical on every rank, every run and every trans
 Transports (``backend=``):
 - ``"shm"``: processes on one host, CPU tensors: a POSIX shared-memory segment per group
   and the ring in C++ (csrc/cpu/allreduce.cpp): pipelined pieces, acquire/release flags,
-  AVX2 combine. The segment name travels through the group's store, and rank 0 unlinks it
-  as soon as every rank has attached, so nothing outlives the processes.
+  AVX2 combine. The segment name travels through the group's store and names its creator
+  (pid and start time); every rank unlinks it once all have attached or when it gives up,
+  and each new segment's creator first unlinks those whose creator has died (see
+  ``ShmTransport``), so /dev/shm is left clean even when a rank is SIGKILLed.
 - ``"torch"``: torch.distributed send/recv (gloo or nccl) on the group, the same schedule
   driven from Python: works across hosts.
 - ``"nccl"``: CUDA tensors (when ``_C`` was built with CUDA): NCCL point-to-point on a
@@ -30,15 +32,20 @@ Transports (``backend=``):
 
 torch.distributed stays the control plane (process groups, stores, torchrun's
 environment); ringfuse's ring is the data plane. A peer that dies or stops answering makes
-every other rank raise ``RingTimeoutError`` within the communicator's timeout; ranks that
-pass different sizes, dtypes or ops get ``RingMismatchError`` before any data moves.
+every other rank raise ``RingTimeoutError`` within the communicator's timeout (during the
+communicator's set-up on the first call too); ranks that pass different sizes, dtypes or ops
+get ``RingMismatchError`` before any data moves, and the communicator stays usable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
+import numbers
 import os
+import re
+import signal
 import socket
 import time
 import uuid
@@ -54,6 +61,10 @@ ALL_REDUCE, REDUCE_SCATTER, ALL_GATHER = 0, 1, 2
 KIND_NAME = {ALL_REDUCE: "all_reduce", REDUCE_SCATTER: "reduce_scatter", ALL_GATHER: "all_gather"}
 BACKENDS = ("auto", "shm", "torch", "nccl")
 DEFAULT_TIMEOUT_S = 60.0
+# set_timeout's range: below 0.1 s a loaded host times out ordinary calls; past a day a dead
+# peer is never reported (and the C++ / timedelta conversions stay far from overflow)
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 0.1, 86400.0
+SHM_MAX_WORLD = 64  # the shared-memory ring's largest group (csrc/cpu/allreduce.cpp)
 SHM_SLOT_BYTES = 1 << 20  # one of the two double-buffer slots per rank
 NCCL_PIECE_BYTES = 4 << 20  # reduce-scatter pipelining piece (and staging slot) of the NCCL ring
 
@@ -64,7 +75,8 @@ class RingTimeoutError(RuntimeError):
 
 
 class RingMismatchError(ValueError):
-    """Ranks called the same collective with different sizes, dtypes or ops."""
+    """Ranks called the same collective with different sizes, dtypes or ops. Found before
+    any data moves, on every rank: the communicator stays usable."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,29 +181,116 @@ class TorchTransport:
         pass
 
 
+# Shared-memory segments are named /ringfuse-<pid>-<start time>-<pid namespace>-<random>:
+# the creator's pid and start time (clock ticks after boot; the pair names one process, as
+# pids are reused) let any process on the host tell whether the creator still runs.
+_SEGMENT = re.compile(r"ringfuse-(\d+)-(?:(\d+)-(\d+)-)?[0-9a-f]+")  # (no start / namespace: older names)
+
+
+def _proc_start(pid: int) -> int | None:
+    """Start time of process ``pid`` from /proc, or None once it has exited (zombies too)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold ')'
+        return None if fields[0] in (b"Z", b"X") else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pid_ns() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _segment_name() -> str:
+    pid = os.getpid()
+    return f"/ringfuse-{pid}-{_proc_start(pid) or 0}-{_pid_ns()}-{uuid.uuid4().hex[:12]}"
+
+
+def _creator_alive(name: str) -> bool:
+    """Whether the process that created segment ``name`` still runs; True when this process
+    cannot tell (a foreign name, start time unknown, another pid namespace)."""
+    m = _SEGMENT.fullmatch(name.lstrip("/"))
+    if m is None:
+        return True
+    if m[2] is None:  # an older ringfuse's name: the pid alone
+        return _proc_start(int(m[1])) is not None
+    if m[2] == "0" or m[3] == "0" or int(m[3]) != _pid_ns():
+        return True
+    return _proc_start(int(m[1])) == int(m[2])
+
+
+def _sweep_dead_segments() -> None:
+    """Unlink every ringfuse segment whose creator has exited: one killed after creating its
+    segment and before a peer learnt the name (the name's only other copy was in the store,
+    which usually dies with rank 0) is unlinked here, on the host's next creation."""
+    try:
+        entries = os.listdir("/dev/shm")
+    except OSError:
+        return
+    for entry in entries:
+        if entry.startswith("ringfuse-") and not _creator_alive(entry):
+            try:
+                _C.shm_ring_unlink(entry)
+            except ValueError:  # another user's (EPERM): theirs to sweep
+                pass
+
+
+def _test_die(point: str) -> None:
+    """Test hook (tests/distributed): the creator SIGKILLs itself at ``point`` of set-up."""
+    if os.environ.get("RINGFUSE_TEST_SHM_DIE") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class ShmTransport:
-    """The ring in C++ over one POSIX shared-memory segment (processes on one host)."""
+    """The ring in C++ over one POSIX shared-memory segment (processes on one host).
+
+    Set-up: rank 0 unlinks the segments of dead creators, creates its own and publishes the
+    name in the store; the others attach; every rank waits until all have attached (or the
+    timeout, or the creator's death), then unlinks the name. So the name outlives the set-up
+    only when the creator dies before any survivor read it, and the next creation on the
+    host removes it."""
 
     name = "shm"
 
     def __init__(self, group, rank: int, world: int, timeout_s: float, store, slot_bytes: int = SHM_SLOT_BYTES):
         self.rank, self.world, self.timeout_ms = rank, world, int(timeout_s * 1000)
-        self.handle = None
+        self.handle = name = None
         key = f"ringfuse/shm/{_next_id(group, 'segment')}"
-        if rank == 0:
-            name = f"/ringfuse-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-            self.handle = _C.shm_ring_open(name, 0, world, True, slot_bytes)
-            try:
-                store.set(key + "/name", name)
+        try:
+            if rank == 0:
+                _sweep_dead_segments()
+                name = _segment_name()
+                self.handle = _C.shm_ring_open(name, 0, world, True, slot_bytes)
+                _test_die("created")
+                with _store_errors("rank 0 publishing its shared-memory segment", timeout_s):
+                    store.set(key + "/name", name)
+                _test_die("published")
+            else:
+                with _store_errors(f"rank {rank} waiting for rank 0's shared-memory segment", timeout_s):
+                    store.wait([key + "/name"], datetime.timedelta(seconds=timeout_s))
+                    name = store.get(key + "/name").decode()
+                try:
+                    self.handle = _C.shm_ring_open(name, rank, world, False, slot_bytes)
+                except ValueError as e:
+                    if _creator_alive(name) and os.path.exists("/dev/shm" + name):
+                        raise
+                    raise RingTimeoutError(f"ringfuse.distributed: rank {rank} could not attach to {name}: its "
+                                           f"creator (rank 0) died or gave up waiting ({e})") from e  # fmt: skip
+            with _store_errors(f"rank {rank} attaching to the shared-memory segment", timeout_s):
                 store.add(key + "/attached", 1)
-                _wait_counter(store, key + "/attached", world, timeout_s)
-            finally:
-                _C.shm_ring_unlink(name)  # every rank attached (or gave up): the name can go
-        else:
-            store.wait([key + "/name"], datetime.timedelta(seconds=timeout_s))
-            name = store.get(key + "/name").decode()
-            self.handle = _C.shm_ring_open(name, rank, world, False, slot_bytes)
-            store.add(key + "/attached", 1)
+            pid = name.split("-")[1]
+            creator_gone = None if rank == 0 else (
+                lambda: None if _creator_alive(name) else f"rank 0 (pid {pid}), the segment's creator, died")
+            _wait_counter(store, key + "/attached", world, timeout_s, dead=creator_gone)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if name is not None:  # all attached, or this rank gives up (the group is broken then)
+                _C.shm_ring_unlink(name)
 
     def handshake(self, desc):
         return None  # the C++ ring compares every rank's call before moving data
@@ -349,19 +448,33 @@ def _next_id(group, what: str) -> int:
     return _counters[key]
 
 
-def _wait_counter(store, key: str, target: int, timeout_s: float,
-                  what: str = "attached to the shared-memory segment") -> None:  # fmt: skip
-    deadline = time.monotonic() + timeout_s
+@contextlib.contextmanager
+def _store_errors(what: str, timeout_s: float):
+    """torch's store errors (DistStoreError: a key did not come within the timeout;
+    DistNetworkError: the store's host, usually rank 0, died) as RingTimeoutError."""
     try:
-        while store.add(key, 0) < target:
-            if time.monotonic() > deadline:
-                raise RingTimeoutError(f"ringfuse.distributed: only {store.add(key, 0)} of {target} ranks {what} "
-                                       f"within {timeout_s:.0f} s")  # fmt: skip
-            time.sleep(0.001)
+        yield
     except RingTimeoutError:
         raise
-    except RuntimeError as e:  # the store's server (rank 0) is gone
-        raise RingTimeoutError(f"ringfuse.distributed: waiting until {target} ranks {what} failed: {e}") from e
+    except RuntimeError as e:
+        raise RingTimeoutError(f"ringfuse.distributed: {what} failed: a peer died or did not make this call within "
+                               f"{timeout_s:g} s ({type(e).__name__}: {e})") from e  # fmt: skip
+
+
+def _wait_counter(store, key: str, target: int, timeout_s: float, what: str = "attached to the shared-memory segment",
+                  dead=None) -> None:  # fmt: skip
+    """Wait until the store counter ``key`` reaches ``target``; RingTimeoutError on the
+    timeout, a store error, or when ``dead()`` returns a sentence (a peer known dead)."""
+    deadline = time.monotonic() + timeout_s
+    with _store_errors(f"waiting until {target} ranks {what}", timeout_s):
+        while (count := store.add(key, 0)) < target:
+            gone = dead() if dead is not None else None
+            if gone:
+                raise RingTimeoutError(f"ringfuse.distributed: {gone} before {target} ranks {what}")
+            if time.monotonic() > deadline:
+                raise RingTimeoutError(f"ringfuse.distributed: only {count} of {target} ranks {what} "
+                                       f"within {timeout_s:g} s")  # fmt: skip
+            time.sleep(0.001)
 
 
 def _host_id() -> str:
@@ -389,7 +502,8 @@ class Communicator:
         self.broken: str | None = None
         store = _store_of(group)
         if backend == "auto":  # CPU tensors (get_communicator resolves auto for CUDA ones)
-            shm = hasattr(_C, "shm_ring_open") and _all_on_this_host(group, store, self.world, timeout_s)
+            shm = (hasattr(_C, "shm_ring_open") and self.world <= SHM_MAX_WORLD
+                   and _all_on_this_host(group, store, self.world, timeout_s))  # fmt: skip
             backend = "shm" if shm else "torch"
         self.backend = backend
         if backend == "shm":
@@ -426,22 +540,32 @@ def _mismatch_message(everyone) -> str:
 
 def _all_on_this_host(group, store, world: int, timeout_s: float) -> bool:
     key = f"ringfuse/host/{_next_id(group, 'host')}"
-    me = _host_id()
-    store.set(f"{key}/{dist.get_rank(group)}", me)
+    me, rank = _host_id(), dist.get_rank(group)
     keys = [f"{key}/{r}" for r in range(world)]
-    store.wait(keys, datetime.timedelta(seconds=timeout_s))
-    return all(store.get(k).decode() == me for k in keys)
+    with _store_errors(f"rank {rank} waiting for every rank's first collective", timeout_s):
+        store.set(keys[rank], me)
+        store.wait(keys, datetime.timedelta(seconds=timeout_s))
+        return all(store.get(k).decode() == me for k in keys)
 
 
 _communicators: dict = {}
+_failed: dict = {}  # communicator key -> why its creation failed: later calls refuse at once
 _timeouts: dict = {}
 
 
+def _check_timeout(where: str, arg: str, seconds) -> float:
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+        raise TypeError(f"{where}: {arg} must be a number of seconds, got {type(seconds).__name__}")
+    if not MIN_TIMEOUT_S <= float(seconds) <= MAX_TIMEOUT_S:  # NaN fails this too
+        raise ValueError(f"{where}: {arg} must be a finite number of seconds in [{MIN_TIMEOUT_S:g}, "
+                         f"{MAX_TIMEOUT_S:g}] (0.1 s to 24 h), got {seconds!r}")  # fmt: skip
+    return float(seconds)
+
+
 def set_timeout(seconds: float, group=None) -> None:
-    """The timeout (default 60 s) of communicators created from now on for ``group``."""
-    if not isinstance(seconds, (int, float)) or not seconds > 0:
-        raise ValueError(f"set_timeout: seconds must be a positive number, got {seconds!r}")
-    _timeouts[_group_key(group)] = float(seconds)
+    """The timeout (default 60 s; 0.1 s to 24 h) of communicators created from now on for
+    ``group``."""
+    _timeouts[_group_key(group)] = _check_timeout("set_timeout", "seconds", seconds)
 
 
 def _cuda_device(device) -> torch.device | None:
@@ -472,7 +596,14 @@ def get_communicator(group=None, backend: str = "auto", device=None) -> Communic
     key = (_group_key(group), backend, cuda)
     comm = _communicators.get(key)
     if comm is None:
-        comm = Communicator(group, backend, _timeouts.get(_group_key(group), DEFAULT_TIMEOUT_S), cuda)
+        if key in _failed:  # a retry would use other store keys than the peers: refuse, like a broken one
+            raise RingTimeoutError(f"ringfuse.distributed: creating this communicator failed earlier ({_failed[key]}); "
+                                   "create a new process group")  # fmt: skip
+        try:
+            comm = Communicator(group, backend, _timeouts.get(_group_key(group), DEFAULT_TIMEOUT_S), cuda)
+        except RingTimeoutError as e:
+            _failed[key] = str(e)
+            raise
         _communicators[key] = comm
     return comm
 
@@ -482,6 +613,7 @@ def destroy() -> None:
     included; for NCCL every rank should call it, as NCCL's destroy waits for its peers)."""
     comms = list(_communicators.values())
     _communicators.clear()
+    _failed.clear()
     error = None
     for comm in comms:
         try:
@@ -573,7 +705,9 @@ def ddp_comm_hook(state, bucket):
 
 def init(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
-    unless torch.distributed is initialized already; returns (rank, world size)."""
+    unless torch.distributed is initialized already; returns (rank, world size). ``timeout_s``
+    (0.1 s to 24 h) is the process group's."""
+    timeout_s = _check_timeout("ringfuse.distributed.init", "timeout_s", timeout_s)
     if not dist.is_initialized():
         missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
         if missing:
