@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "silu_mul", "int8", "linear", "allreduce", "tp", "generate")
@@ -187,6 +188,8 @@ def main(argv=None) -> int:
     bench.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
     bench.add_argument("--quick", action="store_true", help="skip the largest shapes")
     bench.add_argument("--nproc", type=int, default=2, help="processes for the allreduce and tp benches")
+    bench.add_argument("--isa", default=None, choices=("auto", "avx512vnni", "avx2", "scalar"),
+                       help="CPU kernel path (default: the best this CPU has; sets RINGFUSE_ISA for child processes)")
     bench.add_argument("--model", default=None, help="generate bench: model (default: SmolLM2-135M-Instruct)")
     bench.add_argument("--passes", type=int, default=1,
                        help="generate bench: interleaved passes over all engines, medians reported")
@@ -206,6 +209,14 @@ def main(argv=None) -> int:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.isa is not None:
+        from . import _C
+
+        try:
+            _C.set_isa(args.isa)
+        except ValueError as e:
+            parser.error(f"--isa {args.isa}: {e}")
+        os.environ["RINGFUSE_ISA"] = args.isa  # the benches' child processes (engines, ranks)
     if args.op in ("allreduce", "tp"):  # before the benches start (processes, minutes of timing)
         from .bench import allreduce, tp
 

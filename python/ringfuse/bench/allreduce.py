@@ -14,6 +14,7 @@ import time
 import torch
 
 from .harness import fmt_us, print_table, run_ranks
+from .limits import cpu_path
 
 SIZES = [4 << (2 * i) for i in range(13)]  # 4 B, 16 B, ..., 64 MiB (x4 steps)
 QUICK_SIZES = [4, 4096, 1 << 20, 16 << 20]
@@ -74,7 +75,8 @@ def run(nproc: int = 2, sizes=SIZES, rounds: int = 5):
                             busbw_gloo=alg_g * bus, busbw_ringfuse=alg_o * bus))  # fmt: skip
         table.append([_fmt_bytes(nbytes), fmt_us(t_gloo), fmt_us(t_ours), f"{alg_g * bus:.3f}", f"{alg_o:.3f}",
                       f"{alg_o * bus:.3f}", f"{t_gloo / t_ours:.1f}x"])  # fmt: skip
-    print_table(f"all_reduce fp32 sum, {nproc} processes on this host: ringfuse ({backend} ring) vs gloo",
+    print_table(f"all_reduce fp32 sum, {nproc} processes on this host: ringfuse ({backend} ring, cpu path "
+                f"{cpu_path()}) vs gloo",
                 ["size", "gloo us", "ringfuse us", "gloo busbw GB/s", "algbw GB/s", "busbw GB/s", "speedup"],
                 table, left=1,
                 note="time per call, Python call included, median of interleaved rounds (rank 0's clock); "

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .limits import cpu_path
+
 PROMPT = "Explain photosynthesis."
 BATCH_PROMPTS = [  # the peer harness's 8 prompts (33-46 tokens with the chat template)
     PROMPT, "Write a poem about the sea.", "What is a black hole?", "List three uses of copper and explain each one.",
@@ -302,7 +304,7 @@ def run(model=None, quick: bool = False, rounds: int = 3, peers: bool = False, t
                      f"{r['peak_rss_mb']:.0f}", f"{same}/{len(r['tokens'])}"]
                     + ([" / ".join(map(str, r["passes"]))] if passes > 1 else []))  # fmt: skip
     print_table(f"bench generate: {path}, batch 1 prompt {base['prompt_tokens']} tokens, {NEW_TOKENS} new, greedy, "
-                f"{threads} threads; ratios vs hf-fp32-eager batch-1 decode, same run"
+                f"{threads} threads, ringfuse cpu path {cpu_path()}; ratios vs hf-fp32-eager batch-1 decode, same run"
                 + (f"; medians of {passes} interleaved passes" if passes > 1 else ""),
                 ["engine", "prefill ms", "decode tok/s", "vs HF", "b8 total tok/s", "b8 vs HF b1", "py overhead",
                  "peak RSS MB", "same tokens as HF"] + (["decode tok/s per pass"] if passes > 1 else []), rows)  # fmt: skip

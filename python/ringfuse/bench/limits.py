@@ -71,7 +71,14 @@ def int8_peak(threads: int, iters: int = 1_000_000) -> float:
 
 
 def int8_path() -> str:
+    """The int8 GEMM's path as chosen now (``_C.set_isa`` / RINGFUSE_ISA included)."""
     return _C.build_info()["int8_gemm_isa"]
+
+
+def cpu_path() -> str:
+    """Which CPU kernels run: the float path, and the int8 GEMM's when it differs."""
+    isa, int8 = _C.isa(), int8_path()
+    return isa if int8 == isa else f"{isa} (int8 GEMM {int8})"
 
 
 def measure(threads: int | None = None) -> Limits:

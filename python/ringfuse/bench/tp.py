@@ -14,6 +14,7 @@ import time
 import torch
 
 from .harness import fmt_us, print_table, run_ranks
+from .limits import cpu_path
 
 MLP_SIZES = [(576, 1536), (4096, 11008)]  # (hidden, ffn): SmolLM2-135M, Llama-2-7B
 TOKENS = [(1, 1), (8, 128)]  # (batch, seq)
@@ -161,7 +162,7 @@ def run(nproc: int = 2, rounds: int = 7, quick: bool = False):
         table.append([kind, f"{hidden} / {ffn}", f"{b} x {s}", fmt_us(tp1), fmt_us(step), fmt_us(comm),
                       f"{100 * comm / step:.0f}%", f"{tp1 / step:.2f}x"])  # fmt: skip
     print_table(f"tensor parallel, fp32: tp = {nproc} ({nproc} processes x 1 thread, shm ring) vs tp = 1 "
-                f"(1 process x {nproc} threads)",
+                f"(1 process x {nproc} threads), cpu path {cpu_path()}",
                 ["block", "hidden / ffn", "batch x seq", "tp=1 us", f"tp={nproc} us", "comm us", "comm share",
                  f"tp={nproc} vs tp=1"], table, left=3,
                 note="medians; tp = 1 timed before and after the tp processes; comm = the block's all-reduces "
