@@ -120,7 +120,7 @@ class Int8Linear(torch.nn.Module):
 
     def _packed_weight(self):
         # packed again when weight was replaced, swapped (weight.data = ...), resized or
-        # written in place: PackedInt8Weight.stamp is its (data pointer, version) when packed
+        # written in place (PackedInt8Weight.is_current)
         p = self._packed
         if p is None or p.b_q is not self.weight or not p.is_current():
             self._packed = ops.pack_int8_weight(self.weight)

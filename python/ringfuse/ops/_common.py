@@ -64,10 +64,8 @@ def new_output(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
 
 
 def stamp(tensors) -> tuple:
-    """(data pointer, version counter) of each tensor, for objects that cache pointers or
-    private copies of them (prepared ops, decode plans): a different stamp later means the
-    tensor's memory was swapped (``t.data = ...``, ``set_``, ``resize_``, which may free what
-    a cached pointer points at) or written in place (which a private copy would miss).
+    """(data pointer, version counter) of each tensor: a different stamp later means the
+    tensor's memory was swapped (``t.data = ...``, ``set_``, ``resize_``) or written in place.
     Inference-mode tensors have no version counter: only their pointer counts."""
     tensors = tuple(tensors)
     try:
@@ -76,10 +74,28 @@ def stamp(tensors) -> tuple:
         return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
 
 
+class Watch:
+    """For objects that cache pointers into tensors or private copies of them (prepared
+    ops, packed weights, decode plans): ``changed()`` says whether any of the tensors was
+    swapped, resized or written in place since the watch was made. The storages seen then
+    are held, so their memory cannot be freed and handed to a new tensor at the same address
+    (which a pointer comparison alone would take for the old one)."""
+
+    __slots__ = ("tensors", "stamp", "_held")
+
+    def __init__(self, tensors):
+        self.tensors = tuple(tensors)
+        self.stamp = stamp(self.tensors)
+        self._held = tuple(t.untyped_storage() for t in self.tensors)
+
+    def changed(self) -> bool:
+        return stamp(self.tensors) != self.stamp
+
+
 def watched(sources: tuple, kernel_tensors) -> tuple:
-    """The tensors a prepared object stamps on every call: the caller's sources, then the
-    private copies the kernels read instead (reading their pointers at each call is also
-    what lets a CPU graph capture hold them alive)."""
+    """The tensors a prepared object watches: the caller's sources, then the private copies
+    the kernels read instead (reading their pointers at each call is also what lets a CPU
+    graph capture hold them alive)."""
     return sources + tuple(t for t in kernel_tensors if t is not None and not any(t is s for s in sources))
 
 

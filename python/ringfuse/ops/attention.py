@@ -655,9 +655,10 @@ class PagedDecodePlan:
         # freed) is refused at the next run; private copies follow in-place writes to their source
         self._pointed = (self._pos, self._slots, cs, block_table, seq_lens)
         self._ptrs = tuple(t.data_ptr() for t in self._pointed)
+        self._held = tuple(t.untyped_storage() for t in self._pointed)  # no freed address can come back
         self._copies = tuple((src, dst) for src, dst in ((positions, self._pos), (slot_mapping, self._slots),
                                                          (cos_sin_cache, cs)) if dst is not src)  # fmt: skip
-        self._copies_stamp = c.stamp(src for src, _ in self._copies)
+        self._copies_watch = c.Watch(src for src, _ in self._copies)
         # the kernels directly (else the three ops): CPU, contiguous caches with a slot, tokens
         self._direct = not self.cuda and self._cache_bytes is not None and batch > 0 and num_blocks * block_size > 0
         self._elem, self._code, self._threads = k_pages.element_size(), c.DTYPE_CODE[k_pages.dtype], c.num_threads()
@@ -717,10 +718,10 @@ class PagedDecodePlan:
         if tuple(t.data_ptr() for t in self._pointed) != self._ptrs:
             raise ValueError(f"{op}: positions, slot_mapping, block_table, seq_lens or cos_sin_cache was resized "
                              "or swapped since the plan was made: make a new PagedDecodePlan")  # fmt: skip
-        if self._copies and c.stamp(src for src, _ in self._copies) != self._copies_stamp:
+        if self._copies and self._copies_watch.changed():
             for src, dst in self._copies:  # written in place since: refresh the private copies
                 dst.copy_(src)
-            self._copies_stamp = c.stamp(src for src, _ in self._copies)
+            self._copies_watch = c.Watch(src for src, _ in self._copies)
         for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
             if type(t) is not torch.Tensor or (t.shape, t.stride(), t.dtype, t.device) != self.cache_layout:
                 raise ValueError(f"{op}: {name} must have the planned cache's shape, strides, dtype and device "

@@ -34,7 +34,8 @@ from .. import _C
 # TorchDispatchMode would import torch._dynamo, ~140 MB of RSS with triton):
 _ALLOC = frozenset({"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"})
 _METADATA = frozenset({"__get__", "data_ptr", "dim", "element_size", "is_contiguous", "numel", "size", "stride",
-                       "promote_types", "result_type", "get_num_threads", "is_grad_enabled", "is_inference"})  # fmt: skip
+                       "promote_types", "result_type", "get_num_threads", "is_grad_enabled", "is_inference",
+                       "untyped_storage"})  # fmt: skip
 _MAYBE_VIEW = frozenset({"contiguous", "reshape", "to", "float", "view", "detach", "t", "transpose", "permute",
                          "expand", "unsqueeze", "squeeze", "as_strided", "__getitem__"})  # refused when they copy
 

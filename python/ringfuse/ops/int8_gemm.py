@@ -149,11 +149,11 @@ class PackedInt8Weight(NamedTuple):
     packed: torch.Tensor  # int8 [panels * K/4 * 64]
     b_q: torch.Tensor  # int8 [N, K], unit stride along K
     has_min: bool  # b holds -128
-    stamp: tuple  # b_q's _common.stamp when packed: a later change makes the packing stale
+    watch: c.Watch  # of b_q when packed: a later change makes the packing stale
 
     def is_current(self) -> bool:
         """False once b_q was swapped (``b_q.data = ...``), resized or written in place."""
-        return c.stamp((self.b_q,)) == self.stamp
+        return not self.watch.changed()
 
 
 # The int32 accumulator of int8 x int8 products is exact while K * 128 * 128 < 2^31 (every
@@ -180,7 +180,7 @@ def pack_int8_weight(b_q) -> PackedInt8Weight:
                          f"{b_q.stride()}; pass b_q.contiguous()")  # fmt: skip
     packed = torch.empty(_C.int8_packed_size(n, k), dtype=torch.int8)
     has_min = bool(_C.int8_pack_b(packed.data_ptr(), b_q.data_ptr(), b_q.stride(0), n, k)) if n else False
-    return PackedInt8Weight(packed, b_q, has_min, c.stamp((b_q,)))
+    return PackedInt8Weight(packed, b_q, has_min, c.Watch((b_q,)))
 
 
 def _check_device(op, t):
@@ -318,11 +318,10 @@ class PreparedInt8WeightOnlyLinear:
         self._direct = w_q.is_cpu
         self._args = (w_q.data_ptr(), w_q.stride(0), self.w_scale.data_ptr(), 0, 0,
                       0 if bias is None else self._bias32.data_ptr())  # fmt: skip
-        self._watched = c.watched(self._sources, (self.w_scale, self._bias32))
-        self._stamp = c.stamp(self._watched)
+        self._watch = c.Watch(c.watched(self._sources, (self.w_scale, self._bias32)))
 
     def __call__(self, x):
-        if c.stamp(self._watched) != self._stamp:
+        if self._watch.changed():
             self.__init__(*self._sources)
         k = self.in_features
         if (not self._direct or type(x) is not torch.Tensor or x.dim() != 2 or x.dtype is not torch.float32

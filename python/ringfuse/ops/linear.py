@@ -141,11 +141,10 @@ class PreparedLinear:
         self._w = (self.weight.data_ptr(), max(self.weight.stride(0), self.in_features), _CODE[self.weight.dtype]) \
             if self._direct else None  # fmt: skip
         self._b = (0, 0) if self.bias is None else (self.bias.data_ptr(), _CODE[self.bias.dtype])
-        self._watched = c.watched(self._sources, (self.weight, self.bias))
-        self._stamp = c.stamp(self._watched)
+        self._watch = c.Watch(c.watched(self._sources, (self.weight, self.bias)))
 
     def __call__(self, x):
-        if c.stamp(self._watched) != self._stamp:
+        if self._watch.changed():
             self._prepare(*self._sources)
         k = self.in_features
         if (not self._direct or type(x) is not torch.Tensor or x.dim() != 2 or x.dtype not in KERNEL_DTYPES

@@ -184,11 +184,11 @@ class PreparedRMSNorm:
         self._w = c.kernel_param(weight, probe)  # contiguous; x's dtype or fp32
         self._direct = weight.is_cpu and not weight.requires_grad
         self._w_code = c.DTYPE_CODE[self._w.dtype]
-        self._stamp = c.stamp((weight,))  # a swapped / resized / rewritten weight: prepare again
+        self._watch = c.Watch((weight,))  # a swapped / resized / rewritten weight: prepare again
 
     def add_(self, x, residual):
         """residual <- x + residual; x <- RMSNorm(x + residual), in place. Returns (x, residual)."""
-        if c.stamp((self.weight,)) != self._stamp:
+        if self._watch.changed():
             self.__init__(self.weight, self.eps, cast_mode=self.cast_mode)
         h = self.hidden
         if (not self._direct or type(x) is not torch.Tensor or type(residual) is not torch.Tensor
