@@ -367,20 +367,47 @@ INTERPRETING = not isinstance(_flash_attn_fwd_kernel, JITFunction)
 # (BLOCK_M, BLOCK_N, num_warps) per (16-bit?, BLOCK_D). 16-bit: FA2's 128 x 64 tiles (8 warps
 # at D 128); fp32 inputs halve BLOCK_M (q and acc tiles twice the registers) and the K/V
 # tiles (shared memory: 3 pipeline stages of K and V must fit in sm_80's 163 KiB).
+# Every tile must also pass compile_check's headroom reading (at most a few words of spills
+# with ptxas held to 7/8 of the registers; tests/kernels/triton_helpers.py), but for the
+# exemption tests/kernels/test_attention_compile.py lists with its reason (16-bit D 256).
 _FLASH_TILES = {
-    # 16-bit: also checked with ptxas -v; (128, 64, 4) at D 64 and (128, 64, 8) at D 128 spill
+    # 16-bit: also checked with ptxas -v; (128, 64, 4) at D 64 and (128, 64, 8) at D 128 spill.
+    # D 256 spills 80-104 bytes in the headroom reading; the tile that passes it, (32, 32, 8),
+    # halves K/V reuse and loses wgmma on sm_90: not taken. Known: on sm_90 the real compile
+    # spills 8-64 bytes in the 4 non-causal variants without varlen (every flag combination
+    # compiled, RINGFUSE_COMPILE_ALL=1); (64, 16, 8) spills in none of the 32 but rescales
+    # acc every 16 keys.
     (True, 32): (128, 64, 4),
     (True, 64): (128, 64, 8),
     (True, 128): (64, 64, 8),
     (True, 256): (64, 32, 8),
     # fp32: checked with ptxas -v (every flag on, sm_80 and sm_90); (64, 64) at D 64 and
-    # (64, 32) at D 128 spill
+    # (64, 32) at D 128 spill. D 128 and 256 checked with all 16 flag combinations on both
+    # archs: the earlier (32, 32, 4) at D 128 spilled ~1.1 KB on sm_90 with lse and no
+    # softcap, (16, 32, 4) at D 256 230 B to 13.8 KB in 20 of 32 variants, and both 100-3600 B
+    # in every headroom reading; (16, 32, 8) and (32, 16, 16) spill in none (headroom: 8 B in
+    # the 4 causal lse-off variants of D 256 on sm_90; the other D 256 tiles tried spill
+    # more, (32, 32, x) exceeds sm_80 smem). The trade: fp32 runs on FMA units (~20 TFLOP/s
+    # A100), so L2 is not the limit at BLOCK_M 16 (8 flop per K/V byte; roughly 3 needed on
+    # A100, 7 on H100), and more warps only split the same tile finer: at 74 / 98 KiB of
+    # shared memory two / one CTAs fit an sm_80 SM, so 4 warps per CTA left it 8 / 4 warps
+    # to hide latency with. D 256 doubles BLOCK_M (K/V reuse) for half the BLOCK_N (one acc
+    # rescale per 16 keys, 1/64 of a tile's FMAs).
     (False, 32): (64, 32, 4),
     (False, 64): (32, 32, 4),
-    (False, 128): (32, 32, 4),
-    (False, 256): (16, 32, 4),  # (32, 16, 4) spills on sm_90 with VARLEN, (32, 32, 8) exceeds sm_80 smem
+    (False, 128): (16, 32, 8),
+    (False, 256): (32, 16, 16),
 }
-DECODE_WARPS = 4
+
+
+def decode_num_warps(block_d: int) -> int:
+    """Warps of the decode stage-1 kernels: 4, and 8 at D 32, whose BLOCK_N is capped at 64
+    (a 64 x 32 tile, 16 K and 16 V elements per thread at 4 warps, with a gathered int64 row
+    address per key in the paged kernel): 120 registers and 8 to 72 bytes of spills at some
+    ptxas register limits (88, 40-61); at 8 warps 64, spill-free down to a limit of 40. Same
+    tile and bytes in flight per program, so the same memory-level parallelism; contiguous
+    and paged kernels keep one warp count (their results stay bitwise equal)."""
+    return 8 if block_d == 32 else 4
 
 
 @triton.jit
@@ -468,7 +495,7 @@ def _decode_spec(dtype, d: int, softcap: bool, paged: bool):
     sig.update({**_int_sig(["Hq", "group", "D", "num_splits"]), "qk_scale": "fp32", "softcap_log2": "fp32"})
     cexp = {"SOFTCAP": bool(softcap), "BLOCK_N": decode_block_n(block_d), "BLOCK_D": block_d}
     sig.update({k: "constexpr" for k in cexp})
-    return kernel, sig, cexp, DECODE_WARPS
+    return kernel, sig, cexp, decode_num_warps(block_d)
 
 
 def _stage2_spec(dtype, d: int):

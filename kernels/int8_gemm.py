@@ -403,11 +403,20 @@ def _block(k: int) -> int:
     return next(b for b in BLOCKS if b >= min(triton.next_power_of_2(k), BLOCKS[-1]))
 
 
+def quantize_num_warps(block: int) -> int:
+    """1 warp for BLOCK 256, 8 from 1024 (4 and 16 elements per thread). Memory-bound: one
+    row of K elements read twice, written once as int8; the warp count moves no bytes, it
+    only splits the row finer. 4 warps at 1024 (bf16: 8 elements, 32 registers) spilled 4-8
+    bytes with ptxas held to 32 registers; 8 warps fit 32 without spills, and at 4096 need
+    78 registers instead of 128 (spill-free down to a limit of 64)."""
+    return 8 if block >= 1024 else 1
+
+
 def _spec(dtype, k: int):
     block = _block(k)
     sig = {"q_ptr": "*i8", "q_stride": "i32", "scale_ptr": "*fp32", "x_ptr": f"*{TL_NAME[dtype]}",
            "x_stride": "i32", "K": "i32", "BLOCK": "constexpr"}  # fmt: skip
-    return _quantize_per_token_kernel, sig, {"BLOCK": block}, 4 if block >= 1024 else 1
+    return _quantize_per_token_kernel, sig, {"BLOCK": block}, quantize_num_warps(block)
 
 
 def _bucket_id(bucket) -> str:

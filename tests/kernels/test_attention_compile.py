@@ -5,11 +5,12 @@ code without a GPU").
 kernels/attention.py can choose 264 variants: 3 dtypes x 4 BLOCK_D buckets x (16 prefill
 flag combinations (causal, softcap, lse, varlen) + 2 x 2 decode stage-1 (contiguous / paged,
 softcap) + 1 stage 2 + 1 write_kv). Compiling all of them for two archs takes several
-minutes on the 2-core dev VM (RINGFUSE_COMPILE_ALL=1 does). By default each (kernel, BLOCK_D) is compiled with
-every flag on for bf16 (fp16 is the same code with another element type), plus the
-prefill kernel with fp32 inputs (its own tiles, the most registers and shared memory),
-plus the variants Triton's JIT derives from argument values (ints == 1 as constexprs,
-16-divisible ints): 56 compiles, ~35 s with a cold Triton cache.
+minutes on the 2-core dev VM (RINGFUSE_COMPILE_ALL=1 does). By default each (kernel, BLOCK_D) is
+compiled for bf16 (fp16 is the same code with another element type) with every flag on and
+with every flag but softcap, plus the prefill kernel with fp32 inputs (its own tiles, the
+most registers and shared memory) the same two ways, plus the variants Triton's JIT derives
+from argument values (ints == 1 as constexprs, 16-divisible ints): 96 compiles, ~90 s (each
+compile_check run starts with an empty private Triton cache).
 
 The tests run under the Triton interpreter, which cannot compile for a GPU, so all compiles
 happen in one child process without TRITON_INTERPRET (`python -m
@@ -19,11 +20,12 @@ ringfuse.kernels.compile_check`), and the tests check its results.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
 
-from .triton_helpers import compile_in_child, max_regs
+from .triton_helpers import compile_in_child, compile_problems
 
 from ringfuse.kernels import attention as triton_attention
 from ringfuse.kernels import compile_check
@@ -35,11 +37,18 @@ MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
 FLAGS = ("CAUSAL", "SOFTCAP", "HAS_LSE", "VARLEN")
 
 
+# Flag sets compiled by default: every flag on, and every flag but softcap (the usual
+# model). ptxas' allocation differs between variants: the earlier fp32 tiles spilled 230 to
+# 13,800 bytes in 24 variants with softcap or varlen off (softcap-off ones among them) while
+# the all-on variant compiled clean.
+PICKED_FLAGS = ({f: True for f in FLAGS}, {**{f: True for f in FLAGS}, "SOFTCAP": False})
+
+
 def _representative(configs):
     picked = []
     for cfg in configs:
         cexp = cfg["constexprs"]
-        if not all(cexp.get(f, True) for f in FLAGS):
+        if not any(all(cexp.get(f, v) == v for f, v in flags.items()) for flags in PICKED_FLAGS):
             continue
         sig = cfg["signature"]
         dtype = sig.get("q_ptr") or sig.get("k_ptr") or sig["out_ptr"]
@@ -93,11 +102,17 @@ def compiled():
     return dict(zip(keys, compile_in_child(compile_check.__name__, jobs)))
 
 
+# Exempt from the headroom reading (triton_helpers.compile_problems; kernels/attention.py
+# _FLASH_TILES), {config id pattern: archs}: 16-bit D 256 flash (64, 32, 8) spills 80-104
+# bytes there with every flag on; the tile that passes, (32, 32, 8), halves K/V reuse and
+# loses wgmma on sm_90.
+HEADROOM_EXEMPT = {r"flash-(bf16|fp16)-D256-": (80, 90)}
+
+
 def _check(res, arch, what):
-    assert res["targets_arch"] and res["ptx_len"] > 0 and res["cubin_len"] > 0, what
-    assert res["n_spills"] == 0, f"{what} sm_{arch}: {res['local_bytes']} bytes of local memory (spills)"
-    assert 0 < res["n_regs"] <= max_regs(res["num_warps"]), (what, res["n_regs"])
-    assert res["shared"] <= MAX_SHARED[arch], (what, res["shared"])
+    exempt = any(re.match(p, what) and arch in archs for p, archs in HEADROOM_EXEMPT.items())
+    problems = compile_problems(res, MAX_SHARED[arch], headroom=not exempt)
+    assert not problems, f"{what} sm_{arch}: " + "; ".join(problems)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")

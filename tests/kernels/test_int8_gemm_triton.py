@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .triton_helpers import compile_in_child, interp_only, max_regs
+from .triton_helpers import compile_in_child, compile_problems, interp_only
 
 from ringfuse.kernels import compile_check
 from ringfuse.kernels import int8_gemm as triton_int8
@@ -410,9 +410,6 @@ def test_shipped_configs_compile_without_spills():
         what += [f"special-M1-{j['kernel']}-{i}" for i, j in enumerate(special)]
     failures = []
     for job, res, w in zip(jobs, compile_in_child(compile_check.__name__, jobs), what):
-        arch = job["arch"]
-        ok = (res["targets_arch"] and res["cubin_len"] > 0 and res["n_spills"] == 0
-              and 0 < res["n_regs"] <= max_regs(job["num_warps"]) and res["shared"] <= MAX_SHARED[arch])  # fmt: skip
-        if not ok:
-            failures.append(f"{w} sm_{arch}: regs {res['n_regs']} spills {res['n_spills']} shared {res['shared']}")
+        if problems := compile_problems(res, MAX_SHARED[job["arch"]]):
+            failures.append(f"{w} sm_{job['arch']}: " + "; ".join(problems))
     assert not failures, "\n".join(failures)
