@@ -84,6 +84,13 @@ def _popen(args):
                             stderr=subprocess.PIPE)  # fmt: skip
 
 
+def _assert_interrupted(proc, err: bytes, command: str) -> None:
+    """Ctrl-C ends a command as CLIs do: exit code 130, one last stderr line, no traceback."""
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == f"ringfuse {command}: interrupted" and "Traceback" not in err, err
+
+
 def test_ctrl_c_during_generate_says_interrupted_and_exits_130(model_arg):
     import signal
 
@@ -94,9 +101,7 @@ def test_ctrl_c_during_generate_says_interrupted_and_exits_130(model_arg):
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    err = err.decode()
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "ringfuse generate: interrupted" and "Traceback" not in err, err
+    _assert_interrupted(proc, err, "generate")
     assert (got + out).endswith(b"\n")  # the partial line is ended
 
 
@@ -115,9 +120,7 @@ def test_ctrl_c_in_chat_stops_the_answer_then_quits_with_130(model_arg):
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    err = err.decode()
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "ringfuse chat: interrupted" and "Traceback" not in err, err
+    _assert_interrupted(proc, err, "chat")
 
 
 def test_invalid_utf8_in_argv_and_stdin_is_replaced_with_a_warning(model_arg):
