@@ -18,98 +18,145 @@ namespace {
 
 template <class TX, class TW, class TO>
 struct LayerNormKernel {
-  // (s - mean) * rstd * w + b for the 8 lanes at column i (w / b fp32 or null)
-  static RF_AVX2 RF_INLINE __m256 affine(__m256 s, __m256 mean, __m256 rstd, const float* w, const float* b,
-                                         int64_t i) {
-    const __m256 n = _mm256_mul_ps(_mm256_sub_ps(s, mean), rstd);
-    const __m256 wv = w ? _mm256_loadu_ps(w + i) : _mm256_set1_ps(1.0f);
-    return b ? _mm256_fmadd_ps(n, wv, _mm256_loadu_ps(b + i)) : _mm256_mul_ps(n, wv);
+  // (s - mean) * rstd * w + b for 8 lanes. 16-bit outputs take torch's form,
+  // s * rstd + (-mean * rstd), as one fma: its cancellation error (|mean| * rstd * 2^-24)
+  // is far below their rounding; fp32 outputs subtract the mean first.
+  static RF_AVX2 RF_INLINE __m256 affine(__m256 s, __m256 mean, __m256 rstd, __m256 neg_mean_rstd, __m256 w,
+                                         __m256 b) {
+    __m256 n;
+    if constexpr (TO::code == kFloat32)
+      n = _mm256_mul_ps(_mm256_sub_ps(s, mean), rstd);
+    else
+      n = _mm256_fmadd_ps(s, rstd, neg_mean_rstd);
+    return _mm256_fmadd_ps(n, w, b);
   }
 
   static RF_AVX2 void avx2(const NormArgs& a, int64_t begin, int64_t end) {
+    float* bufs[2] = {scratch_row(0, a.hidden), scratch_row(3, a.hidden)};  // s in fp32 per row in flight
+    const float* w = norm_params<TW, TO>(a.weight, a.hidden, 1, 1.0f);      // fp32, ones when null
+    const float* b = norm_params<TW, TO>(a.bias, a.hidden, 2, 0.0f);        // fp32, zeros when null
+    if (a.residual)
+      a.stream ? rows<true, true>(a, begin, end, bufs, w, b) : rows<true, false>(a, begin, end, bufs, w, b);
+    else
+      a.stream ? rows<false, true>(a, begin, end, bufs, w, b) : rows<false, false>(a, begin, end, bufs, w, b);
+  }
+
+  template <bool kRes, bool kStream>
+  static RF_AVX2 void rows(const NormArgs& a, int64_t begin, int64_t end, float* const* bufs, const float* w,
+                           const float* bias) {
+    int64_t row = begin;
+    for (; row + 2 <= end; row += 2) row_group<2, kRes, kStream>(a, row, end, bufs, w, bias);
+    if (row < end) row_group<1, kRes, kStream>(a, row, end, bufs, w, bias);
+    if constexpr (kStream) _mm_sfence();
+  }
+
+  // Rows [row0, row0 + N) in lockstep. Each pass is a chain of dependent adds or fmas ending
+  // in a horizontal sum, a division or a square root, and the next pass waits for it; at
+  // hidden = 576 those latencies, not the arithmetic, set the pace of one row. Two rows in
+  // flight give the core two independent chains to overlap.
+  template <int N, bool kRes, bool kStream>
+  static RF_AVX2 RF_INLINE void row_group(const NormArgs& a, int64_t row0, int64_t end, float* const* bufs,
+                                          const float* w, const float* bias) {
     const int64_t H = a.hidden, tail = H % 8, Hv = H - tail;
-    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 zero = _mm256_setzero_ps();
     const __m256 live = _mm256_castsi256_ps(
         _mm256_cmpgt_epi32(_mm256_set1_epi32(int(tail)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-    float* buf = scratch_row(0, H);                   // s in fp32, re-read by passes 2 and 3
-    const float* w = params_f32<TW>(a.weight, H, 1);  // weight and bias in fp32, or null
-    const float* bias = params_f32<TW>(a.bias, H, 2);
-    for (int64_t row = begin; row < end; ++row) {
-      const RowPtrs<TX, TW, TO> p(a, row);
-      // pass 1: s = x (+ r) into buf, sum(s)
-      __m256 acc0 = zero, acc1 = zero, acc2 = zero, acc3 = zero;
-      int64_t i = 0;
-      for (; i + 32 <= H; i += 32) {
-        __m256 s0, s1, s2, s3;
-        p.s16(i, a.stream, s0, s1);
-        p.s16(i + 16, a.stream, s2, s3);
-        _mm256_storeu_ps(buf + i, s0);
-        _mm256_storeu_ps(buf + i + 8, s1);
-        _mm256_storeu_ps(buf + i + 16, s2);
-        _mm256_storeu_ps(buf + i + 24, s3);
-        acc0 = _mm256_add_ps(acc0, s0);
-        acc1 = _mm256_add_ps(acc1, s1);
-        acc2 = _mm256_add_ps(acc2, s2);
-        acc3 = _mm256_add_ps(acc3, s3);
-      }
-      for (; i < Hv; i += 8) {
-        const __m256 s = p.s8(i, a.stream);
-        _mm256_storeu_ps(buf + i, s);
-        acc0 = _mm256_add_ps(acc0, s);
-      }
-      if (tail) {  // zero-filled lanes
-        const __m256 s = p.s_tail(Hv, tail);
-        _mm256_storeu_ps(buf + Hv, s);
-        acc1 = _mm256_add_ps(acc1, s);
-      }
-      const float mean =
-          hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3))) / float(H);
-      const __m256 vmean = _mm256_set1_ps(mean);
+    using Ptrs = RowPtrs<TX, TW, TO>;
+    const Ptrs p[2] = {Ptrs(a, row0), Ptrs(a, row0 + N - 1)};  // with N = 1 only p[0] is used
+    constexpr int kAcc = 8 / N;  // accumulators per row
+    __m256 acc[N][kAcc];
 
-      // pass 2: sum((s - mean)^2) from buf (two passes: no cancellation when |mean| >> std)
-      acc0 = acc1 = acc2 = acc3 = zero;
-      for (i = 0; i + 32 <= H; i += 32) {
-        const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(buf + i), vmean);
-        const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(buf + i + 8), vmean);
-        const __m256 d2 = _mm256_sub_ps(_mm256_loadu_ps(buf + i + 16), vmean);
-        const __m256 d3 = _mm256_sub_ps(_mm256_loadu_ps(buf + i + 24), vmean);
-        acc0 = _mm256_fmadd_ps(d0, d0, acc0);
-        acc1 = _mm256_fmadd_ps(d1, d1, acc1);
-        acc2 = _mm256_fmadd_ps(d2, d2, acc2);
-        acc3 = _mm256_fmadd_ps(d3, d3, acc3);
-      }
-      for (; i < Hv; i += 8) {
-        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(buf + i), vmean);
-        acc0 = _mm256_fmadd_ps(d, d, acc0);
-      }
-      if (tail) {
-        const __m256 d = _mm256_and_ps(_mm256_sub_ps(_mm256_loadu_ps(buf + Hv), vmean), live);
-        acc1 = _mm256_fmadd_ps(d, d, acc1);
-      }
-      const float var =
-          hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3))) / float(H);
-      const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(var + a.eps));
-
-      // pass 3: y = (s - mean) * rstd * w + b; x / r are no longer read, so out may alias them
-      for (i = 0; i + 16 <= H; i += 16) {  // 16 lanes: one pack per 16-bit store
-        prefetch_next<TX>(a, row + 1, end, i);
-        const __m256 s0 = _mm256_loadu_ps(buf + i), s1 = _mm256_loadu_ps(buf + i + 8);
-        V8<TO>::store2(p.out + i, affine(s0, vmean, rstd, w, bias, i), affine(s1, vmean, rstd, w, bias, i + 8),
-                       a.stream);
-      }
-      if (i < Hv) {
-        const __m256 s = _mm256_loadu_ps(buf + i);
-        store8<TO>(p.out + i, affine(s, vmean, rstd, w, bias, i), a.stream);
-        i += 8;
-      }
-      if (tail) {
-        const __m256 s = _mm256_loadu_ps(buf + Hv);
-        const __m256 wt = w ? load_tail<F32>(w + Hv, tail) : one;
-        const __m256 bt = bias ? load_tail<F32>(bias + Hv, tail) : zero;
-        store_tail<TO>(p.out + Hv, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_sub_ps(s, vmean), rstd), wt, bt), tail);
+    // pass 1: s = x (+ r) into buf, sum(s)
+    for (auto& row_acc : acc)
+      for (__m256& v : row_acc) v = zero;
+    int64_t i = 0;
+    for (; i + 8 * kAcc <= H; i += 8 * kAcc) {
+      for (int r = 0; r < N; ++r) {
+        for (int k = 0; k < kAcc; k += 2) {
+          __m256 s0, s1;
+          p[r].template s16<kRes, kStream>(i + 8 * k, s0, s1);
+          _mm256_storeu_ps(bufs[r] + i + 8 * k, s0);
+          _mm256_storeu_ps(bufs[r] + i + 8 * k + 8, s1);
+          acc[r][k] = _mm256_add_ps(acc[r][k], s0);
+          acc[r][k + 1] = _mm256_add_ps(acc[r][k + 1], s1);
+        }
       }
     }
-    if (a.stream) _mm_sfence();
+    for (; i < Hv; i += 8) {
+      for (int r = 0; r < N; ++r) {
+        const __m256 s = p[r].template s8<kRes, kStream>(i);
+        _mm256_storeu_ps(bufs[r] + i, s);
+        acc[r][0] = _mm256_add_ps(acc[r][0], s);
+      }
+    }
+    if (tail) {  // zero-filled lanes
+      for (int r = 0; r < N; ++r) {
+        const __m256 s = p[r].template s_tail<kRes>(Hv, tail);
+        _mm256_storeu_ps(bufs[r] + Hv, s);
+        acc[r][1] = _mm256_add_ps(acc[r][1], s);
+      }
+    }
+    float mean[N];
+    __m256 vmean[N];
+    for (int r = 0; r < N; ++r) {
+      mean[r] = hsum_n<kAcc>(acc[r]) / float(H);
+      vmean[r] = _mm256_set1_ps(mean[r]);
+    }
+
+    // pass 2: sum((s - mean)^2) from buf (two passes: no cancellation when |mean| >> std)
+    for (auto& row_acc : acc)
+      for (__m256& v : row_acc) v = zero;
+    for (i = 0; i + 8 * kAcc <= H; i += 8 * kAcc) {
+      for (int r = 0; r < N; ++r) {
+        for (int k = 0; k < kAcc; ++k) {
+          const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(bufs[r] + i + 8 * k), vmean[r]);
+          acc[r][k] = _mm256_fmadd_ps(d, d, acc[r][k]);
+        }
+      }
+    }
+    for (; i < Hv; i += 8) {
+      for (int r = 0; r < N; ++r) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(bufs[r] + i), vmean[r]);
+        acc[r][0] = _mm256_fmadd_ps(d, d, acc[r][0]);
+      }
+    }
+    if (tail) {
+      for (int r = 0; r < N; ++r) {
+        const __m256 d = _mm256_and_ps(_mm256_sub_ps(_mm256_loadu_ps(bufs[r] + Hv), vmean[r]), live);
+        acc[r][1] = _mm256_fmadd_ps(d, d, acc[r][1]);
+      }
+    }
+    __m256 rstd[N], neg_mean_rstd[N];
+    for (int r = 0; r < N; ++r) {
+      const float rs = 1.0f / std::sqrt(hsum_n<kAcc>(acc[r]) / float(H) + a.eps);
+      rstd[r] = _mm256_set1_ps(rs);
+      neg_mean_rstd[r] = _mm256_set1_ps(-mean[r] * rs);
+    }
+
+    // pass 3: y = (s - mean) * rstd * w + b; x / r are no longer read, so out may alias them
+    const NextRowPrefetch<TX, kRes> next0(a, row0 + N, end), next1(a, row0 + 2 * N - 1, end);
+    for (i = 0; i + 16 <= H; i += 16) {  // 16 lanes: one pack per 16-bit store
+      next0.at(i);
+      if constexpr (N == 2) next1.at(i);
+      const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
+      const __m256 b0 = _mm256_loadu_ps(bias + i), b1 = _mm256_loadu_ps(bias + i + 8);
+      for (int r = 0; r < N; ++r)
+        store16<TO, kStream>(p[r].out + i,
+                             affine(_mm256_loadu_ps(bufs[r] + i), vmean[r], rstd[r], neg_mean_rstd[r], w0, b0),
+                             affine(_mm256_loadu_ps(bufs[r] + i + 8), vmean[r], rstd[r], neg_mean_rstd[r], w1, b1));
+    }
+    if (i < Hv) {
+      for (int r = 0; r < N; ++r)
+        store8<TO, kStream>(p[r].out + i, affine(_mm256_loadu_ps(bufs[r] + i), vmean[r], rstd[r], neg_mean_rstd[r],
+                                                 _mm256_loadu_ps(w + i), _mm256_loadu_ps(bias + i)));
+      i += 8;
+    }
+    if (tail) {
+      const __m256 wt = load_tail<F32>(w + Hv, tail), bt = load_tail<F32>(bias + Hv, tail);
+      for (int r = 0; r < N; ++r)
+        store_tail<TO>(p[r].out + Hv,
+                       affine(_mm256_loadu_ps(bufs[r] + Hv), vmean[r], rstd[r], neg_mean_rstd[r], wt, bt), tail);
+    }
   }
 
   static void scalar(const NormArgs& a, int64_t begin, int64_t end) {

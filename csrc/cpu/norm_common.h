@@ -1,7 +1,9 @@
 // Internal to csrc/cpu/{rms_norm,layer_norm}.cpp: argument bundle, boundary checks, the
 // dtype dispatch and the "s = round_x(x + residual)" loaders both norm families share.
 #pragma once
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "cpu/vec.h"
@@ -90,6 +92,51 @@ RowsFn pick_kernel(int x_dtype, int w_dtype, int out_dtype, Isa isa) {
   }
 }
 
+// 16 lanes rounded once to E and stored (streaming when kStream; alignment was checked
+// once per call). bf16 takes the rounding without the NaN fix-up: every NaN that reaches a
+// norm's stores comes from bf16 data, x86's default NaN or a parameter that norm_params
+// canonicalized, so its low 16 bits are zero (see f32x8_to_bf16_lanes_nan_clear).
+template <class E, bool kStream>
+RF_AVX2 RF_INLINE void store16(typename E::T* p, __m256 a, __m256 b) {
+  if constexpr (E::code == kBFloat16) {
+    const __m256i packed = _mm256_permute4x64_epi64(
+        _mm256_packus_epi32(f32x8_to_bf16_lanes_nan_clear(a), f32x8_to_bf16_lanes_nan_clear(b)), 0b11011000);
+    if constexpr (kStream)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+  } else {
+    V8<E>::store2(p, a, b, kStream);
+  }
+}
+
+// As store16, and a, b <- the stored values as fp32 (the residual sum s = round_x(x + r)).
+template <class E, bool kStream>
+RF_AVX2 RF_INLINE void round_store16(typename E::T* p, __m256& a, __m256& b) {
+  if constexpr (E::code == kBFloat16) {
+    const __m256i la = f32x8_to_bf16_lanes_nan_clear(a), lb = f32x8_to_bf16_lanes_nan_clear(b);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(la, lb), 0b11011000);
+    if constexpr (kStream)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+    a = _mm256_castsi256_ps(_mm256_slli_epi32(la, 16));
+    b = _mm256_castsi256_ps(_mm256_slli_epi32(lb, 16));
+  } else {
+    V8<E>::round_store2(p, a, b, kStream);
+  }
+}
+
+// x rounded to E's precision, kept in fp32 lanes (bf16: without the NaN fix-up, as store16)
+template <class E>
+RF_AVX2 RF_INLINE __m256 round8(__m256 v) {
+  if constexpr (E::code == kBFloat16) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(f32x8_to_bf16_lanes_nan_clear(v), 16));
+  } else {
+    return V8<E>::round(v);
+  }
+}
+
 // Row pointers for one row of the argument bundle.
 template <class TX, class TW, class TO>
 struct RowPtrs {
@@ -119,50 +166,84 @@ struct RowPtrs {
   // AVX2: s for lanes [i, i + 16) / [i, i + 8) / the last n < 8. With a residual, the
   // rounded sum is also stored to res_out right here, so x and r are read, converted and
   // added exactly once (res_out may alias x or res: each lane is read before it is written).
-  RF_AVX2 RF_INLINE void s16(int64_t i, bool nt, __m256& s0, __m256& s1) const {
+  template <bool kRes, bool kStream>
+  RF_AVX2 RF_INLINE void s16(int64_t i, __m256& s0, __m256& s1) const {
     s0 = V8<TX>::load(x + i);
     s1 = V8<TX>::load(x + i + 8);
-    if (!res) return;
-    s0 = _mm256_add_ps(s0, V8<TX>::load(res + i));
-    s1 = _mm256_add_ps(s1, V8<TX>::load(res + i + 8));
-    V8<TX>::round_store2(res_out + i, s0, s1, nt);
+    if constexpr (kRes) {
+      s0 = _mm256_add_ps(s0, V8<TX>::load(res + i));
+      s1 = _mm256_add_ps(s1, V8<TX>::load(res + i + 8));
+      round_store16<TX, kStream>(res_out + i, s0, s1);
+    }
   }
-  RF_AVX2 RF_INLINE __m256 s8(int64_t i, bool nt) const {
+  template <bool kRes, bool kStream>
+  RF_AVX2 RF_INLINE __m256 s8(int64_t i) const {
     const __m256 v = V8<TX>::load(x + i);
-    return res ? V8<TX>::round_store(res_out + i, _mm256_add_ps(v, V8<TX>::load(res + i)), nt) : v;
+    if constexpr (kRes) return V8<TX>::round_store(res_out + i, _mm256_add_ps(v, V8<TX>::load(res + i)), kStream);
+    return v;
   }
+  template <bool kRes>
   RF_AVX2 RF_INLINE __m256 s_tail(int64_t i, int64_t n) const {  // lanes >= n are 0
     const __m256 v = load_tail<TX>(x + i, n);
-    if (!res) return v;
+    if constexpr (!kRes) return v;
     const __m256 s = V8<TX>::round(_mm256_add_ps(v, load_tail<TX>(res + i, n)));
     store_tail<TX>(res_out + i, s, n);
     return s;
   }
 };
 
-// While the last pass over row r runs from cache, pull row r + 1 of x (and the residual)
+// While the last pass over a row runs from cache, pull a later row of x (and the residual)
 // toward L1 so its loads overlap this row's compute: without it the kernel alternates
-// between waiting on memory and computing. One prefetch per 64-byte line.
-template <class TX>
-RF_AVX2 RF_INLINE void prefetch_next(const NormArgs& a, int64_t next_row, int64_t end, int64_t i) {
-  using X = typename TX::T;
-  constexpr int64_t kLine = 64 / int64_t(sizeof(X));
-  if (next_row >= end || (i % kLine) != 0) return;
-  _mm_prefetch(reinterpret_cast<const char*>(static_cast<const X*>(a.x) + next_row * a.x_stride + i),
-               _MM_HINT_T0);
-  if (a.residual)
-    _mm_prefetch(reinterpret_cast<const char*>(static_cast<const X*>(a.residual) +
-                                               next_row * a.residual_stride + i),
-                 _MM_HINT_T0);
-}
+// between waiting on memory and computing. at() is called once per 16 lanes (every line of
+// an fp32 row, twice per line of a 16-bit one). A row at or past the chunk's end is not
+// fetched; the chunk's last row (already in cache) is touched instead.
+template <class TX, bool kRes>
+struct NextRowPrefetch {
+  const char* x;
+  const char* res;
+  RF_INLINE NextRowPrefetch(const NormArgs& a, int64_t row, int64_t end) {
+    const int64_t target = row < end ? row : end - 1;
+    using X = typename TX::T;
+    x = reinterpret_cast<const char*>(static_cast<const X*>(a.x) + target * a.x_stride);
+    res = kRes ? reinterpret_cast<const char*>(static_cast<const X*>(a.residual) + target * a.residual_stride)
+               : nullptr;
+  }
+  RF_AVX2 RF_INLINE void at(int64_t i) const {
+    _mm_prefetch(x + i * int64_t(sizeof(typename TX::T)), _MM_HINT_T0);
+    if constexpr (kRes) _mm_prefetch(res + i * int64_t(sizeof(typename TX::T)), _MM_HINT_T0);
+  }
+};
 
 // Store 8 lanes, streaming when asked (alignment was checked once per call).
-template <class E>
-RF_AVX2 RF_INLINE void store8(typename E::T* p, __m256 v, bool stream) {
-  if (stream)
+template <class E, bool kStream>
+RF_AVX2 RF_INLINE void store8(typename E::T* p, __m256 v) {
+  if constexpr (kStream)
     V8<E>::stream(p, v);
   else
     V8<E>::store(p, v);
+}
+
+// A norm's weight or bias [hidden] as fp32 for the AVX2 rows: converted once per call into
+// scratch slot `slot`, or used in place when fp32. Null becomes a row of `fill` (1 for a
+// weight, 0 for a bias), so the inner loops carry no branch for it. With bf16 outputs an
+// fp32 parameter's NaNs are replaced by the canonical quiet NaN (in a copy, made only when
+// there is one): that keeps the outputs' f32x8_to_bf16_lanes_nan_clear rounding exact.
+template <class TW, class TO>
+inline const float* norm_params(const void* p, int64_t n, int slot, float fill) {
+  if (p == nullptr) {
+    float* out = scratch_row(slot, n);
+    std::fill(out, out + n, fill);
+    return out;
+  }
+  const float* f = params_f32<TW>(p, n, slot);
+  if constexpr (TO::code == kBFloat16 && TW::code == kFloat32) {
+    if (std::any_of(f, f + n, [](float v) { return std::isnan(v); })) {
+      float* out = scratch_row(slot, n);
+      for (int64_t i = 0; i < n; ++i) out[i] = std::isnan(f[i]) ? std::numeric_limits<float>::quiet_NaN() : f[i];
+      return out;
+    }
+  }
+  return f;
 }
 
 }  // namespace ringfuse::cpu

@@ -23,70 +23,106 @@ namespace {
 template <class TX, class TW, class TO>
 struct RmsKernel {
   // y = s * rstd * w, or round_x(s * rstd) * w in the HF order
-  static RF_AVX2 RF_INLINE __m256 scale(__m256 s, __m256 rstd, __m256 w, bool llama_cast) {
+  template <bool kLlamaCast>
+  static RF_AVX2 RF_INLINE __m256 scale(__m256 s, __m256 rstd, __m256 w) {
     __m256 y = _mm256_mul_ps(s, rstd);
-    if (llama_cast) y = V8<TX>::round(y);
+    if constexpr (kLlamaCast) y = round8<TX>(y);
     return _mm256_mul_ps(y, w);
   }
 
   static RF_AVX2 void avx2(const NormArgs& a, int64_t begin, int64_t end) {
-    const int64_t H = a.hidden;
-    const __m256 inv_h = _mm256_set1_ps(1.0f / float(H));
-    float* buf = scratch_row(0, H);                        // s in fp32, re-read by pass 2
-    const float* w = params_f32<TW>(a.weight, H, 1);       // weight in fp32, or null
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (int64_t row = begin; row < end; ++row) {
-      const RowPtrs<TX, TW, TO> p(a, row);
-      // pass 1: s = x (+ r), kept in buf; sum of squares with 4 independent accumulators
-      __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-      int64_t i = 0;
-      for (; i + 32 <= H; i += 32) {
-        __m256 s0, s1, s2, s3;
-        p.s16(i, a.stream, s0, s1);
-        p.s16(i + 16, a.stream, s2, s3);
-        _mm256_storeu_ps(buf + i, s0);
-        _mm256_storeu_ps(buf + i + 8, s1);
-        _mm256_storeu_ps(buf + i + 16, s2);
-        _mm256_storeu_ps(buf + i + 24, s3);
-        acc0 = _mm256_fmadd_ps(s0, s0, acc0);
-        acc1 = _mm256_fmadd_ps(s1, s1, acc1);
-        acc2 = _mm256_fmadd_ps(s2, s2, acc2);
-        acc3 = _mm256_fmadd_ps(s3, s3, acc3);
-      }
-      for (; i + 8 <= H; i += 8) {
-        const __m256 s = p.s8(i, a.stream);
-        _mm256_storeu_ps(buf + i, s);
-        acc0 = _mm256_fmadd_ps(s, s, acc0);
-      }
-      if (i < H) {  // zero-filled tail lanes add nothing
-        const __m256 s = p.s_tail(i, H - i);
-        _mm256_storeu_ps(buf + i, s);
-        acc1 = _mm256_fmadd_ps(s, s, acc1);
-      }
-      const __m256 acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-      const float mean_sq = hsum(_mm256_mul_ps(acc, inv_h));
-      const __m256 rstd = _mm256_set1_ps(1.0f / std::sqrt(mean_sq + a.eps));
+    float* bufs[2] = {scratch_row(0, a.hidden), scratch_row(3, a.hidden)};  // s in fp32 per row in flight
+    const float* w = norm_params<TW, TO>(a.weight, a.hidden, 1, 1.0f);      // fp32, ones when null
+    if (a.residual) {
+      if (a.llama_cast)
+        a.stream ? rows<true, true, true>(a, begin, end, bufs, w) : rows<true, false, true>(a, begin, end, bufs, w);
+      else
+        a.stream ? rows<true, true, false>(a, begin, end, bufs, w) : rows<true, false, false>(a, begin, end, bufs, w);
+    } else {
+      if (a.llama_cast)
+        a.stream ? rows<false, true, true>(a, begin, end, bufs, w) : rows<false, false, true>(a, begin, end, bufs, w);
+      else
+        a.stream ? rows<false, true, false>(a, begin, end, bufs, w)
+                 : rows<false, false, false>(a, begin, end, bufs, w);
+    }
+  }
 
-      // pass 2: normalize from buf; x and r are not read again, so out may alias them
-      for (i = 0; i + 16 <= H; i += 16) {  // 16 lanes: one pack per 16-bit store
-        prefetch_next<TX>(a, row + 1, end, i);
-        const __m256 s0 = _mm256_loadu_ps(buf + i), s1 = _mm256_loadu_ps(buf + i + 8);
-        const __m256 w0 = w ? _mm256_loadu_ps(w + i) : one, w1 = w ? _mm256_loadu_ps(w + i + 8) : one;
-        V8<TO>::store2(p.out + i, scale(s0, rstd, w0, a.llama_cast), scale(s1, rstd, w1, a.llama_cast),
-                       a.stream);
-      }
-      if (i + 8 <= H) {
-        const __m256 s = _mm256_loadu_ps(buf + i);
-        store8<TO>(p.out + i, scale(s, rstd, w ? _mm256_loadu_ps(w + i) : one, a.llama_cast), a.stream);
-        i += 8;
-      }
-      if (i < H) {
-        const __m256 s = _mm256_loadu_ps(buf + i);
-        const __m256 wt = w ? load_tail<F32>(w + i, H - i) : one;
-        store_tail<TO>(p.out + i, scale(s, rstd, wt, a.llama_cast), H - i);
+  template <bool kRes, bool kStream, bool kLlamaCast>
+  static RF_AVX2 void rows(const NormArgs& a, int64_t begin, int64_t end, float* const* bufs, const float* w) {
+    int64_t row = begin;
+    for (; row + 2 <= end; row += 2) row_group<2, kRes, kStream, kLlamaCast>(a, row, end, bufs, w);
+    if (row < end) row_group<1, kRes, kStream, kLlamaCast>(a, row, end, bufs, w);
+    if constexpr (kStream) _mm_sfence();
+  }
+
+  // Rows [row0, row0 + N) in lockstep: the sum-of-squares chain, its horizontal sum and the
+  // square root are latencies that one 576-wide row cannot hide; two rows give the core two
+  // independent chains (as in layer_norm.cpp).
+  template <int N, bool kRes, bool kStream, bool kLlamaCast>
+  static RF_AVX2 RF_INLINE void row_group(const NormArgs& a, int64_t row0, int64_t end, float* const* bufs,
+                                          const float* w) {
+    const int64_t H = a.hidden;
+    using Ptrs = RowPtrs<TX, TW, TO>;
+    const Ptrs p[2] = {Ptrs(a, row0), Ptrs(a, row0 + N - 1)};  // with N = 1 only p[0] is used
+    constexpr int kAcc = 8 / N;                                 // accumulators per row
+    __m256 acc[N][kAcc];
+    for (auto& row_acc : acc)
+      for (__m256& v : row_acc) v = _mm256_setzero_ps();
+
+    // pass 1: s = x (+ r), kept in buf; sum of squares
+    int64_t i = 0;
+    for (; i + 8 * kAcc <= H; i += 8 * kAcc) {
+      for (int r = 0; r < N; ++r) {
+        for (int k = 0; k < kAcc; k += 2) {
+          __m256 s0, s1;
+          p[r].template s16<kRes, kStream>(i + 8 * k, s0, s1);
+          _mm256_storeu_ps(bufs[r] + i + 8 * k, s0);
+          _mm256_storeu_ps(bufs[r] + i + 8 * k + 8, s1);
+          acc[r][k] = _mm256_fmadd_ps(s0, s0, acc[r][k]);
+          acc[r][k + 1] = _mm256_fmadd_ps(s1, s1, acc[r][k + 1]);
+        }
       }
     }
-    if (a.stream) _mm_sfence();
+    for (; i + 8 <= H; i += 8) {
+      for (int r = 0; r < N; ++r) {
+        const __m256 s = p[r].template s8<kRes, kStream>(i);
+        _mm256_storeu_ps(bufs[r] + i, s);
+        acc[r][0] = _mm256_fmadd_ps(s, s, acc[r][0]);
+      }
+    }
+    const int64_t tail = H - i;
+    if (tail) {  // zero-filled tail lanes add nothing
+      for (int r = 0; r < N; ++r) {
+        const __m256 s = p[r].template s_tail<kRes>(i, tail);
+        _mm256_storeu_ps(bufs[r] + i, s);
+        acc[r][1] = _mm256_fmadd_ps(s, s, acc[r][1]);
+      }
+    }
+    __m256 rstd[N];
+    for (int r = 0; r < N; ++r)
+      rstd[r] = _mm256_set1_ps(1.0f / std::sqrt(hsum_n<kAcc>(acc[r]) * (1.0f / float(H)) + a.eps));
+
+    // pass 2: normalize from buf; x and r are not read again, so out may alias them
+    const NextRowPrefetch<TX, kRes> next0(a, row0 + N, end), next1(a, row0 + 2 * N - 1, end);
+    for (i = 0; i + 16 <= H; i += 16) {  // 16 lanes: one pack per 16-bit store
+      next0.at(i);
+      if constexpr (N == 2) next1.at(i);
+      const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
+      for (int r = 0; r < N; ++r)
+        store16<TO, kStream>(p[r].out + i, scale<kLlamaCast>(_mm256_loadu_ps(bufs[r] + i), rstd[r], w0),
+                             scale<kLlamaCast>(_mm256_loadu_ps(bufs[r] + i + 8), rstd[r], w1));
+    }
+    if (i + 8 <= H) {
+      for (int r = 0; r < N; ++r)
+        store8<TO, kStream>(p[r].out + i,
+                            scale<kLlamaCast>(_mm256_loadu_ps(bufs[r] + i), rstd[r], _mm256_loadu_ps(w + i)));
+      i += 8;
+    }
+    if (i < H) {
+      const __m256 wt = load_tail<F32>(w + i, H - i);
+      for (int r = 0; r < N; ++r)
+        store_tail<TO>(p[r].out + i, scale<kLlamaCast>(_mm256_loadu_ps(bufs[r] + i), rstd[r], wt), H - i);
+    }
   }
 
   static void scalar(const NormArgs& a, int64_t begin, int64_t end) {

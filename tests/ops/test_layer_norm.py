@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ringfuse.ops import add_layer_norm, layer_norm
 
 from .norm_reference import assert_within_tolerance, ln_ref64, ln_torch
-from .test_rms_norm import DTYPES, SHAPES, WEIGHT_CASES, make, make_weight
+from .test_rms_norm import DTYPES, NAN_PAYLOADS, SHAPES, WEIGHT_CASES, make, make_weight, nan_with_bits
 
 
 def params(wkind, hidden, dtype, bias=True):
@@ -77,6 +77,19 @@ def test_nan_inf_propagate_like_torch(isa, dtype):
     got, expect = layer_norm(x), F.layer_norm(x, (21,))
     assert torch.equal(got.isnan(), expect.isnan())
     torch.testing.assert_close(got[2], expect[2])
+
+
+def test_fp32_params_nan_payloads_give_nan_in_bf16_output(isa):
+    hidden = 80  # five 16-lane blocks: the vector path, not only the tail
+    x = make((5, hidden), torch.bfloat16)
+    w, b = torch.rand(hidden) + 0.5, torch.randn(hidden) * 0.1
+    w_cols, b_cols = [1, 40, 79], [18, 63]
+    for col, bits in zip(w_cols + b_cols, NAN_PAYLOADS):
+        (w if col in w_cols else b)[col] = nan_with_bits(bits)
+    got = layer_norm(x, w, b)
+    expect = torch.zeros(5, hidden, dtype=torch.bool)
+    expect[:, w_cols + b_cols] = True
+    assert torch.equal(got.isnan(), expect)
 
 
 def test_empty():

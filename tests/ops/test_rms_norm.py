@@ -166,6 +166,43 @@ def test_nan_and_inf_propagate_like_torch(isa, dtype):
     assert torch.equal(got[3], expect[3]) or (got[3].float() - expect[3].float()).abs().max() < 0.02
 
 
+# fp32 NaNs whose low 16 bits are set: rounded to bf16 by "add 0x7fff + lsb" alone, they would
+# turn into +-0 or inf (the AVX2 bf16 stores skip the NaN fix-up for data that cannot hold them)
+NAN_PAYLOADS = [0xFFFFFFFF, 0x7FFFFFFF, 0x7F800001, 0xFFC00000, 0x7FC0FFFF]
+
+
+def nan_with_bits(bits: int) -> torch.Tensor:
+    return torch.tensor([bits if bits < 1 << 31 else bits - (1 << 32)], dtype=torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("llama", [False, True], ids=["torch_order", "llama_order"])
+def test_fp32_weight_nan_payloads_give_nan_in_bf16_output(isa, llama):
+    hidden = 80  # five 16-lane blocks: the vector path, not only the tail
+    x = make((5, hidden), torch.bfloat16)
+    w = torch.rand(hidden) + 0.5
+    cols = [1, 18, 40, 63, 79]
+    for col, bits in zip(cols, NAN_PAYLOADS):
+        w[col] = nan_with_bits(bits)
+    got = rms_norm(x, w, cast_mode="llama" if llama else "torch")
+    expect = torch.zeros(5, hidden, dtype=torch.bool)
+    expect[:, cols] = True
+    assert torch.equal(got.isnan(), expect)
+
+
+def test_residual_sum_nan_and_inf_in_bf16(isa):
+    hidden = 48
+    x, r = make((3, hidden), torch.bfloat16), make((3, hidden), torch.bfloat16, seed=1)
+    x[0, 2], r[0, 2] = float("inf"), float("-inf")  # inf - inf: NaN
+    x[1, 20], r[1, 33] = float("nan"), float("inf")
+    x[2, 47], r[2, 47] = 3e38, 3e38  # overflows to inf when rounded to bf16
+    out, res = add_rms_norm(x, r, torch.ones(hidden, dtype=torch.bfloat16))
+    expect = x + r
+    assert torch.equal(res.isnan(), expect.isnan()) and torch.equal(res.isinf(), expect.isinf())
+    finite = expect.isfinite()
+    assert torch.equal(res[finite], expect[finite])
+    assert torch.equal(out.isnan(), F.rms_norm(expect.float(), (hidden,), None, 1e-6).isnan())
+
+
 @pytest.mark.parametrize("shape", [(0, 16), (3, 0), (2, 0, 5)], ids=str)
 def test_empty_tensors(isa, shape):
     x = torch.empty(shape)
