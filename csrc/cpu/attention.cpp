@@ -13,7 +13,9 @@
 // Napkin math: B = 1, Hkv = 3, D = 64, L = 8192, fp32: K + V = 12.6 MB read once, ~0.3 ms
 // at a 40-50 GB/s DRAM read stream; flops 4 * Hq * L * D = 19 MFLOP, ~0.1 ms at the FMA
 // peak: memory-bound, provided exp is vectorized (a scalar exp per score would cost more
-// than the reads) and the loads are prefetched (see split_avx2).
+// than the reads) and the loads are prefetched (see split_avx2). Measured on two AVX2 cores,
+// B = 8, L = 2048 fp32: 9/3/64 at ~60% of the DRAM read rate, 32/8/128 at ~55%, where the
+// 2 x G x D FMAs per key of a G-query group cost about as much time as the reads.
 //
 // The prefill kernel (attention) and write_kv follow after the decode kernel.
 #include "cpu/attention.h"
@@ -113,18 +115,22 @@ struct DecodeKernel {
     for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
       const int64_t nt = std::min<int64_t>(kTile, j1 - t0);
       tile_rows(a, it.b, it.kvh, t0, nt, krow, vrow);
-      const int64_t nn = std::min<int64_t>(kTile, j1 - t0 - kTile);  // keys of the next tile
-      if (nn > 0) tile_rows(a, it.b, it.kvh, t0 + kTile, nn, nkrow, nvrow);
-      // scores of the tile: each key row converted to fp32 once for the whole group
+      const int64_t nn = std::min<int64_t>(kTile, j1 - t0 - 2 * kTile);  // keys of the tile to prefetch
+      if (nn > 0) tile_rows(a, it.b, it.kvh, t0 + 2 * kTile, nn, nkrow, nvrow);
+      // scores of the tile: each key row converted to fp32 once for the whole group; each
+      // (key, query) dot product leaves a vector of 8 partial sums in dots, and every 8 keys
+      // one horizontal reduction turns 8 such vectors into 8 scores (a horizontal sum per key
+      // cost ~3x more shuffles)
+      alignas(32) float dots[G][8][8];
       for (int64_t t = 0; t < nt; ++t) {
-        // Prefetch the next tile's rows, a row per key of this tile: with the hardware
-        // prefetcher alone, cold-cache decode read its K/V at ~19 GB/s; with this, ~27 GB/s
-        // (2 threads). A burst of all of them at the tile's start, or two tiles ahead, did
-        // not help.
+        // Prefetch the rows of the tile two ahead into L2, a row per key of this tile. Into L1
+        // (T0) one tile ahead, the prefetched 16 KiB fought the tile in use for a 32 KiB L1:
+        // cold-cache decode ran at the speed of compute plus DRAM in series (B=8, 9/3/64:
+        // 16 GB/s); into L2 the loads overlap compute (21 GB/s, 2 threads).
         if (t < nn)
           for (int64_t off = 0; off < row_bytes; off += 64) {
-            _mm_prefetch(reinterpret_cast<const char*>(nkrow[t]) + off, _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(nvrow[t]) + off, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(nkrow[t]) + off, _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(nvrow[t]) + off, _MM_HINT_T1);
           }
         // each 8-element chunk of the key row is loaded (and converted to fp32) once, in
         // registers, and used by the whole group
@@ -143,16 +149,20 @@ struct DecodeKernel {
           const __m256 k0 = c + 8 <= D ? V8<E>::load(kr + c) : load_tail<E>(kr + c, D - c);
           for (int g = 0; g < G; ++g) d0[g] = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + c), k0, d0[g]);
         }
-        for (int g = 0; g < G; ++g) {
-          float score = hsum(_mm256_add_ps(d0[g], d1[g]));
-          if (a.softcap > 0.0f) score = a.softcap * std::tanh(score / a.softcap);
-          s[g][t] = score;
+        for (int g = 0; g < G; ++g) _mm256_store_ps(dots[g][t & 7], _mm256_add_ps(d0[g], d1[g]));
+        if ((t & 7) == 7 || t == nt - 1) {  // 8 keys (or the tile's last few): reduce them
+          const int64_t first = t & ~int64_t(7);
+          for (int g = 0; g < G; ++g) {
+            for (int64_t u = t + 1; u < first + 8; ++u) _mm256_store_ps(dots[g][u & 7], _mm256_setzero_ps());
+            _mm256_store_ps(s[g] + first, hsum_each(dots[g]));
+            if (a.softcap > 0.0f)
+              for (int64_t u = first; u <= t; ++u) s[g][u] = a.softcap * std::tanh(s[g][u] / a.softcap);
+          }
         }
       }
       // online softmax update per query: p = exp(s - m_new), rescale the running sums
       for (int g = 0; g < G; ++g) {
-        float tile_max = s[g][0];
-        for (int64_t t = 1; t < nt; ++t) tile_max = std::max(tile_max, s[g][t]);
+        const float tile_max = max_of(s[g], nt);
         const float m_new = std::max(m[g], tile_max);
         const float alpha = std::exp(m[g] - m_new);  // 0 on the first tile (m = -inf)
         const __m256 vm = _mm256_set1_ps(m_new);
@@ -174,24 +184,45 @@ struct DecodeKernel {
           for (int64_t i = Dv; i < D; ++i) acc[g][i] *= alpha;
         }
       }
-      // acc += p * v: 16 columns at a time for small groups (2G independent FMA chains),
-      // 8 for larger ones, the accumulators in registers over the whole tile
-      constexpr int kChunks = G <= 4 ? 2 : 1;
+      // acc += p * v, the accumulators in registers over the whole tile. Each accumulator is
+      // a chain of dependent FMAs (4 cycles apiece), so the core needs about 8 chains to keep
+      // both FMA units busy: kChunks x 8 columns per query, and for G <= 2 a second set of
+      // accumulators for the odd keys (kParities), added at the end of the tile.
+      constexpr int kChunks = G == 1 ? 4 : G <= 4 ? 2 : 1;
+      constexpr int kParities = G <= 2 ? 2 : 1;
       int64_t c = 0;
       for (; c + 8 * kChunks <= Dv; c += 8 * kChunks) {
-        __m256 accv[G][kChunks];
+        __m256 accv[kParities][G][kChunks];
         for (int g = 0; g < G; ++g)
-          for (int u = 0; u < kChunks; ++u) accv[g][u] = _mm256_loadu_ps(acc[g] + c + 8 * u);
-        for (int64_t t = 0; t < nt; ++t) {
+          for (int u = 0; u < kChunks; ++u) {
+            accv[0][g][u] = _mm256_loadu_ps(acc[g] + c + 8 * u);
+            if constexpr (kParities == 2) accv[kParities - 1][g][u] = _mm256_setzero_ps();
+          }
+        int64_t t = 0;
+        for (; t + kParities <= nt; t += kParities) {
+          for (int par = 0; par < kParities; ++par) {
+            __m256 vv[kChunks];
+            for (int u = 0; u < kChunks; ++u) vv[u] = V8<E>::load(vrow[t + par] + c + 8 * u);
+            for (int g = 0; g < G; ++g) {
+              const __m256 pb = _mm256_broadcast_ss(&s[g][t + par]);
+              for (int u = 0; u < kChunks; ++u) accv[par][g][u] = _mm256_fmadd_ps(pb, vv[u], accv[par][g][u]);
+            }
+          }
+        }
+        for (; t < nt; ++t) {  // an odd key left over
           __m256 vv[kChunks];
           for (int u = 0; u < kChunks; ++u) vv[u] = V8<E>::load(vrow[t] + c + 8 * u);
           for (int g = 0; g < G; ++g) {
             const __m256 pb = _mm256_broadcast_ss(&s[g][t]);
-            for (int u = 0; u < kChunks; ++u) accv[g][u] = _mm256_fmadd_ps(pb, vv[u], accv[g][u]);
+            for (int u = 0; u < kChunks; ++u) accv[0][g][u] = _mm256_fmadd_ps(pb, vv[u], accv[0][g][u]);
           }
         }
         for (int g = 0; g < G; ++g)
-          for (int u = 0; u < kChunks; ++u) _mm256_storeu_ps(acc[g] + c + 8 * u, accv[g][u]);
+          for (int u = 0; u < kChunks; ++u) {
+            __m256 sum = accv[0][g][u];
+            if constexpr (kParities == 2) sum = _mm256_add_ps(sum, accv[kParities - 1][g][u]);
+            _mm256_storeu_ps(acc[g] + c + 8 * u, sum);
+          }
       }
       for (; c < Dp; c += 8) {  // the rest: single full chunks, then the tail
         const int64_t n = std::min<int64_t>(8, D - c);

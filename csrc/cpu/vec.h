@@ -316,6 +316,32 @@ RF_AVX2 RF_INLINE float hsum_n(const __m256* acc) {
   }
 }
 
+// Lane j of the result = the sum of the 8 lanes of v[j]: eight horizontal sums for about
+// the shuffles of two.
+RF_AVX2 RF_INLINE __m256 hsum_each(const float (*v)[8]) {
+  // pairwise sums within 128-bit halves: [v0 v0 v1 v1 | v0 v0 v1 v1] (each a sum of 2 lanes)
+  const __m256 a01 = _mm256_hadd_ps(_mm256_load_ps(v[0]), _mm256_load_ps(v[1]));
+  const __m256 a23 = _mm256_hadd_ps(_mm256_load_ps(v[2]), _mm256_load_ps(v[3]));
+  const __m256 a45 = _mm256_hadd_ps(_mm256_load_ps(v[4]), _mm256_load_ps(v[5]));
+  const __m256 a67 = _mm256_hadd_ps(_mm256_load_ps(v[6]), _mm256_load_ps(v[7]));
+  // sums of 4 lanes: [v0 v1 v2 v3 | v0 v1 v2 v3] (low half's lanes, high half's lanes)
+  const __m256 b0 = _mm256_hadd_ps(a01, a23), b1 = _mm256_hadd_ps(a45, a67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+
+// max of p[0, n), n >= 1 (p 32-byte aligned, readable up to n rounded up to 8; NaN-free)
+RF_AVX2 RF_INLINE float max_of(const float* p, int64_t n) {
+  __m256 m = _mm256_set1_ps(p[0]);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_load_ps(p + i));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  float r = _mm_cvtss_f32(h);
+  for (; i < n; ++i) r = std::max(r, p[i]);
+  return r;
+}
+
 // exp(x) for 8 lanes: Cephes-style range reduction x = n ln2 + r, degree-6 polynomial for
 // exp(r) on [-ln2/2, ln2/2], 2^n through the exponent bits. Max relative error ~2 ulp;
 // inputs below -87.3 give 0 (as the softmax wants for far-below-max scores), NaN stays NaN.
