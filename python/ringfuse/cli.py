@@ -1,4 +1,4 @@
-"""``ringfuse`` command line: ``info``, ``bench``, ``generate`` and ``chat``."""
+"""``ringfuse`` command line: ``info``, ``bench``, ``generate``, ``chat`` and ``serve``."""
 
 from __future__ import annotations
 
@@ -178,6 +178,58 @@ def _add_generate_parser(sub) -> None:
     chat.add_argument("--system", default=None, help="system prompt")
 
 
+def _add_serve_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with metrics (needs the serve extra: "
+                       "pip install 'ringfuse[serve]')")  # fmt: skip
+    p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--quant", default="none", choices=("none", "w8a16", "w8a8"))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the engine (default: torch's)")
+    p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false", default=None,
+                   help="convert a GGUF's weights on every load instead of caching them")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit in tokens (default: the model's)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: 8)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV cache capacity in tokens (default: max-batch full contexts, at most 65536)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one; default: 8000)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the name clients pass as 'model' (default: --model as given, or SmolLM2-135M-Instruct)")
+    p.add_argument("--max-waiting", type=int, default=64,
+                   help="sequences that may wait for a batch slot; past that, requests get 429 (default: 64)")
+    p.add_argument("--api-key", default=os.environ.get("RINGFUSE_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on the API routes (default: $RINGFUSE_API_KEY; "
+                   "/health, /ready and /metrics stay open)")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="larger request bodies get 413 (default: 4 MiB)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level; debug also logs every request")
+    return p
+
+
+def _serve(args, parser) -> int:
+    from . import serve
+
+    missing = serve.missing_dependencies()
+    if missing:
+        print(f"ringfuse serve: error: the server needs the serve extra, which is not installed (missing: "
+              f"{', '.join(missing)}). Install it with: {serve.INSTALL_HINT}", file=sys.stderr)  # fmt: skip
+        return 2
+    for name in ("threads", "max_model_len", "max_batch", "kv_cache_tokens", "max_waiting", "max_body_bytes"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in [0, 65535], got {args.port}")
+    if args.model is not None and not os.path.exists(args.model):
+        parser.error(f"--model {args.model}: no such file or folder")
+    if args.api_key is not None and not args.api_key.strip():
+        parser.error("--api-key must not be blank")
+    from .serve import server
+
+    return server.run(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ringfuse", description="ringfuse: fused kernels for LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,7 +249,10 @@ def main(argv=None) -> int:
                        help="generate bench: also time CTranslate2 and llama.cpp in the same run (the peer "
                        "harness in ../shared/peers or $RINGFUSE_PEERS_DIR)")
     _add_generate_parser(sub)
+    serve_parser = _add_serve_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args, serve_parser)
     if args.command in ("generate", "chat"):
         from . import cli_generate
 

@@ -29,7 +29,7 @@ import torch
 from .. import ops
 from .kv_blocks import BlockPool
 from .model import QUANT_MODES, DecodeGraph, LlamaModel, Step
-from .sampling import SamplingParams, generator, select
+from .sampling import SamplingParams, TokenLogprobs, generator, select, token_logprobs
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -43,6 +43,7 @@ class GenerationResult:
     prefill_s: float  # time from the request's admission to its first token
     decode_s: float  # time from its first token to its last
     cached_tokens: int = 0  # prompt tokens whose k/v came from the prefix cache (not computed)
+    logprobs: list[TokenLogprobs] | None = None  # per new token, when the request asked (logprobs=k)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -59,6 +60,7 @@ class TokenEvent:
     text: str  # the new text this token completes (may be "" mid-character or near a stop string)
     finished: bool
     result: GenerationResult | None = None  # set on the request's last event
+    logprobs: TokenLogprobs | None = None  # this token's, when the request asked (logprobs=k)
 
 
 class _Request:
@@ -73,6 +75,7 @@ class _Request:
         if not params.greedy:
             self.generator = generator(params.seed if params.seed is not None else seed)
         self.seen = torch.tensor(prompt_ids, dtype=torch.int64) if params.repetition_penalty != 1.0 else None
+        self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
         self.t_admit = self.t_first = self.t_last = 0.0
 
     @property
@@ -144,6 +147,8 @@ class LLM:
         self.running: list[_Request] = []
         self._new: list[_Request] = []  # admitted, not yet prefilled
         self._ids, self._draws = itertools.count(), itertools.count()
+        # prompt tokens looked up in the prefix cache at admission, and those found there
+        self.prefix_cache_queries = self.prefix_cache_hits = 0
         self._base_seed = int.from_bytes(os.urandom(8), "little") >> 1
         if group is not None:
             import torch.distributed as dist
@@ -155,6 +160,7 @@ class LLM:
         # lazy inits) that would otherwise show up as the first request's prefill time
         for _ in self.stream([[cfg.bos_token_id or 0] * 4], max_new_tokens=2, ignore_eos=True):
             pass
+        self.prefix_cache_queries = self.prefix_cache_hits = 0  # the warm-up's lookups do not count
 
     def _load_model(self, quant: str, group, weight_cache: bool | None) -> LlamaModel:
         """The model, through the converted-weights cache (default: on for GGUF files)."""
@@ -188,23 +194,26 @@ class LLM:
 
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None, stop=None,
-                 ignore_eos: bool = False, raw: bool = False) -> list[GenerationResult]:  # fmt: skip
+                 ignore_eos: bool = False, raw: bool = False,
+                 logprobs: int | None = None) -> list[GenerationResult]:  # fmt: skip
         """One result per prompt, in order. A prompt is a string (the chat template is
         applied unless ``raw=True``), a conversation (a list of {"role", "content"} dicts)
-        or a list of token ids (used as given)."""
+        or a list of token ids (used as given). ``logprobs=k``: each result also carries
+        every new token's log-probability and the k likeliest tokens (sampling.token_logprobs)."""
         results = {}
         for ev in self.stream(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop,
-                              ignore_eos, raw):  # fmt: skip
+                              ignore_eos, raw, logprobs):  # fmt: skip
             if ev.finished:
                 results[ev.index] = ev.result
         return [results[i] for i in range(len(results))]
 
     def stream(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None, stop=None,
-               ignore_eos: bool = False, raw: bool = False) -> Iterator[TokenEvent]:  # fmt: skip
+               ignore_eos: bool = False, raw: bool = False,
+               logprobs: int | None = None) -> Iterator[TokenEvent]:  # fmt: skip
         """Yields a TokenEvent per new token of every prompt, as produced."""
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop or (),
-                                ignore_eos)  # fmt: skip
+                                ignore_eos, logprobs)  # fmt: skip
         batch = [self.encode(p, raw) for p in _as_prompt_list(prompts)]
         if self.waiting or self.running or self._new:
             raise RuntimeError("LLM.stream: the engine is busy with requests added by add_request(); drain step() first")
@@ -237,13 +246,25 @@ class LLM:
                              "(max_model_len): at least one new token must fit")  # fmt: skip
         return ids
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, index: int | None = None) -> int:
-        """Queue a request (token ids, already checked by encode()); it joins the running
-        batch at the next step() with room. Returns its index."""
-        need = self._blocks_needed(len(prompt_ids), params)
+    @property
+    def max_request_tokens(self) -> int:
+        """The most tokens (prompt + new) one request can hold: the context, or the whole
+        KV cache when that is smaller."""
+        return min(self.max_model_len, self.kv.num_blocks * self.block_size)
+
+    def check_request(self, prompt_len: int, params: SamplingParams) -> None:
+        """ValueError if a request of this prompt length and these parameters could never be
+        admitted (it needs more cache blocks than the cache has). add_request() checks it too;
+        a server calls it first to answer with an error before queueing."""
+        need = self._blocks_needed(prompt_len, params)
         if need > self.kv.num_blocks:
             raise ValueError(f"the request needs {need * self.block_size} cache tokens but the cache holds "
                              f"{self.kv.num_blocks * self.block_size} (raise kv_cache_tokens)")  # fmt: skip
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, index: int | None = None) -> int:
+        """Queue a request (token ids, already checked by encode()); it joins the running
+        batch at the next step() with room. Returns its index."""
+        self.check_request(len(prompt_ids), params)
         index = next(self._ids) if index is None else index
         # an unseeded request draws from base seed + a counter: under TP every rank then
         # samples the same tokens (the base seed is rank 0's, broadcast at start-up)
@@ -253,6 +274,28 @@ class LLM:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._new)
+
+    def abort(self, index: int) -> bool:
+        """Drop the unfinished request ``index`` (waiting, admitted or decoding) and free its
+        cache blocks now; the rest of the batch goes on without it. False if no unfinished
+        request has that index (it finished already, or was never added)."""
+        for r in self.waiting:
+            if r.index == index:
+                self.waiting.remove(r)
+                return True
+        for r in self.running:  # admitted requests are in running (and in _new until prefilled)
+            if r.index == index:
+                self._release(r)
+                self.running.remove(r)
+                if r in self._new:
+                    self._new.remove(r)
+                return True
+        return False
+
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV cache's blocks held by requests (cached prefix blocks nobody
+        holds count as free: they are evicted on demand)."""
+        return 1.0 - self.blocks.available() / self.blocks.num_blocks
 
     def abort_all(self) -> None:
         for r in [*self.running, *self._new]:
@@ -287,6 +330,8 @@ class LLM:
                 break  # first come, first served: wait for blocks to free up
             self.waiting.popleft()
             r.blocks, r.cached = got
+            self.prefix_cache_queries += len(r.prompt_ids)
+            self.prefix_cache_hits += r.cached
             r.t_admit = time.perf_counter()
             self._new.append(r)
             self.running.append(r)
@@ -349,8 +394,9 @@ class LLM:
             for r in reqs:
                 self.blocks.register(r.prompt_ids, r.blocks)
         tokens = select(logits, [r.params for r in reqs], [r.seen for r in reqs], [r.generator for r in reqs])
+        logprobs = token_logprobs(logits, tokens, [r.params.logprobs for r in reqs])  # [None]s unless asked
         now = time.perf_counter()
-        return [self._accept(r, t, now) for r, t in zip(reqs, tokens)]
+        return [self._accept(r, t, lp, now) for r, t, lp in zip(reqs, tokens, logprobs)]
 
     def _graph_logits(self, step: Step) -> torch.Tensor | None:
         """This decode step through its batch size's CPU graph (captured on first use), or
@@ -369,11 +415,13 @@ class LLM:
         self._graphs[key] = graph
         return logits
 
-    def _accept(self, r: _Request, token: int, now: float) -> TokenEvent:
+    def _accept(self, r: _Request, token: int, logprobs: TokenLogprobs | None, now: float) -> TokenEvent:
         if not r.out_ids:
             r.t_first = now
         r.t_last = now
         r.out_ids.append(token)
+        if r.logprobs is not None:
+            r.logprobs.append(logprobs)
         if r.seen is not None:
             r.seen = torch.cat([r.seen, torch.tensor([token])])
         p = r.params
@@ -401,8 +449,8 @@ class LLM:
         result = None
         if finished:
             result = GenerationResult(r.prompt_ids, r.out_ids, r.text, r.finish_reason, r.t_first - r.t_admit,
-                                      r.t_last - r.t_first, r.cached)  # fmt: skip
-        return TokenEvent(r.index, token, delta, finished, result)
+                                      r.t_last - r.t_first, r.cached, r.logprobs)  # fmt: skip
+        return TokenEvent(r.index, token, delta, finished, result, logprobs)
 
 
 def _check_dtype(dtype) -> torch.dtype:

@@ -28,6 +28,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # generation ends where one of these strings appears (not included)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: each new token's log-probability and the k likeliest
 
     def __post_init__(self):
         def number(name, lo, lo_open=False, hi=None):
@@ -53,6 +54,10 @@ class SamplingParams:
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)):
+            raise TypeError(f"logprobs must be an int or None, got {type(self.logprobs).__name__}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0 (the number of alternatives to report), got {self.logprobs}")
         try:
             stop = (self.stop,) if isinstance(self.stop, str) else () if self.stop is None else tuple(self.stop)
         except TypeError:  # not iterable (3, True...)
@@ -64,6 +69,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log-probability and the likeliest tokens at its position."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, log-probability), likeliest first
 
 
 def generator(seed: int) -> torch.Generator:
@@ -112,4 +125,25 @@ def select(logits: torch.Tensor, params: list[SamplingParams], seen: list, gener
             out.append(int(row.argmax()))
         else:
             out.append(int(torch.multinomial(filtered_probs(row, p), 1, generator=generators[r])))
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list) -> list[TokenLogprobs | None]:
+    """Per row of logits [R, V] fp32 whose ``top[r]`` is an int: the log-probability of
+    ``tokens[r]`` and the ``top[r]`` likeliest tokens with theirs; None for rows with
+    ``top[r]`` None (only the rows that ask pay for the log-softmax). The distribution is the
+    model's own (log-softmax of the raw logits, before penalty, temperature, top-k and top-p),
+    as vLLM reports by default: it says how likely the model found a token, whatever the
+    sampling settings did with it."""
+    out: list[TokenLogprobs | None] = [None] * len(top)
+    rows = [r for r, k in enumerate(top) if k is not None]
+    if not rows:
+        return out
+    logp = logits[rows].log_softmax(-1)  # [R', V]
+    chosen = logp[torch.arange(len(rows)), torch.tensor([tokens[r] for r in rows])].tolist()
+    k = min(max(top[r] for r in rows), logp.shape[-1])
+    values, ids = logp.topk(k, -1) if k else (logp[:, :0], logp[:, :0].long())
+    values, ids = values.tolist(), ids.tolist()
+    for i, r in enumerate(rows):
+        out[r] = TokenLogprobs(chosen[i], tuple(zip(ids[i][: top[r]], values[i][: top[r]])))
     return out

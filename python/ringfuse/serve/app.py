@@ -1,0 +1,494 @@
+"""The FastAPI app: OpenAI-compatible routes over one EngineLoop, probes and metrics.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE streaming), GET
+/v1/models, POST /tokenize, POST /detokenize (these need the API key when one is set);
+GET /health (liveness), GET /ready (readiness), GET /metrics (Prometheus) are open, for
+probes and scrapers.
+
+Bodies are read and parsed here rather than by FastAPI's typed parameters, so that every
+refusal has OpenAI's error shape and the right status: 413 for a body over the limit (before
+reading it, when Content-Length says so), 400 for malformed JSON or bad fields, 404 for
+another model, 401 without the key, 429 when the waiting queue is full, 503 while the model
+loads or after the engine died, and 500 with a generic message (the traceback goes to the
+server's log, never to the client).
+
+A client that goes away (mid-stream, or while a non-streaming request runs) aborts its
+sequences, which frees their KV-cache blocks; the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..runtime.engine import LLM, GenerationResult, TokenEvent
+from ..runtime.sampling import TokenLogprobs
+from . import protocol
+from .engine_loop import DEAD, DISCONNECTED, READY, EngineLoop, EngineUnavailable, Failure, QueueFull, RequestHandle
+from .metrics import ServerMetrics
+
+log = logging.getLogger("ringfuse.serve")
+
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a probability that underflowed is reported as this (as vLLM)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    model_name: str  # the name clients pass as "model" (GET /v1/models lists it)
+    max_waiting: int = 64  # sequences waiting for admission before new requests get 429
+    api_key: str | None = None  # Bearer key for the API routes (None: open)
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413
+    retry_after_s: int = 1  # Retry-After of a 429 / 503
+
+    def __post_init__(self):
+        for name in ("max_waiting", "max_body_bytes", "retry_after_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise ValueError(f"model_name must be a non-empty str, got {self.model_name!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ValueError("api_key must be a non-empty str or None")
+
+
+class APIError(Exception):
+    """An error response in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> Response:
+        return _json(self.body(), self.status, self.headers)
+
+
+def _json(obj, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(json.dumps(obj, separators=(",", ":")), status, headers, media_type="application/json")
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: Callable[[], None] | None = None,
+               on_dead: Callable[[str, bool], None] | None = None) -> FastAPI:  # fmt: skip
+    """The app; its lifespan starts the engine loop (``make_llm`` runs on the engine
+    thread) and stops it. ``on_ready()``, ``on_dead(message, while_loading)``: see EngineLoop."""
+    engine = EngineLoop(make_llm, max_waiting=settings.max_waiting, on_ready=on_ready, on_dead=on_dead)
+    engine.observer = metrics = ServerMetrics(settings.model_name, engine)  # its gauges read the engine loop
+    token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="ringfuse", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
+
+    # ---- errors -------------------------------------------------------------------------
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(protocol.ParamError)
+    async def param_error(request: Request, e: protocol.ParamError):
+        return APIError(400, str(e), param=e.param, code=e.code).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):  # unknown route, wrong method
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        detail = e.detail if isinstance(e.detail, str) else "error"
+        message = f"{detail}: {request.method} {request.url.path}"
+        return APIError(e.status_code, message, code=code, headers=dict(e.headers or {})).response()
+
+    app.add_middleware(_InternalErrors)
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    async def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
+                           "authentication_error", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    async def read_json(request: Request) -> dict:
+        limit = settings.max_body_bytes
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:  # refused before reading a byte of it
+            raise _too_large(int(length), limit)
+        body, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # no (or a false) Content-Length: stop reading at the limit
+                raise _too_large(size, limit, at_least=True)
+            body.append(chunk)
+        try:
+            obj = json.loads(b"".join(body))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(obj, dict):
+            raise APIError(400, f"the body must be a JSON object, got {protocol._JSON_TYPES.get(type(obj), 'value')}",
+                           code="invalid_json")  # fmt: skip
+        return obj
+
+    def serving_llm() -> LLM:
+        try:
+            engine.check_serving()
+        except EngineUnavailable as e:
+            raise APIError(503, str(e), "service_unavailable", code="engine_unavailable",
+                           headers={"Retry-After": str(settings.retry_after_s)}) from None  # fmt: skip
+        return engine.llm
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != settings.model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{settings.model_name}' "
+                           "(GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
+
+    def check_queue() -> None:
+        if engine.num_waiting >= engine.max_waiting:
+            raise _queue_full(f"{engine.num_waiting} requests are waiting (--max-waiting {engine.max_waiting})")
+
+    def submit(job: protocol.Job) -> RequestHandle:
+        try:
+            return engine.submit(job.sequences())
+        except QueueFull as e:
+            raise _queue_full(str(e)) from None
+        except EngineUnavailable:
+            serving_llm()  # raises the 503
+            raise
+
+    def _queue_full(why: str) -> APIError:
+        return APIError(429, f"the server is busy: {why}; retry later or elsewhere", "rate_limit_error",
+                        code="queue_full", headers={"Retry-After": str(settings.retry_after_s)})  # fmt: skip
+
+    async def events(handle: RequestHandle, request: Request) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """The handle's (position, event) pairs until all its sequences finish. A client
+        that goes away aborts them at once (from the watcher, even while this generator is
+        not being consumed); so does leaving this generator early, for any reason."""
+
+        async def watch_disconnect():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            engine.abort(handle)
+            handle.queue.put_nowait(DISCONNECTED)
+
+        watcher = asyncio.create_task(watch_disconnect())
+        pending = len(handle.sequences)
+        try:
+            while pending:
+                item = await handle.queue.get()
+                if item is DISCONNECTED:
+                    return
+                if isinstance(item, Failure):
+                    kind = "invalid_request_error" if item.status == 400 else "server_error"
+                    raise APIError(item.status, item.message, kind)
+                pos, ev = item
+                pending -= ev.finished
+                yield pos, ev
+        finally:
+            watcher.cancel()
+            engine.abort(handle)  # no-op for finished sequences
+
+    def token_text(token_id: int) -> str:
+        text = token_texts.get(token_id)
+        if text is None:
+            text = token_texts[token_id] = engine.llm.tokenizer.decode([token_id])
+        return text
+
+    def usage(job: protocol.Job, results: list[GenerationResult]) -> dict:
+        firsts = results[:: job.n]  # the prompt counts once per prompt, not once per choice
+        prompt = sum(len(r.prompt_token_ids) for r in firsts)
+        completion = sum(len(r.token_ids) for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in firsts)}}  # fmt: skip
+
+    def completion_logprobs(token_ids: list[int], lps: list[TokenLogprobs], offset: int) -> dict:
+        texts = [token_text(t) for t in token_ids]
+        offsets = []
+        for t in texts:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": texts, "token_logprobs": [_finite(lp.logprob) for lp in lps],
+                "top_logprobs": [{token_text(t): _finite(v) for t, v in lp.top} for lp in lps],
+                "text_offset": offsets}  # fmt: skip
+
+    def chat_logprobs(token_ids: list[int], lps: list[TokenLogprobs]) -> dict:
+        def entry(t: int, v: float) -> dict:
+            s = token_text(t)
+            return {"token": s, "logprob": _finite(v), "bytes": list(s.encode("utf-8", "replace"))}
+
+        return {"content": [dict(entry(t, lp.logprob), top_logprobs=[entry(a, v) for a, v in lp.top])
+                            for t, lp in zip(token_ids, lps)]}  # fmt: skip
+
+    # ---- probes and metrics (open) ----------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        """Liveness: 200 while the process can serve or is loading; 503 once the engine died."""
+        if engine.state == DEAD:
+            return _json({"status": "dead", "message": engine.error}, 503)
+        return _json({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready():
+        """Readiness: 200 once the model is loaded and warmed up; 503 before, after a death
+        and while shutting down (a balancer sends nothing then)."""
+        if engine.state == READY:
+            return _json({"status": "ready", "model": settings.model_name})
+        message = {"loading": "the model is loading"}.get(engine.state, engine.error or engine.state)
+        return _json({"status": engine.state, "message": message}, 503,
+                     {"Retry-After": str(settings.retry_after_s)})  # fmt: skip
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- the API ------------------------------------------------------------------------
+
+    api = [Depends(authorize)]
+
+    @app.get("/v1/models", dependencies=api)
+    async def models():
+        llm = serving_llm()
+        return _json({"object": "list", "data": [{
+            "id": settings.model_name, "object": "model", "created": created, "owned_by": "ringfuse",
+            "root": str(llm.path), "max_model_len": llm.max_model_len}]})  # fmt: skip
+
+    @app.post("/tokenize", dependencies=api)
+    async def tokenize(request: Request):
+        body = await read_json(request)
+        llm = serving_llm()
+        req = protocol.parse(protocol.TokenizeRequest, body)
+        check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' (text) and 'messages' (a chat)", code="invalid_value")
+        messages = protocol.message_dicts(req.messages) if req.messages is not None else None
+        try:
+            if req.prompt is not None:
+                ids = llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+            else:
+                ids = llm.tokenizer.encode_chat(messages, add_generation_prompt=req.add_generation_prompt is not False)
+        except (TypeError, ValueError) as e:
+            raise APIError(400, str(e), param="prompt" if req.prompt is not None else "messages") from None
+        return _json({"count": len(ids), "max_model_len": llm.max_model_len, "tokens": ids})
+
+    @app.post("/detokenize", dependencies=api)
+    async def detokenize(request: Request):
+        body = await read_json(request)
+        llm = serving_llm()
+        req = protocol.parse(protocol.DetokenizeRequest, body)
+        check_model(req.model)
+        vocab = llm.config.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids must be in [0, {vocab}), got {bad[:5]}", param="tokens")
+        return _json({"prompt": llm.tokenizer.decode(req.tokens)})
+
+    @app.post("/v1/completions", dependencies=api)
+    async def completions(request: Request):
+        body = await read_json(request)
+        llm = serving_llm()
+        req = protocol.parse(protocol.CompletionRequest, body)
+        check_model(req.model)
+        check_queue()
+        prompts = _completion_prompts(req.prompt, llm)
+        job = protocol.build_job(req, prompts, llm)
+        handle = submit(job)
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": now, "model": settings.model_name}
+        if job.stream:
+            return StreamingResponse(stream_completion(handle, request, job, head), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)  # fmt: skip
+        results = await collect(handle, request)
+        if results is None:
+            return Response(status_code=499)  # the client is gone: nobody reads this
+        choices = [{"index": i, "text": r.text, "finish_reason": protocol.finish_reason(r.finish_reason),
+                    "logprobs": completion_logprobs(r.token_ids, r.logprobs, 0) if r.logprobs is not None else None}
+                   for i, r in enumerate(results)]  # fmt: skip
+        return _json(dict(head, choices=choices, usage=usage(job, results)))
+
+    @app.post("/v1/chat/completions", dependencies=api)
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        llm = serving_llm()
+        req = protocol.parse(protocol.ChatRequest, body)
+        check_model(req.model)
+        check_queue()
+        if not req.messages:
+            raise APIError(400, "'messages' must hold at least one message", param="messages")
+        messages = protocol.message_dicts(req.messages)
+        try:  # the chat template, as `ringfuse generate` applies it
+            prompts = [llm.tokenizer.encode_chat(messages)]
+        except (TypeError, ValueError) as e:
+            raise APIError(400, str(e), param="messages") from None
+        job = protocol.build_job(req, prompts, llm)
+        handle = submit(job)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion", "created": now, "model": settings.model_name}
+        if job.stream:
+            head["object"] = "chat.completion.chunk"
+            return StreamingResponse(stream_chat(handle, request, job, head), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)  # fmt: skip
+        results = await collect(handle, request)
+        if results is None:
+            return Response(status_code=499)
+        choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
+                    "logprobs": chat_logprobs(r.token_ids, r.logprobs) if r.logprobs is not None else None,
+                    "finish_reason": protocol.finish_reason(r.finish_reason)}
+                   for i, r in enumerate(results)]  # fmt: skip
+        return _json(dict(head, choices=choices, usage=usage(job, results)))
+
+    async def collect(handle: RequestHandle, request: Request) -> list[GenerationResult] | None:
+        """Every sequence's result, or None if the client went away first."""
+        results: list[GenerationResult | None] = [None] * len(handle.sequences)
+        async for pos, ev in events(handle, request):
+            if ev.finished:
+                results[pos] = ev.result
+        return None if any(r is None for r in results) else results
+
+    async def stream_sse(handle: RequestHandle, request: Request, job: protocol.Job, head: dict, chunks, first=()):
+        """SSE: ``first`` chunks, then chunks(position, event) per event, the usage chunk when
+        asked, ``data: [DONE]``. An error after the headers went out is an error event."""
+        results: list[GenerationResult | None] = [None] * len(handle.sequences)
+        extra = {"usage": None} if job.include_usage else {}  # OpenAI: null on every chunk but the last
+        try:
+            for chunk in first:
+                yield _sse(dict(head, **chunk, **extra))
+            async for pos, ev in events(handle, request):
+                if ev.finished:
+                    results[pos] = ev.result
+                for chunk in chunks(pos, ev):
+                    yield _sse(dict(head, **chunk, **extra))
+            if any(r is None for r in results):
+                return  # the client went away
+            if job.include_usage:
+                yield _sse(dict(head, choices=[], usage=usage(job, results)))
+        except APIError as e:
+            yield _sse(e.body())
+        except Exception:  # the headers are out: the client gets a clean error event, the log the traceback
+            log.exception("ringfuse serve: a streaming response failed")
+            yield _sse(APIError(500, "internal server error; see the server log", "server_error",
+                                code="internal_error").body())  # fmt: skip
+        yield "data: [DONE]\n\n"
+
+    def stream_completion(handle, request, job, head):
+        offsets = [0] * len(handle.sequences)
+
+        def chunks(pos: int, ev: TokenEvent):
+            if not (ev.text or ev.finished or ev.logprobs is not None):
+                return
+            lp = None
+            if ev.logprobs is not None:
+                lp = completion_logprobs([ev.token_id], [ev.logprobs], offsets[pos])
+                offsets[pos] += len(token_text(ev.token_id))
+            reason = protocol.finish_reason(ev.result.finish_reason) if ev.finished else None
+            yield {"choices": [{"index": pos, "text": ev.text, "logprobs": lp, "finish_reason": reason}]}
+
+        return stream_sse(handle, request, job, head, chunks)
+
+    def stream_chat(handle, request, job, head):
+        def chunks(pos: int, ev: TokenEvent):
+            if not (ev.text or ev.finished or ev.logprobs is not None):
+                return
+            lp = chat_logprobs([ev.token_id], [ev.logprobs]) if ev.logprobs is not None else None
+            reason = protocol.finish_reason(ev.result.finish_reason) if ev.finished else None
+            delta = {"content": ev.text} if ev.text or not ev.finished else {}
+            yield {"choices": [{"index": pos, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
+
+        first = [{"choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None}]} for i in range(len(handle.sequences))]  # fmt: skip
+        return stream_sse(handle, request, job, head, chunks, first)
+
+    return app
+
+
+class _InternalErrors:
+    """Any exception no handler took becomes a 500 in OpenAI's shape with a generic message;
+    the traceback goes to the server's log, never to the client. (Starlette's own handler
+    for Exception re-raises after responding, and uvicorn then drops the connection.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("ringfuse serve: %s %s failed", scope.get("method"), scope.get("path"))
+            if started:  # too late for a status: the client sees the response cut short
+                raise
+            error = APIError(500, "internal server error; see the server log", "server_error", code="internal_error")
+            await error.response()(scope, receive, send)
+
+
+def _completion_prompts(prompt, llm: LLM) -> list[list[int]]:
+    """/v1/completions' prompt as token ids: text is encoded as given (no chat template),
+    token ids are checked against the vocabulary. Lengths are checked by protocol.build_job."""
+    one = isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt))
+    prompts = [prompt] if one else list(prompt)
+    if not prompts:
+        raise APIError(400, "'prompt' must not be empty", param="prompt")
+    if len(prompts) > protocol.MAX_SEQUENCES:
+        raise APIError(400, f"at most {protocol.MAX_SEQUENCES} prompts per request, got {len(prompts)}", param="prompt")
+    vocab = llm.config.vocab_size
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            try:
+                ids = llm.tokenizer.encode(p)
+            except (TypeError, ValueError) as e:  # text the tokenizer refuses (lone surrogates)
+                raise APIError(400, str(e), param="prompt") from None
+        else:
+            ids = list(p)
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"prompt token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
+        if not ids:
+            raise APIError(400, "a prompt must hold at least one token", param="prompt")
+        out.append(ids)
+    return out
+
+
+def _too_large(size: int, limit: int, at_least: bool = False) -> APIError:
+    return APIError(413, f"the request body has {'more than ' * at_least}{size} bytes; this server takes at most "
+                    f"{limit} (--max-body-bytes)", code="request_too_large")  # fmt: skip
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR  # also maps -inf and NaN

@@ -1,0 +1,89 @@
+"""``ringfuse serve``: bind the socket, start uvicorn, load the model on the engine thread.
+
+The socket is bound first (``--port 0`` picks a free port, printed on stderr) and uvicorn
+serves at once, so probes get answers while the model loads: /health 200, /ready 503 until
+the model is loaded and warmed up. A model that fails to load stops the server with exit
+status 1. SIGINT / SIGTERM shut down gracefully (uvicorn's: open requests get a few seconds,
+then the engine loop stops and frees every request's blocks); uvicorn then re-raises the
+signal, so a SIGTERM ends the process as terminated by it.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+GRACEFUL_SHUTDOWN_S = 5  # open requests get this long to finish when the server is stopped
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one). OSError if it cannot be had."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # rebind at once after a restart
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def run(args) -> int:
+    """Serve until stopped; the exit status (1 when the model failed to load)."""
+    import uvicorn
+
+    from ..runtime import LLM
+    from ..runtime.model_files import DEFAULT_MODEL_NAME
+    from .app import ServeSettings, create_app
+
+    def say(message: str) -> None:
+        print(f"ringfuse serve: {message}", file=sys.stderr, flush=True)
+
+    settings = ServeSettings(model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
+                             max_waiting=args.max_waiting, api_key=args.api_key,
+                             max_body_bytes=args.max_body_bytes)  # fmt: skip
+
+    def make_llm() -> LLM:
+        return LLM(args.model, dtype=args.dtype, quant=args.quant, max_batch=args.max_batch,
+                   max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, threads=args.threads,
+                   weight_cache=args.weight_cache)  # fmt: skip
+
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        say(f"error: cannot listen on {args.host}:{args.port}: {e}")
+        return 2
+    status = {"code": 0}
+    server: uvicorn.Server
+
+    def on_ready() -> None:
+        say(f"ready: serving '{settings.model_name}' on {url_of(sock)}")
+
+    def on_dead(message: str, while_loading: bool) -> None:
+        say(f"error: {message}")
+        if while_loading:  # nothing to serve: stop, and say so in the exit status
+            status["code"] = 1
+            server.should_exit = True
+
+    app = create_app(make_llm, settings, on_ready=on_ready, on_dead=on_dead)
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on")  # fmt: skip
+    server = uvicorn.Server(config)
+    say(f"listening on {url_of(sock)}; loading the model (GET /ready says 200 once it can serve)")
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for
+        say("stopped")
+        return 130 if status["code"] == 0 else status["code"]
+    finally:
+        sock.close()
+    return status["code"]

@@ -1,0 +1,123 @@
+"""`ringfuse serve` as a user runs it: a real process on 127.0.0.1 (port 0: a free one),
+probes, one request through the openai client, SIGTERM; a model that fails to load; bad
+flags; and the message when the serve extra is missing."""
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+import openai
+import pytest
+
+from ringfuse import cli
+
+from .conftest import TIMEOUT_S, wait_for
+
+
+class ServeProcess:
+    """`python -m ringfuse serve ARGS` with its stderr read line by line on a thread; killed
+    on exit if still running."""
+
+    def __init__(self, *args: str):
+        env = dict(os.environ, RINGFUSE_WEIGHT_CACHE="0", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "ringfuse", "serve", *args], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        self.lines: queue.Queue = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def line_matching(self, pattern: str) -> re.Match:
+        while True:
+            line = self.lines.get(timeout=TIMEOUT_S)
+            if line is None:
+                raise AssertionError(f"the server exited ({self.proc.wait()}) without printing {pattern!r}:\n"
+                                     + "".join(self.stderr))  # fmt: skip
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(TIMEOUT_S)
+
+
+def test_serve_starts_answers_and_stops_on_sigterm(gguf_path):
+    with ServeProcess("--model", str(gguf_path), "--port", "0", "--max-model-len", "256", "--max-batch", "2",
+                      "--served-model-name", "smol") as server:  # fmt: skip
+        url = server.line_matching(r"listening on (http://127\.0\.0\.1:\d+)").group(1)
+        with httpx.Client(base_url=url, timeout=TIMEOUT_S) as http:
+            assert http.get("/health").status_code == 200  # answered while the model loads
+
+            def ready():
+                if server.proc.poll() is not None:
+                    raise AssertionError("".join(server.stderr))
+                return http.get("/ready").status_code == 200
+
+            wait_for(ready, "/ready", timeout=120)
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT_S)
+            out = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=3,
+                                            temperature=0)  # fmt: skip
+            assert out.usage.completion_tokens == 3 and out.choices[0].text
+        server.line_matching(r"ready: serving 'smol'")
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(TIMEOUT_S)
+        assert code in (0, -signal.SIGTERM), "".join(server.stderr)  # uvicorn re-raises the signal it shut down for
+        assert "Traceback" not in "".join(server.stderr)
+        with pytest.raises(httpx.ConnectError):  # the port is closed
+            httpx.get(f"{url}/health", timeout=5)
+
+
+def test_a_model_that_fails_to_load_exits_1(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"this is not a GGUF file")
+    with ServeProcess("--model", str(bad), "--port", "0") as server:
+        assert server.proc.wait(TIMEOUT_S * 2) == 1
+        server.line_matching(r"ringfuse serve: error: the model failed to load: ")
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--max-waiting", "0"], "--max-waiting must be >= 1, got 0"),
+    (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--port", "70000"], "--port must be in [0, 65535]"),
+    (["--model", "/nonexistent/model.gguf"], "no such file or folder"),
+    (["--api-key", " "], "--api-key must not be blank"),
+    (["--quant", "int4"], "invalid choice"),
+])  # fmt: skip
+def test_bad_flags_are_clear_errors(capsys, args, says):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", *args])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_busy_port_is_a_clear_error(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_without_the_serve_extra_it_says_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed: find_spec says None
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'ringfuse[serve]'" in err and "missing: fastapi, uvicorn" in err

@@ -1,0 +1,181 @@
+"""Refusals in OpenAI's error shape, {"error": {"message", "type", "param", "code"}}: bad
+parameters, wrong types, unknown fields, malformed JSON, oversized bodies, prompts longer
+than the context, unknown models and routes, auth, and 500s that leak nothing."""
+
+import openai
+import pytest
+
+from .conftest import CHAT_PROMPT, MAX_MODEL_LEN, MODEL_NAME, serving
+
+CHAT = [{"role": "user", "content": CHAT_PROMPT}]
+
+
+def _error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+@pytest.mark.parametrize("field,value,param,says", [
+    ("max_tokens", "8", "max_tokens", "must be an integer, got string '8'"),
+    ("max_tokens", 8.0, "max_tokens", "must be an integer"),
+    ("max_tokens", True, "max_tokens", "must be an integer, got boolean"),
+    ("max_tokens", 0, "max_tokens", "must be >= 1"),
+    ("temperature", "hot", "temperature", "must be a number"),
+    ("temperature", -1, "temperature", "temperature must be in [0.0, inf)"),
+    ("top_p", 0, "top_p", "top_p must be in (0.0, 1.0]"),
+    ("top_k", -2, "top_k", "must be >= 0"),
+    ("n", 0, "n", "must be in [1, 128]"),
+    ("seed", -1, "seed", "seed must be in [0, 2**64)"),
+    ("stop", 3, "stop", "must be a string or an array of strings"),
+    ("stop", [""], "stop", "non-empty strings"),
+    ("repetition_penalty", 0, "repetition_penalty", "repetition_penalty must be in (0.0, inf)"),
+    ("stream_options", {"include_usage": True}, "stream_options", "only allowed with \"stream\": true"),
+    ("top_logprobs", 2, "top_logprobs", "needs \"logprobs\": true"),
+    ("presence_penalty", 0.5, "presence_penalty", "not supported"),
+    ("tools", [{"type": "function"}], "tools", "not supported"),
+    ("messages", "hi", "messages", "must be an array of {\"role\", \"content\"} objects, got string"),
+    ("messages", [], "messages", "at least one message"),
+    ("messages", [{"role": "user"}], None, None),  # content null: an empty message, fine
+    ("messages", [{"role": "user", "content": 5}], "messages.0.content", "must be a string, an array"),
+    ("messages", [{"role": "assistant", "content": "Hi.", "refusal": None, "tool_calls": None},
+                  {"role": "user", "content": [{"type": "text", "text": "Go on."}]}], None, None),  # as clients echo
+    ("messages", [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}], "messages.0.tool_calls",
+     "not supported"),
+    ("frobnicate", 1, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
+])  # fmt: skip
+def test_bad_chat_fields_are_400_naming_the_field(server, field, value, param, says):
+    body = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 2, "temperature": 0, field: value}
+    with server.http() as http:
+        r = http.post("/v1/chat/completions", json=body)
+    if says is None:
+        assert r.status_code == 200, r.text
+        return
+    err = _error(r, 400)
+    assert err["type"] == "invalid_request_error" and err["param"] == param, err
+    assert says in err["message"], err["message"]
+
+
+@pytest.mark.parametrize("field,value,param,says", [
+    ("prompt", [], "prompt", "must not be empty"),
+    ("prompt", [[]], "prompt", "at least one token"),
+    ("prompt", [1, "a"], "prompt", "must be a string, an array of strings, an array of token ids"),
+    ("prompt", [10**9], "prompt", "must be in [0, 49152)"),
+    ("logprobs", 21, "logprobs", "must be in [0, 20]"),
+    ("echo", True, "echo", "not supported"),
+    ("best_of", 3, "best_of", "must be in [1, 1]"),
+])  # fmt: skip
+def test_bad_completion_fields_are_400(server, field, value, param, says):
+    body = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2, field: value}
+    with server.http() as http:
+        err = _error(http.post("/v1/completions", json=body), 400)
+    assert err["param"] == param and says in err["message"], err
+
+
+def test_text_that_is_not_unicode_is_400(server):
+    """JSON can spell a lone surrogate (\\ud800), which no UTF-8 text holds."""
+    with server.http() as http:
+        for path, body in (("/v1/completions", b'{"prompt": "a\\ud800", "max_tokens": 1}'),
+                           ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}')):
+            err = _error(http.post(path, content=body), 400)
+            assert "lone surrogate" in err["message"], err
+
+
+def test_prompt_longer_than_the_context_is_400(server):
+    with server.http() as http:
+        err = _error(http.post("/v1/completions", json={"prompt": [1] * MAX_MODEL_LEN, "max_tokens": 1}), 400)
+        assert err["code"] == "context_length_exceeded" and f"at most {MAX_MODEL_LEN} tokens" in err["message"]
+        fits = MAX_MODEL_LEN - 10
+        err = _error(http.post("/v1/completions", json={"prompt": [1] * fits, "max_tokens": 11}), 400)
+        assert err["code"] == "context_length_exceeded" and "+ 11 new tokens" in err["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # the client sees it as such
+        server.openai().chat.completions.create(model=MODEL_NAME, max_tokens=1,
+                                                messages=[{"role": "user", "content": "word " * MAX_MODEL_LEN}])
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_unknown_model_is_404(server):
+    with pytest.raises(openai.NotFoundError) as e:
+        server.openai().chat.completions.create(model="gpt-17", messages=CHAT, max_tokens=1)
+    assert e.value.code == "model_not_found" and MODEL_NAME in e.value.message
+
+
+@pytest.mark.parametrize("body,says", [
+    (b"{not json", "not valid JSON"),
+    (b"", "not valid JSON"),
+    (b"\xff\xfe\x00", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object, got array"),
+    (b"[" * 100_000, "not valid JSON"),  # nested past the parser's recursion limit
+])  # fmt: skip
+def test_malformed_json_is_400(server, body, says):
+    with server.http() as http:
+        err = _error(http.post("/v1/completions", content=body, headers={"content-type": "application/json"}), 400)
+    assert err["code"] == "invalid_json" and says in err["message"]
+
+
+def test_missing_required_field_is_400(server):
+    with server.http() as http:
+        err = _error(http.post("/v1/completions", json={"max_tokens": 1}), 400)
+    assert err["param"] == "prompt" and "required" in err["message"]
+
+
+def test_oversized_bodies_are_413(llm, offline):
+    limit = 64 << 10
+    with serving(llm, max_body_bytes=limit) as served, served.http() as http:
+        big = {"prompt": "x" * limit, "max_tokens": 1}
+        err = _error(http.post("/v1/completions", json=big), 413)  # refused from its Content-Length
+        assert err["code"] == "request_too_large" and str(limit) in err["message"]
+
+        def chunks():  # no Content-Length: refused once the limit is read
+            for _ in range(4):
+                yield b" " * (limit // 2)
+
+        err = _error(http.post("/v1/completions", content=chunks()), 413)
+        assert "more than" in err["message"]
+        ok = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+        assert ok.status_code == 200, ok.text  # and the server goes on
+
+
+def test_unknown_route_and_wrong_method(server):
+    with server.http() as http:
+        err = _error(http.get("/v1/nothing"), 404)
+        assert err["code"] == "not_found" and "/v1/nothing" in err["message"]
+        err = _error(http.get("/v1/completions"), 405)
+        assert err["code"] == "method_not_allowed"
+
+
+def test_an_internal_error_is_a_500_that_leaks_nothing(server, llm, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(llm.tokenizer, "encode_chat", broken)
+    with server.http() as http:
+        r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 1})
+        err = _error(r, 500)
+        assert err["type"] == "server_error"
+        assert "secret" not in r.text and "Traceback" not in r.text and "RuntimeError" not in r.text
+        monkeypatch.undo()
+        assert http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 1}).status_code == 200
+
+
+def test_api_key(llm, offline):
+    """With an API key, the API routes need `Authorization: Bearer <key>` (compared in
+    constant time); the probes and the metrics stay open."""
+    with serving(llm, api_key="sesame") as served:
+        with pytest.raises(openai.AuthenticationError):
+            served.openai(api_key="wrong").models.list()
+        assert [m.id for m in served.openai(api_key="sesame").models.list().data] == [MODEL_NAME]
+        with served.http() as http:
+            for path in ("/v1/models", "/tokenize"):
+                err = _error(http.request("GET" if path == "/v1/models" else "POST", path, json={"prompt": "x"}), 401)
+                assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key"
+            r = http.post("/v1/completions", json={"prompt": "Hi"}, headers={"Authorization": "Basic sesame"})
+            assert _error(r, 401) and r.headers["www-authenticate"] == "Bearer"
+            r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
+                          headers={"Authorization": "Bearer sesame"})  # fmt: skip
+            assert r.status_code == 200, r.text
+            for path in ("/health", "/ready", "/metrics"):
+                assert http.get(path).status_code == 200, path
