@@ -22,9 +22,9 @@
 //   DRAM.
 // - M = 1, fp32 / bf16 weights: the block's rows one after another (dot_row), four adjacent
 //   chunks as four chains, software prefetch 8 KiB ahead in the stream into L2 (T1): one
-//   sequential stream per thread, 12 % faster (fp32) than 8 interleaved rows. Prefetching
-//   into L2 rather than L1 (T0, 4 KiB ahead) took SmolLM2's fp32 layers from 68-95 % of the
-//   DRAM read rate to 75-100 % (qkv 100 -> 79 us, lm_head 3.7 -> 3.3 ms); 16 KiB was slower.
+//   sequential stream per thread, 12 % faster (fp32) than 8 interleaved rows. Into L2 rather
+//   than L1 (T0, 4 KiB ahead): SmolLM2's fp32 layers 10-20 % faster, cold weights, 2 threads
+//   (qkv 100 -> 79 us, gate_up 278 -> 222 us, lm_head 3.7 -> 3.3 ms); 16 KiB ahead was slower.
 // - Prefetch (blocks): while a block is computed, each cache line of its rows is matched by
 //   a software prefetch of the same line of the next block's rows (8 rows further on), so
 //   the next block's W is in flight during this block's FMAs; the hardware stream
