@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "silu_mul", "int8", "linear", "allreduce", "tp", "generate")
+BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "silu_mul", "int8", "linear", "allreduce", "tp", "generate", "serve")
 
 
 def _cpu_flags() -> list[str]:
@@ -104,6 +104,12 @@ def _bench(args) -> int:
 
         return generate.run(model=args.model, quick=args.quick, rounds=min(args.rounds, 3), peers=args.peers,
                             passes=args.passes)  # fmt: skip
+    if args.op == "serve":
+        from .bench import serve
+
+        return serve.run(model=args.model, quant=args.quant, threads=args.threads, requests=args.requests,
+                         prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, json_path=args.json,
+                         quick=args.quick)  # fmt: skip
     if args.op == "allreduce":
         from .bench import allreduce
 
@@ -204,6 +210,16 @@ def _add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="larger request bodies get 413 (default: 4 MiB)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level; debug also logs every request")
+    p.add_argument("--tp", type=int, default=None, help="not supported yet by the server (only 1)")
+    rep = p.add_argument_group("replicas", "N servers behind sglang-router (pip install 'ringfuse[serve]')")
+    rep.add_argument("--replicas", type=int, default=None,
+                     help="start N servers on free ports of 127.0.0.1 (each with --threads cores // N unless "
+                     "given) and sglang-router in front of them on --host/--port")
+    rep.add_argument("--policy", default=None, choices=("power_of_two", "cache_aware", "round_robin"),
+                     help="the router's choice of replica (default: power_of_two, the less loaded of two; "
+                     "round_robin for one replica)")
+    rep.add_argument("--router-metrics-port", type=int, default=None,
+                     help="port of the router's Prometheus metrics on 127.0.0.1 (default: a free one)")
     return p
 
 
@@ -225,9 +241,28 @@ def _serve(args, parser) -> int:
         parser.error(f"--model {args.model}: no such file or folder")
     if args.api_key is not None and not args.api_key.strip():
         parser.error("--api-key must not be blank")
-    from .serve import server
+    world = os.environ.get("WORLD_SIZE", "1")  # torchrun's
+    if (args.tp is not None and args.tp != 1) or (world.isdigit() and int(world) > 1):
+        got = f"--tp {args.tp}" if args.tp is not None and args.tp != 1 else f"WORLD_SIZE={world} (torchrun)"
+        parser.error(f"serving a tensor-parallel engine is not supported yet, got {got}; serve one process "
+                     "per model copy (--replicas N runs several behind a balancer)")  # fmt: skip
+    if args.replicas is None:
+        for name in ("policy", "router_metrics_port"):
+            if getattr(args, name) is not None:
+                parser.error(f"--{name.replace('_', '-')} needs --replicas")
+        from .serve import server
 
-    return server.run(args)
+        return server.run(args)
+    if args.replicas < 1:
+        parser.error(f"--replicas must be >= 1, got {args.replicas}")
+    if args.router_metrics_port is not None and not 1 <= args.router_metrics_port <= 65535:
+        parser.error(f"--router-metrics-port must be in [1, 65535], got {args.router_metrics_port}")
+    if args.replicas == 1 and args.policy == "power_of_two":
+        parser.error("--policy power_of_two needs --replicas >= 2 (it picks the less loaded of two replicas)")
+    args.policy = args.policy or ("power_of_two" if args.replicas > 1 else "round_robin")
+    from .serve import replicas
+
+    return replicas.run(args)
 
 
 def main(argv=None) -> int:
@@ -248,6 +283,16 @@ def main(argv=None) -> int:
     bench.add_argument("--peers", action="store_true",
                        help="generate bench: also time CTranslate2 and llama.cpp in the same run (the peer "
                        "harness in ../shared/peers or $RINGFUSE_PEERS_DIR)")
+    bench.add_argument("--quant", default=None, choices=("none", "w8a16", "w8a8"),
+                       help="serve bench: ringfuse's weight quantization (default: w8a16)")
+    bench.add_argument("--requests", type=int, default=None,
+                       help="serve bench: GuideLLM requests per concurrency level (default: 32, --quick 16)")
+    bench.add_argument("--prompt-tokens", type=int, default=None, help="serve bench: prompt length (default: 128)")
+    bench.add_argument("--output-tokens", type=int, default=None,
+                       help="serve bench: new tokens per request (default: 64, --quick 32)")
+    bench.add_argument("--json", default=None, metavar="PATH",
+                       help="serve bench: where the JSON goes; the PNG plot goes beside it (default: under "
+                       "$RINGFUSE_CACHE/bench)")
     _add_generate_parser(sub)
     serve_parser = _add_serve_parser(sub)
     args = parser.parse_args(argv)
@@ -272,6 +317,13 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.error(f"--isa {args.isa}: {e}")
         os.environ["RINGFUSE_ISA"] = args.isa  # the benches' child processes (engines, ranks)
+    if args.op == "serve":  # flag errors before servers start
+        from .bench import serve
+
+        try:
+            serve.check_settings(args.requests, args.prompt_tokens, args.output_tokens)
+        except ValueError as e:
+            parser.error(str(e))
     if args.op in ("allreduce", "tp"):  # before the benches start (processes, minutes of timing)
         from .bench import allreduce, tp
 

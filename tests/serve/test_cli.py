@@ -97,6 +97,13 @@ def test_a_model_that_fails_to_load_exits_1(tmp_path):
     (["--model", "/nonexistent/model.gguf"], "no such file or folder"),
     (["--api-key", " "], "--api-key must not be blank"),
     (["--quant", "int4"], "invalid choice"),
+    (["--tp", "2"], "serving a tensor-parallel engine is not supported yet, got --tp 2"),
+    (["--replicas", "0"], "--replicas must be >= 1, got 0"),
+    (["--policy", "round_robin"], "--policy needs --replicas"),
+    (["--router-metrics-port", "9000"], "--router-metrics-port needs --replicas"),
+    (["--replicas", "2", "--router-metrics-port", "0"], "--router-metrics-port must be in [1, 65535], got 0"),
+    (["--replicas", "2", "--policy", "random"], "invalid choice"),
+    (["--replicas", "1", "--policy", "power_of_two"], "--policy power_of_two needs --replicas >= 2"),
 ])  # fmt: skip
 def test_bad_flags_are_clear_errors(capsys, args, says):
     with pytest.raises(SystemExit) as e:
@@ -104,15 +111,32 @@ def test_bad_flags_are_clear_errors(capsys, args, says):
     assert e.value.code == 2 and says in capsys.readouterr().err
 
 
-def test_a_busy_port_is_a_clear_error(capsys):
+def test_under_torchrun_it_refuses(capsys, monkeypatch):
+    """`torchrun ... ringfuse serve` would start one server per rank on one port: refused."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve"])
+    assert e.value.code == 2
+    assert "tensor-parallel engine is not supported yet, got WORLD_SIZE=2 (torchrun)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["--replicas", "2"]])  # with replicas: said before any model loads
+def test_a_busy_port_is_a_clear_error(capsys, extra):
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert cli.main(["serve", "--port", str(port)]) == 2
+        assert cli.main(["serve", "--port", str(port), *extra]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_replicas_without_sglang_router_say_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sglang_router", None)  # as if not installed: find_spec says None
+    assert cli.main(["serve", "--replicas", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--replicas needs sglang-router, which is not installed" in err and "pip install" in err
 
 
 def test_without_the_serve_extra_it_says_how_to_install_it(capsys, monkeypatch):

@@ -9,6 +9,7 @@ import itertools
 import json
 import socket
 import threading
+import types
 from urllib.parse import urlsplit
 
 import pytest
@@ -213,35 +214,39 @@ class _ScriptedLLM:
     prefix_cache_queries = prefix_cache_hits = 0
 
     def __init__(self):
-        self.running: dict[int, list] = {}  # index -> [params, tokens so far]
+        self.requests: dict[int, list] = {}  # index -> [params, tokens so far]
+
+    @property
+    def running(self) -> list:  # as LLM.running: the admitted requests, with their lengths in the cache
+        return [types.SimpleNamespace(length=1 + tokens) for _, tokens in self.requests.values()]
 
     def add_request(self, ids, params, index):
         if ids == [0]:
             raise ValueError("the request needs 9999 cache tokens but the cache holds 16 (raise kv_cache_tokens)")
-        self.running[index] = [params, 0]
+        self.requests[index] = [params, 0]
 
     def has_unfinished(self):
-        return bool(self.running)
+        return bool(self.requests)
 
     def step(self):
         events = []
-        for index, entry in list(self.running.items()):
+        for index, entry in list(self.requests.items()):
             entry[1] += 1
             done = entry[1] == entry[0].max_new_tokens
             result = GenerationResult([1], [5] * entry[1], "x" * entry[1], "length", 0.0, 0.0) if done else None
             events.append(TokenEvent(index, 5, "x", done, result))
             if done:
-                del self.running[index]
+                del self.requests[index]
         return events
 
     def abort(self, index):
-        return self.running.pop(index, None) is not None
+        return self.requests.pop(index, None) is not None
 
     def abort_all(self):
-        self.running.clear()
+        self.requests.clear()
 
     def kv_cache_usage(self):
-        return 0.5 if self.running else 0.0
+        return 0.5 if self.requests else 0.0
 
 
 def test_engine_loop_accounting_refusals_and_aborts():
@@ -270,13 +275,13 @@ def test_engine_loop_accounting_refusals_and_aborts():
         await asyncio.wait_for(endless.queue.get(), TIMEOUT_S)
         assert engine.num_running == 1
         engine.abort(endless)
-        await asyncio.wait_for(_until(lambda: not llm.running), TIMEOUT_S)  # the engine dropped it
+        await asyncio.wait_for(_until(lambda: not llm.requests), TIMEOUT_S)  # the engine dropped it
         assert engine.num_running == 0
         last = engine.submit([([5], SamplingParams(max_new_tokens=10**9))])
         engine.stop()
         while not isinstance(item := await asyncio.wait_for(last.queue.get(), TIMEOUT_S), Failure):
             pass  # tokens produced before the stop
-        assert item.status == 503 and not llm.running and engine.num_running == engine.num_waiting == 0
+        assert item.status == 503 and not llm.requests and engine.num_running == engine.num_waiting == 0
 
     asyncio.run(scenario())
 

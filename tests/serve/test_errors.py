@@ -1,11 +1,14 @@
 """Refusals in OpenAI's error shape, {"error": {"message", "type", "param", "code"}}: bad
-parameters, wrong types, unknown fields, malformed JSON, oversized bodies, prompts longer
-than the context, unknown models and routes, auth, and 500s that leak nothing."""
+parameters, wrong types, malformed JSON, oversized bodies, prompts longer than the context,
+unknown models and routes, auth, and 500s that leak nothing; and unknown fields, which are
+ignored (logged once), as vLLM does."""
+
+import json
 
 import openai
 import pytest
 
-from .conftest import CHAT_PROMPT, MAX_MODEL_LEN, MODEL_NAME, serving
+from .conftest import CHAT_PROMPT, COMPLETION_PROMPT, MAX_MODEL_LEN, MODEL_NAME, serving
 
 CHAT = [{"role": "user", "content": CHAT_PROMPT}]
 
@@ -45,7 +48,10 @@ def _error(response, status: int) -> dict:
                   {"role": "user", "content": [{"type": "text", "text": "Go on."}]}], None, None),  # as clients echo
     ("messages", [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}], "messages.0.tool_calls",
      "not supported"),
-    ("frobnicate", 1, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
+    ("stop", None, None, None),  # as GuideLLM sends it
+    ("stream_options", {"include_usage": "yes"}, "stream_options.include_usage", "must be a boolean, got string"),
+    ("logprobs", 1, "logprobs", "must be a boolean, got integer 1"),  # a known field: still typed
+    ("frobnicate", 1, None, None),  # unknown: ignored (test_unknown_fields_are_ignored_and_logged_once)
 ])  # fmt: skip
 def test_bad_chat_fields_are_400_naming_the_field(server, field, value, param, says):
     body = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 2, "temperature": 0, field: value}
@@ -66,6 +72,8 @@ def test_bad_chat_fields_are_400_naming_the_field(server, field, value, param, s
     ("prompt", [10**9], "prompt", "must be in [0, 49152)"),
     ("logprobs", 21, "logprobs", "must be in [0, 20]"),
     ("echo", True, "echo", "not supported"),
+    ("echo", "no", "echo", "must be a boolean, got string 'no'"),
+    ("stop", [1], "stop", "must be a string or an array of strings"),
     ("best_of", 3, "best_of", "must be in [1, 1]"),
 ])  # fmt: skip
 def test_bad_completion_fields_are_400(server, field, value, param, says):
@@ -73,6 +81,63 @@ def test_bad_completion_fields_are_400(server, field, value, param, says):
     with server.http() as http:
         err = _error(http.post("/v1/completions", json=body), 400)
     assert err["param"] == param and says in err["message"], err
+
+
+# what sglang-router adds to every body it forwards (chat: also the last three), and what
+# GuideLLM and vLLM clients send; names this server does not know
+ROUTER_FIELDS = {"no_stop_trim": False, "skip_special_tokens": True, "return_hidden_states": False,
+                 "continue_final_message": False, "separate_reasoning": True, "stream_reasoning": True,
+                 "include_reasoning": True}  # fmt: skip
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "ringfuse.serve" and r.levelname == "WARNING"]
+
+
+def test_unknown_fields_are_ignored_and_logged_once(server, offline, caplog, monkeypatch):
+    """Unknown fields, top-level and nested, change nothing: the answer is the one without
+    them. Their names are logged once each (a warning), not on every request."""
+    from ringfuse.serve import protocol
+
+    monkeypatch.setattr(protocol, "_logged_names", set())
+    body = {"model": MODEL_NAME, "messages": [dict(CHAT[0], reasoning_content=None)], "max_tokens": 8,
+            "temperature": 0, "stop": None, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}, **ROUTER_FIELDS}  # fmt: skip
+    caplog.set_level("DEBUG", logger="ringfuse.serve")
+    with server.http() as http:
+        for attempt in range(2):
+            r = http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(e) for e in events[:-1]]
+            text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+            assert text == offline["chat"].text
+            assert chunks[-1]["usage"]["completion_tokens"] == len(offline["chat"].token_ids)
+            warned = _warnings(caplog)
+            assert len(warned) == 1, warned  # the second request logs nothing new
+        for name in [*ROUTER_FIELDS, "messages.*.reasoning_content", "stream_options.continuous_usage_stats"]:
+            assert name in warned[0], (name, warned[0])
+        # a completion with the router's fields (echo false among them: a known field at its no-op value)
+        r = http.post("/v1/completions", json={"prompt": COMPLETION_PROMPT, "max_tokens": 8, "temperature": 0,
+                                               "echo": False, "frobnicate": {"x": 1}, **ROUTER_FIELDS})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == offline["completion"].text
+        warned = _warnings(caplog)
+        assert len(warned) == 2 and "frobnicate" in warned[1] and "no_stop_trim" not in warned[1], warned
+
+
+def test_ignored_names_logged_are_bounded(monkeypatch, caplog):
+    """A client inventing field names cannot grow the set of logged names without bound."""
+    from ringfuse.serve import protocol
+
+    monkeypatch.setattr(protocol, "_logged_names", set())
+    monkeypatch.setattr(protocol, "MAX_LOGGED_NAMES", 3)
+    caplog.set_level("DEBUG", logger="ringfuse.serve")
+    protocol.parse(protocol.DetokenizeRequest, {"tokens": [1], "a": 1, "b": 2})
+    protocol.parse(protocol.DetokenizeRequest, {"tokens": [1], "c": 1, "d": 2})
+    assert protocol._logged_names == {"a", "b", "c"}
+    levels = [(rec.levelname, rec.getMessage()) for rec in caplog.records if rec.name == "ringfuse.serve"]
+    assert [lvl for lvl, _ in levels] == ["WARNING", "WARNING", "DEBUG"] and levels[2][1].endswith(": d"), levels
 
 
 def test_text_that_is_not_unicode_is_400(server):

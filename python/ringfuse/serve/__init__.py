@@ -6,6 +6,7 @@ loop, with health probes and Prometheus metrics.
 - metrics.py: the ``ringfuse:*`` Prometheus metrics
 - app.py: the routes, errors in OpenAI's shape, auth, SSE streaming
 - server.py: the command: socket, uvicorn, signals
+- replicas.py: ``--replicas N``: N servers behind sglang-router, started and stopped as one
 
 The web stack is the optional ``serve`` extra; this module imports none of it, so the CLI
 can say how to install it when it is missing.

@@ -3,7 +3,9 @@
 Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE streaming), GET
 /v1/models, POST /tokenize, POST /detokenize (these need the API key when one is set);
 GET /health (liveness), GET /ready (readiness), GET /metrics (Prometheus) are open, for
-probes and scrapers.
+probes and scrapers; so are the routes a balancer in front of several servers reads (the
+names sglang-router uses): GET /model_info and /server_info (also as /get_model_info and
+/get_server_info) and GET /get_load.
 
 Bodies are read and parsed here rather than by FastAPI's typed parameters, so that every
 refusal has OpenAI's error shape and the right status: 413 for a body over the limit (before
@@ -26,6 +28,8 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
@@ -270,6 +274,41 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # ---- what a balancer reads (open, as the probes; sglang-router's names) --------------------
+
+    def model_info() -> dict:
+        """The served name (a balancer lists it in its /v1/models) and, when the model's
+        folder has one, the local tokenizer. Nothing else: a model_path that is not a local
+        tokenizer folder makes sglang-router try to download one from the Hub."""
+        info = {"served_model_name": settings.model_name, "is_generation": True}
+        tokenizer = _local_tokenizer_dir(engine.llm.path) if engine.llm is not None else None
+        if tokenizer is not None:
+            info["model_path"] = info["tokenizer_path"] = tokenizer
+        return info
+
+    @app.get("/model_info")
+    @app.get("/get_model_info")
+    async def get_model_info():
+        return _json(model_info())
+
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def get_server_info():
+        info = dict(model_info(), status=engine.state, version=_version(), tp_size=1, dp_size=1,
+                    max_waiting=settings.max_waiting)  # fmt: skip
+        llm = engine.llm
+        if llm is not None:
+            info.update(max_model_len=llm.max_model_len, max_running_requests=llm.max_batch,
+                        max_total_num_tokens=llm.kv.num_blocks * llm.block_size)  # fmt: skip
+        return _json(info)
+
+    @app.get("/get_load")
+    async def get_load():
+        """sglang's load report (one data-parallel rank): sequences running and waiting, and
+        the tokens they hold in the KV cache (what power-of-two routing compares)."""
+        return _json([{"dp_rank": 0, "num_reqs": engine.num_running, "num_waiting_reqs": engine.num_waiting,
+                       "num_tokens": engine.stats.kv_tokens}])  # fmt: skip
+
     # ---- the API ------------------------------------------------------------------------
 
     api = [Depends(authorize)]
@@ -488,6 +527,20 @@ def _completion_prompts(prompt, llm: LLM) -> list[list[int]]:
 def _too_large(size: int, limit: int, at_least: bool = False) -> APIError:
     return APIError(413, f"the request body has {'more than ' * at_least}{size} bytes; this server takes at most "
                     f"{limit} (--max-body-bytes)", code="request_too_large")  # fmt: skip
+
+
+def _local_tokenizer_dir(model_path) -> str | None:
+    """The model's folder when it holds a tokenizer.json (an HF folder), else None (a GGUF
+    file carries its tokenizer inside, which a balancer cannot read)."""
+    folder = Path(model_path)
+    return str(folder.resolve()) if folder.is_dir() and (folder / "tokenizer.json").is_file() else None
+
+
+def _version() -> str:
+    try:
+        return version("ringfuse")
+    except PackageNotFoundError:  # a source tree on sys.path without an install
+        return "unknown"
 
 
 def _finite(logprob: float) -> float:

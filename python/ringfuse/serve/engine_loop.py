@@ -89,6 +89,7 @@ class EngineStats:
     """A consistent snapshot taken by the engine thread after each loop iteration."""
 
     kv_cache_usage: float = 0.0
+    kv_tokens: int = 0  # tokens the running requests hold in the KV cache (prompt + generated)
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
 
@@ -298,4 +299,5 @@ class EngineLoop:
 
     @staticmethod
     def _snapshot(llm: LLM) -> EngineStats:
-        return EngineStats(llm.kv_cache_usage(), llm.prefix_cache_queries, llm.prefix_cache_hits)
+        return EngineStats(llm.kv_cache_usage(), sum(r.length for r in llm.running), llm.prefix_cache_queries,
+                           llm.prefix_cache_hits)

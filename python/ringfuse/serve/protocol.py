@@ -1,21 +1,30 @@
 """The OpenAI API's request bodies and their translation to engine requests.
 
-Bodies are validated strictly (pydantic strict mode: "8" is not an int, 1 is not a bool) and
-unknown fields are refused, as OpenAI's API does, naming the field. OpenAI fields the engine
-does not implement are accepted only at their no-op values (``presence_penalty`` 0, ``echo``
-false, ...), so a client that sends defaults works and one that relies on them hears so.
+The fields this server knows are validated strictly (pydantic strict mode: "8" is not an
+int, 1 is not a bool), naming the field. Unknown fields are ignored, as vLLM does, and their
+names logged once (a warning on the "ringfuse.serve" logger): balancers and load tools add
+their own (sglang-router re-encodes every body with ``skip_special_tokens``,
+``no_stop_trim``, ``separate_reasoning``, ...; GuideLLM sends
+``stream_options.continuous_usage_stats``), and a 400 on them would break every routed
+request. OpenAI fields the engine does not implement are accepted only at their no-op
+values (``presence_penalty`` 0, ``echo`` false, ...), so a client that sends defaults works
+and one that relies on them hears so.
 vLLM's extensions ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are supported.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..runtime.engine import LLM
 from ..runtime.sampling import SEED_LIMIT, SamplingParams
+
+log = logging.getLogger("ringfuse.serve")
 
 MAX_SEQUENCES = 128  # prompts x n of one request (OpenAI's limit on n)
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's limit on top_logprobs)
@@ -31,7 +40,8 @@ class ParamError(ValueError):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # unknown fields are kept aside (model_extra) for ignored_fields(), never used
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(_Body):
@@ -132,12 +142,51 @@ _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", 
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
+MAX_LOGGED_NAMES = 1024  # distinct ignored field names remembered; past that, later ones go to debug
+_logged_names: set[str] = set()  # ignored field names already logged
+_logged_lock = threading.Lock()  # parse() runs on the event loop, but tests and tools may call it anywhere
+
+
 def parse(model: type[BaseModel], body: dict) -> Any:
-    """The body as ``model``, or ParamError naming the field, what it takes and what came."""
+    """The body as ``model``, or ParamError naming the field, what it takes and what came.
+    Unknown fields are ignored; each name is logged once (see the module's docstring)."""
     try:
-        return model.model_validate(body)
+        req = model.model_validate(body)
     except ValidationError as e:
         raise _param_error(e) from None
+    ignored = ignored_fields(req)
+    if ignored:
+        _log_ignored(ignored)
+    return req
+
+
+def ignored_fields(obj: BaseModel, prefix: str = "") -> list[str]:
+    """The unknown fields of a parsed body, nested ones as ``stream_options.x``, those of
+    array items as ``messages.*.x`` (one name whatever the index)."""
+    out = [prefix + k for k in obj.model_extra or ()]
+    for name in type(obj).model_fields:
+        value = getattr(obj, name)
+        if isinstance(value, BaseModel):
+            out += ignored_fields(value, f"{prefix}{name}.")
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, BaseModel):
+                    out += ignored_fields(item, f"{prefix}{name}.*.")
+    return sorted(set(out))
+
+
+def _log_ignored(names: list[str]) -> None:
+    # once per name: a balancer adds the same fields to every request
+    names = [n if len(n) <= 100 else n[:97] + "..." for n in names]  # a name is the client's to choose
+    with _logged_lock:
+        new = [n for n in names if n not in _logged_names]
+        room = max(0, MAX_LOGGED_NAMES - len(_logged_names))
+        _logged_names.update(new[:room])  # bounded: a client inventing names cannot grow it forever
+    if new[:room]:
+        log.warning("ringfuse serve: ignoring request fields this server does not know: %s (each name is "
+                    "logged once)", ", ".join(new[:room]))  # fmt: skip
+    if new[room:]:
+        log.debug("ringfuse serve: ignoring request fields: %s", ", ".join(new[room:]))
 
 
 def _param_error(e: ValidationError) -> ParamError:
@@ -145,8 +194,6 @@ def _param_error(e: ValidationError) -> ParamError:
     # drop pydantic's union-member tags ("str", "list[int]") from the location
     path = [p for p in err["loc"] if isinstance(p, int) or (p.isidentifier() and p not in _UNION_TAGS)]
     param = ".".join(map(str, path)) or None
-    if err["type"] == "extra_forbidden":  # OpenAI's wording for an unknown field
-        return ParamError(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
     if err["type"] == "missing":
         return ParamError(f"'{param}' is required", param, "missing_required_parameter")
     field = next((p for p in reversed(path) if isinstance(p, str)), None)
