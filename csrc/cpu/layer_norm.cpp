@@ -67,35 +67,8 @@ struct LayerNormKernel {
     __m256 acc[N][kAcc];
 
     // pass 1: s = x (+ r) into buf, sum(s)
-    for (auto& row_acc : acc)
-      for (__m256& v : row_acc) v = zero;
+    first_pass<N, kAcc, false, kRes, kStream>(p, bufs, H, acc);
     int64_t i = 0;
-    for (; i + 8 * kAcc <= H; i += 8 * kAcc) {
-      for (int r = 0; r < N; ++r) {
-        for (int k = 0; k < kAcc; k += 2) {
-          __m256 s0, s1;
-          p[r].template s16<kRes, kStream>(i + 8 * k, s0, s1);
-          _mm256_storeu_ps(bufs[r] + i + 8 * k, s0);
-          _mm256_storeu_ps(bufs[r] + i + 8 * k + 8, s1);
-          acc[r][k] = _mm256_add_ps(acc[r][k], s0);
-          acc[r][k + 1] = _mm256_add_ps(acc[r][k + 1], s1);
-        }
-      }
-    }
-    for (; i < Hv; i += 8) {
-      for (int r = 0; r < N; ++r) {
-        const __m256 s = p[r].template s8<kRes, kStream>(i);
-        _mm256_storeu_ps(bufs[r] + i, s);
-        acc[r][0] = _mm256_add_ps(acc[r][0], s);
-      }
-    }
-    if (tail) {  // zero-filled lanes
-      for (int r = 0; r < N; ++r) {
-        const __m256 s = p[r].template s_tail<kRes>(Hv, tail);
-        _mm256_storeu_ps(bufs[r] + Hv, s);
-        acc[r][1] = _mm256_add_ps(acc[r][1], s);
-      }
-    }
     float mean[N];
     __m256 vmean[N];
     for (int r = 0; r < N; ++r) {

@@ -192,6 +192,45 @@ struct RowPtrs {
   }
 };
 
+// Pass 1 of both norms for N rows in lockstep: s = x (+ r) into bufs[r] (with a residual the
+// rounded sum also goes to residual_out), and per row kAcc accumulators of s (kSquares:
+// of s * s), zero-filled tail lanes adding nothing.
+template <int N, int kAcc, bool kSquares, bool kRes, bool kStream, class Ptrs>
+RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, __m256 (*acc)[kAcc]) {
+  const auto accumulate = [](__m256 sum, __m256 s) RF_AVX2 {
+    return kSquares ? _mm256_fmadd_ps(s, s, sum) : _mm256_add_ps(sum, s);
+  };
+  for (int r = 0; r < N; ++r)
+    for (int k = 0; k < kAcc; ++k) acc[r][k] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 * kAcc <= H; i += 8 * kAcc) {
+    for (int r = 0; r < N; ++r) {
+      for (int k = 0; k < kAcc; k += 2) {
+        __m256 s0, s1;
+        p[r].template s16<kRes, kStream>(i + 8 * k, s0, s1);
+        _mm256_storeu_ps(bufs[r] + i + 8 * k, s0);
+        _mm256_storeu_ps(bufs[r] + i + 8 * k + 8, s1);
+        acc[r][k] = accumulate(acc[r][k], s0);
+        acc[r][k + 1] = accumulate(acc[r][k + 1], s1);
+      }
+    }
+  }
+  for (; i + 8 <= H; i += 8) {
+    for (int r = 0; r < N; ++r) {
+      const __m256 s = p[r].template s8<kRes, kStream>(i);
+      _mm256_storeu_ps(bufs[r] + i, s);
+      acc[r][0] = accumulate(acc[r][0], s);
+    }
+  }
+  if (i < H) {
+    for (int r = 0; r < N; ++r) {
+      const __m256 s = p[r].template s_tail<kRes>(i, H - i);
+      _mm256_storeu_ps(bufs[r] + i, s);
+      acc[r][1] = accumulate(acc[r][1], s);
+    }
+  }
+}
+
 // While the last pass over a row runs from cache, pull a later row of x (and the residual)
 // toward L1 so its loads overlap this row's compute: without it the kernel alternates
 // between waiting on memory and computing. at() is called once per 16 lanes (every line of

@@ -66,45 +66,17 @@ struct RmsKernel {
     const Ptrs p[2] = {Ptrs(a, row0), Ptrs(a, row0 + N - 1)};  // with N = 1 only p[0] is used
     constexpr int kAcc = 8 / N;                                 // accumulators per row
     __m256 acc[N][kAcc];
-    for (auto& row_acc : acc)
-      for (__m256& v : row_acc) v = _mm256_setzero_ps();
 
     // pass 1: s = x (+ r), kept in buf; sum of squares
-    int64_t i = 0;
-    for (; i + 8 * kAcc <= H; i += 8 * kAcc) {
-      for (int r = 0; r < N; ++r) {
-        for (int k = 0; k < kAcc; k += 2) {
-          __m256 s0, s1;
-          p[r].template s16<kRes, kStream>(i + 8 * k, s0, s1);
-          _mm256_storeu_ps(bufs[r] + i + 8 * k, s0);
-          _mm256_storeu_ps(bufs[r] + i + 8 * k + 8, s1);
-          acc[r][k] = _mm256_fmadd_ps(s0, s0, acc[r][k]);
-          acc[r][k + 1] = _mm256_fmadd_ps(s1, s1, acc[r][k + 1]);
-        }
-      }
-    }
-    for (; i + 8 <= H; i += 8) {
-      for (int r = 0; r < N; ++r) {
-        const __m256 s = p[r].template s8<kRes, kStream>(i);
-        _mm256_storeu_ps(bufs[r] + i, s);
-        acc[r][0] = _mm256_fmadd_ps(s, s, acc[r][0]);
-      }
-    }
-    const int64_t tail = H - i;
-    if (tail) {  // zero-filled tail lanes add nothing
-      for (int r = 0; r < N; ++r) {
-        const __m256 s = p[r].template s_tail<kRes>(i, tail);
-        _mm256_storeu_ps(bufs[r] + i, s);
-        acc[r][1] = _mm256_fmadd_ps(s, s, acc[r][1]);
-      }
-    }
+    first_pass<N, kAcc, true, kRes, kStream>(p, bufs, H, acc);
     __m256 rstd[N];
     for (int r = 0; r < N; ++r)
       rstd[r] = _mm256_set1_ps(1.0f / std::sqrt(hsum_n<kAcc>(acc[r]) * (1.0f / float(H)) + a.eps));
 
     // pass 2: normalize from buf; x and r are not read again, so out may alias them
     const NextRowPrefetch<TX, kRes> next0(a, row0 + N, end), next1(a, row0 + 2 * N - 1, end);
-    for (i = 0; i + 16 <= H; i += 16) {  // 16 lanes: one pack per 16-bit store
+    int64_t i = 0;
+    for (; i + 16 <= H; i += 16) {  // 16 lanes: one pack per 16-bit store
       next0.at(i);
       if constexpr (N == 2) next1.at(i);
       const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
