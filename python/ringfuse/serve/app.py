@@ -175,6 +175,15 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{settings.model_name}' "
                            "(GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
 
+    async def parsed_request(request: Request, model: type):
+        """(the engine, the parsed body) of an API request, its refusals in this order: the body
+        (413, 400 bad JSON), the engine (503), the fields (400), the model name (404)."""
+        body = await read_json(request)
+        llm = serving_llm()
+        req = protocol.parse(model, body)
+        check_model(req.model)
+        return llm, req
+
     def check_queue() -> None:
         if engine.num_waiting >= engine.max_waiting:
             raise _queue_full(f"{engine.num_waiting} requests are waiting (--max-waiting {engine.max_waiting})")
@@ -322,10 +331,7 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
 
     @app.post("/tokenize", dependencies=api)
     async def tokenize(request: Request):
-        body = await read_json(request)
-        llm = serving_llm()
-        req = protocol.parse(protocol.TokenizeRequest, body)
-        check_model(req.model)
+        llm, req = await parsed_request(request, protocol.TokenizeRequest)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of 'prompt' (text) and 'messages' (a chat)", code="invalid_value")
         messages = protocol.message_dicts(req.messages) if req.messages is not None else None
@@ -340,10 +346,7 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
 
     @app.post("/detokenize", dependencies=api)
     async def detokenize(request: Request):
-        body = await read_json(request)
-        llm = serving_llm()
-        req = protocol.parse(protocol.DetokenizeRequest, body)
-        check_model(req.model)
+        llm, req = await parsed_request(request, protocol.DetokenizeRequest)
         vocab = llm.config.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
@@ -352,10 +355,7 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
 
     @app.post("/v1/completions", dependencies=api)
     async def completions(request: Request):
-        body = await read_json(request)
-        llm = serving_llm()
-        req = protocol.parse(protocol.CompletionRequest, body)
-        check_model(req.model)
+        llm, req = await parsed_request(request, protocol.CompletionRequest)
         check_queue()
         prompts = _completion_prompts(req.prompt, llm)
         job = protocol.build_job(req, prompts, llm)
@@ -375,10 +375,7 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
 
     @app.post("/v1/chat/completions", dependencies=api)
     async def chat_completions(request: Request):
-        body = await read_json(request)
-        llm = serving_llm()
-        req = protocol.parse(protocol.ChatRequest, body)
-        check_model(req.model)
+        llm, req = await parsed_request(request, protocol.ChatRequest)
         check_queue()
         if not req.messages:
             raise APIError(400, "'messages' must hold at least one message", param="messages")
