@@ -239,6 +239,12 @@ class Child:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
                                          env=env, start_new_session=True, preexec_fn=_death_signal())  # fmt: skip
 
+    def __enter__(self) -> "Child":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def log_tail(self, chars: int = 2000) -> str:
         try:
             return self.log.read_text(errors="replace")[-chars:]
@@ -510,13 +516,12 @@ def guidellm_env() -> dict:
 
 def run_guidellm(exe: Path, url: str, s: Settings, tokenizer: Path, workdir: Path, tag: str) -> Path:
     out_json, log = workdir / f"guidellm-{tag}.json", workdir / f"guidellm-{tag}.log"
-    proc = Child(f"GuideLLM ({tag})", guidellm_command(exe, url, s, tokenizer, out_json), log, workdir, guidellm_env())
-    try:
-        code = proc.proc.wait(GUIDELLM_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"GuideLLM against {tag} did not finish within {GUIDELLM_TIMEOUT_S} s; log: {log}") from None
-    finally:
-        proc.stop()
+    with Child(f"GuideLLM ({tag})", guidellm_command(exe, url, s, tokenizer, out_json), log, workdir,
+               guidellm_env()) as proc:  # fmt: skip
+        try:
+            code = proc.proc.wait(GUIDELLM_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"GuideLLM against {tag} did not finish within {GUIDELLM_TIMEOUT_S} s; log: {log}") from None
     if code != 0 or not out_json.is_file():
         raise BenchError(f"GuideLLM against {tag} failed (exit {code}); its log ({log}):\n{proc.log_tail()}")
     return out_json
@@ -752,6 +757,23 @@ def _say(message: str) -> None:
     print(f"bench serve: {message}", file=sys.stderr, flush=True)
 
 
+def _load_test(server: Child, probe: str, s: Settings, guidellm: Path, tok: Path, workdir: Path, tag: str,
+               prompts, eng: dict) -> str | None:
+    """Once ``server`` answers ``probe``: a warm-up and the 8 prompts at once (when there are
+    prompts), then GuideLLM; the server is stopped either way. Fills ``eng`` with the
+    figures; returns GuideLLM's version."""
+    with server:
+        url = server.wait_ready(probe)
+        _say(f"{server.name} ready on {url}: warm-up, 8 prompts at once, then GuideLLM")
+        if prompts:
+            warm_up(url, s, prompts)
+            eng["concurrent"] = measure_concurrent(url, s, prompts)
+        raw = run_guidellm(guidellm, url, s, tok, workdir, tag)
+    parsed = parse_guidellm(raw)
+    eng.update(levels=parsed["levels"], guidellm_json=str(raw))
+    return parsed["version"]
+
+
 def _bench_ringfuse(s: Settings, guidellm: Path, tok: Path, workdir: Path, results: dict) -> None:
     offline = results["offline"] = run_offline(s, workdir)
     prompts = offline["prompts"]
@@ -759,43 +781,21 @@ def _bench_ringfuse(s: Settings, guidellm: Path, tok: Path, workdir: Path, resul
          f"{s.prompt_tokens} tokens {offline['prefill_ms']:.1f} ms")  # fmt: skip
     eng = results["engines"][RINGFUSE] = {}
     server = Child("ringfuse serve", ringfuse_command(s), workdir / "ringfuse-serve.log", workdir)
-    try:
-        url = server.wait_ready("/ready")
-        _say(f"ringfuse serve ready on {url}: warm-up, 8 prompts at once, then GuideLLM")
-        warm_up(url, s, prompts)
-        eng["concurrent"] = measure_concurrent(url, s, prompts)
-        raw = run_guidellm(guidellm, url, s, tok, workdir, "ringfuse")
-    finally:
-        server.stop()
-    parsed = parse_guidellm(raw)
-    eng.update(levels=parsed["levels"], guidellm_json=str(raw))
-    results["config"]["guidellm_version"] = parsed["version"]
-    server = Child("ringfuse serve (burst)", ringfuse_command(s, BURST_MAX_WAITING),
-                   workdir / "ringfuse-serve-burst.log", workdir)  # fmt: skip
-    try:
+    results["config"]["guidellm_version"] = _load_test(server, "/ready", s, guidellm, tok, workdir, "ringfuse",
+                                                       prompts, eng)  # fmt: skip
+    with Child("ringfuse serve (burst)", ringfuse_command(s, BURST_MAX_WAITING), workdir / "ringfuse-serve-burst.log",
+               workdir) as server:  # fmt: skip
         url = server.wait_ready("/ready")
         _say(f"burst: {4 * BURST_MAX_WAITING} requests at once against --max-waiting {BURST_MAX_WAITING}")
         results["burst"] = measure_burst(url, s, prompts, BURST_MAX_WAITING)
-    finally:
-        server.stop()
 
 
 def _bench_llama(s: Settings, python: Path, guidellm: Path, tok: Path, workdir: Path, results: dict) -> None:
     prompts = (results.get("offline") or {}).get("prompts")
     eng = results["engines"][LLAMA] = {}
     server = Child("llama.cpp server", llama_command(python, s), workdir / "llama-server.log", workdir)
-    try:
-        url = server.wait_ready("/health")
-        _say(f"llama.cpp server ready on {url}: warm-up, 8 prompts at once, then GuideLLM")
-        if prompts:
-            warm_up(url, s, prompts)
-            eng["concurrent"] = measure_concurrent(url, s, prompts)
-        raw = run_guidellm(guidellm, url, s, tok, workdir, "llama.cpp")
-    finally:
-        server.stop()
-    parsed = parse_guidellm(raw)
-    eng.update(levels=parsed["levels"], guidellm_json=str(raw))
-    results["config"].setdefault("guidellm_version", parsed["version"])
+    version = _load_test(server, "/health", s, guidellm, tok, workdir, "llama.cpp", prompts, eng)
+    results["config"].setdefault("guidellm_version", version)
 
 
 def run(model=None, quant: str | None = None, threads: int | None = None, requests: int | None = None,
