@@ -210,7 +210,10 @@ def _add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="larger request bodies get 413 (default: 4 MiB)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level; debug also logs every request")
-    p.add_argument("--tp", type=int, default=None, help="not supported yet by the server (only 1)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel ranks: torchrun --nproc-per-node N -m ringfuse serve --tp N (rank 0 serves)")
+    p.add_argument("--tp-timeout", type=float, default=60.0,
+                   help="seconds a rank waits for another before it calls it dead (default: 60)")
     rep = p.add_argument_group("replicas", "N servers behind sglang-router (pip install 'ringfuse[serve]')")
     rep.add_argument("--replicas", type=int, default=None,
                      help="start N servers on free ports of 127.0.0.1 (each with --threads cores // N unless "
@@ -221,6 +224,25 @@ def _add_serve_parser(sub) -> argparse.ArgumentParser:
     rep.add_argument("--router-metrics-port", type=int, default=None,
                      help="port of the router's Prometheus metrics on 127.0.0.1 (default: a free one)")
     return p
+
+
+def _check_tp(args, parser) -> None:
+    """--tp N needs torchrun with N processes, and torchrun needs --tp."""
+    if args.tp is not None and args.tp < 1:
+        parser.error(f"--tp must be >= 1, got {args.tp}")
+    if not 0.1 <= args.tp_timeout <= 86400:  # NaN fails this too
+        parser.error(f"--tp-timeout must be in [0.1, 86400] seconds, got {args.tp_timeout}")
+    tp, world = args.tp or 1, os.environ.get("WORLD_SIZE", "1")  # torchrun's
+    world = int(world) if world.isdigit() else 1
+    if tp > 1 and args.replicas is not None:
+        parser.error("--tp and --replicas together are not supported: serve one tensor-parallel engine (torchrun "
+                     "... ringfuse serve --tp N) or --replicas N single-rank ones")  # fmt: skip
+    if tp > 1 and "WORLD_SIZE" not in os.environ:
+        parser.error(f"--tp {tp} needs one process per rank: torchrun --nproc-per-node {tp} -m ringfuse serve "
+                     f"--tp {tp} ...")  # fmt: skip
+    if world != tp:
+        parser.error(f"torchrun started {world} processes (WORLD_SIZE={world}) but --tp is {tp}: give --tp {world} "
+                     "to serve one tensor-parallel engine over them")  # fmt: skip
 
 
 def _serve(args, parser) -> int:
@@ -241,11 +263,7 @@ def _serve(args, parser) -> int:
         parser.error(f"--model {args.model}: no such file or folder")
     if args.api_key is not None and not args.api_key.strip():
         parser.error("--api-key must not be blank")
-    world = os.environ.get("WORLD_SIZE", "1")  # torchrun's
-    if (args.tp is not None and args.tp != 1) or (world.isdigit() and int(world) > 1):
-        got = f"--tp {args.tp}" if args.tp is not None and args.tp != 1 else f"WORLD_SIZE={world} (torchrun)"
-        parser.error(f"serving a tensor-parallel engine is not supported yet, got {got}; serve one process "
-                     "per model copy (--replicas N runs several behind a balancer)")  # fmt: skip
+    _check_tp(args, parser)
     if args.replicas is None:
         for name in ("policy", "router_metrics_port"):
             if getattr(args, name) is not None:

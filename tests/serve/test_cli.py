@@ -2,6 +2,7 @@
 probes, one request through the openai client, SIGTERM; a model that fails to load; bad
 flags; and the message when the serve extra is missing."""
 
+import contextlib
 import os
 import queue
 import re
@@ -20,15 +21,18 @@ from .conftest import TIMEOUT_S, wait_for
 
 
 class ServeProcess:
-    """`python -m ringfuse serve ARGS` with its stderr read line by line on a thread; killed
-    on exit if still running."""
+    """`python -m ringfuse serve ARGS` in its own session (``launcher``: a module and its
+    arguments to run it under, e.g. torchrun's ending in -m), its stderr read line by line on
+    a thread; its process group is killed on exit if it is still running."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, launcher: tuple[str, ...] = ()):
         env = dict(os.environ, RINGFUSE_WEIGHT_CACHE="0", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "ringfuse", "serve", *args], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        self.proc = subprocess.Popen([sys.executable, "-m", *launcher, "ringfuse", "serve", *args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, env=env, start_new_session=True)  # fmt: skip
         self.lines: queue.Queue = queue.Queue()
         self.stderr: list[str] = []
+        self.stderr_closed = threading.Event()  # every line is in self.stderr
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -36,6 +40,7 @@ class ServeProcess:
             self.stderr.append(line)
             self.lines.put(line)
         self.lines.put(None)
+        self.stderr_closed.set()
 
     def line_matching(self, pattern: str) -> re.Match:
         while True:
@@ -52,7 +57,8 @@ class ServeProcess:
 
     def __exit__(self, *exc):
         if self.proc.poll() is None:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(TIMEOUT_S)
 
 
@@ -97,7 +103,11 @@ def test_a_model_that_fails_to_load_exits_1(tmp_path):
     (["--model", "/nonexistent/model.gguf"], "no such file or folder"),
     (["--api-key", " "], "--api-key must not be blank"),
     (["--quant", "int4"], "invalid choice"),
-    (["--tp", "2"], "serving a tensor-parallel engine is not supported yet, got --tp 2"),
+    (["--tp", "2"], "--tp 2 needs one process per rank: torchrun --nproc-per-node 2 -m ringfuse serve --tp 2"),
+    (["--tp", "0"], "--tp must be >= 1, got 0"),
+    (["--tp-timeout", "0"], "--tp-timeout must be in [0.1, 86400] seconds, got 0.0"),
+    (["--tp-timeout", "nan"], "--tp-timeout must be in [0.1, 86400] seconds, got nan"),
+    (["--tp", "2", "--replicas", "2"], "--tp and --replicas together are not supported"),
     (["--replicas", "0"], "--replicas must be >= 1, got 0"),
     (["--policy", "round_robin"], "--policy needs --replicas"),
     (["--router-metrics-port", "9000"], "--router-metrics-port needs --replicas"),
@@ -111,13 +121,14 @@ def test_bad_flags_are_clear_errors(capsys, args, says):
     assert e.value.code == 2 and says in capsys.readouterr().err
 
 
-def test_under_torchrun_it_refuses(capsys, monkeypatch):
-    """`torchrun ... ringfuse serve` would start one server per rank on one port: refused."""
+@pytest.mark.parametrize("tp", [None, "3"])
+def test_under_torchrun_tp_must_match_the_processes(capsys, monkeypatch, tp):
+    """torchrun with 2 processes and no --tp (or another) would start servers on one port: refused."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as e:
-        cli.main(["serve"])
+        cli.main(["serve", *(["--tp", tp] if tp else [])])
     assert e.value.code == 2
-    assert "tensor-parallel engine is not supported yet, got WORLD_SIZE=2 (torchrun)" in capsys.readouterr().err
+    assert f"torchrun started 2 processes (WORLD_SIZE=2) but --tp is {tp or 1}: give --tp 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra", [[], ["--replicas", "2"]])  # with replicas: said before any model loads

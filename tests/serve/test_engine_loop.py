@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ringfuse.runtime.engine import GenerationResult, TokenEvent
 from ringfuse.runtime.sampling import SamplingParams
 from ringfuse.serve.engine_loop import EngineLoop, Failure, QueueFull
+from ringfuse.serve.tensor_parallel import STEP, STOP, follow
 
 from .conftest import CHAT_PROMPT, COMPLETION_PROMPT, MAX_BATCH, MAX_MODEL_LEN, TIMEOUT_S, serving, wait_for
 
@@ -289,3 +290,76 @@ def test_engine_loop_accounting_refusals_and_aborts():
 async def _until(condition):
     while not condition():
         await asyncio.sleep(0.005)
+
+
+class _LoggingLLM(_ScriptedLLM):
+    """A _ScriptedLLM that logs, at every step, which requests it held and how far they were."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps: list[list] = []
+
+    def step(self):
+        self.steps.append(sorted((index, tokens) for index, (_, tokens) in self.requests.items()))
+        return super().step()
+
+
+class _QueueMirror:
+    """A tensor_parallel.Leader without torch.distributed: its messages go into a queue that
+    a follower thread reads."""
+
+    heartbeat_s = 0.02
+
+    def __init__(self):
+        import queue
+
+        self.messages = queue.Queue()
+        self.sent: list[tuple[int, list]] = []
+
+    def _put(self, flags, commands):
+        self.sent.append((flags, commands))
+        self.messages.put((flags, commands))
+
+    def send(self, commands, step):
+        self._put(STEP if step else 0, list(commands))
+
+    def heartbeat(self):
+        self._put(0, [])
+
+    def stop(self):
+        self._put(STOP, [])
+
+
+def test_a_follower_fed_what_the_engine_loop_sends_steps_exactly_as_it():
+    """The engine loop tells its mirror every add and abort (refused adds included) before the
+    step they take effect in, beats while idle, and says STOP when stopped; a follower that
+    carries that out (tensor_parallel.follow) holds the same requests at every step."""
+    leader, follower, mirror = _LoggingLLM(), _LoggingLLM(), _QueueMirror()
+    following = threading.Thread(target=follow, args=(follower, lambda: mirror.messages.get(timeout=TIMEOUT_S)))
+
+    async def scenario():
+        engine = EngineLoop(lambda: leader, max_waiting=8, mirror=mirror)
+        engine.start(asyncio.get_running_loop())
+        await asyncio.wait_for(_until(lambda: engine.ready), TIMEOUT_S)
+        following.start()
+        a = engine.submit([([1], SamplingParams(max_new_tokens=3)), ([0], SamplingParams(max_new_tokens=3))])
+        endless = engine.submit([([2], SamplingParams(max_new_tokens=10**9))])
+        for _ in range(4):  # a's first choice finishes, its second is refused
+            await asyncio.wait_for(a.queue.get(), TIMEOUT_S)
+        await asyncio.wait_for(endless.queue.get(), TIMEOUT_S)
+        engine.abort(endless)
+        await asyncio.wait_for(_until(lambda: not leader.requests), TIMEOUT_S)
+        beats = len(mirror.sent)
+        await asyncio.wait_for(_until(lambda: len(mirror.sent) >= beats + 3), TIMEOUT_S)  # idle: heartbeats
+        assert all(m == (0, []) for m in mirror.sent[beats:beats + 3])
+        late = engine.submit([([3], SamplingParams(max_new_tokens=2))])
+        for _ in range(2):
+            await asyncio.wait_for(late.queue.get(), TIMEOUT_S)
+        engine.stop()
+
+    asyncio.run(scenario())
+    following.join(TIMEOUT_S)
+    assert not following.is_alive() and mirror.sent[-1] == (STOP, [])
+    assert follower.steps == leader.steps and len(leader.steps) >= 5
+    ops = [op for flags, commands in mirror.sent for op, *_ in commands]
+    assert ops.count("add") == 4 and ops.count("abort") == 1

@@ -7,6 +7,7 @@ loop, with health probes and Prometheus metrics.
 - app.py: the routes, errors in OpenAI's shape, auth, SSE streaming
 - server.py: the command: socket, uvicorn, signals
 - replicas.py: ``--replicas N``: N servers behind sglang-router, started and stopped as one
+- tensor_parallel.py: ``--tp N`` under torchrun: rank 0 serves, the other ranks follow its steps
 
 The web stack is the optional ``serve`` extra; this module imports none of it, so the CLI
 can say how to install it when it is missing.

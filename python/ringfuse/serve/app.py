@@ -40,7 +40,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..runtime.engine import LLM, GenerationResult, TokenEvent
 from ..runtime.sampling import TokenLogprobs
 from . import protocol
-from .engine_loop import DEAD, DISCONNECTED, READY, EngineLoop, EngineUnavailable, Failure, QueueFull, RequestHandle
+from .engine_loop import (DEAD, DISCONNECTED, READY, EngineLoop, EngineUnavailable, Failure, Mirror, QueueFull,
+                          RequestHandle)
 from .metrics import ServerMetrics
 
 log = logging.getLogger("ringfuse.serve")
@@ -93,10 +94,12 @@ def _sse(obj) -> str:
 
 
 def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: Callable[[], None] | None = None,
-               on_dead: Callable[[str, bool], None] | None = None) -> FastAPI:  # fmt: skip
+               on_dead: Callable[[str, bool], None] | None = None, mirror: Mirror | None = None) -> FastAPI:  # fmt: skip
     """The app; its lifespan starts the engine loop (``make_llm`` runs on the engine
-    thread) and stops it. ``on_ready()``, ``on_dead(message, while_loading)``: see EngineLoop."""
-    engine = EngineLoop(make_llm, max_waiting=settings.max_waiting, on_ready=on_ready, on_dead=on_dead)
+    thread) and stops it. ``on_ready()``, ``on_dead(message, while_loading)``, ``mirror``:
+    see EngineLoop."""
+    engine = EngineLoop(make_llm, max_waiting=settings.max_waiting, on_ready=on_ready, on_dead=on_dead,
+                        mirror=mirror)  # fmt: skip
     engine.observer = metrics = ServerMetrics(settings.model_name, engine)  # its gauges read the engine loop
     token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
     created = int(time.time())
@@ -307,7 +310,7 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
                     max_waiting=settings.max_waiting)  # fmt: skip
         llm = engine.llm
         if llm is not None:
-            info.update(max_model_len=llm.max_model_len, max_running_requests=llm.max_batch,
+            info.update(tp_size=llm.tp, max_model_len=llm.max_model_len, max_running_requests=llm.max_batch,
                         max_total_num_tokens=llm.kv.num_blocks * llm.block_size)  # fmt: skip
         return _json(info)
 

@@ -11,6 +11,10 @@ Accounting (waiting / running counts, the metrics hooks) lives on the event-loop
 it needs no locks: a sequence is *waiting* from submit() until its first token arrives
 (admission and prefill happen in the same engine step), then *running* until it finishes
 or is aborted.
+
+Under tensor parallelism the thread also tells the other ranks, once per iteration, which
+commands it carried out and whether it steps (a ``Mirror``: serve/tensor_parallel.py), and
+sends them a heartbeat while idle.
 """
 
 from __future__ import annotations
@@ -84,6 +88,31 @@ class RequestHandle:
         return [s for s in self.sequences if not s.finished]
 
 
+class Mirror(Protocol):
+    """What the engine thread tells the other tensor-parallel ranks (tensor_parallel.Leader)."""
+
+    heartbeat_s: float  # the longest the thread stays silent while idle
+
+    def send(self, commands: list[tuple], step: bool) -> None: ...  # before this iteration's step
+    def heartbeat(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def apply_commands(llm: LLM, commands: list[tuple]) -> list[tuple[int, str]]:
+    """Carry out the loop's commands on ``llm`` in order: ("add", index, prompt ids, params)
+    and ("abort", index). Returns the (index, reason) of the adds the engine refused."""
+    refused = []
+    for op, index, *rest in commands:
+        if op == "abort":
+            llm.abort(index)
+            continue
+        try:
+            llm.add_request(*rest, index=index)
+        except (ValueError, TypeError) as e:
+            refused.append((index, str(e)))
+    return refused
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
     """A consistent snapshot taken by the engine thread after each loop iteration."""
@@ -100,15 +129,16 @@ class EngineLoop:
     ``make_llm`` runs on the engine thread (loading the model there lets the HTTP server
     answer probes meanwhile: /ready says 503 until it returns). ``observer`` gets the metric
     events. On the event loop, ``on_ready()`` is called once the model is loaded and
-    ``on_dead(message, while_loading)`` when it fails to load or the loop dies."""
+    ``on_dead(message, while_loading)`` when it fails to load or the loop dies. ``mirror``:
+    the other tensor-parallel ranks' channel (None: a single rank)."""
 
     def __init__(self, make_llm: Callable[[], LLM], *, max_waiting: int, observer: Observer | None = None,
-                 on_ready: Callable[[], None] | None = None,
-                 on_dead: Callable[[str, bool], None] | None = None):  # fmt: skip
+                 on_ready: Callable[[], None] | None = None, on_dead: Callable[[str, bool], None] | None = None,
+                 mirror: Mirror | None = None):  # fmt: skip
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 1:
             raise ValueError(f"max_waiting must be an int >= 1, got {max_waiting!r}")
         self._make_llm, self.max_waiting, self.observer = make_llm, max_waiting, observer
-        self._on_ready, self._on_dead = on_ready, on_dead
+        self._on_ready, self._on_dead, self._mirror = on_ready, on_dead, mirror
         self.llm: LLM | None = None  # set by the engine thread once loaded
         self.state = LOADING
         self.error: str | None = None  # why the engine is dead (client-safe)
@@ -274,22 +304,23 @@ class EngineLoop:
             self.stats = self._snapshot(llm)
 
     def _serve(self, llm: LLM) -> None:
+        mirror = self._mirror
         while True:
             self._wake.clear()  # before reading the commands: a command appended after this wakes the wait below
             if self._stopping:
+                if mirror is not None:
+                    mirror.stop()
                 return
-            while self._commands:
-                op, index, *rest = self._commands.popleft()
-                if op == "abort":
-                    llm.abort(index)
-                    continue
-                try:
-                    llm.add_request(*rest, index=index)
-                except (ValueError, TypeError) as e:
-                    self._post(self._refuse, index, str(e))
-            if not llm.has_unfinished():
+            commands = [self._commands.popleft() for _ in range(len(self._commands))]
+            for index, reason in apply_commands(llm, commands):
+                self._post(self._refuse, index, reason)
+            step = llm.has_unfinished()
+            if mirror is not None and (commands or step):
+                mirror.send(commands, step)
+            if not step:
                 self.stats = self._snapshot(llm)
-                self._wake.wait()
+                if not self._wake.wait(None if mirror is None else mirror.heartbeat_s) and mirror is not None:
+                    mirror.heartbeat()
                 continue
             events = llm.step()
             now = time.perf_counter()

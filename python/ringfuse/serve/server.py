@@ -6,6 +6,10 @@ the model is loaded and warmed up. A model that fails to load stops the server w
 status 1. SIGINT / SIGTERM shut down gracefully (uvicorn's: open requests get a few seconds,
 then the engine loop stops and frees every request's blocks); uvicorn then re-raises the
 signal, so a SIGTERM ends the process as terminated by it.
+
+Under torchrun with ``--tp N``, rank 0 does all of the above and the other ranks follow it
+(tensor_parallel.py); an engine that dies then stops the server with exit status 1, as its
+ranks cannot be brought back in step.
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def say_line(line: str) -> None:
+    """``line`` on stderr in one write: under torchrun the ranks share it, and print()'s two
+    writes (the text, then the newline) could interleave with another rank's."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -39,23 +50,44 @@ def url_of(sock: socket.socket) -> str:
 
 def run(args) -> int:
     """Serve until stopped; the exit status (1 when the model failed to load)."""
-    import uvicorn
-
     from ..runtime import LLM
     from ..runtime.model_files import DEFAULT_MODEL_NAME
-    from .app import ServeSettings, create_app
+    from .app import ServeSettings
 
     def say(message: str) -> None:
-        print(f"ringfuse serve: {message}", file=sys.stderr, flush=True)
+        say_line(f"ringfuse serve: {message}")
 
     settings = ServeSettings(model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
                              max_waiting=args.max_waiting, api_key=args.api_key,
                              max_body_bytes=args.max_body_bytes)  # fmt: skip
 
+    tp = args.tp or 1
+
     def make_llm() -> LLM:
-        return LLM(args.model, dtype=args.dtype, quant=args.quant, max_batch=args.max_batch,
+        return LLM(args.model, dtype=args.dtype, quant=args.quant, tp=tp, max_batch=args.max_batch,
                    max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, threads=args.threads,
                    weight_cache=args.weight_cache)  # fmt: skip
+
+    mirror = None
+    if tp > 1:
+        from . import tensor_parallel
+
+        if tensor_parallel.init(args.tp_timeout)[0] != 0:
+            return tensor_parallel.run_follower(make_llm)
+        mirror = tensor_parallel.Leader(args.tp_timeout)
+    try:
+        return _serve(args, settings, make_llm, mirror, say)
+    finally:
+        if mirror is not None:
+            from .. import distributed
+
+            distributed.destroy()
+
+
+def _serve(args, settings, make_llm, mirror, say) -> int:
+    import uvicorn
+
+    from .app import create_app
 
     try:
         sock = bind(args.host, args.port)
@@ -64,17 +96,19 @@ def run(args) -> int:
         return 2
     status = {"code": 0}
     server: uvicorn.Server
+    over = f" (tensor-parallel over {args.tp} ranks)" if mirror is not None else ""
 
     def on_ready() -> None:
-        say(f"ready: serving '{settings.model_name}' on {url_of(sock)}")
+        say(f"ready: serving '{settings.model_name}' on {url_of(sock)}{over}")
 
     def on_dead(message: str, while_loading: bool) -> None:
         say(f"error: {message}")
-        if while_loading:  # nothing to serve: stop, and say so in the exit status
+        # nothing to serve, or tensor-parallel ranks out of step: stop, and say so in the exit status
+        if while_loading or mirror is not None:
             status["code"] = 1
             server.should_exit = True
 
-    app = create_app(make_llm, settings, on_ready=on_ready, on_dead=on_dead)
+    app = create_app(make_llm, settings, on_ready=on_ready, on_dead=on_dead, mirror=mirror)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on")  # fmt: skip
     server = uvicorn.Server(config)
