@@ -7,6 +7,7 @@ once, the job exits non-zero) and rank 0 SIGKILLed (rank 1 says so and exits). N
 left behind: no process, no /dev/shm segment. Every wait is bounded."""
 
 import concurrent.futures
+import contextlib
 import os
 import re
 import signal
@@ -39,13 +40,24 @@ class TorchrunServer(ServeProcess):
         super().__init__("--tp", "2", "--tp-timeout", str(TP_TIMEOUT_S), "--model", str(gguf_path), "--port", "0",
                          "--threads", "1", "--served-model-name", MODEL_NAME, "--max-model-len", str(MAX_MODEL_LEN),
                          "--max-batch", str(MAX_BATCH), "--log-level", "warning", launcher=launcher)  # fmt: skip
-        self.shm_before = _shm_segments()
-        self.url = self.line_matching(r"listening on (http://127\.0\.0\.1:\d+)").group(1)
-        self.follower = int(self.wait_log(r"\(rank 1/2\): model loaded \(pid (\d+)\)").group(1))
-        self.wait_log(r"ready: serving .* \(tensor-parallel over 2 ranks\)")
-        ranks = [pid for pid in _children(self.proc.pid) if pid != self.follower]
-        assert len(ranks) == 1, ranks
-        self.leader = ranks[0]
+        self.shm_before, self.ranks = _shm_segments(), []
+        try:
+            self.url = self.line_matching(r"listening on (http://127\.0\.0\.1:\d+)").group(1)
+            self.ranks = _children(self.proc.pid)  # rank 0 listens: both are started
+            self.follower = int(self.wait_log(r"\(rank 1/2\): model loaded \(pid (\d+)\)").group(1))
+            self.wait_log(r"ready: serving .* \(tensor-parallel over 2 ranks\)")
+            assert len(self.ranks) == 2 and self.follower in self.ranks, (self.ranks, self.follower)
+            self.leader = next(pid for pid in self.ranks if pid != self.follower)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc):
+        """Kill torchrun and the ranks, each of which leads a process group of its own."""
+        for pid in {*self.ranks, *_children(self.proc.pid)}:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        super().__exit__(*exc)
 
     def wait_log(self, pattern: str) -> re.Match:
         """The first match of ``pattern`` in the log so far, waiting for it (the ranks share
@@ -64,7 +76,7 @@ class TorchrunServer(ServeProcess):
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT_S)
 
     def left_behind(self) -> list[str]:
-        return _left_behind([self.proc.pid, self.leader, self.follower])
+        return _left_behind([self.proc.pid, *self.ranks])
 
     def log(self) -> str:
         return "".join(self.stderr)
