@@ -6,9 +6,9 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "python" / "ringfuse"
 
-# Lower levels never import higher ones: _C, kernels <- ops <- nn <- distributed <- runtime
+# Lower levels never import higher ones: _C, kernels <- ops <- nn, layers <- distributed <- runtime
 # <- serve <- cli (bench, the harness behind `ringfuse bench`, sits beside serve).
-LEVEL = {"_C": 0, "kernels": 0, "ops": 1, "nn": 2, "distributed": 3, "runtime": 4, "bench": 5, "serve": 5, "cli": 6,
+LEVEL = {"_C": 0, "kernels": 0, "ops": 1, "nn": 2, "layers": 2, "distributed": 3, "runtime": 4, "bench": 5, "serve": 5, "cli": 6,
          "cli_generate": 6, "__main__": 7}
 
 

@@ -192,6 +192,31 @@ def test_paged_decode_plan_equals_the_three_ops(dtype, batch, hq, hkv, d, block_
     assert torch.equal(plan.run_packed(wide[:, : qkv.shape[1]], kp_d, vp_d), want) and torch.equal(kp_d, kp_a)
 
 
+@pytest.mark.parametrize("scale,softcap", [(0.3, None), (None, 1.5), (0.2, 0.75)])
+def test_paged_decode_plan_scale_and_softcap(scale, softcap):
+    """scale and softcap (Gemma 2's query_pre_attn_scalar and attention soft cap) as
+    paged_decode_attention applies them, on the direct kernel path."""
+    from ringfuse.ops import PagedDecodePlan, paged_decode_attention, rotary_embedding, write_kv
+
+    batch, hq, hkv, d = 3, 4, 2, 16
+    k_pages, v_pages, table, lens, pos, slots, qkv, cos_sin = _decode_step_inputs(batch, hq, hkv, d, 4, torch.float32, 5)
+    qkv = qkv * 4  # scores of a few units, where the cap bites
+    a = qkv.clone()
+    q, k, v = a[:, : hq * d].view(batch, hq, d), a[:, hq * d : (hq + hkv) * d].view(batch, hkv, d), \
+        a[:, (hq + hkv) * d :].view(batch, hkv, d)  # fmt: skip
+    kp_a, vp_a = k_pages.clone(), v_pages.clone()
+    rotary_embedding(q, k, pos, cos_sin)
+    write_kv(k, v, kp_a, vp_a, slots)
+    want = paged_decode_attention(q, kp_a, vp_a, table, lens, scale=scale, softcap=softcap)
+    plan = PagedDecodePlan(k_pages, v_pages, cos_sin, pos, slots, table, lens, hq, scale=scale, softcap=softcap)
+    got = plan.run_packed(qkv.clone(), k_pages.clone(), v_pages.clone())
+    assert torch.equal(got, want)
+    plain = paged_decode_attention(q, kp_a, vp_a, table, lens)
+    assert (want - plain).abs().max() > 1e-3  # the arguments matter on these inputs
+    with pytest.raises(ValueError, match="softcap"):
+        PagedDecodePlan(k_pages, v_pages, cos_sin, pos, slots, table, lens, hq, softcap=-1.0)
+
+
 def test_paged_decode_plan_bad_inputs():
     from ringfuse.ops import PagedDecodePlan
 

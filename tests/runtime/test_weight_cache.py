@@ -72,9 +72,9 @@ def test_torn_or_misfit_file_is_converted_again(default_gguf_path, cache_root):
     tensors["layers.3.qkv.w_q"] = tensors["layers.3.qkv.w_q"][:-1]  # wrong shape
     assert wc.save(path, tensors)
     with pytest.raises(ValueError, match=r"layers.3.qkv: shape"):
-        from ringfuse.runtime.model import LlamaModel
+        from ringfuse.runtime.model import DecoderModel
 
-        LlamaModel(llm.weights, quant="w8a16", converted=wc.load(path))
+        DecoderModel(llm.weights, quant="w8a16", converted=wc.load(path))
     again = LLM(default_gguf_path, quant="w8a16", max_model_len=256, weight_cache=True)
     assert _logits(again)[0] == good[0] and torch.equal(_logits(again)[1], good[1])
     assert wc.load(path)["layers.3.qkv.w_q"].shape == llm.model.layers[3].qkv.w_q.shape  # rewritten

@@ -1,7 +1,7 @@
 """ringfuse.runtime.weights + model: tiny random HF models (Llama tied / untied, Mistral,
 Qwen2 with q/k/v biases, Llama with attention_bias + mlp_bias, Llama 3.1 RoPE scaling)
 saved as safetensors folders and as
-hand-written GGUF files, loaded by ``open_weights`` and run by ``LlamaModel``; the logits
+hand-written GGUF files, loaded by ``open_weights`` and run by ``DecoderModel``; the logits
 are checked against HF transformers running the same weights.
 
 Tolerance (DESIGN.md, Numerics): ringfuse's fp32 error vs an fp64 copy of the HF model is
@@ -22,7 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from ringfuse.runtime.model import LlamaModel, Step  # noqa: E402
+from ringfuse.runtime.model import DecoderModel, Step  # noqa: E402
 from ringfuse.runtime.weights import open_weights  # noqa: E402
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -86,14 +86,14 @@ def hf_models(tmp_path_factory):
     return out
 
 
-# ---- driving LlamaModel ----------------------------------------------------------------
+# ---- driving DecoderModel --------------------------------------------------------------
 
 
 def _slots(blocks, positions):
     return [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in positions]
 
 
-def _prefill(lm: LlamaModel, kv, prompts, blocks) -> torch.Tensor:
+def _prefill(lm: DecoderModel, kv, prompts, blocks) -> torch.Tensor:
     """Prompts packed along T (varlen); logits for all T rows."""
     ids, pos, slots, cu = [], [], [], [0]
     for p, b in zip(prompts, blocks):
@@ -112,7 +112,7 @@ def _prefill(lm: LlamaModel, kv, prompts, blocks) -> torch.Tensor:
         return lm.logits(lm.forward(step, kv))
 
 
-def _decode(lm: LlamaModel, kv, tokens, positions, blocks) -> torch.Tensor:
+def _decode(lm: DecoderModel, kv, tokens, positions, blocks) -> torch.Tensor:
     """One new token per sequence at the given positions; logits [B, V]."""
     width = max(map(len, blocks))
     table = torch.zeros(len(blocks), width, dtype=torch.int32)
@@ -199,7 +199,7 @@ def test_hf_folder_prefill_and_decode(hf_models, kind):
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers) == (4, 2, 16, 2)
     if kind == "llama_tied":
         assert not w.has("lm_head.weight")
-    lm = LlamaModel(w)
+    lm = DecoderModel(w)
     _run_and_check(lm, hf32, hf64, kind, lengths=(10,))
 
 
@@ -207,7 +207,7 @@ def test_hf_folder_prefill_and_decode(hf_models, kind):
 def test_hf_folder_varlen_batch(hf_models, kind):
     """Two prompts of different lengths packed along T, then decoded together."""
     hf32, hf64, path = hf_models[kind]
-    lm = LlamaModel(open_weights(path))
+    lm = DecoderModel(open_weights(path))
     _run_and_check(lm, hf32, hf64, kind + " varlen", lengths=(7, 12), decode_steps=2)
 
 
@@ -235,7 +235,7 @@ def test_sharded_checkpoint(hf_models, tmp_path):
                        hf32.model.layers[1].mlp.up_proj.weight[8:40])  # fmt: skip
     assert torch.equal(w.get("model.layers.1.mlp.down_proj.weight", 1, 8, 40),
                        hf32.model.layers[1].mlp.down_proj.weight[:, 8:40])  # fmt: skip
-    _run_and_check(LlamaModel(w), hf32, hf64, "sharded", decode_steps=1)
+    _run_and_check(DecoderModel(w), hf32, hf64, "sharded", decode_steps=1)
 
 
 def _all_logits(lm, lengths=(10, 6)):
@@ -247,8 +247,8 @@ def _all_logits(lm, lengths=(10, 6)):
 def test_bf16_close_to_fp32(hf_models):
     hf32, hf64, path = hf_models["llama"]
     w = open_weights(path)
-    out16, prompts = _all_logits(LlamaModel(w, dtype=torch.bfloat16))
-    out32, _ = _all_logits(LlamaModel(w))
+    out16, prompts = _all_logits(DecoderModel(w, dtype=torch.bfloat16))
+    out32, _ = _all_logits(DecoderModel(w))
     assert out16.dtype == torch.float32 and torch.isfinite(out16).all()
     # the rule against HF's own bf16 run (reference: fp64), with slack for rounding luck
     ref64 = torch.cat(_hf_logits(hf64, prompts))
@@ -263,8 +263,8 @@ def test_bf16_close_to_fp32(hf_models):
 @pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "llama_bias"])
 def test_int8_quant_close_to_fp32(hf_models, kind, quant):
     w = open_weights(hf_models[kind][2])
-    outq, _ = _all_logits(LlamaModel(w, quant=quant))
-    out32, _ = _all_logits(LlamaModel(w))
+    outq, _ = _all_logits(DecoderModel(w, quant=quant))
+    out32, _ = _all_logits(DecoderModel(w))
     assert outq.dtype == torch.float32 and torch.isfinite(outq).all()
     cos = torch.nn.functional.cosine_similarity(outq, out32, dim=-1)
     assert cos.min() > 0.99, cos
@@ -290,9 +290,9 @@ def test_linear_from_row_blocks_equals_whole(quant, dtype):
 def test_model_rejects_bad_dtype_and_quant(hf_models):
     w = open_weights(hf_models["llama"][2])
     with pytest.raises(ValueError, match="quant must be one of"):
-        LlamaModel(w, quant="int4")
+        DecoderModel(w, quant="int4")
     with pytest.raises(ValueError, match="dtype must be"):
-        LlamaModel(w, dtype=torch.float16)
+        DecoderModel(w, dtype=torch.float16)
 
 
 # ---- Llama attention_bias / mlp_bias ---------------------------------------------------
@@ -323,14 +323,19 @@ def test_biases_change_the_logits(hf_models):
 
 
 def test_biased_llama_greedy_tokens_match_hf(hf_models, tmp_path):
-    """LLM on the biased Llama folder (a word-level tokenizer.json beside it) generates HF's
-    greedy tokens, decode graphs and all; a divergence is allowed only after a near-tie."""
+    """LLM on the biased Llama folder generates HF's greedy tokens."""
+    hf32, _, path = hf_models["llama_bias"]
+    check_greedy_tokens_match_hf(hf32, path, tmp_path)
+
+
+def check_greedy_tokens_match_hf(hf32, path, tmp_path):
+    """LLM on a copy of the folder ``path`` (a word-level tokenizer.json beside it) generates
+    HF's greedy tokens, decode graphs and all; a divergence is allowed only after a near-tie."""
     import shutil
 
     tokenizers = pytest.importorskip("tokenizers")
     from ringfuse.runtime import LLM
 
-    hf32, _, path = hf_models["llama_bias"]
     for f in path.iterdir():
         shutil.copy(f, tmp_path / f.name)
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
@@ -356,9 +361,10 @@ def test_biased_llama_greedy_tokens_match_hf(hf_models, tmp_path):
 def _tp_bias_worker(rank, world, path):
     import torch.distributed as dist
 
-    lm = LlamaModel(open_weights(path), tp_group=dist.group.WORLD)
+    lm = DecoderModel(open_weights(path), tp_group=dist.group.WORLD)
     layer = lm.layers[0]
-    biases = {name: getattr(layer, name).bias is not None for name in ("qkv", "o_proj", "gate_up", "down")}
+    biases = {name: lin.bias is not None for name, lin in (("qkv", layer.qkv), ("o_proj", layer.o_proj),
+                                                           ("gate_up", layer.mlp.gate_up), ("down", layer.mlp.down))}
     return _bias_logits(lm), biases
 
 
@@ -368,7 +374,7 @@ def test_biases_tensor_parallel(hf_models):
     from tests.distributed.harness import run_ranks, values
 
     path = hf_models["llama_bias"][2]
-    want = _bias_logits(LlamaModel(open_weights(path)))
+    want = _bias_logits(DecoderModel(open_weights(path)))
     got = values(run_ranks(_tp_bias_worker, 2, str(path), timeout_s=300))
     for rank, (logits, biases) in enumerate(got):
         assert biases == {"qkv": True, "o_proj": rank == 0, "gate_up": True, "down": rank == 0}, rank
@@ -383,16 +389,16 @@ def test_biases_through_the_converted_weights_cache(hf_models, tmp_path, quant):
     from ringfuse.runtime import weight_cache as wc
 
     w = open_weights(hf_models["llama_bias"][2])
-    lm = LlamaModel(w, quant=quant)
+    lm = DecoderModel(w, quant=quant)
     tensors = lm.converted_tensors()
     for name in ("qkv", "o_proj", "gate_up", "down"):
-        assert tensors[f"layers.1.{name}.bias"].shape == (getattr(lm.layers[1], name).out_features,), name
+        assert tensors[f"layers.1.{name}.bias"].shape == (lm.linears[f"layers.1.{name}"].out_features,), name
     f = tmp_path / "cache.safetensors"
     assert wc.save(f, tensors)
-    assert torch.equal(_bias_logits(LlamaModel(w, quant=quant, converted=wc.load(f))), _bias_logits(lm))
+    assert torch.equal(_bias_logits(DecoderModel(w, quant=quant, converted=wc.load(f))), _bias_logits(lm))
     stale = {k: v for k, v in tensors.items() if not k.endswith(".down.bias")}
     with pytest.raises(ValueError, match="layers.0.down: converted weights without a bias"):
-        LlamaModel(w, quant=quant, converted=stale)
+        DecoderModel(w, quant=quant, converted=stale)
 
 
 def test_a_missing_bias_is_zeros_as_in_hf(hf_models, tmp_path):
@@ -409,7 +415,7 @@ def test_a_missing_bias_is_zeros_as_in_hf(hf_models, tmp_path):
     ref32, ref64 = copy.deepcopy(hf32), copy.deepcopy(hf64)
     for m in (ref32, ref64):
         m.model.layers[1].mlp.up_proj.bias.data.zero_()
-    _run_and_check(LlamaModel(open_weights(tmp_path)), ref32, ref64, "missing up bias", decode_steps=1)
+    _run_and_check(DecoderModel(open_weights(tmp_path)), ref32, ref64, "missing up bias", decode_steps=1)
 
 
 # ---- tensor shapes against the config ----------------------------------------------------
@@ -739,7 +745,7 @@ def test_gguf_tensors_equal_hf(llama_gguf, hf_models):
 
 def test_gguf_logits_match_hf(llama_gguf, hf_models):
     hf32, hf64, _ = hf_models["llama"]
-    _run_and_check(LlamaModel(open_weights(llama_gguf)), hf32, hf64, "gguf llama", lengths=(10, 5))
+    _run_and_check(DecoderModel(open_weights(llama_gguf)), hf32, hf64, "gguf llama", lengths=(10, 5))
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama_tied", "llama_bias"])
@@ -754,7 +760,7 @@ def test_gguf_other_models(hf_models, tmp_path, kind):
     assert w.config.attention_bias == (kind in ("qwen2", "llama_bias"))
     assert w.config.o_proj_bias == w.config.mlp_bias == (kind == "llama_bias")
     assert w.config.tie_word_embeddings == (kind == "llama_tied")
-    _run_and_check(LlamaModel(w), hf32, hf64, f"gguf {kind}", decode_steps=1)
+    _run_and_check(DecoderModel(w), hf32, hf64, f"gguf {kind}", decode_steps=1)
 
 
 def test_gguf_llama3_rope_freqs(hf_models, tmp_path):
@@ -765,7 +771,7 @@ def test_gguf_llama3_rope_freqs(hf_models, tmp_path):
     w = open_weights(path)
     ref = open_weights(hf_models["llama3_rope"][2]).config
     assert torch.allclose(w.config.inv_freq(), ref.inv_freq(), rtol=1e-6, atol=0)
-    _run_and_check(LlamaModel(w), hf32, hf64, "gguf llama3 rope", decode_steps=1)
+    _run_and_check(DecoderModel(w), hf32, hf64, "gguf llama3 rope", decode_steps=1)
 
 
 def test_gguf_rope_freqs_wrong_length(hf_models, tmp_path):
@@ -812,7 +818,7 @@ def test_gguf_q8_0_slices(hf_models, tmp_path):
     assert torch.equal(w.get("model.layers.1.self_attn.q_proj.weight", 1, 32, 64), q[:, 32:64])
 
     # and the model runs on it, close to the fp32 logits
-    lm, lm32 = LlamaModel(w), LlamaModel(open_weights(hf_models["llama"][2]))
+    lm, lm32 = DecoderModel(w), DecoderModel(open_weights(hf_models["llama"][2]))
     out, out32 = _all_logits(lm)[0], _all_logits(lm32)[0]
     assert torch.nn.functional.cosine_similarity(out, out32, dim=-1).min() > 0.99
 
@@ -838,7 +844,7 @@ def test_gguf_bf16_and_f16_slices(hf_models, tmp_path):
     assert torch.equal(w.get("model.layers.1.self_attn.k_proj.weight", 1, 7, 30), k[:, 7:30])
     assert torch.equal(w.get("model.norm.weight"), hf.model.norm.weight.to(torch.bfloat16))
     # the model runs on BF16 / F16 tensors (upcast to fp32) close to the fp32 logits
-    out, out32 = _all_logits(LlamaModel(w))[0], _all_logits(LlamaModel(open_weights(hf_models["llama"][2])))[0]
+    out, out32 = _all_logits(DecoderModel(w))[0], _all_logits(DecoderModel(open_weights(hf_models["llama"][2])))[0]
     assert torch.nn.functional.cosine_similarity(out, out32, dim=-1).min() > 0.999
 
 

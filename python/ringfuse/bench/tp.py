@@ -63,7 +63,7 @@ def _cases(quick):
 
 def valid_nproc(quick: bool = False) -> list[int]:
     """The tp sizes (2 to 64) every case of the bench splits into: ffn rows, attention heads."""
-    from ..distributed.tensor_parallel import attention_head_split
+    from ..layers.sharding import attention_head_split
 
     def fits(tp, hidden, ffn):
         try:

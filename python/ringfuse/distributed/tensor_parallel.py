@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..layers.sharding import attention_head_split
 from ..nn import Int8Linear
 from . import allreduce as ring
 
@@ -393,23 +394,6 @@ def load_safetensors_shard(model: torch.nn.Module, paths) -> None:
 
 # ---------------------------------------------------------------------------------------
 # HF Llama-family models
-
-
-def attention_head_split(num_heads: int, num_kv_heads: int, world: int, rank: int):
-    """(q heads [start, stop), kv heads [start, stop)) of this rank. KV heads are split
-    when tp divides them, else replicated: each rank keeps the one KV head its query heads
-    use (tp must then be a multiple of num_kv_heads). tp must divide num_heads."""
-    valid = [t for t in range(1, num_heads + 1) if num_heads % t == 0 and (num_kv_heads % t == 0 or t % num_kv_heads == 0)]
-    if num_heads % world or not (num_kv_heads % world == 0 or world % num_kv_heads == 0):
-        raise ValueError(f"tensor-parallel size {world} does not fit {num_heads} query / {num_kv_heads} KV heads; "
-                         f"valid tp sizes: {valid}")  # fmt: skip
-    hq = num_heads // world
-    q = (rank * hq, (rank + 1) * hq)
-    if num_kv_heads % world == 0:
-        hk = num_kv_heads // world
-        return q, (rank * hk, (rank + 1) * hk)
-    kv = q[0] // (num_heads // num_kv_heads)  # the one KV head all of this rank's query heads use
-    return q, (kv, kv + 1)
 
 
 def parallelize(model: torch.nn.Module, group=None, quant: str | None = None, fuse_mlp: bool = False) -> dict[str, int]:

@@ -597,10 +597,11 @@ class PagedDecodePlan:
     ``k_pages`` / ``v_pages``: any layer's caches [num_blocks, Hkv, block_size, D] (each
     run's must have the same shape, strides and dtype); q [B, Hq, D], k / v [B, Hkv, D];
     positions / slot_mapping [B] int64 or int32; block_table [B, max_blocks] and seq_lens
-    [B] int32 (the new token counted). CUDA tensors run the three ops one after another."""
+    [B] int32 (the new token counted); ``scale`` and ``softcap`` as paged_decode_attention's.
+    CUDA tensors run the three ops one after another."""
 
     def __init__(self, k_pages, v_pages, cos_sin_cache, positions, slot_mapping, block_table, seq_lens,
-                 num_q_heads: int, *, scale=None, style: str = "neox"):  # fmt: skip
+                 num_q_heads: int, *, scale=None, softcap=None, style: str = "neox"):  # fmt: skip
         from .rotary_embedding import STYLES
 
         op = "PagedDecodePlan"
@@ -618,7 +619,7 @@ class PagedDecodePlan:
         batch = block_table.shape[0]
         # the checks the three ops make, once: q/k/v and caches, the integer tensors, rotary's cache
         q_probe = k_pages.new_empty(batch, num_q_heads, d)
-        self.scale, self.softcap = _check_common(op, q_probe, k_pages, v_pages, seq_lens, scale, None)
+        self.scale, self.softcap = _check_common(op, q_probe, k_pages, v_pages, seq_lens, scale, softcap)
         for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
             if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
                 raise TypeError(f"{op}: {name} must be an int64 or int32 tensor")
@@ -704,7 +705,8 @@ class PagedDecodePlan:
 
             rotary_embedding(q, k, self.positions, self.cos_sin_cache, style=self.style)
             write_kv(k, v, k_pages, v_pages, self.slot_mapping)
-            return paged_decode_attention(q, k_pages, v_pages, self.block_table, self.seq_lens, scale=self.scale)
+            return paged_decode_attention(q, k_pages, v_pages, self.block_table, self.seq_lens, scale=self.scale,
+                                          softcap=self.softcap or None)  # fmt: skip
         b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
         qx, kx, vx = q.data_ptr(), k.data_ptr(), v.data_ptr()
         for name, start, st, heads in (("q", qx, qs, hq), ("k", kx, ks, hkv), ("v", vx, vs, hkv)):

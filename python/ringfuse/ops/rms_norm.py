@@ -186,6 +186,10 @@ class PreparedRMSNorm:
         self._w_code = c.DTYPE_CODE[self._w.dtype]
         self._watch = c.Watch((weight,))  # a swapped / resized / rewritten weight: prepare again
 
+    def __call__(self, x, *, out=None):
+        """``rms_norm(x, weight, eps, cast_mode=..., out=out)`` (the full op and its checks)."""
+        return rms_norm(x, self.weight, self.eps, cast_mode=self.cast_mode, out=out)
+
     def add_(self, x, residual):
         """residual <- x + residual; x <- RMSNorm(x + residual), in place. Returns (x, residual)."""
         if self._watch.changed():

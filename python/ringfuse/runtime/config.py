@@ -1,18 +1,13 @@
-"""ModelConfig: the shape of a Llama-family decoder, read from an HF config.json or from
-GGUF metadata. Architectures outside the family are refused here, before any weight is read."""
+"""ModelConfig: the shape of a decoder, read from an HF config.json or from GGUF metadata.
+The architecture registry (``architectures``) says which families run and reads their own
+fields; any other architecture is refused here, before any weight is read."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 
-# HF "architectures" / model_type and GGUF general.architecture values this runtime runs.
-HF_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
-GGUF_ARCHITECTURES = ("llama", "qwen2")  # Mistral GGUFs use "llama"
+from . import architectures
 
 _HF_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")  # fmt: skip
@@ -33,6 +28,15 @@ def _num(v, what: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError(f"{what} must be a number, got {_short(v)}")
     return float(v)
+
+
+def _window_capped(context, window):
+    """The context, capped at a sliding window when there is one (the runtime attends over the
+    whole context, which equals windowed attention while it fits the window). A value that is
+    not a positive int is left for __post_init__ to name."""
+    if _is_int(context) and _is_int(window) and window >= 1:
+        return min(context, window)
+    return context
 
 
 def _make(cls, source: str, **kw):
@@ -64,7 +68,7 @@ def _check_hf_types(cfg: dict, source: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "llama" | "mistral" | "qwen2"
+    arch: str  # a key of architectures.REGISTRY: "llama", "mistral", "qwen2", "qwen3", "gemma2"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -84,6 +88,9 @@ class ModelConfig:
     rope_scaling: dict | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim) (Gemma 2: query_pre_attn_scalar^-1/2)
+    attn_softcap: float | None = None  # attention scores capped as c * tanh(s / c) (Gemma 2)
+    final_softcap: float | None = None  # logits capped alike (Gemma 2)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -91,8 +98,12 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model config: {name} must be a positive int, got {value!r}")
-        for name in ("rms_norm_eps", "rope_theta"):  # NaN / inf / <= 0 would give NaN logits, not an error
-            value = getattr(self, name)
+        if self.arch not in architectures.REGISTRY:
+            raise ValueError(f"model config: unknown architecture {self.arch!r}")
+        for name in ("rms_norm_eps", "rope_theta", "attn_scale", "attn_softcap", "final_softcap"):
+            value = getattr(self, name)  # NaN / inf / <= 0 would give NaN logits, not an error
+            if value is None and name not in ("rms_norm_eps", "rope_theta"):
+                continue
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"model config: {name} must be a positive finite number, got {value!r}")
         for value in (self.bos_token_id, *self.eos_token_ids):
@@ -103,6 +114,10 @@ class ModelConfig:
                              f"({self.num_kv_heads})")  # fmt: skip
         if self.head_dim % 2:
             raise ValueError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def architecture(self) -> type[architectures.Architecture]:
+        return architectures.REGISTRY[self.arch]
 
     @property
     def q_size(self) -> int:
@@ -141,12 +156,10 @@ class ModelConfig:
             raise ValueError(f"{source}: expected a JSON object, got {type(cfg).__name__} {_short(cfg)}")
         _check_hf_types(cfg, source)
         archs = cfg.get("architectures") or []
-        arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
-        if not archs and cfg.get("model_type") in HF_ARCHITECTURES.values():
-            arch = cfg["model_type"]  # no "architectures" list: transformers goes by model_type too
+        arch = architectures.for_hf(archs, cfg.get("model_type"))
         if arch is None:
             raise ValueError(f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; ringfuse runs "
-                             f"{', '.join(HF_ARCHITECTURES)}")  # fmt: skip
+                             f"{', '.join(architectures.hf_names())}")  # fmt: skip
         try:
             heads = cfg["num_attention_heads"]
             hidden = cfg["hidden_size"]
@@ -167,10 +180,8 @@ class ModelConfig:
                     if scaling is not None and (key in scaling or key in required):
                         _num(scaling.get(key), f"{source}: rope_scaling {key}")
             eos = cfg.get("eos_token_id")
-            return _make(
-                cls,
-                source,
-                arch=arch,
+            fields = dict(
+                arch=arch.name,
                 vocab_size=cfg["vocab_size"],
                 hidden_size=hidden,
                 intermediate_size=cfg["intermediate_size"],
@@ -181,27 +192,25 @@ class ModelConfig:
                 rms_norm_eps=_num(cfg.get("rms_norm_eps", 1e-6), f"{source}: rms_norm_eps"),
                 rope_theta=_num(rope_theta, f"{source}: rope_theta"),
                 # no sliding-window attention here: the context stops at the window (Mistral)
-                max_position_embeddings=min(cfg.get("max_position_embeddings", 2048),
-                                            cfg.get("sliding_window") or 1 << 62),
+                max_position_embeddings=_window_capped(cfg.get("max_position_embeddings", 2048),
+                                                       cfg.get("sliding_window")),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                # as HF's modules: Llama's attention_bias covers q/k/v and o, Qwen2 always has
-                # q/k/v biases and no other, Mistral none whatever its config says
-                attention_bias=arch == "qwen2" or (arch == "llama" and bool(cfg.get("attention_bias", False))),
-                o_proj_bias=arch == "llama" and bool(cfg.get("attention_bias", False)),
-                mlp_bias=arch == "llama" and bool(cfg.get("mlp_bias", False)),
                 rope_scaling=scaling,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
             )
+            # the family's own fields: biases as its HF modules have them, scaling, soft caps
+            return _make(cls, source, **{**fields, **arch.hf_fields(cfg, source)})
         except KeyError as e:
             raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
 
     @classmethod
     def from_gguf(cls, meta: dict, tensor_names, source: str = "GGUF") -> "ModelConfig":
         arch = meta.get("general.architecture")
-        if arch not in GGUF_ARCHITECTURES:
+        family = architectures.for_gguf(arch)
+        if family is None:
             raise ValueError(f"{source}: unsupported architecture {arch!r}; ringfuse runs GGUF architectures "
-                             f"{', '.join(GGUF_ARCHITECTURES)}")  # fmt: skip
+                             f"{', '.join(architectures.gguf_names())}")  # fmt: skip
 
         def get(key, default=None):
             value = meta.get(f"{arch}.{key}", default)
@@ -220,25 +229,22 @@ class ModelConfig:
         if scale_type not in (None, "none"):
             raise ValueError(f"{source}: unsupported rope scaling {scale_type!r}")
         eos = meta.get("tokenizer.ggml.eos_token_id")
-        return _make(
-            cls,
-            source,
-            arch=arch,
+        fields = dict(
+            arch=family.name,
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=get("feed_forward_length"),
             num_layers=get("block_count"),
             num_heads=heads,
             num_kv_heads=meta.get(f"{arch}.attention.head_count_kv") or heads,
-            head_dim=meta.get(f"{arch}.rope.dimension_count") or hidden // heads,
+            head_dim=(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+                      or hidden // heads),  # fmt: skip
             rms_norm_eps=_num(get("attention.layer_norm_rms_epsilon"), f"{source}: {arch}.layer_norm_rms_epsilon"),
             rope_theta=_num(meta.get(f"{arch}.rope.freq_base", 10000.0), f"{source}: {arch}.rope.freq_base"),
-            max_position_embeddings=get("context_length"),
+            # no sliding-window attention here: the context stops at the window (see from_hf)
+            max_position_embeddings=_window_capped(get("context_length"), meta.get(f"{arch}.attention.sliding_window")),
             tie_word_embeddings="output.weight" not in names,
-            # biases as llama.cpp takes them: optional for llama (q/k/v, o, ffn), q/k/v for qwen2
-            attention_bias="blk.0.attn_q.bias" in names,
-            o_proj_bias=arch == "llama" and "blk.0.attn_output.bias" in names,
-            mlp_bias=arch == "llama" and "blk.0.ffn_gate.bias" in names,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (eos,),
         )
+        return _make(cls, source, **{**fields, **family.gguf_fields(meta, names, source)})

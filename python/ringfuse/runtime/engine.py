@@ -28,7 +28,7 @@ import torch
 
 from .. import ops
 from .kv_blocks import BlockPool
-from .model import QUANT_MODES, DecodeGraph, LlamaModel, Step
+from .model import QUANT_MODES, DecodeGraph, DecoderModel, Step
 from .sampling import SamplingParams, TokenLogprobs, generator, select, token_logprobs
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -162,7 +162,7 @@ class LLM:
             pass
         self.prefix_cache_queries = self.prefix_cache_hits = 0  # the warm-up's lookups do not count
 
-    def _load_model(self, quant: str, group, weight_cache: bool | None) -> LlamaModel:
+    def _load_model(self, quant: str, group, weight_cache: bool | None) -> DecoderModel:
         """The model, through the converted-weights cache (default: on for GGUF files)."""
         import torch.distributed as dist
 
@@ -177,10 +177,10 @@ class LLM:
         with torch.no_grad():
             if converted is not None:
                 try:
-                    return LlamaModel(self.weights, self.dtype, quant, group, converted=converted)
+                    return DecoderModel(self.weights, self.dtype, quant, group, converted=converted)
                 except ValueError:  # the file does not fit this model: convert again
                     pass
-            model = LlamaModel(self.weights, self.dtype, quant, group)
+            model = DecoderModel(self.weights, self.dtype, quant, group)
         if cache is not None:
             e = wc.save_or_error(cache, model.converted_tensors())
             if e is not None:  # the model works uncached; say once why loads stay slow

@@ -24,7 +24,7 @@ import torch
 
 from .config import ModelConfig
 
-_GGUF_NAMES = {  # GGUF tensor name -> HF name ({i}: layer index)
+_GGUF_NAMES = {  # GGUF tensor name -> HF name ({i}: layer index), Llama's set
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
@@ -40,9 +40,15 @@ _GGUF_NAMES = {  # GGUF tensor name -> HF name ({i}: layer index)
 }
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch) -> str | None:
+    """The HF name of a GGUF tensor of architecture ``arch`` (its own layer tensors first)."""
     m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)", gguf_name)
-    if m is None or m.group(2) not in _GGUF_NAMES:
+    if m is None:
+        return None
+    own = arch.gguf_layer_tensors.get(m.group(2)) if m.group(1) is not None else None
+    if own is not None:
+        return f"model.layers.{m.group(1)}.{own}.{m.group(3)}"
+    if m.group(2) not in _GGUF_NAMES:
         return None
     return _GGUF_NAMES[m.group(2)].format(i=m.group(1)) + "." + m.group(3)
 
@@ -187,12 +193,13 @@ class GGUFWeights:
         except (ValueError, UnicodeDecodeError, struct.error) as e:
             raise ValueError(f"{self.path}: not a readable GGUF file ({e})") from None
         self.metadata = {k: v for k, v in self.metadata.items() if not k.startswith("GGUF.")}
+        self.config = ModelConfig.from_gguf(self.metadata, [t.name for t in tensors], str(self.path))
+        arch = self.config.architecture
         self.tensors = {}
         for t in tensors:
-            name = _hf_name(t.name)
+            name = _hf_name(t.name, arch)
             if name is not None:
                 self.tensors[name] = t
-        self.config = ModelConfig.from_gguf(self.metadata, [t.name for t in tensors], str(self.path))
         # Llama 3.1+ GGUFs carry the RoPE scaling as per-frequency divisors, not as metadata
         freqs = next((t for t in tensors if t.name == "rope_freqs.weight"), None)
         if freqs is not None:
@@ -202,9 +209,11 @@ class GGUFWeights:
                                  f"{self.config.head_dim // 2}")  # fmt: skip
             scaling = {"rope_type": "rope_freqs", "factors": tuple(factors.tolist())}
             self.config = dataclasses.replace(self.config, rope_scaling=scaling)
-        # llama.cpp's converter interleaves each head's q/k rows for its GPT-J style RoPE;
-        # undo it (as transformers does) so every source has HF's rotate-half layout.
-        self._permuted = self.config.arch == "llama"
+        # llama.cpp's converter interleaves each head's q/k rows for its GPT-J style RoPE
+        # ("llama" arch), and adds 1 to Gemma's norm weights; undo both (as transformers
+        # does) so every source has HF's layout.
+        self._permuted = arch.gguf_permuted_qk
+        self._norm_offset = arch.norm_offset
         check_shapes(self)
 
     def has(self, name: str) -> bool:
@@ -224,6 +233,8 @@ class GGUFWeights:
             out = self._tensor(t, self._read(t)).reshape(-1)
             if permuted:  # llama.cpp's converter interleaves q/k biases as it does their rows
                 out = _unpermute_rows(out, self.config.head_dim)
+            if self._norm_offset and name.endswith("norm.weight"):
+                out = out.float() - self._norm_offset  # exact while 1 + w is in [0.5, 2] (Sterbenz)
             return out[start:stop].contiguous() if dim == 0 else out
         block, block_bytes = GGML_QUANT_SIZES[t.qtype]
         data = self._read(t, start, stop) if dim == 0 else self._read(t)  # [rows, bytes per row]
@@ -356,8 +367,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]
         biases["self_attn.o_proj"] = (H,)
     if cfg.mlp_bias:
         biases.update({"mlp.gate_proj": (F,), "mlp.up_proj": (F,), "mlp.down_proj": (H,)})
+    weights = {f"{k}.weight": v for k, v in weights.items()} | cfg.architecture.layer_shapes(cfg)
     for i in range(cfg.num_layers):
-        out.update({f"model.layers.{i}.{k}.weight": (v, True) for k, v in weights.items()})
+        out.update({f"model.layers.{i}.{k}": (v, True) for k, v in weights.items()})
         out.update({f"model.layers.{i}.{k}.bias": (v, False) for k, v in biases.items()})
     return out
 

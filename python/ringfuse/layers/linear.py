@@ -1,0 +1,90 @@
+"""The linear layer of the inference models: y = x W^T + b with W float, or int8 per output
+channel (w8a16: weight-only; w8a8: activations quantized per token, int8 x int8 GEMM).
+Weights are checked once at load (``ops.prepare_linear``,
+``prepare_int8_weight_only_linear``): a decode step calls each layer with ~10 us of work.
+
+Napkin math at decode (M = 1): a [N, K] layer reads N K weight bytes x 4 (fp32) or x 1
+(int8) + N 4 scale bytes and does 2 N K flops: bandwidth-bound, so int8 is ~4x fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..nn import quantize_weight
+
+QUANT_MODES = ("none", "w8a16", "w8a8")
+SMALL_M = 8  # rows up to which float linears take ringfuse's GEMV-style kernel
+
+
+class Linear:
+    """y = x W^T + b: W float [N, K] (torch GEMM), or int8 per output channel with fp32
+    scales (w8a16: ringfuse's weight-only kernels; w8a8: activations quantized per token,
+    int8 x int8 GEMM with the scales in its epilogue)."""
+
+    def __init__(self, weight, bias: torch.Tensor | None, quant: str, dtype: torch.dtype):
+        """``weight``: [N, K] float, or an iterator of its row blocks, taken one at a time so
+        that a large matrix (the LM head) is never whole in fp32 when it is quantized."""
+        bias = None if bias is None else bias.to(dtype if quant == "none" else torch.float32).contiguous()
+        blocks = [weight] if isinstance(weight, torch.Tensor) else weight
+        if quant == "none":
+            parts = [b.to(dtype) for b in blocks]
+            self._setup(quant, {"weight": parts[0].contiguous() if len(parts) == 1 else torch.cat(parts), "bias": bias})
+        else:
+            parts = [quantize_weight(b.float()) for b in blocks]  # ([rows, K] int8, [rows] fp32) each
+            w_q = parts[0][0] if len(parts) == 1 else torch.cat([q for q, _ in parts])
+            w_scale = parts[0][1] if len(parts) == 1 else torch.cat([s for _, s in parts])
+            self._setup(quant, {"w_q": w_q, "w_scale": w_scale, "bias": bias})
+
+    @classmethod
+    def from_parts(cls, parts: dict, quant: str, shape: tuple[int, int], key: str, dtype: torch.dtype) -> Linear:
+        """A Linear from the tensors ``parts()`` gave (the converted-weights cache), checked
+        against the expected [N, K]."""
+        self = cls.__new__(cls)
+        names = {"weight"} if quant == "none" else {"w_q", "w_scale"}
+        if not names <= parts.keys():
+            raise ValueError(f"{key}: missing {sorted(names - parts.keys())}")
+        main = parts["weight" if quant == "none" else "w_q"]
+        if tuple(main.shape) != shape or (quant != "none" and tuple(parts["w_scale"].shape) != shape[:1]):
+            raise ValueError(f"{key}: shape {tuple(main.shape)}, expected {shape}")
+        if parts.get("bias") is not None and tuple(parts["bias"].shape) != shape[:1]:
+            raise ValueError(f"{key}: bias shape {tuple(parts['bias'].shape)}, expected {shape[:1]}")
+        want = {"weight": dtype, "bias": dtype} if quant == "none" else \
+            {"w_q": torch.int8, "w_scale": torch.float32, "bias": torch.float32}  # fmt: skip
+        bad = [k for k, v in parts.items() if v is not None and v.dtype != want.get(k, v.dtype)]
+        if bad or not parts.keys() <= want.keys():
+            raise ValueError(f"{key}: unexpected tensors or dtypes {[(k, parts[k].dtype) for k in parts]}")
+        self._setup(quant, {"bias": None, **parts})
+        return self
+
+    def _setup(self, quant: str, parts: dict) -> None:
+        self.quant, self.bias = quant, parts["bias"]
+        if quant == "none":
+            self.weight = parts["weight"]  # [N, K]
+            self.out_features, self.in_features = self.weight.shape
+            self._small = ops.prepare_linear(self.weight, self.bias)  # weights checked once
+            return
+        self.w_q, self.w_scale = parts["w_q"], parts["w_scale"]  # [N, K] int8, [N] fp32
+        self.out_features, self.in_features = self.w_q.shape
+        self.packed = ops.pack_int8_weight(self.w_q) if quant == "w8a8" else None
+        if quant == "w8a16":
+            self._w8a16 = ops.prepare_int8_weight_only_linear(self.w_q, self.w_scale, self.bias)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The converted tensors, as ``from_parts`` takes them back."""
+        out = {"weight": self.weight} if self.quant == "none" else {"w_q": self.w_q, "w_scale": self.w_scale}
+        return out if self.bias is None else {**out, "bias": self.bias}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
+        if self.quant == "none":
+            # decode-sized M: ringfuse's bandwidth-bound kernel (MKL streams the weights at a
+            # third of the DRAM bandwidth on AMD hosts); prefill-sized M: torch's GEMM
+            if x.shape[0] <= SMALL_M and x.is_cpu:
+                return self._small(x)
+            return F.linear(x, self.weight, self.bias)
+        if self.quant == "w8a16":
+            return self._w8a16(x)
+        x_q, x_s = ops.quantize_per_token(x)
+        return ops.int8_gemm(x_q, self.w_q, x_s, self.w_scale, self.bias, out_dtype=x.dtype, packed=self.packed)
