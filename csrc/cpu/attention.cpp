@@ -3,19 +3,24 @@
 // both cores busy, with a deterministic merge of the splits.
 //
 // Work item = (sequence b, kv head, group of <= 8 query heads sharing it (GQA), split).
-// A split walks its keys in tiles of 32: scores = (q * scale) . k for every query of the
+// A split walks its keys in tiles of 64: scores = (q * scale) . k for every query of the
 // group (each key row is converted to fp32 once and reused by the whole group), an online
 // softmax update per tile (vectorized exp), then acc += p * v. Partials (max, sum, acc) go
 // to scratch; the merge combines the splits of each (b, query head) in split order, so
 // results are bitwise identical run to run, whatever the thread count, and between the
 // contiguous and the paged layout of the same data (splits depend on the length only).
+// Each thread runs a contiguous run of items (about equal key counts), so that it can
+// prefetch its next item's first tile while it finishes the current one.
 //
-// Napkin math: B = 1, Hkv = 3, D = 64, L = 8192, fp32: K + V = 12.6 MB read once, ~0.3 ms
-// at a 40-50 GB/s DRAM read stream; flops 4 * Hq * L * D = 19 MFLOP, ~0.1 ms at the FMA
-// peak: memory-bound, provided exp is vectorized (a scalar exp per score would cost more
-// than the reads) and the loads are prefetched (see split_avx2). Measured on two AVX2 cores,
-// B = 8, L = 2048 fp32: 9/3/64 at ~60% of the DRAM read rate, 32/8/128 at ~55%, where the
-// 2 x G x D FMAs per key of a G-query group cost about as much time as the reads.
+// Napkin math: B = 8, L = 2048, (Hq, Hkv, D) = (9, 3, 64), fp32: K + V = 2 x 8 x 3 x 2048
+// x 64 x 4 B = 25 MB read once per call, 0.78 ms for a plain 2-thread read of the same
+// rows on the AVX-512 VM (32 GB/s; one thread alone 26 GB/s); flops 4 x Hq x B x L x D =
+// 38 MFLOP, 48 FMAs (8-wide) per key row for a 3-query group, ~0.2 ms at the FMA peak of
+// 2 cores. So the call is bound by DRAM reads, provided compute hides under them: the
+// K / V rows of the next tile are prefetched while the current one is computed (see
+// split_avx2), and the FMA loops keep enough independent accumulators. Measured (AVX2
+// path, 2 threads, 2026-12-05): ~0.82 ms, 30 GB/s, ~93% of that plain read; 32/8/128
+// (134 MB) ~4.7 ms, 28 GB/s.
 //
 // The prefill kernel (attention) and write_kv follow after the decode kernel.
 #include "cpu/attention.h"
@@ -34,8 +39,9 @@
 namespace ringfuse::cpu {
 namespace {
 
-constexpr int kMaxGroup = 8;  // query heads per work item
-constexpr int kTile = 32;     // keys per softmax update
+constexpr int kMaxGroup = 8;   // query heads per work item
+constexpr int kTile = 32;      // split sizes are multiples of this
+constexpr int kDecTile = 64;   // keys per softmax update (AVX2 path)
 
 struct DecodeArgs {
   void* out;
@@ -61,6 +67,21 @@ struct Item {
   int64_t b, kvh, g0, g1, split;
 };
 
+// prefetch the cache lines that hold bytes [begin, end)
+template <int kHint>
+RF_INLINE void prefetch_span(const void* begin, const void* end) {
+  const auto e = reinterpret_cast<uintptr_t>(end);
+  auto p = reinterpret_cast<uintptr_t>(begin) & ~uintptr_t(63);
+  constexpr auto h = static_cast<_mm_hint>(kHint);
+  for (; p + 192 < e; p += 256) {
+    _mm_prefetch(reinterpret_cast<const char*>(p), h);
+    _mm_prefetch(reinterpret_cast<const char*>(p + 64), h);
+    _mm_prefetch(reinterpret_cast<const char*>(p + 128), h);
+    _mm_prefetch(reinterpret_cast<const char*>(p + 192), h);
+  }
+  for (; p < e; p += 64) _mm_prefetch(reinterpret_cast<const char*>(p), h);
+}
+
 template <class E>
 struct DecodeKernel {
   using T = typename E::T;
@@ -72,12 +93,14 @@ struct DecodeKernel {
     int64_t logical = j0 / a.block_size, pos = j0 % a.block_size;
     for (int64_t t = 0; t < n;) {
       const int64_t blk = a.block_table ? a.block_table[b * a.bt_stride + logical] : b;
-      const T* kb = static_cast<const T*>(a.k) + blk * a.k_sblk + h * a.k_sh;
-      const T* vb = static_cast<const T*>(a.v) + blk * a.v_sblk + h * a.v_sh;
-      for (; t < n && pos < a.block_size; ++t, ++pos) {
-        krow[t] = kb + pos * a.k_spos;
-        vrow[t] = vb + pos * a.v_spos;
+      const T* kp = static_cast<const T*>(a.k) + blk * a.k_sblk + h * a.k_sh + pos * a.k_spos;
+      const T* vp = static_cast<const T*>(a.v) + blk * a.v_sblk + h * a.v_sh + pos * a.v_spos;
+      const int64_t run = std::min(n - t, a.block_size - pos);  // keys left in this block
+      for (int64_t i = 0; i < run; ++i) {
+        krow[t + i] = kp + i * a.k_spos;
+        vrow[t + i] = vp + i * a.v_spos;
       }
+      t += run;
       pos = 0;
       ++logical;
     }
@@ -85,89 +108,131 @@ struct DecodeKernel {
 
   // One work item with AVX2: keys [j0, j1) of sequence it.b, query heads [g0, g0 + G) of
   // kv head it.kvh. G is a template argument so the group's accumulators live in registers
-  // (a runtime-sized array of __m256 goes through the stack, and every FMA of the PV loop
-  // then waits on a store-to-load round trip).
+  // (a runtime-sized array of __m256 goes through the stack, and every FMA then waits on a
+  // store-to-load round trip).
+  //
+  // Register blocking. Per key row, a G-query group costs 2 x G x D / 8 FMAs (D = 64,
+  // G = 3: 48, 24 cycles on two FMA units) against 2 x D x 4 = 512 bytes of fp32 K and V
+  // (~16 ns of one core's half of a 32 GB/s stream), so compute hides under the reads only
+  // if the FMAs are not starved. Both loops keep ~12 independent accumulators (a chain of
+  // dependent FMAs issues once per 4 cycles; two units need >= 8 chains) and load each K / V
+  // chunk once for the whole group:
+  //   scores: KB keys x G queries per block (G = 3: 4 x 3); per 8-column chunk G q loads and
+  //           KB k loads feed KB x G FMAs (was 1 key at a time: G + 1 loads per G FMAs);
+  //   PV:     PC chunks of 8 columns x G queries (G = 3: 4 x 3) over all keys of the tile.
+  // This cut the warm (L2-resident) time per key by ~10% only and left the cold-cache time
+  // as it was; what moved that was the prefetch schedule below and run()'s item order.
   template <int G>
-  static RF_AVX2 void split_avx2(const DecodeArgs& a, const Item& it, int64_t j0, int64_t j1) {
-    const int64_t D = a.d, Dv = D & ~int64_t(7), Dp = (D + 7) & ~int64_t(7);
+  static constexpr int kKeyBlock = G == 1 ? 8 : G <= 3 ? 4 : G <= 5 ? 2 : 1;
+  template <int G>
+  static constexpr int kPvChunks = G == 1 ? 8 : G <= 3 ? 4 : G <= 5 ? 2 : 1;
+
+  template <int G>
+  static RF_AVX2 void split_avx2(const DecodeArgs& a, const Item& it, int64_t j0, int64_t j1, const Item* next) {
+    constexpr int KB = kKeyBlock<G>, PC = kPvChunks<G>;
+    const int64_t D = a.d, Df = D & ~int64_t(7), Dp = (D + 7) & ~int64_t(7);
     const int64_t h0 = it.kvh * a.group + it.g0;  // first query head of the item
-    alignas(32) float qf[G][256 + 8];  // q * scale in fp32, zero-padded to a multiple of 8
+    alignas(32) float qf[G][256];   // q * scale in fp32, zero-padded to Dp
+    alignas(32) float acc[G][256];  // unnormalized output, zero-padded to Dp
     for (int g = 0; g < G; ++g) {
       const T* qp = static_cast<const T*>(a.q) + it.b * a.q_sb + (h0 + g) * a.q_sh;
       for (int64_t i = 0; i < D; ++i) qf[g][i] = E::load(qp + i) * a.scale;
       for (int64_t i = D; i < Dp; ++i) qf[g][i] = 0.0f;
+      std::fill(acc[g], acc[g] + Dp, 0.0f);
     }
-    float* acc[G];
-    float m[G], l[G];
-    for (int g = 0; g < G; ++g) {
-      const int64_t slot = ((it.b * a.hq) + h0 + g) * a.max_splits + it.split;
-      acc[g] = a.part_acc + slot * D;
-      std::fill(acc[g], acc[g] + D, 0.0f);
-      m[g] = -std::numeric_limits<float>::infinity();
-      l[g] = 0.0f;
-    }
-    alignas(32) float s[G][kTile];
-    const T* krow[kTile];
-    const T* vrow[kTile];
-    const T* nkrow[kTile];
-    const T* nvrow[kTile];
-    const int64_t row_bytes = D * int64_t(sizeof(T));
-    for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
-      const int64_t nt = std::min<int64_t>(kTile, j1 - t0);
-      tile_rows(a, it.b, it.kvh, t0, nt, krow, vrow);
-      const int64_t nn = std::min<int64_t>(kTile, j1 - t0 - 2 * kTile);  // keys of the tile to prefetch
-      if (nn > 0) tile_rows(a, it.b, it.kvh, t0 + 2 * kTile, nn, nkrow, nvrow);
-      // scores of the tile: each key row converted to fp32 once for the whole group; each
-      // (key, query) dot product leaves a vector of 8 partial sums in dots, and every 8 keys
-      // one horizontal reduction turns 8 such vectors into 8 scores (a horizontal sum per key
-      // cost ~3x more shuffles)
-      alignas(32) float dots[G][8][8];
-      for (int64_t t = 0; t < nt; ++t) {
-        // Prefetch the rows of the tile two ahead into L2, a row per key of this tile. Into L1
-        // (T0) one tile ahead, the prefetched 16 KiB fought the tile in use for a 32 KiB L1:
-        // cold-cache decode ran at the speed of compute plus DRAM in series (B=8, 9/3/64:
-        // 16 GB/s); into L2 the loads overlap compute (21 GB/s, 2 threads).
-        if (t < nn)
-          for (int64_t off = 0; off < row_bytes; off += 64) {
-            _mm_prefetch(reinterpret_cast<const char*>(nkrow[t]) + off, _MM_HINT_T1);
-            _mm_prefetch(reinterpret_cast<const char*>(nvrow[t]) + off, _MM_HINT_T1);
+    float m[G], l[G], alpha[G];
+    for (int g = 0; g < G; ++g) m[g] = -std::numeric_limits<float>::infinity(), l[g] = 0.0f;
+    alignas(32) float s[G][kDecTile];
+    alignas(32) float dots[G][8][8];
+    // Row pointers of this tile (rows[cur]) and of the next one (rows[cur ^ 1]), which is
+    // prefetched into L2 while this tile is computed: its K rows by the score loop, its V
+    // rows by the PV loop, each spread over its loop so that the core keeps a steady number
+    // of DRAM reads in flight (V prefetched together with K, in the score loop only, left
+    // the memory idle during PV: 9/3/64 cold ran ~15% slower). 64 keys ahead is 32 KiB of K
+    // and V at D = 64 fp32, ~2 us of one core's share of the DRAM stream, far past its
+    // ~0.1 us latency; 2 or 3 tiles ahead measured slower (more lines evicted before use).
+    const T* rows[2][2][kDecTile];
+    int cur = 0;
+    const bool packed = a.k_spos == D && a.v_spos == D;  // rows of a block adjacent in memory
+    const bool v_in_pv = Df >= 8 * PC;                    // the PV loop prefetches the next V rows
+    constexpr int64_t tile = kDecTile;
+    tile_rows(a, it.b, it.kvh, j0, std::min<int64_t>(tile, j1 - j0), rows[0][0], rows[0][1]);
+    for (int64_t t0 = j0; t0 < j1; t0 += tile, cur ^= 1) {
+      const int64_t nt = std::min<int64_t>(tile, j1 - t0), nt8 = (nt + 7) & ~int64_t(7);
+      const T** krow = rows[cur][0];
+      const T** vrow = rows[cur][1];
+      const T** nkrow = rows[cur ^ 1][0];
+      const T** nvrow = rows[cur ^ 1][1];
+      for (int64_t t = nt; t < nt8; ++t) krow[t] = krow[nt - 1];  // padding keys: scored, then masked
+      int64_t nn = std::min<int64_t>(tile, j1 - t0 - tile);  // keys of the next tile
+      if (nn > 0) {
+        tile_rows(a, it.b, it.kvh, t0 + tile, nn, nkrow, nvrow);
+      } else if (next) {  // the last tile prefetches the first of the thread's next item
+        const int64_t nj0 = next->split * a.split_size;
+        nn = std::min<int64_t>(std::min<int64_t>(tile, nt), a.seq_lens[next->b] - nj0);
+        if (nn > 0) tile_rows(a, next->b, next->kvh, nj0, nn, nkrow, nvrow);
+      }
+      // scores of the tile, KB keys at a time: each (key, query) dot product leaves a vector
+      // of 8 partial sums in dots, and every 8 keys one horizontal reduction turns 8 such
+      // vectors into 8 scores (a horizontal sum per key cost ~3x more shuffles)
+      for (int64_t t = 0; t < nt8; t += KB) {
+        // Prefetch the next tile's K rows into L2, as many as this block has keys. Into L1
+        // (T0) the prefetched rows fought the tile in use for the L1, and NTA was slower too.
+        if (t < nn) {
+          const int64_t kn = std::min<int64_t>(KB, nn - t);
+          const T* k0 = nkrow[t];
+          const T* v0 = nvrow[t];
+          if (packed && nkrow[t + kn - 1] == k0 + (kn - 1) * D) {
+            prefetch_span<_MM_HINT_T1>(k0, k0 + kn * D);  // the block's rows are adjacent: one span
+          } else {
+            for (int64_t kb = 0; kb < kn; ++kb) prefetch_span<_MM_HINT_T1>(nkrow[t + kb], nkrow[t + kb] + D);
           }
-        // each 8-element chunk of the key row is loaded (and converted to fp32) once, in
-        // registers, and used by the whole group
-        const T* kr = krow[t];
-        __m256 d0[G], d1[G];
-        for (int g = 0; g < G; ++g) d0[g] = d1[g] = _mm256_setzero_ps();
+          if (!v_in_pv) {
+            if (packed && nvrow[t + kn - 1] == v0 + (kn - 1) * D) {
+              prefetch_span<_MM_HINT_T1>(v0, v0 + kn * D);
+            } else {
+              for (int64_t kb = 0; kb < kn; ++kb) prefetch_span<_MM_HINT_T1>(nvrow[t + kb], nvrow[t + kb] + D);
+            }
+          }
+        }
+        __m256 sacc[KB][G];
+        for (int kb = 0; kb < KB; ++kb)
+          for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_setzero_ps();
         int64_t c = 0;
-        for (; c + 16 <= Dv; c += 16) {
-          const __m256 k0 = V8<E>::load(kr + c), k1 = V8<E>::load(kr + c + 8);
-          for (int g = 0; g < G; ++g) {
-            d0[g] = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + c), k0, d0[g]);
-            d1[g] = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + c + 8), k1, d1[g]);
+#pragma GCC unroll 2
+        for (; c < Df; c += 8) {
+          __m256 qv[G];
+          for (int g = 0; g < G; ++g) qv[g] = _mm256_load_ps(qf[g] + c);
+          for (int kb = 0; kb < KB; ++kb) {
+            const __m256 kv = V8<E>::load(krow[t + kb] + c);
+            for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_fmadd_ps(qv[g], kv, sacc[kb][g]);
           }
         }
-        for (; c < D; c += 8) {
-          const __m256 k0 = c + 8 <= D ? V8<E>::load(kr + c) : load_tail<E>(kr + c, D - c);
-          for (int g = 0; g < G; ++g) d0[g] = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + c), k0, d0[g]);
-        }
-        for (int g = 0; g < G; ++g) _mm256_store_ps(dots[g][t & 7], _mm256_add_ps(d0[g], d1[g]));
-        if ((t & 7) == 7 || t == nt - 1) {  // 8 keys (or the tile's last few): reduce them
-          const int64_t first = t & ~int64_t(7);
+        if (c < D)
+          for (int kb = 0; kb < KB; ++kb) {
+            const __m256 kv = load_tail<E>(krow[t + kb] + c, D - c);
+            for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + c), kv, sacc[kb][g]);
+          }
+        for (int kb = 0; kb < KB; ++kb)
+          for (int g = 0; g < G; ++g) _mm256_store_ps(dots[g][(t + kb) & 7], sacc[kb][g]);
+        if (((t + KB) & 7) == 0) {  // 8 keys scored: reduce them
+          const int64_t first = t + KB - 8;
           for (int g = 0; g < G; ++g) {
-            for (int64_t u = t + 1; u < first + 8; ++u) _mm256_store_ps(dots[g][u & 7], _mm256_setzero_ps());
             _mm256_store_ps(s[g] + first, hsum_each(dots[g]));
             if (a.softcap > 0.0f)
-              for (int64_t u = first; u <= t; ++u) s[g][u] = a.softcap * std::tanh(s[g][u] / a.softcap);
+              for (int64_t u = first; u < first + 8; ++u) s[g][u] = a.softcap * std::tanh(s[g][u] / a.softcap);
           }
         }
       }
-      // online softmax update per query: p = exp(s - m_new), rescale the running sums
+      // online softmax update per query: p = exp(s - m_new); the running output is rescaled
+      // by alpha as the PV loop loads it
       for (int g = 0; g < G; ++g) {
         const float tile_max = max_of(s[g], nt);
         const float m_new = std::max(m[g], tile_max);
-        const float alpha = std::exp(m[g] - m_new);  // 0 on the first tile (m = -inf)
+        alpha[g] = std::exp(m[g] - m_new);  // 0 on the first tile (m = -inf)
         const __m256 vm = _mm256_set1_ps(m_new);
         __m256 psum = _mm256_setzero_ps();
-        for (int64_t t = 0; t < kTile; t += 8) {
+        for (int64_t t = 0; t < nt8; t += 8) {
           __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(s[g] + t), vm));
           if (t + 8 > nt) {  // lanes past the tile's end contribute nothing
             const __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(int(t)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -176,87 +241,62 @@ struct DecodeKernel {
           _mm256_store_ps(s[g] + t, p);
           psum = _mm256_add_ps(psum, p);
         }
-        l[g] = l[g] * alpha + hsum(psum);
+        l[g] = l[g] * alpha[g] + hsum(psum);
         m[g] = m_new;
-        if (alpha != 1.0f) {
-          const __m256 va = _mm256_set1_ps(alpha);
-          for (int64_t i = 0; i < Dv; i += 8) _mm256_storeu_ps(acc[g] + i, _mm256_mul_ps(_mm256_loadu_ps(acc[g] + i), va));
-          for (int64_t i = Dv; i < D; ++i) acc[g][i] *= alpha;
-        }
       }
-      // acc += p * v, the accumulators in registers over the whole tile. Each accumulator is
-      // a chain of dependent FMAs (4 cycles apiece), so the core needs about 8 chains to keep
-      // both FMA units busy: kChunks x 8 columns per query, and for G <= 2 a second set of
-      // accumulators for the odd keys (kParities), added at the end of the tile.
-      constexpr int kChunks = G == 1 ? 4 : G <= 4 ? 2 : 1;
-      constexpr int kParities = G <= 2 ? 2 : 1;
+      // acc = acc * alpha + p * v: PC chunks x G queries of accumulators in registers over
+      // the whole tile; each V chunk is loaded once for the group
       int64_t c = 0;
-      for (; c + 8 * kChunks <= Dv; c += 8 * kChunks) {
-        __m256 accv[kParities][G][kChunks];
-        for (int g = 0; g < G; ++g)
-          for (int u = 0; u < kChunks; ++u) {
-            accv[0][g][u] = _mm256_loadu_ps(acc[g] + c + 8 * u);
-            if constexpr (kParities == 2) accv[kParities - 1][g][u] = _mm256_setzero_ps();
-          }
-        int64_t t = 0;
-        for (; t + kParities <= nt; t += kParities) {
-          for (int par = 0; par < kParities; ++par) {
-            __m256 vv[kChunks];
-            for (int u = 0; u < kChunks; ++u) vv[u] = V8<E>::load(vrow[t + par] + c + 8 * u);
-            for (int g = 0; g < G; ++g) {
-              const __m256 pb = _mm256_broadcast_ss(&s[g][t + par]);
-              for (int u = 0; u < kChunks; ++u) accv[par][g][u] = _mm256_fmadd_ps(pb, vv[u], accv[par][g][u]);
-            }
-          }
+      for (; c + 8 * PC <= Df; c += 8 * PC) {
+        __m256 av[G][PC];
+        for (int g = 0; g < G; ++g) {
+          const __m256 va = _mm256_set1_ps(alpha[g]);
+          for (int u = 0; u < PC; ++u) av[g][u] = _mm256_mul_ps(_mm256_load_ps(acc[g] + c + 8 * u), va);
         }
-        for (; t < nt; ++t) {  // an odd key left over
-          __m256 vv[kChunks];
-          for (int u = 0; u < kChunks; ++u) vv[u] = V8<E>::load(vrow[t] + c + 8 * u);
-          for (int g = 0; g < G; ++g) {
-            const __m256 pb = _mm256_broadcast_ss(&s[g][t]);
-            for (int u = 0; u < kChunks; ++u) accv[0][g][u] = _mm256_fmadd_ps(pb, vv[u], accv[0][g][u]);
+#pragma GCC unroll 2
+        for (int64_t t = 0; t < nt; ++t) {
+          if (t < nn)  // the columns of the next tile's V row that the same pass will read
+            prefetch_span<_MM_HINT_T1>(nvrow[t] + c, nvrow[t] + (c + 16 * PC > Df ? D : c + 8 * PC));
+          const T* vr = vrow[t] + c;
+          __m256 pb[G];
+          for (int g = 0; g < G; ++g) pb[g] = _mm256_broadcast_ss(&s[g][t]);
+          for (int u = 0; u < PC; ++u) {
+            const __m256 vv = V8<E>::load(vr + 8 * u);
+            for (int g = 0; g < G; ++g) av[g][u] = _mm256_fmadd_ps(pb[g], vv, av[g][u]);
           }
         }
         for (int g = 0; g < G; ++g)
-          for (int u = 0; u < kChunks; ++u) {
-            __m256 sum = accv[0][g][u];
-            if constexpr (kParities == 2) sum = _mm256_add_ps(sum, accv[kParities - 1][g][u]);
-            _mm256_storeu_ps(acc[g] + c + 8 * u, sum);
-          }
+          for (int u = 0; u < PC; ++u) _mm256_store_ps(acc[g] + c + 8 * u, av[g][u]);
       }
-      for (; c < Dp; c += 8) {  // the rest: single full chunks, then the tail
+      for (; c < Dp; c += 8) {  // the rest: single chunks, then the tail
         const int64_t n = std::min<int64_t>(8, D - c);
-        __m256 accv[G];
-        for (int g = 0; g < G; ++g) accv[g] = n == 8 ? _mm256_loadu_ps(acc[g] + c) : load_tail<F32>(acc[g] + c, n);
+        __m256 av[G];
+        for (int g = 0; g < G; ++g) av[g] = _mm256_mul_ps(_mm256_load_ps(acc[g] + c), _mm256_set1_ps(alpha[g]));
         for (int64_t t = 0; t < nt; ++t) {
           const __m256 vv = n == 8 ? V8<E>::load(vrow[t] + c) : load_tail<E>(vrow[t] + c, n);
-          for (int g = 0; g < G; ++g) accv[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[g][t]), vv, accv[g]);
+          for (int g = 0; g < G; ++g) av[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[g][t]), vv, av[g]);
         }
-        for (int g = 0; g < G; ++g) {
-          if (n == 8)
-            _mm256_storeu_ps(acc[g] + c, accv[g]);
-          else
-            store_tail<F32>(acc[g] + c, accv[g], n);
-        }
+        for (int g = 0; g < G; ++g) _mm256_store_ps(acc[g] + c, av[g]);
       }
     }
     for (int g = 0; g < G; ++g) {
       const int64_t slot = ((it.b * a.hq) + h0 + g) * a.max_splits + it.split;
+      std::copy(acc[g], acc[g] + D, a.part_acc + slot * D);
       a.part_m[slot] = m[g];
       a.part_l[slot] = l[g];
     }
   }
 
-  static void split_avx2_any(const DecodeArgs& a, const Item& it, int64_t j0, int64_t j1) {
+  static void split_avx2_any(const DecodeArgs& a, const Item& it, int64_t j0, int64_t j1, const Item* next) {
     switch (it.g1 - it.g0) {
-      case 1: split_avx2<1>(a, it, j0, j1); break;
-      case 2: split_avx2<2>(a, it, j0, j1); break;
-      case 3: split_avx2<3>(a, it, j0, j1); break;
-      case 4: split_avx2<4>(a, it, j0, j1); break;
-      case 5: split_avx2<5>(a, it, j0, j1); break;
-      case 6: split_avx2<6>(a, it, j0, j1); break;
-      case 7: split_avx2<7>(a, it, j0, j1); break;
-      default: split_avx2<8>(a, it, j0, j1); break;
+      case 1: split_avx2<1>(a, it, j0, j1, next); break;
+      case 2: split_avx2<2>(a, it, j0, j1, next); break;
+      case 3: split_avx2<3>(a, it, j0, j1, next); break;
+      case 4: split_avx2<4>(a, it, j0, j1, next); break;
+      case 5: split_avx2<5>(a, it, j0, j1, next); break;
+      case 6: split_avx2<6>(a, it, j0, j1, next); break;
+      case 7: split_avx2<7>(a, it, j0, j1, next); break;
+      default: split_avx2<8>(a, it, j0, j1, next); break;
     }
   }
 
@@ -317,15 +357,35 @@ struct DecodeKernel {
                   Isa isa, int num_threads) {
     const int64_t n_items = int64_t(items.size());
     const int threads = std::max(1, num_threads);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (n_items > 1)
+    auto keys_of = [&](const Item& it, int64_t& j0, int64_t& j1) {
+      j0 = it.split * a.split_size;
+      j1 = std::min<int64_t>(a.seq_lens[it.b], j0 + a.split_size);
+    };
+    // Each thread takes a contiguous run of items with about the same number of keys, in
+    // order, so the last tile of an item prefetches the first tile of the thread's next one
+    // (a dynamic schedule cannot know it: every item then started with a cold tile).
+    std::vector<int64_t> prefix(size_t(n_items) + 1, 0);  // keys (+1 per item) before item n
     for (int64_t n = 0; n < n_items; ++n) {
-      const Item& it = items[size_t(n)];
-      const int64_t j0 = it.split * a.split_size;
-      const int64_t j1 = std::min<int64_t>(a.seq_lens[it.b], j0 + a.split_size);
-      if (isa == Isa::kAvx2)
-        split_avx2_any(a, it, j0, j1);
-      else
-        split_scalar(a, it, j0, j1);
+      int64_t j0, j1;
+      keys_of(items[size_t(n)], j0, j1);
+      prefix[size_t(n) + 1] = prefix[size_t(n)] + (j1 - j0) + 1;
+    }
+#pragma omp parallel num_threads(threads) if (n_items > 1)
+    {
+      const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+      auto bound = [&](int64_t k) {
+        return int64_t(std::lower_bound(prefix.begin(), prefix.end(), prefix.back() * k / nth) - prefix.begin());
+      };
+      const int64_t lo = bound(tid), hi = tid + 1 == nth ? n_items : bound(tid + 1);
+      for (int64_t n = lo; n < hi; ++n) {
+        const Item& it = items[size_t(n)];
+        int64_t j0, j1;
+        keys_of(it, j0, j1);
+        if (isa == Isa::kAvx2)
+          split_avx2_any(a, it, j0, j1, n + 1 < hi ? &items[size_t(n) + 1] : nullptr);
+        else
+          split_scalar(a, it, j0, j1);
+      }
     }
     const int64_t n_out = a.batch * a.hq;
 #pragma omp parallel for schedule(static) num_threads(threads) if (n_out * a.d > 16384)
