@@ -20,7 +20,8 @@ gguf = pytest.importorskip("gguf")
 
 from ringfuse.runtime import architectures  # noqa: E402
 from ringfuse.runtime.config import ModelConfig  # noqa: E402
-from ringfuse.runtime.model import DecodeGraph, DecoderModel  # noqa: E402
+from ringfuse.runtime.model import DecoderModel  # noqa: E402
+from ringfuse.runtime.model_runner import DecodeGraph  # noqa: E402
 from ringfuse.runtime.weights import open_weights  # noqa: E402
 
 from .test_weights import (  # noqa: E402

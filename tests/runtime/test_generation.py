@@ -113,12 +113,12 @@ def test_stream_pieces_add_up_to_the_result(llm_fp32):
     assert "".join(e.text for e in events) == result.text
     assert [e.token_id for e in events] == result.token_ids
     assert result.text == llm_fp32.tokenizer.decode(
-        [t for t in result.token_ids if t not in llm_fp32.eos_ids], skip_special_tokens=True)
+        [t for t in result.token_ids if t not in llm_fp32.output.eos_ids], skip_special_tokens=True)
 
 
 def test_eos_and_length_finish(llm_fp32):
     r = llm_fp32.generate(PROMPTS[1], max_new_tokens=64)[0]
-    assert r.finish_reason == "eos" and r.token_ids[-1] in llm_fp32.eos_ids and "Paris" in r.text
+    assert r.finish_reason == "eos" and r.token_ids[-1] in llm_fp32.output.eos_ids and "Paris" in r.text
     r = llm_fp32.generate(PROMPTS[1], max_new_tokens=3)[0]
     assert r.finish_reason == "length" and len(r.token_ids) == 3
 
@@ -179,18 +179,43 @@ def test_decode_graphs_equal_eager(default_gguf_path, llm_fp32):
     params = [dict(max_new_tokens=n) for n in (5, 17, 9, 24)]
     want = [eager.generate(p, **kw)[0] for p, kw in zip(PROMPTS, params)]
     for r in want:
-        assert eager._graphs is None and r.token_ids
+        assert eager.runner.graphs is None and r.token_ids
     got = [llm_fp32.generate(p, **kw)[0] for p, kw in zip(PROMPTS, params)]
     batched = llm_fp32.generate(PROMPTS, max_new_tokens=24)  # 4, then fewer as some stop at eos
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert [b.token_ids for b in batched] == [e.token_ids for e in eager.generate(PROMPTS, max_new_tokens=24)]
-    assert llm_fp32._graphs and all(g.graph.calls for g in llm_fp32._graphs.values())
+    assert llm_fp32.runner.graphs and all(g.graph.calls for g in llm_fp32.runner.graphs.values())
     refused = LLM(default_gguf_path, max_batch=8, max_model_len=1024)
-    refused._graphs.clear()
+    refused.runner.graphs.clear()
     real = model_mod.ops.silu_mul
     try:  # a torch op in the decode step: capture refuses, the engine stays eager
         model_mod.ops.silu_mul = lambda x: torch.nn.functional.silu(x[:, : x.shape[1] // 2]) * x[:, x.shape[1] // 2 :]
         out = refused.generate(PROMPTS[0], max_new_tokens=5)[0]
     finally:
         model_mod.ops.silu_mul = real
-    assert refused._graphs == {(1, torch.get_num_threads()): False} and out.token_ids == want[0].token_ids
+    assert refused.runner.graphs == {(1, torch.get_num_threads()): False} and out.token_ids == want[0].token_ids
+
+
+def test_sampling_params_object_or_keywords(llm_fp32):
+    """Sampling settings come as one SamplingParams or as its fields by keyword, not both."""
+    params = SamplingParams(max_new_tokens=5, temperature=0.8, seed=3)
+    got = llm_fp32.generate(PROMPTS[0], params)[0].token_ids
+    assert got == llm_fp32.generate(PROMPTS[0], max_new_tokens=5, temperature=0.8, seed=3)[0].token_ids
+    assert [ev.token_id for ev in llm_fp32.stream(PROMPTS[0], params)] == got
+    with pytest.raises(TypeError, match="not both"):
+        llm_fp32.generate("hi", params, max_new_tokens=3)
+    with pytest.raises(TypeError, match="max_tokens"):
+        llm_fp32.generate("hi", max_tokens=3)
+    with pytest.raises(TypeError, match="params must be a SamplingParams, got dict"):
+        llm_fp32.generate("hi", {"max_new_tokens": 3})
+
+
+def test_explicit_warm_up(default_gguf_path):
+    """warm_up=False leaves the engine cold (nothing captured, nothing cached); warm_up() then
+    runs the batch-1 decode graph's capture and leaves no request or counted lookup behind."""
+    llm = LLM(default_gguf_path, max_batch=2, max_model_len=256, warm_up=False)
+    assert llm.runner.graphs == {} and llm.kv_cache_usage() == 0.0
+    llm.warm_up()
+    assert list(llm.runner.graphs) == [(1, torch.get_num_threads())]
+    assert not llm.has_unfinished() and llm.kv_cache_usage() == 0.0
+    assert llm.prefix_cache_queries == llm.prefix_cache_hits == 0

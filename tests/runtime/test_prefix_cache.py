@@ -91,7 +91,7 @@ PROMPTS = ["Explain photosynthesis.", "What is the capital of France?", "Write a
 
 
 def test_same_tokens_as_without_prefix_caching(llm_fp32, llm_no_prefix):
-    llm_fp32.blocks = type(llm_fp32.blocks)(llm_fp32.kv.num_blocks, llm_fp32.block_size)  # a cold prefix cache
+    llm_fp32.scheduler.blocks = type(llm_fp32.blocks)(llm_fp32.kv.num_blocks, llm_fp32.block_size)  # a cold prefix cache
     for i, p in enumerate(PROMPTS):
         got = llm_fp32.generate(p, max_new_tokens=24)[0]
         want = llm_no_prefix.generate(p, max_new_tokens=24)[0]
@@ -139,7 +139,7 @@ def test_batch_sharing_a_prefix_and_eviction(default_gguf_path, llm_no_prefix):
 
 
 def test_a_request_done_at_its_first_token_still_caches_its_prompt(llm_fp32):
-    llm_fp32.blocks = type(llm_fp32.blocks)(llm_fp32.kv.num_blocks, llm_fp32.block_size)
+    llm_fp32.scheduler.blocks = type(llm_fp32.blocks)(llm_fp32.kv.num_blocks, llm_fp32.block_size)
     first = llm_fp32.generate(PROMPTS[0], max_new_tokens=1)[0]
     again = llm_fp32.generate(PROMPTS[0], max_new_tokens=1)[0]
     assert first.cached_tokens == 0 and again.cached_tokens == (len(first.prompt_token_ids) - 1) // 16 * 16

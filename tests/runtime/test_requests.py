@@ -103,7 +103,7 @@ def test_check_request_before_queueing(llm_fp32, monkeypatch):
     llm = llm_fp32
     assert llm.max_request_tokens == llm.max_model_len  # the cache holds more than one context
     llm.check_request(llm.max_model_len - 1, SamplingParams(max_new_tokens=10**6))  # capped at the context: fits
-    monkeypatch.setattr(llm.kv, "num_blocks", 4)  # a cache of 64 tokens
+    monkeypatch.setattr(llm.blocks, "num_blocks", 4)  # a cache of 64 tokens
     assert llm.max_request_tokens == 64
     with pytest.raises(ValueError, match="needs 112 cache tokens but the cache holds 64"):
         llm.check_request(10, SamplingParams(max_new_tokens=100))

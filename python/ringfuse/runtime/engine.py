@@ -1,13 +1,12 @@
 """The generation engine: ``LLM(model).generate(prompts)`` / ``.stream(prompts)``.
 
-Continuous batching over a paged KV cache: each ``step()`` first admits waiting requests
-(up to ``max_batch`` running, each reserving the cache blocks for its prompt plus its
-``max_new_tokens`` so nothing is ever preempted) and prefills them together (prompts
-packed along one token axis, varlen attention); otherwise it decodes one token for every
-running request (paged decode attention). Finished requests leave at once and free their
-blocks; new ones join between decode steps. Prompt blocks stay cached after their request
-(kv_blocks.BlockPool): a prompt that starts with the same tokens maps them and prefills
-only the rest.
+``LLM`` loads the model (through the converted-weights cache), warms it up, and runs the
+loop of its three parts, one job each:
+- ``scheduler.Scheduler``: continuous batching over the paged KV cache, prefix caching,
+  KV block accounting (which requests the next step runs);
+- ``model_runner.CpuModelRunner``: the step's inputs, the forward pass (CPU graphs for
+  decode) and sampling;
+- ``output.OutputProcessor``: detokenization, stop strings, finish reasons, results.
 
 Under tensor parallelism (``tp > 1``, one process per rank under torchrun) every rank runs
 this same scheduler on the same requests; the logits are gathered on every rank, so all
@@ -16,71 +15,23 @@ ranks pick the same tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
-import time
 import warnings
-from collections import deque
 from typing import Iterator
 
 import torch
 
-from .. import ops
 from .kv_blocks import BlockPool
-from .model import QUANT_MODES, DecodeGraph, DecoderModel, Step
-from .sampling import SamplingParams, TokenLogprobs, generator, select, token_logprobs
+from .model import QUANT_MODES, DecoderModel
+from .model_runner import CpuModelRunner
+from .output import GenerationResult, OutputProcessor, TokenEvent
+from .sampling import SamplingParams
+from .scheduler import Request, Scheduler
+
+__all__ = ["LLM", "GenerationResult", "TokenEvent"]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-@dataclasses.dataclass
-class GenerationResult:
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # the new tokens
-    text: str  # their text (a matched stop string and what follows cut off)
-    finish_reason: str  # "eos" | "stop" | "length"
-    prefill_s: float  # time from the request's admission to its first token
-    decode_s: float  # time from its first token to its last
-    cached_tokens: int = 0  # prompt tokens whose k/v came from the prefix cache (not computed)
-    logprobs: list[TokenLogprobs] | None = None  # per new token, when the request asked (logprobs=k)
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        n = len(self.token_ids) - 1
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
-
-
-@dataclasses.dataclass
-class TokenEvent:
-    """One new token of request ``index`` (its position in the prompts given)."""
-
-    index: int
-    token_id: int
-    text: str  # the new text this token completes (may be "" mid-character or near a stop string)
-    finished: bool
-    result: GenerationResult | None = None  # set on the request's last event
-    logprobs: TokenLogprobs | None = None  # this token's, when the request asked (logprobs=k)
-
-
-class _Request:
-    def __init__(self, index, prompt_ids, params: SamplingParams, decoder, seed: int):
-        self.index, self.prompt_ids, self.params, self.decoder = index, prompt_ids, params, decoder
-        self.out_ids: list[int] = []
-        self.blocks: list[int] = []
-        self.cached = 0  # leading prompt tokens already in the cache (prefix reuse)
-        self.text, self.emitted = "", 0  # all decoded text; how much of it was handed out
-        self.finish_reason: str | None = None
-        self.generator = None
-        if not params.greedy:
-            self.generator = generator(params.seed if params.seed is not None else seed)
-        self.seen = torch.tensor(prompt_ids, dtype=torch.int64) if params.repetition_penalty != 1.0 else None
-        self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
-        self.t_admit = self.t_first = self.t_last = 0.0
-
-    @property
-    def length(self) -> int:  # tokens with a place in the cache (the last sampled one not yet)
-        return len(self.prompt_ids) + len(self.out_ids)
 
 
 class LLM:
@@ -96,13 +47,15 @@ class LLM:
     ``RINGFUSE_WEIGHT_CACHE=0``; off for HF folders). ``prefix_caching``: reuse the k/v of
     prompt prefixes seen before (whole blocks: the chat template's system prompt, earlier
     turns), see kv_blocks.py. ``decode_graphs``: replay each batch size's decode step as a
-    captured CPU graph (model.DecodeGraph; single rank), without the per-op Python.
+    captured CPU graph (model_runner.DecodeGraph; single rank), without the per-op Python.
+    ``warm_up``: run ``warm_up()`` before returning (default), so that the first request
+    does not pay the one-time costs.
     """
 
     def __init__(self, model=None, *, dtype="fp32", quant: str = "none", tp: int = 1, max_batch: int = 8,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None, block_size: int = 16,
                  threads: int | None = None, weight_cache: bool | None = None,
-                 prefix_caching: bool = True, decode_graphs: bool = True):  # fmt: skip
+                 prefix_caching: bool = True, decode_graphs: bool = True, warm_up: bool = True):  # fmt: skip
         from .model_files import resolve_model
         from .tokenizer import Tokenizer
         from .weights import open_weights
@@ -139,16 +92,11 @@ class LLM:
         if tokens < 2:
             raise ValueError(f"kv_cache_tokens must be >= 2, got {tokens}")
         self.kv = self.model.new_kv_cache(-(-tokens // block_size), block_size)
-        self.blocks = BlockPool(self.kv.num_blocks, block_size, prefix_caching)
-        # decode graphs by (batch, threads), False where a capture was refused; None: off (TP)
-        self._graphs = {} if decode_graphs and group is None else None
-        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
-        self.waiting: deque[_Request] = deque()
-        self.running: list[_Request] = []
-        self._new: list[_Request] = []  # admitted, not yet prefilled
+        self.scheduler = Scheduler(BlockPool(self.kv.num_blocks, block_size, prefix_caching), max_batch,
+                                   self.max_model_len)  # fmt: skip
+        self.runner = CpuModelRunner(self.model, self.kv, self.max_model_len, decode_graphs and group is None)
+        self.output = OutputProcessor(set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids), self.max_model_len)
         self._ids, self._draws = itertools.count(), itertools.count()
-        # prompt tokens looked up in the prefix cache at admission, and those found there
-        self.prefix_cache_queries = self.prefix_cache_hits = 0
         self._base_seed = int.from_bytes(os.urandom(8), "little") >> 1
         if group is not None:
             import torch.distributed as dist
@@ -156,11 +104,18 @@ class LLM:
             box = [self._base_seed]
             dist.broadcast_object_list(box, src=0, group=group)
             self._base_seed = box[0]
-        # warm-up: the first step pays one-time costs (OpenMP threads, first-touch pages,
-        # lazy inits) that would otherwise show up as the first request's prefill time
-        for _ in self.stream([[cfg.bos_token_id or 0] * 4], max_new_tokens=2, ignore_eos=True):
+        if warm_up:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Generate two tokens of a 4-token prompt: the first step pays one-time costs
+        (OpenMP threads, first-touch pages, lazy inits, the batch-1 decode graph's capture)
+        that would otherwise show up as the first request's prefill time. Under tensor
+        parallelism every rank must call it (the constructor does, by default)."""
+        for _ in self.stream([[self.config.bos_token_id or 0] * 4], max_new_tokens=2, ignore_eos=True):
             pass
-        self.prefix_cache_queries = self.prefix_cache_hits = 0  # the warm-up's lookups do not count
+        # the warm-up's prefix-cache lookups do not count
+        self.scheduler.prefix_cache_queries = self.scheduler.prefix_cache_hits = 0
 
     def _load_model(self, quant: str, group, weight_cache: bool | None) -> DecoderModel:
         """The model, through the converted-weights cache (default: on for GGUF files)."""
@@ -192,30 +147,28 @@ class LLM:
 
     # ---- public API ----------------------------------------------------------------------
 
-    def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None, stop=None,
-                 ignore_eos: bool = False, raw: bool = False,
-                 logprobs: int | None = None) -> list[GenerationResult]:  # fmt: skip
+    def generate(self, prompts, params: SamplingParams | None = None, *, raw: bool = False,
+                 **sampling) -> list[GenerationResult]:  # fmt: skip
         """One result per prompt, in order. A prompt is a string (the chat template is
         applied unless ``raw=True``), a conversation (a list of {"role", "content"} dicts)
-        or a list of token ids (used as given). ``logprobs=k``: each result also carries
-        every new token's log-probability and the k likeliest tokens (sampling.token_logprobs)."""
+        or a list of token ids (used as given). Sampling: a ``SamplingParams``, or its fields
+        as keywords (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``seed``, ``stop``, ``ignore_eos``, ``logprobs``).
+        ``logprobs=k``: each result also carries every new token's log-probability and the k
+        likeliest tokens (sampling.token_logprobs)."""
         results = {}
-        for ev in self.stream(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop,
-                              ignore_eos, raw, logprobs):  # fmt: skip
+        for ev in self.stream(prompts, params, raw=raw, **sampling):
             if ev.finished:
                 results[ev.index] = ev.result
         return [results[i] for i in range(len(results))]
 
-    def stream(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None, stop=None,
-               ignore_eos: bool = False, raw: bool = False,
-               logprobs: int | None = None) -> Iterator[TokenEvent]:  # fmt: skip
-        """Yields a TokenEvent per new token of every prompt, as produced."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop or (),
-                                ignore_eos, logprobs)  # fmt: skip
+    def stream(self, prompts, params: SamplingParams | None = None, *, raw: bool = False,
+               **sampling) -> Iterator[TokenEvent]:  # fmt: skip
+        """Yields a TokenEvent per new token of every prompt, as produced (arguments as
+        ``generate``'s)."""
+        params = _sampling_params(params, sampling)
         batch = [self.encode(p, raw) for p in _as_prompt_list(prompts)]
-        if self.waiting or self.running or self._new:
+        if self.scheduler.has_unfinished():
             raise RuntimeError("LLM.stream: the engine is busy with requests added by add_request(); drain step() first")
         for i, ids in enumerate(batch):
             self.add_request(ids, params, index=i)
@@ -250,16 +203,13 @@ class LLM:
     def max_request_tokens(self) -> int:
         """The most tokens (prompt + new) one request can hold: the context, or the whole
         KV cache when that is smaller."""
-        return min(self.max_model_len, self.kv.num_blocks * self.block_size)
+        return min(self.max_model_len, self.blocks.num_blocks * self.block_size)
 
     def check_request(self, prompt_len: int, params: SamplingParams) -> None:
         """ValueError if a request of this prompt length and these parameters could never be
         admitted (it needs more cache blocks than the cache has). add_request() checks it too;
         a server calls it first to answer with an error before queueing."""
-        need = self._blocks_needed(prompt_len, params)
-        if need > self.kv.num_blocks:
-            raise ValueError(f"the request needs {need * self.block_size} cache tokens but the cache holds "
-                             f"{self.kv.num_blocks * self.block_size} (raise kv_cache_tokens)")  # fmt: skip
+        self.scheduler.check(prompt_len, params)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, index: int | None = None) -> int:
         """Queue a request (token ids, already checked by encode()); it joins the running
@@ -269,188 +219,71 @@ class LLM:
         # an unseeded request draws from base seed + a counter: under TP every rank then
         # samples the same tokens (the base seed is rank 0's, broadcast at start-up)
         seed = (self._base_seed + next(self._draws)) % (1 << 63)
-        self.waiting.append(_Request(index, prompt_ids, params, self.tokenizer.decoder(), seed))
+        self.scheduler.add(Request(index, prompt_ids, params, self.tokenizer.decoder(), seed))
         return index
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self._new)
+        return self.scheduler.has_unfinished()
 
     def abort(self, index: int) -> bool:
         """Drop the unfinished request ``index`` (waiting, admitted or decoding) and free its
         cache blocks now; the rest of the batch goes on without it. False if no unfinished
         request has that index (it finished already, or was never added)."""
-        for r in self.waiting:
-            if r.index == index:
-                self.waiting.remove(r)
-                return True
-        for r in self.running:  # admitted requests are in running (and in _new until prefilled)
-            if r.index == index:
-                self._release(r)
-                self.running.remove(r)
-                if r in self._new:
-                    self._new.remove(r)
-                return True
-        return False
+        return self.scheduler.abort(index)
+
+    def abort_all(self) -> None:
+        self.scheduler.abort_all()
 
     def kv_cache_usage(self) -> float:
         """Fraction of the KV cache's blocks held by requests (cached prefix blocks nobody
         holds count as free: they are evicted on demand)."""
-        return 1.0 - self.blocks.available() / self.blocks.num_blocks
+        return self.scheduler.usage()
 
-    def abort_all(self) -> None:
-        for r in [*self.running, *self._new]:
-            self._release(r)
-        self.waiting.clear()
-        self.running, self._new = [], []
+    @property
+    def blocks(self) -> BlockPool:
+        """The KV cache's block pool (and prefix cache)."""
+        return self.scheduler.blocks
+
+    @property
+    def running(self) -> list[Request]:
+        return self.scheduler.running
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Prompt tokens looked up in the prefix cache at admission (since the warm-up)."""
+        return self.scheduler.prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Prompt tokens found there."""
+        return self.scheduler.prefix_cache_hits
 
     def step(self) -> list[TokenEvent]:
         """Prefill newly admitted requests, or else decode one token for each running one."""
-        self._admit()
-        if self._new:
-            new, self._new = self._new, []
-            events = self._prefill(new)
-        elif self.running:
-            events = self._decode()
-        else:
+        scheduled = self.scheduler.schedule()
+        if scheduled is None:
             return []
-        self.running = [r for r in self.running if r.finish_reason is None]
+        kind, reqs = scheduled
+        runner = self.runner
+        logits = runner.logits(runner.prefill_step(reqs) if kind == "prefill" else runner.decode_step(reqs))
+        if kind == "prefill":  # the prompts' k/v are in their blocks now: cache them (before a request can finish)
+            for r in reqs:
+                self.scheduler.blocks.register(r.prompt_ids, r.blocks)
+        tokens, logprobs, now = runner.sample(logits, reqs)
+        events = [self.output.accept(r, t, lp, now) for r, t, lp in zip(reqs, tokens, logprobs)]
+        self.scheduler.finish_step()
         return events
 
-    # ---- scheduling ----------------------------------------------------------------------
 
-    def _blocks_needed(self, prompt_len: int, params: SamplingParams) -> int:
-        tokens = min(prompt_len + params.max_new_tokens, self.max_model_len)
-        return -(-tokens // self.block_size)
-
-    def _admit(self) -> None:
-        while self.waiting and len(self.running) + len(self._new) < self.max_batch:
-            r = self.waiting[0]
-            got = self.blocks.allocate(r.prompt_ids, self._blocks_needed(len(r.prompt_ids), r.params))
-            if got is None:
-                break  # first come, first served: wait for blocks to free up
-            self.waiting.popleft()
-            r.blocks, r.cached = got
-            self.prefix_cache_queries += len(r.prompt_ids)
-            self.prefix_cache_hits += r.cached
-            r.t_admit = time.perf_counter()
-            self._new.append(r)
-            self.running.append(r)
-
-    def _release(self, r: _Request) -> None:
-        self.blocks.release(r.blocks)
-        r.blocks = []
-
-    def _slot(self, r: _Request, position: int) -> int:
-        """Where the token at ``position`` of request r lives in the paged cache."""
-        return r.blocks[position // self.block_size] * self.block_size + position % self.block_size
-
-    def _prefill(self, reqs: list[_Request]) -> list[TokenEvent]:
-        """The prompts' tokens past their cached prefixes, packed; with any cached prefix, the
-        attention reads each prompt's whole context back from the cache."""
-        ids, pos, slots, cu, ctx, cu_ctx = [], [], [], [0], [], [0]
-        for r in reqs:
-            n = len(r.prompt_ids)
-            ids += r.prompt_ids[r.cached :]
-            pos += range(r.cached, n)
-            slots += [self._slot(r, p) for p in range(r.cached, n)]
-            cu.append(cu[-1] + n - r.cached)
-            ctx += [self._slot(r, p) for p in range(n)]
-            cu_ctx.append(cu_ctx[-1] + n)
-        reuse = any(r.cached for r in reqs)
-        step = Step(
-            input_ids=torch.tensor(ids, dtype=torch.int64),
-            positions=torch.tensor(pos, dtype=torch.int64),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-            max_seqlen=max(len(r.prompt_ids) - r.cached for r in reqs),
-            logit_rows=torch.tensor(cu[1:], dtype=torch.int64) - 1,
-            context_slots=torch.tensor(ctx, dtype=torch.int64) if reuse else None,
-            cu_seqlens_context=torch.tensor(cu_ctx, dtype=torch.int32) if reuse else None,
-        )
-        return self._run(step, reqs, prefilled=True)
-
-    def _decode(self) -> list[TokenEvent]:
-        reqs = self.running
-        width = max(len(r.blocks) for r in reqs)
-        table = torch.zeros(len(reqs), width, dtype=torch.int32)
-        for b, r in enumerate(reqs):
-            table[b, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
-        pos = [r.length - 1 for r in reqs]  # the last sampled token goes in now
-        step = Step(
-            input_ids=torch.tensor([r.out_ids[-1] for r in reqs], dtype=torch.int64),
-            positions=torch.tensor(pos, dtype=torch.int64),
-            slot_mapping=torch.tensor([self._slot(r, p) for r, p in zip(reqs, pos)], dtype=torch.int64),
-            block_table=table,
-            seq_lens=torch.tensor([p + 1 for p in pos], dtype=torch.int32),
-        )
-        return self._run(step, reqs, decode=True)
-
-    def _run(self, step: Step, reqs: list[_Request], decode: bool = False, prefilled: bool = False) -> list[TokenEvent]:
-        with torch.no_grad():
-            logits = self._graph_logits(step) if decode and self._graphs is not None else None
-            if logits is None:
-                logits = self.model.logits(self.model.forward(step, self.kv))  # [B, V] fp32
-        if prefilled:  # the prompts' k/v are in their blocks now: cache them (before a request can finish)
-            for r in reqs:
-                self.blocks.register(r.prompt_ids, r.blocks)
-        tokens = select(logits, [r.params for r in reqs], [r.seen for r in reqs], [r.generator for r in reqs])
-        logprobs = token_logprobs(logits, tokens, [r.params.logprobs for r in reqs])  # [None]s unless asked
-        now = time.perf_counter()
-        return [self._accept(r, t, lp, now) for r, t, lp in zip(reqs, tokens, logprobs)]
-
-    def _graph_logits(self, step: Step) -> torch.Tensor | None:
-        """This decode step through its batch size's CPU graph (captured on first use), or
-        None when graphs cannot serve it (the caller then runs the model eagerly)."""
-        key = (step.input_ids.shape[0], torch.get_num_threads())
-        graph = self._graphs.get(key)
-        if graph is False:  # refused before: this batch size runs eagerly
-            return None
-        if graph is None:
-            graph = DecodeGraph(self.model, self.kv, key[0], -(-self.max_model_len // self.block_size))
-        try:
-            logits = graph.run(step)
-        except ops.NotCapturable:  # something in this step is not a recorded kernel: stay eager
-            self._graphs[key] = False
-            return None
-        self._graphs[key] = graph
-        return logits
-
-    def _accept(self, r: _Request, token: int, logprobs: TokenLogprobs | None, now: float) -> TokenEvent:
-        if not r.out_ids:
-            r.t_first = now
-        r.t_last = now
-        r.out_ids.append(token)
-        if r.logprobs is not None:
-            r.logprobs.append(logprobs)
-        if r.seen is not None:
-            r.seen = torch.cat([r.seen, torch.tensor([token])])
-        p = r.params
-        if token in self.eos_ids and not p.ignore_eos:
-            r.finish_reason = "eos"
-        else:
-            r.text += r.decoder.push(token)
-        if r.finish_reason is None and p.stop:
-            start = max(0, r.emitted - max(map(len, p.stop)))
-            hits = [i for i in (r.text.find(s, start) for s in p.stop) if i >= 0]
-            if hits:
-                r.text, r.finish_reason = r.text[: min(hits)], "stop"
-        if r.finish_reason is None and (len(r.out_ids) >= p.max_new_tokens or r.length >= self.max_model_len):
-            r.finish_reason = "length"
-        finished = r.finish_reason is not None
-        if finished:
-            if r.finish_reason != "stop":
-                r.text += r.decoder.flush()
-            self._release(r)
-            limit = len(r.text)
-        else:  # hold back a tail that may still grow into a stop string
-            limit = len(r.text) - (max(map(len, p.stop)) - 1 if p.stop else 0)
-        delta = r.text[r.emitted : max(limit, r.emitted)]
-        r.emitted = max(limit, r.emitted)
-        result = None
-        if finished:
-            result = GenerationResult(r.prompt_ids, r.out_ids, r.text, r.finish_reason, r.t_first - r.t_admit,
-                                      r.t_last - r.t_first, r.cached, r.logprobs)  # fmt: skip
-        return TokenEvent(r.index, token, delta, finished, result, logprobs)
+def _sampling_params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
+    if params is None:
+        return SamplingParams(**sampling)  # an unknown keyword is a TypeError naming it
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+    if sampling:
+        raise TypeError(f"give the sampling settings as params= or as keywords, not both (got params and "
+                        f"{sorted(sampling)})")  # fmt: skip
+    return params
 
 
 def _check_dtype(dtype) -> torch.dtype:

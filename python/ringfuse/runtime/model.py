@@ -8,8 +8,8 @@ embedding and LM head split over the vocab).
 A decode step at batch 1 runs ~10 us of kernels per op, so per-call checks would dominate:
 weights and norms are checked once at load (``ops.prepare_linear``,
 ``prepare_int8_weight_only_linear``, ``prepare_rms_norm``) and what the layers share
-(positions, slots, block table) once per step (``layers.StepAttention``); the engine then
-replays each batch size's decode step as a CPU graph (``DecodeGraph``, below).
+(positions, slots, block table) once per step (``layers.StepAttention``); the model runner
+then replays each batch size's decode step as a CPU graph (``model_runner.DecodeGraph``).
 
 Napkin math per decode token (SmolLM2-135M, 30 layers, hidden 576, ffn 1536): 134.5 M
 weights -> 538 MB fp32 or 135 MB int8 read once per step, 2 * 134.5 M = 269 MFLOP; at
@@ -27,7 +27,7 @@ from ..layers import QUANT_MODES, KVCache, Linear, Step, StepAttention, even_ran
 from .config import ModelConfig
 from .weights import release_freed_memory
 
-__all__ = ["QUANT_MODES", "DecodeGraph", "DecoderModel", "KVCache", "LayerLoader", "Linear", "Step", "head_split"]
+__all__ = ["QUANT_MODES", "DecoderModel", "KVCache", "LayerLoader", "Linear", "Step", "head_split"]
 
 
 class LayerLoader:
@@ -264,37 +264,3 @@ class DecoderModel:
             local = F.pad(local, (0, per - local.shape[1]), value=float("-inf"))
         full = all_gather(local.contiguous(), self.group).view(self.world, -1, per)
         return self.cap_logits(full.permute(1, 0, 2).reshape(local.shape[0], -1)[:, : self.config.vocab_size])
-
-
-class DecodeGraph:
-    """A decode step of ``batch`` sequences captured as a CPU graph (ops.capture_cpu_graph):
-    the first ``run`` captures the layers and the LM head on static input buffers, later
-    runs copy the step's inputs into them and replay the recorded kernels, without the
-    per-op Python. Bitwise the same logits as ``model.logits(model.forward(step, kv))``.
-    Single rank only (the all-reduce is not a recorded kernel)."""
-
-    def __init__(self, model: DecoderModel, kv: KVCache, batch: int, max_blocks: int):
-        self.model, self.kv, self.graph, self.out = model, kv, None, None
-        self.h = torch.zeros(batch, model.config.hidden_size, dtype=model.dtype)  # [B, hidden]
-        self.step = Step(input_ids=torch.zeros(batch, dtype=torch.int64), positions=torch.zeros(batch, dtype=torch.int64),
-                         slot_mapping=torch.zeros(batch, dtype=torch.int64),
-                         block_table=torch.zeros(batch, max_blocks, dtype=torch.int32),
-                         seq_lens=torch.ones(batch, dtype=torch.int32))  # fmt: skip
-
-    def run(self, step: Step) -> torch.Tensor:
-        """[B, V] fp32 logits of this decode step."""
-        s, width = self.step, step.block_table.shape[1]
-        self.h.copy_(self.model.embed_tokens(step.input_ids))
-        s.positions.copy_(step.positions)
-        s.slot_mapping.copy_(step.slot_mapping)
-        s.block_table[:, :width].copy_(step.block_table)
-        s.block_table[:, width:] = 0
-        s.seq_lens.copy_(step.seq_lens)
-        if self.graph is None:
-            with ops.capture_cpu_graph() as g:  # runs this step's kernels while recording them
-                self.out = self.model.lm_head(self.model.forward(s, self.kv, h=self.h))  # [B, V / tp]
-            self.graph = g
-        else:
-            self.graph.replay()
-        return self.model.cap_logits(self.out.float())
-
