@@ -85,7 +85,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("num_threads"));
 
   m.def("silu_mul", &rf::cpu::silu_mul, release_gil(), py::arg("out"), py::arg("out_stride"), py::arg("x"),
-        py::arg("x_stride"), py::arg("rows"), py::arg("d"), py::arg("dtype"), py::arg("num_threads"));
+        py::arg("x_stride"), py::arg("rows"), py::arg("d"), py::arg("dtype"), py::arg("num_threads"),
+        py::arg("activation") = 0);
 
   m.def("quantize_per_token", &rf::cpu::quantize_per_token, release_gil(), py::arg("q"), py::arg("q_stride"),
         py::arg("scale"), py::arg("x"), py::arg("x_stride"), py::arg("rows"), py::arg("k"), py::arg("dtype"),

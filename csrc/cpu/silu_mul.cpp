@@ -1,7 +1,11 @@
-// SwiGLU activation (vLLM's silu_and_mul): out = silu(gate) * up for x = [gate | up] rows,
-// on CPU: AVX2 with a scalar fallback, OpenMP over rows.
-//
-// silu(a) = a / (1 + exp(-a)) in fp32 (exp8: ~2 ulp), times up, one rounding to the dtype.
+// Gated activations of an MLP, out = act(gate) * up for x = [gate | up] rows, on CPU: AVX2
+// with a scalar fallback, OpenMP over rows.
+// - SwiGLU (vLLM's silu_and_mul): silu(a) = a / (1 + exp(-a));
+// - GeGLU with GELU's tanh approximation (Gemma's gelu_pytorch_tanh, vLLM's
+//   gelu_tanh_and_mul): 0.5 a (1 + tanh(u)), u = sqrt(2 / pi) (a + 0.044715 a^3), which is
+//   a / (1 + exp(-2 u)) (1 + tanh(u) = 2 sigmoid(2 u)): the same kernel with exp(-2 u) for
+//   exp(-a), and no cancellation in 1 + tanh(u) for negative a.
+// In fp32 (exp8: ~2 ulp), times up, one rounding to the dtype.
 // exp(-a) must overflow to +inf for a < -88.7 (exp8 alone saturates at 88.38: lanes past
 // that take exp(-a / 2)^2), so silu gives -0 there and NaN at a = -inf, as torch's F.silu
 // does; NaN propagates.
@@ -18,32 +22,47 @@
 namespace ringfuse::cpu {
 namespace {
 
-inline float silu_scalar(float a) { return a / (1.0f + std::exp(-a)); }
+constexpr float kGeluK = 1.5957691216057308f;  // 2 sqrt(2 / pi)
+constexpr float kGeluC = 0.044715f;
 
-template <class E>
-struct SiluMulKernel {
+// The exponent's argument z with act(a) = a / (1 + exp(-z)): z = a (SiLU) or 2 u (GeLU-tanh).
+template <bool kGelu>
+inline float act_arg(float a) {
+  return kGelu ? kGeluK * (a + kGeluC * a * a * a) : a;
+}
+
+template <bool kGelu>
+inline float act_scalar(float a) {
+  return a / (1.0f + std::exp(-act_arg<kGelu>(a)));
+}
+
+template <class E, bool kGelu>
+struct GatedActKernel {
   using T = typename E::T;
 
   static RF_AVX2 void row_avx2(T* out, const T* x, int64_t d) {
     const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
     const __m256 clamp = _mm256_set1_ps(-88.3762626647949f), sign = _mm256_set1_ps(-0.0f);
+    const __m256 k = _mm256_set1_ps(kGeluK), c = _mm256_set1_ps(kGeluC);
     int64_t i = 0;
     for (; i + 8 <= d; i += 8) {
       const __m256 a = V8<E>::load(x + i), b = V8<E>::load(x + d + i);
-      const __m256 neg = _mm256_xor_ps(a, sign);
-      __m256 e = exp8(neg);  // exp(-a); exp8 saturates above 88.38
-      const __m256 big = _mm256_cmp_ps(a, clamp, _CMP_LT_OQ);
-      if (_mm256_movemask_ps(big)) {  // rare: exp(-a / 2)^2, which overflows to +inf past 88.72
+      __m256 z = a;
+      if constexpr (kGelu) z = _mm256_mul_ps(k, _mm256_fmadd_ps(_mm256_mul_ps(c, a), _mm256_mul_ps(a, a), a));
+      const __m256 neg = _mm256_xor_ps(z, sign);
+      __m256 e = exp8(neg);  // exp(-z); exp8 saturates above 88.38
+      const __m256 big = _mm256_cmp_ps(z, clamp, _CMP_LT_OQ);
+      if (_mm256_movemask_ps(big)) {  // rare: exp(-z / 2)^2, which overflows to +inf past 88.72
         const __m256 h = exp8(_mm256_mul_ps(neg, half));
         e = _mm256_blendv_ps(e, _mm256_mul_ps(h, h), big);
       }
       V8<E>::store(out + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)), b));
     }
-    for (; i < d; ++i) E::store(out + i, silu_scalar(E::load(x + i)) * E::load(x + d + i));
+    for (; i < d; ++i) E::store(out + i, act_scalar<kGelu>(E::load(x + i)) * E::load(x + d + i));
   }
 
   static void row_scalar(T* out, const T* x, int64_t d) {
-    for (int64_t i = 0; i < d; ++i) E::store(out + i, silu_scalar(E::load(x + i)) * E::load(x + d + i));
+    for (int64_t i = 0; i < d; ++i) E::store(out + i, act_scalar<kGelu>(E::load(x + i)) * E::load(x + d + i));
   }
 
   static void run(T* out, int64_t out_stride, const T* x, int64_t x_stride, int64_t rows, int64_t d, int threads) {
@@ -61,28 +80,42 @@ struct SiluMulKernel {
 
 }  // namespace
 
+namespace {
+
+template <bool kGelu>
+void run_act(std::uintptr_t out, int64_t out_stride, std::uintptr_t x, int64_t x_stride, int64_t rows, int64_t d,
+             int dtype, int num_threads) {
+  switch (dtype) {
+    case kFloat16:
+      GatedActKernel<F16, kGelu>::run(reinterpret_cast<uint16_t*>(out), out_stride,
+                                      reinterpret_cast<const uint16_t*>(x), x_stride, rows, d, num_threads);
+      break;
+    case kBFloat16:
+      GatedActKernel<BF16, kGelu>::run(reinterpret_cast<uint16_t*>(out), out_stride,
+                                       reinterpret_cast<const uint16_t*>(x), x_stride, rows, d, num_threads);
+      break;
+    default:
+      GatedActKernel<F32, kGelu>::run(reinterpret_cast<float*>(out), out_stride, reinterpret_cast<const float*>(x),
+                                      x_stride, rows, d, num_threads);
+      break;
+  }
+}
+
+}  // namespace
+
 void silu_mul(std::uintptr_t out, int64_t out_stride, std::uintptr_t x, int64_t x_stride, int64_t rows, int64_t d,
-              int dtype, int num_threads) {
+              int dtype, int num_threads, int activation) {
   const std::string p = "silu_mul: ";
   RINGFUSE_CHECK(rows >= 0 && d >= 1, p + "sizes must be rows >= 0 and d >= 1");
   RINGFUSE_CHECK(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, p + "dtype must be float32, float16 or bfloat16");
+  RINGFUSE_CHECK(activation == kSilu || activation == kGeluTanh, p + "activation must be 0 (silu) or 1 (gelu_tanh)");
   if (rows == 0) return;
   RINGFUSE_CHECK(out && x, p + "null pointer");
   RINGFUSE_CHECK(x_stride >= 2 * d && out_stride >= d, p + "row strides must be >= 2 d (x) and >= d (out)");
-  switch (dtype) {
-    case kFloat16:
-      SiluMulKernel<F16>::run(reinterpret_cast<uint16_t*>(out), out_stride, reinterpret_cast<const uint16_t*>(x),
-                              x_stride, rows, d, num_threads);
-      break;
-    case kBFloat16:
-      SiluMulKernel<BF16>::run(reinterpret_cast<uint16_t*>(out), out_stride, reinterpret_cast<const uint16_t*>(x),
-                               x_stride, rows, d, num_threads);
-      break;
-    default:
-      SiluMulKernel<F32>::run(reinterpret_cast<float*>(out), out_stride, reinterpret_cast<const float*>(x), x_stride,
-                              rows, d, num_threads);
-      break;
-  }
+  if (activation == kGeluTanh)
+    run_act<true>(out, out_stride, x, x_stride, rows, d, dtype, num_threads);
+  else
+    run_act<false>(out, out_stride, x, x_stride, rows, d, dtype, num_threads);
 }
 
 }  // namespace ringfuse::cpu

@@ -120,3 +120,73 @@ def test_cuda_falls_back_to_torch():
         pytest.skip("needs a CUDA device")
     x = torch.randn(4, 64, device="cuda")
     assert torch.equal(silu_mul(x), torch_silu_mul(x))
+
+
+# ---- GeGLU with GELU's tanh approximation (Gemma) -----------------------------------------
+
+
+def torch_gelu_tanh_mul(x):
+    d = x.shape[-1] // 2
+    return F.gelu(x[..., :d], approximate="tanh") * x[..., d:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 2), (1, 2 * 1536), (3, 2 * 7), (17, 2 * 100), (2, 5, 2 * 33)], ids=str)
+def test_gelu_tanh_mul_matches_reference(isa, dtype, shape):
+    """Against fp64 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3))) * up, DESIGN's rule."""
+    from ringfuse.ops import gelu_tanh_mul
+
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    x = (4 * torch.randn(shape, generator=g)).to(dtype)
+    got = gelu_tanh_mul(x)
+    assert got.dtype == dtype and got.shape == (*shape[:-1], shape[-1] // 2)
+    ref = torch_gelu_tanh_mul(x.double())
+    err = float((got.double() - ref).abs().max())
+    terr = float((torch_gelu_tanh_mul(x).double() - ref).abs().max())
+    floor = torch.finfo(dtype).eps / 2 * float(ref.abs().max())
+    assert err <= 2 * terr + floor, f"error {err:.3g} vs torch {terr:.3g} (floor {floor:.3g})"
+    assert not torch.equal(got, silu_mul(x)) or shape == (1, 2)  # the other activation
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gelu_tanh_mul_special_values_as_torch(isa, dtype):
+    """NaN propagates, -inf gives NaN (as torch: -inf * 0), +inf gives inf, far-negative gates
+    0 (exp overflows; a^3 overflows first past ~1e13), large positive gates pass through."""
+    from ringfuse.ops import gelu_tanh_mul
+
+    gate = torch.tensor([float("-inf"), float("inf"), float("nan"), -1e20, -200.0, -12.0, -9.0, -3.0, -0.0, 0.0,
+                         0.5, 3.0, 20.0, 1e20])  # fmt: skip
+    up = torch.tensor([2.0, 2.0, 2.0, 1.5, -100.0, 3.0, 3.0, 1.0, 1.0, 1.0, 1.0, -2.0, 1.0, 0.5])
+    x = torch.cat([gate, up])[None].to(dtype)
+    got, want = gelu_tanh_mul(x), torch_gelu_tanh_mul(x)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    finite = want.isfinite()
+    # finite values against fp64 in the exp form (1 + tanh(u) = 2 / (1 + exp(-2 u))): torch's
+    # 1 + tanh(u) cancels to 0 from about a = -9 on (even in fp64), where the exact value is tiny
+    xd = x.double()
+    a, u = xd[:, : gate.numel()], 0.7978845608028654 * (xd[:, : gate.numel()] + 0.044715 * xd[:, : gate.numel()] ** 3)
+    ref = (a / (1 + torch.exp(-2 * u)) * xd[:, gate.numel() :]).to(dtype).double()
+    torch.testing.assert_close(got[finite].double(), ref[finite], rtol=4 * torch.finfo(dtype).eps, atol=1e-30)
+
+
+def test_gelu_tanh_mul_fallbacks_compile_and_errors():
+    from ringfuse.ops import gelu_tanh_mul
+
+    x = torch.randn(3, 16, dtype=torch.float64)
+    assert torch.equal(gelu_tanh_mul(x), torch_gelu_tanh_mul(x))  # float64: torch
+    xg = torch.randn(3, 16, requires_grad=True)
+    y = gelu_tanh_mul(xg)  # autograd: torch
+    y.sum().backward()
+    assert xg.grad is not None and torch.allclose(y, torch_gelu_tanh_mul(xg))
+    x = torch.randn(4, 16)
+    f = torch.compile(gelu_tanh_mul, fullgraph=True, backend="aot_eager")
+    assert torch.equal(f(x), gelu_tanh_mul(x))
+    torch.library.opcheck(torch.ops.ringfuse.gelu_tanh_mul, (x,))
+    big = torch.randn(6, 300)
+    assert torch.equal(gelu_tanh_mul(big[:, :200]), gelu_tanh_mul(big[:, :200].contiguous()))  # strided rows
+    with pytest.raises(ValueError, match=r"gelu_tanh_mul: x must be \[..., 2 d\]"):
+        gelu_tanh_mul(torch.ones(2, 5))
+    with pytest.raises(TypeError, match="gelu_tanh_mul: x must have dtype"):
+        gelu_tanh_mul(torch.ones(2, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="activation must be 0 .silu. or 1 .gelu_tanh."):
+        _C.silu_mul(1, 4, 1, 8, 2, 4, 0, 1, 7)

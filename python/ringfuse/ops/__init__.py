@@ -22,7 +22,7 @@ from .layer_norm import add_layer_norm, layer_norm
 from .linear import PreparedLinear, linear, linear_path, prepare_linear
 from .rms_norm import PreparedRMSNorm, add_rms_norm, add_rms_norm_, prepare_rms_norm, rms_norm
 from .rotary_embedding import cos_sin_cache, rotary_embedding
-from .silu_mul import silu_mul
+from .silu_mul import gelu_tanh_mul, silu_mul
 
 __all__ = [
     "CpuGraph",
@@ -39,6 +39,7 @@ __all__ = [
     "capture_cpu_graph",
     "cos_sin_cache",
     "cuda_backend",
+    "gelu_tanh_mul",
     "int8_gemm",
     "int8_weight_only_linear",
     "decode_attention",
