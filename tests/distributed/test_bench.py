@@ -16,7 +16,7 @@ from ringfuse.bench.harness import run_ranks
 from . import workers
 
 
-@pytest.mark.parametrize("op,nproc", [("allreduce", 1), ("allreduce", 0), ("tp", 0), ("tp", 1), ("tp", -2), ("tp", 3)])
+@pytest.mark.parametrize("op,nproc", [("allreduce", 1), ("allreduce", 0), ("tp", 0), ("tp", 1), ("tp", -2), ("tp", 5)])
 def test_bad_nproc_is_a_flag_error(op, nproc):
     """Exit code 2 and a message naming --nproc, as for other bad flags (was: a traceback for
     allreduce --nproc 1, a 30-minute wait for tp --nproc 0)."""
@@ -32,7 +32,9 @@ def test_nproc_ranges():
     for bad in (1, 65):
         with pytest.raises(ValueError, match="--nproc must be in"):
             allreduce.check_nproc(bad)
-    assert tp.valid_nproc(quick=True) == [2, 4, 12] and tp.valid_nproc(quick=False) == [2, 4]
+    # quick: 12 / 4 heads split by whole GQA groups up to tp = 4 (3: groups of 1 + 1 + 2 KV
+    # heads), replicated KV heads at 12; full: also Llama-2-7B's FFN of 11008 = 2^8 * 43
+    assert tp.valid_nproc(quick=True) == [2, 3, 4, 12] and tp.valid_nproc(quick=False) == [2, 4]
     with pytest.raises(ValueError, match=r"--nproc 3 does not fit .* valid: 2, 4"):
         tp.check_nproc(3, quick=False)
 

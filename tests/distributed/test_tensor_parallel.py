@@ -68,11 +68,13 @@ def test_layers_need_an_initialized_group():
 
 
 @pytest.mark.parametrize("world,heads,kv_heads,tied,fuse", [(2, 4, 2, False, False), (2, 4, 1, True, True),
-                                                            (3, 6, 3, True, False), (3, 6, 1, False, True)])  # fmt: skip
+                                                            (3, 6, 3, True, False), (3, 6, 1, False, True),
+                                                            (2, 6, 3, False, False), (2, 6, 3, True, True)])  # fmt: skip
 def test_parallelized_hf_llama_matches_the_original(world, heads, kv_heads, tied, fuse):
-    """A tiny random LlamaForCausalLM: KV heads split (kv % tp == 0) or replicated (tp %
-    kv == 0), tied and untied embeddings, separate or fused gate/up; full logits on every
-    rank within 1e-4."""
+    """A tiny random LlamaForCausalLM: KV heads split (kv % tp == 0), replicated (tp % kv ==
+    0) or split into uneven whole GQA groups as the runtime splits them (6 / 3 heads over tp
+    = 2: 2 + 4 query heads, o_proj's columns alike), tied and untied
+    embeddings, separate or fused gate/up; full logits on every rank within 1e-4."""
     pytest.importorskip("transformers")
     for out in values(run_ranks(workers_tp.llama, world, heads, kv_heads, tied, fuse)):
         assert out["counts"] == {"attention": 2, "mlp": 2, "embedding": 1, "lm_head": 1}

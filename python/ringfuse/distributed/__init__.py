@@ -14,13 +14,13 @@ from .allreduce import (
     reduce_scatter,
     set_timeout,
 )
+from ..layers.sharding import attention_head_split, head_split
 from .tensor_parallel import (
     ColumnParallelLinear,
     ParallelGatedMLP,
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
-    attention_head_split,
     load_safetensors_shard,
     load_state_dict_shard,
     parallelize,
@@ -41,6 +41,7 @@ __all__ = [
     "ddp_comm_hook",
     "destroy",
     "get_communicator",
+    "head_split",
     "init",
     "load_safetensors_shard",
     "load_state_dict_shard",

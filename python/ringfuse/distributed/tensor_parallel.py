@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..layers.sharding import attention_head_split
+from ..layers.sharding import head_split
 from ..nn import Int8Linear
 from . import allreduce as ring
 
@@ -137,33 +137,46 @@ class ColumnParallelLinear(_ShardedLinear):
 
 class RowParallelLinear(_ShardedLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
-                 group=None, dtype=None, device=None, quant: str | None = None):  # fmt: skip
+                 group=None, dtype=None, device=None, quant: str | None = None, *,
+                 in_per_rank: int | None = None):  # fmt: skip
+        """``in_per_rank``: columns this rank holds when they are not an even split of
+        in_features (attention heads split by whole GQA groups); input_is_parallel then."""
         super().__init__()
         self.group = group
         self.rank, self.world = group_rank_world(group)
         self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, input_is_parallel
-        self.in_per_rank = _split("in_features", in_features, self.world)
+        if in_per_rank is None:
+            self.in_per_rank = _split("in_features", in_features, self.world)
+        elif not input_is_parallel:
+            raise ValueError("RowParallelLinear: an uneven split (in_per_rank) needs input_is_parallel=True")
+        else:
+            self.in_per_rank = in_per_rank
+        self.col_start = self.rank * self.in_per_rank  # from_linear(cols=) moves it
         # the bias is added once, after the reduction, so the shard holds none
         self._init_local(out_features, self.in_per_rank, False, quant, device, dtype)
         self.bias = torch.nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None  # fmt: skip
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, group=None, input_is_parallel: bool = True, quant=None):
-        """This rank's columns of a full ``linear`` (the same on every rank)."""
+    def from_linear(cls, linear: torch.nn.Linear, group=None, input_is_parallel: bool = True, quant=None,
+                    cols: tuple[int, int] | None = None):  # fmt: skip
+        """This rank's columns of a full ``linear`` (the same on every rank): the even split,
+        or ``cols=(start, stop)``."""
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"from_linear: linear must be a torch.nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, input_is_parallel, group,
-                  dtype=w.dtype, device=w.device, quant=quant)  # fmt: skip
-        cols = slice(new.rank * new.in_per_rank, (new.rank + 1) * new.in_per_rank)
-        new._load_shard(w[:, cols].contiguous(), None)
+                  dtype=w.dtype, device=w.device, quant=quant,
+                  in_per_rank=None if cols is None else cols[1] - cols[0])  # fmt: skip
+        if cols is not None:
+            new.col_start = cols[0]
+        new._load_shard(w[:, new.col_start : new.col_start + new.in_per_rank].contiguous(), None)
         if linear.bias is not None:
             new.bias.data.copy_(linear.bias.detach())
         return new
 
     def shard_slices(self) -> dict[str, tuple[int, int, int]]:
-        start = self.rank * self.in_per_rank
+        start = self.col_start
         return {"weight": (1, start, start + self.in_per_rank)} if self.quant is None else {}
 
     def _local(self, x):  # the shard has no bias: it is added after the reduction
@@ -175,7 +188,7 @@ class RowParallelLinear(_ShardedLinear):
             what = "this rank's slice" if self.input_is_parallel else "the full input"
             raise ValueError(f"RowParallelLinear: input must be [..., {want}] ({what}), got {tuple(x.shape)}")
         if not self.input_is_parallel:
-            x = x[..., self.rank * self.in_per_rank : (self.rank + 1) * self.in_per_rank]
+            x = x[..., self.col_start : self.col_start + self.in_per_rank]
         y = self._local(x).contiguous()  # [..., out]: this rank's partial sum
         if self.world > 1:
             ring.all_reduce(y, "sum", self.group)
@@ -398,7 +411,9 @@ def load_safetensors_shard(model: torch.nn.Module, paths) -> None:
 
 def parallelize(model: torch.nn.Module, group=None, quant: str | None = None, fuse_mlp: bool = False) -> dict[str, int]:
     """Shard an HF Llama-family model (Llama, Mistral, Qwen2, SmolLM2...) in place over the
-    ranks of ``group``: attention heads (q/k/v column-parallel, o row-parallel), MLP
+    ranks of ``group``: attention heads (q/k/v column-parallel, o row-parallel; heads split as
+    the runtime splits them, ``layers.sharding.head_split``: whole GQA groups, as evenly as
+    they go, so SmolLM2's 3 KV heads run on 2 ranks), MLP
     (gate/up column-parallel, down row-parallel), the embedding (vocab-parallel) and the LM
     head (vocab-parallel, logits gathered; tied weights stay tied). Every rank must hold
     the same full model before the call; afterwards ``model(input_ids)`` returns the full
@@ -411,11 +426,11 @@ def parallelize(model: torch.nn.Module, group=None, quant: str | None = None, fu
         if all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
             d = module.head_dim
             heads, kv_heads = module.q_proj.out_features // d, module.k_proj.out_features // d
-            (q0, q1), (k0, k1) = attention_head_split(heads, kv_heads, world, rank)
+            (q0, q1), (k0, k1) = head_split(heads, kv_heads, world, rank)  # the runtime's split
             module.q_proj = ColumnParallelLinear.from_linear(module.q_proj, group, quant=quant, rows=(q0 * d, q1 * d))
             module.k_proj = ColumnParallelLinear.from_linear(module.k_proj, group, quant=quant, rows=(k0 * d, k1 * d))
             module.v_proj = ColumnParallelLinear.from_linear(module.v_proj, group, quant=quant, rows=(k0 * d, k1 * d))
-            module.o_proj = RowParallelLinear.from_linear(module.o_proj, group, quant=quant)
+            module.o_proj = RowParallelLinear.from_linear(module.o_proj, group, quant=quant, cols=(q0 * d, q1 * d))
             module.num_key_value_groups = (q1 - q0) // (k1 - k0)
             counts["attention"] += 1
         elif all(isinstance(getattr(module, a, None), torch.nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
