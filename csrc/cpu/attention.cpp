@@ -19,8 +19,9 @@
 // 2 cores. So the call is bound by DRAM reads, provided compute hides under them: the
 // K / V rows of the next tile are prefetched while the current one is computed (see
 // split_avx2), and the FMA loops keep enough independent accumulators. Measured (AVX2
-// path, 2 threads, 2026-12-05): ~0.82 ms, 30 GB/s, ~93% of that plain read; 32/8/128
-// (134 MB) ~4.7 ms, 28 GB/s.
+// path, 2 threads, 2026-12-05): 0.81-0.91 ms, 28-31 GB/s, 85-95% of that plain read
+// measured alongside (which itself moves between 0.56 and 0.79 ms); 32/8/128 (134 MB)
+// 4.5-5.4 ms, 25-30 GB/s. The rest is compute not hidden under the reads.
 //
 // The prefill kernel (attention) and write_kv follow after the decode kernel.
 #include "cpu/attention.h"
