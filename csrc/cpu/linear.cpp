@@ -21,10 +21,15 @@
 //   x; for M > 4 the block's rows (8 K sizeof(W) bytes) are re-read from L1/L2, never from
 //   DRAM.
 // - M = 1, fp32 / bf16 weights: the block's rows one after another (dot_row), four adjacent
-//   chunks as four chains, software prefetch 8 KiB ahead in the stream into L2 (T1): one
-//   sequential stream per thread, 12 % faster (fp32) than 8 interleaved rows. Into L2 rather
-//   than L1 (T0, 4 KiB ahead): SmolLM2's fp32 layers 10-20 % faster, cold weights, 2 threads
-//   (qkv 100 -> 79 us, gate_up 278 -> 222 us, lm_head 3.7 -> 3.3 ms); 16 KiB ahead was slower.
+//   chunks as four chains: one sequential stream per thread, 12 % faster (fp32) than 8
+//   interleaved rows. No software prefetch: the hardware stream prefetchers alone keep a
+//   single sequential stream per core at the DRAM read bandwidth, and prefetches of our own
+//   only took load-queue slots and bandwidth from them. On the AVX-512 (Zen 4) host, AVX2
+//   path, 2 threads, SmolLM2-135M's whole decode weight stream (30 x qkv/o/gate_up/down +
+//   lm_head, 538 MB fp32, cold), interleaved in one process: 15.9-17.6 ms -> 14.0-15.3 ms
+//   per token (31-34 -> 35-39 GB/s, ~13 % less time) against the 8 KiB-ahead L2 (T1)
+//   prefetch it had; bf16 weights (269 MB) 10.1-10.7 -> 7.3-8.0 ms. The 8-row blocks
+//   (M > 1) keep their next-block prefetch: without it M = 2 / 4 / 8 were 10-60 % slower.
 // - Prefetch (blocks): while a block is computed, each cache line of its rows is matched by
 //   a software prefetch of the same line of the next block's rows (8 rows further on), so
 //   the next block's W is in flight during this block's FMAs; the hardware stream
@@ -200,19 +205,16 @@ RF_AVX2 void dot_block(const float* x, int64_t kp, const typename W::T* const* w
 // blocks. Both give the same bits.
 template <class W>
 constexpr bool kRowPath = !std::is_same_v<W, I8>;
-constexpr int64_t kRowPrefetch = 8192;  // bytes ahead in the weight stream, into L2 (T1)
 
 // x . w for one weight row (M = 1), in dot_block's order: each chunk of kChunk k summed by
 // its own chain from 0, the chunks added to the total in order. Rows are walked one after
-// another (one sequential stream per thread) and four adjacent chunks run as four chains.
+// another (one sequential stream per thread, left to the hardware prefetchers) and four
+// adjacent chunks run as four chains.
 template <class W>
-RF_AVX2 float dot_row(const float* x, const typename W::T* w, int64_t k, int64_t ahead) {
-  using T = typename W::T;
-  constexpr int64_t kLine = 64 / sizeof(T);
+RF_AVX2 float dot_row(const float* x, const typename W::T* w, int64_t k) {
   __m256 acc = _mm256_setzero_ps();
   int64_t c0 = 0;
   for (; c0 + 4 * kChunk <= k; c0 += 4 * kChunk) {
-    for (int64_t l = 0; l < 4 * kChunk; l += kLine) _mm_prefetch(reinterpret_cast<const char*>(w + c0 + l) + ahead, _MM_HINT_T1);
     __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
     for (int64_t i = c0; i < c0 + kChunk; i += 8) {
       p0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), WLoad<W>::load(w + i), p0);
@@ -247,7 +249,7 @@ RF_AVX2 void run_avx2(const Args& a, int threads) {
       wr[j] = static_cast<const T*>(a.w) + (n0 + std::min(j, cols - 1)) * a.w_stride;
     if (kRowPath<W> && a.m == 1) {
       float dots[kMaxRows][kBlock];
-      for (int64_t j = 0; j < cols; ++j) dots[0][j] = dot_row<W>(a.x, wr[j], a.k, kRowPrefetch);
+      for (int64_t j = 0; j < cols; ++j) dots[0][j] = dot_row<W>(a.x, wr[j], a.k);
       store_block(a, 0, 1, n0, cols, dots);
       continue;
     }
