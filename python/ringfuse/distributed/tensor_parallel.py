@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..layers.sharding import head_split
+from ..layers.sharding import head_split, vocab_range
 from ..nn import Int8Linear
 from . import allreduce as ring
 
@@ -208,7 +208,7 @@ class VocabParallelEmbedding(torch.nn.Module):
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.per_rank = -(-num_embeddings // self.world)  # rows per rank, the vocab padded to tp * per_rank
         self.start = self.rank * self.per_rank
-        self.end = min(num_embeddings, self.start + self.per_rank)  # real rows: [start, end)
+        self.end = vocab_range(num_embeddings, self.world, self.rank)[1]  # real rows: [start, end)
         self.weight = torch.nn.Parameter(torch.zeros(self.per_rank, embedding_dim, device=device, dtype=dtype),
                                          requires_grad=False)  # fmt: skip
 
@@ -256,7 +256,7 @@ class ParallelLMHead(torch.nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.per_rank = -(-num_embeddings // self.world)
         self.start = self.rank * self.per_rank
-        self.end = min(num_embeddings, self.start + self.per_rank)
+        self.end = vocab_range(num_embeddings, self.world, self.rank)[1]
         if tie_to is not None:
             if (tie_to.num_embeddings, tie_to.embedding_dim) != (num_embeddings, embedding_dim):
                 raise ValueError("ParallelLMHead: tie_to has another vocab or width")
