@@ -1,5 +1,6 @@
-"""The inference runtime: Llama-family models from HF folders and GGUF files, a paged KV
-cache, sampling, and the generation engine (``LLM``)."""
+"""The inference runtime: decoder models of the registered architectures (``architectures``:
+Llama, Mistral, Qwen2, Qwen3, Gemma 2) from HF folders and GGUF files, a paged KV cache,
+sampling, and the generation engine (``LLM``)."""
 
 from .engine import LLM, GenerationResult, TokenEvent
 from .sampling import SamplingParams
