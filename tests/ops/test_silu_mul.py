@@ -17,6 +17,11 @@ def torch_silu_mul(x):
     return F.silu(x[..., :d]) * x[..., d:]
 
 
+def torch_gelu_tanh_mul(x):
+    d = x.shape[-1] // 2
+    return F.gelu(x[..., :d], approximate="tanh") * x[..., d:]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 2), (1, 2 * 1536), (3, 2 * 7), (17, 2 * 100), (2, 5, 2 * 33)], ids=str)
 def test_matches_reference(isa, dtype, shape):
@@ -84,17 +89,25 @@ def test_layouts_and_threads():
     assert torch.equal(a, silu_mul(x))
 
 
-def test_fallbacks_and_compile():
+def _gated_ops():
+    from ringfuse.ops import gelu_tanh_mul
+
+    return {"silu_mul": (silu_mul, torch_silu_mul), "gelu_tanh_mul": (gelu_tanh_mul, torch_gelu_tanh_mul)}
+
+
+@pytest.mark.parametrize("op", ["silu_mul", "gelu_tanh_mul"])
+def test_fallbacks_and_compile(op):
+    ours, reference = _gated_ops()[op]
     x = torch.randn(3, 16, dtype=torch.float64)
-    assert torch.equal(silu_mul(x), torch_silu_mul(x))  # float64: torch
+    assert torch.equal(ours(x), reference(x))  # float64: torch
     xg = torch.randn(3, 16, requires_grad=True)
-    y = silu_mul(xg)  # autograd: torch
+    y = ours(xg)  # autograd: torch
     y.sum().backward()
-    assert xg.grad is not None and torch.allclose(y, torch_silu_mul(xg))
+    assert xg.grad is not None and torch.allclose(y, reference(xg))
     x = torch.randn(4, 16)
-    f = torch.compile(silu_mul, fullgraph=True, backend="aot_eager")
-    assert torch.equal(f(x), silu_mul(x))
-    torch.library.opcheck(torch.ops.ringfuse.silu_mul, (x,))
+    f = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    assert torch.equal(f(x), ours(x))
+    torch.library.opcheck(getattr(torch.ops.ringfuse, op), (x,))
 
 
 def test_bad_inputs():
@@ -123,11 +136,6 @@ def test_cuda_falls_back_to_torch():
 
 
 # ---- GeGLU with GELU's tanh approximation (Gemma) -----------------------------------------
-
-
-def torch_gelu_tanh_mul(x):
-    d = x.shape[-1] // 2
-    return F.gelu(x[..., :d], approximate="tanh") * x[..., d:]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -169,19 +177,9 @@ def test_gelu_tanh_mul_special_values_as_torch(isa, dtype):
     torch.testing.assert_close(got[finite].double(), ref[finite], rtol=4 * torch.finfo(dtype).eps, atol=1e-30)
 
 
-def test_gelu_tanh_mul_fallbacks_compile_and_errors():
+def test_gelu_tanh_mul_layouts_and_errors():
     from ringfuse.ops import gelu_tanh_mul
 
-    x = torch.randn(3, 16, dtype=torch.float64)
-    assert torch.equal(gelu_tanh_mul(x), torch_gelu_tanh_mul(x))  # float64: torch
-    xg = torch.randn(3, 16, requires_grad=True)
-    y = gelu_tanh_mul(xg)  # autograd: torch
-    y.sum().backward()
-    assert xg.grad is not None and torch.allclose(y, torch_gelu_tanh_mul(xg))
-    x = torch.randn(4, 16)
-    f = torch.compile(gelu_tanh_mul, fullgraph=True, backend="aot_eager")
-    assert torch.equal(f(x), gelu_tanh_mul(x))
-    torch.library.opcheck(torch.ops.ringfuse.gelu_tanh_mul, (x,))
     big = torch.randn(6, 300)
     assert torch.equal(gelu_tanh_mul(big[:, :200]), gelu_tanh_mul(big[:, :200].contiguous()))  # strided rows
     with pytest.raises(ValueError, match=r"gelu_tanh_mul: x must be \[..., 2 d\]"):
