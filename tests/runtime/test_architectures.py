@@ -34,6 +34,7 @@ from .test_weights import (  # noqa: E402
     _randomize,
     _run_and_check,
     check_greedy_tokens_match_hf,
+    saved_models,
 )
 
 # soft caps small enough to bite on O(1) scores and logits; a window below the context limit
@@ -63,13 +64,7 @@ def _build(kind: str, seed: int):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """kind -> (HF fp32 model, HF fp64 copy, saved folder)."""
-    out = {}
-    for i, kind in enumerate(KINDS):
-        model = _build(kind, seed=100 + i)
-        path = tmp_path_factory.mktemp(kind)
-        model.save_pretrained(path, safe_serialization=True)
-        out[kind] = (model, copy.deepcopy(model).double(), path)
-    return out
+    return saved_models(tmp_path_factory, KINDS, _build, first_seed=100)
 
 
 def test_registry_answers_for_every_family():

@@ -74,16 +74,21 @@ def _build_hf(kind: str, seed: int = 0):
     return model
 
 
-@pytest.fixture(scope="module")
-def hf_models(tmp_path_factory):
-    """kind -> (HF fp32 model, HF fp64 copy, saved folder); built once per module."""
+def saved_models(tmp_path_factory, kinds, build, first_seed: int = 0) -> dict:
+    """kind -> (HF fp32 model, HF fp64 copy, saved folder) for ``build(kind, seed=...)``."""
     out = {}
-    for i, kind in enumerate(KINDS):
-        model = _build_hf(kind, seed=i)
+    for i, kind in enumerate(kinds):
+        model = build(kind, seed=first_seed + i)
         path = tmp_path_factory.mktemp(kind)
         model.save_pretrained(path, safe_serialization=True)
         out[kind] = (model, copy.deepcopy(model).double(), path)
     return out
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """kind -> (HF fp32 model, HF fp64 copy, saved folder); built once per module."""
+    return saved_models(tmp_path_factory, KINDS, _build_hf)
 
 
 # ---- driving DecoderModel --------------------------------------------------------------
