@@ -76,8 +76,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k_sh"), py::arg("k_spos"), py::arg("v"), py::arg("v_sblk"), py::arg("v_sh"), py::arg("v_spos"),
         py::arg("block_table"), py::arg("bt_stride"), py::arg("max_blocks"), py::arg("block_size"),
         py::arg("num_blocks"), py::arg("seq_lens"), py::arg("batch"), py::arg("num_q_heads"),
-        py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("softcap"), py::arg("dtype"),
-        py::arg("split_size"), py::arg("num_threads"));
+        py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("softcap"), py::arg("window"),
+        py::arg("dtype"), py::arg("split_size"), py::arg("num_threads"));
 
   m.def("rotary_embedding", &rf::cpu::rotary_embedding, release_gil(), py::arg("x"), py::arg("x_st"),
         py::arg("x_sh"), py::arg("tokens"), py::arg("heads"), py::arg("head_dim"), py::arg("positions"),

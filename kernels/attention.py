@@ -95,7 +95,9 @@ def _flash_attn_fwd_kernel(
     D,  # head dim (<= BLOCK_D)
     qk_scale,  # fp32: scale * log2(e), or scale / softcap with SOFTCAP
     softcap_log2,  # fp32: softcap * log2(e) (unused unless SOFTCAP)
+    window,  # WINDOW: query i sees keys j > i + diag - window too (unused otherwise)
     CAUSAL: tl.constexpr,  # bottom-right aligned causal mask
+    WINDOW: tl.constexpr,  # a sliding window (CAUSAL only): a flag so that other variants keep their registers
     SOFTCAP: tl.constexpr,  # s = softcap * tanh(s / softcap)
     HAS_LSE: tl.constexpr,  # write lse
     VARLEN: tl.constexpr,  # packed sequences: Sq / Sk and row offsets come from cu_q / cu_k
@@ -135,14 +137,17 @@ def _flash_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    diag = Sk - Sq  # query i sees key j iff j <= i + diag
+    diag = Sk - Sq  # query i sees key j iff j <= i + diag (and j > i + diag - window)
+    lo = 0
     if CAUSAL:
         hi = tl.maximum(tl.minimum(Sk, start_m * BLOCK_M + BLOCK_M + diag), 0)
+        if WINDOW:  # from the tile of the first key the first query sees
+            lo = tl.maximum(start_m * BLOCK_M + diag - window + 1, 0) // BLOCK_N * BLOCK_N
     else:
         hi = Sk
     if VARLEN:  # the grid covers the longest sequence: tiles past this one's end do nothing
         hi = tl.where(start_m * BLOCK_M < Sq, hi, 0)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_mask = offs_n < Sk
         kv_mask = n_mask[:, None] & d_mask[None, :]
@@ -158,7 +163,11 @@ def _flash_attn_fwd_kernel(
             s = qk * qk_scale
         valid = n_mask[None, :]
         if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag)
+            if WINDOW:  # 0 <= i + diag - j < window as one unsigned compare (as many registers as causal)
+                dist = offs_m[:, None] + diag - offs_n[None, :]  # how far back key j is from query i
+                valid = valid & (dist.to(tl.uint32) < window.to(tl.uint32))
+            else:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + diag)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row: no NaN
@@ -208,10 +217,12 @@ def _decode_tile(q, k, v, n_valid, m_i, l_i, acc, qk_scale, softcap_log2, SOFTCA
 
 
 @triton.jit
-def _split_range(seq_len, split, num_splits, BLOCK_N: tl.constexpr):
-    """[start, end) of this split's keys: split_len = round_up(cdiv(len, splits), BLOCK_N)."""
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
+def _split_range(seq_len, window, split, num_splits, BLOCK_N: tl.constexpr):
+    """[start, end) of this split's keys, of the last min(len, window) ones: split_len =
+    round_up(cdiv(keys, splits), BLOCK_N)."""
+    first = tl.maximum(seq_len - window, 0)
+    split_len = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK_N) * BLOCK_N
+    start = first + split * split_len
     end = tl.minimum(start + split_len, seq_len)
     return start, end
 
@@ -241,6 +252,7 @@ def _decode_attn_stage1_kernel(
     num_splits,  # splits per sequence (grid dim 1)
     qk_scale,  # fp32: scale * log2(e), or scale / softcap with SOFTCAP
     softcap_log2,  # fp32: softcap * log2(e) (unused unless SOFTCAP)
+    window,  # the token sees the last `window` keys (NO_WINDOW: all)
     SOFTCAP: tl.constexpr,  # s = softcap * tanh(s / softcap)
     BLOCK_N: tl.constexpr,  # keys per tile
     BLOCK_D: tl.constexpr,  # next_pow2(D), >= 32
@@ -260,7 +272,7 @@ def _decode_attn_stage1_kernel(
     m_i = tl.full([], float("-inf"), dtype=tl.float32)
     l_i = tl.full([], 0.0, dtype=tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    start, end = _split_range(seq_len, split, num_splits, BLOCK_N)
+    start, end = _split_range(seq_len, window, split, num_splits, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < end
@@ -291,6 +303,7 @@ def _paged_decode_attn_stage1_kernel(
     num_splits,  # splits per sequence (grid dim 1)
     qk_scale,  # fp32: scale * log2(e), or scale / softcap with SOFTCAP
     softcap_log2,  # fp32: softcap * log2(e) (unused unless SOFTCAP)
+    window,  # the token sees the last `window` keys (NO_WINDOW: all)
     SOFTCAP: tl.constexpr,  # s = softcap * tanh(s / softcap)
     BLOCK_N: tl.constexpr,  # keys per tile
     BLOCK_D: tl.constexpr,  # next_pow2(D), >= 32
@@ -309,7 +322,7 @@ def _paged_decode_attn_stage1_kernel(
     m_i = tl.full([], float("-inf"), dtype=tl.float32)
     l_i = tl.full([], 0.0, dtype=tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    start, end = _split_range(seq_len, split, num_splits, BLOCK_N)
+    start, end = _split_range(seq_len, window, split, num_splits, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < end
@@ -395,7 +408,7 @@ _FLASH_TILES = {
     # rescale per 16 keys, 1/64 of a tile's FMAs).
     (False, 32): (64, 32, 4),
     (False, 64): (32, 32, 4),
-    (False, 128): (16, 32, 8),
+    (False, 128): (32, 16, 8),
     (False, 256): (32, 16, 16),
 }
 
@@ -456,14 +469,26 @@ def default_num_splits(s_max: int) -> int:
     return max(1, min(MAX_SPLITS, triton.cdiv(max(s_max, 1), KEYS_PER_SPLIT)))
 
 
+# Sliding-window variants (WINDOW) where the window's second bound pushed the tile into
+# spills: fp32 D 128 (16, 32, 8) spilled 32 B on sm_80 with lse and varlen on, 16-bit D 256
+# (64, 32, 8) 16-24 B on sm_90. Tried for fp32 D 128 (all 8 flag sets, both archs):
+# (16, 16, 8) spills 16 B on sm_90, (16, 32, 4) 8-6380 B; (16, 16, 4) and (32, 16, 8) none,
+# and (32, 16, 8) has twice the K/V reuse. Both keep one acc rescale per 16 keys.
+_FLASH_WINDOW_TILES = {
+    (False, 128): (32, 16, 8),
+    (True, 256): (64, 16, 8),
+}
+
+
 def _int_sig(names):
     return {n: "i32" for n in names}
 
 
 def _flash_spec(dtype, d: int, causal: bool, softcap: bool, has_lse: bool, varlen: bool = False,
-                dot_fp32: bool = False):
+                dot_fp32: bool = False, window: bool = False):
     block_d = block_d_for(d)
-    block_m, block_n, nw = _FLASH_TILES[(dtype != torch.float32, block_d)]
+    key = (dtype != torch.float32, block_d)
+    block_m, block_n, nw = _FLASH_WINDOW_TILES.get(key, _FLASH_TILES[key]) if window else _FLASH_TILES[key]
     t = TL_NAME[dtype]
     sig = {"out_ptr": f"*{t}", **_int_sig(["o_sb", "o_sh", "o_sm"]),
            "q_ptr": f"*{t}", **_int_sig(["q_sb", "q_sh", "q_sm"]),
@@ -471,9 +496,9 @@ def _flash_spec(dtype, d: int, causal: bool, softcap: bool, has_lse: bool, varle
            "v_ptr": f"*{t}", **_int_sig(["v_sb", "v_sh", "v_sn"]),
            "lse_ptr": "*fp32", **_int_sig(["l_sb", "l_sh", "l_sm"]), "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
            **_int_sig(["Hq", "group", "Sq", "Sk", "D"]),
-           "qk_scale": "fp32", "softcap_log2": "fp32"}  # fmt: skip
-    cexp = {"CAUSAL": bool(causal), "SOFTCAP": bool(softcap), "HAS_LSE": bool(has_lse), "VARLEN": bool(varlen),
-            "DOT_FP32": bool(dot_fp32),
+           "qk_scale": "fp32", "softcap_log2": "fp32", "window": "i32"}  # fmt: skip
+    cexp = {"CAUSAL": bool(causal), "WINDOW": bool(window), "SOFTCAP": bool(softcap), "HAS_LSE": bool(has_lse),
+            "VARLEN": bool(varlen), "DOT_FP32": bool(dot_fp32),
             "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d}  # fmt: skip
     sig.update({k: "constexpr" for k in cexp})
     return _flash_attn_fwd_kernel, sig, cexp, nw
@@ -492,7 +517,8 @@ def _decode_spec(dtype, d: int, softcap: bool, paged: bool):
         sig.update({"k_ptr": f"*{t}", **_int_sig(["k_sb", "k_sh", "k_sn"]),
                     "v_ptr": f"*{t}", **_int_sig(["v_sb", "v_sh", "v_sn"]), "seq_lens_ptr": "*i32"})  # fmt: skip
         kernel = _decode_attn_stage1_kernel
-    sig.update({**_int_sig(["Hq", "group", "D", "num_splits"]), "qk_scale": "fp32", "softcap_log2": "fp32"})
+    sig.update({**_int_sig(["Hq", "group", "D", "num_splits"]), "qk_scale": "fp32", "softcap_log2": "fp32",
+                "window": "i32"})  # fmt: skip
     cexp = {"SOFTCAP": bool(softcap), "BLOCK_N": decode_block_n(block_d), "BLOCK_D": block_d}
     sig.update({k: "constexpr" for k in cexp})
     return kernel, sig, cexp, decode_num_warps(block_d)
@@ -534,12 +560,12 @@ def shipped_configs():
     for dt in DTYPES:
         t = TL_NAME[dt]
         for bd in BLOCK_D_BUCKETS:
-            for causal in (False, True):
+            for causal, win in ((False, False), (True, False), (True, True)):  # a window needs causal
                 for sc in (False, True):
                     for lse in (False, True):
                         for vl in (False, True):
-                            add(f"flash-{t}-D{bd}-c{int(causal)}-sc{int(sc)}-lse{int(lse)}-vl{int(vl)}",
-                                _flash_spec(dt, bd, causal, sc, lse, vl))  # fmt: skip
+                            add(f"flash-{t}-D{bd}-c{int(causal)}{'w' if win else ''}-sc{int(sc)}-lse{int(lse)}-vl{int(vl)}",
+                                _flash_spec(dt, bd, causal, sc, lse, vl, window=win))  # fmt: skip
             for paged in (False, True):
                 for sc in (False, True):
                     add(f"{'paged' if paged else 'decode'}1-{t}-D{bd}-sc{int(sc)}", _decode_spec(dt, bd, sc, paged))
@@ -552,8 +578,8 @@ SHIPPED_CONFIGS = shipped_configs()
 
 
 @functools.lru_cache(maxsize=1024)
-def _flash_plan(dtype, d, causal, softcap, has_lse, varlen=False):
-    kernel, _, cexp, nw = _flash_spec(dtype, d, causal, softcap, has_lse, varlen, INTERPRETING)
+def _flash_plan(dtype, d, causal, softcap, has_lse, varlen=False, window=False):
+    kernel, _, cexp, nw = _flash_spec(dtype, d, causal, softcap, has_lse, varlen, INTERPRETING, window)
     return kernel, cexp, nw
 
 
@@ -586,6 +612,20 @@ def _scales(scale: float, softcap):
     return float(scale) / float(softcap), float(softcap) * LOG2E
 
 
+NO_WINDOW = 2**30  # the kernels' window argument when there is none: more keys than any cache
+
+
+def _window(op: str, window, causal: bool) -> int:
+    """The kernels' window argument: window (an int >= 1; causal only) or NO_WINDOW."""
+    if window is None:
+        return NO_WINDOW
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"{op}: window must be None or an int >= 1, got {window!r}")
+    if not causal:
+        raise ValueError(f"{op}: window needs causal=True")
+    return min(window, NO_WINDOW)
+
+
 def _check_heads(op: str, hq: int, hkv: int) -> int:
     if hkv < 1 or hq % hkv != 0:
         raise ValueError(f"{op}: query heads {hq} must be a multiple of kv heads {hkv}")
@@ -597,13 +637,14 @@ def _check_d(op: str, d: int) -> None:
         raise ValueError(f"{op}: head dim must be in [1, {MAX_HEAD_DIM}], got {d}")
 
 
-def flash_attention_fwd(out, q, k, v, scale, causal, softcap=None, lse=None) -> None:
+def flash_attention_fwd(out, q, k, v, scale, causal, softcap=None, lse=None, window=None) -> None:
     """out = softmax(scale * q k^T [softcapped, causal-masked]) v, FlashAttention-2 style.
 
     q, out: [B, Hq, Sq, D]; k, v: [B, Hkv, Sk, D]; one dtype (fp32 / fp16 / bf16), inner
     stride 1, other strides arbitrary. Causal is bottom-right aligned (query i sees key j
-    iff j <= i + Sk - Sq); a query with no visible key gets zeros (lse -inf). lse: None or
-    fp32 [B, Hq, Sq] (natural log of the sum of exp of the final scores).
+    iff j <= i + Sk - Sq); window (causal only) also drops keys j <= i + Sk - Sq - window.
+    A query with no visible key gets zeros (lse -inf). lse: None or fp32 [B, Hq, Sq]
+    (natural log of the sum of exp of the final scores).
     """
     op = "flash_attention_fwd"
     if q.dtype not in DTYPES:
@@ -623,9 +664,11 @@ def flash_attention_fwd(out, q, k, v, scale, causal, softcap=None, lse=None) -> 
         if lse.dtype != torch.float32 or tuple(lse.shape) != (B, Hq, Sq):
             raise ValueError(f"{op}: lse must be float32 {[B, Hq, Sq]}, got {lse.dtype} {list(lse.shape)}")
     qk_scale, softcap_log2 = _scales(scale, softcap)
+    window = _window(op, window, causal)
     if B * Hq * Sq == 0:
         return
-    kernel, cexp, nw = _flash_plan(q.dtype, D, bool(causal), softcap is not None, lse is not None)
+    kernel, cexp, nw = _flash_plan(q.dtype, D, bool(causal), softcap is not None, lse is not None, False,
+                                   window != NO_WINDOW)  # fmt: skip
     lse_t = lse if lse is not None else out  # dummy pointer, never touched
     ls = lse.stride() if lse is not None else (0, 0, 0)
     grid = (triton.cdiv(Sq, cexp["BLOCK_M"]), B * Hq)
@@ -637,14 +680,14 @@ def flash_attention_fwd(out, q, k, v, scale, causal, softcap=None, lse=None) -> 
         lse_t, ls[0], ls[1], ls[2],
         out, out,  # cu_seqlens: unused without VARLEN
         Hq, group, Sq, Sk, D,
-        qk_scale, softcap_log2,
+        qk_scale, softcap_log2, window,
         **cexp,
         num_warps=nw,
     )  # fmt: skip
 
 
 def flash_attention_varlen_fwd(out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, causal,
-                               softcap=None, lse=None) -> None:
+                               softcap=None, lse=None, window=None) -> None:
     """flash_attention_fwd over sequences packed along the token axis (flash-attn varlen).
 
     q, out: [Tq, Hq, D]; k, v: [Tk, Hkv, D]; cu_seqlens_q / cu_seqlens_k: int32 [B + 1]
@@ -672,10 +715,12 @@ def flash_attention_varlen_fwd(out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
     if lse is not None and (lse.dtype != torch.float32 or tuple(lse.shape) != (Hq, Tq)):
         raise ValueError(f"{op}: lse must be float32 {[Hq, Tq]}, got {lse.dtype} {list(lse.shape)}")
     qk_scale, softcap_log2 = _scales(scale, softcap)
+    window = _window(op, window, causal)
     batch = cu_seqlens_q.shape[0] - 1
     if batch <= 0 or max_seqlen_q <= 0 or Hq * D == 0:
         return
-    kernel, cexp, nw = _flash_plan(q.dtype, D, bool(causal), softcap is not None, lse is not None, True)
+    kernel, cexp, nw = _flash_plan(q.dtype, D, bool(causal), softcap is not None, lse is not None, True,
+                                   window != NO_WINDOW)  # fmt: skip
     lse_t = lse if lse is not None else out
     l_sh, l_sm = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     grid = (triton.cdiv(max_seqlen_q, cexp["BLOCK_M"]), batch * Hq)
@@ -687,7 +732,7 @@ def flash_attention_varlen_fwd(out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
         lse_t, 0, l_sh, l_sm,
         cu_seqlens_q, cu_seqlens_k,
         Hq, group, max_seqlen_q, 0, D,
-        qk_scale, softcap_log2,
+        qk_scale, softcap_log2, window,
         **cexp,
         num_warps=nw,
     )  # fmt: skip
@@ -711,9 +756,10 @@ def _check_decode(op, out, q, k, v, seq_lens, kv_shape_desc):
     return _check_heads(op, q.shape[1], k.shape[1])
 
 
-def _decode_launch(out, q, k, v, seq_lens, scale, softcap, num_splits, s_max, paged_args):
+def _decode_launch(out, q, k, v, seq_lens, scale, softcap, num_splits, s_max, paged_args, window):
     B, Hq, D = q.shape
     qk_scale, softcap_log2 = _scales(scale, softcap)
+    window = _window("decode attention", window, True)
     if num_splits is None:
         num_splits = default_num_splits(s_max)
     num_splits = int(num_splits)
@@ -734,33 +780,36 @@ def _decode_launch(out, q, k, v, seq_lens, scale, softcap, num_splits, s_max, pa
                    block_table, block_table.stride(0), seq_lens, block_size)  # fmt: skip
     k1[(B * Hq, num_splits)](
         mid_o, mid_ml, q, q.stride(0), q.stride(1), *kv_args,
-        Hq, group, D, num_splits, qk_scale, softcap_log2,
+        Hq, group, D, num_splits, qk_scale, softcap_log2, window,
         **cexp1, num_warps=nw1,
     )  # fmt: skip
     k2[(B * Hq,)](out, out.stride(0), out.stride(1), mid_o, mid_ml, Hq, D, num_splits, **cexp2, num_warps=nw2)
 
 
-def decode_attention_fwd(out, q, k_cache, v_cache, seq_lens, scale, softcap=None, num_splits=None) -> None:
+def decode_attention_fwd(out, q, k_cache, v_cache, seq_lens, scale, softcap=None, num_splits=None,
+                         window=None) -> None:  # fmt: skip
     """One new token per sequence against a contiguous KV cache, split-K over the length.
 
     q, out: [B, Hq, D]; k_cache, v_cache: [B, Hkv, S_max, D]; seq_lens: int32 [B] with
-    0 <= len <= S_max (len 0 -> zeros). num_splits None: clamp(cdiv(S_max, 512), 1, 16).
+    0 <= len <= S_max (len 0 -> zeros); window: the token sees only the last ``window``
+    keys. num_splits None: clamp(cdiv(S_max, 512), 1, 16).
     Deterministic: the splits are merged in a fixed order.
     """
     op = "decode_attention_fwd"
     _check_decode(op, out, q, k_cache, v_cache, seq_lens, "[B, Hkv, S_max, D]")
     if k_cache.shape[0] != q.shape[0]:
         raise ValueError(f"{op}: k_cache batch {k_cache.shape[0]} != q batch {q.shape[0]}")
-    _decode_launch(out, q, k_cache, v_cache, seq_lens, scale, softcap, num_splits, k_cache.shape[2], None)
+    s_max = k_cache.shape[2] if window is None else min(k_cache.shape[2], window)  # keys read
+    _decode_launch(out, q, k_cache, v_cache, seq_lens, scale, softcap, num_splits, s_max, None, window)
 
 
 def paged_decode_attention_fwd(out, q, k_pages, v_pages, block_table, seq_lens, scale, softcap=None,
-                               num_splits=None) -> None:  # fmt: skip
+                               num_splits=None, window=None) -> None:  # fmt: skip
     """decode_attention_fwd over a paged KV cache (vLLM layout).
 
     k_pages, v_pages: [num_blocks, Hkv, block_size, D]; block_table: int32 [B, max_blocks]
     (logical block i of sequence b is physical block block_table[b, i]; entries past
-    cdiv(len, block_size) are never read); seq_lens: int32 [B], len <= max_blocks *
+    cdiv(len, block_size), or before the block of a window's first key, are never read); seq_lens: int32 [B], len <= max_blocks *
     block_size. Same splits and tiles as decode_attention_fwd: bitwise identical to it on
     the same data laid out contiguously with the same num_splits.
     """
@@ -776,7 +825,10 @@ def paged_decode_attention_fwd(out, q, k_pages, v_pages, block_table, seq_lens, 
     if block_size < 1:
         raise ValueError(f"{op}: block_size must be >= 1")
     s_max = block_table.shape[1] * block_size
-    _decode_launch(out, q, k_pages, v_pages, seq_lens, scale, softcap, num_splits, s_max, (block_table, block_size))
+    if window is not None:
+        s_max = min(s_max, window)  # keys read
+    _decode_launch(out, q, k_pages, v_pages, seq_lens, scale, softcap, num_splits, s_max, (block_table, block_size),
+                   window)  # fmt: skip
 
 
 def write_kv_fwd(k_cache, v_cache, k, v, slot_mapping, block_size: int) -> None:

@@ -58,6 +58,7 @@ struct DecodeArgs {
   const int32_t* seq_lens;
   int64_t batch, hq, hkv, d, group;
   float scale, softcap;
+  int64_t window;  // > 0: the query (at position len - 1) sees only the last `window` keys
   int64_t split_size, max_splits;
   float* part_m;    // [B, Hq, max_splits]
   float* part_l;    // [B, Hq, max_splits]
@@ -67,6 +68,12 @@ struct DecodeArgs {
 struct Item {
   int64_t b, kvh, g0, g1, split;
 };
+
+// First key sequence b's query sees: splits start there, so a sliding window reads only its
+// keys (and the splits, hence the bits, depend on the length and the window only).
+inline int64_t first_key(const DecodeArgs& a, int64_t len) {
+  return a.window > 0 ? std::max<int64_t>(0, len - a.window) : 0;
+}
 
 // prefetch the cache lines that hold bytes [begin, end)
 template <int kHint>
@@ -169,8 +176,8 @@ struct DecodeKernel {
       if (nn > 0) {
         tile_rows(a, it.b, it.kvh, t0 + tile, nn, nkrow, nvrow);
       } else if (next) {  // the last tile prefetches the first of the thread's next item
-        const int64_t nj0 = next->split * a.split_size;
-        nn = std::min<int64_t>(std::min<int64_t>(tile, nt), a.seq_lens[next->b] - nj0);
+        const int64_t len = a.seq_lens[next->b], nj0 = first_key(a, len) + next->split * a.split_size;
+        nn = std::min<int64_t>(std::min<int64_t>(tile, nt), len - nj0);
         if (nn > 0) tile_rows(a, next->b, next->kvh, nj0, nn, nkrow, nvrow);
       }
       // scores of the tile, KB keys at a time: each (key, query) dot product leaves a vector
@@ -366,8 +373,9 @@ struct DecodeKernel {
     const int64_t n_items = int64_t(items.size());
     const int threads = std::max(1, num_threads);
     auto keys_of = [&](const Item& it, int64_t& j0, int64_t& j1) {
-      j0 = it.split * a.split_size;
-      j1 = std::min<int64_t>(a.seq_lens[it.b], j0 + a.split_size);
+      const int64_t len = a.seq_lens[it.b];
+      j0 = first_key(a, len) + it.split * a.split_size;
+      j1 = std::min<int64_t>(len, j0 + a.split_size);
     };
     // Each thread takes a contiguous run of items with about the same number of keys, in
     // order, so the last tile of an item prefetches the first tile of the thread's next one
@@ -410,8 +418,8 @@ void decode_attention(std::uintptr_t out, int64_t out_sb, int64_t out_sh, std::u
                       std::uintptr_t v, int64_t v_sblk, int64_t v_sh, int64_t v_spos,
                       std::uintptr_t block_table, int64_t bt_stride, int64_t max_blocks, int64_t block_size,
                       int64_t num_blocks, std::uintptr_t seq_lens, int64_t batch, int64_t num_q_heads,
-                      int64_t num_kv_heads, int64_t head_dim, double scale, double softcap, int dtype,
-                      int64_t split_size, int num_threads) {
+                      int64_t num_kv_heads, int64_t head_dim, double scale, double softcap, int64_t window,
+                      int dtype, int64_t split_size, int num_threads) {
   const std::string p = "decode_attention: ";
   RINGFUSE_CHECK(batch >= 0 && num_kv_heads >= 1 && num_q_heads >= 1, p + "bad batch / head counts");
   RINGFUSE_CHECK(num_q_heads % num_kv_heads == 0, p + "num_q_heads must be a multiple of num_kv_heads");
@@ -420,20 +428,22 @@ void decode_attention(std::uintptr_t out, int64_t out_sb, int64_t out_sh, std::u
   RINGFUSE_CHECK(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, p + "dtype must be float32, float16 or bfloat16");
   RINGFUSE_CHECK(std::isfinite(scale) && std::isfinite(softcap) && softcap >= 0.0, p + "scale and softcap must be finite (softcap >= 0)");
   RINGFUSE_CHECK(split_size >= kTile && split_size % kTile == 0, p + "split_size must be a positive multiple of 32");
+  RINGFUSE_CHECK(window >= 0, p + "window must be >= 0 (0: no sliding window), got " + std::to_string(window));
   if (batch == 0) return;
   RINGFUSE_CHECK(out && q && k && v && seq_lens, p + "null pointer");
   const auto* lens = reinterpret_cast<const int32_t*>(seq_lens);
   const auto* table = reinterpret_cast<const int32_t*>(block_table);
   const int64_t capacity = max_blocks * block_size;
-  int64_t max_len = 0;
+  int64_t max_len = 0;  // most keys any query sees
   // Validate every value that addresses memory before any is used (no throw inside OpenMP).
   for (int64_t b = 0; b < batch; ++b) {
     RINGFUSE_CHECK(lens[b] >= 0 && lens[b] <= capacity,
                    p + "seq_lens[" + std::to_string(b) + "] = " + std::to_string(lens[b]) +
                        " outside [0, " + std::to_string(capacity) + "] (the cache's capacity)");
-    max_len = std::max<int64_t>(max_len, lens[b]);
-    if (table) {
-      for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i) {
+    const int64_t first = window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0;  // first_key()
+    max_len = std::max<int64_t>(max_len, lens[b] - first);
+    if (table) {  // the blocks that hold the keys read; those before a window may be stale
+      for (int64_t i = first / block_size; i < (lens[b] + block_size - 1) / block_size; ++i) {
         const int32_t blk = table[b * bt_stride + i];
         RINGFUSE_CHECK(blk >= 0 && blk < num_blocks,
                        p + "block_table[" + std::to_string(b) + ", " + std::to_string(i) + "] = " +
@@ -452,12 +462,12 @@ void decode_attention(std::uintptr_t out, int64_t out_sb, int64_t out_sh, std::u
   DecodeArgs a{reinterpret_cast<void*>(out), out_sb, out_sh, reinterpret_cast<const void*>(q), q_sb, q_sh,
                reinterpret_cast<const void*>(k), k_sblk, k_sh, k_spos, reinterpret_cast<const void*>(v),
                v_sblk, v_sh, v_spos, table, bt_stride, table ? block_size : capacity, lens, batch,
-               num_q_heads, num_kv_heads, head_dim, group, float(scale), float(softcap), split_size,
+               num_q_heads, num_kv_heads, head_dim, group, float(scale), float(softcap), window, split_size,
                max_splits, part.get(), part.get() + slots, part.get() + 2 * slots};
   std::vector<Item> items;
   std::vector<int64_t> nsplits(size_t(batch), 0);
   for (int64_t b = 0; b < batch; ++b) {
-    nsplits[size_t(b)] = (lens[b] + split_size - 1) / split_size;
+    nsplits[size_t(b)] = (lens[b] - first_key(a, lens[b]) + split_size - 1) / split_size;
     for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)
       for (int64_t g0 = 0; g0 < group; g0 += kMaxGroup)
         for (int64_t s = 0; s < nsplits[size_t(b)]; ++s) items.push_back({b, kvh, g0, std::min(group, g0 + kMaxGroup), s});
@@ -512,6 +522,7 @@ struct PrefillArgs {
   int64_t sq, sk, hq, hkv, d, group;
   bool causal;
   float scale, softcap;
+  int64_t window;  // > 0 (causal only): query i sees keys (i + diag - window, i + diag]
 };
 
 struct PrefillItem {
@@ -637,12 +648,12 @@ RF_AVX2 RF_INLINE __m256 tanh8(__m256 x) {
   return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
 }
 
-// One row's online-softmax update over a tile: scores s[0, valid) count, s[valid, width)
-// are masked (causal or past the tile). Leaves p in s (0 where masked) and the factor
-// alpha that rescales the row's previous O and l.
-RF_AVX2 void softmax_update(float* s, int64_t valid, int64_t width, float softcap, float& m, float& l,
-                            float& alpha) {
-  if (valid == 0) {
+// One row's online-softmax update over a tile: scores s[first, valid) count; the others are
+// masked (before a sliding window, after the causal diagonal or past the tile). Leaves p in s
+// (0 where masked) and the factor alpha that rescales the row's previous O and l.
+RF_AVX2 void softmax_update(float* s, int64_t first, int64_t valid, int64_t width, float softcap, float& m,
+                            float& l, float& alpha) {
+  if (valid <= first) {
     std::fill(s, s + width, 0.0f);
     alpha = 1.0f;
     return;
@@ -653,7 +664,7 @@ RF_AVX2 void softmax_update(float* s, int64_t valid, int64_t width, float softca
       _mm256_storeu_ps(s + c, _mm256_mul_ps(cap, tanh8(_mm256_mul_ps(_mm256_loadu_ps(s + c), inv))));
   }
   __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t c = 0;
+  int64_t c = first;
   for (; c + 8 <= valid; c += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + c));
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, vmax);
@@ -669,9 +680,11 @@ RF_AVX2 void softmax_update(float* s, int64_t valid, int64_t width, float softca
   __m256 psum = _mm256_setzero_ps();
   for (c = 0; c < width; c += 8) {
     __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), vm));
-    if (c + 8 > valid) {
+    if (c < first || c + 8 > valid) {  // keep lanes idx in [first, valid)
       const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(int(c)), lane);
-      p = _mm256_and_ps(p, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(valid)), idx)));
+      const __m256i keep = _mm256_and_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(valid)), idx),
+                                            _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(int(first) - 1)));
+      p = _mm256_and_ps(p, _mm256_castsi256_ps(keep));
     }
     _mm256_storeu_ps(s + c, p);
     psum = _mm256_add_ps(psum, p);
@@ -724,9 +737,10 @@ struct PrefillKernel {
       w.l[r] = 0.0f;
     }
     const int64_t hi = a.causal ? std::clamp<int64_t>(it.i1 + diag, 0, klen) : klen;  // keys anyone sees
+    const int64_t lo = a.window > 0 ? std::clamp<int64_t>(it.i0 + diag - a.window + 1, 0, klen) : 0;
     const T* kb = static_cast<const T*>(a.k) + it.b * a.k_sb + it.kvh * a.k_sh + ks * a.k_ss;
     const T* vb = static_cast<const T*>(a.v) + it.b * a.v_sb + it.kvh * a.v_sh + ks * a.v_ss;
-    for (int64_t j0 = 0; j0 < hi; j0 += kKeyTile) {
+    for (int64_t j0 = lo; j0 < hi; j0 += kKeyTile) {
       const int64_t nk = std::min(kKeyTile, hi - j0), nchunk = (nk + 15) / 16;
       pack_kt(kb + j0 * a.k_ss, a.k_ss, nk, D, w.kt);
       const float* vt = w.vp;
@@ -738,9 +752,12 @@ struct PrefillKernel {
         for (int64_t j = 0; j < nk; ++j) load_row(vb + (j0 + j) * a.v_ss, D, 1.0f, w.vp + j * dp);
       score_rows(rows, w.qf, dp, w.kt, D, nchunk, w.s);
       const bool masked = a.causal && j0 + nk - 1 > it.i0 + diag;  // the first query misses a key
+      const bool windowed = a.window > 0 && j0 <= it.i1 - 1 + diag - a.window;  // the last one misses key j0
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t valid = masked ? std::clamp<int64_t>(it.i0 + r % nq + diag - j0 + 1, 0, nk) : nk;
-        softmax_update(w.s + r * kKeyTile, valid, nchunk * 16, a.softcap, w.m[r], w.l[r], w.alpha[r]);
+        const int64_t i = it.i0 + r % nq;
+        const int64_t valid = masked ? std::clamp<int64_t>(i + diag - j0 + 1, 0, nk) : nk;
+        const int64_t first = windowed ? std::clamp<int64_t>(i + diag - a.window + 1 - j0, 0, nk) : 0;
+        softmax_update(w.s + r * kKeyTile, first, valid, nchunk * 16, a.softcap, w.m[r], w.l[r], w.alpha[r]);
       }
       pv_rows(rows, w.s, w.alpha, vt, ldv, nk, w.o, dp, dp);
     }
@@ -772,9 +789,10 @@ struct PrefillKernel {
       const int64_t h = it.kvh * a.group + it.g0 + r / nq, i = it.i0 + r % nq;
       const T* qp = static_cast<const T*>(a.q) + it.b * a.q_sb + h * a.q_sh + (qs + i) * a.q_ss;
       const int64_t hi = a.causal ? std::clamp<int64_t>(i + diag + 1, 0, klen) : klen;
+      const int64_t lo = a.window > 0 ? std::clamp<int64_t>(i + diag - a.window + 1, 0, klen) : 0;
       std::fill(o, o + D, 0.0f);
       float m = -std::numeric_limits<float>::infinity(), l = 0.0f;
-      for (int64_t j = 0; j < hi; ++j) {
+      for (int64_t j = lo; j < hi; ++j) {
         const T* kp = static_cast<const T*>(a.k) + it.b * a.k_sb + it.kvh * a.k_sh + (ks + j) * a.k_ss;
         const T* vp = static_cast<const T*>(a.v) + it.b * a.v_sb + it.kvh * a.v_sh + (ks + j) * a.v_ss;
         double dot = 0.0;  // serial sums: fp64 keeps the fallback within the tolerance rule
@@ -822,7 +840,7 @@ void attention(std::uintptr_t out, int64_t o_sb, int64_t o_sh, int64_t o_ss,  //
                std::uintptr_t v, int64_t v_sb, int64_t v_sh, int64_t v_ss,     //
                std::uintptr_t cu_seqlens_q, std::uintptr_t cu_seqlens_k, int64_t batch, int64_t seqlen_q,
                int64_t seqlen_k, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, bool causal,
-               double scale, double softcap, int dtype, int num_threads) {
+               double scale, double softcap, int64_t window, int dtype, int num_threads) {
   const std::string p = "attention: ";
   RINGFUSE_CHECK(batch >= 0 && seqlen_q >= 0 && seqlen_k >= 0, p + "negative batch or sequence length");
   RINGFUSE_CHECK(num_kv_heads >= 1 && num_q_heads >= 1 && num_q_heads % num_kv_heads == 0,
@@ -831,6 +849,8 @@ void attention(std::uintptr_t out, int64_t o_sb, int64_t o_sh, int64_t o_ss,  //
   RINGFUSE_CHECK(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, p + "dtype must be float32, float16 or bfloat16");
   RINGFUSE_CHECK(std::isfinite(scale) && std::isfinite(softcap) && softcap >= 0.0, p + "scale and softcap must be finite (softcap >= 0)");
   RINGFUSE_CHECK((cu_seqlens_q == 0) == (cu_seqlens_k == 0), p + "cu_seqlens_q and cu_seqlens_k come together");
+  RINGFUSE_CHECK(window >= 0 && (window == 0 || causal),
+                 p + "window must be >= 0 (0: none) and needs causal, got " + std::to_string(window));
   if (batch == 0 || seqlen_q == 0) return;
   RINGFUSE_CHECK(out && q && (seqlen_k == 0 || (k && v)), p + "null pointer");
   const auto* cu_q = reinterpret_cast<const int32_t*>(cu_seqlens_q);
@@ -852,7 +872,7 @@ void attention(std::uintptr_t out, int64_t o_sb, int64_t o_sh, int64_t o_ss,  //
   PrefillArgs a{reinterpret_cast<void*>(out), o_sb, o_sh, o_ss, reinterpret_cast<float*>(lse), l_sb, l_sh, l_ss,
                 reinterpret_cast<const void*>(q), q_sb, q_sh, q_ss, reinterpret_cast<const void*>(k), k_sb, k_sh,
                 k_ss, reinterpret_cast<const void*>(v), v_sb, v_sh, v_ss, cu_q, cu_k, seqlen_q, seqlen_k,
-                num_q_heads, num_kv_heads, head_dim, group, causal, float(scale), float(softcap)};
+                num_q_heads, num_kv_heads, head_dim, group, causal, float(scale), float(softcap), window};
   // Items in decreasing query order: with causal masking the last query tiles have the
   // most keys, so they start first and the dynamic schedule fills in with short ones.
   std::vector<PrefillItem> items;

@@ -2,14 +2,15 @@
 spills nothing, stays within the register file and fits in shared memory (DESIGN.md, "GPU
 code without a GPU").
 
-kernels/attention.py can choose 264 variants: 3 dtypes x 4 BLOCK_D buckets x (16 prefill
-flag combinations (causal, softcap, lse, varlen) + 2 x 2 decode stage-1 (contiguous / paged,
-softcap) + 1 stage 2 + 1 write_kv). Compiling all of them for two archs takes several
-minutes on the 2-core dev VM (RINGFUSE_COMPILE_ALL=1 does). By default each (kernel, BLOCK_D) is
-compiled for bf16 (fp16 is the same code with another element type) with every flag on and
-with every flag but softcap, plus the prefill kernel with fp32 inputs (its own tiles, the
-most registers and shared memory) the same two ways, plus the variants Triton's JIT derives
-from argument values (ints == 1 as constexprs, 16-divisible ints): 96 compiles, ~90 s (each
+kernels/attention.py can choose 360 variants: 3 dtypes x 4 BLOCK_D buckets x (24 prefill
+flag combinations (full / causal / causal with a sliding window, softcap, lse, varlen) +
+2 x 2 decode stage-1 (contiguous / paged, softcap) + 1 stage 2 + 1 write_kv). Compiling all
+of them for two archs takes several minutes on the 2-core dev VM (RINGFUSE_COMPILE_ALL=1
+does). By default each (kernel, BLOCK_D) is compiled for bf16 (fp16 is the same code with
+another element type) with every flag on and with every flag but softcap, each with and
+without a window, plus the prefill kernel with fp32 inputs (its own tiles, the most
+registers and shared memory) the same ways, plus the variants Triton's JIT derives from
+argument values (ints == 1 as constexprs, 16-divisible ints): 128 compiles, ~100 s (each
 compile_check run starts with an empty private Triton cache).
 
 The tests run under the Triton interpreter, which cannot compile for a GPU, so all compiles
@@ -134,5 +135,5 @@ def test_shipped_configs_cover_every_bucket():
     checked in test_attention_triton.py::test_launchers_only_pick_shipped_configs)."""
     ta = triton_attention
     n = len(ta.DTYPES) * len(ta.BLOCK_D_BUCKETS)
-    assert len(ta.SHIPPED_CONFIGS) == n * (16 + 4 + 1 + 1)
+    assert len(ta.SHIPPED_CONFIGS) == n * (24 + 4 + 1 + 1)
     assert all(not c["constexprs"].get("DOT_FP32", False) for c in ta.SHIPPED_CONFIGS)

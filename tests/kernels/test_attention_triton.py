@@ -40,14 +40,16 @@ pytestmark = pytest.mark.usefixtures("interpreter_bf16_round_to_nearest_even")
 # Reference and baseline
 
 
-def causal_mask(sq, sk, device="cpu"):
-    """[Sq, Sk] bool, bottom-right aligned: query i sees key j iff j <= i + Sk - Sq."""
+def causal_mask(sq, sk, device="cpu", window=None):
+    """[Sq, Sk] bool, bottom-right aligned: query i sees key j iff j <= i + Sk - Sq (and,
+    with a window, j > i + Sk - Sq - window)."""
     i = torch.arange(sq, device=device)[:, None]
     j = torch.arange(sk, device=device)[None, :]
-    return j <= i + (sk - sq)
+    keep = j <= i + (sk - sq)
+    return keep & (j > i + (sk - sq) - window) if window else keep
 
 
-def reference(q, k, v, scale, causal, softcap, compute_dtype=torch.float64):
+def reference(q, k, v, scale, causal, softcap, compute_dtype=torch.float64, window=None):
     """Explicit softmax attention in compute_dtype: (out [B, Hq, Sq, D], lse [B, Hq, Sq]).
     GQA by repeat_interleave (reference only). Rows with no visible key: zeros, lse -inf."""
     group = q.shape[1] // k.shape[1]
@@ -58,19 +60,19 @@ def reference(q, k, v, scale, causal, softcap, compute_dtype=torch.float64):
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     if causal:
-        s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+        s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device, window), float("-inf"))
     lse = torch.logsumexp(s.double(), dim=-1)
     empty = torch.isinf(lse)
     p = torch.softmax(s, dim=-1).masked_fill(empty[..., None], 0.0)
     return p @ v, lse
 
 
-def torch_baseline(q, k, v, scale, causal, softcap):
+def torch_baseline(q, k, v, scale, causal, softcap, window=None):
     """torch in the inputs' dtype: SDPA (enable_gqa) or, with softcap, the formula."""
     if softcap is None:
-        mask = causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
+        mask = causal_mask(q.shape[2], k.shape[2], q.device, window) if causal else None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return reference(q, k, v, scale, causal, softcap, compute_dtype=q.dtype)[0]
+    return reference(q, k, v, scale, causal, softcap, compute_dtype=q.dtype, window=window)[0]
 
 
 def assert_close_2x(out, ref, base, rows=None, what="out"):
@@ -165,6 +167,22 @@ def test_flash_causal_more_queries_than_keys(dtype, softcap):
     rows = torch.arange(sq) >= empty
     base = torch_baseline(q, k, v, 0.125, True, softcap)
     assert_close_2x(out[:, :, rows], ref[:, :, rows], base[:, :, rows])
+    assert_lse(lse, ref_lse)
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
+@pytest.mark.parametrize("sq,sk,window", [(77, 77, 1), (129, 129, 40), (7, 129, 20), (77, 129, 200)], ids=str)
+def test_flash_sliding_window(dtype, sq, sk, window):
+    """Query i sees keys (i + Sk - Sq - window, i + Sk - Sq]: tiles before the window are
+    skipped, tiles it cuts are masked (HF's sliding_window, Mistral / Gemma 2)."""
+    g = torch.Generator().manual_seed(sq + window)
+    q, k, v = make((1, 4, sq, 64), dtype, g), make((1, 2, sk, 64), dtype, g), make((1, 2, sk, 64), dtype, g)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32)
+    flash_attention_fwd(out, q, k, v, 0.125, True, lse=lse, window=window)
+    ref, ref_lse = reference(q, k, v, 0.125, True, None, window=window)
+    assert_close_2x(out, ref, torch_baseline(q, k, v, 0.125, True, None, window))
     assert_lse(lse, ref_lse)
 
 
@@ -393,6 +411,32 @@ def test_paged_bitwise_equals_contiguous(dtype, block_size, softcap, num_splits,
     assert_close_2x(out_p, ref, base.to(dtype))
 
 
+@interp_only
+@pytest.mark.parametrize("window", [1, 19, 100])
+def test_decode_sliding_window(window):
+    """The token sees its last `window` keys; paged == contiguous bitwise even where the
+    block table's entries before the window are garbage (never read)."""
+    b, hq, hkv, d, block_size = 4, 6, 2, 64, 16
+    s_max = 160
+    q, k, v = decode_inputs(b, hq, hkv, s_max, d, torch.bfloat16, seed=window)
+    seq_lens = torch.tensor([160, 0, 1, 77], dtype=torch.int32)
+    out_c = torch.empty_like(q)
+    decode_attention_fwd(out_c, q, k, v, seq_lens, 0.125, num_splits=2, window=window)
+    lo = (seq_lens - window).clamp(min=0)
+    ref = torch.stack([decode_reference(q[i : i + 1], k[i : i + 1, :, lo[i] :], v[i : i + 1, :, lo[i] :],
+                                        seq_lens[i : i + 1] - lo[i], 0.125, None)[0] for i in range(b)])  # fmt: skip
+    base = torch.stack([decode_reference(q[i : i + 1], k[i : i + 1, :, lo[i] :], v[i : i + 1, :, lo[i] :],
+                                         seq_lens[i : i + 1] - lo[i], 0.125, None, torch.bfloat16, True)[0]
+                        for i in range(b)])  # fmt: skip
+    assert_close_2x(out_c, ref, base.to(torch.bfloat16))
+    k_pages, v_pages, block_table = to_pages(k, v, block_size, seed=3)
+    for i in range(b):
+        block_table[i, : int(lo[i]) // block_size] = 10_000  # out of range: must not be read
+    out_p = torch.full_like(q, float("nan"))
+    paged_decode_attention_fwd(out_p, q, k_pages, v_pages, block_table, seq_lens, 0.125, num_splits=2, window=window)
+    assert torch.equal(out_p, out_c)
+
+
 # ---------------------------------------------------------------------------------------
 # Config choice and misuse
 
@@ -419,7 +463,8 @@ def test_launchers_only_pick_shipped_configs():
         for d in (1, 16, 40, 64, 80, 96, 128, 200, 256):
             specs = [ta._stage2_spec(dtype, d)]
             specs += [ta._decode_spec(dtype, d, sc, paged) for sc in (False, True) for paged in (False, True)]
-            specs += [ta._flash_spec(dtype, d, c, sc, lse, vl) for c in (False, True) for sc in (False, True)
+            specs += [ta._flash_spec(dtype, d, c, sc, lse, vl, window=w)
+                      for c, w in ((False, False), (True, False), (True, True)) for sc in (False, True)
                       for lse in (False, True) for vl in (False, True)]  # fmt: skip
             specs.append(ta._write_kv_spec(dtype, d))
             for kernel, sig, cexp, nw in specs:

@@ -17,8 +17,9 @@ def make(shape, dtype, seed):
     return torch.randn(shape, generator=g).to(dtype)
 
 
-def reference64(q, k, v, lens, scale, softcap=None):
-    """fp64 spec: per sequence b, softmax over its first lens[b] keys; GQA by repeat."""
+def reference64(q, k, v, lens, scale, softcap=None, window=None):
+    """fp64 spec: per sequence b, softmax over its first lens[b] keys (the last `window` of
+    them with a window); GQA by repeat."""
     B, Hq, D = q.shape
     group = Hq // k.shape[1]
     out = torch.zeros(B, Hq, D, dtype=torch.float64)
@@ -26,8 +27,9 @@ def reference64(q, k, v, lens, scale, softcap=None):
         L = int(lens[b])
         if L == 0:
             continue
-        kk = k[b, :, :L].double().repeat_interleave(group, 0)  # [Hq, L, D]
-        vv = v[b, :, :L].double().repeat_interleave(group, 0)
+        lo = max(0, L - window) if window else 0
+        kk = k[b, :, lo:L].double().repeat_interleave(group, 0)  # [Hq, L - lo, D]
+        vv = v[b, :, lo:L].double().repeat_interleave(group, 0)
         s = torch.einsum("hd,hld->hl", q[b].double(), kk) * scale
         if softcap:
             s = softcap * torch.tanh(s / softcap)
@@ -35,7 +37,7 @@ def reference64(q, k, v, lens, scale, softcap=None):
     return out
 
 
-def torch_same_dtype(q, k, v, lens, scale, softcap=None):
+def torch_same_dtype(q, k, v, lens, scale, softcap=None, window=None):
     """torch's own computation in the inputs' dtype (the error budget of the tolerance rule)."""
     B, Hq, D = q.shape
     out = torch.zeros_like(q)
@@ -43,7 +45,8 @@ def torch_same_dtype(q, k, v, lens, scale, softcap=None):
         L = int(lens[b])
         if L == 0:
             continue
-        kb, vb = k[b : b + 1, :, :L], v[b : b + 1, :, :L]
+        lo = max(0, L - window) if window else 0
+        kb, vb = k[b : b + 1, :, lo:L], v[b : b + 1, :, lo:L]
         if softcap:
             group = Hq // k.shape[1]
             s = torch.einsum("hd,hld->hl", q[b], kb[0].repeat_interleave(group, 0)) * scale
@@ -98,6 +101,26 @@ def test_long_context_and_softcap(isa, dtype):
     q, k, v = make((2, 6, 64), dtype, 4), make((2, 2, S, 64), dtype, 5), make((2, 2, S, 64), dtype, 6)
     got = decode_attention(q, k, v, lens, scale=0.3, softcap=5.0)
     assert_tolerance(got, reference64(q, k, v, lens, 0.3, 5.0), torch_same_dtype(q, k, v, lens, 0.3, 5.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", [1, 5, 64, 300, 5000])
+def test_sliding_window(isa, dtype, window):
+    """The token sees its last `window` keys only (Mistral / Gemma 2): against the fp64
+    reference over those keys; paged == contiguous bitwise; block ids before the window are
+    neither read nor checked (a sliding-window cache may have recycled them)."""
+    S = 1200
+    lens = torch.tensor([1200, 77, 0, 300, 1, 640], dtype=torch.int32)
+    q, k, v = make((6, 9, 64), dtype, 11), make((6, 3, S, 64), dtype, 12), make((6, 3, S, 64), dtype, 13)
+    got = decode_attention(q, k, v, lens, scale=0.2, softcap=8.0, window=window)
+    assert_tolerance(got, reference64(q, k, v, lens, 0.2, 8.0, window),
+                     torch_same_dtype(q, k, v, lens, 0.2, 8.0, window))  # fmt: skip
+    kp, table = to_paged(k, 16, seed=14)
+    vp, _ = to_paged(v, 16, seed=14)
+    for b, L in enumerate(lens.tolist()):
+        table[b, : max(0, L - window) // 16] = -1  # whole blocks before the window
+    paged = paged_decode_attention(q, kp, vp, table, lens, scale=0.2, softcap=8.0, window=window)
+    assert torch.equal(paged, got)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -205,6 +228,9 @@ def test_bad_inputs():
         decode_attention(q, k, v, lens, scale=0.0)
     with pytest.raises(ValueError, match="softcap must be"):
         decode_attention(q, k, v, lens, softcap=-1.0)
+    for bad_window in (0, -2, 2.5, True, "8"):
+        with pytest.raises(ValueError, match=r"window must be None or an int >= 1"):
+            decode_attention(q, k, v, lens, window=bad_window)
     with pytest.raises(ValueError, match=r"head_dim must be in \[1, 256\], got 300"):
         decode_attention(make((2, 3, 300), torch.float32, 0), make((2, 3, 4, 300), torch.float32, 0),
                          make((2, 3, 4, 300), torch.float32, 0), lens.clamp(max=4))
@@ -228,7 +254,10 @@ def test_bad_inputs():
     too_long = torch.tensor([5], dtype=torch.int32)
     with pytest.raises(ValueError, match="seq_lens"):
         _C.decode_attention(1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 4, 2,
-                            too_long.data_ptr(), 1, 1, 1, 4, 1.0, 0.0, 0, 256, 1)
+                            too_long.data_ptr(), 1, 1, 1, 4, 1.0, 0.0, 0, 0, 256, 1)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        _C.decode_attention(1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 4, 2,
+                            too_long.data_ptr(), 1, 1, 1, 4, 1.0, 0.0, -1, 0, 256, 1)
 
 
 @pytest.mark.gpu
@@ -250,3 +279,11 @@ def test_decode_on_cuda_matches_cpu_and_checks_values(dtype):
     bad[0, 0] = 10_000
     with pytest.raises(ValueError, match="block ids outside"):
         paged_decode_attention(q.cuda(), kp.cuda(), vp.cuda(), bad.cuda(), lens.cuda())
+    # a window: the same keys as the CPU reads, stale block ids before it allowed
+    win = decode_attention(q.cuda(), k.cuda(), v.cuda(), lens.cuda(), window=20).cpu()
+    assert_tolerance(win, reference64(q, k, v, lens, 1 / 8, window=20),
+                     torch_same_dtype(q, k, v, lens, 1 / 8, window=20))  # fmt: skip
+    stale = table.clone()
+    stale[0, :8] = -1  # keys 0..127 of sequence 0 (length 160) lie before its window
+    paged_win = paged_decode_attention(q.cuda(), kp.cuda(), vp.cuda(), stale.cuda(), lens.cuda(), window=20).cpu()
+    assert torch.equal(paged_win, win)

@@ -18,33 +18,40 @@ def make(shape, dtype, seed, scale=1.0):
     return (torch.randn(shape, generator=g) * scale).to(dtype)
 
 
-def reference64(q, k, v, causal, scale, softcap=None):
-    """fp64 spec: [B, Hq, Sq, Sk] scores, GQA by repeat, causal bottom-right aligned, rows
-    without a visible key -> zeros and lse -inf. Returns (out, lse)."""
+def visible(sq, sk, window=None):
+    """[Sq, Sk] bool: query i sees key j (causal, bottom-right aligned; within the window)."""
+    keep = torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)
+    if window:
+        keep &= ~torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq - window)
+    return keep
+
+
+def reference64(q, k, v, causal, scale, softcap=None, window=None):
+    """fp64 spec: [B, Hq, Sq, Sk] scores, GQA by repeat, causal bottom-right aligned (and a
+    sliding window), rows without a visible key -> zeros and lse -inf. Returns (out, lse)."""
     group = q.shape[1] // k.shape[1]
     kk, vv = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
     s = q.double() @ kk.transpose(-1, -2) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     if causal:
-        sq, sk = q.shape[2], k.shape[2]
-        s = s.masked_fill(~torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq), -math.inf)
+        s = s.masked_fill(~visible(q.shape[2], k.shape[2], window), -math.inf)
     lse = torch.logsumexp(s, -1)
     p = torch.softmax(s, -1).nan_to_num(0.0)
     return p @ vv, lse
 
 
-def torch_same_dtype(q, k, v, causal, scale, softcap=None):
+def torch_same_dtype(q, k, v, causal, scale, softcap=None, window=None):
     """torch's own computation in the inputs' dtype: the error budget of the tolerance rule."""
     sq, sk = q.shape[2], k.shape[2]
-    if softcap is None and (not causal or sq == sk):
+    if softcap is None and window is None and (not causal or sq == sk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
     group = q.shape[1] // k.shape[1]
     s = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     if causal:
-        s = s.masked_fill(~torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq), -math.inf)
+        s = s.masked_fill(~visible(sq, sk, window), -math.inf)
     p = torch.softmax(s.float(), -1).nan_to_num(0.0).to(q.dtype)
     return p @ v.repeat_interleave(group, 1)
 
@@ -56,13 +63,13 @@ def assert_tolerance(got, ref64, same_dtype):
     assert err <= 2 * err_torch + floor, f"error {err:.3g} > 2 x torch's {err_torch:.3g} + {floor:.3g}"
 
 
-def check(q, k, v, causal, scale=None, softcap=None):
+def check(q, k, v, causal, scale=None, softcap=None, window=None):
     d = q.shape[-1]
     scale_v = scale if scale is not None else 1 / math.sqrt(d)
-    got, lse = attention(q, k, v, causal=causal, scale=scale, softcap=softcap, return_lse=True)
+    got, lse = attention(q, k, v, causal=causal, scale=scale, softcap=softcap, window=window, return_lse=True)
     assert got.dtype == q.dtype and got.shape == q.shape and lse.dtype == torch.float32
-    ref, ref_lse = reference64(q, k, v, causal, scale_v, softcap)
-    assert_tolerance(got, ref, torch_same_dtype(q, k, v, causal, scale_v, softcap))
+    ref, ref_lse = reference64(q, k, v, causal, scale_v, softcap, window)
+    assert_tolerance(got, ref, torch_same_dtype(q, k, v, causal, scale_v, softcap, window))
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
     torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=0, atol=1e-4 * max(1, d / 64))
@@ -102,6 +109,30 @@ def test_softcap_and_scale(isa, dtype):
     q, k, v = make((2, 6, 70, 64), dtype, 10, 3.0), make((2, 2, 90, 64), dtype, 11, 3.0), make((2, 2, 90, 64), dtype, 12)
     check(q, k, v, causal=True, scale=0.3, softcap=20.0)
     check(q, k, v, causal=False, softcap=5.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sq,sk,window", [(77, 77, 1), (77, 77, 5), (200, 200, 64), (130, 130, 63), (40, 300, 100),
+                                          (1, 500, 129), (129, 129, 1000), (70, 60, 16)], ids=str)  # fmt: skip
+def test_sliding_window(isa, dtype, sq, sk, window):
+    """Query i sees keys (i + Sk - Sq - window, i + Sk - Sq] only: tiles the window skips,
+    tiles it cuts, windows wider than the context, more queries than keys."""
+    q, k, v = make((2, 6, sq, 64), dtype, 17), make((2, 2, sk, 64), dtype, 18), make((2, 2, sk, 64), dtype, 19)
+    check(q, k, v, causal=True, window=window)
+    check(q, k, v, causal=True, scale=0.3, softcap=20.0, window=window)
+
+
+def test_sliding_window_varlen_equals_per_sequence_calls(isa):
+    lens_q, lens_k = [5, 0, 130, 1], [9, 3, 130, 40]
+    q, k, v, cu_q, cu_k = packed(lens_q, lens_k, 4, 2, 32, torch.float32, 24)
+    got = attention_varlen(q, k, v, cu_q, cu_k, causal=True, window=17)
+    for b in range(4):
+        (q0, q1), (k0, k1) = cu_q[b : b + 2].tolist(), cu_k[b : b + 2].tolist()
+        if q1 == q0:
+            continue
+        one = attention(*(t[a:z].transpose(0, 1)[None] for t, a, z in ((q, q0, q1), (k, k0, k1), (v, k0, k1))),
+                        causal=True, window=17)  # fmt: skip
+        assert torch.equal(got[q0:q1], one[0].transpose(0, 1))
 
 
 def test_matches_sdpa_drop_in():
@@ -220,7 +251,7 @@ def test_varlen_bad_offsets():
     bad = torch.tensor([0, 4, 99], dtype=torch.int32)
     with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
         _C.attention(1, 0, 1, 1, 0, 0, 0, 0, 1, 0, 1, 1, 1, 0, 1, 1, 1, 0, 1, 1, bad.data_ptr(), cu_k.data_ptr(),
-                     2, 10, 10, 2, 2, 32, False, 1.0, 0.0, 0, 1)  # fmt: skip
+                     2, 10, 10, 2, 2, 32, False, 1.0, 0.0, 0, 0, 1)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,6 +286,16 @@ def test_autograd_varlen_and_bf16():
             torch.testing.assert_close(got.float(), ref[0].transpose(0, 1).float(), atol=0.1, rtol=0.05)
 
 
+def test_autograd_sliding_window():
+    q, k, v = (make(s, torch.float32, i).requires_grad_() for i, s in
+               enumerate([(1, 4, 23, 16), (1, 2, 23, 16), (1, 2, 23, 16)]))  # fmt: skip
+    g = make((1, 4, 23, 16), torch.float32, 9)
+    grads = torch.autograd.grad(attention(q, k, v, causal=True, window=6), (q, k, v), g)
+    ref = torch.autograd.grad(reference64(q, k, v, True, 0.25, window=6)[0], (q, k, v), g.double())
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-4)
+
+
 def test_torch_compile_fullgraph():
     q, k, v = make((1, 4, 20, 32), torch.float32, 50), make((1, 2, 20, 32), torch.float32, 51), make(
         (1, 2, 20, 32), torch.float32, 52)  # fmt: skip
@@ -272,6 +313,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.ringfuse.attention, (q, k, v, True, 0.25, 0.0))
     qv, kv, vv, cu_q, cu_k = packed([3, 7], [5, 7], 4, 2, 16, torch.float32, 63)
     torch.library.opcheck(torch.ops.ringfuse.attention_varlen, (qv, kv, vv, cu_q, cu_k, 7, True, 0.25, 0.0))
+    torch.library.opcheck(torch.ops.ringfuse.attention, (q, k, v, True, 0.25, 0.0, 3))
+    torch.library.opcheck(torch.ops.ringfuse.attention_varlen, (qv, kv, vv, cu_q, cu_k, 7, True, 0.25, 0.0, 3))
 
 
 def test_bad_inputs():
@@ -307,6 +350,14 @@ def test_bad_inputs():
         attention(q, k, v, softcap=float("inf"))
     with pytest.raises(TypeError, match="causal must be a bool"):
         attention(q, k, v, causal=1)
+    for bad_window in (0, -1, 1.5, True, "4"):
+        with pytest.raises(ValueError, match="window must be None or an int >= 1"):
+            attention(q, k, v, causal=True, window=bad_window)
+    with pytest.raises(ValueError, match="window needs causal=True"):
+        attention(q, k, v, window=4)
+    with pytest.raises(ValueError, match="window needs causal=True"):
+        attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                         torch.tensor([0, 8], dtype=torch.int32), torch.tensor([0, 8], dtype=torch.int32), window=4)
     with pytest.raises(ValueError, match="out must match q"):
         attention(q, k, v, out=torch.empty(2, 6, 8, 8))
     with pytest.raises(ValueError, match="out overlaps q"):
@@ -315,7 +366,10 @@ def test_bad_inputs():
         attention(q.clone().requires_grad_(), k, v, out=torch.empty_like(q))
     with pytest.raises(ValueError, match="num_q_heads must be a positive multiple"):  # C++ boundary
         _C.attention(1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1, 3, 2, 8, False, 1.0,
-                     0.0, 0, 1)  # fmt: skip
+                     0.0, 0, 0, 1)  # fmt: skip
+    with pytest.raises(ValueError, match="needs causal"):  # a window without causal, at the C++ boundary
+        _C.attention(1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 8, False, 1.0,
+                     0.0, 4, 0, 1)  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -326,6 +380,9 @@ def test_cuda_matches_reference(dtype):
     ref, _ = reference64(q, k, v, True, 1 / 8)
     got = attention(q.cuda(), k.cuda(), v.cuda(), causal=True).cpu()
     assert_tolerance(got, ref, torch_same_dtype(q, k, v, True, 1 / 8))
+    ref_w, _ = reference64(q, k, v, True, 1 / 8, window=40)
+    got_w = attention(q.cuda(), k.cuda(), v.cuda(), causal=True, window=40).cpu()
+    assert_tolerance(got_w, ref_w, torch_same_dtype(q, k, v, True, 1 / 8, window=40))
     qv, kv, vv, cu_q, cu_k = packed([5, 0, 77], [9, 3, 77], 6, 2, 64, dtype, 73)
     cpu = attention_varlen(qv, kv, vv, cu_q, cu_k, causal=True)
     gpu = attention_varlen(qv.cuda(), kv.cuda(), vv.cuda(), cu_q.cuda(), cu_k.cuda(), causal=True).cpu()

@@ -217,6 +217,35 @@ def test_paged_decode_plan_scale_and_softcap(scale, softcap):
         PagedDecodePlan(k_pages, v_pages, cos_sin, pos, slots, table, lens, hq, softcap=-1.0)
 
 
+@pytest.mark.parametrize("window", [1, 3, 100])
+def test_paged_decode_plan_window_per_run(window):
+    """A window given per run (per layer: Gemma 2 alternates) as paged_decode_attention
+    applies it, on both entry points; no window on the next run attends to every key."""
+    from ringfuse.ops import PagedDecodePlan, paged_decode_attention, rotary_embedding, write_kv
+
+    batch, hq, hkv, d = 4, 4, 2, 16
+    k_pages, v_pages, table, lens, pos, slots, qkv, cos_sin = _decode_step_inputs(batch, hq, hkv, d, 4, torch.float32, 6)
+    a = qkv.clone()
+    q, k, v = a[:, : hq * d].view(batch, hq, d), a[:, hq * d : (hq + hkv) * d].view(batch, hkv, d), \
+        a[:, (hq + hkv) * d :].view(batch, hkv, d)  # fmt: skip
+    kp_a, vp_a = k_pages.clone(), v_pages.clone()
+    rotary_embedding(q, k, pos, cos_sin)
+    write_kv(k, v, kp_a, vp_a, slots)
+    want = paged_decode_attention(q, kp_a, vp_a, table, lens, window=window)
+    plan = PagedDecodePlan(k_pages, v_pages, cos_sin, pos, slots, table, lens, hq)
+    assert torch.equal(plan.run_packed(qkv.clone(), k_pages.clone(), v_pages.clone(), window=window), want)
+    b = qkv.clone()
+    views = b[:, : hq * d].view(batch, hq, d), b[:, hq * d : (hq + hkv) * d].view(batch, hkv, d), \
+        b[:, (hq + hkv) * d :].view(batch, hkv, d)  # fmt: skip
+    assert torch.equal(plan.run(*views, k_pages.clone(), v_pages.clone(), window=window), want)
+    everything = plan.run_packed(qkv.clone(), k_pages.clone(), v_pages.clone())
+    assert torch.equal(everything, paged_decode_attention(q, kp_a, vp_a, table, lens))
+    if window < int(lens.min()):
+        assert (everything - want).abs().max() > 1e-3  # the window matters on these inputs
+    with pytest.raises(ValueError, match="window must be None or an int >= 1"):
+        plan.run_packed(qkv.clone(), k_pages.clone(), v_pages.clone(), window=0)
+
+
 def test_paged_decode_plan_bad_inputs():
     from ringfuse.ops import PagedDecodePlan
 

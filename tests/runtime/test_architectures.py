@@ -1,7 +1,7 @@
 """The architecture registry and the families beyond Llama's block: Qwen3 (per-head q/k
 RMSNorm, an explicit head_dim) and Gemma 2 (norms around each sublayer, 1 + w norm weights,
-scaled embeddings, GeGLU, query_pre_attn_scalar, attention and final-logit soft-capping, a
-sliding window). Tiny random-weight HF models, saved as safetensors folders and written as
+scaled embeddings, GeGLU, query_pre_attn_scalar, attention and final-logit soft-capping,
+sliding-window layers), and sliding windows in Mistral and Qwen2. Tiny random-weight HF models, saved as safetensors folders and written as
 GGUF files the way llama.cpp's converter writes them, are run by ``DecoderModel`` and by
 ``LLM``; logits and greedy tokens are checked against HF transformers (eager attention),
 with the tolerance rule of test_weights."""
@@ -37,8 +37,8 @@ from .test_weights import (  # noqa: E402
     saved_models,
 )
 
-# soft caps small enough to bite on O(1) scores and logits; a window below the context limit
-GEMMA2 = dict(SMALL, head_dim=16, attn_logit_softcapping=1.5, final_logit_softcapping=2.0, sliding_window=64)
+# soft caps small enough to bite on O(1) scores and logits; windows shorter than the prompts
+GEMMA2 = dict(SMALL, head_dim=16, attn_logit_softcapping=1.5, final_logit_softcapping=2.0, sliding_window=4)
 KINDS = {
     # head_dim 24 != hidden / heads = 16: the explicit head_dim is read
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(SMALL, head_dim=24)),
@@ -48,6 +48,10 @@ KINDS = {
     # llama.cpp scales Gemma 2's queries by key_length^-1/2: the GGUF test's model has that
     "gemma2_gguf": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
                     dict(GEMMA2, query_pre_attn_scalar=16, tie_word_embeddings=False)),
+    # every layer slides (Mistral); only layers >= max_window_layers do (Qwen2)
+    "mistral_window": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(SMALL, sliding_window=5)),
+    "qwen2_window": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+                     dict(SMALL, use_sliding_window=True, sliding_window=3, max_window_layers=1)),
 }  # fmt: skip
 
 
@@ -86,7 +90,41 @@ def test_configs(models):
     g = open_weights(models["gemma2"][2]).config
     assert (g.arch, g.attn_softcap, g.final_softcap, g.tie_word_embeddings) == ("gemma2", 1.5, 2.0, True)
     assert g.attn_scale == pytest.approx(20**-0.5)
-    assert g.max_position_embeddings == 64  # capped at the sliding window (whole-context attention)
+    # the even layers slide (HF's default layer_types); the context is not capped by the window
+    assert g.layer_windows == (4, 0) and g.max_position_embeddings == 128
+    assert open_weights(models["mistral_window"][2]).config.layer_windows == (5, 5)
+    assert open_weights(models["qwen2_window"][2]).config.layer_windows == (0, 3)
+    assert q.layer_windows == ()
+
+
+@pytest.mark.parametrize("arch, extra, want", [
+    ("Qwen2ForCausalLM", {"sliding_window": 8}, ()),  # use_sliding_window false: HF drops the window
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}, (0, 0, 8)),
+    ("Qwen3ForCausalLM", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}, (8, 8, 8)),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8,
+                          "layer_types": ["full_attention", "sliding_attention", "full_attention"]}, (0, 8, 0)),
+    ("Gemma2ForCausalLM", {}, (4096, 0, 4096)),  # HF's default window
+    ("Gemma2ForCausalLM", {"sliding_window": None}, ()),
+    ("Gemma2ForCausalLM", {"sliding_window": 16, "layer_types": ["full_attention"] * 3}, (0, 0, 0)),
+    ("MistralForCausalLM", {"sliding_window": 16}, (16, 16, 16)),
+    ("MistralForCausalLM", {"sliding_window": None}, ()),
+    ("LlamaForCausalLM", {"sliding_window": 16}, ()),  # HF's Llama has no window
+])  # fmt: skip
+def test_layer_windows_from_hf_configs(arch, extra, want):
+    cfg = dict(SMALL, num_hidden_layers=3, architectures=[arch], **extra)
+    assert ModelConfig.from_hf(cfg, "config.json").layer_windows == want
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"sliding_window": 0}, "sliding_window must be a positive int"),
+    ({"layer_types": ["sliding_attention"]}, "layer_types must list 3 entries"),
+    ({"layer_types": ["sliding_attention", "full_attention", "chunked_attention"]}, "layer_types must list"),
+    ({"layer_types": "sliding_attention"}, "layer_types must list"),
+])  # fmt: skip
+def test_bad_layer_windows_are_refused(extra, match):
+    cfg = dict(SMALL, num_hidden_layers=3, architectures=["Gemma2ForCausalLM"], **extra)
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf(cfg, "config.json")
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -97,13 +135,13 @@ def test_logits_match_hf(models, kind):
     _run_and_check(lm, hf32, hf64, kind, lengths=(10, 5), decode_steps=3)
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma2"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "mistral_window"])
 def test_greedy_tokens_match_hf(models, kind, tmp_path):
     hf32, _, path = models[kind]
     check_greedy_tokens_match_hf(hf32, path, tmp_path)
 
 
-@pytest.mark.parametrize("change", ["softcaps", "scalar", "post_norms", "embed_scale", "qk_norm"])
+@pytest.mark.parametrize("change", ["softcaps", "scalar", "post_norms", "embed_scale", "qk_norm", "window"])
 def test_each_feature_changes_the_logits(models, change):
     """Every feature the new blocks add moves HF's logits on these models, so the HF-matched
     tests above would catch ringfuse dropping it."""
@@ -124,6 +162,11 @@ def test_each_feature_changes_the_logits(models, change):
             for layer in model.model.layers:
                 layer.post_attention_layernorm.weight.zero_()  # scale 1 + 0
                 layer.post_feedforward_layernorm.weight.zero_()
+        elif change == "window":  # the context fits the window: whole-context attention
+            model.config.sliding_window = 1000
+            for layer in model.model.layers:
+                if layer.self_attn.sliding_window is not None:
+                    layer.self_attn.sliding_window = 1000
         elif change == "embed_scale":
             model.model.embed_tokens.weight.mul_(model.config.hidden_size**-0.5)
             model.model.normalizer = torch.tensor(1.0)
@@ -241,7 +284,8 @@ def test_gguf_logits_match_hf(models, tmp_path, kind):
     w = open_weights(path)
     assert w.config.arch == arch and w.config.head_dim == hf32.config.head_dim
     if arch == "gemma2":
-        assert (w.config.attn_softcap, w.config.final_softcap, w.config.max_position_embeddings) == (1.5, 2.0, 64)
+        assert (w.config.attn_softcap, w.config.final_softcap, w.config.max_position_embeddings) == (1.5, 2.0, 128)
+        assert w.config.layer_windows == (4, 0)  # llama.cpp's pattern: the even layers slide
         assert w.config.attn_scale == pytest.approx(16**-0.5) and not w.config.tie_word_embeddings
     _run_and_check(DecoderModel(w), hf32, hf64, f"gguf {kind}", lengths=(10, 5), decode_steps=2)
 

@@ -135,16 +135,10 @@ def _decode(lm: DecoderModel, kv, tokens, positions, blocks) -> torch.Tensor:
 
 
 def _hf_logits(model, seqs) -> list[torch.Tensor]:
-    """HF logits per sequence ([len, V]), the batch right-padded with an attention mask."""
-    n = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), n, dtype=torch.int64)
-    mask = torch.zeros(len(seqs), n, dtype=torch.int64)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s)
-        mask[r, : len(s)] = 1
+    """HF logits per sequence ([len, V]), one call each: with a sliding window a padded
+    batch would put fully masked (NaN) rows into the later layers' values."""
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    return [logits[r, : len(s)] for r, s in enumerate(seqs)]
+        return [model(input_ids=torch.tensor([s])).logits[0] for s in seqs]
 
 
 def _check(out: torch.Tensor, ref64: torch.Tensor, hf32: torch.Tensor, what: str) -> None:

@@ -14,6 +14,11 @@ together exceed the L3). GB/s counts the K and V bytes read once; % is of the DR
 read bandwidth measured in this run (`ringfuse bench limits`: a 512 MiB read-only stream).
 
 Shapes: (Hq, Hkv, D) = (9, 3, 64) (SmolLM2-135M) and (32, 8, 128) (Llama-3-8B).
+
+Sliding window (Mistral, Gemma 2): causal prefill where each query sees its last W keys,
+``ops.attention(q, k, v, causal=True, window=W)`` vs SDPA with the window as a boolean
+mask (torch's way to say it; HF's eager and sdpa paths build the same mask). Shape
+(8, 4, 256) (Gemma-2-2B), W = 512. GFLOP/s counts the keys each query sees.
 """
 
 from __future__ import annotations
@@ -181,10 +186,61 @@ def run_decode(heads=HEADS, batches=BATCHES, lengths=LENGTHS, dtypes=tuple(DTYPE
     return results
 
 
+WINDOW_HEADS = [(8, 4, 256)]
+WINDOW_LENGTHS = [1024, 4096]
+WINDOW = 512
+
+
+def window_flops(hq: int, s: int, d: int, window: int) -> float:
+    keys = sum(min(i + 1, window) for i in range(s))  # keys seen, summed over the queries
+    return 4.0 * hq * keys * d
+
+
+def run_window(heads=WINDOW_HEADS, lengths=WINDOW_LENGTHS, window=WINDOW, dtypes=tuple(DTYPES), rounds: int = 5,
+               lim=None):  # fmt: skip
+    lim = lim or limits_mod.measure()
+    rows, results = [], []
+    for hq, hkv, d in heads:
+        for s in lengths:
+            i = torch.arange(s)
+            keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # [S, S]: query i sees key j
+            for dt in dtypes:
+                dtype = DTYPES[dt]
+                g = torch.Generator().manual_seed(0)
+                q = torch.randn(1, hq, s, d, generator=g).to(dtype)  # [B, Hq, S, D]
+                k = torch.randn(1, hkv, s, d, generator=g).to(dtype)  # [B, Hkv, S, D]
+                v = torch.randn(1, hkv, s, d, generator=g).to(dtype)
+                out = torch.empty_like(q)
+                t = compare(
+                    {
+                        "torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True),
+                        "ringfuse": lambda: ops.attention(q, k, v, causal=True, window=window, out=out),
+                    },
+                    rounds=rounds,
+                )
+                ours, base = t["ringfuse"].median_s, t["torch"].median_s
+                flops = window_flops(hq, s, d, window)
+                gflops = flops / ours / 1e9
+                results.append(dict(heads=[hq, hkv, d], length=s, window=window, dtype=dt, torch_s=base,
+                                    ringfuse_s=ours, speedup=base / ours, gflops=gflops,
+                                    peak_frac=gflops / lim.fma_gflops))  # fmt: skip
+                rows.append([f"{hq}/{hkv}/{d}", f"S={s} W={window}", dt, fmt_us(base), fmt_us(ours),
+                             f"{base / ours:.2f}x", f"{gflops:.0f}", f"{100 * gflops / lim.fma_gflops:.0f}%"])
+    print_table(
+        f"attention with a sliding window (causal prefill, B=1): ringfuse vs torch SDPA with the window mask, "
+        f"{lim.threads} threads, {lim.isa}",
+        ["Hq/Hkv/D", "length", "dtype", "torch us", "ringfuse us", "speedup", "GFLOP/s", "% FMA peak"],
+        rows,
+        note=f"median of interleaved rounds; FMA peak measured in this run: {lim.fma_gflops:.0f} GFLOP/s.",
+    )
+    return results
+
+
 def run(rounds: int = 5, lim=None, quick: bool = False):
     """Everything `ringfuse bench attention` prints: prefill, peak memory, decode."""
     lim = lim or limits_mod.measure()
     prefill = run_prefill(lengths=PREFILL_LENGTHS[:2] if quick else PREFILL_LENGTHS, rounds=rounds, lim=lim)
     memory = run_memory(length=2048 if quick else MEMORY_LENGTH, lim=lim)
     decode = run_decode(lengths=LENGTHS[:2] if quick else LENGTHS, rounds=rounds, lim=lim)
-    return {"prefill": prefill, "memory": memory, "decode": decode}
+    window = run_window(lengths=WINDOW_LENGTHS[:1] if quick else WINDOW_LENGTHS, rounds=rounds, lim=lim)
+    return {"prefill": prefill, "memory": memory, "decode": decode, "window": window}

@@ -60,13 +60,16 @@ class KVCache:
 
 class StepAttention:
     """Causal attention of every layer in one forward pass. ``scale``: None for 1/sqrt(D);
-    ``softcap``: None, or caps each score s as softcap * tanh(s / softcap) (Gemma 2).
+    ``softcap``: None, or caps each score s as softcap * tanh(s / softcap) (Gemma 2);
+    ``windows``: each layer's sliding window (0: the whole context; () for none anywhere):
+    a token at position i sees keys (i - window, i] (Mistral, Gemma 2's even layers).
     ``cos_sin``: the RoPE cache [max_positions, D] fp32 (neox / rotate-half style)."""
 
     def __init__(self, step: Step, kv: KVCache, cos_sin: torch.Tensor, num_q_heads: int, num_kv_heads: int, *,
-                 scale: float | None = None, softcap: float | None = None):  # fmt: skip
+                 scale: float | None = None, softcap: float | None = None, windows: tuple[int, ...] = ()):  # fmt: skip
         self.step, self.kv, self.cos_sin = step, kv, cos_sin
         self.hq, self.hkv, self.scale, self.softcap = num_q_heads, num_kv_heads, scale, softcap
+        self.windows = tuple(w or None for w in windows) or (None,) * len(kv.k)  # per layer: ops' window=
         self.decode = self.context = None
         if step.context_slots is not None:  # (block, offset) of every context token
             self.context = (step.context_slots // kv.block_size, step.context_slots % kv.block_size)
@@ -79,9 +82,9 @@ class StepAttention:
         """qkv [T, (Hq + 2 Hkv) D]: each token's q heads, then its k heads, then its v heads
         (rotated in place). Returns the attention output [T, Hq D]."""
         k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]
-        T = qkv.shape[0]
+        T, window = qkv.shape[0], self.windows[layer]
         if self.decode is not None:  # rotary, k/v into the cache, attention over the pages
-            return self.decode.run_packed(qkv, k_cache, v_cache).view(T, -1)
+            return self.decode.run_packed(qkv, k_cache, v_cache, window=window).view(T, -1)
         step, hq, hkv = self.step, self.hq, self.hkv
         heads = qkv.view(T, hq + 2 * hkv, -1)  # [T, Hq + 2 Hkv, D]
         q, k, v = heads[:, :hq], heads[:, hq : hq + hkv], heads[:, hq + hkv :]
@@ -92,5 +95,5 @@ class StepAttention:
             blk, off = self.context
             k, v, cu_k = k_cache[blk, :, off], v_cache[blk, :, off], step.cu_seqlens_context  # [Tk, Hkv, D]
         o = ops.attention_varlen(q, k, v, step.cu_seqlens, cu_k, max_seqlen_q=step.max_seqlen, causal=True,
-                                 scale=self.scale, softcap=self.softcap)  # fmt: skip
+                                 scale=self.scale, softcap=self.softcap, window=window)  # fmt: skip
         return o.view(T, -1)

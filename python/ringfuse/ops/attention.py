@@ -21,7 +21,7 @@ Decode over a KV cache (flash-decoding, inference only):
   block_table [B, max_blocks], seq_lens)`` (vLLM's layout)
 
 One new query token per sequence; sequence b attends to its first ``seq_lens[b]`` cached
-keys (0 gives zeros).
+keys (0 gives zeros), or with ``window=W`` to the last W of them.
 
 Writing the cache:
 
@@ -31,7 +31,10 @@ Writing the cache:
 
 Shared: GQA/MQA, Hq a multiple of Hkv, query head h reads kv head h // (Hq // Hkv) with
 no repeat in memory; D <= 256; fp32 / fp16 / bf16 with fp32 math. ``scale`` defaults to
-1/sqrt(D); ``softcap`` (> 0) caps scores as ``softcap * tanh(s / softcap)``. Registered as
+1/sqrt(D); ``softcap`` (> 0) caps scores as ``softcap * tanh(s / softcap)``; ``window`` (an
+int >= 1, causal only; Mistral's and Gemma 2's sliding window) lets query i see only keys
+j > i + Sk - Sq - window, i.e. the last ``window`` keys up to its own position (HF's
+``sliding_window``; flash-attn's ``window_size=(window - 1, 0)``). Registered as
 ``torch.ops.ringfuse.*`` with fake kernels for torch.compile.
 """
 
@@ -94,6 +97,17 @@ def _check_qkv(op, q, k, v, q_ndim, kv_ndim, pair="k and v", kv_name="k/v", layo
     return hq, hkv, d
 
 
+def _check_window(op, window, causal: bool = True) -> int:
+    """window (None: off) as the kernels take it: 0 = off, else the keys a query sees."""
+    if window is None:
+        return 0
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ValueError(f"{op}: window must be None or an int >= 1 (keys a query sees), got {window!r}")
+    if not causal:
+        raise ValueError(f"{op}: window needs causal=True (a sliding window looks back from each query)")
+    return int(window)
+
+
 def _check_common(op, q, k, v, seq_lens, scale, softcap):
     _, _, d = _check_qkv(op, q, k, v, 3, 4, pair="k and v caches", kv_name="the cache")
     batch = q.shape[0]
@@ -133,7 +147,7 @@ def _out(op, out, q, inputs):
     return out
 
 
-def _launch_cpu(out, q, k, v, table, block_size, seq_lens, scale, softcap):
+def _launch_cpu(out, q, k, v, table, block_size, seq_lens, scale, softcap, window):
     batch, hq, d = q.shape
     if table is None:
         blk_stride, max_blocks, block_size, num_blocks = k.stride(0), 1, k.shape[2], k.shape[0]
@@ -147,56 +161,62 @@ def _launch_cpu(out, q, k, v, table, block_size, seq_lens, scale, softcap):
         out.data_ptr(), out.stride(0), out.stride(1), q.data_ptr(), q.stride(0), q.stride(1),
         k.data_ptr(), blk_stride, k.stride(1), k.stride(2), v.data_ptr(), v_blk_stride, v.stride(1), v.stride(2),
         table_ptr, bt_stride, max_blocks, block_size, num_blocks, seq_lens.data_ptr(), batch, hq, k.shape[1], d,
-        scale, softcap, c.DTYPE_CODE[q.dtype], SPLIT_SIZE, c.num_threads(),
+        scale, softcap, window, c.DTYPE_CODE[q.dtype], SPLIT_SIZE, c.num_threads(),
     )  # fmt: skip
 
 
-def decode_attention(q, k_cache, v_cache, seq_lens, *, scale=None, softcap=None, out=None):
+def decode_attention(q, k_cache, v_cache, seq_lens, *, scale=None, softcap=None, window=None, out=None):
     """softmax(q k^T * scale) v for one new token per sequence over a contiguous cache.
-    q [B, Hq, D]; k_cache, v_cache [B, Hkv, S_max, D]; seq_lens [B] int32 -> [B, Hq, D]."""
+    q [B, Hq, D]; k_cache, v_cache [B, Hkv, S_max, D]; seq_lens [B] int32 -> [B, Hq, D].
+    ``window``: the token sees only the last ``window`` of its keys."""
     op = "decode_attention"
     scale, softcap = _check_common(op, q, k_cache, v_cache, seq_lens, scale, softcap)
+    window = _check_window(op, window)
     if k_cache.shape[0] != q.shape[0]:
         raise ValueError(f"{op}: the cache holds {k_cache.shape[0]} sequences but q has {q.shape[0]}")
     if torch.compiler.is_compiling() and out is None:
-        return torch.ops.ringfuse.decode_attention(q, k_cache, v_cache, seq_lens, scale, softcap)
+        return torch.ops.ringfuse.decode_attention(q, k_cache, v_cache, seq_lens, scale, softcap, window)
     out = _out(op, out, q, {"k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens})
-    _run(out, q, k_cache, v_cache, None, k_cache.shape[2], seq_lens, scale, softcap)
+    _run(out, q, k_cache, v_cache, None, k_cache.shape[2], seq_lens, scale, softcap, window)
     return out
 
 
-def paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, *, scale=None, softcap=None, out=None):
+def paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, *, scale=None, softcap=None, window=None,
+                           out=None):  # fmt: skip
     """decode_attention over a paged cache: k_pages, v_pages [num_blocks, Hkv, block_size, D];
-    block_table [B, max_blocks] int32 maps logical block i of sequence b to a physical block.
+    block_table [B, max_blocks] int32 maps logical block i of sequence b to a physical block
+    (with a window, only the blocks that hold the window's keys are read or checked).
     Same data in the contiguous layout gives a bitwise identical result."""
     op = "paged_decode_attention"
     scale, softcap = _check_common(op, q, k_pages, v_pages, seq_lens, scale, softcap)
+    window = _check_window(op, window)
     _check_int32(op, "block_table", block_table, 2, q)
     if block_table.shape[0] != q.shape[0]:
         raise ValueError(f"{op}: block_table must have one row per sequence ({q.shape[0]}), got {tuple(block_table.shape)}")
     if torch.compiler.is_compiling() and out is None:
-        return torch.ops.ringfuse.paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, scale, softcap)
+        return torch.ops.ringfuse.paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, scale, softcap,
+                                                         window)  # fmt: skip
     out = _out(op, out, q, {"k_pages": k_pages, "v_pages": v_pages, "block_table": block_table, "seq_lens": seq_lens})
-    _run(out, q, k_pages, v_pages, block_table, k_pages.shape[2], seq_lens, scale, softcap)
+    _run(out, q, k_pages, v_pages, block_table, k_pages.shape[2], seq_lens, scale, softcap, window)
     return out
 
 
-def _run(out, q, k, v, table, block_size, seq_lens, scale, softcap):
+def _run(out, q, k, v, table, block_size, seq_lens, scale, softcap, window):
     if q.shape[0] == 0:
         return
     if q.is_cuda:
         from ..kernels import attention as tk
 
-        _check_values_on_device(q, k, table, block_size, seq_lens)
+        _check_values_on_device(q, k, table, block_size, seq_lens, window)
         if table is None:
-            tk.decode_attention_fwd(out, q, k, v, seq_lens, scale, softcap or None)
+            tk.decode_attention_fwd(out, q, k, v, seq_lens, scale, softcap or None, window=window or None)
         else:
-            tk.paged_decode_attention_fwd(out, q, k, v, table, seq_lens, scale, softcap or None)
+            tk.paged_decode_attention_fwd(out, q, k, v, table, seq_lens, scale, softcap or None, window=window or None)
         return
-    _launch_cpu(out, q, k, v, table, block_size, seq_lens, scale, softcap)
+    _launch_cpu(out, q, k, v, table, block_size, seq_lens, scale, softcap, window)
 
 
-def _check_values_on_device(q, k, table, block_size, seq_lens) -> None:
+def _check_values_on_device(q, k, table, block_size, seq_lens, window) -> None:
     """The Triton kernels trust seq_lens and block ids: check them here (one device sync;
     the CPU kernel checks them itself before reading)."""
     capacity = block_size * (1 if table is None else table.shape[1])
@@ -204,25 +224,32 @@ def _check_values_on_device(q, k, table, block_size, seq_lens) -> None:
     if lo < 0 or hi > capacity:
         raise ValueError(f"seq_lens must lie in [0, {capacity}] (the cache's capacity), got values in [{lo}, {hi}]")
     if table is not None and table.numel():
-        used = torch.arange(table.shape[1], device=table.device)[None, :] * block_size < seq_lens[:, None].long()
+        lens = seq_lens[:, None].long()
+        first = (lens - window).clamp(min=0) if window else torch.zeros_like(lens)  # the window's first key
+        start = torch.arange(table.shape[1], device=table.device)[None, :] * block_size  # each block's first key
+        used = (start < lens) & (start + block_size > first)
         ids = table[used]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k.shape[0]):
             raise ValueError(f"block_table holds block ids outside [0, {k.shape[0]}) in the blocks seq_lens uses")
 
 
-OP_LIB.define("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, float softcap) -> Tensor")
+OP_LIB.define(
+    "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, float softcap, "
+    "int window=0) -> Tensor"
+)
 OP_LIB.define(
     "paged_decode_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor seq_lens, "
-    "float scale, float softcap) -> Tensor"
+    "float scale, float softcap, int window=0) -> Tensor"
 )
 
 
-def _decode_kernel(q, k_cache, v_cache, seq_lens, scale, softcap):
-    return decode_attention(q, k_cache, v_cache, seq_lens, scale=scale, softcap=softcap or None)
+def _decode_kernel(q, k_cache, v_cache, seq_lens, scale, softcap, window=0):
+    return decode_attention(q, k_cache, v_cache, seq_lens, scale=scale, softcap=softcap or None, window=window or None)
 
 
-def _paged_kernel(q, k_pages, v_pages, block_table, seq_lens, scale, softcap):
-    return paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, scale=scale, softcap=softcap or None)
+def _paged_kernel(q, k_pages, v_pages, block_table, seq_lens, scale, softcap, window=0):
+    return paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, scale=scale, softcap=softcap or None,
+                                  window=window or None)  # fmt: skip
 
 
 for _key in ("CPU", "CUDA"):
@@ -231,12 +258,12 @@ for _key in ("CPU", "CUDA"):
 
 
 @torch.library.register_fake("ringfuse::decode_attention")
-def _decode_fake(q, k_cache, v_cache, seq_lens, scale, softcap):
+def _decode_fake(q, k_cache, v_cache, seq_lens, scale, softcap, window=0):
     return q.new_empty(q.shape)
 
 
 @torch.library.register_fake("ringfuse::paged_decode_attention")
-def _paged_fake(q, k_pages, v_pages, block_table, seq_lens, scale, softcap):
+def _paged_fake(q, k_pages, v_pages, block_table, seq_lens, scale, softcap, window=0):
     return q.new_empty(q.shape)
 
 
@@ -263,7 +290,7 @@ def _new_lse(shape, q):
     return torch.empty(shape, dtype=torch.float32, device=q.device)
 
 
-def _attention_forward(q, k, v, causal, scale, softcap, out=None):
+def _attention_forward(q, k, v, causal, scale, softcap, window=0, out=None):
     """Validated 4D forward: returns (out [B, Hq, Sq, D], lse [B, Hq, Sq] fp32)."""
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -275,18 +302,19 @@ def _attention_forward(q, k, v, causal, scale, softcap, out=None):
     if q.is_cuda:
         from ..kernels import attention as tk
 
-        tk.flash_attention_fwd(out, q, k, v, scale, causal, softcap or None, lse=lse)
+        tk.flash_attention_fwd(out, q, k, v, scale, causal, softcap or None, lse=lse, window=window or None)
         return out, lse
     _C.attention(
         out.data_ptr(), *out.stride()[:3], lse.data_ptr(), *lse.stride(),
         q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
-        0, 0, B, Sq, Sk, Hq, Hkv, D, bool(causal), scale, softcap, c.DTYPE_CODE[q.dtype], c.num_threads(),
+        0, 0, B, Sq, Sk, Hq, Hkv, D, bool(causal), scale, softcap, window, c.DTYPE_CODE[q.dtype], c.num_threads(),
     )  # fmt: skip
     return out, lse
 
 
-def attention(q, k, v, *, causal: bool = False, scale=None, softcap=None, return_lse: bool = False, out=None):
-    """softmax(scale * q k^T [softcapped] [causal]) v without materializing the scores.
+def attention(q, k, v, *, causal: bool = False, scale=None, softcap=None, window=None, return_lse: bool = False,
+              out=None):  # fmt: skip
+    """softmax(scale * q k^T [softcapped] [causal] [windowed]) v without materializing the scores.
 
     q [B, Hq, Sq, D]; k, v [B, Hkv, Sk, D] -> [B, Hq, Sq, D] (and lse [B, Hq, Sq] fp32 with
     ``return_lse=True``: natural log of the softmax denominator, for merging partial
@@ -300,13 +328,14 @@ def attention(q, k, v, *, causal: bool = False, scale=None, softcap=None, return
     if not isinstance(causal, bool):
         raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
     scale, softcap = _check_scale_softcap(op, q.shape[-1], scale, softcap)
+    window = _check_window(op, window, causal)
     if out is not None:
         _check_attention_out(op, out, q, k, v)
-        result = _attention_forward(q, k, v, causal, scale, softcap, out)
+        result = _attention_forward(q, k, v, causal, scale, softcap, window, out)
     elif torch.compiler.is_compiling() or c.needs_autograd(q, k, v):
-        result = torch.ops.ringfuse.attention(q, k, v, causal, scale, softcap)
+        result = torch.ops.ringfuse.attention(q, k, v, causal, scale, softcap, window)
     else:
-        result = _attention_forward(q, k, v, causal, scale, softcap)
+        result = _attention_forward(q, k, v, causal, scale, softcap, window)
     return result if return_lse else result[0]
 
 
@@ -327,7 +356,7 @@ def _check_cu_values(op, cu_q, cu_k, tq, tk):
                              f"(the packed length), got {vals.tolist()}")  # fmt: skip
 
 
-def _varlen_forward(q, k, v, cu_q, cu_k, max_seqlen_q, causal, scale, softcap, out=None):
+def _varlen_forward(q, k, v, cu_q, cu_k, max_seqlen_q, causal, scale, softcap, window=0, out=None):
     """Validated varlen forward: returns (out [Tq, Hq, D], lse [Hq, Tq] fp32)."""
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -342,7 +371,8 @@ def _varlen_forward(q, k, v, cu_q, cu_k, max_seqlen_q, causal, scale, softcap, o
     if q.is_cuda:
         from ..kernels import attention as tk
 
-        tk.flash_attention_varlen_fwd(out, q, k, v, cu_q, cu_k, max_seqlen_q, scale, causal, softcap or None, lse=lse)
+        tk.flash_attention_varlen_fwd(out, q, k, v, cu_q, cu_k, max_seqlen_q, scale, causal, softcap or None, lse=lse,
+                                      window=window or None)  # fmt: skip
         return out, lse
     # rows outside every sequence (cu_q[-1] < Tq) are not attention outputs: zeros
     if int(cu_q[-1]) < Tq:
@@ -352,13 +382,13 @@ def _varlen_forward(q, k, v, cu_q, cu_k, max_seqlen_q, causal, scale, softcap, o
         out.data_ptr(), 0, out.stride(1), out.stride(0), lse.data_ptr(), 0, lse.stride(0), lse.stride(1),
         q.data_ptr(), 0, q.stride(1), q.stride(0), k.data_ptr(), 0, k.stride(1), k.stride(0),
         v.data_ptr(), 0, v.stride(1), v.stride(0), cu_q.data_ptr(), cu_k.data_ptr(), batch, Tq, Tk, Hq, Hkv, D,
-        bool(causal), scale, softcap, c.DTYPE_CODE[q.dtype], c.num_threads(),
+        bool(causal), scale, softcap, window, c.DTYPE_CODE[q.dtype], c.num_threads(),
     )  # fmt: skip
     return out, lse
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, causal: bool = False,
-                     scale=None, softcap=None, return_lse: bool = False, out=None):
+                     scale=None, softcap=None, window=None, return_lse: bool = False, out=None):
     """``attention`` over sequences packed along the token axis, as flash-attn's varlen API.
 
     q [Tq, Hq, D]; k, v [Tk, Hkv, D]; cu_seqlens_q / cu_seqlens_k [B + 1] int32 offsets
@@ -376,39 +406,42 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     if not isinstance(causal, bool):
         raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
     scale, softcap = _check_scale_softcap(op, q.shape[-1], scale, softcap)
+    window = _check_window(op, window, causal)
     if max_seqlen_q is not None and (isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, int)
                                      or max_seqlen_q < 0):  # fmt: skip
         raise ValueError(f"{op}: max_seqlen_q must be None or an int >= 0, got {max_seqlen_q!r}")
     max_q = -1 if max_seqlen_q is None else max_seqlen_q
     if out is None and (torch.compiler.is_compiling() or c.needs_autograd(q, k, v)):
         result = torch.ops.ringfuse.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, causal, scale,
-                                                     softcap)  # fmt: skip
+                                                     softcap, window)  # fmt: skip
     else:
         if out is not None:
             _check_attention_out(op, out, q, k, v)
-        result = _varlen_checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, causal, scale, softcap, out)
+        result = _varlen_checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, causal, scale, softcap, window, out)
     return result if return_lse else result[0]
 
 
-OP_LIB.define("attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, float softcap) -> (Tensor, Tensor)")
+OP_LIB.define(
+    "attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, float softcap, int window=0) -> (Tensor, Tensor)"
+)
 OP_LIB.define(
     "attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-    "bool causal, float scale, float softcap) -> (Tensor, Tensor)"
+    "bool causal, float scale, float softcap, int window=0) -> (Tensor, Tensor)"
 )
 
 
-def _attention_kernel(q, k, v, causal, scale, softcap):
-    return _attention_forward(q, k, v, causal, scale, softcap)
+def _attention_kernel(q, k, v, causal, scale, softcap, window=0):
+    return _attention_forward(q, k, v, causal, scale, softcap, window)
 
 
-def _varlen_checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap, out=None):
+def _varlen_checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap, window=0, out=None):
     """The offsets' values checked (and on CUDA max_seqlen_q, -1 = unknown, computed), then
     the forward: the one eager path, also the dispatcher's kernel."""
     _check_cu_values("attention_varlen", cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     if q.is_cuda and max_seqlen_q < 0:
         n = cu_seqlens_q.shape[0]
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if n > 1 else 0
-    return _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap, out)
+    return _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap, window, out)
 
 
 for _key in ("CPU", "CUDA"):
@@ -417,16 +450,16 @@ for _key in ("CPU", "CUDA"):
 
 
 @torch.library.register_fake("ringfuse::attention")
-def _attention_fake(q, k, v, causal, scale, softcap):
+def _attention_fake(q, k, v, causal, scale, softcap, window=0):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.register_fake("ringfuse::attention_varlen")
-def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap):
+def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap, window=0):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-def attention_math(q, k, v, causal, scale, softcap):
+def attention_math(q, k, v, causal, scale, softcap, window=0):
     """The forward in fp32 torch math with an [Sq, Sk] score matrix (the backward's
     recompute path): q [B, Hq, Sq, D], k, v [B, Hkv, Sk, D] -> fp32 [B, Hq, Sq, D]."""
     group = q.shape[1] // k.shape[1]
@@ -437,34 +470,36 @@ def attention_math(q, k, v, causal, scale, softcap):
     if causal:
         sq, sk = q.shape[2], k.shape[2]
         keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        if window:  # and key j > i + sk - sq - window
+            keep &= ~torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq - window)
         s = s.masked_fill(~keep, -math.inf)
     p = torch.softmax(s, -1).nan_to_num(0.0)  # rows without a visible key: zeros
     return torch.matmul(p, vf)
 
 
-def _math_grads(q, k, v, grad_out, causal, scale, softcap):
+def _math_grads(q, k, v, grad_out, causal, scale, softcap, window):
     with torch.enable_grad():
         qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-        o = attention_math(qq, kk, vv, causal, scale, softcap)
+        o = attention_math(qq, kk, vv, causal, scale, softcap, window)
         return torch.autograd.grad(o, (qq, kk, vv), grad_out.float())
 
 
 def _setup_attention(ctx, inputs, output):
-    q, k, v, causal, scale, softcap = inputs
+    q, k, v, causal, scale, softcap, *window = inputs
     ctx.save_for_backward(q, k, v)
-    ctx.args = (causal, scale, softcap)
+    ctx.args = (causal, scale, softcap, window[0] if window else 0)
 
 
 def _backward_attention(ctx, grad_out, grad_lse):
     q, k, v = ctx.saved_tensors
     gq, gk, gv = _math_grads(q, k, v, grad_out, *ctx.args)
-    return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None, None
+    return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None, None, None
 
 
 def _setup_varlen(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, _, causal, scale, softcap = inputs
+    q, k, v, cu_q, cu_k, _, causal, scale, softcap, *window = inputs
     ctx.save_for_backward(q, k, v, cu_q, cu_k)
-    ctx.args = (causal, scale, softcap)
+    ctx.args = (causal, scale, softcap, window[0] if window else 0)
 
 
 def _backward_varlen(ctx, grad_out, grad_lse):
@@ -479,7 +514,7 @@ def _backward_varlen(ctx, grad_out, grad_lse):
         grads = _math_grads(*(t[None].transpose(1, 2) for t in (q[q0:q1], k[k0:k1], v[k0:k1])),
                             grad_out[q0:q1][None].transpose(1, 2), *ctx.args)  # fmt: skip
         gq[q0:q1], gk[k0:k1], gv[k0:k1] = (g[0].transpose(0, 1) for g in grads)
-    return gq, gk, gv, None, None, None, None, None, None
+    return gq, gk, gv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("ringfuse::attention", _backward_attention, setup_context=_setup_attention)
@@ -597,7 +632,9 @@ class PagedDecodePlan:
     ``k_pages`` / ``v_pages``: any layer's caches [num_blocks, Hkv, block_size, D] (each
     run's must have the same shape, strides and dtype); q [B, Hq, D], k / v [B, Hkv, D];
     positions / slot_mapping [B] int64 or int32; block_table [B, max_blocks] and seq_lens
-    [B] int32 (the new token counted); ``scale`` and ``softcap`` as paged_decode_attention's.
+    [B] int32 (the new token counted); ``scale`` and ``softcap`` as paged_decode_attention's,
+    and ``window`` too, given per run (per layer: Gemma 2 alternates sliding-window and
+    global layers).
     CUDA tensors run the three ops one after another."""
 
     def __init__(self, k_pages, v_pages, cos_sin_cache, positions, slot_mapping, block_table, seq_lens,
@@ -664,7 +701,7 @@ class PagedDecodePlan:
         self._direct = not self.cuda and self._cache_bytes is not None and batch > 0 and num_blocks * block_size > 0
         self._elem, self._code, self._threads = k_pages.element_size(), c.DTYPE_CODE[k_pages.dtype], c.num_threads()
 
-    def run_packed(self, qkv, k_pages, v_pages):
+    def run_packed(self, qkv, k_pages, v_pages, *, window=None):
         """``run`` on the fused q/k/v projection as a model computes it: qkv [B, (Hq + 2 Hkv) D]
         holds each token's q heads, then its k heads, then its v heads (no views to build)."""
         op = "PagedDecodePlan.run_packed"
@@ -676,18 +713,21 @@ class PagedDecodePlan:
         st = qkv.stride()
         if not self._direct or st[1] != 1 or (b > 1 and st[0] < width):
             heads = qkv.view(b, hq + 2 * hkv, d) if st[1] == 1 else qkv.reshape(b, hq + 2 * hkv, d)
-            return self.run(heads[:, :hq], heads[:, hq : hq + hkv], heads[:, hq + hkv :], k_pages, v_pages)
+            return self.run(heads[:, :hq], heads[:, hq : hq + hkv], heads[:, hq + hkv :], k_pages, v_pages,
+                            window=window)  # fmt: skip
         if qkv.dtype != self.cache_layout[2] or qkv.device != self.cache_layout[3]:
             raise TypeError(f"{op}: qkv must be {self.cache_layout[2]} on {self.cache_layout[3]} like the cache, got "
                             f"{qkv.dtype} on {qkv.device}")  # fmt: skip
+        window = _check_window(op, window)
         kp, vp = self._pages(op, k_pages, v_pages)
         qx = qkv.data_ptr()
         self._no_alias(op, "qkv", qx, qx + ((b - 1) * st[0] + width) * self._elem, kp, vp)
         return self._launch(qx, (st[0], d), qx + hq * d * self._elem, (st[0], d), qx + (hq + hkv) * d * self._elem,
-                            (st[0], d), kp, vp)  # fmt: skip
+                            (st[0], d), kp, vp, window)  # fmt: skip
 
-    def run(self, q, k, v, k_pages, v_pages):
-        """Rotates q and k in place, writes k and v to their slots, returns attention [B, Hq, D]."""
+    def run(self, q, k, v, k_pages, v_pages, *, window=None):
+        """Rotates q and k in place, writes k and v to their slots, returns attention [B, Hq, D]
+        (over the last ``window`` keys with a window)."""
         op = "PagedDecodePlan.run"
         dtype, device = self.cache_layout[2], self.cache_layout[3]
         for name, t, heads in (("q", q, self.hq), ("k", k, self.hkv), ("v", v, self.hkv)):
@@ -696,6 +736,7 @@ class PagedDecodePlan:
                                  f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")  # fmt: skip
             if t.dtype != dtype or t.device != device:
                 raise TypeError(f"{op}: {name} must be {dtype} on {device} like the cache, got {t.dtype} on {t.device}")
+        window = _check_window(op, window)
         kp, vp = self._pages(op, k_pages, v_pages)
         qs, ks, vs = q.stride(), k.stride(), v.stride()
         if self.d > 1 and (qs[2] != 1 or ks[2] != 1 or vs[2] != 1):
@@ -706,13 +747,13 @@ class PagedDecodePlan:
             rotary_embedding(q, k, self.positions, self.cos_sin_cache, style=self.style)
             write_kv(k, v, k_pages, v_pages, self.slot_mapping)
             return paged_decode_attention(q, k_pages, v_pages, self.block_table, self.seq_lens, scale=self.scale,
-                                          softcap=self.softcap or None)  # fmt: skip
+                                          softcap=self.softcap or None, window=window or None)  # fmt: skip
         b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
         qx, kx, vx = q.data_ptr(), k.data_ptr(), v.data_ptr()
         for name, start, st, heads in (("q", qx, qs, hq), ("k", kx, ks, hkv), ("v", vx, vs, hkv)):
             end = start + (1 + (b - 1) * st[0] + (heads - 1) * st[1] + d - 1) * self._elem
             self._no_alias(op, name, start, end, kp, vp)
-        return self._launch(qx, qs, kx, ks, vx, vs, kp, vp)
+        return self._launch(qx, qs, kx, ks, vx, vs, kp, vp, window)
 
     def _pages(self, op, k_pages, v_pages) -> tuple[int, int]:
         """Checks that this run's caches have the planned layout and the planned buffers are
@@ -736,7 +777,7 @@ class PagedDecodePlan:
             if start < p + self._cache_bytes and p < end:
                 raise ValueError(f"{op}: {name} overlaps {cname}")
 
-    def _launch(self, qx, qs, kx, ks, vx, vs, kp, vp):
+    def _launch(self, qx, qs, kx, ks, vx, vs, kp, vp, window):
         """The kernels on checked pointers; qs / ks / vs: (token, head) strides in elements."""
         b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
         code, threads = self._code, self._threads
@@ -747,5 +788,5 @@ class PagedDecodePlan:
                     self.num_blocks, self.block_size, code)  # fmt: skip
         out = torch.empty((b, hq, d), dtype=self.cache_layout[2])  # [B, Hq, D], contiguous
         _C.decode_attention(out.data_ptr(), hq * d, d, qx, qs[0], qs[1], kp, *cs, vp, *cs, *self._table, b, hq, hkv,
-                            d, self.scale, self.softcap, code, SPLIT_SIZE, threads)  # fmt: skip
+                            d, self.scale, self.softcap, window, code, SPLIT_SIZE, threads)  # fmt: skip
         return out

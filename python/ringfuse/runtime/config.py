@@ -30,15 +30,6 @@ def _num(v, what: str) -> float:
     return float(v)
 
 
-def _window_capped(context, window):
-    """The context, capped at a sliding window when there is one (the runtime attends over the
-    whole context, which equals windowed attention while it fits the window). A value that is
-    not a positive int is left for __post_init__ to name."""
-    if _is_int(context) and _is_int(window) and window >= 1:
-        return min(context, window)
-    return context
-
-
 def _make(cls, source: str, **kw):
     """cls(**kw), its __post_init__ errors naming the file they came from."""
     try:
@@ -91,6 +82,9 @@ class ModelConfig:
     attn_scale: float | None = None  # None: 1/sqrt(head_dim) (Gemma 2: query_pre_attn_scalar^-1/2)
     attn_softcap: float | None = None  # attention scores capped as c * tanh(s / c) (Gemma 2)
     final_softcap: float | None = None  # logits capped alike (Gemma 2)
+    # each layer's sliding window (0: the whole context), or () when no layer has one:
+    # query i sees keys (i - window, i] (Mistral: all layers; Gemma 2: the even ones)
+    layer_windows: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -112,6 +106,11 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model config: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")  # fmt: skip
+        w = self.layer_windows
+        if not isinstance(w, tuple) or (w and len(w) != self.num_layers) or any(
+                isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in w):  # fmt: skip
+            raise ValueError(f"model config: layer_windows must be () or {self.num_layers} ints >= 0 (0: no window), "
+                             f"got {str(w)[:80]}")  # fmt: skip
         if self.head_dim % 2:
             raise ValueError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
 
@@ -191,9 +190,8 @@ class ModelConfig:
                 head_dim=cfg.get("head_dim") or hidden // heads,
                 rms_norm_eps=_num(cfg.get("rms_norm_eps", 1e-6), f"{source}: rms_norm_eps"),
                 rope_theta=_num(rope_theta, f"{source}: rope_theta"),
-                # no sliding-window attention here: the context stops at the window (Mistral)
-                max_position_embeddings=_window_capped(cfg.get("max_position_embeddings", 2048),
-                                                       cfg.get("sliding_window")),
+                max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+                layer_windows=arch.hf_layer_windows(cfg, cfg["num_hidden_layers"], source),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 rope_scaling=scaling,
                 bos_token_id=cfg.get("bos_token_id"),
@@ -241,10 +239,12 @@ class ModelConfig:
                       or hidden // heads),  # fmt: skip
             rms_norm_eps=_num(get("attention.layer_norm_rms_epsilon"), f"{source}: {arch}.layer_norm_rms_epsilon"),
             rope_theta=_num(meta.get(f"{arch}.rope.freq_base", 10000.0), f"{source}: {arch}.rope.freq_base"),
-            # no sliding-window attention here: the context stops at the window (see from_hf)
-            max_position_embeddings=_window_capped(get("context_length"), meta.get(f"{arch}.attention.sliding_window")),
+            max_position_embeddings=get("context_length"),
             tie_word_embeddings="output.weight" not in names,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (eos,),
         )
+        layers = fields["num_layers"]
+        if _is_int(layers) and layers >= 1:  # else __post_init__ names it
+            fields["layer_windows"] = family.gguf_layer_windows(meta, layers, source)
         return _make(cls, source, **{**fields, **family.gguf_fields(meta, names, source)})

@@ -236,7 +236,7 @@ class DecoderModel:
         cfg = self.config
         h = self.embed_tokens(step.input_ids) if h is None else h  # [T, hidden]
         attention = StepAttention(step, kv, self.cos_sin, self.hq, self.hkv, scale=cfg.attn_scale,
-                                  softcap=cfg.attn_softcap)  # fmt: skip
+                                  softcap=cfg.attn_softcap, windows=cfg.layer_windows)  # fmt: skip
         residual = None
         for i, layer in enumerate(self.layers):
             h, residual = layer.forward(h, residual, attention, i, self._all_reduce)

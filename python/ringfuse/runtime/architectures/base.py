@@ -49,6 +49,29 @@ def positive_number(value, what: str) -> float:
     return float(value)
 
 
+def window_size(value, what: str) -> int:
+    """A sliding window: the keys one query sees, its own included (an int >= 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+def windows_from_layer_types(cfg: dict, window: int | None, num_layers: int, source: str, default) -> tuple[int, ...]:
+    """HF's per-layer attention kinds (transformers 5 ``layer_types``: "sliding_attention" or
+    "full_attention"), or ``default(i)`` (is layer i sliding?) without that list, as windows."""
+    if window is None:
+        return ()
+    window = window_size(window, f"{source}: sliding_window")
+    types = cfg.get("layer_types")
+    if types is None:
+        return tuple(window if default(i) else 0 for i in range(num_layers))
+    kinds = ("sliding_attention", "full_attention")
+    if not isinstance(types, list) or len(types) != num_layers or any(t not in kinds for t in types):
+        raise ValueError(f"{source}: layer_types must list {num_layers} entries, each one of {kinds}, got "
+                         f"{str(types)[:80]}")  # fmt: skip
+    return tuple(window if t == "sliding_attention" else 0 for t in types)
+
+
 class Architecture:
     """What differs between decoder families; the defaults are Llama's."""
 
@@ -72,6 +95,21 @@ class Architecture:
     def gguf_fields(cls, meta: dict, names: set[str], source: str) -> dict:
         """ModelConfig fields this family reads from GGUF metadata / tensor names."""
         return {}
+
+    @classmethod
+    def hf_layer_windows(cls, cfg: dict, num_layers: int, source: str) -> tuple[int, ...]:
+        """Each layer's sliding window (0: the whole context), or () when no layer has one.
+        Llama has none, whatever the config says (HF's LlamaAttention ignores the key)."""
+        return ()
+
+    @classmethod
+    def gguf_layer_windows(cls, meta: dict, num_layers: int, source: str) -> tuple[int, ...]:
+        """As hf_layer_windows, from ``{arch}.attention.sliding_window``: every layer by
+        default (a Mistral GGUF says "llama")."""
+        window = meta.get(f"{meta.get('general.architecture')}.attention.sliding_window")
+        if window is None:
+            return ()
+        return (window_size(window, f"{source}: attention.sliding_window"),) * num_layers
 
     @classmethod
     def layer_shapes(cls, cfg) -> dict[str, tuple[int, ...]]:

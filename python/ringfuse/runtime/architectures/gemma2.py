@@ -8,9 +8,8 @@
 - GeGLU (GELU, tanh approximation) instead of SwiGLU;
 - attention scaled by query_pre_attn_scalar^-1/2, scores soft-capped (softcap * tanh(s /
   softcap)), and the final logits soft-capped too;
-- sliding-window attention on every other layer. The runtime attends over the whole
-  context, which is the same while the context fits the window, so the context is capped
-  at the window (4096 for the released models), as for Mistral.
+- sliding-window attention (4096 keys in the released models) on the even layers, whole
+  context on the odd ones (HF's default layer_types; llama.cpp's SWA pattern 2).
 
 Block:
     x = norm_in(h);  h += norm_post_attn(o_proj(attention(x)))
@@ -20,7 +19,7 @@ Block:
 from __future__ import annotations
 
 from ...layers import GatedMLP
-from .base import Architecture, positive_number, register
+from .base import Architecture, positive_number, register, window_size, windows_from_layer_types
 
 
 class Gemma2Block:
@@ -43,6 +42,10 @@ class Gemma2Block:
         x, residual = self.pre_ffn_norm.add_(h, residual)
         m = all_reduce(self.mlp(x))
         return self.post_ffn_norm(m, out=m), residual
+
+
+def _even(layer: int) -> bool:
+    return layer % 2 == 0
 
 
 def _softcap(value, what):
@@ -85,6 +88,19 @@ class Gemma2(Architecture):
                 "attn_softcap": _softcap(meta.get("gemma2.attn_logit_softcapping"), f"{source}: attn_logit_softcapping"),
                 "final_softcap": _softcap(meta.get("gemma2.final_logit_softcapping"),
                                           f"{source}: final_logit_softcapping")}  # fmt: skip
+
+    @classmethod
+    def hf_layer_windows(cls, cfg, num_layers, source):
+        # a config without the key gets HF's default (4096); null turns the window off
+        return windows_from_layer_types(cfg, cfg.get("sliding_window", 4096), num_layers, source, _even)
+
+    @classmethod
+    def gguf_layer_windows(cls, meta, num_layers, source):
+        window = meta.get("gemma2.attention.sliding_window")
+        if window is None:
+            return ()
+        window = window_size(window, f"{source}: gemma2.attention.sliding_window")
+        return tuple(window if _even(i) else 0 for i in range(num_layers))
 
     @classmethod
     def layer_shapes(cls, cfg):

@@ -12,7 +12,7 @@ o_proj and down are row-parallel, their partial sums all-reduced.
 from __future__ import annotations
 
 from ...layers import GatedMLP
-from .base import Architecture, register
+from .base import Architecture, register, window_size, windows_from_layer_types
 
 
 class LlamaBlock:
@@ -69,6 +69,12 @@ class Mistral(Llama):
     def hf_fields(cls, cfg, source):
         return {}  # no biases, whatever the config says (HF's MistralAttention has none)
 
+    @classmethod
+    def hf_layer_windows(cls, cfg, num_layers, source):
+        # HF's Mistral applies sliding_window (when set) to every layer; layer_types is ignored
+        w = cfg.get("sliding_window")
+        return () if w is None else (window_size(w, f"{source}: sliding_window"),) * num_layers
+
 
 @register
 class Qwen2(Llama):
@@ -84,3 +90,18 @@ class Qwen2(Llama):
     @classmethod
     def gguf_fields(cls, meta, names, source):
         return {"attention_bias": "blk.0.attn_q.bias" in names}
+
+    @classmethod
+    def hf_layer_windows(cls, cfg, num_layers, source):
+        return qwen_layer_windows(cfg, num_layers, source)
+
+
+def qwen_layer_windows(cfg, num_layers, source):
+    """Qwen2 / Qwen3: sliding_window only with use_sliding_window, on the layers from
+    max_window_layers on (HF's default layer_types)."""
+    if not cfg.get("use_sliding_window", False):
+        return ()
+    first = cfg.get("max_window_layers", 28)
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise ValueError(f"{source}: max_window_layers must be an int >= 0, got {first!r}")
+    return windows_from_layer_types(cfg, cfg.get("sliding_window"), num_layers, source, lambda i: i >= first)

@@ -9,7 +9,7 @@ one per head (each head's rows are evenly strided), so a decode step stays captu
 from __future__ import annotations
 
 from .base import register
-from .llama import Llama, LlamaBlock
+from .llama import Llama, LlamaBlock, qwen_layer_windows
 
 
 def norm_heads_(x, heads: int, head_dim: int, norm) -> None:
@@ -47,6 +47,10 @@ class Qwen3(Llama):
     gguf_permuted_qk = False
     gguf_layer_tensors = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
     block = Qwen3Block  # attention_bias covers q/k/v and o, as in Llama
+
+    @classmethod
+    def hf_layer_windows(cls, cfg, num_layers, source):
+        return qwen_layer_windows(cfg, num_layers, source)
 
     @classmethod
     def layer_shapes(cls, cfg):
