@@ -99,6 +99,16 @@ def test_loading_only_this_ranks_slices(tmp_path, tied):
         assert "shape" in out["error"] and "this rank's shard needs" in out["error"]
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_reloaded_after_their_first_call(world):
+    for out in values(run_ranks(workers_tp.reloads, world)):
+        assert rel(out["reloaded"], out["ref_reloaded"]) <= 1e-5
+        assert rel(out["col_w8a16"], out["ref_col_w8a16"]) <= 1e-5  # the same int8 weights and scales
+        assert rel(out["row_w8a16"], out["ref_row_w8a16"]) <= 1e-5
+        assert rel(out["col_w8a8"], out["ref_col_w8a8"]) <= 0.02  # activations quantized per token too
+        assert rel(out["row_w8a8"], out["ref_row_w8a8"]) <= 0.02
+
+
 def test_a_group_this_rank_is_not_in_is_refused():
     res = values(run_ranks(workers_tp.wrong_group, 2))
     assert res[0] == "member"

@@ -132,6 +132,38 @@ def load_shards(rank, world, tmp_dir, tied):
     return out
 
 
+def reloads(rank, world):
+    """Shards loaded after their first call: float through nn.Module.load_state_dict (the
+    prepared kernel must see the new weights), int8 from a full quantized state_dict through
+    load_state_dict_shard (column shards take their rows of weight_q / weight_scale / bias,
+    row shards their columns of weight_q with every row's scale)."""
+    from ringfuse.nn import quantize_weight
+
+    torch.manual_seed(2)
+    k, n = 96, 48 * 6
+    col, row, new_col = torch.nn.Linear(k, n), torch.nn.Linear(n, k), torch.nn.Linear(k, n)
+    x = torch.randn(3, k)
+    out = {}
+    c = rd.ColumnParallelLinear.from_linear(col)
+    c(x[:1])  # prepared (the decode-size kernel) and run once
+    rows = slice(c.row_start, c.row_start + c.out_per_rank)
+    c.load_state_dict({"weight": new_col.weight.detach()[rows], "bias": new_col.bias.detach()[rows]})
+    out["reloaded"], out["ref_reloaded"] = c(x[:1]), new_col(x[:1])[:, rows]
+    for quant in ("w8a16", "w8a8"):
+        cq, rq = rd.ColumnParallelLinear(k, n, quant=quant), rd.RowParallelLinear(n, k, quant=quant)
+        cq(x), rq(torch.zeros(3, rq.in_per_rank))  # made with their initial weights first
+        cw, cs = quantize_weight(col.weight.detach())
+        rw, rs = quantize_weight(row.weight.detach())
+        rd.load_state_dict_shard(cq, {"weight_q": cw, "weight_scale": cs, "bias": col.bias.detach()})
+        rd.load_state_dict_shard(rq, {"weight_q": rw, "weight_scale": rs, "bias": row.bias.detach()})
+        pre = x @ (cw.float() * cs[:, None]).T + col.bias.detach()  # [3, n], dequantized math
+        h = torch.relu(pre)
+        out[f"col_{quant}"], out[f"ref_col_{quant}"] = cq(x), pre[:, rows]
+        out[f"row_{quant}"] = rq(h[:, rq.col_start : rq.col_start + rq.in_per_rank])
+        out[f"ref_row_{quant}"] = h @ (rw.float() * rs[:, None]).T + row.bias.detach()
+    return out
+
+
 def wrong_group(rank, world):
     import torch.distributed as dist
 

@@ -12,7 +12,10 @@
 
 A column-parallel layer followed by a row-parallel one (an MLP, attention's qkv then o)
 needs one all-reduce per pair. Inference only: the collectives do not take part in autograd.
-``quant="w8a8" | "w8a16"`` keeps each rank's shard as an ``Int8Linear``.
+``quant="w8a8" | "w8a16"`` keeps each rank's shard in int8 (per output channel). The
+linears are adapters over the runtime's ``layers.Linear`` (ringfuse's GEMV at decode
+sizes, torch's GEMM above, the int8 kernels), and every split comes from
+``layers.sharding``: a TP HF model and the runtime compute a shard the same way.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import ops
+from ..layers import Linear
 from ..layers.sharding import head_split, vocab_range
-from ..nn import Int8Linear
+from ..nn import quantize_weight
 from . import allreduce as ring
 
 
@@ -53,34 +58,60 @@ def _gather_last_dim(y: torch.Tensor, group, world: int) -> torch.Tensor:
 
 
 class _ShardedLinear(torch.nn.Module):
-    """The local shard: float parameters ``weight`` / ``bias``, or an Int8Linear ``inner``."""
+    """This rank's shard, computed by a ``layers.Linear`` over the module's tensors. Float
+    shards keep ``weight`` / ``bias`` Parameters (HF's state_dict names, shard loading);
+    quantized ones the buffers ``weight_q`` (int8 [n, k]), ``weight_scale`` (fp32 [n]) and
+    ``bias`` (fp32 [n]). The Linear is made at the first call and again after a load
+    through ``_load_shard`` or the shard loaders; load_state_dict writes the tensors in
+    place, which its prepared kernels see (they re-check weights whose version moved)."""
+
+    bias_in_shard = True  # False: ``bias`` is added after the reduction (row parallel)
 
     def _init_local(self, out_f, in_f, bias, quant, device, dtype):
+        if quant not in (None, "w8a8", "w8a16"):
+            raise ValueError(f"{type(self).__name__}: quant must be None, 'w8a8' or 'w8a16', got {quant!r}")
         self.quant = quant
+        self._linear = None
         if quant is None:
             self.weight = torch.nn.Parameter(torch.empty(out_f, in_f, device=device, dtype=dtype), requires_grad=False)
             self.bias = torch.nn.Parameter(torch.zeros(out_f, device=device, dtype=dtype), requires_grad=False) \
                 if bias else None  # fmt: skip
             torch.nn.init.normal_(self.weight, std=in_f**-0.5)
         else:
-            self.inner = Int8Linear(in_f, out_f, bias, mode=quant, device=device, dtype=dtype)
-            self.weight = self.bias = None
+            self.weight = None
+            self.register_buffer("weight_q", torch.zeros(out_f, in_f, device=device, dtype=torch.int8))
+            self.register_buffer("weight_scale", torch.ones(out_f, device=device, dtype=torch.float32))
+            if bias:
+                self.register_buffer("bias", torch.zeros(out_f, device=device, dtype=torch.float32))
+            else:
+                self.bias = None
 
     def _local(self, x):
-        return self.inner(x) if self.quant is not None else F.linear(x, self.weight, self.bias)
+        """[..., k] -> [..., n]: this rank's x W^T + b."""
+        if self._linear is None:
+            bias = self.bias if self.bias_in_shard else None
+            if self.quant is None:
+                self._linear = Linear(self.weight, bias, "none", self.weight.dtype)  # shares the Parameters
+            else:
+                parts = {"w_q": self.weight_q, "w_scale": self.weight_scale, "bias": bias}
+                self._linear = Linear.from_parts(parts, self.quant, tuple(self.weight_q.shape), type(self).__name__,
+                                                 torch.float32)  # fmt: skip
+        lead = x.shape[:-1]
+        return self._linear(x.reshape(-1, x.shape[-1])).view(*lead, -1)  # Linear takes [T, k]
 
     def _load_shard(self, weight, bias):
-        if self.quant is None:
-            self.weight.data.copy_(weight)
-            if bias is not None:
-                self.bias.data.copy_(bias)
-        else:
-            tmp = torch.nn.Linear(weight.shape[1], weight.shape[0], bias is not None, dtype=weight.dtype)
-            with torch.no_grad():
-                tmp.weight.copy_(weight)
+        with torch.no_grad():
+            if self.quant is None:
+                self.weight.copy_(weight)
                 if bias is not None:
-                    tmp.bias.copy_(bias)
-            self.inner = Int8Linear.from_float(tmp, self.quant)
+                    self.bias.copy_(bias)
+            else:
+                w_q, w_scale = quantize_weight(weight.float())
+                self.weight_q.copy_(w_q)
+                self.weight_scale.copy_(w_scale)
+                if bias is not None:
+                    self.bias.copy_(bias.float())
+        self._linear = None
 
 
 class ColumnParallelLinear(_ShardedLinear):
@@ -105,7 +136,9 @@ class ColumnParallelLinear(_ShardedLinear):
     def shard_slices(self) -> dict[str, tuple[int, int, int]]:
         """{parameter: (dim, start, stop)} of the full layer's tensors this rank holds."""
         rows = (0, self.row_start, self.row_start + self.out_per_rank)
-        return {"weight": rows, "bias": rows} if self.quant is None else {}
+        if self.quant is None:
+            return {"weight": rows, "bias": rows}
+        return {"weight_q": rows, "weight_scale": rows, "bias": rows}
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, group=None, gather_output: bool = False, quant=None,
@@ -136,6 +169,8 @@ class ColumnParallelLinear(_ShardedLinear):
 
 
 class RowParallelLinear(_ShardedLinear):
+    bias_in_shard = False  # added once, after the all-reduce
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
                  group=None, dtype=None, device=None, quant: str | None = None, *,
                  in_per_rank: int | None = None):  # fmt: skip
@@ -172,15 +207,15 @@ class RowParallelLinear(_ShardedLinear):
             new.col_start = cols[0]
         new._load_shard(w[:, new.col_start : new.col_start + new.in_per_rank].contiguous(), None)
         if linear.bias is not None:
-            new.bias.data.copy_(linear.bias.detach())
+            with torch.no_grad():
+                new.bias.copy_(linear.bias.detach())
         return new
 
     def shard_slices(self) -> dict[str, tuple[int, int, int]]:
         start = self.col_start
-        return {"weight": (1, start, start + self.in_per_rank)} if self.quant is None else {}
-
-    def _local(self, x):  # the shard has no bias: it is added after the reduction
-        return self.inner(x) if self.quant is not None else F.linear(x, self.weight)
+        if self.quant is None:
+            return {"weight": (1, start, start + self.in_per_rank)}
+        return {"weight_q": (1, start, start + self.in_per_rank)}  # per-row scales: whole (of these columns)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         want = self.in_per_rank if self.input_is_parallel else self.in_features
@@ -307,11 +342,14 @@ class ParallelLMHead(torch.nn.Module):
 class ParallelGatedMLP(torch.nn.Module):
     """Llama's MLP, down(act(gate(x)) * up(x)), with gate and up fused into one
     column-parallel GEMM (this rank's gate rows, then its up rows: [2 * ffn / tp, hidden])
-    and down row-parallel: one input read and one all-reduce per call."""
+    and down row-parallel: one input read and one all-reduce per call. SiLU and tanh-GELU
+    run as the runtime's ``layers.GatedMLP`` runs them (``ops.silu_mul`` /
+    ``ops.gelu_tanh_mul``, one pass over gate_up's output); any other act_fn through torch."""
 
     def __init__(self, gate_up: ColumnParallelLinear, down: RowParallelLinear, act_fn):
         super().__init__()
         self.gate_up, self.down, self.act_fn = gate_up, down, act_fn
+        self._fused = _fused_activation(act_fn)
 
     @classmethod
     def from_linears(cls, gate: torch.nn.Linear, up: torch.nn.Linear, down: torch.nn.Linear, act_fn=F.silu,
@@ -332,8 +370,25 @@ class ParallelGatedMLP(torch.nn.Module):
         return cls(gate_up, RowParallelLinear.from_linear(down, group, quant=quant), act_fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [..., ffn / tp] each
+        gate_up = self.gate_up(x)  # [..., 2 ffn / tp]
+        if self._fused is not None:
+            return self.down(self._fused(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # [..., ffn / tp] each
         return self.down(self.act_fn(gate) * up)
+
+
+def _fused_activation(act_fn):
+    """ops.silu_mul / ops.gelu_tanh_mul when act_fn is SiLU / tanh-approximated GELU (HF's
+    "silu" and "gelu_pytorch_tanh" modules included), else None."""
+    if act_fn is F.silu or isinstance(act_fn, torch.nn.SiLU):
+        return ops.silu_mul
+    if isinstance(act_fn, torch.nn.GELU) and act_fn.approximate == "tanh":
+        return ops.gelu_tanh_mul
+    if type(act_fn).__name__ in ("SiLUActivation",):
+        return ops.silu_mul
+    if type(act_fn).__name__ in ("PytorchGELUTanh", "GELUTanh"):
+        return ops.gelu_tanh_mul
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -362,15 +417,19 @@ def _load_into(model, fetch, source: str) -> None:
         if src is None:
             missing.append((key, dst))
             continue
-        target = dst.data if where is None else dst.data.narrow(dim, 0, stop - start)
+        target = dst if where is None else dst.narrow(dim, 0, stop - start)
         if tuple(src.shape) != tuple(target.shape):
             raise ValueError(f"{source}: {key!r} has shape {tuple(src.shape)} but this rank's shard needs "
                              f"{tuple(target.shape)}")  # fmt: skip
-        target.copy_(src)
+        with torch.no_grad():  # in place, on the tensor itself: its version moves, prepared kernels re-check
+            target.copy_(src)
         loaded.add(dst.data_ptr())
     for key, dst in missing:  # fine only for a tied tensor loaded under another name
         if dst.data_ptr() not in loaded:
             raise ValueError(f"{source}: no tensor {key!r} for this model")
+    for module in model.modules():  # int8 packings are made again from the new weights
+        if isinstance(module, _ShardedLinear):
+            module._linear = None
 
 
 def load_state_dict_shard(model: torch.nn.Module, full_state_dict: dict) -> None:
