@@ -14,7 +14,7 @@ def _tp_worker(rank, world, path):
     from ringfuse.runtime import LLM
 
     llm = LLM(path, tp=world, max_model_len=512, kv_cache_tokens=1024, threads=1)
-    shapes = {"qkv": tuple(llm.model.layers[0].qkv.weight.shape), "embed": tuple(llm.model.embed.shape)}
+    shapes = {"qkv": tuple(llm.model.layers[0].qkv.weight.shape), "embed": tuple(llm.model.embedding.table.shape)}
     results = llm.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
     return [r.token_ids for r in results], shapes
 

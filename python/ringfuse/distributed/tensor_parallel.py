@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import ops
-from ..layers import Linear
+from ..layers import Linear, VocabEmbedding
 from ..layers.sharding import head_split, vocab_range
 from ..nn import quantize_weight
 from . import allreduce as ring
@@ -265,12 +265,10 @@ class VocabParallelEmbedding(torch.nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
             raise ValueError(f"VocabParallelEmbedding: ids must be in [0, {self.num_embeddings}), got "
                              f"[{int(ids.min())}, {int(ids.max())}]")  # fmt: skip
-        mine = (ids >= self.start) & (ids < self.end)
-        local = torch.where(mine, ids - self.start, torch.zeros_like(ids))
-        out = F.embedding(local, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)  # [..., D]
-        if self.world > 1:
-            ring.all_reduce(out, "sum", self.group)
-        return out
+        reduce = (lambda t: ring.all_reduce(t, "sum", self.group)) if self.world > 1 else None
+        table = self.weight[: self.end - self.start]  # the padding rows past end are never read
+        lookup = VocabEmbedding(self.start, self.end, self.weight.dtype, table=table)  # the runtime's layer
+        return lookup(ids.reshape(-1), reduce).view(*ids.shape, self.embedding_dim)  # [..., D]
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}: rows [{self.start}, {self.end}) on rank {self.rank} "

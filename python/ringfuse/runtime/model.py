@@ -20,10 +20,10 @@ and a batch of B tokens shares that read.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops
-from ..layers import QUANT_MODES, KVCache, Linear, Step, StepAttention, even_range, head_split, vocab_range
+from ..layers import (QUANT_MODES, KVCache, Linear, LMHead, Step, StepAttention, VocabEmbedding, even_range,
+                      head_split, vocab_range)
 from .config import ModelConfig
 from .weights import release_freed_memory
 
@@ -177,19 +177,22 @@ class DecoderModel:
         self.lm_head = load.linear("lm_head", (rows, hidden),
                                    lambda: (weights.get(head_name, 0, r, min(r + 4096, self.vocab_end)) for r in head_rows),
                                    None)  # fmt: skip
-        if not cfg.tie_word_embeddings:
-            self.embed = converted.get("embed") if converted is not None else \
-                weights.get("model.embed_tokens.weight", 0, self.vocab_start, self.vocab_end).to(dtype)  # fmt: skip
-            if self.embed is None or tuple(self.embed.shape) != (rows, hidden):
-                raise ValueError(f"embed: expected [{rows}, {hidden}]")
-            self.tensors["embed"] = self.embed
-        elif quant == "none":
-            self.embed = self.lm_head.weight  # one copy of the table
-        else:
-            self.embed = None  # rows are dequantized from the int8 head: one copy of the table
+        self.head = LMHead(self.lm_head, cfg.vocab_size, self.world, cfg.final_softcap)
         scale = arch.embed_scale(cfg)
         # HF multiplies by the factor rounded to the model's dtype (Gemma: sqrt(hidden))
-        self.embed_scale = None if scale is None else torch.tensor(scale, dtype=dtype)
+        scale = None if scale is None else torch.tensor(scale, dtype=dtype)
+        vocab = (self.vocab_start, self.vocab_end, dtype)
+        if not cfg.tie_word_embeddings:
+            table = converted.get("embed") if converted is not None else \
+                weights.get("model.embed_tokens.weight", 0, self.vocab_start, self.vocab_end).to(dtype)  # fmt: skip
+            if table is None or tuple(table.shape) != (rows, hidden):
+                raise ValueError(f"embed: expected [{rows}, {hidden}]")
+            self.tensors["embed"] = table
+            self.embedding = VocabEmbedding(*vocab, table=table, scale=scale)
+        elif quant == "none":
+            self.embedding = VocabEmbedding(*vocab, table=self.lm_head.weight, scale=scale)  # one copy of the table
+        else:  # rows dequantized from the int8 head: one copy of the table
+            self.embedding = VocabEmbedding(*vocab, head=self.lm_head, scale=scale)
         release_freed_memory()
         inv = cfg.inv_freq()  # [D / 2]
         angles = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)[:, None] * inv[None, :]
@@ -215,20 +218,7 @@ class DecoderModel:
         return x
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
-        local = ids - self.vocab_start
-        mine = (local >= 0) & (local < self.vocab_end - self.vocab_start)
-        if self.world > 1:
-            local = torch.where(mine, local, torch.zeros_like(local))
-        if self.embed is not None:
-            h = self.embed[local]
-        else:
-            h = (self.lm_head.w_q[local].float() * self.lm_head.w_scale[local, None]).to(self.dtype)
-        if self.world > 1:
-            h *= mine[:, None].to(h.dtype)
-            self._all_reduce(h)
-        if self.embed_scale is not None:
-            h *= self.embed_scale
-        return h
+        return self.embedding(ids, self._all_reduce if self.world > 1 else None)
 
     def forward(self, step: Step, kv: KVCache, h: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states after the final norm, [R, hidden] for R = step.logit_rows (or all T).
@@ -247,20 +237,12 @@ class DecoderModel:
 
     def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[R, V] fp32 logits, soft-capped where the model does it (Gemma 2), in place."""
-        c = self.config.final_softcap
-        if c is not None:
-            logits.div_(c).tanh_().mul_(c)
-        return logits
+        return self.head.cap(logits)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[R, hidden] -> [R, vocab] fp32 (gathered over the ranks)."""
-        local = self.lm_head(hidden).float()  # [R, V / tp]
         if self.world == 1:
-            return self.cap_logits(local)
+            return self.head(hidden)
         from ..distributed import all_gather
 
-        per = -(-self.config.vocab_size // self.world)
-        if local.shape[1] < per:  # the last rank's range is short: pad it
-            local = F.pad(local, (0, per - local.shape[1]), value=float("-inf"))
-        full = all_gather(local.contiguous(), self.group).view(self.world, -1, per)
-        return self.cap_logits(full.permute(1, 0, 2).reshape(local.shape[0], -1)[:, : self.config.vocab_size])
+        return self.head(hidden, lambda t: all_gather(t, self.group))
