@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _C
+from ..ops import native
 from .harness import print_table
 
 
@@ -43,8 +44,8 @@ def _best_of(fn, repeats: int) -> float:
 def copy_bandwidth(nbytes: int, threads: int, repeats: int = 9) -> float:
     src = torch.ones(nbytes, dtype=torch.uint8)
     dst = torch.zeros(nbytes, dtype=torch.uint8)  # touched: no page faults in the timing
-    _C.probe_copy(dst.data_ptr(), src.data_ptr(), nbytes, threads)
-    t = _best_of(lambda: _C.probe_copy(dst.data_ptr(), src.data_ptr(), nbytes, threads), repeats)
+    native.probe_copy(dst, src, nbytes, threads)
+    t = _best_of(lambda: native.probe_copy(dst, src, nbytes, threads), repeats)
     if not torch.equal(src[:4096], dst[:4096]):
         raise RuntimeError("probe_copy did not copy")
     return 2 * nbytes / t / 1e9
@@ -52,21 +53,21 @@ def copy_bandwidth(nbytes: int, threads: int, repeats: int = 9) -> float:
 
 def read_bandwidth(nbytes: int, threads: int, repeats: int = 3) -> float:
     src = torch.ones(nbytes // 4, dtype=torch.int32)  # the checksum is the number of int32
-    if _C.probe_read(src.data_ptr(), nbytes, threads) != nbytes // 4:
+    if native.probe_read(src, nbytes, threads) != nbytes // 4:
         raise RuntimeError("probe_read did not read every byte")
-    t = _best_of(lambda: _C.probe_read(src.data_ptr(), nbytes, threads), repeats)
+    t = _best_of(lambda: native.probe_read(src, nbytes, threads), repeats)
     return nbytes / t / 1e9
 
 
 def fma_peak(threads: int, iters: int = 2_000_000) -> float:
-    flops = _C.probe_fma_flops_per_iter(threads) * iters
-    t = _best_of(lambda: _C.probe_fma(iters, threads), 5)
+    flops = native.probe_fma_flops_per_iter(threads) * iters
+    t = _best_of(lambda: native.probe_fma(iters, threads), 5)
     return flops / t / 1e9
 
 
 def int8_peak(threads: int, iters: int = 1_000_000) -> float:
-    ops = _C.probe_int8_ops_per_iter(threads) * iters
-    t = _best_of(lambda: _C.probe_int8_dot(iters, threads), 5)
+    ops = native.probe_int8_ops_per_iter(threads) * iters
+    t = _best_of(lambda: native.probe_int8_dot(iters, threads), 5)
     return ops / t / 1e9
 
 

@@ -54,9 +54,11 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
+from ..ops import native
 
 OPS = {"sum": 0, "avg": 1, "max": 2, "min": 3}
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int32: 4, torch.int64: 5}
+# the dtypes the rings reduce, with their codes (the handshake compares them across ranks)
+DTYPE_CODE = {d: native.DTYPE_CODE[d] for d in (torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64)}
 ALL_REDUCE, REDUCE_SCATTER, ALL_GATHER = 0, 1, 2
 KIND_NAME = {ALL_REDUCE: "all_reduce", REDUCE_SCATTER: "reduce_scatter", ALL_GATHER: "all_gather"}
 BACKENDS = ("auto", "shm", "torch", "nccl")
@@ -233,7 +235,7 @@ def _sweep_dead_segments() -> None:
     for entry in entries:
         if entry.startswith("ringfuse-") and not _creator_alive(entry):
             try:
-                _C.shm_ring_unlink(entry)
+                native.shm_ring_unlink(entry)
             except ValueError:  # another user's (EPERM): theirs to sweep
                 pass
 
@@ -263,7 +265,7 @@ class ShmTransport:
             if rank == 0:
                 _sweep_dead_segments()
                 name = _segment_name()
-                self.handle = _C.shm_ring_open(name, 0, world, True, slot_bytes)
+                self.handle = native.shm_ring_open(name, 0, world, True, slot_bytes)
                 _test_die("created")
                 with _store_errors("rank 0 publishing its shared-memory segment", timeout_s):
                     store.set(key + "/name", name)
@@ -273,7 +275,7 @@ class ShmTransport:
                     store.wait([key + "/name"], datetime.timedelta(seconds=timeout_s))
                     name = store.get(key + "/name").decode()
                 try:
-                    self.handle = _C.shm_ring_open(name, rank, world, False, slot_bytes)
+                    self.handle = native.shm_ring_open(name, rank, world, False, slot_bytes)
                 except ValueError as e:
                     if _creator_alive(name) and os.path.exists("/dev/shm" + name):
                         raise
@@ -290,24 +292,23 @@ class ShmTransport:
             raise
         finally:
             if name is not None:  # all attached, or this rank gives up (the group is broken then)
-                _C.shm_ring_unlink(name)
+                native.shm_ring_unlink(name)
 
     def handshake(self, desc):
         return None  # the C++ ring compares every rank's call before moving data
 
     def run(self, kind: int, flat: torch.Tensor, op: str) -> None:
-        status = _C.shm_ring_run(self.handle, kind, flat.data_ptr(), flat.numel(), DTYPE_CODE[flat.dtype], OPS[op],
-                                 self.timeout_ms, 1)  # fmt: skip
+        status = native.shm_ring_run(self.handle, kind, flat, OPS[op], self.timeout_ms, 1)
         if status == 0:
             return
-        detail = _C.shm_ring_last_error(self.handle)
+        detail = native.shm_ring_last_error(self.handle)
         if status == 3:
             raise RingMismatchError(f"ringfuse.distributed: ranks disagree on the call: {detail}")
         raise RingTimeoutError(f"ringfuse.distributed: shared-memory ring failed on rank {self.rank}: {detail}")
 
     def close(self) -> None:
         if self.handle is not None:
-            _C.shm_ring_close(self.handle)
+            native.shm_ring_close(self.handle)
             self.handle = None
 
     def __del__(self):
@@ -352,7 +353,7 @@ def nccl_version() -> int:
                                "without CUDA)")  # fmt: skip
         path = nccl_library_path()
         try:
-            _nccl_version = _C.nccl_load(path)
+            _nccl_version = native.nccl_load(path)
         except ValueError as e:
             raise RuntimeError(f"ringfuse.distributed: the NCCL transport needs libnccl.so.2 ({e}); install it "
                                "with pip install 'ringfuse[cuda]' (the nvidia-nccl-cu13 wheel), set "
@@ -375,7 +376,7 @@ class NcclTransport:
         self.key = f"ringfuse/nccl/{_next_id(group, 'nccl')}"
         try:
             if rank == 0:
-                store.set(self.key + "/id", _C.nccl_unique_id())
+                store.set(self.key + "/id", native.nccl_unique_id())
             store.wait([self.key + "/id"], datetime.timedelta(seconds=timeout_s))
             uid = store.get(self.key + "/id")
             # ncclCommInitRank cannot time out: start it only once every rank got here
@@ -383,8 +384,8 @@ class NcclTransport:
         except RuntimeError as e:  # the store's timeout, or its server (rank 0) is gone
             raise RingTimeoutError(f"ringfuse.distributed: exchanging the NCCL id failed on rank {rank}: {e}") from e
         _wait_counter(store, self.key + "/arrived", world, timeout_s, "reached the NCCL communicator's creation")
-        self.handle = _C.nccl_comm_open(uid, rank, world, device.index, piece_bytes or NCCL_PIECE_BYTES,
-                                        self.timeout_ms)  # fmt: skip
+        self.handle = native.nccl_comm_open(uid, rank, world, device.index, piece_bytes or NCCL_PIECE_BYTES,
+                                            self.timeout_ms)  # fmt: skip
 
     def handshake(self, desc):
         """Every rank's (kind, numel, dtype, op) through the store: one key per rank and call.
@@ -411,12 +412,10 @@ class NcclTransport:
         if torch.cuda.is_current_stream_capturing():
             raise ValueError("ringfuse.distributed: the NCCL ring cannot be captured in a CUDA graph (each call "
                              "waits on the host for its completion, to enforce the timeout)")  # fmt: skip
-        stream = torch.cuda.current_stream(flat.device).cuda_stream
-        status = _C.nccl_ring_run(self.handle, kind, flat.data_ptr(), flat.numel(), DTYPE_CODE[flat.dtype], OPS[op],
-                                  stream, self.timeout_ms)  # fmt: skip
+        status = native.nccl_ring_run(self.handle, kind, flat, OPS[op], self.timeout_ms)  # on the current stream
         if status == 0:
             return
-        detail = _C.nccl_last_error(self.handle)
+        detail = native.nccl_last_error(self.handle)
         if status == 3:
             raise RingMismatchError(f"ringfuse.distributed: ranks disagree on the call: {detail}")
         self.failed = True
@@ -425,7 +424,7 @@ class NcclTransport:
     def close(self) -> None:
         if self.handle is not None:
             handle, self.handle = self.handle, None
-            _C.nccl_comm_close(handle, self.failed)
+            native.nccl_comm_close(handle, self.failed)
 
     # no __del__: ncclCommDestroy waits for the other ranks of the node, which a garbage
     # collection or the interpreter's exit must not do; destroy() closes explicitly

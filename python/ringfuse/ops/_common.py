@@ -1,6 +1,7 @@
 """Shared plumbing of the op layer: dtype codes, argument checks, [rows, hidden] views.
 
-Every op validates here before a pointer reaches ``ringfuse._C`` or a Triton launcher.
+Every op validates here before a tensor reaches the ``_C`` wrappers (ops/native.py) or a
+Triton launcher.
 Errors name the argument, what was expected and what came: TypeError for a wrong type or
 dtype, ValueError for a wrong value, shape or device.
 """
@@ -15,16 +16,9 @@ from typing import NamedTuple
 import torch
 
 from .. import _C
+from . import native
 
-# Keep in sync with csrc/common.h.
-DTYPE_CODE = {
-    torch.float32: 0,
-    torch.float16: 1,
-    torch.bfloat16: 2,
-    torch.int8: 3,
-    torch.int32: 4,
-    torch.int64: 5,
-}
+DTYPE_CODE = native.DTYPE_CODE  # csrc/common.h's codes, for ops/attention.py until its wrappers come
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 CUDA_BACKENDS = ("triton", "cuda")
@@ -59,7 +53,7 @@ def new_output(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     else:
         out = torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
     if out.is_cpu and out.numel() * out.element_size() >= HUGEPAGE_MIN_BYTES:
-        _C.advise_hugepages(out.data_ptr(), out.numel() * out.element_size())
+        native.advise_hugepages(out)
     return out
 
 
@@ -169,9 +163,7 @@ class Rows(NamedTuple):
         return self.t.as_strided((n_rows, hidden), (self.stride, 1))
 
 
-def ptr_stride(r: Rows | None) -> tuple[int, int]:
-    """(data pointer, row stride) for _C; (0, 0) for an absent tensor."""
-    return (0, 0) if r is None else (r.t.data_ptr(), r.stride)
+NO_ROWS = (None, 0)  # an absent optional tensor, as the norm kernels' (tensor, row stride) arguments take it
 
 
 def kernel_param(t, x: torch.Tensor):

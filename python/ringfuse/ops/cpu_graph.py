@@ -11,8 +11,9 @@ capture; the values in the buffers (token positions, slots, block tables) are no
 C++ kernels still check those on every replay.
 
 Only ringfuse ``_C`` kernels called from the capturing thread are recorded (every ``_C``
-function is wrapped for the capture, so the ops and ringfuse.distributed alike go through
-it). Anything else raises NotCapturable, so a sequence that cannot be replayed faithfully
+function is swapped for a recording one for the capture; the ops and ringfuse.distributed
+reach ``_C`` through ops/native.py, which looks each function up at every call, so they
+all go through it). Anything else raises NotCapturable, so a sequence that cannot be replayed faithfully
 is never captured: a torch op other than allocation, metadata and views that do not copy; a
 ``_C`` function that returns a value (its caller decides with it; the all-reduce's status
 is one); indexing with a tensor; any tensor off the CPU (Triton launches are not recorded).
@@ -128,7 +129,7 @@ def capture_cpu_graph():
     g = CpuGraph()
     real = {n: getattr(_C, n) for n in names}
     thread = threading.get_ident()
-    for n, fn in real.items():  # every user of _C (ops, distributed) calls through these
+    for n, fn in real.items():  # ops.native (and ops.attention) look these up at each call
         setattr(_C, n, _wrap(fn, n, g.calls, thread))
     try:
         with _Guard(g):

@@ -31,8 +31,8 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _C
 from . import _common as c
+from . import native
 from .rms_norm import OP_LIB
 
 
@@ -63,8 +63,7 @@ def _quantize(x):
             if bad:
                 raise ValueError(f"quantize_per_token: x holds inf or NaN in {bad} row(s); int8 cannot represent them")
         else:
-            _C.quantize_per_token(q.data_ptr(), q.stride(0), scale.data_ptr(), x2.data_ptr(), x2.stride(0), rows, k,
-                                  c.DTYPE_CODE[x.dtype], c.num_threads())  # fmt: skip
+            native.quantize_per_token(q, k, scale, x2, x2.stride(0), rows, k)  # q [rows, K] contiguous
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 
@@ -178,8 +177,8 @@ def pack_int8_weight(b_q) -> PackedInt8Weight:
     if n > 1 and b_q.stride(0) < k:  # e.g. expanded rows: the kernel reads rows K apart at least
         raise ValueError(f"pack_int8_weight: b_q's rows must not overlap (row stride >= K = {k}), got strides "
                          f"{b_q.stride()}; pass b_q.contiguous()")  # fmt: skip
-    packed = torch.empty(_C.int8_packed_size(n, k), dtype=torch.int8)
-    has_min = bool(_C.int8_pack_b(packed.data_ptr(), b_q.data_ptr(), b_q.stride(0), n, k)) if n else False
+    packed = torch.empty(native.int8_packed_size(n, k), dtype=torch.int8)
+    has_min = native.int8_pack_b(packed, b_q, b_q.stride(0), n, k) if n else False
     return PackedInt8Weight(packed, b_q, has_min, c.Watch((b_q,)))
 
 
@@ -206,11 +205,8 @@ def _int8_gemm(a_q, b_q, a_scale, b_scale, bias, out_dtype, packed=None):
     packed, b_q, has_min, _ = packed
     vec = [t.contiguous() if t is not None else None for t in (a_scale, b_scale)]
     bias32 = bias.float().contiguous() if bias is not None else None
-    _C.int8_gemm_packed(
-        out.data_ptr(), out.stride(0), c.DTYPE_CODE[out_dtype], a_q.data_ptr(), max(a_q.stride(0), k),
-        packed.data_ptr(), b_q.data_ptr(), max(b_q.stride(0), k), has_min, *(t.data_ptr() if t is not None else 0 for t in (*vec, bias32)),
-        m, n, k, c.num_threads(),
-    )  # fmt: skip
+    native.int8_gemm_packed(out, n, a_q, max(a_q.stride(0), k), packed, b_q, max(b_q.stride(0), k), has_min, *vec,
+                            bias32, m, n, k)  # fmt: skip
     return out
 
 
@@ -286,11 +282,8 @@ def _weight_only(x, w_q, w_scale, bias, group_size=None):
     elif m and n:
         scale = w_scale.contiguous()  # [N] or [N, groups]
         bias32 = bias.float().contiguous() if bias is not None else None
-        _C.int8_weight_only_linear(
-            out.data_ptr(), out.stride(0), c.DTYPE_CODE[x.dtype], x2.data_ptr(), max(x2.stride(0), k), w_q.data_ptr(),
-            w_q.stride(0), scale.data_ptr(), scale.shape[-1] if group_size else 0, group_size or 0,
-            bias32.data_ptr() if bias32 is not None else 0, m, n, k, c.num_threads(),
-        )  # fmt: skip
+        native.int8_weight_only_linear(out, n, x2, max(x2.stride(0), k), w_q, w_q.stride(0), scale,
+                                       scale.shape[-1] if group_size else 0, group_size or 0, bias32, m, n, k)
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -316,8 +309,7 @@ class PreparedInt8WeightOnlyLinear:
         self.out_features, self.in_features = n, k
         self._bias32 = None if bias is None else bias.float().contiguous()
         self._direct = w_q.is_cpu
-        self._args = (w_q.data_ptr(), w_q.stride(0), self.w_scale.data_ptr(), 0, 0,
-                      0 if bias is None else self._bias32.data_ptr())  # fmt: skip
+        self._w_stride = w_q.stride(0)
         self._watch = c.Watch(c.watched(self._sources, (self.w_scale, self._bias32)))
 
     def __call__(self, x):
@@ -331,8 +323,8 @@ class PreparedInt8WeightOnlyLinear:
         m, n = x.shape[0], self.out_features
         out = torch.empty(m, n)
         if m:  # [M, N] <- [M, K] @ ([N, K] int8 * [N])^T
-            _C.int8_weight_only_linear(out.data_ptr(), n, c.DTYPE_CODE[torch.float32], x.data_ptr(),
-                                       max(x.stride(0), k), *self._args, m, n, k, c.num_threads())  # fmt: skip
+            native.int8_weight_only_linear(out, n, x, max(x.stride(0), k), self.w_q, self._w_stride, self.w_scale,
+                                           0, 0, self._bias32, m, n, k)  # fmt: skip
         return out
 
 

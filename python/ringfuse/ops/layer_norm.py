@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import _C
 from . import _common as c
+from . import native
 from .rms_norm import OP_LIB
 
 
 def launch(out: c.Rows, x: c.Rows, n_rows: int, hidden: int, weight, bias, eps: float,
            res: c.Rows | None = None, res_out: c.Rows | None = None) -> None:
-    """Run the kernel on validated rows (CPU: _C; CUDA: Triton or CUDA C++)."""
+    """Run the kernel on validated rows (CPU: the C++ kernel; CUDA: Triton or CUDA C++)."""
     if n_rows == 0:
         return
     if x.t.is_cuda and c.cuda_backend() == "triton":
@@ -29,18 +29,8 @@ def launch(out: c.Rows, x: c.Rows, n_rows: int, hidden: int, weight, bias, eps: 
             residual_out=None if res_out is None else res_out.as_2d(n_rows, hidden),
         )  # fmt: skip
         return
-    xcode = c.DTYPE_CODE[x.t.dtype]
-    param = weight if weight is not None else bias
-    args = (
-        out.t.data_ptr(), out.stride, *c.ptr_stride(res_out), x.t.data_ptr(), x.stride, *c.ptr_stride(res),
-        0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(), n_rows, hidden, eps,
-        xcode, xcode if param is None else c.DTYPE_CODE[param.dtype], c.DTYPE_CODE[out.t.dtype],
-    )  # fmt: skip
-    if x.t.is_cpu:
-        _C.layer_norm(*args, c.num_threads())
-    else:
-        with torch.cuda.device(x.t.device):  # kernels launch on the current device
-            _C.layer_norm_cuda(*args, torch.cuda.current_stream(x.t.device).cuda_stream)
+    kernel = native.layer_norm if x.t.is_cpu else native.layer_norm_cuda
+    kernel(*out, *(res_out or c.NO_ROWS), *x, *(res or c.NO_ROWS), weight, bias, n_rows, hidden, eps)
 
 
 def _forward(x, weight, bias, eps, residual=None, out=None, residual_out=None):

@@ -22,7 +22,7 @@ enabled) run ``F.linear(x, weight.to(x.dtype), bias.to(x.dtype))``: the same mat
 dtype, through torch.
 
 Registered as ``torch.ops.ringfuse.linear`` (fake kernel, for torch.compile); eager calls
-reach ``_C.linear`` directly, without the ~9 us of the dispatcher.
+reach the kernel directly (``native.linear``), without the ~9 us of the dispatcher.
 """
 
 from __future__ import annotations
@@ -30,14 +30,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _C
 from . import _common as c
+from . import native
 from .rms_norm import OP_LIB
 
 ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _F32, _BF16 = torch.float32, torch.bfloat16
-_CODE = c.DTYPE_CODE
 _NAMES = "float32, bfloat16, float16 or float64"
 
 
@@ -128,7 +127,7 @@ class PreparedLinear:
             raise ValueError(f"prepare_linear: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
         _check(weight.new_empty(0, weight.shape[1], dtype=_F32), weight, bias)  # weight and bias
         # the caller's tensors: a call re-prepares when one was swapped, resized or written in
-        # place since (the cached pointers could point at freed memory, a copy be stale)
+        # place since (a private copy would be stale, the cached row stride wrong)
         self._sources = (weight,) if bias is None else (weight, bias)
         n, k = weight.shape  # rows must be apart by >= K with a unit inner stride, else a copy
         unit = weight.stride(1) == 1 or k <= 1
@@ -138,9 +137,7 @@ class PreparedLinear:
         self.out_features, self.in_features = weight.shape
         self._direct = (self.weight.is_cpu and self.weight.dtype in KERNEL_DTYPES and self.in_features > 0
                         and (bias is None or bias.is_cpu))  # fmt: skip
-        self._w = (self.weight.data_ptr(), max(self.weight.stride(0), self.in_features), _CODE[self.weight.dtype]) \
-            if self._direct else None  # fmt: skip
-        self._b = (0, 0) if self.bias is None else (self.bias.data_ptr(), _CODE[self.bias.dtype])
+        self._w_stride = max(self.weight.stride(0), self.in_features)  # one row: any stride, never read
         self._watch = c.Watch(c.watched(self._sources, (self.weight, self.bias)))
 
     def __call__(self, x):
@@ -155,8 +152,7 @@ class PreparedLinear:
         m, n = x.shape[0], self.out_features
         out = torch.empty(m, n, dtype=x.dtype)
         if m:  # [M, N] <- [M, K] @ [N, K]^T
-            _C.linear(out.data_ptr(), n, _CODE[x.dtype], x.data_ptr(), max(x.stride(0), k), _CODE[x.dtype],
-                      *self._w, *self._b, m, n, k, c.num_threads())  # fmt: skip
+            native.linear(out, n, x, max(x.stride(0), k), self.weight, self._w_stride, self.bias, m, n, k)
         return out
 
 
@@ -180,19 +176,15 @@ def _forward(x, weight, bias):
     m = x.shape[0] if lead is None else lead.numel()
     out = torch.empty(m, n, dtype=x.dtype)
     if m and n:
-        x_ptr = x_stride = w_ptr = w_stride = 0  # K = 0: out = bias (or 0); nothing is read
+        xt, x_stride, wt, w_stride = x, 0, weight, 0  # K = 0: out = bias (or 0); nothing is read
         if k:
             (xt, x_stride), (wt, w_stride) = _rows(x, k), _rows(weight, k)
-            x_ptr, w_ptr = xt.data_ptr(), wt.data_ptr()
         if bias is not None:
             if bias.dtype not in KERNEL_DTYPES:
                 bias = bias.float()
             if bias.stride(0) != 1:
                 bias = bias.contiguous()
-        _C.linear(
-            out.data_ptr(), n, _CODE[x.dtype], x_ptr, x_stride, _CODE[x.dtype], w_ptr, w_stride, _CODE[weight.dtype],
-            0 if bias is None else bias.data_ptr(), 0 if bias is None else _CODE[bias.dtype], m, n, k, c.num_threads(),
-        )  # fmt: skip
+        native.linear(out, n, xt, x_stride, wt, w_stride, bias, m, n, k)
     return out if lead is None else out.view(*lead, n)
 
 

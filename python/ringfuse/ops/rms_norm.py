@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _C
 from . import _common as c
+from . import native
 
 OP_LIB = torch.library.Library("ringfuse", "FRAGMENT")
 CAST_MODES = ("torch", "llama")
@@ -37,25 +37,12 @@ def _out_dtype(x: torch.Tensor, weight, llama: bool) -> torch.dtype:
 
 def launch(out: c.Rows, x: c.Rows, n_rows: int, hidden: int, weight, eps: float, llama: bool,
            res: c.Rows | None = None, res_out: c.Rows | None = None) -> None:
-    """Run the kernel on validated rows (CPU: _C; CUDA: Triton or CUDA C++)."""
+    """Run the kernel on validated rows (CPU: the C++ kernel; CUDA: Triton or CUDA C++)."""
     if n_rows == 0:
         return
-    xcode = c.DTYPE_CODE[x.t.dtype]
-    if x.t.is_cpu:
-        _C.rms_norm(
-            out.t.data_ptr(), out.stride, *c.ptr_stride(res_out), x.t.data_ptr(), x.stride, *c.ptr_stride(res),
-            0 if weight is None else weight.data_ptr(), n_rows, hidden, eps,
-            xcode, xcode if weight is None else c.DTYPE_CODE[weight.dtype], c.DTYPE_CODE[out.t.dtype], llama,
-            c.num_threads(),
-        )  # fmt: skip
-    elif c.cuda_backend() == "cuda":
-        with torch.cuda.device(x.t.device):  # kernels launch on the current device
-            _C.rms_norm_cuda(
-                out.t.data_ptr(), out.stride, *c.ptr_stride(res_out), x.t.data_ptr(), x.stride, *c.ptr_stride(res),
-                0 if weight is None else weight.data_ptr(), n_rows, hidden, eps,
-                xcode, xcode if weight is None else c.DTYPE_CODE[weight.dtype], c.DTYPE_CODE[out.t.dtype], llama,
-                torch.cuda.current_stream(x.t.device).cuda_stream,
-            )  # fmt: skip
+    if x.t.is_cpu or c.cuda_backend() == "cuda":
+        kernel = native.rms_norm if x.t.is_cpu else native.rms_norm_cuda
+        kernel(*out, *(res_out or c.NO_ROWS), *x, *(res or c.NO_ROWS), weight, n_rows, hidden, eps, llama)
     else:
         from ..kernels.rms_norm import rms_norm_fwd
 
@@ -183,7 +170,9 @@ class PreparedRMSNorm:
         self.weight, self.hidden = weight, weight.shape[0]
         self._w = c.kernel_param(weight, probe)  # contiguous; x's dtype or fp32
         self._direct = weight.is_cpu and not weight.requires_grad
-        self._w_code = c.DTYPE_CODE[self._w.dtype]
+        # where the kernel's weight lies, for the overlap check (self._w is the watched weight or
+        # this object's own copy: it does not move while the watch holds)
+        self._w_span = c.span(self._w) if self._w.numel() else (0, 0)
         self._watch = c.Watch((weight,))  # a swapped / resized / rewritten weight: prepare again
 
     def __call__(self, x, *, out=None):
@@ -209,12 +198,11 @@ class PreparedRMSNorm:
             if xp < rp + nbytes and rp < xp + nbytes:
                 raise ValueError("add_rms_norm_: x and residual must not share memory (got the same tensor or "
                                  "overlapping views)")  # fmt: skip
-            wp, wb = self._w.data_ptr(), self._w.nbytes
-            if (wp < xp + nbytes and xp < wp + wb) or (wp < rp + nbytes and rp < wp + wb):
+            w0, w1 = self._w_span
+            if (w0 < xp + nbytes and xp < w1) or (w0 < rp + nbytes and rp < w1):
                 raise ValueError("add_rms_norm_: weight must not share memory with x or residual, which are overwritten")
-            code = c.DTYPE_CODE[x.dtype]  # [n, h] rows, h apart, updated in place
-            _C.rms_norm(xp, h, rp, h, xp, h, rp, h, wp, n, h, self.eps, code, self._w_code, code, self.llama,
-                        c.num_threads())  # fmt: skip
+            # [n, h] rows, h apart, updated in place
+            native.rms_norm(x, h, residual, h, x, h, residual, h, self._w, n, h, self.eps, self.llama)
         return x, residual
 
 

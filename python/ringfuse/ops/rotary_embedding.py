@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _C
 from . import _common as c
+from . import native
 from .rms_norm import OP_LIB
 
 STYLES = ("neox", "gptj")
@@ -114,11 +114,8 @@ def _rotate(q, k, positions, cache, gptj: bool) -> None:
     for x in (q, k):
         if x is None or x.numel() == 0:
             continue
-        _C.rotary_embedding(
-            x.data_ptr(), x.stride(0), x.stride(1), x.shape[0], x.shape[1], x.shape[2], positions.data_ptr(),
-            cache.data_ptr(), cache.stride(0), cache.shape[0], cache.shape[1], gptj, c.DTYPE_CODE[x.dtype],
-            c.num_threads(),
-        )  # fmt: skip
+        native.rotary_embedding(x, x.stride(0), x.stride(1), *x.shape, positions, cache, cache.stride(0),
+                                *cache.shape, gptj)  # fmt: skip
 
 
 OP_LIB.define("rotary_embedding(Tensor(a!) q, Tensor(b!)? k, Tensor positions, Tensor cos_sin_cache, bool gptj) -> ()")

@@ -14,7 +14,7 @@ fp32 outputs within 3 ulp of exact, not bitwise torch's) with one rounding to fp
 x's rows may be strided (unit inner stride). Fallback (documented): CUDA tensors, float64 and
 autograd run the torch expression above. Registered as ``torch.ops.ringfuse.silu_mul`` and
 ``torch.ops.ringfuse.gelu_tanh_mul`` (fake kernels, for torch.compile); eager calls reach
-``_C.silu_mul`` directly.
+the kernel (``native.silu_mul``) directly.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _C
 from . import _common as c
+from . import native
 from .rms_norm import OP_LIB
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ACTIVATION_CODE = {"silu_mul": 0, "gelu_tanh_mul": 1}  # csrc/cpu/silu_mul.h GatedActivation
 
 
 def silu_mul(x):
@@ -65,8 +64,7 @@ def _forward(op, x):
     rows = out.numel() // d
     if rows:
         xr = c.rows(x)  # [rows, 2 d], a copy only if the rows are not evenly strided
-        _C.silu_mul(out.data_ptr(), d, xr.t.data_ptr(), xr.stride, rows, d, c.DTYPE_CODE[x.dtype], c.num_threads(),
-                    ACTIVATION_CODE[op])  # fmt: skip
+        native.silu_mul(out, d, xr.t, xr.stride, rows, d, op)
     return out
 
 
@@ -83,5 +81,5 @@ def _register(op):
     torch.library.register_fake(f"ringfuse::{op}")(fake)
 
 
-for _op in ACTIVATION_CODE:
+for _op in native.GATED_ACTIVATIONS:
     _register(_op)
