@@ -11,6 +11,7 @@ import torch
 from ringfuse import _C
 from ringfuse import distributed as rdist
 from ringfuse.distributed import allreduce as ar
+from ringfuse.ops import native
 
 from .workers import rank_input
 
@@ -145,7 +146,7 @@ def fake_transport_handshakes(rank, world, calls, mismatch_at):
     `mismatch_at`); returns what comm_open got, every handshake's answer and the number of
     keys left in the store."""
     fake = _FakeC()
-    saved, ar._C = ar._C, fake
+    saved, native._C = native._C, fake  # NcclTransport reaches _C only through ops.native
     ar._nccl_version = 1  # no library to load
     try:
         store = ar._store_of(None)
@@ -160,7 +161,7 @@ def fake_transport_handshakes(rank, world, calls, mismatch_at):
         t.close()
         return fake.opened, answers, left, fake.closed
     finally:
-        ar._C = saved
+        native._C = saved
         ar._nccl_version = None
 
 
@@ -168,7 +169,7 @@ def fake_transport_dead_peer(rank, world, timeout_s):
     """Rank world-1 exits after two handshakes: the others' next handshake raises
     RingTimeoutError within the timeout, and close then aborts."""
     fake = _FakeC()
-    saved, ar._C = ar._C, fake
+    saved, native._C = native._C, fake
     ar._nccl_version = 1
     try:
         t = ar.NcclTransport(None, rank, world, timeout_s, ar._store_of(None), torch.device("cuda", rank))
@@ -187,5 +188,5 @@ def fake_transport_dead_peer(rank, world, timeout_s):
         t.close()
         return result + (fake.closed,)
     finally:
-        ar._C = saved
+        native._C = saved
         ar._nccl_version = None
