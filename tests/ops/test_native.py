@@ -16,10 +16,6 @@ PKG = ROOT / "python" / "ringfuse"
 
 # Queries of the build and the CPU path: no pointers, called where they are needed.
 QUERIES = {"isa", "set_isa", "build_info"}
-# The attention entry points' wrappers come next (they are changing now); until then
-# ops/attention.py calls _C itself and has no wrappers here. Remove both when they come.
-ATTENTION = {"attention", "decode_attention", "write_kv"}
-EXEMPT_FILES = {"ops/native.py", "ops/attention.py"}
 
 
 def direct_kernel_uses(source: str) -> list[tuple[int, str]]:
@@ -80,7 +76,7 @@ def test_only_native_calls_c_kernels():
     bad = []
     for path in files:
         rel = path.relative_to(PKG).as_posix()
-        if rel in EXEMPT_FILES:
+        if rel == "ops/native.py":
             continue
         bad += [f"{rel}:{line} _C.{name}" for line, name in direct_kernel_uses(path.read_text())]
     assert not bad, "call the ops/native.py wrapper instead of _C directly:\n" + "\n".join(bad)
@@ -89,7 +85,7 @@ def test_only_native_calls_c_kernels():
 def test_one_wrapper_per_entry_point():
     entries = {n for n in dir(_C) if not n.startswith("_") and callable(getattr(_C, n))}
     assert {"rms_norm", "linear", "shm_ring_run"} <= entries
-    missing = sorted(n for n in entries - QUERIES - ATTENTION if not callable(getattr(native, n, None)))
+    missing = sorted(n for n in entries - QUERIES if not callable(getattr(native, n, None)))
     assert not missing, f"_C entry points without a wrapper in ops/native.py: {missing}"
 
 

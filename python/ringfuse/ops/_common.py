@@ -18,7 +18,6 @@ import torch
 from .. import _C
 from . import native
 
-DTYPE_CODE = native.DTYPE_CODE  # csrc/common.h's codes, for ops/attention.py until its wrappers come
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 CUDA_BACKENDS = ("triton", "cuda")

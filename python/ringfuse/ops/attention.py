@@ -45,8 +45,8 @@ import numbers
 
 import torch
 
-from .. import _C
 from . import _common as c
+from . import native
 from .rms_norm import OP_LIB
 
 SPLIT_SIZE = 512  # keys per flash-decoding split (the kernel widens it for > 64 splits)
@@ -149,20 +149,13 @@ def _out(op, out, q, inputs):
 
 def _launch_cpu(out, q, k, v, table, block_size, seq_lens, scale, softcap, window):
     batch, hq, d = q.shape
-    if table is None:
-        blk_stride, max_blocks, block_size, num_blocks = k.stride(0), 1, k.shape[2], k.shape[0]
-        v_blk_stride = v.stride(0)
-        table_ptr, bt_stride = 0, 0
+    if table is None:  # contiguous [B, Hkv, S_max, D]: block b is sequence b
+        bt_stride, max_blocks, block_size = 0, 1, k.shape[2]
     else:
-        blk_stride, max_blocks, num_blocks = k.stride(0), table.shape[1], k.shape[0]
-        v_blk_stride = v.stride(0)
-        table_ptr, bt_stride = table.data_ptr(), table.stride(0)
-    _C.decode_attention(
-        out.data_ptr(), out.stride(0), out.stride(1), q.data_ptr(), q.stride(0), q.stride(1),
-        k.data_ptr(), blk_stride, k.stride(1), k.stride(2), v.data_ptr(), v_blk_stride, v.stride(1), v.stride(2),
-        table_ptr, bt_stride, max_blocks, block_size, num_blocks, seq_lens.data_ptr(), batch, hq, k.shape[1], d,
-        scale, softcap, window, c.DTYPE_CODE[q.dtype], SPLIT_SIZE, c.num_threads(),
-    )  # fmt: skip
+        bt_stride, max_blocks = table.stride(0), table.shape[1]
+    native.decode_attention(out, out.stride()[:2], q, q.stride()[:2], k, k.stride()[:3], v, v.stride()[:3], table,
+                            bt_stride, max_blocks, block_size, k.shape[0], seq_lens, batch, hq, k.shape[1], d, scale,
+                            softcap, window, SPLIT_SIZE)  # fmt: skip
 
 
 def decode_attention(q, k_cache, v_cache, seq_lens, *, scale=None, softcap=None, window=None, out=None):
@@ -304,11 +297,8 @@ def _attention_forward(q, k, v, causal, scale, softcap, window=0, out=None):
 
         tk.flash_attention_fwd(out, q, k, v, scale, causal, softcap or None, lse=lse, window=window or None)
         return out, lse
-    _C.attention(
-        out.data_ptr(), *out.stride()[:3], lse.data_ptr(), *lse.stride(),
-        q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
-        0, 0, B, Sq, Sk, Hq, Hkv, D, bool(causal), scale, softcap, window, c.DTYPE_CODE[q.dtype], c.num_threads(),
-    )  # fmt: skip
+    native.attention(out, out.stride()[:3], lse, lse.stride(), q, q.stride()[:3], k, k.stride()[:3], v,
+                     v.stride()[:3], None, None, B, Sq, Sk, Hq, Hkv, D, bool(causal), scale, softcap, window)  # fmt: skip
     return out, lse
 
 
@@ -378,12 +368,10 @@ def _varlen_forward(q, k, v, cu_q, cu_k, max_seqlen_q, causal, scale, softcap, w
     if int(cu_q[-1]) < Tq:
         out[int(cu_q[-1]):].zero_()
         lse[:, int(cu_q[-1]):] = -math.inf
-    _C.attention(
-        out.data_ptr(), 0, out.stride(1), out.stride(0), lse.data_ptr(), 0, lse.stride(0), lse.stride(1),
-        q.data_ptr(), 0, q.stride(1), q.stride(0), k.data_ptr(), 0, k.stride(1), k.stride(0),
-        v.data_ptr(), 0, v.stride(1), v.stride(0), cu_q.data_ptr(), cu_k.data_ptr(), batch, Tq, Tk, Hq, Hkv, D,
-        bool(causal), scale, softcap, window, c.DTYPE_CODE[q.dtype], c.num_threads(),
-    )  # fmt: skip
+    # [T, H, D] rows as one batch of packed positions: strides (0, head, token)
+    native.attention(out, (0, out.stride(1), out.stride(0)), lse, (0, lse.stride(0), lse.stride(1)), q,
+                     (0, q.stride(1), q.stride(0)), k, (0, k.stride(1), k.stride(0)), v, (0, v.stride(1), v.stride(0)),
+                     cu_q, cu_k, batch, Tq, Tk, Hq, Hkv, D, bool(causal), scale, softcap, window)  # fmt: skip
     return out, lse
 
 
@@ -598,11 +586,8 @@ def _write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
         tk.write_kv_fwd(k_cache, v_cache, k, v, slots, block_size)
         return
-    _C.write_kv(
-        k_cache.data_ptr(), *k_cache.stride()[:3], v_cache.data_ptr(), *v_cache.stride()[:3],
-        k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), slots.data_ptr(),
-        T, hkv, d, num_blocks, block_size, c.DTYPE_CODE[k.dtype],
-    )  # fmt: skip
+    native.write_kv(k_cache, k_cache.stride()[:3], v_cache, v_cache.stride()[:3], k, k.stride()[:2], v,
+                    v.stride()[:2], slots, T, hkv, d, num_blocks, block_size)  # fmt: skip
 
 
 OP_LIB.define("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()")
@@ -685,9 +670,8 @@ class PagedDecodePlan:
         self._slots = slot_mapping.to(torch.int64).contiguous()
         cs = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
         self._cs = cs
-        self._rope = (self._pos.data_ptr(), cs.data_ptr(), cs.stride(0), cs.shape[0], cs.shape[1], self.gptj)
-        self._table = (block_table.data_ptr(), block_table.stride(0), block_table.shape[1], block_size, num_blocks,
-                       seq_lens.data_ptr())  # fmt: skip
+        self._rope = (self._pos, cs, cs.stride(0), cs.shape[0], cs.shape[1], self.gptj)
+        self._table = (block_table, block_table.stride(0), block_table.shape[1], block_size, num_blocks, seq_lens)
         self._cache_strides = k_pages.stride()[:3]  # v_pages: the same layout
         # tensors whose pointers the kernels get: one swapped or resized (its memory maybe
         # freed) is refused at the next run; private copies follow in-place writes to their source
@@ -699,7 +683,7 @@ class PagedDecodePlan:
         self._copies_watch = c.Watch(src for src, _ in self._copies)
         # the kernels directly (else the three ops): CPU, contiguous caches with a slot, tokens
         self._direct = not self.cuda and self._cache_bytes is not None and batch > 0 and num_blocks * block_size > 0
-        self._elem, self._code, self._threads = k_pages.element_size(), c.DTYPE_CODE[k_pages.dtype], c.num_threads()
+        self._elem = k_pages.element_size()
 
     def run_packed(self, qkv, k_pages, v_pages, *, window=None):
         """``run`` on the fused q/k/v projection as a model computes it: qkv [B, (Hq + 2 Hkv) D]
@@ -722,8 +706,8 @@ class PagedDecodePlan:
         kp, vp = self._pages(op, k_pages, v_pages)
         qx = qkv.data_ptr()
         self._no_alias(op, "qkv", qx, qx + ((b - 1) * st[0] + width) * self._elem, kp, vp)
-        return self._launch(qx, (st[0], d), qx + hq * d * self._elem, (st[0], d), qx + (hq + hkv) * d * self._elem,
-                            (st[0], d), kp, vp, window)  # fmt: skip
+        rows = (st[0], d)  # (token, head) strides of q, k and v inside qkv
+        return self._launch(qkv, 0, rows, qkv, hq * d, rows, qkv, (hq + hkv) * d, rows, k_pages, v_pages, window)
 
     def run(self, q, k, v, k_pages, v_pages, *, window=None):
         """Rotates q and k in place, writes k and v to their slots, returns attention [B, Hq, D]
@@ -753,7 +737,7 @@ class PagedDecodePlan:
         for name, start, st, heads in (("q", qx, qs, hq), ("k", kx, ks, hkv), ("v", vx, vs, hkv)):
             end = start + (1 + (b - 1) * st[0] + (heads - 1) * st[1] + d - 1) * self._elem
             self._no_alias(op, name, start, end, kp, vp)
-        return self._launch(qx, qs, kx, ks, vx, vs, kp, vp, window)
+        return self._launch(q, 0, qs[:2], k, 0, ks[:2], v, 0, vs[:2], k_pages, v_pages, window)
 
     def _pages(self, op, k_pages, v_pages) -> tuple[int, int]:
         """Checks that this run's caches have the planned layout and the planned buffers are
@@ -777,16 +761,17 @@ class PagedDecodePlan:
             if start < p + self._cache_bytes and p < end:
                 raise ValueError(f"{op}: {name} overlaps {cname}")
 
-    def _launch(self, qx, qs, kx, ks, vx, vs, kp, vp, window):
-        """The kernels on checked pointers; qs / ks / vs: (token, head) strides in elements."""
+    def _launch(self, q, q_off, qs, k, k_off, ks, v, v_off, vs, k_pages, v_pages, window):
+        """The kernels on checked tensors: q [B, Hq, D], k and v [B, Hkv, D] start *_off
+        elements into q / k / v (one qkv tensor for run_packed), with (token, head) strides
+        qs / ks / vs."""
         b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
-        code, threads = self._code, self._threads
-        _C.rotary_embedding(qx, qs[0], qs[1], b, hq, d, *self._rope, code, threads)  # q [B, Hq, D] in place
-        _C.rotary_embedding(kx, ks[0], ks[1], b, hkv, d, *self._rope, code, threads)  # k [B, Hkv, D] in place
+        native.rotary_embedding(q, qs[0], qs[1], b, hq, d, *self._rope, q_off)  # q in place
+        native.rotary_embedding(k, ks[0], ks[1], b, hkv, d, *self._rope, k_off)  # k in place
         cs = self._cache_strides
-        _C.write_kv(kp, *cs, vp, *cs, kx, ks[0], ks[1], vx, vs[0], vs[1], self._slots.data_ptr(), b, hkv, d,
-                    self.num_blocks, self.block_size, code)  # fmt: skip
+        native.write_kv(k_pages, cs, v_pages, cs, k, ks, v, vs, self._slots, b, hkv, d, self.num_blocks,
+                        self.block_size, k_off, v_off)  # fmt: skip
         out = torch.empty((b, hq, d), dtype=self.cache_layout[2])  # [B, Hq, D], contiguous
-        _C.decode_attention(out.data_ptr(), hq * d, d, qx, qs[0], qs[1], kp, *cs, vp, *cs, *self._table, b, hq, hkv,
-                            d, self.scale, self.softcap, window, code, SPLIT_SIZE, threads)  # fmt: skip
+        native.decode_attention(out, (hq * d, d), q, qs, k_pages, cs, v_pages, cs, *self._table, b, hq, hkv, d,
+                                self.scale, self.softcap, window, SPLIT_SIZE, q_off)  # fmt: skip
         return out

@@ -129,7 +129,7 @@ def capture_cpu_graph():
     g = CpuGraph()
     real = {n: getattr(_C, n) for n in names}
     thread = threading.get_ident()
-    for n, fn in real.items():  # ops.native (and ops.attention) look these up at each call
+    for n, fn in real.items():  # ops.native looks these up at each call
         setattr(_C, n, _wrap(fn, n, g.calls, thread))
     try:
         with _Guard(g):

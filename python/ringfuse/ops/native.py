@@ -25,9 +25,10 @@ Each wrapper looks ``_C.<name>`` up when it is called, never binding the functio
 ``ops.capture_cpu_graph`` records a decode step by swapping the attributes of ``_C`` for
 recording versions while it captures.
 
-Not here yet: ``attention``, ``decode_attention`` and ``write_kv`` (ops/attention.py still
-calls them, and ``_C.rotary_embedding`` in its decode plan, directly; their wrappers follow
-the pattern above). The queries ``_C.isa()``, ``_C.set_isa()`` and ``_C.build_info()``,
+A wrapper whose kernel may read a decode step's q, k or v inside one fused projection
+(``PagedDecodePlan.run_packed``: qkv [B, (Hq + 2 Hkv) D]) takes the element offset of its
+first row as a last ``*_offset`` argument (default 0) instead of a view, which would cost
+more Python than the kernel call. The queries ``_C.isa()``, ``_C.set_isa()`` and ``_C.build_info()``,
 which take no pointers, are called where they are needed.
 """
 
@@ -131,14 +132,19 @@ def layer_norm_cuda(out: torch.Tensor, out_stride: int, residual_out: torch.Tens
 # Elementwise and GEMM kernels (CPU)
 
 
+def _at(t: torch.Tensor, offset: int) -> int:
+    """The address of element ``offset`` of t's storage view (t's data pointer + offset)."""
+    return t.data_ptr() + offset * t.element_size() if offset else t.data_ptr()
+
+
 def rotary_embedding(x: torch.Tensor, token_stride: int, head_stride: int, tokens: int, heads: int, head_dim: int,
                      positions: torch.Tensor, cache: torch.Tensor, cache_stride: int, max_positions: int,
-                     rot_dim: int, gptj: bool) -> None:
+                     rot_dim: int, gptj: bool, x_offset: int = 0) -> None:
     """Rotate x [tokens, heads, head_dim] (token / head strides in elements, unit inner
-    stride) in place: the first rot_dim dims of each head by the angles of its token's
-    position. positions [tokens] int64 contiguous; cache [max_positions, rot_dim] float32
-    (cos | sin), rows cache_stride apart."""
-    _C.rotary_embedding(x.data_ptr(), token_stride, head_stride, tokens, heads, head_dim, positions.data_ptr(),
+    stride; starting x_offset elements into x) in place: the first rot_dim dims of each head
+    by the angles of its token's position. positions [tokens] int64 contiguous; cache
+    [max_positions, rot_dim] float32 (cos | sin), rows cache_stride apart."""
+    _C.rotary_embedding(_at(x, x_offset), token_stride, head_stride, tokens, heads, head_dim, positions.data_ptr(),
                         cache.data_ptr(), cache_stride, max_positions, rot_dim, gptj, _CODE[x.dtype],
                         _num_threads())  # fmt: skip
 
@@ -209,6 +215,67 @@ def int8_weight_only_linear(out: torch.Tensor, out_stride: int, x: torch.Tensor,
     _C.int8_weight_only_linear(
         out.data_ptr(), out_stride, _CODE[out.dtype], x.data_ptr(), x_stride, w.data_ptr(), w_stride,
         w_scale.data_ptr(), scale_stride, group_size, 0 if bias is None else bias.data_ptr(), m, n, k, _num_threads(),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# Attention and the KV cache (csrc/cpu/attention.h). Strides are in elements, as tuples in
+# the kernel's order; every head row has a unit inner stride; all float tensors of one call
+# share q's (k's for write_kv) dtype. Integer tensors: cu_seqlens, block_table and seq_lens
+# int32, slot_mapping int64, contiguous.
+
+
+def attention(out: torch.Tensor, out_strides: tuple, lse: torch.Tensor | None, lse_strides: tuple, q: torch.Tensor,
+              q_strides: tuple, k: torch.Tensor, k_strides: tuple, v: torch.Tensor, v_strides: tuple,
+              cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, batch: int, seqlen_q: int,
+              seqlen_k: int, num_q_heads: int, num_kv_heads: int, head_dim: int, causal: bool, scale: float,
+              softcap: float, window: int) -> None:
+    """out [B, Hq, Sq, D] <- softmax(scale * q k^T [softcapped] [causal] [windowed]) v, and
+    lse [B, Hq, Sq] float32 (None: not written); k, v [B, Hkv, Sk, D]. Strides (batch, head,
+    position). Varlen: cu_seqlens_q / cu_seqlens_k [B + 1] (both or neither), the batch
+    strides 0 and seqlen_q / seqlen_k the packed lengths. softcap 0 / window 0: none."""
+    assert (cu_seqlens_q is None) == (cu_seqlens_k is None)
+    _C.attention(
+        out.data_ptr(), *out_strides, 0 if lse is None else lse.data_ptr(), *lse_strides,
+        q.data_ptr(), *q_strides, k.data_ptr(), *k_strides, v.data_ptr(), *v_strides,
+        0 if cu_seqlens_q is None else cu_seqlens_q.data_ptr(), 0 if cu_seqlens_k is None else cu_seqlens_k.data_ptr(),
+        batch, seqlen_q, seqlen_k, num_q_heads, num_kv_heads, head_dim, causal, scale, softcap, window,
+        _CODE[q.dtype], _num_threads(),
+    )  # fmt: skip
+
+
+def decode_attention(out: torch.Tensor, out_strides: tuple, q: torch.Tensor, q_strides: tuple, k: torch.Tensor,
+                     k_strides: tuple, v: torch.Tensor, v_strides: tuple, block_table: torch.Tensor | None,
+                     bt_stride: int, max_blocks: int, block_size: int, num_blocks: int, seq_lens: torch.Tensor,
+                     batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, scale: float, softcap: float,
+                     window: int, split_size: int, q_offset: int = 0) -> None:
+    """out [B, Hq, D] <- attention of q [B, Hq, D] (strides (batch, head); starting q_offset
+    elements into q) over the first seq_lens[b] keys of its cache, the last ``window`` of
+    them with window > 0. Paged: k, v [num_blocks, Hkv, block_size, D] and block_table [B,
+    max_blocks] (rows bt_stride apart); contiguous: k, v [B, Hkv, S_max, D], block_table
+    None (block_size = S_max, max_blocks 1). Cache strides (block, head, position); keys are
+    split split_size at a time (flash-decoding)."""
+    _C.decode_attention(
+        out.data_ptr(), *out_strides, _at(q, q_offset), *q_strides, k.data_ptr(), *k_strides, v.data_ptr(), *v_strides,
+        0 if block_table is None else block_table.data_ptr(), bt_stride, max_blocks, block_size, num_blocks,
+        seq_lens.data_ptr(), batch, num_q_heads, num_kv_heads, head_dim, scale, softcap, window, _CODE[q.dtype],
+        split_size, _num_threads(),
+    )  # fmt: skip
+
+
+def write_kv(k_cache: torch.Tensor, k_cache_strides: tuple, v_cache: torch.Tensor, v_cache_strides: tuple,
+             k: torch.Tensor, k_strides: tuple, v: torch.Tensor, v_strides: tuple, slot_mapping: torch.Tensor,
+             tokens: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int, k_offset: int = 0,
+             v_offset: int = 0) -> None:
+    """Store k, v [tokens, Hkv, D] (strides (token, head); starting k_offset / v_offset
+    elements in) into the caches [num_blocks, Hkv, block_size, D] (strides (block, head,
+    position)): token t to slot slot_mapping[t] (block s // block_size, position s %
+    block_size; -1 skips it). Row copies, on one thread."""
+    assert k.dtype is k_cache.dtype and slot_mapping.dtype is torch.int64
+    _C.write_kv(
+        k_cache.data_ptr(), *k_cache_strides, v_cache.data_ptr(), *v_cache_strides, _at(k, k_offset), *k_strides,
+        _at(v, v_offset), *v_strides, slot_mapping.data_ptr(), tokens, num_kv_heads, head_dim, num_blocks,
+        block_size, _CODE[k.dtype],
     )  # fmt: skip
 
 
