@@ -46,6 +46,14 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from . import device_errors
+
+# the device_errors bits, as constants the kernels can name
+_ERR_SEQ_LENS = device_errors.slot(device_errors.SEQ_LENS)
+_ERR_BLOCK_TABLE = device_errors.slot(device_errors.BLOCK_TABLE)
+_ERR_SLOT_MAPPING = device_errors.slot(device_errors.SLOT_MAPPING)
+_ERR_CU_SEQLENS = device_errors.slot(device_errors.CU_SEQLENS)
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -86,12 +94,11 @@ def _flash_attn_fwd_kernel(
     v_sb, v_sh, v_sn,  # strides of v
     lse_ptr,  # *fp32 [B, Hq, Sq]: natural-log LSE of the scores (unused unless HAS_LSE)
     l_sb, l_sh, l_sm,  # strides of lse
-    cu_q_ptr,  # *i32 [B + 1]: VARLEN query offsets (sequence b owns rows cu[b]:cu[b + 1])
-    cu_k_ptr,  # *i32 [B + 1]: VARLEN key offsets
+    seqs_ptr,  # *i32 [B, 4]: VARLEN (q row, q rows, k row, k rows) per sequence, checked by _varlen_check_kernel
     Hq,  # query heads
     group,  # Hq // Hkv
-    Sq,  # query length
-    Sk,  # key length
+    Sq,  # query length (unused with VARLEN)
+    Sk,  # key length (unused with VARLEN)
     D,  # head dim (<= BLOCK_D)
     qk_scale,  # fp32: scale * log2(e), or scale / softcap with SOFTCAP
     softcap_log2,  # fp32: softcap * log2(e) (unused unless SOFTCAP)
@@ -116,10 +123,10 @@ def _flash_attn_fwd_kernel(
     k_base = k_ptr + b * k_sb + kvh * k_sh
     v_base = v_ptr + b * v_sb + kvh * v_sh
     if VARLEN:  # the batch strides are 0; move the bases to the sequence's first row
-        q_start = tl.load(cu_q_ptr + b).to(tl.int64)
-        k_start = tl.load(cu_k_ptr + b).to(tl.int64)
-        Sq = (tl.load(cu_q_ptr + b + 1) - q_start).to(tl.int32)
-        Sk = (tl.load(cu_k_ptr + b + 1) - k_start).to(tl.int32)
+        q_start = tl.load(seqs_ptr + b * 4).to(tl.int64)
+        Sq = tl.load(seqs_ptr + b * 4 + 1)
+        k_start = tl.load(seqs_ptr + b * 4 + 2).to(tl.int64)
+        Sk = tl.load(seqs_ptr + b * 4 + 3)
         q_base += q_start * q_sm
         k_base += k_start * k_sn
         v_base += k_start * v_sn
@@ -188,7 +195,7 @@ def _flash_attn_fwd_kernel(
     o_base = out_ptr + b * o_sb + h * o_sh
     lse_base = lse_ptr + b * l_sb + h * l_sh
     if VARLEN:  # re-read rather than keep the offset live through the key loop (registers)
-        q_start = tl.load(cu_q_ptr + b).to(tl.int64)
+        q_start = tl.load(seqs_ptr + b * 4).to(tl.int64)
         o_base += q_start * o_sm
         lse_base += q_start * l_sm
     tl.store(o_base + offs_m[:, None] * o_sm + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
@@ -228,6 +235,16 @@ def _split_range(seq_len, window, split, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _checked_seq_len(ptr, capacity, err_ptr, reporter):
+    """seq_lens[b], or 0 (a zero row) with the flag raised (by the reporter program) when
+    it lies outside [0, capacity]."""
+    seq_len = tl.load(ptr)
+    bad = (seq_len < 0) | (seq_len > capacity)
+    device_errors.raise_if(err_ptr, _ERR_SEQ_LENS, bad & reporter)
+    return tl.where(bad, 0, seq_len)
+
+
+@triton.jit
 def _store_partial(mid_o_ptr, mid_ml_ptr, row, m_i, l_i, acc, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(mid_o_ptr + row * BLOCK_D + offs_d, acc)
@@ -246,6 +263,8 @@ def _decode_attn_stage1_kernel(
     v_ptr,  # *dtype [B, Hkv, S_max, D]: value cache
     v_sb, v_sh, v_sn,  # strides of v_cache
     seq_lens_ptr,  # *i32 [B]: valid keys per sequence
+    capacity,  # S_max: a seq_len outside [0, S_max] is refused
+    err_ptr,  # *i32 [1]: device_errors flag
     Hq,  # query heads
     group,  # Hq // Hkv
     D,  # head dim
@@ -262,7 +281,7 @@ def _decode_attn_stage1_kernel(
     b = bh // Hq
     h = bh % Hq
     kvh = (h // group).to(tl.int64)
-    seq_len = tl.load(seq_lens_ptr + b)
+    seq_len = _checked_seq_len(seq_lens_ptr + b, capacity, err_ptr, (split == 0) & (h == 0))
     b = b.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
@@ -295,7 +314,7 @@ def _paged_decode_attn_stage1_kernel(
     v_sblk, v_sh, v_sn,  # strides of v_pages
     bt_ptr,  # *i32 [B, max_blocks]: physical block of logical block i of sequence b
     bt_sb,  # row stride of block_table (inner stride 1)
-    seq_lens_ptr,  # *i32 [B]: valid keys per sequence
+    seq_lens_ptr,  # *i32 [B]: valid keys per sequence, checked by _paged_check_kernel (0: a bad sequence)
     block_size,  # keys per page
     Hq,  # query heads
     group,  # Hq // Hkv
@@ -335,6 +354,73 @@ def _paged_decode_attn_stage1_kernel(
         v = tl.load(v_ptr + v_row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         m_i, l_i, acc = _decode_tile(q, k, v, n_valid, m_i, l_i, acc, qk_scale, softcap_log2, SOFTCAP)
     _store_partial(mid_o_ptr, mid_ml_ptr, bh.to(tl.int64) * num_splits + split, m_i, l_i, acc, BLOCK_D)
+
+
+@triton.jit
+def _paged_check_kernel(
+    checked_ptr,  # *i32 [B]: out: seq_lens[b], or 0 where it or a block id it uses is out of range
+    seq_lens_ptr,  # *i32 [B]
+    bt_ptr,  # *i32 [B, max_blocks]
+    bt_sb,  # row stride of block_table
+    max_blocks,  # columns of block_table
+    block_size,  # keys per page
+    num_blocks,  # pages
+    window,  # the keys read are the last `window` (NO_WINDOW: all)
+    err_ptr,  # *i32 [device_errors.SLOTS]: the device's flag
+    BLOCK: tl.constexpr,  # block ids per step
+):  # fmt: skip
+    """Grid (B,): the value checks of the paged decode, in their own kernel so that stage 1
+    keeps its registers: the ids of the blocks stage 1 will read (those of keys [max(len -
+    window, 0), len)) must lie in [0, num_blocks), len in [0, max_blocks * block_size]. A
+    sequence that fails gets length 0 (a zero row) and raises the flag. Reads ~4 bytes per
+    block_size keys: 1/1000 of the keys' bytes at block 16, D 128, bf16."""
+    b = tl.program_id(0)
+    seq_len = tl.load(seq_lens_ptr + b)
+    bad_len = (seq_len < 0) | (seq_len > max_blocks * block_size)
+    device_errors.raise_if(err_ptr, _ERR_SEQ_LENS, bad_len)
+    end = tl.where(bad_len, 0, tl.cdiv(seq_len, block_size))  # blocks [first, end) are read
+    first = tl.maximum(seq_len - window, 0) // block_size
+    row = bt_ptr + b.to(tl.int64) * bt_sb
+    bad_ids = tl.zeros([BLOCK], dtype=tl.int32)
+    for i0 in range(first, end, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        ids = tl.load(row + offs, mask=offs < end, other=0)
+        bad_ids = tl.maximum(bad_ids, ((offs < end) & (ids.to(tl.uint32) >= num_blocks)).to(tl.int32))
+    bad_id = tl.max(bad_ids, 0) > 0
+    device_errors.raise_if(err_ptr, _ERR_BLOCK_TABLE, bad_id)
+    tl.store(checked_ptr + b, tl.where(bad_len | bad_id, 0, seq_len))
+
+
+@triton.jit
+def _varlen_check_kernel(
+    seqs_ptr,  # *i32 [B, 4]: out: (q row, q rows, k row, k rows) per sequence; rows 0 where bad
+    cu_q_ptr,  # *i32 [B + 1]: query offsets
+    cu_k_ptr,  # *i32 [B + 1]: key offsets
+    batch,  # B
+    total_q,  # Tq: rows of q
+    total_k,  # Tk: rows of k
+    max_rows,  # query rows the flash grid covers per sequence
+    err_ptr,  # *i32 [device_errors.SLOTS]: the device's flag
+    BLOCK: tl.constexpr,  # sequences per program
+):  # fmt: skip
+    """Grid (cdiv(B, BLOCK),): cu_seqlens start at 0, never decrease, stay inside the packed
+    tensors, and no query run is longer than the grid covers; a sequence that fails gets no
+    rows (the flash kernel writes nothing for it) and raises the flag."""
+    b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = b < batch
+    q0 = tl.load(cu_q_ptr + b, mask=live, other=0)
+    q1 = tl.load(cu_q_ptr + b + 1, mask=live, other=0)
+    k0 = tl.load(cu_k_ptr + b, mask=live, other=0)
+    k1 = tl.load(cu_k_ptr + b + 1, mask=live, other=0)
+    bad = ((q0 < 0) | (q1 < q0) | (q1 > total_q) | (k0 < 0) | (k1 < k0) | (k1 > total_k) | (q1 - q0 > max_rows)
+           | ((b == 0) & ((q0 != 0) | (k0 != 0))))  # fmt: skip
+    bad = bad & live
+    device_errors.raise_if(err_ptr, _ERR_CU_SEQLENS, tl.max(bad.to(tl.int32), 0) > 0)
+    row = seqs_ptr + b * 4
+    tl.store(row, q0, mask=live)
+    tl.store(row + 1, tl.where(bad, 0, q1 - q0), mask=live)
+    tl.store(row + 2, k0, mask=live)
+    tl.store(row + 3, tl.where(bad, 0, k1 - k0), mask=live)
 
 
 @triton.jit
@@ -434,6 +520,8 @@ def _write_kv_kernel(
     v_ptr,  # *dtype [T, Hkv, D]: new values
     v_st, v_sh,  # strides of v
     slot_ptr,  # *i64 [T]: slot per token (block * block_size + position), -1 skips
+    num_slots,  # num_blocks * block_size: a slot outside [-1, num_slots) is refused
+    err_ptr,  # *i32 [1]: device_errors flag
     block_size,  # positions per block (S_max for a contiguous cache)
     Hkv,  # kv heads
     D,  # head dim
@@ -445,9 +533,10 @@ def _write_kv_kernel(
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     slot = tl.load(slot_ptr + t)
+    device_errors.raise_if(err_ptr, _ERR_SLOT_MAPPING, ((slot < -1) | (slot >= num_slots)) & (tl.program_id(1) == 0))
     blk = slot // block_size
     pos = slot % block_size
-    mask = (slot >= 0) & (offs_h[:, None] < Hkv) & (offs_d[None, :] < D)
+    mask = (slot >= 0) & (slot < num_slots) & (offs_h[:, None] < Hkv) & (offs_d[None, :] < D)
     hh = offs_h[:, None].to(tl.int64)
     k = tl.load(k_ptr + t * k_st + hh * k_sh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + t * v_st + hh * v_sh + offs_d[None, :], mask=mask)
@@ -494,7 +583,7 @@ def _flash_spec(dtype, d: int, causal: bool, softcap: bool, has_lse: bool, varle
            "q_ptr": f"*{t}", **_int_sig(["q_sb", "q_sh", "q_sm"]),
            "k_ptr": f"*{t}", **_int_sig(["k_sb", "k_sh", "k_sn"]),
            "v_ptr": f"*{t}", **_int_sig(["v_sb", "v_sh", "v_sn"]),
-           "lse_ptr": "*fp32", **_int_sig(["l_sb", "l_sh", "l_sm"]), "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
+           "lse_ptr": "*fp32", **_int_sig(["l_sb", "l_sh", "l_sm"]), "seqs_ptr": "*i32",
            **_int_sig(["Hq", "group", "Sq", "Sk", "D"]),
            "qk_scale": "fp32", "softcap_log2": "fp32", "window": "i32"}  # fmt: skip
     cexp = {"CAUSAL": bool(causal), "WINDOW": bool(window), "SOFTCAP": bool(softcap), "HAS_LSE": bool(has_lse),
@@ -515,7 +604,8 @@ def _decode_spec(dtype, d: int, softcap: bool, paged: bool):
         kernel = _paged_decode_attn_stage1_kernel
     else:
         sig.update({"k_ptr": f"*{t}", **_int_sig(["k_sb", "k_sh", "k_sn"]),
-                    "v_ptr": f"*{t}", **_int_sig(["v_sb", "v_sh", "v_sn"]), "seq_lens_ptr": "*i32"})  # fmt: skip
+                    "v_ptr": f"*{t}", **_int_sig(["v_sb", "v_sh", "v_sn"]), "seq_lens_ptr": "*i32",
+                    "capacity": "i32", "err_ptr": "*i32"})  # fmt: skip
         kernel = _decode_attn_stage1_kernel
     sig.update({**_int_sig(["Hq", "group", "D", "num_splits"]), "qk_scale": "fp32", "softcap_log2": "fp32",
                 "window": "i32"})  # fmt: skip
@@ -531,6 +621,22 @@ def _stage2_spec(dtype, d: int):
     return _decode_attn_stage2_kernel, sig, {"BLOCK_D": block_d}, 1
 
 
+CHECK_BLOCK = 128  # block ids (paged) / sequences (varlen) per step of the check kernels
+
+
+def _paged_check_spec():
+    sig = {"checked_ptr": "*i32", "seq_lens_ptr": "*i32", "bt_ptr": "*i32",
+           **_int_sig(["bt_sb", "max_blocks", "block_size", "num_blocks", "window"]), "err_ptr": "*i32",
+           "BLOCK": "constexpr"}  # fmt: skip
+    return _paged_check_kernel, sig, {"BLOCK": CHECK_BLOCK}, 4
+
+
+def _varlen_check_spec():
+    sig = {"seqs_ptr": "*i32", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
+           **_int_sig(["batch", "total_q", "total_k", "max_rows"]), "err_ptr": "*i32", "BLOCK": "constexpr"}  # fmt: skip
+    return _varlen_check_kernel, sig, {"BLOCK": CHECK_BLOCK}, 4
+
+
 WRITE_KV_HEADS = 4  # kv heads per write_kv program
 
 
@@ -539,7 +645,7 @@ def _write_kv_spec(dtype, d: int):
     sig = {"kc_ptr": f"*{t}", **_int_sig(["kc_sblk", "kc_sh", "kc_spos"]),
            "vc_ptr": f"*{t}", **_int_sig(["vc_sblk", "vc_sh", "vc_spos"]),
            "k_ptr": f"*{t}", **_int_sig(["k_st", "k_sh"]), "v_ptr": f"*{t}", **_int_sig(["v_st", "v_sh"]),
-           "slot_ptr": "*i64", **_int_sig(["block_size", "Hkv", "D"])}  # fmt: skip
+           "slot_ptr": "*i64", "num_slots": "i32", "err_ptr": "*i32", **_int_sig(["block_size", "Hkv", "D"])}  # fmt: skip
     cexp = {"BLOCK_H": WRITE_KV_HEADS, "BLOCK_D": block_d_for(d)}
     sig.update({k: "constexpr" for k in cexp})
     return _write_kv_kernel, sig, cexp, 1
@@ -571,6 +677,8 @@ def shipped_configs():
                     add(f"{'paged' if paged else 'decode'}1-{t}-D{bd}-sc{int(sc)}", _decode_spec(dt, bd, sc, paged))
             add(f"decode2-{t}-D{bd}", _stage2_spec(dt, bd))
             add(f"write_kv-{t}-D{bd}", _write_kv_spec(dt, bd))
+    add("paged_check", _paged_check_spec())
+    add("varlen_check", _varlen_check_spec())
     return configs
 
 
@@ -678,7 +786,7 @@ def flash_attention_fwd(out, q, k, v, scale, causal, softcap=None, lse=None, win
         k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2),
         lse_t, ls[0], ls[1], ls[2],
-        out, out,  # cu_seqlens: unused without VARLEN
+        out,  # the sequence table: unused without VARLEN
         Hq, group, Sq, Sk, D,
         qk_scale, softcap_log2, window,
         **cexp,
@@ -691,9 +799,11 @@ def flash_attention_varlen_fwd(out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
     """flash_attention_fwd over sequences packed along the token axis (flash-attn varlen).
 
     q, out: [Tq, Hq, D]; k, v: [Tk, Hkv, D]; cu_seqlens_q / cu_seqlens_k: int32 [B + 1]
-    (sequence b: query rows cu_q[b]:cu_q[b + 1], key rows likewise; the caller checks that
-    they are non-decreasing and inside the tensors); max_seqlen_q: the longest query run
-    (sizes the grid). lse: None or fp32 [Hq, Tq]. Rows past cu_q[B] are not written.
+    (sequence b: query rows cu_q[b]:cu_q[b + 1], key rows likewise); max_seqlen_q: the
+    longest query run (sizes the grid), or None for Tq (no sync, more idle programs). lse:
+    None or fp32 [Hq, Tq]. Rows past cu_q[B] are not written. The kernel checks the
+    offsets: a sequence whose offsets decrease, leave the tensors or run longer than
+    max_seqlen_q writes nothing and raises the device_errors flag.
     """
     op = "flash_attention_varlen_fwd"
     if q.dtype not in DTYPES:
@@ -717,6 +827,8 @@ def flash_attention_varlen_fwd(out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
     qk_scale, softcap_log2 = _scales(scale, softcap)
     window = _window(op, window, causal)
     batch = cu_seqlens_q.shape[0] - 1
+    if max_seqlen_q is None:
+        max_seqlen_q = Tq
     if batch <= 0 or max_seqlen_q <= 0 or Hq * D == 0:
         return
     kernel, cexp, nw = _flash_plan(q.dtype, D, bool(causal), softcap is not None, lse is not None, True,
@@ -724,13 +836,18 @@ def flash_attention_varlen_fwd(out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
     lse_t = lse if lse is not None else out
     l_sh, l_sm = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     grid = (triton.cdiv(max_seqlen_q, cexp["BLOCK_M"]), batch * Hq)
+    seqs = torch.empty((batch, 4), dtype=torch.int32, device=q.device)  # [B, (q row, q rows, k row, k rows)]
+    check, _, check_cexp, check_nw = _varlen_check_spec()
+    check[(triton.cdiv(batch, CHECK_BLOCK),)](seqs, cu_seqlens_q, cu_seqlens_k, batch, Tq, k.shape[0],
+                                              grid[0] * cexp["BLOCK_M"], device_errors.flag(q.device), **check_cexp,
+                                              num_warps=check_nw)  # fmt: skip
     kernel[grid](
         out, 0, out.stride(1), out.stride(0),
         q, 0, q.stride(1), q.stride(0),
         k, 0, k.stride(1), k.stride(0),
         v, 0, v.stride(1), v.stride(0),
         lse_t, 0, l_sh, l_sm,
-        cu_seqlens_q, cu_seqlens_k,
+        seqs,
         Hq, group, max_seqlen_q, 0, D,
         qk_scale, softcap_log2, window,
         **cexp,
@@ -772,12 +889,18 @@ def _decode_launch(out, q, k, v, seq_lens, scale, softcap, num_splits, s_max, pa
     block_d = cexp1["BLOCK_D"]
     mid_o = torch.empty((B, Hq, num_splits, block_d), dtype=torch.float32, device=q.device)
     mid_ml = torch.empty((B, Hq, num_splits, 2), dtype=torch.float32, device=q.device)
-    if paged_args is None:
-        kv_args = (k, k.stride(0), k.stride(1), k.stride(2), v, v.stride(0), v.stride(1), v.stride(2), seq_lens)
-    else:
+    err = device_errors.flag(q.device)
+    if paged_args is None:  # contiguous: capacity S_max
+        kv_args = (k, k.stride(0), k.stride(1), k.stride(2), v, v.stride(0), v.stride(1), v.stride(2), seq_lens,
+                   k.shape[2], err)  # fmt: skip
+    else:  # the lengths a separate kernel checked with the block ids they use
         block_table, block_size = paged_args
+        checked = torch.empty_like(seq_lens)
+        check, _, check_cexp, check_nw = _paged_check_spec()
+        check[(B,)](checked, seq_lens, block_table, block_table.stride(0), block_table.shape[1], block_size,
+                    k.shape[0], window, err, **check_cexp, num_warps=check_nw)  # fmt: skip
         kv_args = (k, k.stride(0), k.stride(1), k.stride(2), v, v.stride(0), v.stride(1), v.stride(2),
-                   block_table, block_table.stride(0), seq_lens, block_size)  # fmt: skip
+                   block_table, block_table.stride(0), checked, block_size)  # fmt: skip
     k1[(B * Hq, num_splits)](
         mid_o, mid_ml, q, q.stride(0), q.stride(1), *kv_args,
         Hq, group, D, num_splits, qk_scale, softcap_log2, window,
@@ -791,8 +914,9 @@ def decode_attention_fwd(out, q, k_cache, v_cache, seq_lens, scale, softcap=None
     """One new token per sequence against a contiguous KV cache, split-K over the length.
 
     q, out: [B, Hq, D]; k_cache, v_cache: [B, Hkv, S_max, D]; seq_lens: int32 [B] with
-    0 <= len <= S_max (len 0 -> zeros); window: the token sees only the last ``window``
-    keys. num_splits None: clamp(cdiv(S_max, 512), 1, 16).
+    0 <= len <= S_max (len 0 -> zeros; a len outside gives zeros and raises the
+    device_errors flag); window: the token sees only the last ``window`` keys. num_splits
+    None: clamp(cdiv(S_max, 512), 1, 16).
     Deterministic: the splits are merged in a fixed order.
     """
     op = "decode_attention_fwd"
@@ -809,8 +933,10 @@ def paged_decode_attention_fwd(out, q, k_pages, v_pages, block_table, seq_lens, 
 
     k_pages, v_pages: [num_blocks, Hkv, block_size, D]; block_table: int32 [B, max_blocks]
     (logical block i of sequence b is physical block block_table[b, i]; entries past
-    cdiv(len, block_size), or before the block of a window's first key, are never read); seq_lens: int32 [B], len <= max_blocks *
-    block_size. Same splits and tiles as decode_attention_fwd: bitwise identical to it on
+    cdiv(len, block_size), or before the block of a window's first key, are never read);
+    seq_lens: int32 [B], len <= max_blocks * block_size. A sequence whose len or a block id
+    it reads is out of range gets zeros and raises the device_errors flag (a small kernel
+    checks them first). Same splits and tiles as decode_attention_fwd: bitwise identical to it on
     the same data laid out contiguously with the same num_splits.
     """
     op = "paged_decode_attention_fwd"
@@ -834,18 +960,19 @@ def paged_decode_attention_fwd(out, q, k_pages, v_pages, block_table, seq_lens, 
 def write_kv_fwd(k_cache, v_cache, k, v, slot_mapping, block_size: int) -> None:
     """Store k, v [T, Hkv, D] into caches viewed as [num_blocks, Hkv, block_size, D] (a
     contiguous [B, Hkv, S_max, D] cache is block_size = S_max): token t goes to block
-    slot // block_size, position slot % block_size; slot -1 skips it. The caller checks
-    that slots lie in [-1, num_blocks * block_size)."""
+    slot // block_size, position slot % block_size; slot -1 skips it. A slot outside [-1,
+    num_blocks * block_size) skips its token too and raises the device_errors flag."""
     T, Hkv, D = k.shape
     if T == 0:
         return
+    num_slots = k_cache.shape[0] * block_size
     kernel, _, cexp, nw = _write_kv_spec(k.dtype, D)
     grid = (T, triton.cdiv(Hkv, cexp["BLOCK_H"]))
     kernel[grid](
         k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
-        slot_mapping, block_size, Hkv, D,
+        slot_mapping, num_slots, device_errors.flag(k.device), block_size, Hkv, D,
         **cexp,
         num_warps=nw,
     )  # fmt: skip

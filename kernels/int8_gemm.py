@@ -5,8 +5,8 @@ Kernels
 - ``_quantize_per_token_kernel``: one program per row: pass 1 takes max |x| over the row
   in BLOCK chunks, pass 2 writes q = round_half_even(x / scale) with scale = max / 127 (a
   zero row: scale 0, q 0), the same fp32 math as the CPU kernel (csrc/cpu/int8_gemm.cpp)
-  and torch's reference. Rows with inf or NaN are flagged (scale NaN) for the launcher's
-  caller to report.
+  and torch's reference. A row with inf or NaN gets scale NaN and q 0, and raises the
+  device_errors flag (no sync: ringfuse.ops.check_device_errors reports it).
 - ``_int8_gemm_kernel``: W8A8. 1-D grid over [BLOCK_M, BLOCK_N] output tiles, grouped
   GROUP_M tile rows at a time (the B panels of a group stay in L2). acc = a_q b_q^T by
   tl.dot of int8 tiles into an int32 accumulator (mma.sync m16n8k32.s8 on sm_80; on sm_90
@@ -60,6 +60,10 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from . import device_errors
+
+_ERR_NONFINITE = device_errors.slot(device_errors.NONFINITE)
+
 TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 BLOCKS = (256, 1024, 4096)  # elements per chunk: next_pow2(K) up to 4096
 
@@ -72,6 +76,7 @@ def _quantize_per_token_kernel(
     x_ptr,  # *dtype [rows, K]
     x_stride,  # row stride of x
     K,  # columns
+    err_ptr,  # *i32 [1]: device_errors flag (a row with inf or NaN)
     BLOCK: tl.constexpr,  # elements per chunk
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -84,6 +89,7 @@ def _quantize_per_token_kernel(
         amax = tl.maximum(amax, tl.abs(x))
         bad += x * 0.0
     finite = tl.sum(bad, 0) == 0.0
+    device_errors.raise_if(err_ptr, _ERR_NONFINITE, ~finite)
     m = tl.max(amax, 0)
     scale = m / 127.0
     tl.store(scale_ptr + row, tl.where(finite, scale, float("nan")))
@@ -415,7 +421,7 @@ def quantize_num_warps(block: int) -> int:
 def _spec(dtype, k: int):
     block = _block(k)
     sig = {"q_ptr": "*i8", "q_stride": "i32", "scale_ptr": "*fp32", "x_ptr": f"*{TL_NAME[dtype]}",
-           "x_stride": "i32", "K": "i32", "BLOCK": "constexpr"}  # fmt: skip
+           "x_stride": "i32", "K": "i32", "err_ptr": "*i32", "BLOCK": "constexpr"}  # fmt: skip
     return _quantize_per_token_kernel, sig, {"BLOCK": block}, quantize_num_warps(block)
 
 
@@ -526,12 +532,12 @@ def _wo_plan(dtype, aligned, bucket, n, k, group_size, has_bias, split_k):
 
 def quantize_per_token_fwd(q, scale, x) -> None:
     """x [rows, K] (inner stride 1) -> q int8 [rows, K], scale fp32 [rows] (NaN marks a
-    row with inf / NaN; q is 0 there)."""
+    row with inf / NaN; q is 0 there, and the device_errors flag is raised)."""
     rows, k = x.shape
     if rows == 0:
         return
     kernel, cexp, nw = _plan(x.dtype, k)
-    kernel[(rows,)](q, q.stride(0), scale, x, x.stride(0), k, **cexp, num_warps=nw)
+    kernel[(rows,)](q, q.stride(0), scale, x, x.stride(0), k, device_errors.flag(x.device), **cexp, num_warps=nw)
 
 
 def int8_gemm_fwd(out, a_q, b_q, a_scale, b_scale, bias) -> None:

@@ -20,6 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import device_errors
+
+_ERR_POSITIONS = device_errors.slot(device_errors.POSITIONS)
+
 TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 HEADS_PER_PROGRAM = 4
 HALF_BUCKETS = (16, 32, 64, 128)  # next_pow2(rot_dim / 2), rot_dim <= 256
@@ -29,9 +33,11 @@ HALF_BUCKETS = (16, 32, 64, 128)  # next_pow2(rot_dim / 2), rot_dim <= 256
 def _rotary_kernel(
     x_ptr,  # *dtype [T, heads, D]: rotated in place
     x_st, x_sh,  # token / head strides of x (inner stride 1)
-    pos_ptr,  # *i64 [T]: positions, each in [0, max_positions) (checked by the caller)
+    pos_ptr,  # *i64 [T]: positions; one outside [0, max_positions) leaves its token as is
     cache_ptr,  # *fp32 [max_positions, rot_dim]: cos | sin
     cache_stride,  # row stride of the cache
+    max_positions,  # rows of the cache
+    err_ptr,  # *i32 [1]: device_errors flag
     heads,  # heads of x
     half,  # rot_dim / 2
     GPTJ: tl.constexpr,  # interleaved pairs, else rotate half
@@ -43,6 +49,9 @@ def _rotary_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < half
     pos = tl.load(pos_ptr + t)
+    ok = (pos >= 0) & (pos < max_positions)
+    device_errors.raise_if(err_ptr, _ERR_POSITIONS, ~ok & (tl.program_id(1) == 0))
+    r_mask = r_mask & ok  # a bad position: nothing read or written
     cos = tl.load(cache_ptr + pos * cache_stride + offs_r, mask=r_mask, other=0.0)
     sin = tl.load(cache_ptr + pos * cache_stride + half + offs_r, mask=r_mask, other=0.0)
     if GPTJ:
@@ -67,7 +76,7 @@ def _block_r(half: int) -> int:
 
 def _spec(dtype, half: int, gptj: bool):
     sig = {"x_ptr": f"*{TL_NAME[dtype]}", "x_st": "i32", "x_sh": "i32", "pos_ptr": "*i64", "cache_ptr": "*fp32",
-           "cache_stride": "i32", "heads": "i32", "half": "i32"}  # fmt: skip
+           "cache_stride": "i32", "max_positions": "i32", "err_ptr": "*i32", "heads": "i32", "half": "i32"}  # fmt: skip
     cexp = {"GPTJ": bool(gptj), "BLOCK_H": HEADS_PER_PROGRAM, "BLOCK_R": _block_r(half)}
     sig.update({k: "constexpr" for k in cexp})
     return _rotary_kernel, sig, cexp, 1 if _block_r(half) <= 32 else 2
@@ -92,12 +101,14 @@ def _plan(dtype, half, gptj):
 
 def rotary_embedding_fwd(x, positions, cos_sin_cache, gptj: bool) -> None:
     """Rotate x [T, heads, D] in place (inner stride 1). positions: int64 [T] within the
-    cache's rows; cos_sin_cache: fp32 [max_positions, rot_dim], rot_dim even and <= D."""
+    cache's rows (a token whose position is not stays as it is and raises the
+    device_errors flag); cos_sin_cache: fp32 [max_positions, rot_dim], rot_dim even and
+    <= D."""
     T, heads, _ = x.shape
     if T == 0 or heads == 0:
         return
     half = cos_sin_cache.shape[1] // 2
     kernel, cexp, nw = _plan(x.dtype, half, bool(gptj))
     grid = (T, triton.cdiv(heads, cexp["BLOCK_H"]))
-    kernel[grid](x, x.stride(0), x.stride(1), positions, cos_sin_cache, cos_sin_cache.stride(0), heads, half,
-                 **cexp, num_warps=nw)  # fmt: skip
+    kernel[grid](x, x.stride(0), x.stride(1), positions, cos_sin_cache, cos_sin_cache.stride(0),
+                 cos_sin_cache.shape[0], device_errors.flag(x.device), heads, half, **cexp, num_warps=nw)  # fmt: skip

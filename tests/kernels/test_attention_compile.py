@@ -52,9 +52,9 @@ def _representative(configs):
         if not any(all(cexp.get(f, v) == v for f, v in flags.items()) for flags in PICKED_FLAGS):
             continue
         sig = cfg["signature"]
-        dtype = sig.get("q_ptr") or sig.get("k_ptr") or sig["out_ptr"]
+        dtype = sig.get("q_ptr") or sig.get("k_ptr") or sig.get("out_ptr")
         is_flash = cfg["kernel"] is triton_attention._flash_attn_fwd_kernel
-        if dtype == "*bf16" or (dtype == "*fp32" and is_flash):
+        if dtype in (None, "*bf16") or (dtype == "*fp32" and is_flash):  # None: the check kernels (no float data)
             picked.append(cfg)
     return picked
 
@@ -135,5 +135,5 @@ def test_shipped_configs_cover_every_bucket():
     checked in test_attention_triton.py::test_launchers_only_pick_shipped_configs)."""
     ta = triton_attention
     n = len(ta.DTYPES) * len(ta.BLOCK_D_BUCKETS)
-    assert len(ta.SHIPPED_CONFIGS) == n * (24 + 4 + 1 + 1)
+    assert len(ta.SHIPPED_CONFIGS) == n * (24 + 4 + 1 + 1) + 2  # + the paged and varlen check kernels
     assert all(not c["constexprs"].get("DOT_FP32", False) for c in ta.SHIPPED_CONFIGS)

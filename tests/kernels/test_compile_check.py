@@ -19,7 +19,7 @@ JOB = {"module": "int8_gemm", "kernel": "_quantize_per_token_kernel", "constexpr
        "num_warps": 1, "attrs": [[0, [["tt.divisibility", 16]]], [2, [["tt.divisibility", 16]]],
                                  [3, [["tt.divisibility", 16]]]],
        "signature": {"q_ptr": "*i8", "q_stride": "i32", "scale_ptr": "*fp32", "x_ptr": "*bf16", "x_stride": "i32",
-                     "K": "i32", "BLOCK": "constexpr"}}  # fmt: skip
+                     "K": "i32", "err_ptr": "*i32", "BLOCK": "constexpr"}}  # fmt: skip
 READINGS = ("name", "n_regs", "local_bytes", "budget_local_bytes", "cubin_identical", "shared", "ptx_sha256", "ptxas")
 
 

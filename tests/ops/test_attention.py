@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ringfuse import _C
-from ringfuse.ops import decode_attention, paged_decode_attention
+from ringfuse.ops import DeviceValueError, check_device_errors, decode_attention, paged_decode_attention
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -263,7 +263,8 @@ def test_bad_inputs():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_on_cuda_matches_cpu_and_checks_values(dtype):
-    """CUDA tensors go to the Triton kernels; seq_lens / block ids are checked on the way."""
+    """CUDA tensors go to the Triton kernels; seq_lens / block ids are checked inside them
+    (no sync): a bad one is reported by check_device_errors."""
     lens = torch.tensor([160, 33, 0, 17], dtype=torch.int32)
     q, k, v = make((4, 8, 64), dtype, 7), make((4, 2, 160, 64), dtype, 8), make((4, 2, 160, 64), dtype, 9)
     ref = reference64(q, k, v, lens, 1 / 8)
@@ -273,12 +274,16 @@ def test_decode_on_cuda_matches_cpu_and_checks_values(dtype):
     vp, _ = to_paged(v, 16, seed=10)
     paged = paged_decode_attention(q.cuda(), kp.cuda(), vp.cuda(), table.cuda(), lens.cuda()).cpu()
     assert torch.equal(paged, got)
-    with pytest.raises(ValueError, match="seq_lens must lie in"):
-        decode_attention(q.cuda(), k.cuda(), v.cuda(), (lens + 200).cuda())
+    check_device_errors()
+    zeros = decode_attention(q.cuda(), k.cuda(), v.cuda(), (lens + 200).cuda()).cpu()
+    assert torch.equal(zeros, torch.zeros_like(zeros))  # every length past the cache: zero rows
+    with pytest.raises(DeviceValueError, match="seq_lens outside"):
+        check_device_errors()
     bad = table.clone()
     bad[0, 0] = 10_000
-    with pytest.raises(ValueError, match="block ids outside"):
-        paged_decode_attention(q.cuda(), kp.cuda(), vp.cuda(), bad.cuda(), lens.cuda())
+    paged_decode_attention(q.cuda(), kp.cuda(), vp.cuda(), bad.cuda(), lens.cuda())
+    with pytest.raises(DeviceValueError, match="block_table entry outside"):
+        check_device_errors()
     # a window: the same keys as the CPU reads, stale block ids before it allowed
     win = decode_attention(q.cuda(), k.cuda(), v.cuda(), lens.cuda(), window=20).cpu()
     assert_tolerance(win, reference64(q, k, v, lens, 1 / 8, window=20),
@@ -287,3 +292,4 @@ def test_decode_on_cuda_matches_cpu_and_checks_values(dtype):
     stale[0, :8] = -1  # keys 0..127 of sequence 0 (length 160) lie before its window
     paged_win = paged_decode_attention(q.cuda(), kp.cuda(), vp.cuda(), stale.cuda(), lens.cuda(), window=20).cpu()
     assert torch.equal(paged_win, win)
+    check_device_errors()  # entries before the window are never read, so never checked

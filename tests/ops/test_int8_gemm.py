@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from ringfuse import _C
-from ringfuse.ops import int8_gemm, int8_weight_only_linear, pack_int8_weight, quantize_per_token
+from ringfuse.ops import (
+    DeviceValueError,
+    check_device_errors,
+    int8_gemm,
+    int8_weight_only_linear,
+    pack_int8_weight,
+    quantize_per_token,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -100,8 +107,12 @@ def test_cuda_matches_cpu(dtype):
     ref_q, ref_scale = quantize_per_token(x)
     assert torch.equal(q.cpu(), ref_q) and torch.equal(scale.cpu(), ref_scale)
     x[3, 3] = float("nan")
-    with pytest.raises(ValueError, match="inf or NaN"):
-        quantize_per_token(x.cuda())
+    check_device_errors()
+    q, scale = quantize_per_token(x.cuda())  # no sync: the row's scale is NaN and the flag says why
+    assert torch.isnan(scale[3]).item() and not torch.isnan(scale[torch.arange(33) != 3]).any().item()
+    assert (q[3] == 0).all().item()
+    with pytest.raises(DeviceValueError, match="inf or NaN"):
+        check_device_errors()
 
 
 # ---------------------------------------------------------------------------------------

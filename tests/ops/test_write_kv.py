@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ringfuse import _C
-from ringfuse.ops import decode_attention, paged_decode_attention, write_kv
+from ringfuse.ops import DeviceValueError, check_device_errors, decode_attention, paged_decode_attention, write_kv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -125,8 +125,11 @@ def test_cuda_matches_cpu():
     write_kv(k.cuda(), v.cuda(), kg, vg, slots.cuda())
     write_kv(k, v, kc, vc, slots)
     assert torch.equal(kg.cpu(), kc) and torch.equal(vg.cpu(), vc)
-    with pytest.raises(ValueError, match="slot_mapping must lie in"):
-        write_kv(k.cuda(), v.cuda(), kg, vg, (slots + 100).cuda())
+    check_device_errors()
+    write_kv(k.cuda(), v.cuda(), kg, vg, (slots + 100).cuda())  # all past the cache: nothing written
+    assert torch.equal(kg.cpu(), kc) and torch.equal(vg.cpu(), vc)
+    with pytest.raises(DeviceValueError, match="slot_mapping value outside"):
+        check_device_errors()
 
 
 def test_cache_without_slots():

@@ -1,6 +1,6 @@
 """torch custom ops (``torch.ops.ringfuse.*``) and their fast eager entry points."""
 
-from ._common import cuda_backend, set_cuda_backend
+from ._common import DeviceValueError, check_device_errors, cuda_backend, set_cuda_backend
 from .attention import (
     PagedDecodePlan,
     attention,
@@ -26,6 +26,7 @@ from .silu_mul import gelu_tanh_mul, silu_mul
 
 __all__ = [
     "CpuGraph",
+    "DeviceValueError",
     "NotCapturable",
     "PagedDecodePlan",
     "PreparedInt8WeightOnlyLinear",
@@ -37,6 +38,7 @@ __all__ = [
     "attention",
     "attention_varlen",
     "capture_cpu_graph",
+    "check_device_errors",
     "cos_sin_cache",
     "cuda_backend",
     "gelu_tanh_mul",

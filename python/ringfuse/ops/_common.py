@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -90,6 +91,37 @@ def watched(sources: tuple, kernel_tensors) -> tuple:
     the kernels read instead (reading their pointers at each call is also what lets a CPU
     graph capture hold them alive)."""
     return sources + tuple(t for t in kernel_tensors if t is not None and not any(t is s for s in sources))
+
+
+class DeviceValueError(ValueError):
+    """A CUDA kernel met out-of-range index values (seq_lens, block ids, slots, positions,
+    cu_seqlens) and left out what they pointed at: see ``check_device_errors``."""
+
+
+# RINGFUSE_SYNC_CHECKS=1: every CUDA op with device-checked values reports right after its
+# launch (a sync per op: for finding which call went wrong, not for speed)
+SYNC_CHECKS = os.environ.get("RINGFUSE_SYNC_CHECKS", "0") not in ("", "0")
+
+
+def check_device_errors(device=None) -> None:
+    """Raises DeviceValueError when a CUDA kernel on ``device`` (every device if None) met
+    out-of-range index values since the last check, and clears the flag. The CUDA paths of
+    the attention, write_kv and rotary ops check those values inside their kernels, not on
+    the host (which would be a sync per call and would break CUDA-graph capture): a row
+    with a bad value is zeroed or skipped and a per-device flag is raised
+    (kernels/device_errors.py). Reading the flag is a sync: call this where you sync
+    anyway (the runtime does after each step). Nothing to do when no kernel ran."""
+    flags = sys.modules.get("ringfuse.kernels.device_errors")  # not imported: no kernel ran (and no triton import)
+    bits = flags.take(device) if flags is not None else 0
+    if bits:
+        raise DeviceValueError("a CUDA kernel met bad index values since the last check_device_errors(): "
+                               + "; ".join(flags.describe(bits)))  # fmt: skip
+
+
+def after_launch(device) -> None:
+    """Called by the CUDA paths after launching a device-checked kernel."""
+    if SYNC_CHECKS:
+        check_device_errors(device)
 
 
 def num_threads() -> int:

@@ -36,6 +36,10 @@ int >= 1, causal only; Mistral's and Gemma 2's sliding window) lets query i see 
 j > i + Sk - Sq - window, i.e. the last ``window`` keys up to its own position (HF's
 ``sliding_window``; flash-attn's ``window_size=(window - 1, 0)``). Registered as
 ``torch.ops.ringfuse.*`` with fake kernels for torch.compile.
+
+Index values (seq_lens, block ids, slots, cu_seqlens) are checked before any memory is
+touched: on CPU tensors here and in C++ (ValueError), on CUDA tensors inside the kernels,
+without a sync (a bad row is zeroed or skipped; ``check_device_errors`` reports it).
 """
 
 from __future__ import annotations
@@ -200,30 +204,14 @@ def _run(out, q, k, v, table, block_size, seq_lens, scale, softcap, window):
     if q.is_cuda:
         from ..kernels import attention as tk
 
-        _check_values_on_device(q, k, table, block_size, seq_lens, window)
+        # seq_lens and block ids are checked by the kernels (no sync): c.check_device_errors
         if table is None:
             tk.decode_attention_fwd(out, q, k, v, seq_lens, scale, softcap or None, window=window or None)
         else:
             tk.paged_decode_attention_fwd(out, q, k, v, table, seq_lens, scale, softcap or None, window=window or None)
+        c.after_launch(q.device)
         return
     _launch_cpu(out, q, k, v, table, block_size, seq_lens, scale, softcap, window)
-
-
-def _check_values_on_device(q, k, table, block_size, seq_lens, window) -> None:
-    """The Triton kernels trust seq_lens and block ids: check them here (one device sync;
-    the CPU kernel checks them itself before reading)."""
-    capacity = block_size * (1 if table is None else table.shape[1])
-    lo, hi = int(seq_lens.min()), int(seq_lens.max())
-    if lo < 0 or hi > capacity:
-        raise ValueError(f"seq_lens must lie in [0, {capacity}] (the cache's capacity), got values in [{lo}, {hi}]")
-    if table is not None and table.numel():
-        lens = seq_lens[:, None].long()
-        first = (lens - window).clamp(min=0) if window else torch.zeros_like(lens)  # the window's first key
-        start = torch.arange(table.shape[1], device=table.device)[None, :] * block_size  # each block's first key
-        used = (start < lens) & (start + block_size > first)
-        ids = table[used]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k.shape[0]):
-            raise ValueError(f"block_table holds block ids outside [0, {k.shape[0]}) in the blocks seq_lens uses")
 
 
 OP_LIB.define(
@@ -337,13 +325,15 @@ def _check_cu_k(op, cu_k, cu_q, q):
 
 
 def _check_cu_values(op, cu_q, cu_k, tq, tk):
-    """Offsets start at 0, never decrease and stay inside the packed tensors (one sync on
-    CUDA; the CPU kernel re-checks them before reading)."""
+    """Offsets start at 0, never decrease and stay inside the packed tensors: checked here
+    on CPU tensors (the CPU kernel re-checks them before reading), by the kernel on CUDA
+    (no sync; see check_device_errors)."""
+    if cu_q.is_cuda:
+        return
     for name, cu, total in (("cu_seqlens_q", cu_q, tq), ("cu_seqlens_k", cu_k, tk)):
-        vals = cu.cpu() if cu.is_cuda else cu
-        if int(vals[0]) != 0 or bool((vals[1:] < vals[:-1]).any()) or int(vals[-1]) > total:
+        if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) > total:
             raise ValueError(f"{op}: {name} must start at 0, never decrease and end at most at {total} "
-                             f"(the packed length), got {vals.tolist()}")  # fmt: skip
+                             f"(the packed length), got {cu.tolist()}")  # fmt: skip
 
 
 def _varlen_forward(q, k, v, cu_q, cu_k, max_seqlen_q, causal, scale, softcap, window=0, out=None):
@@ -363,6 +353,7 @@ def _varlen_forward(q, k, v, cu_q, cu_k, max_seqlen_q, causal, scale, softcap, w
 
         tk.flash_attention_varlen_fwd(out, q, k, v, cu_q, cu_k, max_seqlen_q, scale, causal, softcap or None, lse=lse,
                                       window=window or None)  # fmt: skip
+        c.after_launch(q.device)
         return out, lse
     # rows outside every sequence (cu_q[-1] < Tq) are not attention outputs: zeros
     if int(cu_q[-1]) < Tq:
@@ -423,12 +414,12 @@ def _attention_kernel(q, k, v, causal, scale, softcap, window=0):
 
 
 def _varlen_checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap, window=0, out=None):
-    """The offsets' values checked (and on CUDA max_seqlen_q, -1 = unknown, computed), then
-    the forward: the one eager path, also the dispatcher's kernel."""
+    """The offsets' values checked (CPU) and on CUDA max_seqlen_q, -1 = unknown, bounded by
+    Tq (computing it would be a sync), then the forward: the one eager path, also the
+    dispatcher's kernel."""
     _check_cu_values("attention_varlen", cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     if q.is_cuda and max_seqlen_q < 0:
-        n = cu_seqlens_q.shape[0]
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if n > 1 else 0
+        max_seqlen_q = q.shape[0]
     return _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap, window, out)
 
 
@@ -572,20 +563,18 @@ def _write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
         return
     slots = slot_mapping.to(torch.int64).contiguous()
     num_blocks, _, block_size, _ = k_cache.shape
-    if k.is_cuda or num_blocks * block_size == 0:
-        # the Triton kernel trusts the slots (the CPU kernel checks them itself, but needs a
-        # cache of at least one slot): one sync
+    if k.is_cuda:  # the kernel checks the slots (no sync): c.check_device_errors
+        from ..kernels import attention as tk
+
+        tk.write_kv_fwd(k_cache, v_cache, k, v, slots, block_size)
+        c.after_launch(k.device)
+        return
+    if num_blocks * block_size == 0:  # the CPU kernel checks the slots, given a slot
         lo, hi = int(slots.min()), int(slots.max())
         if lo < -1 or hi >= num_blocks * block_size:
             raise ValueError(f"write_kv: slot_mapping must lie in [-1, {num_blocks * block_size}) (the cache's "
                              f"slots; -1 skips), got values in [{lo}, {hi}]")  # fmt: skip
-        if num_blocks * block_size == 0:  # every token skipped
-            return
-    if k.is_cuda:
-        from ..kernels import attention as tk
-
-        tk.write_kv_fwd(k_cache, v_cache, k, v, slots, block_size)
-        return
+        return  # every token skipped
     native.write_kv(k_cache, k_cache.stride()[:3], v_cache, v_cache.stride()[:3], k, k.stride()[:2], v,
                     v.stride()[:2], slots, T, hkv, d, num_blocks, block_size)  # fmt: skip
 
