@@ -61,10 +61,11 @@ class CpuGraph:
         self._storages.setdefault(s.data_ptr(), s)
 
     def replay(self) -> None:
-        for ptr, s in self._storages.items():
-            if s.data_ptr() != ptr:
-                raise RuntimeError("CpuGraph.replay: a tensor the graph reads or writes was resized or moved to "
-                                   "new memory since the capture (resize_, set_): capture the graph again")  # fmt: skip
+        # one list of pointers compared at C speed: a decode step's graph holds ~550 storages
+        # (every weight), and a Python loop over them cost ~2% of a w8a16 step
+        if [s.data_ptr() for s in self._storages.values()] != list(self._storages):
+            raise RuntimeError("CpuGraph.replay: a tensor the graph reads or writes was resized or moved to "
+                               "new memory since the capture (resize_, set_): capture the graph again")  # fmt: skip
         for fn, args in self.calls:
             fn(*args)
 
