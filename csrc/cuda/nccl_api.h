@@ -5,7 +5,8 @@
 // looks these symbols up with dlsym.
 //
 // Values and signatures are copied from nccl.h of NCCL 2.32.3 (nvidia-nccl-cu13 2.32.3);
-// they have been stable since NCCL 2.10 (the first with bfloat16). The declarations live in
+// they have been stable since NCCL 2.10 (the first with bfloat16), but for ncclTimeout,
+// which NCCL 2.28 lacks (there ncclNumResults is 8); ringfuse uses neither. The declarations live in
 // namespace ringfuse::nccl, so a translation unit can include both this file and the real
 // nccl.h: tests/distributed/test_nccl_build.py does that and static_asserts that every enum
 // value, the ncclUniqueId size and every function type below match the real header
