@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "silu_mul", "int8", "linear", "allreduce", "tp", "generate", "serve")
+BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "silu_mul", "int8", "linear", "allreduce", "tp", "generate", "serve", "gpu")
 
 
 def _cpu_flags() -> list[str]:
@@ -94,6 +94,10 @@ def _bench(args) -> int:
     if args.op == "limits":
         limits.run()
         return 0
+    if args.op == "gpu":
+        from .bench import gpu
+
+        return gpu.run(quick=args.quick, json_path=args.json)
     if args.op == "tp":
         from .bench import tp
 
@@ -310,7 +314,7 @@ def main(argv=None) -> int:
                        help="serve bench: new tokens per request (default: 64, --quick 32)")
     bench.add_argument("--json", default=None, metavar="PATH",
                        help="serve bench: where the JSON goes; the PNG plot goes beside it (default: under "
-                       "$RINGFUSE_CACHE/bench)")
+                       "$RINGFUSE_CACHE/bench); gpu bench: every row as JSON")
     _add_generate_parser(sub)
     serve_parser = _add_serve_parser(sub)
     args = parser.parse_args(argv)

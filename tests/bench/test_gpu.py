@@ -1,0 +1,53 @@
+"""``ringfuse bench gpu``: refuses cleanly without a device, reports a broken case instead of
+stopping, flags results outside DESIGN.md's tolerance; on a GPU (quick mode) every case runs
+and the JSON holds every row."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ringfuse import cli
+from ringfuse.bench import gpu
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_without_a_device_it_says_so_and_exits_2(capsys):
+    assert cli.main(["bench", "gpu"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().out
+
+
+def test_a_failing_case_becomes_an_error_row():
+    bench = object.__new__(gpu.Bench)  # no limits to measure here
+    bench.rows = []
+    bench.case("decode", "broken", lambda: 1 / 0)
+    bench.case("decode", "fine", lambda: {"ok": "ok", "us": 10.0, "torch_us": 20.0, "speedup": 2.0, "gbps": 100.0,
+                                          "pct": 50.0})  # fmt: skip
+    assert bench.rows[0]["case"] == "broken" and bench.rows[0]["error"].startswith("ZeroDivisionError")
+    assert gpu.Bench._cells(bench.rows[0])[1] == "error"
+    assert gpu.Bench._cells(bench.rows[1]) == ["fine", "ok", "10.0", "20.0", "2.00x", "100 GB/s", "50%"]
+    no_baseline = {**bench.rows[1], "torch_us": math.nan, "speedup": math.nan, "tflops": 3.0}
+    del no_baseline["gbps"]
+    assert gpu.Bench._cells(no_baseline)[3:6] == ["-", "-", "3 TFLOP/s"]
+
+
+def test_tolerance_rule():
+    ref = torch.tensor([1.0, -2.0])
+    assert gpu._ok(1e-3, 1e-3, ref) == "ok"  # as good as torch
+    assert gpu._ok(2e-3, 1e-3, ref) == "ok"  # 2x torch's error is the limit
+    assert gpu._ok(3e-3, 1e-3, ref) == "FAIL"
+    assert gpu._ok(1e-7, 0.0, ref) == "ok"  # torch exact: a few fp32 ulps allowed
+
+
+@pytest.mark.gpu
+def test_quick_run_on_a_gpu(tmp_path):
+    path = tmp_path / "gpu.json"
+    rc = gpu.run(quick=True, json_path=str(path))
+    data = json.loads(path.read_text())
+    errors = [r for r in data["rows"] if "error" in r or r.get("ok") == "FAIL"]
+    assert rc == 0 and not errors, errors
+    assert {r["section"] for r in data["rows"]} == set(gpu.SECTIONS)
+    assert data["copy_gbps"] > 100 and data["bf16_tflops"] > 10
