@@ -161,8 +161,11 @@ def _bench(args) -> int:
 def _add_generate_parser(sub) -> None:
     def engine_args(p):
         p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
-        p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+        p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+        p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="default: fp32 on cpu, bf16 on cuda")
         p.add_argument("--quant", default="none", choices=("none", "w8a16", "w8a8"))
+        p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="cuda: share of the GPU's memory the weights and the KV cache may fill")
         p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
         p.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
         p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false", default=None,
@@ -192,8 +195,11 @@ def _add_serve_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with metrics (needs the serve extra: "
                        "pip install 'ringfuse[serve]')")  # fmt: skip
     p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="default: fp32 on cpu, bf16 on cuda")
     p.add_argument("--quant", default="none", choices=("none", "w8a16", "w8a8"))
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="cuda: share of the GPU's memory the weights and the KV cache may fill")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the engine (default: torch's)")
     p.add_argument("--no-weight-cache", dest="weight_cache", action="store_false", default=None,
                    help="convert a GGUF's weights on every load instead of caching them")

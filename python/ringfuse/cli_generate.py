@@ -51,8 +51,9 @@ def run(args) -> int:
     try:
         from .runtime import LLM
 
-        llm = LLM(args.model, dtype=args.dtype, quant=args.quant, tp=args.tp, threads=args.threads,
-                  max_model_len=args.max_model_len, weight_cache=args.weight_cache)  # fmt: skip
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, quant=args.quant, tp=args.tp, threads=args.threads,
+                  max_model_len=args.max_model_len, weight_cache=args.weight_cache,
+                  gpu_memory_utilization=args.gpu_memory_utilization)  # fmt: skip
         if args.command == "chat":
             return _chat(llm, args, lead)
         return _generate(llm, args, lead)

@@ -327,27 +327,36 @@ def test_biased_llama_greedy_tokens_match_hf(hf_models, tmp_path):
     check_greedy_tokens_match_hf(hf32, path, tmp_path)
 
 
-def check_greedy_tokens_match_hf(hf32, path, tmp_path):
-    """LLM on a copy of the folder ``path`` (a word-level tokenizer.json beside it) generates
-    HF's greedy tokens, decode graphs and all; a divergence is allowed only after a near-tie."""
+def folder_with_tokenizer(path, tmp_path):
+    """A copy of the model folder ``path`` in ``tmp_path`` with a word-level tokenizer.json
+    (ids 0-127 as "w0".."w127"), which LLM needs to load it."""
     import shutil
 
     tokenizers = pytest.importorskip("tokenizers")
-    from ringfuse.runtime import LLM
-
     for f in path.iterdir():
         shutil.copy(f, tmp_path / f.name)
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok.save(str(tmp_path / "tokenizer.json"))
-    llm = LLM(tmp_path, max_model_len=64, kv_cache_tokens=256, weight_cache=False)
+    return tmp_path
+
+
+def check_greedy_tokens_match_hf(hf32, path, tmp_path, device="cpu", **llm_kwargs):
+    """LLM on a copy of the folder ``path`` (a word-level tokenizer.json beside it) generates
+    HF's greedy tokens, decode graphs and all; a divergence is allowed only after a near-tie.
+    ``device``: where both run (the LLM fp32 unless ``llm_kwargs`` say otherwise)."""
+    from ringfuse.runtime import LLM
+
+    llm = LLM(folder_with_tokenizer(path, tmp_path), device=device, **{"dtype": "fp32", "max_model_len": 64, "kv_cache_tokens": 256,
+                                          "weight_cache": False, **llm_kwargs})
     prompts = _prompts(5, (9, 4))
     results = llm.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    hf = copy.deepcopy(hf32).to(device)
     for prompt, result in zip(prompts, results):
         ids = list(prompt)
         for got in result.token_ids:
             with torch.no_grad():
-                logits = hf32(torch.tensor([ids])).logits[0, -1]
+                logits = hf(torch.tensor([ids], device=device)).logits[0, -1].cpu()
             top2 = logits.topk(2).values
             want = int(logits.argmax())
             if got != want:

@@ -47,15 +47,21 @@ class Step:
 
 
 class KVCache:
-    """Paged KV cache: per layer k, v [num_blocks, Hkv, block_size, D] (this rank's heads).
-    Pages are allocated (not touched) up front; untouched pages cost no memory."""
+    """Paged KV cache: per layer k, v [num_blocks, Hkv, block_size, D] (this rank's heads),
+    on ``device``. Pages are allocated (not touched) up front; on the CPU untouched pages
+    cost no memory."""
 
     def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
-                 dtype: torch.dtype):  # fmt: skip
+                 dtype: torch.dtype, device: torch.device | str | None = None):  # fmt: skip
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_blocks, num_kv_heads, block_size, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """k and v of one token in every layer."""
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
 class StepAttention:

@@ -4,8 +4,8 @@
 loop of its three parts, one job each:
 - ``scheduler.Scheduler``: continuous batching over the paged KV cache, prefix caching,
   KV block accounting (which requests the next step runs);
-- ``model_runner.CpuModelRunner``: the step's inputs, the forward pass (CPU graphs for
-  decode) and sampling;
+- ``model_runner.CpuModelRunner`` / ``CudaModelRunner``: the step's inputs, the forward
+  pass (CPU graphs or CUDA graphs for decode) and sampling;
 - ``output.OutputProcessor``: detokenization, stop strings, finish reasons, results.
 
 Under tensor parallelism (``tp > 1``, one process per rank under torchrun) every rank runs
@@ -24,7 +24,7 @@ import torch
 
 from .kv_blocks import BlockPool
 from .model import QUANT_MODES, DecoderModel
-from .model_runner import CpuModelRunner
+from .model_runner import CpuModelRunner, CudaModelRunner
 from .output import GenerationResult, OutputProcessor, TokenEvent
 from .sampling import SamplingParams
 from .scheduler import Request, Scheduler
@@ -38,10 +38,15 @@ class LLM:
     """A loaded model and its engine.
 
     ``model``: an HF folder or a .gguf file (None: the default model, SmolLM2-135M-Instruct).
-    ``dtype``: "fp32" | "bf16". ``quant``: "none" | "w8a16" | "w8a8". ``tp``: tensor-parallel
-    ranks (run under torchrun with that many processes). ``max_batch``: requests decoded
-    together. ``max_model_len``: context limit (default: the model's). ``kv_cache_tokens``:
-    cache capacity in tokens (default: max_batch full contexts, at most 65536).
+    ``device``: "cpu" (default) or "cuda" / "cuda:N": the weights, the KV cache and the
+    decode steps' CUDA graphs on that GPU (single rank). ``dtype``: "fp32" | "bf16"
+    (default: fp32 on the CPU, bf16 on a GPU). ``quant``: "none" | "w8a16" | "w8a8".
+    ``tp``: tensor-parallel ranks (run under torchrun with that many processes; CPU only).
+    ``max_batch``: requests decoded together. ``max_model_len``: context limit (default:
+    the model's). ``kv_cache_tokens``: cache capacity in tokens (default on the CPU:
+    max_batch full contexts, at most 65536; on a GPU: max_batch full contexts, or as many
+    tokens as fit in ``gpu_memory_utilization`` of the device's memory once the weights are
+    loaded, whichever is smaller).
     ``weight_cache``: keep the converted weights in ``$RINGFUSE_CACHE/converted`` and map them
     on later loads (default: on for GGUF files, whose conversion dequantizes, unless
     ``RINGFUSE_WEIGHT_CACHE=0``; off for HF folders). ``prefix_caching``: reuse the k/v of
@@ -52,15 +57,20 @@ class LLM:
     does not pay the one-time costs.
     """
 
-    def __init__(self, model=None, *, dtype="fp32", quant: str = "none", tp: int = 1, max_batch: int = 8,
+    def __init__(self, model=None, *, device="cpu", dtype=None, quant: str = "none", tp: int = 1, max_batch: int = 8,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None, block_size: int = 16,
                  threads: int | None = None, weight_cache: bool | None = None,
-                 prefix_caching: bool = True, decode_graphs: bool = True, warm_up: bool = True):  # fmt: skip
+                 prefix_caching: bool = True, decode_graphs: bool = True, warm_up: bool = True,
+                 gpu_memory_utilization: float = 0.9):  # fmt: skip
         from .model_files import resolve_model
         from .tokenizer import Tokenizer
         from .weights import open_weights
 
-        self.dtype = _check_dtype(dtype)
+        self.device = _check_device(device, tp)
+        self.dtype = _check_dtype(dtype if dtype is not None else "bf16" if self.device.type == "cuda" else "fp32")
+        if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float)) \
+                or not 0 < gpu_memory_utilization <= 1:  # fmt: skip
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1], got {gpu_memory_utilization!r}")
         if quant not in QUANT_MODES:
             raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
         for name, v in (("tp", tp), ("max_batch", max_batch), ("block_size", block_size)):
@@ -82,19 +92,27 @@ class LLM:
         else:
             self.tokenizer = Tokenizer.from_folder(self.path)
         self.model = self._load_model(quant, group, weight_cache)
+        if self.device.type == "cuda":  # converted on the CPU (or mapped from the cache), then copied over
+            self.model = self.model.on_device(self.weights, self.device)
         self.quant, self.tp, self.max_batch, self.block_size = quant, tp, max_batch, block_size
         limit = cfg.max_position_embeddings
         if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
                                           or not 2 <= max_model_len <= limit):  # fmt: skip
             raise ValueError(f"max_model_len must be an int in [2, {limit}] (the model's context), got {max_model_len!r}")
         self.max_model_len = max_model_len or limit
-        tokens = kv_cache_tokens or min(max_batch * self.max_model_len, 65536)
+        if kv_cache_tokens is not None or self.device.type != "cuda":
+            tokens = kv_cache_tokens or min(max_batch * self.max_model_len, 65536)
+        else:
+            free, total = torch.cuda.mem_get_info(self.device)
+            tokens = kv_tokens_that_fit(free, total, gpu_memory_utilization, self.model.kv_bytes_per_token(),
+                                        max_batch * self.max_model_len, self.max_model_len)  # fmt: skip
         if tokens < 2:
             raise ValueError(f"kv_cache_tokens must be >= 2, got {tokens}")
         self.kv = self.model.new_kv_cache(-(-tokens // block_size), block_size)
         self.scheduler = Scheduler(BlockPool(self.kv.num_blocks, block_size, prefix_caching), max_batch,
                                    self.max_model_len)  # fmt: skip
-        self.runner = CpuModelRunner(self.model, self.kv, self.max_model_len, decode_graphs and group is None)
+        runner = CudaModelRunner if self.device.type == "cuda" else CpuModelRunner
+        self.runner = runner(self.model, self.kv, self.max_model_len, decode_graphs and group is None)
         self.output = OutputProcessor(set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids), self.max_model_len)
         self._ids, self._draws = itertools.count(), itertools.count()
         self._base_seed = int.from_bytes(os.urandom(8), "little") >> 1
@@ -284,6 +302,41 @@ def _sampling_params(params: SamplingParams | None, sampling: dict) -> SamplingP
         raise TypeError(f"give the sampling settings as params= or as keywords, not both (got params and "
                         f"{sorted(sampling)})")  # fmt: skip
     return params
+
+
+def _check_device(device, tp: int) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} needs a CUDA device, but torch.cuda.is_available() is False "
+                             "(a CPU build of torch, or no GPU)")  # fmt: skip
+        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: there are {torch.cuda.device_count()} CUDA devices")
+        if tp > 1:
+            raise ValueError("device='cuda' runs one rank: tensor parallelism (tp > 1) is CPU-only so far")
+    return dev
+
+
+def kv_tokens_that_fit(free: int, total: int, utilization: float, bytes_per_token: int, wanted: int,
+                       max_model_len: int) -> int:
+    """KV cache tokens for a GPU (vLLM's gpu_memory_utilization): what fits in
+    ``utilization`` of the device's ``total`` bytes beside what is in use already (``total
+    - free``: the weights, torch's context, other processes), at most ``wanted``. Fewer than
+    one full context (``max_model_len``) is a ValueError naming the knobs."""
+    budget = int(total * utilization) - (total - free)
+    fit = max(budget, 0) // bytes_per_token
+    if fit < max_model_len:
+        raise ValueError(f"the KV cache of one {max_model_len}-token context needs {max_model_len * bytes_per_token:,} "
+                         f"bytes but {max(budget, 0):,} are left in gpu_memory_utilization={utilization} of the "
+                         f"device's {total:,} ({free:,} free): raise gpu_memory_utilization, lower max_model_len or "
+                         "use a smaller model / quant")  # fmt: skip
+    return min(fit, wanted)
 
 
 def _check_dtype(dtype) -> torch.dtype:

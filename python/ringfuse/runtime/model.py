@@ -138,10 +138,11 @@ class DecoderModel:
     (None with tp = 1)."""
 
     def __init__(self, weights, dtype: torch.dtype = torch.float32, quant: str = "none", tp_group=None,
-                 converted: dict[str, torch.Tensor] | None = None):  # fmt: skip
+                 converted: dict[str, torch.Tensor] | None = None, device: torch.device | None = None):  # fmt: skip
         """``converted``: this rank's tensors as ``converted_tensors()`` gave them (the
         converted-weights cache); then ``weights`` only supplies the config. A converted
-        set that does not fit the config is a ValueError."""
+        set that does not fit the config is a ValueError. ``device``: where the converted
+        tensors are (a GPU: ``on_device``) and where the RoPE table and KV cache go."""
         if quant not in QUANT_MODES:
             raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
         if dtype not in (torch.float32, torch.bfloat16):
@@ -149,6 +150,7 @@ class DecoderModel:
         cfg: ModelConfig = weights.config
         arch = cfg.architecture
         self.config, self.dtype, self.quant, self.group = cfg, dtype, quant, tp_group
+        self.device = torch.device(device or "cpu")
         self.rank, self.world = (0, 1)
         if tp_group is not None:
             import torch.distributed as dist
@@ -180,7 +182,7 @@ class DecoderModel:
         self.head = LMHead(self.lm_head, cfg.vocab_size, self.world, cfg.final_softcap)
         scale = arch.embed_scale(cfg)
         # HF multiplies by the factor rounded to the model's dtype (Gemma: sqrt(hidden))
-        scale = None if scale is None else torch.tensor(scale, dtype=dtype)
+        scale = None if scale is None else torch.tensor(scale, dtype=dtype, device=self.device)
         vocab = (self.vocab_start, self.vocab_end, dtype)
         if not cfg.tie_word_embeddings:
             table = converted.get("embed") if converted is not None else \
@@ -196,7 +198,15 @@ class DecoderModel:
         release_freed_memory()
         inv = cfg.inv_freq()  # [D / 2]
         angles = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)[:, None] * inv[None, :]
-        self.cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).float()  # [max_pos, D]
+        self.cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(self.device)  # [max_pos, D]
+
+    def on_device(self, weights, device: torch.device) -> DecoderModel:
+        """This model with every weight copied to ``device`` (a GPU): the same converted
+        tensors, so the same numbers; the layers take their CUDA paths from the tensors'
+        device (Triton kernels, torch's GEMMs). ``weights``: the source it was loaded from
+        (the config, and the biases the converted set is checked against)."""
+        moved = {k: v.to(device) for k, v in self.converted_tensors().items()}
+        return DecoderModel(weights, self.dtype, self.quant, self.group, converted=moved, device=device)
 
     def converted_tensors(self) -> dict[str, torch.Tensor]:
         """This rank's converted weights by name, for the converted-weights cache."""
@@ -208,7 +218,11 @@ class DecoderModel:
     # ------------------------------------------------------------------------------------
 
     def new_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCache:
-        return KVCache(self.config.num_layers, num_blocks, self.hkv, block_size, self.config.head_dim, self.dtype)
+        return KVCache(self.config.num_layers, num_blocks, self.hkv, block_size, self.config.head_dim, self.dtype,
+                       self.device)  # fmt: skip
+
+    def kv_bytes_per_token(self) -> int:
+        return KVCache.bytes_per_token(self.config.num_layers, self.hkv, self.config.head_dim, self.dtype)
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.world > 1:

@@ -1,11 +1,21 @@
-"""The model runner of the CPU: turns the scheduled requests into a ``Step`` (token ids,
-positions, cache slots, block tables), runs the model and samples. Prefill runs eagerly;
-each decode batch size is captured once as a CPU graph (``DecodeGraph``) and replayed,
-without the per-op Python, unless its capture is refused (then it stays eager).
-A GPU runner would own CUDA graphs the same way."""
+"""The model runners: they turn the scheduled requests into a ``Step`` (token ids,
+positions, cache slots, block tables), run the model and sample. Prefill runs eagerly.
+
+- ``CpuModelRunner``: each decode batch size is captured once as a CPU graph
+  (``DecodeGraph``) and replayed without the per-op Python, unless its capture is refused
+  (then it stays eager).
+- ``CudaModelRunner``: the same steps, built on the host and copied to the GPU; each decode
+  batch size is captured once as a ``torch.cuda.CUDAGraph`` (``CudaDecodeGraph``: every
+  CUDA op is sync-free and capturable, index values are checked in the kernels) and
+  replayed with one launch. Greedy tokens are picked on the GPU (one copy of B ids back);
+  requests with penalties, temperature or logprobs are sampled on the CPU from their own
+  generators, as on the CPU runner. The device's index-check flag is read after each step
+  (ops.check_device_errors), where the token copy has synced anyway.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -100,6 +110,84 @@ class CpuModelRunner:
             return None
         self.graphs[key] = graph
         return logits
+
+
+def _on(step: Step, device: torch.device) -> Step:
+    """The step with its tensors copied to ``device``."""
+    moved = {f.name: getattr(step, f.name).to(device, non_blocking=True) for f in dataclasses.fields(step)
+             if isinstance(getattr(step, f.name), torch.Tensor)}  # fmt: skip
+    return dataclasses.replace(step, **moved)
+
+
+class CudaModelRunner(CpuModelRunner):
+    """``decode_graphs``: replay decode steps as CUDA graphs, one per batch size."""
+
+    def __init__(self, model: DecoderModel, kv: KVCache, max_model_len: int, decode_graphs: bool):
+        super().__init__(model, kv, max_model_len, decode_graphs)
+        self.device = model.device
+
+    def prefill_step(self, reqs: list[Request]) -> Step:
+        return _on(super().prefill_step(reqs), self.device)
+
+    def decode_step(self, reqs: list[Request]) -> Step:
+        return _on(super().decode_step(reqs), self.device)
+
+    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprobs | None], float]:
+        plain = all(r.params.greedy and r.params.repetition_penalty == 1.0 and r.params.logprobs is None for r in reqs)
+        result = super().sample(logits if plain else logits.cpu(), reqs)  # greedy: argmax on the GPU
+        ops.check_device_errors(self.device)  # the ids' copy to the host synced already
+        return result
+
+    def _graph_logits(self, step: Step) -> torch.Tensor:
+        batch = step.input_ids.shape[0]
+        graph = self.graphs.get(batch)
+        if graph is None:
+            graph = self.graphs[batch] = CudaDecodeGraph(self.model, self.kv, batch,
+                                                         -(-self.max_model_len // self.block_size))  # fmt: skip
+        return graph.run(step)
+
+
+class CudaDecodeGraph:
+    """A decode step of ``batch`` sequences as a torch.cuda.CUDAGraph: the first ``run``
+    runs the step once on a side stream (Triton compiles, the allocator's pools fill; it
+    writes the step's k / v, which the replay writes again, the same values), then captures
+    the embedding, the layers and the LM head on static input buffers; every run copies the
+    step's inputs into them and replays. The same kernels on the same data as eager: the
+    same logits."""
+
+    def __init__(self, model: DecoderModel, kv: KVCache, batch: int, max_blocks: int):
+        self.model, self.kv, self.graph, self.out = model, kv, None, None
+        dev = model.device
+        self.step = Step(input_ids=torch.zeros(batch, dtype=torch.int64, device=dev),
+                         positions=torch.zeros(batch, dtype=torch.int64, device=dev),
+                         slot_mapping=torch.zeros(batch, dtype=torch.int64, device=dev),
+                         block_table=torch.zeros(batch, max_blocks, dtype=torch.int32, device=dev),
+                         seq_lens=torch.ones(batch, dtype=torch.int32, device=dev))  # fmt: skip
+
+    def _forward(self) -> torch.Tensor:
+        return self.model.lm_head(self.model.forward(self.step, self.kv))  # [B, V]
+
+    def run(self, step: Step) -> torch.Tensor:
+        """[B, V] fp32 logits of this decode step."""
+        s, width = self.step, step.block_table.shape[1]
+        s.input_ids.copy_(step.input_ids)
+        s.positions.copy_(step.positions)
+        s.slot_mapping.copy_(step.slot_mapping)
+        s.block_table[:, :width].copy_(step.block_table)
+        s.block_table[:, width:] = 0  # never read: past every sequence's length
+        s.seq_lens.copy_(step.seq_lens)
+        if self.graph is None:
+            dev = self.model.device
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                self._forward()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._forward()
+        self.graph.replay()
+        return self.model.cap_logits(self.out.float())
 
 
 class DecodeGraph:

@@ -357,7 +357,8 @@ class ReplicaSet:
 # ---- the command -----------------------------------------------------------------------------
 
 # `ringfuse serve` flags passed on to every worker: (flag, attribute of the parsed args)
-_WORKER_FLAGS = (("--dtype", "dtype"), ("--quant", "quant"), ("--max-model-len", "max_model_len"),
+_WORKER_FLAGS = (("--device", "device"), ("--dtype", "dtype"), ("--quant", "quant"),
+                 ("--gpu-memory-utilization", "gpu_memory_utilization"), ("--max-model-len", "max_model_len"),
                  ("--max-batch", "max_batch"), ("--kv-cache-tokens", "kv_cache_tokens"),
                  ("--max-waiting", "max_waiting"), ("--max-body-bytes", "max_body_bytes"),
                  ("--log-level", "log_level"))  # fmt: skip

@@ -64,9 +64,9 @@ def run(args) -> int:
     tp = args.tp or 1
 
     def make_llm() -> LLM:
-        return LLM(args.model, dtype=args.dtype, quant=args.quant, tp=tp, max_batch=args.max_batch,
+        return LLM(args.model, device=args.device, dtype=args.dtype, quant=args.quant, tp=tp, max_batch=args.max_batch,
                    max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, threads=args.threads,
-                   weight_cache=args.weight_cache)  # fmt: skip
+                   weight_cache=args.weight_cache, gpu_memory_utilization=args.gpu_memory_utilization)  # fmt: skip
 
     mirror = None
     if tp > 1:
