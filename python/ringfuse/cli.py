@@ -103,6 +103,11 @@ def _bench(args) -> int:
 
         tp.run(nproc=args.nproc, rounds=args.rounds, quick=args.quick)
         return 0
+    if args.op == "generate" and (args.device != "cpu" or args.shape):
+        from .bench import random_generate
+
+        return random_generate.run(device=args.device, shape=args.shape or "llama3-8b", batch=args.batch,
+                                   prompt_tokens=args.prompt_tokens, quick=args.quick, json_path=args.json)  # fmt: skip
     if args.op == "generate":
         from .bench import generate
 
@@ -306,6 +311,13 @@ def main(argv=None) -> int:
     bench.add_argument("--isa", default=None, choices=("auto", "avx512vnni", "avx2", "scalar"),
                        help="CPU kernel path (default: the best this CPU has; sets RINGFUSE_ISA for child processes)")
     bench.add_argument("--model", default=None, help="generate bench: model (default: SmolLM2-135M-Instruct)")
+    bench.add_argument("--device", default="cpu",
+                       help="generate bench: cuda (or cpu with --shape) runs a random-weight model of --shape against "
+                       "HF eager on that device")
+    bench.add_argument("--shape", default=None, help="generate bench: llama3-8b (default with --device cuda), "
+                       "smollm2-135m or tiny")
+    bench.add_argument("--batch", type=int, default=None,
+                       help="generate bench with --device/--shape: the throughput batch (default: 64 on cuda, 8 on cpu)")
     bench.add_argument("--passes", type=int, default=1,
                        help="generate bench: interleaved passes over all engines, medians reported")
     bench.add_argument("--peers", action="store_true",
@@ -315,7 +327,9 @@ def main(argv=None) -> int:
                        help="serve bench: ringfuse's weight quantization (default: w8a16)")
     bench.add_argument("--requests", type=int, default=None,
                        help="serve bench: GuideLLM requests per concurrency level (default: 32, --quick 16)")
-    bench.add_argument("--prompt-tokens", type=int, default=None, help="serve bench: prompt length (default: 128)")
+    bench.add_argument("--prompt-tokens", type=int, default=None,
+                       help="serve bench: prompt length (default: 128); generate bench with --device/--shape: of the "
+                       "throughput batch (default: 512 on cuda, 64 on cpu)")
     bench.add_argument("--output-tokens", type=int, default=None,
                        help="serve bench: new tokens per request (default: 64, --quick 32)")
     bench.add_argument("--json", default=None, metavar="PATH",
