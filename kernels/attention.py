@@ -829,18 +829,20 @@ def flash_attention_varlen_fwd(out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
     batch = cu_seqlens_q.shape[0] - 1
     if max_seqlen_q is None:
         max_seqlen_q = Tq
-    if batch <= 0 or max_seqlen_q <= 0 or Hq * D == 0:
+    if batch <= 0 or Hq * D == 0:
         return
     kernel, cexp, nw = _flash_plan(q.dtype, D, bool(causal), softcap is not None, lse is not None, True,
                                    window != NO_WINDOW)  # fmt: skip
     lse_t = lse if lse is not None else out
     l_sh, l_sm = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
-    grid = (triton.cdiv(max_seqlen_q, cexp["BLOCK_M"]), batch * Hq)
+    grid = (triton.cdiv(max(max_seqlen_q, 0), cexp["BLOCK_M"]), batch * Hq)
     seqs = torch.empty((batch, 4), dtype=torch.int32, device=q.device)  # [B, (q row, q rows, k row, k rows)]
     check, _, check_cexp, check_nw = _varlen_check_spec()
     check[(triton.cdiv(batch, CHECK_BLOCK),)](seqs, cu_seqlens_q, cu_seqlens_k, batch, Tq, k.shape[0],
                                               grid[0] * cexp["BLOCK_M"], device_errors.flag(q.device), **check_cexp,
                                               num_warps=check_nw)  # fmt: skip
+    if grid[0] == 0:  # max_seqlen_q 0: no query row is computed (a run with rows is flagged above)
+        return
     kernel[grid](
         out, 0, out.stride(1), out.stride(0),
         q, 0, q.stride(1), q.stride(0),

@@ -199,3 +199,15 @@ def test_check_device_errors_reports_and_clears():
     ops.check_device_errors(torch.device("meta"))  # another device: this flag untouched
     with pytest.raises(ops.DeviceValueError, match="position"):
         ops.check_device_errors()
+
+
+def test_varlen_max_seqlen_q_zero_with_rows_is_flagged():
+    """max_seqlen_q 0 sizes an empty grid: sequences with query rows are flagged, not
+    silently skipped."""
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    g = torch.Generator().manual_seed(9)
+    q, k = make((5, 2, 32), torch.float32, g), make((5, 1, 32), torch.float32, g)
+    out = torch.full_like(q, -7.0)
+    triton_attention.flash_attention_varlen_fwd(out, q, k, k, cu, cu, 0, 32**-0.5, True)
+    assert device_errors.take(CPU) == device_errors.CU_SEQLENS
+    assert (out == -7.0).all()

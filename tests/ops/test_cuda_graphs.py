@@ -51,7 +51,10 @@ def check_capture(run, inputs, refresh):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_norms(backend):
     saved = ops.cuda_backend()
-    ops.set_cuda_backend(backend)
+    try:
+        ops.set_cuda_backend(backend)
+    except ValueError:
+        pytest.skip("ringfuse._C was built without the CUDA C++ kernels (no nvcc)")
     try:
         x, r, w, b = randn(4, 1024), randn(4, 1024), randn(1024), randn(1024)
 

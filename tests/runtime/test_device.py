@@ -117,9 +117,9 @@ def test_gpu_greedy_tokens_match_hf_on_the_gpu(models, kind, tmp_path):
 @pytest.mark.parametrize("quant", ["none", "w8a16", "w8a8"])
 def test_gpu_cuda_graph_decode_equals_eager(models, quant, tmp_path):
     """The same requests with and without CUDA graphs: the same tokens and logprobs (the
-    same kernels on the same data); bf16, the GPU default; the KV cache sized from free memory."""
+    same kernels on the same data); bf16, the GPU default."""
     path = folder_with_tokenizer(models["qwen3"][2], tmp_path)
-    kw = dict(device="cuda", quant=quant, max_model_len=64, weight_cache=False)
+    kw = dict(device="cuda", quant=quant, max_model_len=64, kv_cache_tokens=512, weight_cache=False)
     graphs, eager = LLM(path, **kw), LLM(path, decode_graphs=False, **kw)
     assert graphs.dtype == torch.bfloat16 and graphs.kv.k[0].is_cuda and graphs.kv.num_blocks >= 64 // 16
     prompts = _prompts(7, (9, 4, 6))
@@ -136,7 +136,7 @@ def test_gpu_sampling_with_a_seed(models, tmp_path):
     the CPU, from the GPU's logits): the same seed gives the same tokens again, and
     repetition penalties and logprobs work there too."""
     path = folder_with_tokenizer(models["llama"][2], tmp_path)
-    llm = LLM(path, device="cuda", max_model_len=64, weight_cache=False)
+    llm = LLM(path, device="cuda", max_model_len=64, weight_cache=False)  # the KV cache sized from free memory
     prompts = _prompts(11, (5, 8))
     params = dict(max_new_tokens=8, temperature=0.8, top_k=20, seed=7, ignore_eos=True, repetition_penalty=1.3,
                   logprobs=1)  # fmt: skip

@@ -60,6 +60,8 @@ def random_model(shape: str, folder: Path, device: str) -> Path:
         model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
     del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the engines run in child processes: leave them the memory
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(cfg.vocab_size)}, unk_token="w0"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok.save(str(folder / "tokenizer.json"))

@@ -68,7 +68,8 @@ class Linear:
             return
         self.w_q, self.w_scale = parts["w_q"], parts["w_scale"]  # [N, K] int8, [N] fp32
         self.out_features, self.in_features = self.w_q.shape
-        self.packed = ops.pack_int8_weight(self.w_q) if quant == "w8a8" else None
+        # the CPU GEMM's packed layout (the CUDA GEMM reads w_q as it is)
+        self.packed = ops.pack_int8_weight(self.w_q) if quant == "w8a8" and self.w_q.is_cpu else None
         if quant == "w8a16":
             self._w8a16 = ops.prepare_int8_weight_only_linear(self.w_q, self.w_scale, self.bias)
 

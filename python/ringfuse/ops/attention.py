@@ -351,6 +351,10 @@ def _varlen_forward(q, k, v, cu_q, cu_k, max_seqlen_q, causal, scale, softcap, w
     if q.is_cuda:
         from ..kernels import attention as tk
 
+        # rows the kernel does not write (past cu_q[-1], or of a sequence with bad offsets)
+        # read as the CPU's do: zeros, lse -inf (a memset: no sync to find them)
+        out.zero_()
+        lse.fill_(-math.inf)
         tk.flash_attention_varlen_fwd(out, q, k, v, cu_q, cu_k, max_seqlen_q, scale, causal, softcap or None, lse=lse,
                                       window=window or None)  # fmt: skip
         c.after_launch(q.device)

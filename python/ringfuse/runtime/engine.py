@@ -67,6 +67,8 @@ class LLM:
         from .weights import open_weights
 
         self.device = _check_device(device, tp)
+        if self.device.type == "cuda":  # Triton launches and graph captures go to the current device
+            torch.cuda.set_device(self.device)
         self.dtype = _check_dtype(dtype if dtype is not None else "bf16" if self.device.type == "cuda" else "fp32")
         if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float)) \
                 or not 0 < gpu_memory_utilization <= 1:  # fmt: skip

@@ -130,7 +130,14 @@ class CudaModelRunner(CpuModelRunner):
         return _on(super().prefill_step(reqs), self.device)
 
     def decode_step(self, reqs: list[Request]) -> Step:
-        return _on(super().decode_step(reqs), self.device)
+        """As the CPU's, with the block table padded to max_model_len's blocks: the paged
+        decode splits the keys by the table's width, so eager and graph steps (whose static
+        table has that width) split alike and give the same bits."""
+        step = super().decode_step(reqs)
+        width = -(-self.max_model_len // self.block_size)
+        table = torch.zeros(step.block_table.shape[0], width, dtype=torch.int32)
+        table[:, : step.block_table.shape[1]] = step.block_table
+        return _on(dataclasses.replace(step, block_table=table), self.device)
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprobs | None], float]:
         plain = all(r.params.greedy and r.params.repetition_penalty == 1.0 and r.params.logprobs is None for r in reqs)
@@ -138,12 +145,26 @@ class CudaModelRunner(CpuModelRunner):
         ops.check_device_errors(self.device)  # the ids' copy to the host synced already
         return result
 
-    def _graph_logits(self, step: Step) -> torch.Tensor:
+    def _graph_logits(self, step: Step) -> torch.Tensor | None:
+        """This decode step through its batch size's CUDA graph (captured on first use), or
+        None where the capture failed (that batch size then runs eagerly, with a warning)."""
         batch = step.input_ids.shape[0]
         graph = self.graphs.get(batch)
+        if graph is False:
+            return None
         if graph is None:
-            graph = self.graphs[batch] = CudaDecodeGraph(self.model, self.kv, batch,
-                                                         -(-self.max_model_len // self.block_size))  # fmt: skip
+            graph = CudaDecodeGraph(self.model, self.kv, batch, -(-self.max_model_len // self.block_size))
+            try:
+                logits = graph.run(step)
+            except RuntimeError as e:
+                import warnings
+
+                warnings.warn(f"decode batch size {batch} could not be captured as a CUDA graph ({e}); it runs "
+                              "eagerly", RuntimeWarning, stacklevel=2)  # fmt: skip
+                self.graphs[batch] = False
+                return None
+            self.graphs[batch] = graph
+            return logits
         return graph.run(step)
 
 
@@ -183,9 +204,10 @@ class CudaDecodeGraph:
             with torch.cuda.stream(side):
                 self._forward()
             torch.cuda.current_stream(dev).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self._forward()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._forward()
+            self.graph, self.out = graph, out  # only a capture that finished is kept
         self.graph.replay()
         return self.model.cap_logits(self.out.float())
 
