@@ -45,11 +45,17 @@ ENGINES = [("ringfuse", "fp32", "none"), ("ringfuse", "bf16", "none"), ("ringfus
            ("ringfuse", "fp32", "w8a8"), ("hf", "fp32", "none")]  # fmt: skip
 
 
-def _median_wall(fn, rounds):
+def median_wall(fn, rounds, sync=None):
+    """Median wall time of ``rounds`` calls; ``sync`` (a GPU's synchronize) runs before the
+    clock starts and before it stops."""
     walls = []
     for _ in range(rounds):
+        if sync:
+            sync()
         t0 = time.perf_counter()
         fn()
+        if sync:
+            sync()
         walls.append(time.perf_counter() - t0)
     return statistics.median(walls)
 
@@ -67,15 +73,15 @@ def _ringfuse_worker(model, dtype, quant, rounds, batch8):
         return llm.generate(list(prompts), max_new_tokens=n, ignore_eos=True)
 
     run(1), run(NEW_TOKENS)  # warm-up of both timed shapes
-    w1 = _median_wall(lambda: run(1), rounds)
-    w64 = _median_wall(lambda: run(NEW_TOKENS), rounds)
+    w1 = median_wall(lambda: run(1), rounds)
+    w64 = median_wall(lambda: run(NEW_TOKENS), rounds)
     out = {"prompt_tokens": len(ids), "prefill_ms": w1 * 1e3, "decode_tok_s": (NEW_TOKENS - 1) / (w64 - w1),
            "tokens": run(NEW_TOKENS)[0].token_ids}  # fmt: skip
     out["python_overhead"] = _python_overhead(llm, ids)
     if batch8:
         prompts = [llm.encode(p) for p in BATCH_PROMPTS]
         run(8, prompts)
-        out["b8_tok_s"] = 8 * NEW_TOKENS / _median_wall(lambda: run(NEW_TOKENS, prompts), max(1, rounds - 1))
+        out["b8_tok_s"] = 8 * NEW_TOKENS / median_wall(lambda: run(NEW_TOKENS, prompts), max(1, rounds - 1))
     out["threads"] = torch.get_num_threads()
     return out
 
@@ -151,14 +157,14 @@ def _hf_worker(model_path, rounds, batch8):
     # longer than later ones here, which would make its decode rate meaningless
     for _ in range(2):
         run(1, [PROMPT]), run(NEW_TOKENS, [PROMPT])
-    w1 = _median_wall(lambda: run(1, [PROMPT]), rounds)
-    w64 = _median_wall(lambda: run(NEW_TOKENS, [PROMPT]), rounds)
+    w1 = median_wall(lambda: run(1, [PROMPT]), rounds)
+    w64 = median_wall(lambda: run(NEW_TOKENS, [PROMPT]), rounds)
     n_prompt = len(enc(PROMPT))
     out = {"prompt_tokens": n_prompt, "prefill_ms": w1 * 1e3, "decode_tok_s": (NEW_TOKENS - 1) / (w64 - w1),
            "tokens": run(NEW_TOKENS, [PROMPT])[0, n_prompt:].tolist()}  # fmt: skip
     if batch8:
         run(8, BATCH_PROMPTS)
-        out["b8_tok_s"] = 8 * NEW_TOKENS / _median_wall(lambda: run(NEW_TOKENS, BATCH_PROMPTS), max(1, rounds - 1))
+        out["b8_tok_s"] = 8 * NEW_TOKENS / median_wall(lambda: run(NEW_TOKENS, BATCH_PROMPTS), max(1, rounds - 1))
     out["threads"] = torch.get_num_threads()
     return out
 
@@ -181,14 +187,22 @@ def worker(spec: str) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def _spawn(spec: dict) -> dict | None:
-    code = f"from ringfuse.bench.generate import worker; worker({json.dumps(json.dumps(spec))})"
+def spawn_worker(module: str, spec: dict) -> tuple[dict | None, subprocess.CompletedProcess]:
+    """``ringfuse.bench.<module>.worker(spec)`` in a fresh process: (the JSON of its
+    ``RESULT`` line, or None when it printed none; the finished process)."""
+    code = f"from ringfuse.bench.{module} import worker; worker({json.dumps(json.dumps(spec))})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    print(f"  {spec['engine']} {spec['dtype']} {spec['quant']} failed:\n{done.stderr[-1500:]}", file=sys.stderr)
-    return None
+            return json.loads(line[7:]), done
+    return None, done
+
+
+def _spawn(spec: dict) -> dict | None:
+    result, done = spawn_worker("generate", spec)
+    if result is None:
+        print(f"  {spec['engine']} {spec['dtype']} {spec['quant']} failed:\n{done.stderr[-1500:]}", file=sys.stderr)
+    return result
 
 
 PEER_ENGINES = ["ct2-fp32", "ct2-int8", "llama-f32", "llama-q8_0", "llama-q4_1", "ct2-int8-b8"]

@@ -21,11 +21,9 @@ embedding table excluded since a step reads one row of it).
 from __future__ import annotations
 
 import json
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from .generate import median_wall, spawn_worker
 
 SHAPES = {
     # Llama-3-8B: 8.0 B weights, 16 GB in bf16
@@ -76,24 +74,13 @@ def _prompts(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
     return torch.randint(3, vocab, (batch, length), generator=g).tolist()  # no bos / eos ids
 
 
-def _median_wall(fn, rounds: int, sync) -> float:
-    walls = []
-    for _ in range(rounds):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        walls.append(time.perf_counter() - t0)
-    return statistics.median(walls)
-
-
 def worker(spec: str) -> None:
     """One engine's process: prints one JSON line."""
     import torch
 
     s = json.loads(spec)
     device, dtype = s["device"], {"bf16": torch.bfloat16, "fp32": torch.float32}[s["dtype"]]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
     vocab, new = s["vocab"], s["new_tokens"]
     one = _prompts(vocab, 1, PROMPT_TOKENS, 1)
     many = _prompts(vocab, s["batch"], s["prompt_tokens"], 2)
@@ -122,19 +109,18 @@ def worker(spec: str) -> None:
     for _ in range(2):  # warm-up of the timed shapes (compiles, graph captures, allocator)
         run(1, one), run(new, one)
     run(new, many)
-    w1 = _median_wall(lambda: run(1, one), 3, sync)
-    wn = _median_wall(lambda: run(new, one), 3, sync)
+    w1 = median_wall(lambda: run(1, one), 3, sync)
+    wn = median_wall(lambda: run(new, one), 3, sync)
     out.update(prefill_ms=w1 * 1e3, decode_tok_s=(new - 1) / (wn - w1), tokens=run(new, one)[0],
-               batch_tok_s=s["batch"] * new / _median_wall(lambda: run(new, many), 2, sync))  # fmt: skip
+               batch_tok_s=s["batch"] * new / median_wall(lambda: run(new, many), 2, sync))  # fmt: skip
     print("RESULT " + json.dumps(out), flush=True)
 
 
 def _spawn(spec: dict) -> dict | str:
-    code = f"from ringfuse.bench.random_generate import worker; worker({json.dumps(json.dumps(spec))})"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
+    """The engine's figures, or the last line of what it printed on failing."""
+    result, done = spawn_worker("random_generate", spec)
+    if result is not None:
+        return result
     return done.stderr.strip().splitlines()[-1][-200:] if done.stderr.strip() else f"exit {done.returncode}"
 
 
