@@ -289,14 +289,19 @@ class Bench:
         return [r["case"], r["ok"], f"{r['us']:,.1f}", torch_us, ratio, rate, f"{r['pct']:.0f}%"]
 
 
-def _limits() -> tuple[float, float]:
-    """(copy GB/s: 256 MiB read + written, bf16 matmul TFLOP/s: 8192^3), measured now."""
-    x = torch.empty(1 << 28, dtype=torch.uint8, device=DEV)
+def copy_gbps(device=DEV) -> float:
+    """The device's copy bandwidth now: 256 MiB read + written, GB/s."""
+    x = torch.empty(1 << 28, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
-    copy_gbps = 2 * x.numel() / _ms(lambda: y.copy_(x)) / 1e6
+    return 2 * x.numel() / _ms(lambda: y.copy_(x)) / 1e6
+
+
+def _limits() -> tuple[float, float]:
+    """(copy GB/s, bf16 matmul TFLOP/s: 8192^3), measured now."""
+    copy = copy_gbps()
     a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
-    return copy_gbps, 2 * 8192**3 / _ms(lambda: a @ b) / 1e9
+    return copy, 2 * 8192**3 / _ms(lambda: a @ b) / 1e9
 
 
 def _host_us(fn, n: int = 200) -> float:
