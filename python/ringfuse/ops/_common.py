@@ -95,7 +95,8 @@ def watched(sources: tuple, kernel_tensors) -> tuple:
 
 class DeviceValueError(ValueError):
     """A CUDA kernel met out-of-range index values (seq_lens, block ids, slots, positions,
-    cu_seqlens) and left out what they pointed at: see ``check_device_errors``."""
+    cu_seqlens) and left out what they pointed at, or quantize_per_token met inf / NaN: see
+    ``check_device_errors``."""
 
 
 # RINGFUSE_SYNC_CHECKS=1: every CUDA op with device-checked values reports right after its
@@ -105,8 +106,9 @@ SYNC_CHECKS = os.environ.get("RINGFUSE_SYNC_CHECKS", "0") not in ("", "0")
 
 def check_device_errors(device=None) -> None:
     """Raises DeviceValueError when a CUDA kernel on ``device`` (every device if None) met
-    out-of-range index values since the last check, and clears the flag. The CUDA paths of
-    the attention, write_kv and rotary ops check those values inside their kernels, not on
+    out-of-range index values (or quantize_per_token inf / NaN) since the last check, and
+    clears the flag. The CUDA paths of the attention, write_kv, rotary and quantize ops
+    check those values inside their kernels, not on
     the host (which would be a sync per call and would break CUDA-graph capture): a row
     with a bad value is zeroed or skipped and a per-device flag is raised
     (kernels/device_errors.py). Reading the flag is a sync: call this where you sync

@@ -65,9 +65,12 @@ class CpuModelRunner:
             cu_seqlens_context=torch.tensor(cu_ctx, dtype=torch.int32) if reuse else None,
         )
 
+    def table_width(self, reqs: list[Request]) -> int:
+        """Columns of a decode step's block table: the longest request's blocks."""
+        return max(len(r.blocks) for r in reqs)
+
     def decode_step(self, reqs: list[Request]) -> Step:
-        width = max(len(r.blocks) for r in reqs)
-        table = torch.zeros(len(reqs), width, dtype=torch.int32)
+        table = torch.zeros(len(reqs), self.table_width(reqs), dtype=torch.int32)
         for b, r in enumerate(reqs):
             table[b, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
         pos = [r.length - 1 for r in reqs]  # the last sampled token goes in now
@@ -129,15 +132,14 @@ class CudaModelRunner(CpuModelRunner):
     def prefill_step(self, reqs: list[Request]) -> Step:
         return _on(super().prefill_step(reqs), self.device)
 
+    def table_width(self, reqs: list[Request]) -> int:
+        """max_model_len's blocks: the paged decode splits the keys by the table's width, so
+        eager and graph steps (whose static table has that width) split alike and give the
+        same bits."""
+        return -(-self.max_model_len // self.block_size)
+
     def decode_step(self, reqs: list[Request]) -> Step:
-        """As the CPU's, with the block table padded to max_model_len's blocks: the paged
-        decode splits the keys by the table's width, so eager and graph steps (whose static
-        table has that width) split alike and give the same bits."""
-        step = super().decode_step(reqs)
-        width = -(-self.max_model_len // self.block_size)
-        table = torch.zeros(step.block_table.shape[0], width, dtype=torch.int32)
-        table[:, : step.block_table.shape[1]] = step.block_table
-        return _on(dataclasses.replace(step, block_table=table), self.device)
+        return _on(super().decode_step(reqs), self.device)
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprobs | None], float]:
         plain = all(r.params.greedy and r.params.repetition_penalty == 1.0 and r.params.logprobs is None for r in reqs)
