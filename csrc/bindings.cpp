@@ -31,9 +31,13 @@ static py::dict build_info() {
   py::dict d;
   d["cpu_has_avx2"] = rf::cpu::cpu_has_avx2();
   d["cpu_has_avx512_vnni"] = rf::cpu::cpu_has_avx512_vnni();
+  d["cpu_has_amx"] = rf::cpu::cpu_has_amx();
   d["isa"] = rf::cpu::isa_name(rf::cpu::active_isa());
   d["int8_gemm_isa"] = rf::cpu::active_isa() == rf::cpu::Isa::kScalar ? "scalar"
                        : rf::cpu::int8_use_vnni()                      ? "avx512vnni"
+                                                                         : "avx2";
+  d["attention_isa"] = rf::cpu::active_isa() == rf::cpu::Isa::kScalar ? "scalar"
+                       : rf::cpu::attention_use_amx()                   ? "amx"
                                                                          : "avx2";
 #ifdef _OPENMP
   d["openmp"] = _OPENMP;
@@ -55,7 +59,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "ringfuse native kernels (CPU AVX2/OpenMP, optional CUDA)";
   m.def("build_info", &build_info);
   m.def("set_isa", [](const std::string& name) { rf::cpu::set_isa(name.c_str()); },
-        "Choose the CPU path: 'auto', 'avx512vnni' (avx2 + the int8 GEMM's VNNI kernel), 'avx2' or 'scalar'.");
+        "Choose the CPU path: 'auto', 'amx' (avx512vnni + the bf16 prefill attention on AMX tiles), "
+        "'avx512vnni' (avx2 + the int8 GEMM's VNNI kernel), 'avx2' or 'scalar'.");
   m.def("isa", [] { return std::string(rf::cpu::isa_name(rf::cpu::active_isa())); });
 
   m.def("rms_norm", &rf::cpu::rms_norm, release_gil(), py::arg("out"), py::arg("out_stride"),

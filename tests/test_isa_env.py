@@ -26,7 +26,7 @@ def test_env_forces_the_path(isa):
 
 def test_env_bad_value_names_the_variable():
     proc = _run("import ringfuse", "sse9")
-    assert proc.returncode != 0 and "RINGFUSE_ISA" in proc.stderr and "'auto', 'avx512vnni', 'avx2' or 'scalar'" in proc.stderr
+    assert proc.returncode != 0 and "RINGFUSE_ISA" in proc.stderr and "'auto', 'amx', 'avx512vnni', 'avx2' or 'scalar'" in proc.stderr
 
 
 def test_bench_flag_refuses_unknown_paths():

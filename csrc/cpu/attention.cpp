@@ -25,6 +25,7 @@
 //
 // The prefill kernel (attention) and write_kv follow after the decode kernel.
 #include "cpu/attention.h"
+#include "cpu/attention_prefill.h"
 
 #include <algorithm>
 #include <cmath>
@@ -495,45 +496,14 @@ namespace {
 //   online softmax per row  causal mask on diagonal tiles only, softcap, exp8
 //   O = O * alpha + P V     register block of 6 rows x 16 columns
 // There is no [Sq, Sk] matrix: the extra memory is the scratch, (3 * 64 + 2 * D) * 64 floats
-// per thread, whatever S is.
+// per thread, whatever S is. bf16 inputs on CPUs with AMX take attention_amx.cpp instead.
 //
 // Napkin math, (Hq, Hkv, D) = (9, 3, 64), Sq = Sk = 2048, causal: 4 * 9 * 2048^2 / 2 * 64
 // = 4.8 GFLOP, 26 ms at the 182 GFLOP/s FMA peak of 2 cores; K/V bytes are tiny (1.5 MB
 // fp32). Each packed K/V tile serves the item's 48 rows (3 heads x 16 queries), so packing
 // is ~2% of the work, and exp8 (~20 instructions per 8 scores) ~15% at D = 64.
 
-constexpr int64_t kKeyTile = 64;  // keys per tile (columns of S)
-constexpr int64_t kMaxRows = 64;  // rows per item: heads x queries
 constexpr int kRowBlock = 6;      // rows per register block
-
-struct PrefillArgs {
-  void* out;
-  int64_t o_sb, o_sh, o_ss;
-  float* lse;  // null: not returned
-  int64_t l_sb, l_sh, l_ss;
-  const void* q;
-  int64_t q_sb, q_sh, q_ss;
-  const void* k;
-  int64_t k_sb, k_sh, k_ss;
-  const void* v;
-  int64_t v_sb, v_sh, v_ss;
-  const int32_t* cu_q;  // null: every sequence has sq queries and sk keys
-  const int32_t* cu_k;
-  int64_t sq, sk, hq, hkv, d, group;
-  bool causal;
-  float scale, softcap;
-  int64_t window;  // > 0 (causal only): query i sees keys (i + diag - window, i + diag]
-};
-
-struct PrefillItem {
-  int64_t b, kvh, g0, g1, i0, i1;  // query heads kvh * group + [g0, g1), queries [i0, i1)
-};
-
-// first row and length of sequence b's queries (cu = cu_q) or keys (cu = cu_k)
-inline void seq_range(const int32_t* cu, int64_t fixed, int64_t b, int64_t& start, int64_t& len) {
-  start = cu ? cu[b] : 0;
-  len = cu ? cu[b + 1] - cu[b] : fixed;
-}
 
 struct PrefillScratch {
   std::vector<float> buf;
@@ -641,13 +611,6 @@ RF_AVX2 void pv_rows(int64_t rows, const float* p, const float* alpha, const flo
   }
 }
 
-// tanh(x) = 1 - 2 / (e^(2x) + 1): exact limits +-1 (exp8 saturates), absolute error ~1e-7
-RF_AVX2 RF_INLINE __m256 tanh8(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 e = exp8(_mm256_add_ps(x, x));
-  return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
-}
-
 // One row's online-softmax update over a tile: scores s[first, valid) count; the others are
 // masked (before a sliding window, after the causal diagonal or past the tile). Leaves p in s
 // (0 where masked) and the factor alpha that rescales the row's previous O and l.
@@ -736,8 +699,8 @@ struct PrefillKernel {
       w.m[r] = -std::numeric_limits<float>::infinity();
       w.l[r] = 0.0f;
     }
-    const int64_t hi = a.causal ? std::clamp<int64_t>(it.i1 + diag, 0, klen) : klen;  // keys anyone sees
-    const int64_t lo = a.window > 0 ? std::clamp<int64_t>(it.i0 + diag - a.window + 1, 0, klen) : 0;
+    int64_t lo, hi;  // keys anyone sees
+    item_keys(a, it, klen, diag, lo, hi);
     const T* kb = static_cast<const T*>(a.k) + it.b * a.k_sb + it.kvh * a.k_sh + ks * a.k_ss;
     const T* vb = static_cast<const T*>(a.v) + it.b * a.v_sb + it.kvh * a.v_sh + ks * a.v_ss;
     for (int64_t j0 = lo; j0 < hi; j0 += kKeyTile) {
@@ -751,12 +714,9 @@ struct PrefillKernel {
       if (vt == w.vp)
         for (int64_t j = 0; j < nk; ++j) load_row(vb + (j0 + j) * a.v_ss, D, 1.0f, w.vp + j * dp);
       score_rows(rows, w.qf, dp, w.kt, D, nchunk, w.s);
-      const bool masked = a.causal && j0 + nk - 1 > it.i0 + diag;  // the first query misses a key
-      const bool windowed = a.window > 0 && j0 <= it.i1 - 1 + diag - a.window;  // the last one misses key j0
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = it.i0 + r % nq;
-        const int64_t valid = masked ? std::clamp<int64_t>(i + diag - j0 + 1, 0, nk) : nk;
-        const int64_t first = windowed ? std::clamp<int64_t>(i + diag - a.window + 1 - j0, 0, nk) : 0;
+        int64_t first, valid;
+        row_keys(a, it.i0 + r % nq, diag, j0, nk, first, valid);
         softmax_update(w.s + r * kKeyTile, first, valid, nchunk * 16, a.softcap, w.m[r], w.l[r], w.alpha[r]);
       }
       pv_rows(rows, w.s, w.alpha, vt, ldv, nk, w.o, dp, dp);
@@ -871,7 +831,7 @@ void attention(std::uintptr_t out, int64_t o_sb, int64_t o_sh, int64_t o_ss,  //
   const int64_t tile_q = kMaxRows / pow2;  // 64, 32, 16, 16, 8...: rows = heads x tile_q <= 64
   PrefillArgs a{reinterpret_cast<void*>(out), o_sb, o_sh, o_ss, reinterpret_cast<float*>(lse), l_sb, l_sh, l_ss,
                 reinterpret_cast<const void*>(q), q_sb, q_sh, q_ss, reinterpret_cast<const void*>(k), k_sb, k_sh,
-                k_ss, reinterpret_cast<const void*>(v), v_sb, v_sh, v_ss, cu_q, cu_k, seqlen_q, seqlen_k,
+                k_ss, reinterpret_cast<const void*>(v), v_sb, v_sh, v_ss, cu_q, cu_k, batch, seqlen_q, seqlen_k,
                 num_q_heads, num_kv_heads, head_dim, group, causal, float(scale), float(softcap), window};
   // Items in decreasing query order: with causal masking the last query tiles have the
   // most keys, so they start first and the dynamic schedule fills in with short ones.
@@ -886,6 +846,7 @@ void attention(std::uintptr_t out, int64_t o_sb, int64_t o_sh, int64_t o_ss,  //
         for (int64_t g0 = 0; g0 < group; g0 += heads_per_item)
           items.push_back({b, kvh, g0, std::min(group, g0 + heads_per_item), i0, std::min(qlen, i0 + tile_q)});
     }
+  if (amx_prefill_takes(a, dtype)) return amx_prefill(a, items, num_threads);
   const Isa isa = active_isa();
   switch (dtype) {
     case kFloat16: PrefillKernel<F16>::run(a, items, isa, num_threads); break;

@@ -8,7 +8,7 @@ import os as _os
 from . import _C, nn, ops  # noqa: F401
 from .nn import quantize  # noqa: F401
 
-# RINGFUSE_ISA=avx2 | avx512vnni | scalar | auto picks the CPU kernels' path for a whole
+# RINGFUSE_ISA=amx | avx512vnni | avx2 | scalar | auto picks the CPU kernels' path for a whole
 # process (and its children, e.g. the bench's engines): what _C.set_isa does for one.
 if _os.environ.get("RINGFUSE_ISA"):
     try:

@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     bench.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
     bench.add_argument("--quick", action="store_true", help="skip the largest shapes")
     bench.add_argument("--nproc", type=int, default=2, help="processes for the allreduce and tp benches")
-    bench.add_argument("--isa", default=None, choices=("auto", "avx512vnni", "avx2", "scalar"),
+    bench.add_argument("--isa", default=None, choices=("auto", "amx", "avx512vnni", "avx2", "scalar"),
                        help="CPU kernel path (default: the best this CPU has; sets RINGFUSE_ISA for child processes)")
     bench.add_argument("--model", default=None, help="generate bench: model (default: SmolLM2-135M-Instruct)")
     bench.add_argument("--device", default="cpu",

@@ -23,3 +23,15 @@ def int8_isa(request):
     _C.set_isa(request.param)
     yield request.param
     _C.set_isa("auto")
+
+
+PREFILL_ISAS = (["amx"] if _C.build_info()["cpu_has_amx"] else []) + ISAS
+
+
+@pytest.fixture(params=PREFILL_ISAS)
+def prefill_isa(request):
+    """``isa`` plus the bf16 prefill attention's AMX kernel where the host has AMX ("avx2"
+    then means the AVX2 kernel for bf16 too)."""
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa("auto")

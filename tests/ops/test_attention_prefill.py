@@ -1,5 +1,6 @@
 """ringfuse.ops.attention / attention_varlen (prefill) on CPU vs an fp64 reference, under
-the tolerance rule, on the AVX2 path and the scalar fallback."""
+the tolerance rule, on the AVX2 path, the scalar fallback and (bf16, on CPUs with AMX) the
+AMX tile path."""
 
 import math
 
@@ -79,7 +80,7 @@ def check(q, k, v, causal, scale=None, softcap=None, window=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("s", [1, 7, 77, 129, 1000])
-def test_odd_lengths(isa, dtype, causal, s):
+def test_odd_lengths(prefill_isa, dtype, causal, s):
     q, k, v = make((1, 9, s, 64), dtype, 1), make((1, 3, s, 64), dtype, 2), make((1, 3, s, 64), dtype, 3)
     check(q, k, v, causal)
 
@@ -87,7 +88,7 @@ def test_odd_lengths(isa, dtype, causal, s):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (9, 3), (8, 2), (16, 2), (3, 1)], ids=str)
 @pytest.mark.parametrize("d", [64, 80, 96, 128, 256, 20])
-def test_gqa_and_head_dims(isa, dtype, hq, hkv, d):
+def test_gqa_and_head_dims(prefill_isa, dtype, hq, hkv, d):
     q, k, v = make((2, hq, 37, d), dtype, 4), make((2, hkv, 37, d), dtype, 5), make((2, hkv, 37, d), dtype, 6)
     check(q, k, v, causal=True)
 
@@ -95,7 +96,7 @@ def test_gqa_and_head_dims(isa, dtype, hq, hkv, d):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq,sk", [(1, 77), (7, 129), (16, 1000), (77, 7), (100, 40), (65, 64)], ids=str)
-def test_sq_differs_from_sk(isa, dtype, causal, sq, sk):
+def test_sq_differs_from_sk(prefill_isa, dtype, causal, sq, sk):
     """Chunked prefill: causal aligned bottom-right; with Sq > Sk the first queries see no
     key at all (zeros, lse = -inf, as flash-attn)."""
     q, k, v = make((2, 8, sq, 64), dtype, 7), make((2, 2, sk, 64), dtype, 8), make((2, 2, sk, 64), dtype, 9)
@@ -105,7 +106,7 @@ def test_sq_differs_from_sk(isa, dtype, causal, sq, sk):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_softcap_and_scale(isa, dtype):
+def test_softcap_and_scale(prefill_isa, dtype):
     q, k, v = make((2, 6, 70, 64), dtype, 10, 3.0), make((2, 2, 90, 64), dtype, 11, 3.0), make((2, 2, 90, 64), dtype, 12)
     check(q, k, v, causal=True, scale=0.3, softcap=20.0)
     check(q, k, v, causal=False, softcap=5.0)
@@ -114,7 +115,7 @@ def test_softcap_and_scale(isa, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("sq,sk,window", [(77, 77, 1), (77, 77, 5), (200, 200, 64), (130, 130, 63), (40, 300, 100),
                                           (1, 500, 129), (129, 129, 1000), (70, 60, 16)], ids=str)  # fmt: skip
-def test_sliding_window(isa, dtype, sq, sk, window):
+def test_sliding_window(prefill_isa, dtype, sq, sk, window):
     """Query i sees keys (i + Sk - Sq - window, i + Sk - Sq] only: tiles the window skips,
     tiles it cuts, windows wider than the context, more queries than keys."""
     q, k, v = make((2, 6, sq, 64), dtype, 17), make((2, 2, sk, 64), dtype, 18), make((2, 2, sk, 64), dtype, 19)
@@ -122,7 +123,7 @@ def test_sliding_window(isa, dtype, sq, sk, window):
     check(q, k, v, causal=True, scale=0.3, softcap=20.0, window=window)
 
 
-def test_sliding_window_varlen_equals_per_sequence_calls(isa):
+def test_sliding_window_varlen_equals_per_sequence_calls(prefill_isa):
     lens_q, lens_k = [5, 0, 130, 1], [9, 3, 130, 40]
     q, k, v, cu_q, cu_k = packed(lens_q, lens_k, 4, 2, 32, torch.float32, 24)
     got = attention_varlen(q, k, v, cu_q, cu_k, causal=True, window=17)
@@ -205,7 +206,7 @@ def packed(lens_q, lens_k, hq, hkv, d, dtype, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_equals_per_sequence_calls(isa, dtype, causal):
+def test_varlen_equals_per_sequence_calls(prefill_isa, dtype, causal):
     """Mixed lengths (including an empty sequence and Sq != Sk) in one call give, bitwise,
     what one attention call per sequence gives, and match the reference."""
     lens_q, lens_k = [5, 0, 77, 1, 130], [9, 3, 77, 40, 130]
@@ -387,3 +388,85 @@ def test_cuda_matches_reference(dtype):
     cpu = attention_varlen(qv, kv, vv, cu_q, cu_k, causal=True)
     gpu = attention_varlen(qv.cuda(), kv.cuda(), vv.cuda(), cu_q.cuda(), cu_k.cuda(), causal=True).cpu()
     torch.testing.assert_close(gpu.float(), cpu.float(), atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# the AMX tile path (bf16, head_dim % 32 == 0): what the shared tests above do not reach
+
+HAS_AMX = _C.build_info()["cpu_has_amx"]
+needs_amx = pytest.mark.skipif(not HAS_AMX, reason="no AMX-BF16 on this CPU (or OS, or build)")
+
+
+@pytest.fixture
+def amx():
+    _C.set_isa("amx")
+    assert _C.build_info()["attention_isa"] == "amx"
+    yield
+    _C.set_isa("auto")
+
+
+@needs_amx
+@pytest.mark.parametrize("hq,hkv,d,sq,sk,window", [(9, 3, 64, 300, 300, None), (4, 4, 128, 129, 400, None),
+                                                   (16, 2, 256, 70, 70, None), (8, 2, 32, 17, 1000, None),
+                                                   (6, 2, 64, 260, 260, 100), (4, 1, 128, 1, 513, 200)],
+                         ids=str)  # fmt: skip
+def test_amx_tiles_cross_every_boundary(amx, hq, hkv, d, sq, sk, window):
+    """Query and key counts that leave partial 16-row, 16-key and 128-key tiles, windows
+    that start inside a 16-key block, GQA groups of 1-8 and every head_dim the path takes."""
+    q, k, v = (make((2, h, s, d), torch.bfloat16, seed, 2.0) for h, s, seed in ((hq, sq, 30), (hkv, sk, 31), (hkv, sk, 32)))
+    check(q, k, v, causal=True, window=window)
+    check(q, k, v, causal=False)
+
+
+@needs_amx
+def test_amx_softcap_scale_and_varlen(amx):
+    q, k, v = make((1, 8, 150, 64), torch.bfloat16, 33, 3.0), make((1, 2, 150, 64), torch.bfloat16, 34, 3.0), make(
+        (1, 2, 150, 64), torch.bfloat16, 35)  # fmt: skip
+    check(q, k, v, causal=True, scale=0.3, softcap=20.0)
+    lens_q, lens_k = [5, 0, 130, 1, 40], [9, 3, 130, 200, 40]
+    qp, kp, vp, cu_q, cu_k = packed(lens_q, lens_k, 8, 2, 64, torch.bfloat16, 36)
+    got = attention_varlen(qp, kp, vp, cu_q, cu_k, causal=True)
+    for b in range(len(lens_q)):
+        (q0, q1), (k0, k1) = cu_q[b : b + 2].tolist(), cu_k[b : b + 2].tolist()
+        if q1 > q0:
+            one = attention(*(t[a:z].transpose(0, 1)[None] for t, a, z in ((qp, q0, q1), (kp, k0, k1), (vp, k0, k1))),
+                            causal=True)  # fmt: skip
+            assert torch.equal(got[q0:q1], one[0].transpose(0, 1))
+
+
+@needs_amx
+def test_amx_deterministic_across_threads_and_infinite_rows(amx):
+    q, k, v = make((1, 9, 200, 64), torch.bfloat16, 37), make((1, 3, 200, 64), torch.bfloat16, 38), make(
+        (1, 3, 200, 64), torch.bfloat16, 39)  # fmt: skip
+    k[0, 0, :50] = float("-inf")  # scores -inf or NaN for the first keys of kv head 0
+    q[0, 1, :, :] = q[0, 1].abs()
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = attention(q, k, v, causal=True)
+        torch.set_num_threads(2)
+        two = attention(q, k, v, causal=True)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(one.view(torch.int16), two.view(torch.int16))
+    _C.set_isa("avx2")
+    ref = attention(q, k, v, causal=True)
+    assert torch.equal(torch.isnan(one), torch.isnan(ref))  # NaN exactly where the AVX2 path has it
+
+
+@needs_amx
+def test_amx_leaves_other_calls_to_avx2(amx):
+    """float16 / float32 and head_dim 80 take the AVX2 kernel: the same bits."""
+    for dtype, d, scale in [(torch.bfloat16, 80, None), (torch.float16, 64, 0.2), (torch.float32, 64, None)]:
+        q, k, v = make((1, 4, 40, d), dtype, 40), make((1, 2, 40, d), dtype, 41), make((1, 2, 40, d), dtype, 42)
+        _C.set_isa("amx")
+        got = attention(q, k, v, causal=True, scale=scale)
+        _C.set_isa("avx2")
+        assert torch.equal(got, attention(q, k, v, causal=True, scale=scale)), (dtype, d, scale)
+
+
+@pytest.mark.skipif(HAS_AMX, reason="this CPU has AMX")
+def test_amx_refused_without_it():
+    with pytest.raises(ValueError, match="isa 'amx' requested but this CPU"):
+        _C.set_isa("amx")
+    assert _C.build_info()["attention_isa"] != "amx"

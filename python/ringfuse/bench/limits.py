@@ -76,6 +76,12 @@ def int8_path() -> str:
     return _C.build_info()["int8_gemm_isa"]
 
 
+def attention_path() -> str:
+    """The prefill attention's path for bf16 inputs as chosen now ("amx" on CPUs with AMX
+    tiles; float32 / float16 always take ``_C.isa()``)."""
+    return _C.build_info()["attention_isa"]
+
+
 def cpu_path() -> str:
     """Which CPU kernels run: the float path, and the int8 GEMM's when it differs."""
     isa, int8 = _C.isa(), int8_path()
