@@ -122,12 +122,15 @@ RF_AMX void pack_kv(const PrefillArgs& a, int64_t b, int64_t kvh, PackedKV& pk) 
   }
 }
 
+// Per-thread item scratch, in a buffer each (OpenMP) thread keeps between calls.
 struct AmxScratch {
-  std::vector<char> buf;
   uint16_t *q, *p;  // [kMaxRows][D], [kMaxRows][kAmxKeys] bf16
   float *s, *o;     // [kMaxRows][kAmxKeys], [kMaxRows][D] fp32
   float m[kMaxRows], l[kMaxRows], alpha[kMaxRows];
-  explicit AmxScratch(int64_t D) : buf(size_t(kMaxRows * (D * 2 + kAmxKeys * 2 + kAmxKeys * 4 + D * 4) + 64), 0) {
+  explicit AmxScratch(int64_t D) {
+    thread_local std::vector<char> buf;
+    const size_t bytes = size_t(kMaxRows * (D * 2 + kAmxKeys * 2 + kAmxKeys * 4 + D * 4) + 64);
+    if (buf.size() < bytes) buf.resize(bytes);
     char* base = buf.data() + (64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64;
     q = reinterpret_cast<uint16_t*>(base);
     p = q + kMaxRows * D;
@@ -154,6 +157,25 @@ RF_AMX RF_INLINE __m512 exp16(__m512 x) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_maskz_mov_ps(_mm512_knot(too_small), _mm512_scalef_ps(y, n));
+}
+
+// 2^x for the lanes of `keep` where x >= -126 (0 in the others; NaN stays NaN): round to
+// n, 2^(x - n) by its degree-5 Taylor polynomial (|x - n| <= 1/2: relative error 2.4e-6,
+// far below P's bf16 rounding), scaled by 2^n. Base 2, so that the softmax folds log2(e)
+// into its scale and needs no two-step range reduction; the masks fold into the last op.
+RF_AMX RF_INLINE __m512 exp2_masked(__mmask16 keep, __m512 x) {
+  const __m512 lo = _mm512_set1_ps(-126.0f);
+  const __mmask16 live = _mm512_mask_cmp_ps_mask(keep, x, lo, _CMP_NLT_UQ);  // x >= -126 or NaN
+  x = _mm512_max_ps(lo, x);  // operand order keeps NaN
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(x, n);
+  __m512 y = _mm512_set1_ps(1.3333558e-3f);                   // ln2^5 / 5!
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.6181291e-3f));   // ln2^4 / 4!
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5504109e-2f));   // ln2^3 / 3!
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022651e-1f));   // ln2^2 / 2!
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9314718e-1f));   // ln2
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(live, y, n);
 }
 
 // Lanes [lo, hi) of a 16-lane chunk (lo, hi in [0, 16]).
@@ -190,10 +212,12 @@ RF_AMX void softmax_row(float* s, uint16_t* pb, int64_t first, int64_t valid, in
   // all scores -inf so far (infinite inputs): keep p = 0 and the row unchanged, not NaN
   const float m_safe = m_new == -std::numeric_limits<float>::infinity() ? 0.0f : m_new;
   alpha = std::exp(m - m_safe);
-  const __m512 vm = _mm512_set1_ps(m_safe), vs = _mm512_set1_ps(scale);
+  // p = e^(scale s - m) = 2^(scale log2(e) s - log2(e) m)
+  constexpr float kLog2e = 1.44269504088896341f;
+  const __m512 vm = _mm512_set1_ps(m_safe * kLog2e), vs = _mm512_set1_ps(scale * kLog2e);
   __m512 psum = _mm512_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
-    const __m512 p = _mm512_maskz_mov_ps(keep(c), exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * c), vs, vm)));
+    const __m512 p = exp2_masked(keep(c), _mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * c), vs, vm));
     psum = _mm512_add_ps(psum, p);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + 16 * c), (__m256i)_mm512_cvtneps_pbh(p));  // RNE
   }
@@ -306,7 +330,10 @@ bool amx_prefill_takes(const PrefillArgs& a, int dtype) {
 }
 
 void amx_prefill(const PrefillArgs& a, const std::vector<PrefillItem>& items, int num_threads) {
-  PackedKV pk;
+  // kept per calling thread: a fresh buffer each call cost its page faults and zero fill
+  // (every element is written by pack_kv, padding included)
+  thread_local PackedKV kept;
+  PackedKV& pk = kept;  // the caller's, shared with the team (kept names each thread's own)
   pk.d = a.d;
   pk.base.resize(size_t(a.batch));
   pk.keys.resize(size_t(a.batch));
@@ -314,13 +341,15 @@ void amx_prefill(const PrefillArgs& a, const std::vector<PrefillItem>& items, in
   for (int64_t b = 0; b < a.batch; ++b) {
     int64_t ks, klen;
     seq_range(a.cu_k, a.sk, b, ks, klen);
-    // a tile reads up to kAmxKeys keys past its start, which is a multiple of 16 below klen
-    pk.keys[size_t(b)] = (klen + 15) / 16 * 16 + kAmxKeys;
+    // a tile starts at a multiple of 16 below klen and reads its keys rounded up to 32
+    pk.keys[size_t(b)] = (klen + 15) / 16 * 16 + 16;
     pk.base[size_t(b)] = total;
     total += a.hkv * pk.keys[size_t(b)] * a.d;
   }
-  pk.k.resize(size_t(total));
-  pk.v.resize(size_t(total));
+  if (pk.k.size() < size_t(total)) {
+    pk.k.resize(size_t(total));
+    pk.v.resize(size_t(total));
+  }
   const int64_t n_heads = a.batch * a.hkv, n_items = int64_t(items.size());
   const int threads = std::max(1, num_threads);
 #pragma omp parallel num_threads(threads)
@@ -332,6 +361,10 @@ void amx_prefill(const PrefillArgs& a, const std::vector<PrefillItem>& items, in
 #pragma omp for schedule(dynamic, 1)
     for (int64_t n = 0; n < n_items; ++n) run_item(a, items[size_t(n)], pk, w);
     release_tiles();
+  }
+  if (pk.k.capacity() > (size_t(32) << 20)) {  // keep up to 2 x 64 MiB for the next call
+    pk.k = {};
+    pk.v = {};
   }
 }
 
