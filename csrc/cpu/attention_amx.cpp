@@ -2,24 +2,26 @@
 // AVX2 kernel's FlashAttention-2 loop (attention.cpp) with both products on the tile unit.
 //
 // Per work item (the same items as the AVX2 path: one sequence, one kv head, <= 8 of its
-// query heads, a tile of queries; rows = heads x queries <= 64, padded to 16-row tiles):
-//   S = Q K^T          16 x 16 fp32 tiles, TDPBF16PS over 32 of D at a time
-//   online softmax     per row on AVX2 (scale, softcap, causal / window masks, exp8), P
-//                      rounded to bf16 (as FlashAttention does on GPUs) in the same pass
-//   O = O * alpha + P V 16 x 16 fp32 tiles of O loaded, accumulated over 32 keys at a time,
-//                      stored back; rows whose max did not move skip the rescale
+// query heads, a tile of queries; rows = heads x queries <= 64, padded to 16-row tiles),
+// keys in tiles of 128:
+//   S = Q K^T           2 x 2 blocks of 16 x 16 fp32 tiles, TDPBF16PS over 32 of D at a time
+//   online softmax      per row on AVX-512: scale, softcap, causal / window masks, e^x as
+//                       2^x, P rounded to bf16 (as FlashAttention does on GPUs), one pass
+//   O = O * alpha + P V  2 x 2 blocks of O's tiles loaded, accumulated over 32 keys at a
+//                       time, stored back; rows whose max did not move skip the rescale
 // TDPBF16PS multiplies pairs of bf16 along the reduction dimension, so its B operand holds
 // (k[j][2w], k[j][2w + 1]) side by side: K and V are repacked once per call (every query
 // tile of a kv head reads the same keys), K as [16-key block][D / 2][16][2] and V as
 // [key pair][D][2], zero-padded at the end of each sequence. That copy is the path's extra
 // memory (the size of K and V in bf16); Q tiles load from a per-item copy of the rows.
 //
-// Napkin math, (Hq, Hkv, D) = (32, 8, 128), Sq = Sk = 512, causal: 4 x 32 x 512^2 / 2 x 128
-// = 2.1 GFLOP. One tile product is 16 x 16 x 32 = 8192 MACs in 16 cycles (512 MAC/cycle
-// per core), so the products of a 64-row x 64-key tile take ~2,000 cycles at D = 128;
-// its softmax (4,096 exps at ~4 AVX2 instructions each) takes more, so exp8 sets the pace,
-// as on the AVX2 path's FMAs it was ~15%. Expected: several times the AVX2 path, which
-// reaches ~65% of the 2-core FMA peak (~130 GFLOP/s).
+// Napkin math, (Hq, Hkv, D) = (32, 8, 128), Sq = Sk = 2048, causal: 4 x 32 x 2048^2 / 2 x
+// 128 = 34 GFLOP. One tile product is 16 x 16 x 32 = 8192 MACs in 16 cycles (512 MAC/cycle
+// per core): ~33 M cycles for both products over 2 cores, ~6 ms at ~2.7 GHz. The softmax
+// (~36 M scores per core at ~15 AVX-512 instructions per 16) is of the same order, and so
+// is the O traffic. Measured on a 2-core SPR VM (2026-12-06): 39 ms, 0.88 TFLOP/s, against
+// 3 ms of packing and item set-up, ~8 ms of S, ~9 ms of P V and the rest softmax; the AVX2
+// kernel on the same shape runs at ~140 GFLOP/s.
 #include <cmath>
 #include <cstring>
 #include <limits>
