@@ -19,9 +19,9 @@
 // 128 = 34 GFLOP. One tile product is 16 x 16 x 32 = 8192 MACs in 16 cycles (512 MAC/cycle
 // per core): ~33 M cycles for both products over 2 cores, ~6 ms at ~2.7 GHz. The softmax
 // (~36 M scores per core at ~15 AVX-512 instructions per 16) is of the same order, and so
-// is the O traffic. Measured on a 2-core SPR VM (2026-12-06): 39 ms, 0.88 TFLOP/s, against
-// 3 ms of packing and item set-up, ~8 ms of S, ~9 ms of P V and the rest softmax; the AVX2
-// kernel on the same shape runs at ~140 GFLOP/s.
+// is the O traffic. Measured on a 2-core SPR VM (2026-12-06): 39 ms, 0.88 TFLOP/s (the AVX2
+// kernel: ~140 GFLOP/s). Parts timed by leaving the others out, before the base-2 softmax:
+// 3 ms of packing and item set-up, 8 ms of S, 9 ms of P V, 20 ms of softmax.
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -364,7 +364,9 @@ void amx_prefill(const PrefillArgs& a, const std::vector<PrefillItem>& items, in
     for (int64_t n = 0; n < n_items; ++n) run_item(a, items[size_t(n)], pk, w);
     release_tiles();
   }
-  if (pk.k.capacity() > (size_t(32) << 20)) {  // keep up to 2 x 64 MiB for the next call
+  // keep up to 2 x 8 MiB for the next call (a 2k-token prompt of 8 kv heads x 128): larger
+  // copies belong to prompts whose compute dwarfs their allocation
+  if (pk.k.capacity() > (size_t(4) << 20)) {
     pk.k = {};
     pk.v = {};
   }
