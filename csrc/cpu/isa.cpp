@@ -69,6 +69,8 @@ bool int8_use_vnni() {
   return v >= kVnni || (v < 0 && cpu_has_avx512_vnni());
 }
 
+bool avx512_kernels() { return int8_use_vnni(); }
+
 bool attention_use_amx() {
   const int v = g_isa.load(std::memory_order_relaxed);
   return v == kAmx || (v < 0 && cpu_has_amx());

@@ -24,7 +24,8 @@ namespace ringfuse::cpu {
 // Run-time ISA choice. "avx2" needs AVX2 + FMA + F16C; "scalar" runs anywhere. Tests force
 // "scalar" to exercise the fallback on this machine. "avx512vnni" is "avx2" plus the int8
 // GEMM's AVX-512 VNNI kernel (hosts that have it: auto picks it there); "avx2" alone keeps
-// the int8 GEMM on its AVX2 kernel, so tests can run both. "amx" is "avx512vnni" plus the
+// the int8 GEMM on its AVX2 kernel, so tests can run both (the fp32 prefill attention's
+// AVX-512 products follow the same choice). "amx" is "avx512vnni" plus the
 // bf16 prefill attention on AMX tiles (Sapphire Rapids and later; auto picks it there).
 enum class Isa : int { kScalar = 0, kAvx2 = 1 };
 bool cpu_has_avx2();         // AVX2 + FMA + F16C present
@@ -32,6 +33,7 @@ bool cpu_has_avx512_vnni();  // AVX-512 F/BW/VL + VNNI present
 bool cpu_has_amx();          // AMX-TILE + AMX-BF16, enabled by the OS for this process (and built in)
 Isa active_isa();
 bool int8_use_vnni();            // the int8 GEMM takes its AVX-512 VNNI kernel
+bool avx512_kernels();           // the same ISA level: kernels with AVX-512 parts take them (prefill products)
 bool attention_use_amx();        // bf16 prefill attention takes its AMX kernel
 void set_isa(const char* name);  // "auto" | "amx" | "avx512vnni" | "avx2" | "scalar"; throws on unknown / unsupported
 const char* isa_name(Isa isa);

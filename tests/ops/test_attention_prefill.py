@@ -470,3 +470,21 @@ def test_amx_refused_without_it():
     with pytest.raises(ValueError, match="isa 'amx' requested but this CPU"):
         _C.set_isa("amx")
     assert _C.build_info()["attention_isa"] != "amx"
+
+
+@pytest.mark.skipif(not _C.build_info()["cpu_has_avx512_vnni"], reason="no AVX-512 on this CPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hkv,d,sq,sk", [(9, 3, 64, 200, 200), (8, 1, 80, 77, 300), (6, 2, 256, 40, 40),
+                                            (16, 2, 128, 65, 65), (4, 4, 20, 30, 30)], ids=str)  # fmt: skip
+def test_avx512_products_give_the_avx2_bits(dtype, hq, hkv, d, sq, sk):
+    """At the "avx512vnni" level the prefill products run 16 lanes wide (head_dim % 16 == 0)
+    in the AVX2 kernel's summation order: every bit equals the AVX2 path's."""
+    q, k, v = make((2, hq, sq, d), dtype, 43), make((2, hkv, sk, d), dtype, 44), make((2, hkv, sk, d), dtype, 45)
+    try:
+        _C.set_isa("avx512vnni")
+        wide = attention(q, k, v, causal=True, softcap=10.0, return_lse=True)
+        _C.set_isa("avx2")
+        narrow = attention(q, k, v, causal=True, softcap=10.0, return_lse=True)
+    finally:
+        _C.set_isa("auto")
+    assert torch.equal(wide[0], narrow[0]) and torch.equal(wide[1], narrow[1])

@@ -78,7 +78,7 @@ def run_prefill(heads=HEADS, lengths=PREFILL_LENGTHS, dtypes=tuple(DTYPES), roun
                              f"{100 * prefill_flops(hq, s, d) / base / 1e9 / lim.fma_gflops:.0f}%"])
     print_table(
         f"attention (causal prefill, B=1): ringfuse vs torch SDPA, {lim.threads} threads, {lim.isa} "
-        f"(bf16: {attention_path()})",
+        f"({attention_path()})",
         ["Hq/Hkv/D", "length", "dtype", "torch us", "ringfuse us", "speedup", "GFLOP/s", "% FMA peak",
          "torch % peak"],
         rows,
@@ -230,7 +230,7 @@ def run_window(heads=WINDOW_HEADS, lengths=WINDOW_LENGTHS, window=WINDOW, dtypes
                              f"{base / ours:.2f}x", f"{gflops:.0f}", f"{100 * gflops / lim.fma_gflops:.0f}%"])
     print_table(
         f"attention with a sliding window (causal prefill, B=1): ringfuse vs torch SDPA with the window mask, "
-        f"{lim.threads} threads, {lim.isa} (bf16: {attention_path()})",
+        f"{lim.threads} threads, {lim.isa} ({attention_path()})",
         ["Hq/Hkv/D", "length", "dtype", "torch us", "ringfuse us", "speedup", "GFLOP/s", "% FMA peak"],
         rows,
         note=f"median of interleaved rounds; FMA peak measured in this run: {lim.fma_gflops:.0f} GFLOP/s.",

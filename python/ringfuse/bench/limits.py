@@ -77,9 +77,11 @@ def int8_path() -> str:
 
 
 def attention_path() -> str:
-    """The prefill attention's path for bf16 inputs as chosen now ("amx" on CPUs with AMX
-    tiles; float32 / float16 always take ``_C.isa()``)."""
-    return _C.build_info()["attention_isa"]
+    """The prefill attention's paths as chosen now: its products' vector width (AVX-512 at the
+    "avx512vnni" level and above) and bf16's path ("amx" on CPUs with AMX tiles)."""
+    info = _C.build_info()
+    products = "avx512" if info["int8_gemm_isa"] == "avx512vnni" else info["isa"]
+    return f"products {products}, bf16 {info['attention_isa']}"
 
 
 def cpu_path() -> str:
