@@ -60,7 +60,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info);
   m.def("set_isa", [](const std::string& name) { rf::cpu::set_isa(name.c_str()); },
         "Choose the CPU path: 'auto', 'amx' (avx512vnni + the bf16 prefill attention on AMX tiles), "
-        "'avx512vnni' (avx2 + the int8 GEMM's VNNI kernel), 'avx2' or 'scalar'.");
+        "'avx512vnni' (avx2 + the int8 GEMM's VNNI kernel and AVX-512 prefill attention products), 'avx2' or "
+        "'scalar'.");
   m.def("isa", [] { return std::string(rf::cpu::isa_name(rf::cpu::active_isa())); });
 
   m.def("rms_norm", &rf::cpu::rms_norm, release_gil(), py::arg("out"), py::arg("out_stride"),

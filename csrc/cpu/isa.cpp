@@ -30,9 +30,8 @@ bool cpu_has_avx512_vnni() {
 }
 
 // AMX needs the CPU's AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22) with
-// AVX-512 BF16 (the path's softmax rounds P with it), the OS's
-// XSAVE support for the tile state (XCR0 bits 17 and 18), and Linux's per-process
-// permission for the 8 KiB tile data (arch_prctl ARCH_REQ_XCOMP_PERM, Linux >= 5.16; a
+// AVX-512 BF16 (the path's softmax rounds P with it), the OS's XSAVE support for the tile
+// state (XCR0 bits 17 and 18), and Linux's per-process permission for the 8 KiB tile data (arch_prctl ARCH_REQ_XCOMP_PERM, Linux >= 5.16; a
 // tile instruction without it is SIGILL). The permission is asked for once, here.
 bool cpu_has_amx() {
   static const bool has = [] {
@@ -54,7 +53,7 @@ bool cpu_has_amx() {
   return has;
 }
 
-constexpr int kVnni = 2;            // g_isa value of "avx512vnni": kAvx2 + the VNNI int8 GEMM
+constexpr int kVnni = 2;            // g_isa value of "avx512vnni": kAvx2 + the AVX-512 kernels
 constexpr int kAmx = 3;             // g_isa value of "amx": kVnni + the AMX bf16 prefill attention
 static std::atomic<int> g_isa{-1};  // -1: not chosen yet -> auto
 
