@@ -141,26 +141,6 @@ struct AmxScratch {
   }
 };
 
-// e^x for 16 lanes: exp8's range reduction and polynomial on AVX-512, 2^n by scalef.
-// 0 below -87.3 (so masked -inf scores give exactly 0), NaN stays NaN.
-RF_AMX RF_INLINE __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.33654f), hi = _mm512_set1_ps(88.3762626647949f);
-  const __mmask16 too_small = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_min_ps(hi, _mm512_max_ps(lo, x));  // operand order keeps NaN
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(_mm512_knot(too_small), _mm512_scalef_ps(y, n));
-}
-
 // 2^x for the lanes of `keep` where x >= -126 (0 in the others; NaN stays NaN): round to
 // n, 2^(x - n) by its degree-5 Taylor polynomial (|x - n| <= 1/2: relative error 2.4e-6,
 // far below P's bf16 rounding), scaled by 2^n. Base 2, so that the softmax folds log2(e)
@@ -201,8 +181,9 @@ RF_AMX void softmax_row(float* s, uint16_t* pb, int64_t first, int64_t valid, in
   };
   if (softcap > 0.0f) {  // s <- softcap tanh(scale s / softcap) = softcap (1 - 2 / (e^(2 scale s / softcap) + 1))
     const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), cap = _mm512_set1_ps(softcap);
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __m512 e = exp16(_mm512_mul_ps(_mm512_loadu_ps(s + 16 * c), _mm512_set1_ps(2.0f * scale / softcap)));
+    const __m512 mul = _mm512_set1_ps(2.0f * scale / softcap * 1.44269504088896341f);  // e^y = 2^(y log2 e)
+    for (int64_t c = 0; c < chunks; ++c) {  // 2^x: inf above 128 (tanh 1), 0 below -126 (tanh -1)
+      const __m512 e = exp2_masked(0xffff, _mm512_mul_ps(_mm512_loadu_ps(s + 16 * c), mul));
       _mm512_storeu_ps(s + 16 * c, _mm512_mul_ps(cap, _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(e, one)))));
     }
     scale = 1.0f;

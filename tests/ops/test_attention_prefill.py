@@ -64,6 +64,27 @@ def assert_tolerance(got, ref64, same_dtype):
     assert err <= 2 * err_torch + floor, f"error {err:.3g} > 2 x torch's {err_torch:.3g} + {floor:.3g}"
 
 
+def one_and_two_threads(fn):
+    """fn() run with 1 thread, then with 2 (torch's thread count restored after)."""
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn()
+        torch.set_num_threads(2)
+        return one, fn()
+    finally:
+        torch.set_num_threads(prev)
+
+
+def assert_equals_per_sequence_calls(got, q, k, v, cu_q, cu_k, **kw):
+    """varlen output ``got`` is, bitwise, one ``attention`` call per non-empty sequence."""
+    for b in range(len(cu_q) - 1):
+        (q0, q1), (k0, k1) = cu_q[b : b + 2].tolist(), cu_k[b : b + 2].tolist()
+        if q1 > q0:
+            one = attention(*(t[a:z].transpose(0, 1)[None] for t, a, z in ((q, q0, q1), (k, k0, k1), (v, k0, k1))), **kw)
+            assert torch.equal(got[q0:q1], one[0].transpose(0, 1))
+
+
 def check(q, k, v, causal, scale=None, softcap=None, window=None):
     d = q.shape[-1]
     scale_v = scale if scale is not None else 1 / math.sqrt(d)
@@ -127,13 +148,7 @@ def test_sliding_window_varlen_equals_per_sequence_calls(prefill_isa):
     lens_q, lens_k = [5, 0, 130, 1], [9, 3, 130, 40]
     q, k, v, cu_q, cu_k = packed(lens_q, lens_k, 4, 2, 32, torch.float32, 24)
     got = attention_varlen(q, k, v, cu_q, cu_k, causal=True, window=17)
-    for b in range(4):
-        (q0, q1), (k0, k1) = cu_q[b : b + 2].tolist(), cu_k[b : b + 2].tolist()
-        if q1 == q0:
-            continue
-        one = attention(*(t[a:z].transpose(0, 1)[None] for t, a, z in ((q, q0, q1), (k, k0, k1), (v, k0, k1))),
-                        causal=True, window=17)  # fmt: skip
-        assert torch.equal(got[q0:q1], one[0].transpose(0, 1))
+    assert_equals_per_sequence_calls(got, q, k, v, cu_q, cu_k, causal=True, window=17)
 
 
 def test_matches_sdpa_drop_in():
@@ -181,14 +196,7 @@ def test_nan_propagates_only_where_seen():
 def test_deterministic_across_threads():
     q, k, v = make((1, 9, 300, 64), torch.float32, 6), make((1, 3, 300, 64), torch.float32, 7), make(
         (1, 3, 300, 64), torch.float32, 8)  # fmt: skip
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = attention(q, k, v, causal=True)
-        torch.set_num_threads(2)
-        two = attention(q, k, v, causal=True)
-    finally:
-        torch.set_num_threads(prev)
+    one, two = one_and_two_threads(lambda: attention(q, k, v, causal=True))
     assert torch.equal(one, two)
 
 
@@ -426,12 +434,7 @@ def test_amx_softcap_scale_and_varlen(amx):
     lens_q, lens_k = [5, 0, 130, 1, 40], [9, 3, 130, 200, 40]
     qp, kp, vp, cu_q, cu_k = packed(lens_q, lens_k, 8, 2, 64, torch.bfloat16, 36)
     got = attention_varlen(qp, kp, vp, cu_q, cu_k, causal=True)
-    for b in range(len(lens_q)):
-        (q0, q1), (k0, k1) = cu_q[b : b + 2].tolist(), cu_k[b : b + 2].tolist()
-        if q1 > q0:
-            one = attention(*(t[a:z].transpose(0, 1)[None] for t, a, z in ((qp, q0, q1), (kp, k0, k1), (vp, k0, k1))),
-                            causal=True)  # fmt: skip
-            assert torch.equal(got[q0:q1], one[0].transpose(0, 1))
+    assert_equals_per_sequence_calls(got, qp, kp, vp, cu_q, cu_k, causal=True)
 
 
 @needs_amx
@@ -440,14 +443,7 @@ def test_amx_deterministic_across_threads_and_infinite_rows(amx):
         (1, 3, 200, 64), torch.bfloat16, 39)  # fmt: skip
     k[0, 0, :50] = float("-inf")  # scores -inf or NaN for the first keys of kv head 0
     q[0, 1, :, :] = q[0, 1].abs()
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = attention(q, k, v, causal=True)
-        torch.set_num_threads(2)
-        two = attention(q, k, v, causal=True)
-    finally:
-        torch.set_num_threads(prev)
+    one, two = one_and_two_threads(lambda: attention(q, k, v, causal=True))
     assert torch.equal(one.view(torch.int16), two.view(torch.int16))
     _C.set_isa("avx2")
     ref = attention(q, k, v, causal=True)
