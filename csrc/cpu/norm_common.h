@@ -140,6 +140,7 @@ RF_AVX2 RF_INLINE __m256 round8(__m256 v) {
 // Row pointers for one row of the argument bundle.
 template <class TX, class TW, class TO>
 struct RowPtrs {
+  using TXType = TX;
   using X = typename TX::T;
   using W = typename TW::T;
   using O = typename TO::T;
@@ -192,11 +193,27 @@ struct RowPtrs {
   }
 };
 
-// Pass 1 of both norms for N rows in lockstep: s = x (+ r) into bufs[r] (with a residual the
-// rounded sum also goes to residual_out), and per row kAcc accumulators of s (kSquares:
-// of s * s), zero-filled tail lanes adding nothing.
+// Whether the later passes over a row read s from x itself: fp32 x without a residual is s
+// already, and its row is in L1 after the first pass. Otherwise they read the fp32 copy of s
+// that the first pass writes to scratch (x converted, or x + r rounded, once).
+template <class TX, bool kRes>
+inline constexpr bool kReadsX = TX::code == kFloat32 && !kRes;
+
+// s for the later passes of row r: x's row or the scratch copy (see kReadsX).
+template <class TX, bool kRes, class Ptrs>
+RF_INLINE const float* s_row(const Ptrs& p, float* buf) {
+  if constexpr (kReadsX<TX, kRes>)
+    return reinterpret_cast<const float*>(p.x);
+  else
+    return buf;
+}
+
+// Pass 1 of both norms for N rows in lockstep: s = x (+ r) into bufs[r] (unless kReadsX;
+// with a residual the rounded sum also goes to residual_out), and per row kAcc accumulators
+// of s (kSquares: of s * s), zero-filled tail lanes adding nothing.
 template <int N, int kAcc, bool kSquares, bool kRes, bool kStream, class Ptrs>
 RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, __m256 (*acc)[kAcc]) {
+  constexpr bool kCopy = !kReadsX<typename Ptrs::TXType, kRes>;
   const auto accumulate = [](__m256 sum, __m256 s) RF_AVX2 {
     return kSquares ? _mm256_fmadd_ps(s, s, sum) : _mm256_add_ps(sum, s);
   };
@@ -208,8 +225,10 @@ RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, 
       for (int k = 0; k < kAcc; k += 2) {
         __m256 s0, s1;
         p[r].template s16<kRes, kStream>(i + 8 * k, s0, s1);
-        _mm256_storeu_ps(bufs[r] + i + 8 * k, s0);
-        _mm256_storeu_ps(bufs[r] + i + 8 * k + 8, s1);
+        if constexpr (kCopy) {
+          _mm256_storeu_ps(bufs[r] + i + 8 * k, s0);
+          _mm256_storeu_ps(bufs[r] + i + 8 * k + 8, s1);
+        }
         acc[r][k] = accumulate(acc[r][k], s0);
         acc[r][k + 1] = accumulate(acc[r][k + 1], s1);
       }
@@ -218,14 +237,14 @@ RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, 
   for (; i + 8 <= H; i += 8) {
     for (int r = 0; r < N; ++r) {
       const __m256 s = p[r].template s8<kRes, kStream>(i);
-      _mm256_storeu_ps(bufs[r] + i, s);
+      if constexpr (kCopy) _mm256_storeu_ps(bufs[r] + i, s);
       acc[r][0] = accumulate(acc[r][0], s);
     }
   }
   if (i < H) {
     for (int r = 0; r < N; ++r) {
       const __m256 s = p[r].template s_tail<kRes>(i, H - i);
-      _mm256_storeu_ps(bufs[r] + i, s);
+      if constexpr (kCopy) _mm256_storeu_ps(bufs[r] + i, s);
       acc[r][1] = accumulate(acc[r][1], s);
     }
   }

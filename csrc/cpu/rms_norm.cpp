@@ -6,8 +6,9 @@
 //                        y = s * rstd * w            (torch order, one rounding)
 //                        y = round_x(s * rstd) * w   (HF LlamaRMSNorm order, llama_cast)
 // Two passes over the row: the first reads x (and r) from memory, converts and adds them
-// once, writes the rounded sum to residual_out and keeps s in an fp32 scratch row; the
-// second re-reads s from L1 and writes out while the next row is prefetched. Memory traffic
+// once, writes the rounded sum to residual_out and keeps s in an fp32 scratch row (fp32 x
+// without a residual is s already: the second pass re-reads x's row); the second re-reads s
+// from L1 and writes out while the next row is prefetched. Memory traffic
 // is one read of each input and one write of each output. bf16/fp16 rows are bound by the
 // AVX2 conversions (no native bf16 instructions here), fp32 rows by memory.
 // Napkin math, [4096, 4096] fp32 with residual: reads 2 x 64 MiB, writes 2 x 64 MiB ->
@@ -69,6 +70,7 @@ struct RmsKernel {
 
     // pass 1: s = x (+ r), kept in buf; sum of squares
     first_pass<N, kAcc, true, kRes, kStream>(p, bufs, H, acc);
+    const float* s[2] = {s_row<TX, kRes>(p[0], bufs[0]), s_row<TX, kRes>(p[N - 1], bufs[N - 1])};
     __m256 rstd[N];
     for (int r = 0; r < N; ++r)
       rstd[r] = _mm256_set1_ps(1.0f / std::sqrt(hsum_n<kAcc>(acc[r]) * (1.0f / float(H)) + a.eps));
@@ -81,19 +83,19 @@ struct RmsKernel {
       if constexpr (N == 2) next1.at(i);
       const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
       for (int r = 0; r < N; ++r)
-        store16<TO, kStream>(p[r].out + i, scale<kLlamaCast>(_mm256_loadu_ps(bufs[r] + i), rstd[r], w0),
-                             scale<kLlamaCast>(_mm256_loadu_ps(bufs[r] + i + 8), rstd[r], w1));
+        store16<TO, kStream>(p[r].out + i, scale<kLlamaCast>(_mm256_loadu_ps(s[r] + i), rstd[r], w0),
+                             scale<kLlamaCast>(_mm256_loadu_ps(s[r] + i + 8), rstd[r], w1));
     }
     if (i + 8 <= H) {
       for (int r = 0; r < N; ++r)
         store8<TO, kStream>(p[r].out + i,
-                            scale<kLlamaCast>(_mm256_loadu_ps(bufs[r] + i), rstd[r], _mm256_loadu_ps(w + i)));
+                            scale<kLlamaCast>(_mm256_loadu_ps(s[r] + i), rstd[r], _mm256_loadu_ps(w + i)));
       i += 8;
     }
     if (i < H) {
       const __m256 wt = load_tail<F32>(w + i, H - i);
       for (int r = 0; r < N; ++r)
-        store_tail<TO>(p[r].out + i, scale<kLlamaCast>(_mm256_loadu_ps(bufs[r] + i), rstd[r], wt), H - i);
+        store_tail<TO>(p[r].out + i, scale<kLlamaCast>(load_tail<F32>(s[r] + i, H - i), rstd[r], wt), H - i);
     }
   }
 

@@ -20,6 +20,7 @@ from .. import _C
 from . import native
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
 
 CUDA_BACKENDS = ("triton", "cuda")
 _cuda_backend = os.environ.get("RINGFUSE_CUDA_BACKEND", "triton")
@@ -154,6 +155,36 @@ def check_eps(op: str, eps) -> float:
     if not (_F32_MIN_NORMAL <= value <= _F32_MAX):
         raise ValueError(f"{op}: eps must be representable in float32 (1.2e-38 .. 3.4e38), got {eps}")
     return value
+
+
+def plain_cpu_call(x, eps, residual=None, *params) -> bool:
+    """Whether a norm-style call is the common CPU case that every check of the op would
+    accept with nothing to convert: x a non-empty contiguous CPU float tensor; eps a float
+    the kernels take; residual (if any) a contiguous CPU tensor of x's shape and dtype;
+    each param None or a contiguous 1-D CPU tensor [hidden] of x's dtype. The op then skips
+    its checks (about 10 us of Python against a 0.6 us kernel call at decode sizes);
+    anything else takes the full checks, which accept it or say what is wrong."""
+    if not (isinstance(x, torch.Tensor) and x.is_cpu and x.dtype in _FLOAT_SET and x.is_contiguous()
+            and x.dim() and x.numel() and type(eps) is float and _F32_MIN_NORMAL <= eps <= _F32_MAX):
+        return False
+    if residual is not None and not (isinstance(residual, torch.Tensor) and residual.dtype is x.dtype
+                                     and residual.shape == x.shape and residual.is_cpu
+                                     and residual.is_contiguous()):  # fmt: skip
+        return False
+    param_shape = x.shape[-1:]
+    for p in params:
+        if p is not None and not (isinstance(p, torch.Tensor) and p.dtype is x.dtype and p.shape == param_shape
+                                  and p.is_cpu and p.is_contiguous()):  # fmt: skip
+            return False
+    return True
+
+
+def new_rows_output(x: torch.Tensor) -> torch.Tensor:
+    """new_output for a contiguous CPU x (plain_cpu_call's case), without re-checking that."""
+    out = torch.empty_like(x)
+    if x.numel() * x.element_size() >= HUGEPAGE_MIN_BYTES:
+        native.advise_hugepages(out)
+    return out
 
 
 def check_like(op: str, name: str, t, ref: torch.Tensor, ref_name: str = "x") -> None:
@@ -308,4 +339,7 @@ def residual_output(op: str, residual, residual_out, x: torch.Tensor, out: torch
 def needs_autograd(*tensors) -> bool:
     if not torch.is_grad_enabled():
         return False
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    for t in tensors:  # a loop, not any(<generator>): this runs on every eager op call
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return True
+    return False

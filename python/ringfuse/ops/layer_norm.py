@@ -65,17 +65,27 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, *, out=None):
     """LayerNorm over the last dim of ``x`` [..., hidden], like
     ``F.layer_norm(x, (hidden,), weight, bias, eps)``. ``out=`` writes into a preallocated
     tensor (no autograd)."""
-    if out is None and (torch.compiler.is_compiling() or c.needs_autograd(x, weight, bias)):
-        return torch.ops.ringfuse.layer_norm(x, weight, bias, eps)
+    if out is None:
+        if torch.compiler.is_compiling() or c.needs_autograd(x, weight, bias):
+            return torch.ops.ringfuse.layer_norm(x, weight, bias, eps)
+        if c.plain_cpu_call(x, eps, None, weight, bias):
+            out, hidden = c.new_rows_output(x), x.shape[-1]
+            native.layer_norm(out, hidden, None, 0, x, hidden, None, 0, weight, bias, x.numel() // hidden, hidden, eps)
+            return out
     return _forward(x, weight, bias, eps, out=out)[0]
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5, *, out=None, residual_out=None):
     """Fused ``s = x + residual`` then LayerNorm(s); returns ``(normalized, s)``.
     ``out=`` / ``residual_out=`` as in add_rms_norm."""
-    eager_only = out is not None or residual_out is not None
-    if not eager_only and (torch.compiler.is_compiling() or c.needs_autograd(x, residual, weight, bias)):
-        return torch.ops.ringfuse.add_layer_norm(x, residual, weight, bias, eps)
+    if out is None and residual_out is None:
+        if torch.compiler.is_compiling() or c.needs_autograd(x, residual, weight, bias):
+            return torch.ops.ringfuse.add_layer_norm(x, residual, weight, bias, eps)
+        if c.plain_cpu_call(x, eps, residual, weight, bias):
+            out, new_res, hidden = c.new_rows_output(x), c.new_rows_output(x), x.shape[-1]
+            native.layer_norm(out, hidden, new_res, hidden, x, hidden, residual, hidden, weight, bias,
+                              x.numel() // hidden, hidden, eps)  # fmt: skip
+            return out, new_res
     return _forward(x, weight, bias, eps, residual=residual, out=out, residual_out=residual_out)
 
 
