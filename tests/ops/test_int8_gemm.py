@@ -244,7 +244,7 @@ def test_prepacked_weight_gives_the_same_bits():
 @pytest.mark.parametrize("m", [1, 3, 4, 8, 9, 17])
 @pytest.mark.parametrize("k,n", [(1, 1), (7, 5), (64, 33), (577, 129)], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_weight_only_matches_reference(isa, dtype, m, k, n, with_bias):
+def test_weight_only_matches_reference(int8_isa, dtype, m, k, n, with_bias):
     """vs the fp64 product with the dequantized weight, under the tolerance rule (torch's
     own F.linear in x's dtype with the dequantized weight is the error budget)."""
     g = torch.Generator().manual_seed(m * 100 + k + n)
@@ -260,6 +260,28 @@ def test_weight_only_matches_reference(isa, dtype, m, k, n, with_bias):
     err, err_torch = (got.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
     floor = 4 * torch.finfo(torch.float32).eps * max(1.0, (x.double().abs() @ w.abs().T).max().item())
     assert err <= 2 * err_torch + floor
+
+
+@pytest.mark.skipif(not _C.build_info()["cpu_has_avx512_vnni"], reason="needs AVX-512")
+@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize("m,k,n", [(9, 37, 5), (13, 64, 33), (25, 130, 47), (40, 576, 96)], ids=str)
+def test_weight_only_avx512_gemm_gives_the_avx2_bits(m, k, n, group_size):
+    """The AVX-512 GEMM of larger M (12 rows x 32 columns per block) sums each output in
+    the AVX2 GEMM's order: the same bits on every shape, partial blocks and panels included."""
+    g = torch.Generator().manual_seed(m + k + n)
+    x, w_q = torch.randn(m, k, generator=g), rand_int8((n, k), k + n, low=-127)
+    w_scale = torch.rand(n, -(-k // group_size) if group_size else 1, generator=g).squeeze(1) * 0.02 + 1e-3
+    bias = torch.randn(n, generator=g)
+    got = {}
+    for isa in ("avx2", "avx512vnni"):
+        _C.set_isa(isa)
+        try:
+            got[isa] = [int8_weight_only_linear(x.to(dt), w_q, w_scale, bias.to(dt), group_size=group_size)
+                        for dt in DTYPES]  # fmt: skip
+        finally:
+            _C.set_isa("auto")
+    for a, b in zip(got["avx2"], got["avx512vnni"]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("k", [7, 300, 1100])
@@ -326,9 +348,9 @@ def test_weight_only_bad_inputs():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 4, 5])
+@pytest.mark.parametrize("m", [1, 4, 5, 13])
 @pytest.mark.parametrize("k,group_size", [(16, 16), (77, 32), (200, 64), (300, 128), (128, 128)], ids=str)
-def test_weight_only_per_group_scales(isa, dtype, m, k, group_size):
+def test_weight_only_per_group_scales(int8_isa, dtype, m, k, group_size):
     """w_scale [N, ceil(K / group_size)]: each group of K-columns has its own scale (the
     last group may be partial); same tolerance rule as the per-channel test."""
     n = 11
