@@ -37,6 +37,10 @@
 //   against prefetching each row 1 KiB ahead: as fast or faster at M = 1, 1.4-2.5x faster
 //   at M = 4 and 8, where the FMAs are long enough to hide a block.
 // - OpenMP over blocks (schedule static: each thread streams one contiguous range of W).
+// - AVX-512 hosts (avx512vnni ISA level and above): the blocks put two weight rows in one zmm
+//   register (dot_block512), same bits. Sapphire Rapids VM, 2 threads, warm, [4096, 4096],
+//   M = 8: int8 2.65 -> 1.74 ms, fp32 4.18 -> 2.71 ms, bf16 2.96 -> 2.09 ms; M = 4: int8
+//   1.37 -> 0.91 ms; M = 1 (memory-bound) about as before.
 //
 // Reduction order, fixed per output element whatever the path, M, blocking or thread count
 // (so a batch gives each row the bits it gets alone): 8 lanes (k = 8 i + lane, the K tail
@@ -199,6 +203,101 @@ RF_AVX2 void dot_block(const float* x, int64_t kp, const typename W::T* const* w
     for (int j = 0; j < NR; ++j) dots[r * kBlock + j] = hsum(acc[r][j]);
 }
 
+// AVX-512 (avx512vnni ISA level and above), M > 1 and int8 M = 1: dot_block with two weight
+// rows per zmm register, row j in lanes 0-7 and row j + 1 in lanes 8-15, against x's 8
+// lanes broadcast to both halves. Every lane sums exactly the products, chunks and order of
+// its AVX2 lane, and the halves are summed by the same hsum: the AVX2 bits, with half the
+// FMAs and (int8) half the widening instructions. NP pairs cover the 8 rows of a block, and
+// the MR x NP chunk sums fit in the 32 zmm registers.
+template <class W>
+struct WPair {  // weights [i, i + 8) of rows a and b as one 16-lane vector (a low, b high)
+  static RF_AVX512VNNI RF_INLINE __m512 load(const typename W::T* a, const typename W::T* b) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(WLoad<W>::load(a))),
+                                               _mm256_castps_pd(WLoad<W>::load(b)), 1));
+  }
+};
+template <>
+struct WPair<I8> {  // one 16-byte vector, widened once
+  static RF_AVX512VNNI RF_INLINE __m512 load(const int8_t* a, const int8_t* b) {
+    const __m128i lo = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a));
+    const __m128i both = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(lo), reinterpret_cast<const double*>(b)));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(both));
+  }
+};
+
+template <class W>
+RF_AVX512VNNI RF_INLINE __m512 wpair_tail(const typename W::T* a, const typename W::T* b, int64_t n) {
+  typename W::T buf[2][8] = {};
+  std::memcpy(buf[0], a, size_t(n) * sizeof(typename W::T));
+  std::memcpy(buf[1], b, size_t(n) * sizeof(typename W::T));
+  return WPair<W>::load(buf[0], buf[1]);
+}
+
+template <int MR, int NP>
+RF_AVX512VNNI RF_INLINE void fma_step512(__m512 acc[MR][NP], const float* x, int64_t kp, int64_t i,
+                                         const __m512 wv[NP]) {
+  for (int r = 0; r < MR; ++r) {
+    const __m512 xv = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(x + r * kp + i))));
+    for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_fmadd_ps(xv, wv[q], acc[r][q]);
+  }
+}
+
+// dot_block for MR rows of x and the 2 NP weight rows wr[0 .. 2 NP).
+template <class W, int MR, int NP>
+RF_AVX512VNNI void dot_block512(const float* x, int64_t kp, const typename W::T* const* wr, int64_t k, float* dots,
+                                int64_t ahead) {
+  using T = typename W::T;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  __m512 acc[MR][NP];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < k; c0 += kChunk) {
+    const int64_t cend = std::min(k, c0 + kChunk);
+    __m512 part[MR][NP];
+    for (auto& row : part)
+      for (auto& v : row) v = _mm512_setzero_ps();
+    int64_t i = c0;
+    for (; i + kLine <= cend; i += kLine) {
+      if (ahead)
+        for (int j = 0; j < 2 * NP; ++j) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + i) + ahead, _MM_HINT_T0);
+      for (int64_t u = 0; u < kLine; u += 8) {
+        __m512 wv[NP];
+        for (int q = 0; q < NP; ++q) wv[q] = WPair<W>::load(wr[2 * q] + i + u, wr[2 * q + 1] + i + u);
+        fma_step512<MR, NP>(part, x, kp, i + u, wv);
+      }
+    }
+    for (; i + 8 <= cend; i += 8) {
+      __m512 wv[NP];
+      for (int q = 0; q < NP; ++q) wv[q] = WPair<W>::load(wr[2 * q] + i, wr[2 * q + 1] + i);
+      fma_step512<MR, NP>(part, x, kp, i, wv);
+    }
+    if (i < cend) {
+      __m512 wv[NP];
+      for (int q = 0; q < NP; ++q) wv[q] = wpair_tail<W>(wr[2 * q] + i, wr[2 * q + 1] + i, cend - i);
+      fma_step512<MR, NP>(part, x, kp, i, wv);
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int q = 0; q < NP; ++q) acc[r][q] = _mm512_add_ps(acc[r][q], part[r][q]);
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < NP; ++q) {
+      dots[r * kBlock + 2 * q] = hsum(_mm512_castps512_ps256(acc[r][q]));
+      dots[r * kBlock + 2 * q + 1] = hsum(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][q]), 1)));
+    }
+}
+
+// One 8-row block for `rows` (1 .. 4) rows of x, all 8 weight rows at once.
+template <class W>
+RF_AVX512VNNI void block_avx512(int64_t rows, const float* x, int64_t kp, const typename W::T* const* wr, int64_t k,
+                                float* d, int64_t ahead) {
+  switch (rows) {
+    case 1: dot_block512<W, 1, 4>(x, kp, wr, k, d, ahead); break;
+    case 2: dot_block512<W, 2, 4>(x, kp, wr, k, d, ahead); break;
+    case 3: dot_block512<W, 3, 4>(x, kp, wr, k, d, ahead); break;
+    default: dot_block512<W, 4, 4>(x, kp, wr, k, d, ahead); break;
+  }
+}
+
 // M = 1 with fp32 / bf16 weights walks rows one by one (dot_row): 12 % (fp32) and 7 %
 // (bf16) faster than the 8-row blocks over SmolLM2's linears, measured interleaved in one
 // process; int8 weights (4x fewer bytes per FMA) measured 4 % slower that way and keep the
@@ -241,6 +340,7 @@ RF_AVX2 void run_avx2(const Args& a, int threads) {
   const int64_t blocks = (a.n + kBlock - 1) / kBlock;
   const int64_t ahead = kBlock * a.w_stride * int64_t(sizeof(T));
   const bool parallel = threads > 1 && blocks > 1 && a.n * a.k * std::min<int64_t>(a.m, 4) >= (int64_t(1) << 16);
+  const bool wide = avx512_kernels();
 #pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n0 = b * kBlock, cols = std::min(kBlock, a.n - n0);
@@ -258,6 +358,11 @@ RF_AVX2 void run_avx2(const Args& a, int threads) {
       const float* x = a.x + r0 * a.kp;
       float dots[kMaxRows][kBlock];
       float* d = &dots[0][0];
+      if (wide) {
+        block_avx512<W>(rows, x, a.kp, wr, a.k, d, ahead);
+        store_block(a, r0, rows, n0, cols, dots);
+        continue;
+      }
       switch (rows) {
         case 1: dot_block<W, 1, 8>(x, a.kp, wr, a.k, d, ahead); break;
         case 2:

@@ -264,10 +264,12 @@ def test_weight_only_matches_reference(int8_isa, dtype, m, k, n, with_bias):
 
 @pytest.mark.skipif(not _C.build_info()["cpu_has_avx512_vnni"], reason="needs AVX-512")
 @pytest.mark.parametrize("group_size", [None, 32])
-@pytest.mark.parametrize("m,k,n", [(9, 37, 5), (13, 64, 33), (25, 130, 47), (40, 576, 96)], ids=str)
+@pytest.mark.parametrize("m,k,n", [(1, 70, 13), (2, 129, 9), (3, 64, 17), (5, 300, 8), (8, 1100, 23), (9, 37, 5),
+                                   (13, 64, 33), (25, 130, 47), (40, 576, 96)], ids=str)  # fmt: skip
 def test_weight_only_avx512_gemm_gives_the_avx2_bits(m, k, n, group_size):
-    """The AVX-512 GEMM of larger M (12 rows x 32 columns per block) sums each output in
-    the AVX2 GEMM's order: the same bits on every shape, partial blocks and panels included."""
+    """Every AVX-512 path of the op sums each output in its AVX2 path's order: the same bits
+    on every shape, partial blocks and panels included (M <= 8 per channel: two weight rows
+    per zmm register; larger M: 12 x 32 GEMM blocks)."""
     g = torch.Generator().manual_seed(m + k + n)
     x, w_q = torch.randn(m, k, generator=g), rand_int8((n, k), k + n, low=-127)
     w_scale = torch.rand(n, -(-k // group_size) if group_size else 1, generator=g).squeeze(1) * 0.02 + 1e-3

@@ -100,6 +100,27 @@ def test_threads_bitwise_equal(isa, wdt):
         assert torch.equal(one, linear(x, w, b))  # run to run
 
 
+@pytest.mark.skipif(not _C.build_info()["cpu_has_avx512_vnni"], reason="needs AVX-512")
+@pytest.mark.parametrize("wdt", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_avx512_blocks_give_the_avx2_bits(shape, wdt):
+    """At the avx512vnni level the 8-row blocks hold two weight rows per zmm register; each
+    lane keeps its AVX2 lane's products and order, so every M gives the AVX2 path's bits."""
+    n, k = shape
+    w, b = rand((n, k), n + k, DTYPES[wdt]), rand((n,), n)
+    for m in MS:
+        for xdt in DTYPES.values():
+            x = rand((m, k), m + k, xdt)
+            got = {}
+            for isa in ("avx2", "avx512vnni"):
+                _C.set_isa(isa)
+                try:
+                    got[isa] = linear(x, w, b)
+                finally:
+                    _C.set_isa("auto")
+            assert torch.equal(got["avx2"], got["avx512vnni"]), (m, xdt)
+
+
 @pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("k", [7, 300, 577, 1100])
 def test_row_blocking_does_not_change_a_row(wdt, k):
