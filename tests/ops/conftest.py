@@ -13,13 +13,13 @@ def isa(request):
     _C.set_isa("auto")
 
 
-INT8_ISAS = (["avx512vnni"] if _C.build_info()["cpu_has_avx512_vnni"] else []) + ISAS
+AVX512_ISAS = (["avx512vnni"] if _C.build_info()["cpu_has_avx512_vnni"] else []) + ISAS
 
 
-@pytest.fixture(params=INT8_ISAS)
-def int8_isa(request):
-    """``isa`` plus the int8 GEMM's AVX-512 VNNI kernel where the host has it ("avx2" then
-    means the AVX2 kernel only)."""
+@pytest.fixture(params=AVX512_ISAS)
+def avx512_isa(request):
+    """``isa`` plus the avx512vnni level where the host has it: the int8 GEMM's VNNI kernel
+    and the AVX-512 paths of the float kernels ("avx2" then means the AVX2 kernels only)."""
     _C.set_isa(request.param)
     yield request.param
     _C.set_isa("auto")

@@ -132,7 +132,7 @@ def rand_int8(shape, seed, low=-128):
 @pytest.mark.parametrize("m", SIZES)
 @pytest.mark.parametrize("k", SIZES)
 @pytest.mark.parametrize("n", SIZES)
-def test_int32_product_is_exact(int8_isa, m, k, n):
+def test_int32_product_is_exact(avx512_isa, m, k, n):
     """Weights in [-127, 127] (what symmetric quantization gives) take the AVX2 kernel; a
     holds -128 too. Weights with -128 take the exact fallback there (the VNNI kernel takes
     any int8)."""
@@ -143,7 +143,7 @@ def test_int32_product_is_exact(int8_isa, m, k, n):
         assert torch.equal(got, (a.long() @ b.long().T).int())
 
 
-def test_saturation_corner_and_scalar_isa(int8_isa):
+def test_saturation_corner_and_scalar_isa(avx512_isa):
     """All -128 in a against all +-127 in b: the largest int16 pair sums of the sign trick."""
     a = torch.full((5, 64), -128, dtype=torch.int8)
     b = torch.full((19, 64), 127, dtype=torch.int8)
@@ -153,7 +153,7 @@ def test_saturation_corner_and_scalar_isa(int8_isa):
     assert torch.equal(int8_gemm(a2, b2, out_dtype=torch.int32), (a2.long() @ b2.long().T).int())
 
 
-def test_long_k_wraps_back_to_the_exact_product(int8_isa):
+def test_long_k_wraps_back_to_the_exact_product(avx512_isa):
     """K = 131000 with a = -128, b = +-127: a . b still fits int32, but the VNNI kernel's
     offset sum (b + 128) a = 255 * -128 * K does not; it wraps mod 2^32 and the subtracted
     128 * rowsum(a) wraps it back."""
@@ -167,7 +167,7 @@ def test_long_k_wraps_back_to_the_exact_product(int8_isa):
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_scaled_epilogue(int8_isa, out_dtype, with_bias):
+def test_scaled_epilogue(avx512_isa, out_dtype, with_bias):
     a, b = rand_int8((17, 129), 3), rand_int8((33, 129), 4, low=-127)
     a_scale, b_scale = torch.rand(17) * 0.1, torch.rand(33) * 0.01
     bias = torch.randn(33).to(out_dtype) if with_bias else None
@@ -244,7 +244,7 @@ def test_prepacked_weight_gives_the_same_bits():
 @pytest.mark.parametrize("m", [1, 3, 4, 8, 9, 17])
 @pytest.mark.parametrize("k,n", [(1, 1), (7, 5), (64, 33), (577, 129)], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_weight_only_matches_reference(int8_isa, dtype, m, k, n, with_bias):
+def test_weight_only_matches_reference(avx512_isa, dtype, m, k, n, with_bias):
     """vs the fp64 product with the dequantized weight, under the tolerance rule (torch's
     own F.linear in x's dtype with the dequantized weight is the error budget)."""
     g = torch.Generator().manual_seed(m * 100 + k + n)
@@ -352,7 +352,7 @@ def test_weight_only_bad_inputs():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 4, 5, 13])
 @pytest.mark.parametrize("k,group_size", [(16, 16), (77, 32), (200, 64), (300, 128), (128, 128)], ids=str)
-def test_weight_only_per_group_scales(int8_isa, dtype, m, k, group_size):
+def test_weight_only_per_group_scales(avx512_isa, dtype, m, k, group_size):
     """w_scale [N, ceil(K / group_size)]: each group of K-columns has its own scale (the
     last group may be partial); same tolerance rule as the per-channel test."""
     n = 11
@@ -398,7 +398,7 @@ def test_weight_only_names_the_tensor_on_another_device():
         int8_weight_only_linear(x, w_q, torch.rand(5, device="meta"))
 
 
-def test_int8_peak_probe_does_the_work_it_counts(int8_isa):
+def test_int8_peak_probe_does_the_work_it_counts(avx512_isa):
     """bench limits' int8 dot peak: every counted multiply-add of 1 x 1 lands in the sum."""
     from ringfuse import _C
 

@@ -24,7 +24,7 @@ def torch_gelu_tanh_mul(x):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 2), (1, 2 * 1536), (3, 2 * 7), (17, 2 * 100), (2, 5, 2 * 33)], ids=str)
-def test_matches_reference(isa, dtype, shape):
+def test_matches_reference(avx512_isa, dtype, shape):
     g = torch.Generator().manual_seed(sum(shape))
     x = (4 * torch.randn(shape, generator=g)).to(dtype)
     got = silu_mul(x)
@@ -44,7 +44,7 @@ def _ulps(got, ref, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_documented_ulp_bounds(isa, dtype):
+def test_documented_ulp_bounds(avx512_isa, dtype):
     """What the README states, element by element, at the d of a 7B MLP: fp32 output within 3
     ulp of the exact value (the fp32 exp polynomial's error; torch's own is about the same);
     fp16 / bf16 output is the fp32 value rounded once, so within 1 ulp of the exact value."""
@@ -58,7 +58,7 @@ def test_documented_ulp_bounds(isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_special_values_as_torch(isa, dtype):
+def test_special_values_as_torch(avx512_isa, dtype):
     """NaN propagates; -inf gives NaN, +inf gives inf, far-negative gates give 0 (exp(-a)
     overflows), including the band just past exp's saturation."""
     gate = torch.tensor([float("-inf"), float("inf"), float("nan"), -200.0, -100.0, -88.8, -88.7, -88.5, -87.0,
@@ -140,7 +140,7 @@ def test_cuda_falls_back_to_torch():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 2), (1, 2 * 1536), (3, 2 * 7), (17, 2 * 100), (2, 5, 2 * 33)], ids=str)
-def test_gelu_tanh_mul_matches_reference(isa, dtype, shape):
+def test_gelu_tanh_mul_matches_reference(avx512_isa, dtype, shape):
     """Against fp64 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3))) * up, DESIGN's rule."""
     from ringfuse.ops import gelu_tanh_mul
 
@@ -157,7 +157,7 @@ def test_gelu_tanh_mul_matches_reference(isa, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gelu_tanh_mul_special_values_as_torch(isa, dtype):
+def test_gelu_tanh_mul_special_values_as_torch(avx512_isa, dtype):
     """NaN propagates, -inf gives NaN (as torch: -inf * 0), +inf gives inf, far-negative gates
     0 (exp overflows; a^3 overflows first past ~1e13), large positive gates pass through."""
     from ringfuse.ops import gelu_tanh_mul
@@ -188,3 +188,29 @@ def test_gelu_tanh_mul_layouts_and_errors():
         gelu_tanh_mul(torch.ones(2, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="activation must be 0 .silu. or 1 .gelu_tanh."):
         _C.silu_mul(1, 4, 1, 8, 2, 4, 0, 1, 7)
+
+
+@pytest.mark.skipif(not _C.build_info()["cpu_has_avx512_vnni"], reason="needs AVX-512")
+@pytest.mark.parametrize("op", ["silu_mul", "gelu_tanh_mul"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_avx512_rows_give_the_avx2_bits(op, dtype):
+    """The 16-lane rows (exp16 = exp8 at 16 lanes) give the AVX2 rows' bits, for every d
+    modulo 16 and across the special values (NaN, +-inf, saturating gates)."""
+    import ringfuse.ops as ops
+
+    fn = getattr(ops, op)
+    g = torch.Generator().manual_seed(3)
+    special = torch.tensor([float("nan"), float("inf"), float("-inf"), -100.0, -88.8, -88.5, 88.0, -0.0])
+    for d in (1, 8, 11, 16, 24, 35, 1536):
+        x = 6 * torch.randn(3, 2 * d, generator=g)
+        x.view(-1)[: min(x.numel(), special.numel())] = special[: x.numel()]
+        x = x.to(dtype)
+        got = {}
+        for isa in ("avx2", "avx512vnni"):
+            _C.set_isa(isa)
+            try:
+                got[isa] = fn(x)
+            finally:
+                _C.set_isa("auto")
+        assert torch.equal(got["avx2"].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           got["avx512vnni"].view(torch.int16 if dtype != torch.float32 else torch.int32)), d  # fmt: skip
