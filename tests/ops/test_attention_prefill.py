@@ -473,14 +473,19 @@ def test_amx_refused_without_it():
 @pytest.mark.parametrize("hq,hkv,d,sq,sk", [(9, 3, 64, 200, 200), (8, 1, 80, 77, 300), (6, 2, 256, 40, 40),
                                             (16, 2, 128, 65, 65), (4, 4, 20, 30, 30)], ids=str)  # fmt: skip
 def test_avx512_products_give_the_avx2_bits(dtype, hq, hkv, d, sq, sk):
-    """At the "avx512vnni" level the prefill products run 16 lanes wide (head_dim % 16 == 0)
-    in the AVX2 kernel's summation order: every bit equals the AVX2 path's."""
+    """At the "avx512vnni" level the prefill products and the softmax's exponents run 16
+    lanes wide (head_dim % 16 == 0) in the AVX2 kernel's order: every bit equals the AVX2
+    path's, with causal and window masks cutting tiles anywhere and -inf / NaN scores."""
     q, k, v = make((2, hq, sq, d), dtype, 43), make((2, hkv, sk, d), dtype, 44), make((2, hkv, sk, d), dtype, 45)
-    try:
-        _C.set_isa("avx512vnni")
-        wide = attention(q, k, v, causal=True, softcap=10.0, return_lse=True)
-        _C.set_isa("avx2")
-        narrow = attention(q, k, v, causal=True, softcap=10.0, return_lse=True)
-    finally:
-        _C.set_isa("auto")
-    assert torch.equal(wide[0], narrow[0]) and torch.equal(wide[1], narrow[1])
+    k[0, 0, 3, 0], k[1, -1, sk // 2, 1] = -math.inf, math.nan  # a -inf score column, a NaN one
+    for kwargs in (dict(causal=True, softcap=10.0), dict(causal=False), dict(causal=True, window=37),
+                   dict(causal=True, window=5)):
+        try:
+            _C.set_isa("avx512vnni")
+            wide = attention(q, k, v, return_lse=True, **kwargs)
+            _C.set_isa("avx2")
+            narrow = attention(q, k, v, return_lse=True, **kwargs)
+        finally:
+            _C.set_isa("auto")
+        for a, b in zip(wide, narrow):
+            assert torch.equal(a.nan_to_num(0.125), b.nan_to_num(0.125)) and torch.equal(a.isnan(), b.isnan()), kwargs
