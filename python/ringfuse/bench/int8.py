@@ -144,7 +144,8 @@ def run_weight_only(ms=WO_MS, kns=GEMM_KN, rounds: int = 5, lim=None):
             table.append([f"M={m}", f"K={k} N={n}", fmt_us(base), fmt_us(t["bf16 linear"].median_s), fmt_us(dyn),
                           fmt_us(ours), f"{base / ours:.2f}x", f"{dyn / ours:.2f}x", f"{gbs:.1f}",
                           f"{100 * gbs / lim.read_gbs:.0f}%"])  # fmt: skip
-    print_table(f"int8_weight_only_linear (W8A32) vs F.linear, cold weights, {lim.threads} threads, {lim.isa}",
+    print_table(f"int8_weight_only_linear (W8A32) vs F.linear, cold weights, {lim.threads} threads, "
+                f"{limits_mod.wide_path()}",
                 ["M", "K, N", "fp32 linear us", "bf16 linear us", "dyn quant us", "ringfuse us", "vs fp32",
                  "vs dyn quant", "weight GB/s", "% DRAM read"], table, left=2,
                 note=f"DRAM read bandwidth measured in this run: {lim.read_gbs:.1f} GB/s.")

@@ -84,6 +84,14 @@ def attention_path() -> str:
     return f"products {products}, bf16 {info['attention_isa']}"
 
 
+def wide_path() -> str:
+    """The path of the kernels with 16-lane AVX-512 variants (linear and w8a16 at every M,
+    silu_mul, the prefill attention's products and exponents): "avx2+avx512" at the
+    "avx512vnni" level and above, else the float path."""
+    isa = _C.isa()
+    return f"{isa}+avx512" if isa == "avx2" and int8_path() == "avx512vnni" else isa
+
+
 def cpu_path() -> str:
     """Which CPU kernels run: the float path, and the int8 GEMM's when it differs."""
     isa, int8 = _C.isa(), int8_path()

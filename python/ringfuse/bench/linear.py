@@ -72,7 +72,7 @@ def run(shapes=SHAPES, ms=MS, configs=tuple(CONFIGS), rounds: int = 7, lim=None)
                 table.append([name, f"N={n} K={k}", f"M={m}", cfg, fmt_us(base), fmt_us(ours), f"{base / ours:.2f}x",
                               f"{base_gbs:.1f}", f"{gbs:.1f}", f"{100 * gbs / lim.read_gbs:.0f}%"])  # fmt: skip
         del pools
-    print_table(f"linear vs F.linear, cold weights, {lim.threads} threads, {lim.isa}",
+    print_table(f"linear vs F.linear, cold weights, {lim.threads} threads, {limits_mod.wide_path()}",
                 ["layer", "N, K", "M", "dtypes", "torch us", "ringfuse us", "speedup", "torch GB/s", "GB/s",
                  "% DRAM read"], table, left=4,
                 note=f"GB/s: weight bytes per call / time; DRAM read bandwidth measured in this run: "

@@ -36,7 +36,7 @@ def run(cases=CASES, dtypes=tuple(DTYPES), rounds: int = 7, lim=None, acts=tuple
                 results.append(dict(op=act, rows=n, d=d, dtype=dt, torch_s=base, ringfuse_s=ours, speedup=base / ours))
                 rows.append([act, f"{n}x{2 * d}", dt, fmt_us(base), fmt_us(ours), f"{base / ours:.2f}x",
                              f"{nbytes / ours / 1e9:.1f}", f"{100 * nbytes / ours / 1e9 / lim.copy_gbs:.0f}%"])  # fmt: skip
-    print_table(f"gated activations vs torch eager (act(gate) * up), {lim.threads} threads, {lim.isa}",
+    print_table(f"gated activations vs torch eager (act(gate) * up), {lim.threads} threads, {limits_mod.wide_path()}",
                 ["op", "x", "dtype", "torch us", "ringfuse us", "speedup", "GB/s", "% of copy bandwidth"], rows,
                 note="GB/s counts x read and the output written once.")
     return results
