@@ -298,6 +298,66 @@ def test_weight_only_row_equals_alone(k):
             assert torch.equal(full[r], int8_weight_only_linear(x[r : r + 1], w_q, w_scale)[0]), (m, r)
 
 
+def test_quantize_per_token_reads_broadcast_rows():
+    """An expanded x (rows 0 elements apart) is quantized like its contiguous copy (it was
+    refused by the C++ stride check)."""
+    x = torch.randn(1, 70).expand(3, 70)
+    for got, want in zip(quantize_per_token(x), quantize_per_token(x.contiguous())):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("low", [-128, -127])  # -128 takes the GEMM's exact fallback
+def test_prepared_w8a8_linear_equals_the_two_ops(bias_dtype, low):
+    """prepare_int8_linear gives w8a8_linear's bits (quantize_per_token, then int8_gemm) on
+    its direct path and on every fallback, and is the plain composition of the two ops."""
+    from ringfuse.ops import prepare_int8_linear, w8a8_linear
+
+    g = torch.Generator().manual_seed(7)
+    w_q, w_scale = rand_int8((37, 70), 8, low=low), torch.rand(37, generator=g) * 0.02
+    bias = None if bias_dtype is None else torch.randn(37, generator=g).to(bias_dtype)
+    p = prepare_int8_linear(w_q, w_scale, bias)
+    x = torch.randn(6, 70, generator=g)
+    cases = (x, x[:1], x[:0], x.bfloat16(), x.half(), x.reshape(2, 3, 70), x.T.contiguous().T,
+             torch.randn(1, 70).expand(3, 70), x[:, None, :])  # fmt: skip
+    for xi in cases:
+        want = w8a8_linear(xi, w_q, w_scale, bias)
+        assert torch.equal(p(xi), want), (xi.shape, xi.dtype, xi.stride())
+        x_q, x_s = quantize_per_token(xi.reshape(-1, 70))
+        two_ops = int8_gemm(x_q, w_q, x_s, w_scale, bias, out_dtype=xi.dtype).reshape(*xi.shape[:-1], 37)
+        assert torch.equal(want, two_ops) and want.dtype == xi.dtype
+    with pytest.raises(ValueError, match="quantize_per_token: x must have at least one dimension"):
+        p(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="K of a_q"):
+        p(torch.randn(2, 69))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        p(torch.randn(2, 70).double())
+    with pytest.raises(TypeError, match="w_q must"):
+        prepare_int8_linear(w_q.float(), w_scale)
+    with pytest.raises(ValueError, match="w_scale"):
+        prepare_int8_linear(w_q, w_scale[:4])
+    with pytest.raises(ValueError, match="K must be <="):
+        prepare_int8_linear(torch.zeros(2, 140000, dtype=torch.int8), torch.ones(2))
+
+
+def test_prepared_w8a8_linear_follows_changed_weights():
+    """Weights swapped (w.data = ...), written in place or a scale changed: the next call
+    checks and packs again, never computing with the old weights."""
+    from ringfuse.ops import prepare_int8_linear, w8a8_linear
+
+    g = torch.Generator().manual_seed(8)
+    w_q, w_scale, bias = rand_int8((16, 64), 9, low=-127), torch.rand(16, generator=g), torch.randn(16, generator=g)
+    p, x = prepare_int8_linear(w_q, w_scale, bias), torch.randn(3, 64, generator=g)
+    p(x)
+    w_q.data = rand_int8((16, 64), 10, low=-127)
+    assert torch.equal(p(x), w8a8_linear(x, w_q, w_scale, bias))
+    w_q[0].fill_(-128)
+    assert torch.equal(p(x), w8a8_linear(x, w_q, w_scale, bias))
+    w_scale.mul_(2)
+    bias.add_(1)
+    assert torch.equal(p(x), w8a8_linear(x, w_q, w_scale, bias))
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_prepared_weight_only_equals_op(with_bias):
     """prepare_int8_weight_only_linear gives the op's bits on its direct path and on every

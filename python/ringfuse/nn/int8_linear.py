@@ -79,7 +79,7 @@ class Int8Linear(torch.nn.Module):
             self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32, device=device))
         else:
             self.smooth = None
-        self._packed = None  # PackedInt8Weight for the CPU GEMM
+        self._prepared = None  # w8a8: ops.PreparedInt8Linear of the current weight, scale and bias
 
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, mode: str = "w8a8", smooth: torch.Tensor | None = None,
@@ -118,13 +118,14 @@ class Int8Linear(torch.nn.Module):
         w = self.weight.float() * scale
         return w / self.smooth[None, :] if self.smooth is not None else w
 
-    def _packed_weight(self):
-        # packed again when weight was replaced, swapped (weight.data = ...), resized or
-        # written in place (PackedInt8Weight.is_current)
-        p = self._packed
-        if p is None or p.b_q is not self.weight or not p.is_current():
-            self._packed = ops.pack_int8_weight(self.weight)
-        return self._packed
+    def _prepared_w8a8(self):
+        # made again when weight, weight_scale or bias was replaced; PreparedInt8Linear itself
+        # re-checks and repacks when one was swapped (weight.data = ...), resized or written
+        # in place (load_state_dict included)
+        p = self._prepared
+        if p is None or p.w_q is not self.weight or p.w_scale is not self.weight_scale or p.bias is not self.bias:
+            p = self._prepared = ops.prepare_int8_linear(self.weight, self.weight_scale, self.bias)
+        return p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -138,11 +139,9 @@ class Int8Linear(torch.nn.Module):
         return self._forward_w8a16(x)
 
     def _forward_w8a8(self, x):
-        x_q, x_s = ops.quantize_per_token(x)  # [..., K] int8, [...] fp32
-        x_q, x_s = x_q.reshape(-1, self.in_features), x_s.reshape(-1)
-        packed = self._packed_weight() if x.is_cpu and not torch.compiler.is_compiling() else None
-        y = ops.int8_gemm(x_q, self.weight, x_s, self.weight_scale, self.bias, out_dtype=x.dtype, packed=packed)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        if torch.compiler.is_compiling():  # traced: the two ops (packing is eager-only)
+            return ops.w8a8_linear(x, self.weight, self.weight_scale, self.bias)
+        return self._prepared_w8a8()(x)  # quantize_per_token + int8_gemm, checks of x only
 
     def _forward_w8a16(self, x):
         return ops.int8_weight_only_linear(x, self.weight, self.weight_scale, self.bias, group_size=self.group_size)

@@ -15,6 +15,8 @@ from .int8_gemm import (
     PreparedInt8WeightOnlyLinear,
     int8_weight_only_linear,
     pack_int8_weight,
+    prepare_int8_linear,
+    w8a8_linear,
     prepare_int8_weight_only_linear,
     quantize_per_token,
 )
@@ -49,6 +51,8 @@ __all__ = [
     "linear",
     "linear_path",
     "pack_int8_weight",
+    "prepare_int8_linear",
+    "w8a8_linear",
     "prepare_int8_weight_only_linear",
     "prepare_linear",
     "prepare_rms_norm",

@@ -49,7 +49,7 @@ def quantize_per_token(x):
 def _quantize(x):
     k = x.shape[-1]
     x2 = x.reshape(-1, k)  # [rows, K]: a view for the usual layouts, else one copy
-    if x2.stride(-1) != 1:
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < k):  # e.g. expanded rows: one copy
         x2 = x2.contiguous()
     rows = x2.shape[0]
     q = torch.empty((rows, k), dtype=torch.int8, device=x.device)
@@ -330,6 +330,76 @@ def prepare_int8_weight_only_linear(w_q, w_scale, bias=None) -> PreparedInt8Weig
     """An ``int8_weight_only_linear`` with these per-channel weights checked once:
     ``prepare_int8_weight_only_linear(w_q, s, b)(x) == int8_weight_only_linear(x, w_q, s, b)``."""
     return PreparedInt8WeightOnlyLinear(w_q, w_scale, bias)
+
+
+class PreparedInt8Linear:
+    """The W8A8 linear ``y = int8_gemm(*quantize_per_token(x), w_q, ..., w_scale, bias,
+    out_dtype=x.dtype)`` (x [..., K] -> y [..., N]) with the weights checked and packed once,
+    for a caller that applies them many times (``nn.Int8Linear``). A call checks only x: a
+    contiguous CPU float tensor goes straight to the two kernels; anything else takes the two
+    full ops (same result, same errors). The two op calls cost ~30 us of checks on a small
+    layer, more than the kernels at decode sizes. Made with ``prepare_int8_linear``."""
+
+    def __init__(self, w_q, w_scale, bias=None):
+        op = "prepare_int8_linear"
+        _check_int8_matrix(op, "w_q", w_q)
+        n, k = w_q.shape
+        if k == 0:
+            raise ValueError(f"{op}: K must be >= 1")
+        _check_k(op, k)
+        _check_vector(op, "w_scale", w_scale, n, w_q, "w_q")
+        if bias is not None:
+            _check_vector(op, "bias", bias, n, w_q, "w_q", c.FLOAT_DTYPES)
+        # a call prepares again when one of these was swapped, resized or written in place
+        self._sources = (w_q, w_scale) if bias is None else (w_q, w_scale, bias)
+        self.w_q, self.w_scale, self.bias = w_q, w_scale, bias
+        self.out_features, self.in_features = n, k
+        self._direct = w_q.is_cpu and (n == 1 or w_q.stride(0) >= k)  # else pack_int8_weight refuses
+        self.packed = pack_int8_weight(w_q) if self._direct else None
+        self._scale32 = w_scale.contiguous()
+        self._bias32 = None if bias is None else bias.float().contiguous()
+        kernel_tensors = (self._scale32, self._bias32) + ((self.packed.packed,) if self._direct else ())
+        self._watch = c.Watch(c.watched(self._sources, kernel_tensors))
+
+    def __call__(self, x):
+        if self._watch.changed():
+            self.__init__(*self._sources)
+        k, n = self.in_features, self.out_features
+        if (not self._direct or type(x) is not torch.Tensor or x.dtype not in c._FLOAT_SET or not x.is_cpu
+                or not x.dim() or x.shape[-1] != k or not x.is_contiguous() or x.requires_grad
+                or torch.compiler.is_compiling()):  # fmt: skip
+            return self._full(x)
+        m = x.numel() // k
+        x_q = torch.empty((m, k), dtype=torch.int8)
+        x_s = torch.empty((m,), dtype=torch.float32)
+        out = torch.empty((m, n), dtype=x.dtype)
+        if m:  # x [M, K] -> x_q [M, K], x_s [M] -> out [M, N] (as _quantize and _int8_gemm do)
+            native.quantize_per_token(x_q, k, x_s, x, k, m, k)
+            native.int8_gemm_packed(out, n, x_q, k, self.packed.packed, self.w_q, max(self.w_q.stride(0), k),
+                                    self.packed.has_min, x_s, self._scale32, self._bias32, m, n, k)  # fmt: skip
+        return out.view(*x.shape[:-1], n)
+
+    def _full(self, x):
+        """The two checked ops (any device, layout or dtype they take)."""
+        return w8a8_linear(x, self.w_q, self.w_scale, self.bias, packed=self.packed)
+
+
+def w8a8_linear(x, w_q, w_scale, bias=None, *, packed=None):
+    """x [..., K] float -> [..., N] in x's dtype: ``int8_gemm(x_q, w_q, x_s, w_scale, bias)``
+    on ``x_q, x_s = quantize_per_token(x)`` flattened to [M, K]. ``packed`` (CPU, eager):
+    ``pack_int8_weight(w_q)``."""
+    x_q, x_s = quantize_per_token(x)  # [..., K] int8, [...] fp32 (a scalar x is refused there)
+    k = x_q.shape[-1]
+    x_q, x_s = x_q.reshape(-1, k), x_s.reshape(-1)
+    packed = packed if x.is_cpu and not torch.compiler.is_compiling() else None
+    y = int8_gemm(x_q, w_q, x_s, w_scale, bias, out_dtype=x.dtype, packed=packed)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def prepare_int8_linear(w_q, w_scale, bias=None) -> PreparedInt8Linear:
+    """A W8A8 linear with these per-channel weights checked and packed once:
+    ``prepare_int8_linear(w_q, s, b)(x) == w8a8_linear(x, w_q, s, b)``."""
+    return PreparedInt8Linear(w_q, w_scale, bias)
 
 
 OP_LIB.define(
