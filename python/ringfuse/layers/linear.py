@@ -68,10 +68,10 @@ class Linear:
             return
         self.w_q, self.w_scale = parts["w_q"], parts["w_scale"]  # [N, K] int8, [N] fp32
         self.out_features, self.in_features = self.w_q.shape
-        # the CPU GEMM's packed layout (the CUDA GEMM reads w_q as it is)
-        self.packed = ops.pack_int8_weight(self.w_q) if quant == "w8a8" and self.w_q.is_cpu else None
         if quant == "w8a16":
             self._w8a16 = ops.prepare_int8_weight_only_linear(self.w_q, self.w_scale, self.bias)
+        else:  # checked once and, on the CPU, packed into the GEMM's layout (CUDA reads w_q as it is)
+            self._w8a8 = ops.prepare_int8_linear(self.w_q, self.w_scale, self.bias)
 
     def parts(self) -> dict[str, torch.Tensor]:
         """The converted tensors, as ``from_parts`` takes them back."""
@@ -87,5 +87,4 @@ class Linear:
             return F.linear(x, self.weight, self.bias)
         if self.quant == "w8a16":
             return self._w8a16(x)
-        x_q, x_s = ops.quantize_per_token(x)
-        return ops.int8_gemm(x_q, self.w_q, x_s, self.w_scale, self.bias, out_dtype=x.dtype, packed=self.packed)
+        return self._w8a8(x)
