@@ -293,3 +293,55 @@ def test_decode_on_cuda_matches_cpu_and_checks_values(dtype):
     paged_win = paged_decode_attention(q.cuda(), kp.cuda(), vp.cuda(), stale.cuda(), lens.cuda(), window=20).cpu()
     assert torch.equal(paged_win, win)
     check_device_errors()  # entries before the window are never read, so never checked
+
+
+# decode_attention skips its checks for the common CPU call (ops/attention.py _plain_decode);
+# that shortcut must give the checked call's bits and leave every other call to the checks.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,hq,hkv,d,s", [(1, 9, 3, 64, 40), (3, 8, 8, 20, 17), (2, 4, 1, 256, 5), (2, 2, 2, 1, 9)])
+def test_unchecked_decode_gives_the_checked_bits(dtype, b, hq, hkv, d, s):
+    g = torch.Generator().manual_seed(b + hq + d)
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
+    k, v = torch.randn(b, hkv, s, d, generator=g).to(dtype), torch.randn(b, hkv, s, d, generator=g).to(dtype)
+    lens = torch.randint(0, s + 1, (b,), generator=g, dtype=torch.int32)
+    lens[0] = s
+    checked = decode_attention(q, k, v, lens, scale=1.0 / math.sqrt(d))  # an explicit scale: the full checks
+    assert torch.equal(decode_attention(q, k, v, lens), checked)
+    out = torch.full_like(q, 7.0)
+    assert decode_attention(q, k, v, lens, out=out) is out and torch.equal(out, checked)
+
+
+def test_unchecked_decode_takes_only_plain_calls():
+    from ringfuse.ops.attention import _plain_decode
+
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    lens, out = torch.tensor([5, 3], dtype=torch.int32), torch.empty(2, 4, 8)
+    assert _plain_decode(q, k, v, lens, None) and _plain_decode(q, k, v, lens, out)
+    wide, v_big = torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 8)
+    rejected = {
+        "q strided": (torch.randn(2, 4, 16)[:, :, :8], k, v, lens, None),
+        "k strided": (q, wide[..., :8], v, lens, None),
+        "q float64": (q.double(), k.double(), v.double(), lens, None),
+        "k other dtype": (q, k.bfloat16(), v, lens, None),
+        "v other shape": (q, k, torch.randn(2, 2, 4, 8), lens, None),
+        "seq_lens int64": (q, k, v, lens.long(), None),
+        "seq_lens 2-D": (q, k, v, lens[None], None),
+        "seq_lens wrong length": (q, k, v, lens[:1], None),
+        "batch mismatch": (q, k[:1], v[:1], lens, None),
+        "head_dim mismatch": (torch.randn(2, 4, 7), k, v, lens, None),
+        "Hq not a multiple of Hkv": (torch.randn(2, 3, 8), k, v, lens, None),
+        "head_dim 257": (torch.randn(1, 1, 257), torch.randn(1, 1, 2, 257), torch.randn(1, 1, 2, 257),
+                         lens[:1], None),  # fmt: skip
+        "empty batch": (q[:0], k[:0], v[:0], lens[:0], None),
+        "q requires grad": (q.clone().requires_grad_(), k, v, lens, None),
+        "not a tensor": (q.tolist(), k, v, lens, None),
+        "out other dtype": (q, k, v, lens, out.bfloat16()),
+        "out other shape": (q, k, v, lens, torch.empty(2, 4, 9)),
+        "out strided": (q, k, v, lens, torch.empty(2, 4, 16)[:, :, :8]),
+        "out is q": (q, k, v, lens, q),
+        "out inside v": (q, k, v_big, lens, v_big.view(-1)[:64].view(2, 4, 8)),
+    }
+    for why, args in rejected.items():
+        assert not _plain_decode(*args), why
+    with pytest.raises(ValueError, match="out overlaps v_cache"):
+        decode_attention(*rejected["out inside v"][:4], out=rejected["out inside v"][4])
