@@ -618,11 +618,10 @@ RF_AVX2 void pv_rows(int64_t rows, const float* p, const float* alpha, const flo
 // The same two products with 16-lane AVX-512 FMAs (hosts with AVX-512 at the "avx512vnni"
 // ISA level and above): half the FMA instructions per score of the AVX2 blocks, whose
 // ~65% of the AVX2 peak left torch's AVX-512 SDPA ahead at long fp32 prompts.
-#define RF_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
 
 // s[r][0, 16 NC) = qf[r] . kt[:, j] for MR rows: MR x NC accumulators of 16 keys
 template <int MR, int NC>
-RF_AVX512 void score_block512(const float* qf, int64_t ld, const float* kt, int64_t D, float* s) {
+RF_AVX512VNNI void score_block512(const float* qf, int64_t ld, const float* kt, int64_t D, float* s) {
   __m512 acc[MR][NC];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -641,7 +640,7 @@ RF_AVX512 void score_block512(const float* qf, int64_t ld, const float* kt, int6
 
 // o[r][c0, c0 + 16 NC) = o[r] * alpha[r] + sum_j p[r][j] v[j] for MR rows
 template <int MR, int NC>
-RF_AVX512 void pv_block512(const float* p, const float* alpha, const float* v, int64_t ldv, int64_t nk, float* o,
+RF_AVX512VNNI void pv_block512(const float* p, const float* alpha, const float* v, int64_t ldv, int64_t nk, float* o,
                            int64_t ldo) {
   __m512 acc[MR][NC];
   for (int r = 0; r < MR; ++r) {
@@ -662,7 +661,7 @@ RF_AVX512 void pv_block512(const float* p, const float* alpha, const float* v, i
 }
 
 template <int MR>
-RF_AVX512 void score_rows512_mr(const float* qf, int64_t ld, const float* kt, int64_t D, int64_t nchunk, float* s) {
+RF_AVX512VNNI void score_rows512_mr(const float* qf, int64_t ld, const float* kt, int64_t D, int64_t nchunk, float* s) {
   switch (nchunk) {
     case 1: score_block512<MR, 1>(qf, ld, kt, D, s); break;
     case 2: score_block512<MR, 2>(qf, ld, kt, D, s); break;
@@ -672,7 +671,7 @@ RF_AVX512 void score_rows512_mr(const float* qf, int64_t ld, const float* kt, in
 }
 
 template <int MR>
-RF_AVX512 void pv_rows512_mr(const float* p, const float* alpha, const float* v, int64_t ldv, int64_t nk, float* o,
+RF_AVX512VNNI void pv_rows512_mr(const float* p, const float* alpha, const float* v, int64_t ldv, int64_t nk, float* o,
                              int64_t ldo, int64_t dp) {
   for (int64_t c = 0; c < dp; c += 64) {  // dp % 16 == 0
     switch (std::min<int64_t>(4, (dp - c) / 16)) {
@@ -685,14 +684,14 @@ RF_AVX512 void pv_rows512_mr(const float* p, const float* alpha, const float* v,
 }
 
 // score_rows / pv_rows on AVX-512, for dp % 16 == 0: 6-row blocks (6 x 4 accumulators)
-RF_AVX512 void score_rows512(int64_t rows, const float* qf, int64_t ld, const float* kt, int64_t D, int64_t nchunk,
+RF_AVX512VNNI void score_rows512(int64_t rows, const float* qf, int64_t ld, const float* kt, int64_t D, int64_t nchunk,
                              float* s) {
   int64_t r = 0;
   for (; r + kRowBlock <= rows; r += kRowBlock) score_rows512_mr<kRowBlock>(qf + r * ld, ld, kt, D, nchunk, s + r * kKeyTile);
   for (; r < rows; ++r) score_rows512_mr<1>(qf + r * ld, ld, kt, D, nchunk, s + r * kKeyTile);
 }
 
-RF_AVX512 void pv_rows512(int64_t rows, const float* p, const float* alpha, const float* v, int64_t ldv, int64_t nk,
+RF_AVX512VNNI void pv_rows512(int64_t rows, const float* p, const float* alpha, const float* v, int64_t ldv, int64_t nk,
                           float* o, int64_t ldo, int64_t dp) {
   int64_t r = 0;
   for (; r + kRowBlock <= rows; r += kRowBlock)

@@ -285,6 +285,19 @@ def _weight_only(x, w_q, w_scale, bias, group_size=None):
     return out.reshape(*x.shape[:-1], n)
 
 
+def _check_linear_weights(op, w_q, w_scale, bias) -> tuple[int, int]:
+    """The prepared linears' weights: w_q [N, K >= 1] int8, w_scale [N] fp32, bias [N] float
+    or None, on w_q's device. Returns (N, K)."""
+    _check_int8_matrix(op, "w_q", w_q)
+    n, k = w_q.shape
+    if k == 0:
+        raise ValueError(f"{op}: K must be >= 1")
+    _check_vector(op, "w_scale", w_scale, n, w_q, "w_q")
+    if bias is not None:
+        _check_vector(op, "bias", bias, n, w_q, "w_q", c.FLOAT_DTYPES)
+    return n, k
+
+
 class PreparedInt8WeightOnlyLinear:
     """``int8_weight_only_linear(x, w_q, w_scale, bias)`` (per-channel scales) with the
     weights checked once, for a caller that applies them many times, like a decode loop. A
@@ -293,14 +306,7 @@ class PreparedInt8WeightOnlyLinear:
     ``prepare_int8_weight_only_linear``."""
 
     def __init__(self, w_q, w_scale, bias=None):
-        op = "prepare_int8_weight_only_linear"
-        _check_int8_matrix(op, "w_q", w_q)
-        n, k = w_q.shape
-        if k == 0:
-            raise ValueError(f"{op}: K must be >= 1")
-        _check_vector(op, "w_scale", w_scale, n, w_q, "w_q")
-        if bias is not None:
-            _check_vector(op, "bias", bias, n, w_q, "w_q", c.FLOAT_DTYPES)
+        n, k = _check_linear_weights("prepare_int8_weight_only_linear", w_q, w_scale, bias)
         # a call prepares again when one of these was swapped, resized or written in place
         self._sources = (w_q, w_scale) if bias is None else (w_q, w_scale, bias)
         self.w_q, self.w_scale, self.bias = w_q, w_scale.contiguous(), bias
@@ -341,15 +347,8 @@ class PreparedInt8Linear:
     layer, more than the kernels at decode sizes. Made with ``prepare_int8_linear``."""
 
     def __init__(self, w_q, w_scale, bias=None):
-        op = "prepare_int8_linear"
-        _check_int8_matrix(op, "w_q", w_q)
-        n, k = w_q.shape
-        if k == 0:
-            raise ValueError(f"{op}: K must be >= 1")
-        _check_k(op, k)
-        _check_vector(op, "w_scale", w_scale, n, w_q, "w_q")
-        if bias is not None:
-            _check_vector(op, "bias", bias, n, w_q, "w_q", c.FLOAT_DTYPES)
+        n, k = _check_linear_weights("prepare_int8_linear", w_q, w_scale, bias)
+        _check_k("prepare_int8_linear", k)
         # a call prepares again when one of these was swapped, resized or written in place
         self._sources = (w_q, w_scale) if bias is None else (w_q, w_scale, bias)
         self.w_q, self.w_scale, self.bias = w_q, w_scale, bias
