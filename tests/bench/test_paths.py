@@ -5,6 +5,8 @@ import pytest
 from ringfuse import _C
 from ringfuse.bench import limits
 
+from ..ops.isa import isa_level
+
 
 @pytest.mark.parametrize("isa", ["avx512vnni", "avx2", "scalar"])
 def test_titles_name_the_paths_that_run(isa):
@@ -12,11 +14,8 @@ def test_titles_name_the_paths_that_run(isa):
         pytest.skip("no AVX-512 VNNI on this CPU")
     if isa == "avx2" and not _C.build_info()["cpu_has_avx2"]:
         pytest.skip("no AVX2 on this CPU")
-    _C.set_isa(isa)
-    try:
+    with isa_level(isa):
         wide, products = limits.wide_path(), limits.attention_path()
-    finally:
-        _C.set_isa("auto")
     assert wide == {"avx512vnni": "avx2+avx512", "avx2": "avx2", "scalar": "scalar"}[isa]
     assert products.startswith({"avx512vnni": "products avx512", "avx2": "products avx2",
                                  "scalar": "products scalar"}[isa])  # fmt: skip

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from ringfuse import _C
 from ringfuse.ops import attention, attention_varlen
 
+from .isa import at_avx2_and_avx512
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -480,12 +482,6 @@ def test_avx512_products_give_the_avx2_bits(dtype, hq, hkv, d, sq, sk):
     k[0, 0, 3, 0], k[1, -1, sk // 2, 1] = -math.inf, math.nan  # a -inf score column, a NaN one
     for kwargs in (dict(causal=True, softcap=10.0), dict(causal=False), dict(causal=True, window=37),
                    dict(causal=True, window=5)):
-        try:
-            _C.set_isa("avx512vnni")
-            wide = attention(q, k, v, return_lse=True, **kwargs)
-            _C.set_isa("avx2")
-            narrow = attention(q, k, v, return_lse=True, **kwargs)
-        finally:
-            _C.set_isa("auto")
+        narrow, wide = at_avx2_and_avx512(lambda: attention(q, k, v, return_lse=True, **kwargs))
         for a, b in zip(wide, narrow):
             assert torch.equal(a.nan_to_num(0.125), b.nan_to_num(0.125)) and torch.equal(a.isnan(), b.isnan()), kwargs

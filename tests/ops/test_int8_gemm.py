@@ -14,6 +14,8 @@ from ringfuse.ops import (
     quantize_per_token,
 )
 
+from .isa import at_avx2_and_avx512
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -274,15 +276,10 @@ def test_weight_only_avx512_gemm_gives_the_avx2_bits(m, k, n, group_size):
     x, w_q = torch.randn(m, k, generator=g), rand_int8((n, k), k + n, low=-127)
     w_scale = torch.rand(n, -(-k // group_size) if group_size else 1, generator=g).squeeze(1) * 0.02 + 1e-3
     bias = torch.randn(n, generator=g)
-    got = {}
-    for isa in ("avx2", "avx512vnni"):
-        _C.set_isa(isa)
-        try:
-            got[isa] = [int8_weight_only_linear(x.to(dt), w_q, w_scale, bias.to(dt), group_size=group_size)
-                        for dt in DTYPES]  # fmt: skip
-        finally:
-            _C.set_isa("auto")
-    for a, b in zip(got["avx2"], got["avx512vnni"]):
+    narrow, wide = at_avx2_and_avx512(
+        lambda: [int8_weight_only_linear(x.to(dt), w_q, w_scale, bias.to(dt), group_size=group_size) for dt in DTYPES]
+    )
+    for a, b in zip(narrow, wide):
         assert torch.equal(a, b)
 
 

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from ringfuse import _C
 from ringfuse.ops import linear, linear_path
 
+from .isa import at_avx2_and_avx512
+
 MS = [1, 2, 3, 4, 5, 8, 17]
 # (N, K): N below / not a multiple of the 8-row block, K not a multiple of 8 / 16 / 32, K
 # over several 64-k chunks and groups of 4 (4100)
@@ -111,14 +113,8 @@ def test_avx512_blocks_give_the_avx2_bits(shape, wdt):
     for m in MS:
         for xdt in DTYPES.values():
             x = rand((m, k), m + k, xdt)
-            got = {}
-            for isa in ("avx2", "avx512vnni"):
-                _C.set_isa(isa)
-                try:
-                    got[isa] = linear(x, w, b)
-                finally:
-                    _C.set_isa("auto")
-            assert torch.equal(got["avx2"], got["avx512vnni"]), (m, xdt)
+            narrow, wide = at_avx2_and_avx512(lambda: linear(x, w, b))
+            assert torch.equal(narrow, wide), (m, xdt)
 
 
 @pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16], ids=str)
