@@ -124,6 +124,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("probe_read", &rf::cpu::probe_read, release_gil(), py::arg("src"), py::arg("nbytes"), py::arg("num_threads"));
   m.def("probe_fma", &rf::cpu::probe_fma, release_gil(), py::arg("iters"), py::arg("num_threads"));
   m.def("probe_fma_flops_per_iter", &rf::cpu::probe_fma_flops_per_iter, py::arg("num_threads"));
+  m.def("probe_fma_lanes", &rf::cpu::probe_fma_lanes);
   m.def("probe_int8_dot", &rf::cpu::probe_int8_dot, release_gil(), py::arg("iters"), py::arg("num_threads"));
   m.def("probe_int8_ops_per_iter", &rf::cpu::probe_int8_ops_per_iter, py::arg("num_threads"));
 

@@ -18,10 +18,14 @@
 // 38 MFLOP, 48 FMAs (8-wide) per key row for a 3-query group, ~0.2 ms at the FMA peak of
 // 2 cores. So the call is bound by DRAM reads, provided compute hides under them: the
 // K / V rows of the next tile are prefetched while the current one is computed (see
-// split_avx2), and the FMA loops keep enough independent accumulators. Measured (AVX2
+// NextTile), and the FMA loops keep enough independent accumulators. Measured (AVX2
 // path, 2 threads, 2026-12-05): 0.81-0.91 ms, 28-31 GB/s, 85-95% of that plain read
 // measured alongside (which itself moves between 0.56 and 0.79 ms); 32/8/128 (134 MB)
 // 4.5-5.4 ms, 25-30 GB/s. The rest is compute not hidden under the reads.
+// bf16 halves the bytes but not the math, and a host whose DRAM feeds 2 cores at 40-80
+// GB/s (Zen 5 VM, 2026-12-06) leaves even fp32 little slack: there the 16-lane path
+// (kWide) is 1.2-1.5x the AVX2 one for bf16 (9/3/64 B = 8 L = 2048: 557 -> 371 us) and
+// equal for fp32 (both ~32 GB/s of KV).
 //
 // The prefill kernel (attention) and write_kv follow after the decode kernel.
 #include "cpu/attention.h"
@@ -116,9 +120,9 @@ struct DecodeKernel {
     }
   }
 
-  // One work item with AVX2: keys [j0, j1) of sequence it.b, query heads [g0, g0 + G) of
-  // kv head it.kvh. G is a template argument so the group's accumulators live in registers
-  // (a runtime-sized array of __m256 goes through the stack, and every FMA then waits on a
+  // One work item: keys [j0, j1) of sequence it.b, query heads [g0, g0 + G) of kv head
+  // it.kvh. G is a template argument so the group's accumulators live in registers (a
+  // runtime-sized array of __m256 goes through the stack, and every FMA then waits on a
   // store-to-load round trip).
   //
   // Register blocking. Per key row, a G-query group costs 2 x G x D / 8 FMAs (D = 64,
@@ -132,39 +136,242 @@ struct DecodeKernel {
   //   PV:     PC chunks of 8 columns x G queries (G = 3: 4 x 3) over all keys of the tile.
   // This cut the warm (L2-resident) time per key by ~10% only and left the cold-cache time
   // as it was; what moved that was the prefetch schedule below and run()'s item order.
+  //
+  // AVX-512 (the avx512vnni level; kWide): the same item loop, with the two product loops
+  // 16 lanes wide and every lane doing its AVX2 lane's operations in the same order, so the
+  // bits are the AVX2 path's (tested). Scores: two keys per zmm (key k in lanes 0-7, key
+  // k + 1 in lanes 8-15) against the 8-lane q chunk broadcast to both halves, so each half
+  // is the AVX2 key's 8 partial sums; PV: 16 columns per zmm. Half the FMA instructions:
+  // where the cache is read faster than AVX2 can multiply (bf16; hosts with 40-80 GB/s of
+  // DRAM for 2 cores), that is the time.
   template <int G>
   static constexpr int kKeyBlock = G == 1 ? 8 : G <= 3 ? 4 : G <= 5 ? 2 : 1;
   template <int G>
   static constexpr int kPvChunks = G == 1 ? 8 : G <= 3 ? 4 : G <= 5 ? 2 : 1;
+  template <int G>
+  static constexpr int kKeyBlock512 = G <= 3 ? 8 : G <= 5 ? 4 : 2;  // keys (two per zmm)
+  template <int G>
+  static constexpr int kPvChunks512 = G == 1 ? 8 : G <= 5 ? 4 : 2;  // 16-column chunks
+
+  // Row pointers of the next tile, prefetched into L2 while this tile is computed: its K
+  // rows by the score loop, its V rows by the PV loop, each spread over its loop so that the
+  // core keeps a steady number of DRAM reads in flight (V prefetched together with K, in the
+  // score loop only, left the memory idle during PV: 9/3/64 cold ran ~15% slower). 64 keys
+  // ahead is 32 KiB of K and V at D = 64 fp32, ~2 us of one core's share of the DRAM
+  // stream, far past its ~0.1 us latency; 2 or 3 tiles ahead measured slower (more lines
+  // evicted before use). Into L1 (T0) the prefetched rows fought the tile in use for the
+  // L1, and NTA was slower too.
+  struct NextTile {
+    const T* const* krow;
+    const T* const* vrow;
+    int64_t n;     // its keys (<= 0: nothing to prefetch)
+    bool packed;   // rows of a block adjacent in memory (k_spos == v_spos == D)
+    bool v_in_pv;  // the PV loop prefetches the V rows; else the score loop does
+  };
+
+  // the score loop's prefetch for its block of keys [t, t + kb)
+  static RF_AVX2 RF_INLINE void prefetch_keys(const NextTile& nx, int64_t t, int64_t kb, int64_t D) {
+    if (t >= nx.n) return;
+    const int64_t kn = std::min<int64_t>(kb, nx.n - t);
+    for (const T* const* r : {nx.krow, nx.vrow}) {
+      if (r == nx.vrow && nx.v_in_pv) break;
+      if (nx.packed && r[t + kn - 1] == r[t] + (kn - 1) * D) {
+        prefetch_span<_MM_HINT_T1>(r[t], r[t] + kn * D);  // the block's rows are adjacent: one span
+      } else {
+        for (int64_t i = 0; i < kn; ++i) prefetch_span<_MM_HINT_T1>(r[t + i], r[t + i] + D);
+      }
+    }
+  }
+
+  // s[g][first, first + 8) = the 8 keys' sums of partial sums, soft-capped
+  template <int G>
+  static RF_AVX2 RF_INLINE void reduce_scores(float softcap, const float (*dots)[8][8], int64_t first,
+                                              float (*s)[kDecTile]) {
+    for (int g = 0; g < G; ++g) {
+      _mm256_store_ps(s[g] + first, hsum_each(dots[g]));
+      if (softcap > 0.0f)
+        for (int64_t u = first; u < first + 8; ++u) s[g][u] = softcap * std::tanh(s[g][u] / softcap);
+    }
+  }
+
+  // scores s[g][0, nt8) = qf[g] . krow[t], KB keys at a time: each (key, query) dot product
+  // leaves a vector of 8 partial sums in dots, and every 8 keys one horizontal reduction
+  // turns 8 such vectors into 8 scores (a horizontal sum per key cost ~3x more shuffles)
+  template <int G>
+  static RF_AVX2 RF_INLINE void score_tile(const DecodeArgs& a, const float (*qf)[256], const T* const* krow,
+                                           int64_t nt8, const NextTile& nx, float (*s)[kDecTile]) {
+    constexpr int KB = kKeyBlock<G>;
+    const int64_t D = a.d, Df = D & ~int64_t(7);
+    alignas(32) float dots[G][8][8];
+    for (int64_t t = 0; t < nt8; t += KB) {
+      prefetch_keys(nx, t, KB, D);
+      __m256 sacc[KB][G];
+      for (int kb = 0; kb < KB; ++kb)
+        for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_setzero_ps();
+      int64_t c = 0;
+#pragma GCC unroll 2
+      for (; c < Df; c += 8) {
+        __m256 qv[G];
+        for (int g = 0; g < G; ++g) qv[g] = _mm256_load_ps(qf[g] + c);
+        for (int kb = 0; kb < KB; ++kb) {
+          const __m256 kv = V8<E>::load(krow[t + kb] + c);
+          for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_fmadd_ps(qv[g], kv, sacc[kb][g]);
+        }
+      }
+      if (c < D)
+        for (int kb = 0; kb < KB; ++kb) {
+          const __m256 kv = load_tail<E>(krow[t + kb] + c, D - c);
+          for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + c), kv, sacc[kb][g]);
+        }
+      for (int kb = 0; kb < KB; ++kb)
+        for (int g = 0; g < G; ++g) _mm256_store_ps(dots[g][(t + kb) & 7], sacc[kb][g]);
+      if (((t + KB) & 7) == 0) reduce_scores<G>(a.softcap, dots, t + KB - 8, s);
+    }
+  }
+
+  // score_tile with two keys per zmm (kWide above): the same dots, half the FMAs
+  template <int G>
+  static RF_AVX512VNNI void score_tile512(const DecodeArgs& a, const float (*qf)[256], const T* const* krow,
+                                          int64_t nt8, const NextTile& nx, float (*s)[kDecTile]) {
+    constexpr int KB = kKeyBlock512<G>, KP = KB / 2;
+    const int64_t D = a.d, Df = D & ~int64_t(7);
+    alignas(64) float dots[G][8][8];
+    for (int64_t t = 0; t < nt8; t += KB) {
+      prefetch_keys(nx, t, KB, D);
+      __m512 sacc[KP][G];
+      for (int kp = 0; kp < KP; ++kp)
+        for (int g = 0; g < G; ++g) sacc[kp][g] = _mm512_setzero_ps();
+      const T* const* kr = krow + t;
+      int64_t c = 0;
+#pragma GCC unroll 2
+      for (; c < Df; c += 8) {
+        __m512 qv[G];
+        for (int g = 0; g < G; ++g) qv[g] = broadcast8x2(_mm256_load_ps(qf[g] + c));
+        for (int kp = 0; kp < KP; ++kp) {
+          const __m512 kv = load_pair<E>(kr[2 * kp] + c, kr[2 * kp + 1] + c);
+          for (int g = 0; g < G; ++g) sacc[kp][g] = _mm512_fmadd_ps(qv[g], kv, sacc[kp][g]);
+        }
+      }
+      if (c < D)
+        for (int kp = 0; kp < KP; ++kp) {
+          const __m512 kv = pair8x2(load_tail<E>(kr[2 * kp] + c, D - c), load_tail<E>(kr[2 * kp + 1] + c, D - c));
+          for (int g = 0; g < G; ++g)
+            sacc[kp][g] = _mm512_fmadd_ps(broadcast8x2(_mm256_load_ps(qf[g] + c)), kv, sacc[kp][g]);
+        }
+      for (int kp = 0; kp < KP; ++kp)
+        for (int g = 0; g < G; ++g) _mm512_store_ps(dots[g][(t + 2 * kp) & 7], sacc[kp][g]);
+      if (((t + KB) & 7) == 0) reduce_scores<G>(a.softcap, dots, t + KB - 8, s);
+    }
+  }
+
+  // acc = acc * alpha + p * v over the tile's nt keys: PC chunks x G queries of accumulators
+  // in registers; each V chunk is loaded once for the group
+  template <int G>
+  static RF_AVX2 RF_INLINE void pv_tile(const DecodeArgs& a, float (*acc)[256], const float* alpha,
+                                        const float (*s)[kDecTile], const T* const* vrow, int64_t nt,
+                                        const NextTile& nx) {
+    constexpr int PC = kPvChunks<G>;
+    const int64_t D = a.d, Df = D & ~int64_t(7), Dp = (D + 7) & ~int64_t(7);
+    int64_t c = 0;
+    for (; c + 8 * PC <= Df; c += 8 * PC) {
+      __m256 av[G][PC];
+      for (int g = 0; g < G; ++g) {
+        const __m256 va = _mm256_set1_ps(alpha[g]);
+        for (int u = 0; u < PC; ++u) av[g][u] = _mm256_mul_ps(_mm256_load_ps(acc[g] + c + 8 * u), va);
+      }
+#pragma GCC unroll 2
+      for (int64_t t = 0; t < nt; ++t) {
+        if (t < nx.n)  // the columns of the next tile's V row that the same pass will read
+          prefetch_span<_MM_HINT_T1>(nx.vrow[t] + c, nx.vrow[t] + (c + 16 * PC > Df ? D : c + 8 * PC));
+        const T* vr = vrow[t] + c;
+        __m256 pb[G];
+        for (int g = 0; g < G; ++g) pb[g] = _mm256_broadcast_ss(&s[g][t]);
+        for (int u = 0; u < PC; ++u) {
+          const __m256 vv = V8<E>::load(vr + 8 * u);
+          for (int g = 0; g < G; ++g) av[g][u] = _mm256_fmadd_ps(pb[g], vv, av[g][u]);
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        for (int u = 0; u < PC; ++u) _mm256_store_ps(acc[g] + c + 8 * u, av[g][u]);
+    }
+    for (; c < Dp; c += 8) {  // the rest: single chunks, then the tail
+      const int64_t n = std::min<int64_t>(8, D - c);
+      __m256 av[G];
+      for (int g = 0; g < G; ++g) av[g] = _mm256_mul_ps(_mm256_load_ps(acc[g] + c), _mm256_set1_ps(alpha[g]));
+      for (int64_t t = 0; t < nt; ++t) {
+        const __m256 vv = n == 8 ? V8<E>::load(vrow[t] + c) : load_tail<E>(vrow[t] + c, n);
+        for (int g = 0; g < G; ++g) av[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[g][t]), vv, av[g]);
+      }
+      for (int g = 0; g < G; ++g) _mm256_store_ps(acc[g] + c, av[g]);
+    }
+  }
+
+  // pv_tile for the P 16-column chunks from column c (masked loads past D; acc is
+  // zero-padded to 256 columns), prefetching the same columns of the next tile's V rows
+  template <int G, int P>
+  static RF_AVX512VNNI RF_INLINE void pv_pass512(const DecodeArgs& a, float (*acc)[256], const float* alpha,
+                                                 const float (*s)[kDecTile], const T* const* vrow, int64_t nt,
+                                                 const NextTile& nx, int64_t c) {
+    const int64_t D = a.d, end = std::min<int64_t>(D, c + 16 * P);
+    __mmask16 cols[P];
+    for (int u = 0; u < P; ++u) cols[u] = __mmask16((1u << std::clamp<int64_t>(D - c - 16 * u, 0, 16)) - 1u);
+    __m512 av[G][P];
+    for (int g = 0; g < G; ++g) {
+      const __m512 va = _mm512_set1_ps(alpha[g]);
+      for (int u = 0; u < P; ++u) av[g][u] = _mm512_mul_ps(_mm512_load_ps(acc[g] + c + 16 * u), va);
+    }
+#pragma GCC unroll 2
+    for (int64_t t = 0; t < nt; ++t) {
+      if (t < nx.n) prefetch_span<_MM_HINT_T1>(nx.vrow[t] + c, nx.vrow[t] + end);
+      const T* vr = vrow[t] + c;
+      __m512 pb[G];
+      for (int g = 0; g < G; ++g) pb[g] = _mm512_set1_ps(s[g][t]);
+      for (int u = 0; u < P; ++u) {
+        const __m512 vv = load16_masked<E>(vr + 16 * u, cols[u]);
+        for (int g = 0; g < G; ++g) av[g][u] = _mm512_fmadd_ps(pb[g], vv, av[g][u]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int u = 0; u < P; ++u) _mm512_store_ps(acc[g] + c + 16 * u, av[g][u]);
+  }
 
   template <int G>
-  static RF_AVX2 void split_avx2(const DecodeArgs& a, const Item& it, int64_t j0, int64_t j1, const Item* next) {
-    constexpr int KB = kKeyBlock<G>, PC = kPvChunks<G>;
+  static RF_AVX512VNNI void pv_tile512(const DecodeArgs& a, float (*acc)[256], const float* alpha,
+                                       const float (*s)[kDecTile], const T* const* vrow, int64_t nt,
+                                       const NextTile& nx) {
+    constexpr int PC = kPvChunks512<G>;
+    for (int64_t c = 0; c < a.d; c += 16 * PC) {
+      const int64_t chunks = std::min<int64_t>(PC, (a.d - c + 15) / 16);
+      switch (chunks) {  // P <= PC, the rest compiled away
+        case 1: pv_pass512<G, 1>(a, acc, alpha, s, vrow, nt, nx, c); break;
+        case 2: pv_pass512<G, std::min(PC, 2)>(a, acc, alpha, s, vrow, nt, nx, c); break;
+        case 3: pv_pass512<G, std::min(PC, 3)>(a, acc, alpha, s, vrow, nt, nx, c); break;
+        case 4: pv_pass512<G, std::min(PC, 4)>(a, acc, alpha, s, vrow, nt, nx, c); break;
+        default: pv_pass512<G, PC>(a, acc, alpha, s, vrow, nt, nx, c); break;
+      }
+    }
+  }
+
+  template <int G, bool kWide>
+  static RF_AVX2 void split_vec(const DecodeArgs& a, const Item& it, int64_t j0, int64_t j1, const Item* next) {
     const int64_t D = a.d, Df = D & ~int64_t(7), Dp = (D + 7) & ~int64_t(7);
     const int64_t h0 = it.kvh * a.group + it.g0;  // first query head of the item
-    alignas(32) float qf[G][256];   // q * scale in fp32, zero-padded to Dp
-    alignas(32) float acc[G][256];  // unnormalized output, zero-padded to Dp
+    alignas(64) float qf[G][256];   // q * scale in fp32, zero-padded to Dp
+    alignas(64) float acc[G][256];  // unnormalized output, zero-padded to 256 columns
     for (int g = 0; g < G; ++g) {
       const T* qp = static_cast<const T*>(a.q) + it.b * a.q_sb + (h0 + g) * a.q_sh;
       for (int64_t i = 0; i < D; ++i) qf[g][i] = E::load(qp + i) * a.scale;
       for (int64_t i = D; i < Dp; ++i) qf[g][i] = 0.0f;
-      std::fill(acc[g], acc[g] + Dp, 0.0f);
+      std::fill(acc[g], acc[g] + 256, 0.0f);
     }
     float m[G], l[G], alpha[G];
     for (int g = 0; g < G; ++g) m[g] = -std::numeric_limits<float>::infinity(), l[g] = 0.0f;
-    alignas(32) float s[G][kDecTile];
-    alignas(32) float dots[G][8][8];
-    // Row pointers of this tile (rows[cur]) and of the next one (rows[cur ^ 1]), which is
-    // prefetched into L2 while this tile is computed: its K rows by the score loop, its V
-    // rows by the PV loop, each spread over its loop so that the core keeps a steady number
-    // of DRAM reads in flight (V prefetched together with K, in the score loop only, left
-    // the memory idle during PV: 9/3/64 cold ran ~15% slower). 64 keys ahead is 32 KiB of K
-    // and V at D = 64 fp32, ~2 us of one core's share of the DRAM stream, far past its
-    // ~0.1 us latency; 2 or 3 tiles ahead measured slower (more lines evicted before use).
+    alignas(64) float s[G][kDecTile];
+    // row pointers of this tile (rows[cur]) and of the next one (rows[cur ^ 1])
     const T* rows[2][2][kDecTile];
     int cur = 0;
-    const bool packed = a.k_spos == D && a.v_spos == D;  // rows of a block adjacent in memory
-    const bool v_in_pv = Df >= 8 * PC;                    // the PV loop prefetches the next V rows
+    const bool packed = a.k_spos == D && a.v_spos == D;
+    const bool v_in_pv = kWide || Df >= 8 * kPvChunks<G>;  // pv_tile's multi-chunk loop runs
     constexpr int64_t tile = kDecTile;
     tile_rows(a, it.b, it.kvh, j0, std::min<int64_t>(tile, j1 - j0), rows[0][0], rows[0][1]);
     for (int64_t t0 = j0; t0 < j1; t0 += tile, cur ^= 1) {
@@ -182,58 +389,11 @@ struct DecodeKernel {
         nn = std::min<int64_t>(std::min<int64_t>(tile, nt), len - nj0);
         if (nn > 0) tile_rows(a, next->b, next->kvh, nj0, nn, nkrow, nvrow);
       }
-      // scores of the tile, KB keys at a time: each (key, query) dot product leaves a vector
-      // of 8 partial sums in dots, and every 8 keys one horizontal reduction turns 8 such
-      // vectors into 8 scores (a horizontal sum per key cost ~3x more shuffles)
-      for (int64_t t = 0; t < nt8; t += KB) {
-        // Prefetch the next tile's K rows into L2, as many as this block has keys. Into L1
-        // (T0) the prefetched rows fought the tile in use for the L1, and NTA was slower too.
-        if (t < nn) {
-          const int64_t kn = std::min<int64_t>(KB, nn - t);
-          const T* k0 = nkrow[t];
-          const T* v0 = nvrow[t];
-          if (packed && nkrow[t + kn - 1] == k0 + (kn - 1) * D) {
-            prefetch_span<_MM_HINT_T1>(k0, k0 + kn * D);  // the block's rows are adjacent: one span
-          } else {
-            for (int64_t kb = 0; kb < kn; ++kb) prefetch_span<_MM_HINT_T1>(nkrow[t + kb], nkrow[t + kb] + D);
-          }
-          if (!v_in_pv) {
-            if (packed && nvrow[t + kn - 1] == v0 + (kn - 1) * D) {
-              prefetch_span<_MM_HINT_T1>(v0, v0 + kn * D);
-            } else {
-              for (int64_t kb = 0; kb < kn; ++kb) prefetch_span<_MM_HINT_T1>(nvrow[t + kb], nvrow[t + kb] + D);
-            }
-          }
-        }
-        __m256 sacc[KB][G];
-        for (int kb = 0; kb < KB; ++kb)
-          for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_setzero_ps();
-        int64_t c = 0;
-#pragma GCC unroll 2
-        for (; c < Df; c += 8) {
-          __m256 qv[G];
-          for (int g = 0; g < G; ++g) qv[g] = _mm256_load_ps(qf[g] + c);
-          for (int kb = 0; kb < KB; ++kb) {
-            const __m256 kv = V8<E>::load(krow[t + kb] + c);
-            for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_fmadd_ps(qv[g], kv, sacc[kb][g]);
-          }
-        }
-        if (c < D)
-          for (int kb = 0; kb < KB; ++kb) {
-            const __m256 kv = load_tail<E>(krow[t + kb] + c, D - c);
-            for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + c), kv, sacc[kb][g]);
-          }
-        for (int kb = 0; kb < KB; ++kb)
-          for (int g = 0; g < G; ++g) _mm256_store_ps(dots[g][(t + kb) & 7], sacc[kb][g]);
-        if (((t + KB) & 7) == 0) {  // 8 keys scored: reduce them
-          const int64_t first = t + KB - 8;
-          for (int g = 0; g < G; ++g) {
-            _mm256_store_ps(s[g] + first, hsum_each(dots[g]));
-            if (a.softcap > 0.0f)
-              for (int64_t u = first; u < first + 8; ++u) s[g][u] = a.softcap * std::tanh(s[g][u] / a.softcap);
-          }
-        }
-      }
+      const NextTile nx{nkrow, nvrow, nn, packed, v_in_pv};
+      if constexpr (kWide)
+        score_tile512<G>(a, qf, krow, nt8, nx, s);
+      else
+        score_tile<G>(a, qf, krow, nt8, nx, s);
       // online softmax update per query: p = exp(s - m_new); the running output is rescaled
       // by alpha as the PV loop loads it
       for (int g = 0; g < G; ++g) {
@@ -254,40 +414,10 @@ struct DecodeKernel {
         l[g] = l[g] * alpha[g] + hsum(psum);
         m[g] = m_new;
       }
-      // acc = acc * alpha + p * v: PC chunks x G queries of accumulators in registers over
-      // the whole tile; each V chunk is loaded once for the group
-      int64_t c = 0;
-      for (; c + 8 * PC <= Df; c += 8 * PC) {
-        __m256 av[G][PC];
-        for (int g = 0; g < G; ++g) {
-          const __m256 va = _mm256_set1_ps(alpha[g]);
-          for (int u = 0; u < PC; ++u) av[g][u] = _mm256_mul_ps(_mm256_load_ps(acc[g] + c + 8 * u), va);
-        }
-#pragma GCC unroll 2
-        for (int64_t t = 0; t < nt; ++t) {
-          if (t < nn)  // the columns of the next tile's V row that the same pass will read
-            prefetch_span<_MM_HINT_T1>(nvrow[t] + c, nvrow[t] + (c + 16 * PC > Df ? D : c + 8 * PC));
-          const T* vr = vrow[t] + c;
-          __m256 pb[G];
-          for (int g = 0; g < G; ++g) pb[g] = _mm256_broadcast_ss(&s[g][t]);
-          for (int u = 0; u < PC; ++u) {
-            const __m256 vv = V8<E>::load(vr + 8 * u);
-            for (int g = 0; g < G; ++g) av[g][u] = _mm256_fmadd_ps(pb[g], vv, av[g][u]);
-          }
-        }
-        for (int g = 0; g < G; ++g)
-          for (int u = 0; u < PC; ++u) _mm256_store_ps(acc[g] + c + 8 * u, av[g][u]);
-      }
-      for (; c < Dp; c += 8) {  // the rest: single chunks, then the tail
-        const int64_t n = std::min<int64_t>(8, D - c);
-        __m256 av[G];
-        for (int g = 0; g < G; ++g) av[g] = _mm256_mul_ps(_mm256_load_ps(acc[g] + c), _mm256_set1_ps(alpha[g]));
-        for (int64_t t = 0; t < nt; ++t) {
-          const __m256 vv = n == 8 ? V8<E>::load(vrow[t] + c) : load_tail<E>(vrow[t] + c, n);
-          for (int g = 0; g < G; ++g) av[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[g][t]), vv, av[g]);
-        }
-        for (int g = 0; g < G; ++g) _mm256_store_ps(acc[g] + c, av[g]);
-      }
+      if constexpr (kWide)
+        pv_tile512<G>(a, acc, alpha, s, vrow, nt, nx);
+      else
+        pv_tile<G>(a, acc, alpha, s, vrow, nt, nx);
     }
     for (int g = 0; g < G; ++g) {
       const int64_t slot = ((it.b * a.hq) + h0 + g) * a.max_splits + it.split;
@@ -297,16 +427,17 @@ struct DecodeKernel {
     }
   }
 
-  static void split_avx2_any(const DecodeArgs& a, const Item& it, int64_t j0, int64_t j1, const Item* next) {
+  template <bool kWide>
+  static void split_any(const DecodeArgs& a, const Item& it, int64_t j0, int64_t j1, const Item* next) {
     switch (it.g1 - it.g0) {
-      case 1: split_avx2<1>(a, it, j0, j1, next); break;
-      case 2: split_avx2<2>(a, it, j0, j1, next); break;
-      case 3: split_avx2<3>(a, it, j0, j1, next); break;
-      case 4: split_avx2<4>(a, it, j0, j1, next); break;
-      case 5: split_avx2<5>(a, it, j0, j1, next); break;
-      case 6: split_avx2<6>(a, it, j0, j1, next); break;
-      case 7: split_avx2<7>(a, it, j0, j1, next); break;
-      default: split_avx2<8>(a, it, j0, j1, next); break;
+      case 1: split_vec<1, kWide>(a, it, j0, j1, next); break;
+      case 2: split_vec<2, kWide>(a, it, j0, j1, next); break;
+      case 3: split_vec<3, kWide>(a, it, j0, j1, next); break;
+      case 4: split_vec<4, kWide>(a, it, j0, j1, next); break;
+      case 5: split_vec<5, kWide>(a, it, j0, j1, next); break;
+      case 6: split_vec<6, kWide>(a, it, j0, j1, next); break;
+      case 7: split_vec<7, kWide>(a, it, j0, j1, next); break;
+      default: split_vec<8, kWide>(a, it, j0, j1, next); break;
     }
   }
 
@@ -389,6 +520,7 @@ struct DecodeKernel {
       prefix[size_t(n) + 1] = prefix[size_t(n)] + (j1 - j0) + 1;
     }
     const int64_t n_out = a.batch * a.hq;
+    const bool wide = avx512_kernels();
 #pragma omp parallel num_threads(threads) if (n_items > 1)
     {
       const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -400,8 +532,11 @@ struct DecodeKernel {
         const Item& it = items[size_t(n)];
         int64_t j0, j1;
         keys_of(it, j0, j1);
-        if (isa == Isa::kAvx2)
-          split_avx2_any(a, it, j0, j1, n + 1 < hi ? &items[size_t(n) + 1] : nullptr);
+        const Item* after = n + 1 < hi ? &items[size_t(n) + 1] : nullptr;
+        if (isa == Isa::kAvx2 && wide)
+          split_any<true>(a, it, j0, j1, after);
+        else if (isa == Isa::kAvx2)
+          split_any<false>(a, it, j0, j1, after);
         else
           split_scalar(a, it, j0, j1);
       }

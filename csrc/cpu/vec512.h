@@ -42,6 +42,45 @@ struct V16<F16> {
   }
 };
 
+// [lo | hi]: two 8-lane vectors as one 16-lane vector, and v in both halves.
+RF_AVX512VNNI RF_INLINE __m512 pair8x2(__m256 lo, __m256 hi) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+}
+RF_AVX512VNNI RF_INLINE __m512 broadcast8x2(__m256 v) {
+  return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(v)));
+}
+
+// Two 8-element rows as one 16-lane vector: lanes 0-7 = V8<E>::load(lo), lanes 8-15 =
+// V8<E>::load(hi) (the same fp32 values: widening is exact); 16-bit types widen once.
+template <class E>
+RF_AVX512VNNI RF_INLINE __m512 load_pair(const typename E::T* lo, const typename E::T* hi) {
+  if constexpr (E::code == kFloat32) {
+    return pair8x2(_mm256_loadu_ps(lo), _mm256_loadu_ps(hi));
+  } else {
+    const __m256i both = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)), 1);
+    if constexpr (E::code == kBFloat16)
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(both), 16));
+    else
+      return _mm512_cvtph_ps(both);
+  }
+}
+
+// The lanes of `lanes` loaded from p as fp32, the others 0; masked lanes are not read.
+template <class E>
+RF_AVX512VNNI RF_INLINE __m512 load16_masked(const typename E::T* p, __mmask16 lanes) {
+  if constexpr (E::code == kFloat32) {
+    return _mm512_maskz_loadu_ps(lanes, p);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(lanes, p);
+    if constexpr (E::code == kBFloat16)
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else
+      return _mm512_cvtph_ps(h);
+  }
+}
+
 // exp8 at 16 lanes: the same clamps, reduction, polynomial and 2^n, operation for operation.
 RF_AVX512VNNI RF_INLINE __m512 exp16(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.33654f), hi = _mm512_set1_ps(88.3762626647949f);

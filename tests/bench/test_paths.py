@@ -4,6 +4,7 @@ import pytest
 
 from ringfuse import _C
 from ringfuse.bench import limits
+from ringfuse.ops import native
 
 from ..ops.isa import isa_level
 
@@ -16,6 +17,10 @@ def test_titles_name_the_paths_that_run(isa):
         pytest.skip("no AVX2 on this CPU")
     with isa_level(isa):
         wide, products = limits.wide_path(), limits.attention_path()
+        lanes, flops = native.probe_fma_lanes(), native.probe_fma_flops_per_iter(3)
+        assert native.probe_fma(10, 2) > 0
     assert wide == {"avx512vnni": "avx2+avx512", "avx2": "avx2", "scalar": "scalar"}[isa]
     assert products.startswith({"avx512vnni": "products avx512", "avx2": "products avx2",
                                  "scalar": "products scalar"}[isa])  # fmt: skip
+    # the FMA peak that "% FMA peak" divides by is measured at the width of the kernels that run
+    assert lanes == {"avx512vnni": 16, "avx2": 8, "scalar": 1}[isa] and flops == 3 * 10 * lanes * 2

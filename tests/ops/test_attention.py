@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from ringfuse import _C
 from ringfuse.ops import DeviceValueError, check_device_errors, decode_attention, paged_decode_attention
 
+from .isa import at_avx2_and_avx512
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -82,7 +84,7 @@ def to_paged(k, block_size, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (9, 3), (8, 2), (16, 2)], ids=str)
 @pytest.mark.parametrize("d", [64, 80, 128, 7])
-def test_decode_matches_reference(isa, dtype, hq, hkv, d):
+def test_decode_matches_reference(avx512_isa, dtype, hq, hkv, d):
     lens = torch.tensor([1, 77, 0, 300, 129], dtype=torch.int32)
     S = 320
     q, k, v = make((5, hq, d), dtype, 1), make((5, hkv, S, d), dtype, 2), make((5, hkv, S, d), dtype, 3)
@@ -94,7 +96,7 @@ def test_decode_matches_reference(isa, dtype, hq, hkv, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_long_context_and_softcap(isa, dtype):
+def test_long_context_and_softcap(avx512_isa, dtype):
     """Many splits (> 64 at the default split size), the full cache, softcap and a custom scale."""
     S = 64 * 256 + 96
     lens = torch.tensor([S, 1000], dtype=torch.int32)
@@ -105,7 +107,7 @@ def test_long_context_and_softcap(isa, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("window", [1, 5, 64, 300, 5000])
-def test_sliding_window(isa, dtype, window):
+def test_sliding_window(avx512_isa, dtype, window):
     """The token sees its last `window` keys only (Mistral / Gemma 2): against the fp64
     reference over those keys; paged == contiguous bitwise; block ids before the window are
     neither read nor checked (a sliding-window cache may have recycled them)."""
@@ -125,7 +127,7 @@ def test_sliding_window(isa, dtype, window):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block_size", [16, 32, 5])
-def test_paged_equals_contiguous_bitwise(isa, dtype, block_size):
+def test_paged_equals_contiguous_bitwise(avx512_isa, dtype, block_size):
     S = 160
     lens = torch.tensor([160, 33, 0, 17], dtype=torch.int32)
     q, k, v = make((4, 8, 64), dtype, 7), make((4, 2, S, 64), dtype, 8), make((4, 2, S, 64), dtype, 9)
@@ -136,7 +138,7 @@ def test_paged_equals_contiguous_bitwise(isa, dtype, block_size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_many_splits_paged_threads(isa, dtype):
+def test_many_splits_paged_threads(avx512_isa, dtype):
     """Long contexts of uneven lengths: several splits per sequence, each thread a run of
     items whose last tile prefetches the next item's first (across sequences and heads, and
     through a shuffled block table): within tolerance, paged == contiguous bitwise, and the
@@ -158,6 +160,30 @@ def test_many_splits_paged_threads(isa, dtype):
         assert all(torch.equal(outs[0], o) for o in outs[1:])
         scale = 1 / math.sqrt(d)
         assert_tolerance(outs[0], reference64(q, k, v, lens, scale), torch_same_dtype(q, k, v, lens, scale))
+
+
+@pytest.mark.skipif(not _C.build_info()["cpu_has_avx512_vnni"], reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_avx512_decode_gives_the_avx2_bits(dtype):
+    """The 16-lane decode kernel (two keys per register in the scores, 16 columns in P V) sums
+    every lane in its AVX2 lane's order: the same bits for every GQA group size (1-8 and a
+    9-head group split 8 + 1), head sizes that are not multiples of 16 or 8, softcap, a
+    window, a paged cache, and -inf / NaN keys."""
+    cases = [(4, 4, 64), (8, 4, 80), (9, 3, 128), (16, 4, 24), (10, 2, 96), (12, 2, 40), (14, 2, 16),
+             (7, 1, 7), (16, 2, 256), (9, 1, 8), (3, 3, 1)]  # fmt: skip
+    for n, (hq, hkv, d) in enumerate(cases):
+        S = 200
+        lens = torch.tensor([200, 1, 0, 77, 129], dtype=torch.int32)
+        q, k, v = make((5, hq, d), dtype, 30 + n), make((5, hkv, S, d), dtype, 31 + n), make((5, hkv, S, d), dtype, 32 + n)
+        k[3, 0, 5, 0], k[0, -1, 100, d - 1], v[4, 0, 7, 0] = -math.inf, math.nan, math.nan
+        kp, table = to_paged(k, 8, seed=33)
+        vp, _ = to_paged(v, 8, seed=33)
+        for kwargs in (dict(), dict(softcap=5.0, scale=0.3), dict(window=33)):
+            narrow, wide = at_avx2_and_avx512(
+                lambda: (decode_attention(q, k, v, lens, **kwargs), paged_decode_attention(q, kp, vp, table, lens, **kwargs)))
+            for a, b in zip(narrow, wide):
+                assert torch.equal(a.nan_to_num(0.125), b.nan_to_num(0.125)) and torch.equal(a.isnan(), b.isnan()), (hq, hkv, d, kwargs)
+            assert not wide[0][[1, 2]].isnan().any()  # the NaN / -inf keys stay in their sequences
 
 
 def test_strided_inputs_and_out():

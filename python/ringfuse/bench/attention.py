@@ -179,7 +179,7 @@ def run_decode(heads=HEADS, batches=BATCHES, lengths=LENGTHS, dtypes=tuple(DTYPE
                                  f"{base / ours:.2f}x", f"{gbs:.1f}", f"{100 * gbs / lim.read_gbs:.0f}%",
                                  f"{100 * kv_bytes / base / 1e9 / lim.read_gbs:.0f}%"])
     print_table(
-        f"decode_attention (cold KV cache): ringfuse vs torch SDPA, {lim.threads} threads, {lim.isa}",
+        f"decode_attention (cold KV cache): ringfuse vs torch SDPA, {lim.threads} threads, {limits_mod.wide_path()}",
         ["Hq/Hkv/D", "batch, cache", "dtype", "torch us", "ringfuse us", "speedup", "KV GB/s", "% DRAM bw",
          "torch % bw"],
         rows,

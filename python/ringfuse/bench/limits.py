@@ -86,8 +86,8 @@ def attention_path() -> str:
 
 def wide_path() -> str:
     """The path of the kernels with 16-lane AVX-512 variants (linear and w8a16 at every M,
-    silu_mul, the prefill attention's products and exponents): "avx2+avx512" at the
-    "avx512vnni" level and above, else the float path."""
+    silu_mul, the prefill attention's products and exponents, decode attention):
+    "avx2+avx512" at the "avx512vnni" level and above, else the float path."""
     isa = _C.isa()
     return f"{isa}+avx512" if isa == "avx2" and int8_path() == "avx512vnni" else isa
 
@@ -113,13 +113,13 @@ def measure(threads: int | None = None) -> Limits:
 def run(threads: int | None = None) -> Limits:
     lim = measure(threads)
     print_table(
-        f"ringfuse bench limits ({lim.threads} threads, {lim.isa} path)",
+        f"ringfuse bench limits ({lim.threads} threads, {wide_path()} path)",
         ["limit", "loop", "value"],
         [
             ["copy bandwidth", "64 MiB -> 64 MiB, AVX2 + NT stores", f"{lim.copy_gbs:.1f} GB/s"],
             ["copy in L2", "256 KiB -> 256 KiB, memcpy", f"{lim.copy_l2_gbs:.1f} GB/s"],
             ["read from DRAM", "512 MiB, AVX2 loads, 4 sums per thread", f"{lim.read_gbs:.1f} GB/s"],
-            ["fp32 FMA peak", "10 chains x 8 lanes per thread", f"{lim.fma_gflops:.1f} GFLOP/s"],
+            ["fp32 FMA peak", f"10 chains x {native.probe_fma_lanes()} lanes per thread", f"{lim.fma_gflops:.1f} GFLOP/s"],
             ["int8 dot peak", f"12 chains per thread, {int8_path()} "
              f"({'vpdpbusd zmm' if int8_path() == 'avx512vnni' else 'vpmaddubsw + vpmaddwd + vpaddd'})",
              f"{lim.int8_gops:.0f} GOPS"],

@@ -310,6 +310,11 @@ def probe_fma_flops_per_iter(num_threads: int) -> int:
     return _C.probe_fma_flops_per_iter(num_threads)
 
 
+def probe_fma_lanes() -> int:
+    """Lanes of probe_fma's chains: 16 at the avx512vnni level, 8 at avx2, 1 scalar."""
+    return _C.probe_fma_lanes()
+
+
 def probe_int8_dot(iters: int, num_threads: int) -> int:
     """The int8 dot loop on the int8 GEMM's path; returns the sum of all products."""
     return _C.probe_int8_dot(iters, num_threads)
