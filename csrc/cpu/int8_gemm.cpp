@@ -19,11 +19,14 @@
 //
 // Weight-only linear: per 8 weights, one widening load (vpmovsxbd), a convert and one FMA
 // per row of x; at M = 1 it should stream the int8 weights at DRAM speed (4x fewer bytes
-// than fp32 F.linear). Per-channel scales, M <= 8: linear.cpp's GEMV-style kernel (blocks
+// than fp32 F.linear). Per-channel scales, M <= 16: linear.cpp's GEMV-style kernel (blocks
 // of 8 weight rows, next-block prefetch); against the 4-row kernel below it measured
 // 1.2x / 1.35x / 1.7x faster at M = 1 / 4 / 8 over all of SmolLM2's linears (135 MB int8,
-// M = 8 at ~150 GFLOP/s, near the 2-core FMA peak). Group scales, M <= 4: wo_grouped.
-// Larger M: wo_gemm, a blocked fp32 GEMM on dequantized panels.
+// M = 8 at ~150 GFLOP/s, near the 2-core FMA peak), and against wo_gemm at M = 12 / 16
+// (Zen 5 VM, 2026-12-06; [1536, 576], [576, 1536], [4096, 4096]) 1.5-2.1x / 1.4-1.7x
+// faster on the AVX2 path and 1.1-1.45x / 1.0-1.16x on the AVX-512 one (from M = 24 the
+// AVX-512 GEMM wins; one bound for both levels keeps their bits equal). Group scales,
+// M <= 4: wo_grouped. Larger M: wo_gemm, a blocked fp32 GEMM on dequantized panels.
 //
 // Napkin math: quantize_per_token reads x once from memory (the row stays in L1/L2 for its
 // second pass) and writes 1 byte per element + 4 per row: for bf16 x, 3 bytes moved per
@@ -562,7 +565,7 @@ RF_AVX2 void wo_grouped(const GemmArgs& g, const float* x, int64_t x_stride, con
 // GFLOP, ~45 ms at the 2-thread FMA peak of a Zen 3 (182 GFLOP/s); weights read once (16 MB).
 constexpr int kWoRows = 6;
 constexpr int64_t kWoGemmMinRows = 4;    // grouped scales: more rows than this take wo_gemm (measured crossover 4-8 rows)
-constexpr int64_t kWoLinearMaxRows = 8;  // per-channel scales: up to this many rows take linear.cpp's kernel
+constexpr int64_t kWoLinearMaxRows = 16;  // per-channel scales: up to this many rows take linear.cpp's kernel
 
 RF_AVX2 void dequant_panel(const int8_t* w, int64_t w_stride, int64_t ncols, int64_t k, const WScale& ws, int64_t n0,
                            float* wp, int64_t wp_stride) {

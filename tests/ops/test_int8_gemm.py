@@ -243,7 +243,7 @@ def test_prepacked_weight_gives_the_same_bits():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 3, 4, 8, 9, 17])
+@pytest.mark.parametrize("m", [1, 3, 4, 8, 9, 16, 17])
 @pytest.mark.parametrize("k,n", [(1, 1), (7, 5), (64, 33), (577, 129)], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_weight_only_matches_reference(avx512_isa, dtype, m, k, n, with_bias):
@@ -267,10 +267,10 @@ def test_weight_only_matches_reference(avx512_isa, dtype, m, k, n, with_bias):
 @pytest.mark.skipif(not _C.build_info()["cpu_has_avx512_vnni"], reason="needs AVX-512")
 @pytest.mark.parametrize("group_size", [None, 32])
 @pytest.mark.parametrize("m,k,n", [(1, 70, 13), (2, 129, 9), (3, 64, 17), (5, 300, 8), (8, 1100, 23), (9, 37, 5),
-                                   (13, 64, 33), (25, 130, 47), (40, 576, 96)], ids=str)  # fmt: skip
+                                   (13, 64, 33), (16, 40, 9), (17, 64, 20), (25, 130, 47), (40, 576, 96)], ids=str)  # fmt: skip
 def test_weight_only_avx512_gemm_gives_the_avx2_bits(m, k, n, group_size):
     """Every AVX-512 path of the op sums each output in its AVX2 path's order: the same bits
-    on every shape, partial blocks and panels included (M <= 8 per channel: two weight rows
+    on every shape, partial blocks and panels included (M <= 16 per channel: two weight rows
     per zmm register; larger M: 12 x 32 GEMM blocks)."""
     g = torch.Generator().manual_seed(m + k + n)
     x, w_q = torch.randn(m, k, generator=g), rand_int8((n, k), k + n, low=-127)
@@ -285,11 +285,11 @@ def test_weight_only_avx512_gemm_gives_the_avx2_bits(m, k, n, group_size):
 
 @pytest.mark.parametrize("k", [7, 300, 1100])
 def test_weight_only_row_equals_alone(k):
-    """Per-channel weights at M <= 8: row r of an M-row call has the bits of the 1-row call
+    """Per-channel weights at M <= 16: row r of an M-row call has the bits of the 1-row call
     (a batch does not change a sequence's logits)."""
     g = torch.Generator().manual_seed(k)
-    x, w_q, w_scale = torch.randn(8, k, generator=g), rand_int8((37, k), k, low=-127), torch.rand(37, generator=g)
-    for m in (2, 4, 8):
+    x, w_q, w_scale = torch.randn(16, k, generator=g), rand_int8((37, k), k, low=-127), torch.rand(37, generator=g)
+    for m in (2, 4, 8, 11, 16):
         full = int8_weight_only_linear(x[:m], w_q, w_scale)
         for r in range(m):
             assert torch.equal(full[r], int8_weight_only_linear(x[r : r + 1], w_q, w_scale)[0]), (m, r)
