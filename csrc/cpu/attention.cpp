@@ -689,7 +689,7 @@ RF_AVX2 void pv_block(const float* p, const float* alpha, const float* v, int64_
   int64_t c = 0;
   for (; c + 16 <= dp; c += 16) {
     __m256 acc[MR][2];
-    for (int r = 0; r < MR; ++r) {
+    RF_UNROLL for (int r = 0; r < MR; ++r) {
       const __m256 a = _mm256_broadcast_ss(alpha + r);
       acc[r][0] = _mm256_mul_ps(_mm256_loadu_ps(o + r * ldo + c), a);
       acc[r][1] = _mm256_mul_ps(_mm256_loadu_ps(o + r * ldo + c + 8), a);
@@ -697,26 +697,26 @@ RF_AVX2 void pv_block(const float* p, const float* alpha, const float* v, int64_
     const float* vr = v + c;
     for (int64_t j = 0; j < nk; ++j, vr += ldv) {
       const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
-      for (int r = 0; r < MR; ++r) {
+      RF_UNROLL for (int r = 0; r < MR; ++r) {
         const __m256 pb = _mm256_broadcast_ss(p + r * kKeyTile + j);
         acc[r][0] = _mm256_fmadd_ps(pb, v0, acc[r][0]);
         acc[r][1] = _mm256_fmadd_ps(pb, v1, acc[r][1]);
       }
     }
-    for (int r = 0; r < MR; ++r) {
+    RF_UNROLL for (int r = 0; r < MR; ++r) {
       _mm256_storeu_ps(o + r * ldo + c, acc[r][0]);
       _mm256_storeu_ps(o + r * ldo + c + 8, acc[r][1]);
     }
   }
   if (c < dp) {  // 8 columns left
     __m256 acc[MR];
-    for (int r = 0; r < MR; ++r) acc[r] = _mm256_mul_ps(_mm256_loadu_ps(o + r * ldo + c), _mm256_broadcast_ss(alpha + r));
+    RF_UNROLL for (int r = 0; r < MR; ++r) acc[r] = _mm256_mul_ps(_mm256_loadu_ps(o + r * ldo + c), _mm256_broadcast_ss(alpha + r));
     const float* vr = v + c;
     for (int64_t j = 0; j < nk; ++j, vr += ldv) {
       const __m256 v0 = _mm256_loadu_ps(vr);
-      for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r * kKeyTile + j), v0, acc[r]);
+      RF_UNROLL for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r * kKeyTile + j), v0, acc[r]);
     }
-    for (int r = 0; r < MR; ++r) _mm256_storeu_ps(o + r * ldo + c, acc[r]);
+    RF_UNROLL for (int r = 0; r < MR; ++r) _mm256_storeu_ps(o + r * ldo + c, acc[r]);
   }
 }
 

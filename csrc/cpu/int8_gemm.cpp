@@ -485,12 +485,12 @@ template <int MR, int NR, int U>
 RF_AVX2 void wo_block(const float* x, int64_t x_stride, const int8_t* w, int64_t w_stride, int64_t k, int64_t nrows,
                       const WScale& ws, int64_t n0, float dots[kRows][4]) {
   __m256 acc[MR][NR][U];
-  for (auto& row : acc)
-    for (auto& col : row)
-      for (auto& a : col) a = _mm256_setzero_ps();
+  RF_UNROLL for (auto& row : acc)
+    RF_UNROLL for (auto& col : row)
+      RF_UNROLL for (auto& a : col) a = _mm256_setzero_ps();
   const int8_t* wr[NR];
   const float* sr[NR];  // row j's group scales
-  for (int j = 0; j < NR; ++j) {
+  RF_UNROLL for (int j = 0; j < NR; ++j) {
     const int64_t jj = std::min<int64_t>(j, nrows - 1);
     wr[j] = w + jj * w_stride;
     sr[j] = ws.scale + (n0 + jj) * ws.stride;
@@ -500,28 +500,28 @@ RF_AVX2 void wo_block(const float* x, int64_t x_stride, const int8_t* w, int64_t
   for (int64_t g0 = 0; g0 < k; g0 += group) {
     const int64_t gend = std::min(k, g0 + group);
     __m256 sv[NR];
-    for (int j = 0; j < NR; ++j) sv[j] = _mm256_set1_ps(sr[j][g0 / group]);
+    RF_UNROLL for (int j = 0; j < NR; ++j) sv[j] = _mm256_set1_ps(sr[j][g0 / group]);
     for (i = g0; i + 8 * U <= gend; i += 8 * U) {
       // Weight rows are K bytes apart, often exactly a 4 KiB page, and the hardware stream
       // prefetcher stops at page ends: fetch each row kPrefetch bytes ahead ourselves
       // (once per cache line): cold-weight M = 1 went from 44-45% to 66-72% of DRAM read.
       if ((i & 63) == 0)
-        for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + i + kPrefetch), _MM_HINT_T0);
-      for (int u = 0; u < U; ++u) {
+        RF_UNROLL for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + i + kPrefetch), _MM_HINT_T0);
+      RF_UNROLL for (int u = 0; u < U; ++u) {
         __m256 wv[NR];
-        for (int j = 0; j < NR; ++j) wv[j] = _mm256_mul_ps(load_w8(wr[j] + i + 8 * u), sv[j]);
-        for (int r = 0; r < MR; ++r) {
+        RF_UNROLL for (int j = 0; j < NR; ++j) wv[j] = _mm256_mul_ps(load_w8(wr[j] + i + 8 * u), sv[j]);
+        RF_UNROLL for (int r = 0; r < MR; ++r) {
           const __m256 xv = _mm256_loadu_ps(x + r * x_stride + i + 8 * u);
-          for (int j = 0; j < NR; ++j) acc[r][j][u] = _mm256_fmadd_ps(xv, wv[j], acc[r][j][u]);
+          RF_UNROLL for (int j = 0; j < NR; ++j) acc[r][j][u] = _mm256_fmadd_ps(xv, wv[j], acc[r][j][u]);
         }
       }
     }
   }
   // i < k only in the last group (the others are multiples of 16 >= 8 * U long)
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) {
+  RF_UNROLL for (int r = 0; r < MR; ++r)
+    RF_UNROLL for (int j = 0; j < NR; ++j) {
       __m256 sum = acc[r][j][0];
-      for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[r][j][u]);
+      RF_UNROLL for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[r][j][u]);
       float t = hsum(sum);
       for (int64_t q = i; q < k; ++q)
         t += x[r * x_stride + q] * float(wr[j][q]) * sr[j][q / group];
@@ -560,9 +560,12 @@ RF_AVX2 void wo_grouped(const GemmArgs& g, const float* x, int64_t x_stride, con
 // Larger M: a register-blocked fp32 GEMM on weights dequantized once per call. Each thread
 // takes 16-row panels of W, dequantizes one (with its group scales) into wp [K][16] fp32
 // (8 x 8 transposes; K * 64 bytes, L2-resident up to K ~ 8K), then runs 6 x 16 blocks over
-// all rows of x: per k, 2 loads of wp, 6 broadcasts of x and 12 FMAs into 12 accumulators.
-// The dequantization costs ~1 / M of the FMAs. Napkin math, M = 256, K = N = 4096: 8.6
-// GFLOP, ~45 ms at the 2-thread FMA peak of a Zen 3 (182 GFLOP/s); weights read once (16 MB).
+// all rows of x: per k, 2 loads of wp, 6 broadcasts of x and 12 FMAs into 12 accumulators
+// (RF_UNROLL keeps them in registers: without it GCC stored all 12 on every k and the block
+// ran at half the speed). The dequantization costs ~1 / M of the FMAs. Napkin math, M = 256,
+// K = N = 4096: 8.6 GFLOP, ~45 ms at the 2-thread FMA peak of a Zen 3 (182 GFLOP/s); weights
+// read once (16 MB). Zen 5 VM, 2 threads, warm: M = 17 / 64 / 256 at 159 / 211 / 234 GFLOP/s
+// (AVX2 peak there ~270).
 constexpr int kWoRows = 6;
 constexpr int64_t kWoGemmMinRows = 4;    // grouped scales: more rows than this take wo_gemm (measured crossover 4-8 rows)
 constexpr int64_t kWoLinearMaxRows = 16;  // per-channel scales: up to this many rows take linear.cpp's kernel
@@ -592,16 +595,16 @@ RF_AVX2 void dequant_panel(const int8_t* w, int64_t w_stride, int64_t ncols, int
 template <int MR>
 RF_AVX2 void wo_gemm_block(const float* x, int64_t x_stride, const float* wp, int64_t k, float out[][16]) {
   __m256 acc[MR][2];
-  for (auto& row : acc) row[0] = row[1] = _mm256_setzero_ps();
+  RF_UNROLL for (auto& row : acc) row[0] = row[1] = _mm256_setzero_ps();
   for (int64_t kk = 0; kk < k; ++kk) {
     const __m256 w0 = _mm256_loadu_ps(wp + kk * 16), w1 = _mm256_loadu_ps(wp + kk * 16 + 8);
-    for (int r = 0; r < MR; ++r) {
+    RF_UNROLL for (int r = 0; r < MR; ++r) {
       const __m256 xv = _mm256_broadcast_ss(x + r * x_stride + kk);
       acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
     }
   }
-  for (int r = 0; r < MR; ++r) {
+  RF_UNROLL for (int r = 0; r < MR; ++r) {
     _mm256_storeu_ps(out[r], acc[r][0]);
     _mm256_storeu_ps(out[r] + 8, acc[r][1]);
   }
@@ -613,8 +616,9 @@ RF_AVX2 void wo_gemm_block(const float* x, int64_t x_stride, const float* wp, in
 // FMA ports, not the loads, set the pace (8 lanes: 2 + 6 loads per 12 FMAs). Each output
 // still sums its K products in k order from zero: the AVX2 GEMM's bits. Measured on the
 // 2-core Sapphire Rapids VM, warm weights, K = N = 4096: M = 16 / 64 / 256 at 142 / 220 /
-// 271 GFLOP/s against the AVX2 GEMM's 85 / 110 / 124 (fp32 F.linear, oneDNN AVX-512:
-// 85 / 196 / 258); a 12 x 16 block (one panel) reached 118 / 163 / 196.
+// 271 GFLOP/s against the AVX2 GEMM's 85 / 110 / 124 at the time, which still spilled its
+// accumulators (fp32 F.linear, oneDNN AVX-512: 85 / 196 / 258); a 12 x 16 block (one
+// panel) reached 118 / 163 / 196. Zen 5 VM: M = 17 / 64 / 256 at 241 / 362 / 444 GFLOP/s.
 constexpr int kWoRows512 = 12;
 constexpr int64_t kWoCols512 = 2 * kPanel;
 
@@ -622,16 +626,16 @@ template <int MR>
 RF_AVX512VNNI void wo_gemm_block512(const float* x, int64_t x_stride, const float* wp, int64_t k,
                                     float out[][kWoCols512]) {
   __m512 acc[MR][2];
-  for (auto& a : acc) a[0] = a[1] = _mm512_setzero_ps();
+  RF_UNROLL for (auto& a : acc) a[0] = a[1] = _mm512_setzero_ps();
   for (int64_t kk = 0; kk < k; ++kk) {
     const __m512 w0 = _mm512_load_ps(wp + kk * kWoCols512), w1 = _mm512_load_ps(wp + kk * kWoCols512 + 16);
-    for (int r = 0; r < MR; ++r) {
+    RF_UNROLL for (int r = 0; r < MR; ++r) {
       const __m512 xv = _mm512_set1_ps(x[r * x_stride + kk]);
       acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
     }
   }
-  for (int r = 0; r < MR; ++r) {
+  RF_UNROLL for (int r = 0; r < MR; ++r) {
     _mm512_storeu_ps(out[r], acc[r][0]);
     _mm512_storeu_ps(out[r] + 16, acc[r][1]);
   }

@@ -74,36 +74,36 @@ struct LayerNormKernel {
     int64_t i = 0;
     float mean[N];
     __m256 vmean[N];
-    for (int r = 0; r < N; ++r) {
+    RF_UNROLL for (int r = 0; r < N; ++r) {
       mean[r] = hsum_n<kAcc>(acc[r]) / float(H);
       vmean[r] = _mm256_set1_ps(mean[r]);
     }
 
     // pass 2: sum((s - mean)^2) from buf (two passes: no cancellation when |mean| >> std)
-    for (auto& row_acc : acc)
-      for (__m256& v : row_acc) v = zero;
+    RF_UNROLL for (auto& row_acc : acc)
+      RF_UNROLL for (__m256& v : row_acc) v = zero;
     for (i = 0; i + 8 * kAcc <= H; i += 8 * kAcc) {
-      for (int r = 0; r < N; ++r) {
-        for (int k = 0; k < kAcc; ++k) {
+      RF_UNROLL for (int r = 0; r < N; ++r) {
+        RF_UNROLL for (int k = 0; k < kAcc; ++k) {
           const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(s[r] + i + 8 * k), vmean[r]);
           acc[r][k] = _mm256_fmadd_ps(d, d, acc[r][k]);
         }
       }
     }
     for (; i < Hv; i += 8) {
-      for (int r = 0; r < N; ++r) {
+      RF_UNROLL for (int r = 0; r < N; ++r) {
         const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(s[r] + i), vmean[r]);
         acc[r][0] = _mm256_fmadd_ps(d, d, acc[r][0]);
       }
     }
     if (tail) {
-      for (int r = 0; r < N; ++r) {
+      RF_UNROLL for (int r = 0; r < N; ++r) {
         const __m256 d = _mm256_and_ps(_mm256_sub_ps(load_tail<F32>(s[r] + Hv, tail), vmean[r]), live);
         acc[r][1] = _mm256_fmadd_ps(d, d, acc[r][1]);
       }
     }
     __m256 rstd[N], neg_mean_rstd[N];
-    for (int r = 0; r < N; ++r) {
+    RF_UNROLL for (int r = 0; r < N; ++r) {
       const float rs = 1.0f / std::sqrt(hsum_n<kAcc>(acc[r]) / float(H) + a.eps);
       rstd[r] = _mm256_set1_ps(rs);
       neg_mean_rstd[r] = _mm256_set1_ps(-mean[r] * rs);
@@ -116,20 +116,20 @@ struct LayerNormKernel {
       if constexpr (N == 2) next1.at(i);
       const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
       const __m256 b0 = _mm256_loadu_ps(bias + i), b1 = _mm256_loadu_ps(bias + i + 8);
-      for (int r = 0; r < N; ++r)
+      RF_UNROLL for (int r = 0; r < N; ++r)
         store16<TO, kStream>(p[r].out + i,
                              affine(_mm256_loadu_ps(s[r] + i), vmean[r], rstd[r], neg_mean_rstd[r], w0, b0),
                              affine(_mm256_loadu_ps(s[r] + i + 8), vmean[r], rstd[r], neg_mean_rstd[r], w1, b1));
     }
     if (i < Hv) {
-      for (int r = 0; r < N; ++r)
+      RF_UNROLL for (int r = 0; r < N; ++r)
         store8<TO, kStream>(p[r].out + i, affine(_mm256_loadu_ps(s[r] + i), vmean[r], rstd[r], neg_mean_rstd[r],
                                                  _mm256_loadu_ps(w + i), _mm256_loadu_ps(bias + i)));
       i += 8;
     }
     if (tail) {
       const __m256 wt = load_tail<F32>(w + Hv, tail), bt = load_tail<F32>(bias + Hv, tail);
-      for (int r = 0; r < N; ++r)
+      RF_UNROLL for (int r = 0; r < N; ++r)
         store_tail<TO>(p[r].out + Hv,
                        affine(load_tail<F32>(s[r] + Hv, tail), vmean[r], rstd[r], neg_mean_rstd[r], wt, bt), tail);
     }

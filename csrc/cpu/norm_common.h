@@ -217,12 +217,12 @@ RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, 
   const auto accumulate = [](__m256 sum, __m256 s) RF_AVX2 {
     return kSquares ? _mm256_fmadd_ps(s, s, sum) : _mm256_add_ps(sum, s);
   };
-  for (int r = 0; r < N; ++r)
-    for (int k = 0; k < kAcc; ++k) acc[r][k] = _mm256_setzero_ps();
+  RF_UNROLL for (int r = 0; r < N; ++r)
+    RF_UNROLL for (int k = 0; k < kAcc; ++k) acc[r][k] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 * kAcc <= H; i += 8 * kAcc) {
-    for (int r = 0; r < N; ++r) {
-      for (int k = 0; k < kAcc; k += 2) {
+    RF_UNROLL for (int r = 0; r < N; ++r) {
+      RF_UNROLL for (int k = 0; k < kAcc; k += 2) {
         __m256 s0, s1;
         p[r].template s16<kRes, kStream>(i + 8 * k, s0, s1);
         if constexpr (kCopy) {
@@ -235,14 +235,14 @@ RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, 
     }
   }
   for (; i + 8 <= H; i += 8) {
-    for (int r = 0; r < N; ++r) {
+    RF_UNROLL for (int r = 0; r < N; ++r) {
       const __m256 s = p[r].template s8<kRes, kStream>(i);
       if constexpr (kCopy) _mm256_storeu_ps(bufs[r] + i, s);
       acc[r][0] = accumulate(acc[r][0], s);
     }
   }
   if (i < H) {
-    for (int r = 0; r < N; ++r) {
+    RF_UNROLL for (int r = 0; r < N; ++r) {
       const __m256 s = p[r].template s_tail<kRes>(i, H - i);
       if constexpr (kCopy) _mm256_storeu_ps(bufs[r] + i, s);
       acc[r][1] = accumulate(acc[r][1], s);

@@ -72,7 +72,7 @@ struct RmsKernel {
     first_pass<N, kAcc, true, kRes, kStream>(p, bufs, H, acc);
     const float* s[2] = {s_row<TX, kRes>(p[0], bufs[0]), s_row<TX, kRes>(p[N - 1], bufs[N - 1])};
     __m256 rstd[N];
-    for (int r = 0; r < N; ++r)
+    RF_UNROLL for (int r = 0; r < N; ++r)
       rstd[r] = _mm256_set1_ps(1.0f / std::sqrt(hsum_n<kAcc>(acc[r]) * (1.0f / float(H)) + a.eps));
 
     // pass 2: normalize from buf; x and r are not read again, so out may alias them
@@ -82,19 +82,19 @@ struct RmsKernel {
       next0.at(i);
       if constexpr (N == 2) next1.at(i);
       const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
-      for (int r = 0; r < N; ++r)
+      RF_UNROLL for (int r = 0; r < N; ++r)
         store16<TO, kStream>(p[r].out + i, scale<kLlamaCast>(_mm256_loadu_ps(s[r] + i), rstd[r], w0),
                              scale<kLlamaCast>(_mm256_loadu_ps(s[r] + i + 8), rstd[r], w1));
     }
     if (i + 8 <= H) {
-      for (int r = 0; r < N; ++r)
+      RF_UNROLL for (int r = 0; r < N; ++r)
         store8<TO, kStream>(p[r].out + i,
                             scale<kLlamaCast>(_mm256_loadu_ps(s[r] + i), rstd[r], _mm256_loadu_ps(w + i)));
       i += 8;
     }
     if (i < H) {
       const __m256 wt = load_tail<F32>(w + i, H - i);
-      for (int r = 0; r < N; ++r)
+      RF_UNROLL for (int r = 0; r < N; ++r)
         store_tail<TO>(p[r].out + i, scale<kLlamaCast>(load_tail<F32>(s[r] + i, H - i), rstd[r], wt), H - i);
     }
   }

@@ -17,6 +17,14 @@
 #define RF_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define RF_AVX512VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define RF_INLINE inline __attribute__((always_inline))
+// Before a loop over an array of registers with a compile-time trip count (accumulators of
+// a register block): GCC 12 unrolls such loops only after it has decided the array lives
+// on the stack, and then stores every accumulator to memory on every iteration of the loop
+// around them (12 stores per k in the 6 x 16 w8a16 GEMM block). Unrolling first keeps the
+// array in registers; the operations and their order are the same, so are the bits. Zen 5
+// VM, AVX2 path, w8a16 [4096, 4096] at M = 256: 127 -> 234 GFLOP/s (47 -> 87 % of the
+// 2-core FMA peak).
+#define RF_UNROLL _Pragma("GCC unroll 32")
 
 namespace ringfuse::cpu {
 
