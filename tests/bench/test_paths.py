@@ -16,10 +16,12 @@ def test_titles_name_the_paths_that_run(isa):
     if isa == "avx2" and not _C.build_info()["cpu_has_avx2"]:
         pytest.skip("no AVX2 on this CPU")
     with isa_level(isa):
-        wide, products = limits.wide_path(), limits.attention_path()
+        wide, products, whole = limits.wide_path(), limits.attention_path(), limits.cpu_path()
         lanes, flops = native.probe_fma_lanes(), native.probe_fma_flops_per_iter(3)
         assert native.probe_fma(10, 2) > 0
     assert wide == {"avx512vnni": "avx2+avx512", "avx2": "avx2", "scalar": "scalar"}[isa]
+    # bench generate / tp / allreduce: the float kernels' widest path, then the int8 GEMM's
+    assert whole == {"avx512vnni": "avx2+avx512 (int8 GEMM avx512vnni)", "avx2": "avx2", "scalar": "scalar"}[isa]
     assert products.startswith({"avx512vnni": "products avx512", "avx2": "products avx2",
                                  "scalar": "products scalar"}[isa])  # fmt: skip
     # the FMA peak that "% FMA peak" divides by is measured at the width of the kernels that run

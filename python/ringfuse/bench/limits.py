@@ -93,9 +93,10 @@ def wide_path() -> str:
 
 
 def cpu_path() -> str:
-    """Which CPU kernels run: the float path, and the int8 GEMM's when it differs."""
+    """Which CPU kernels run: the float path (wide_path: with its 16-lane variants where they
+    run), and the int8 GEMM's when it differs."""
     isa, int8 = _C.isa(), int8_path()
-    return isa if int8 == isa else f"{isa} (int8 GEMM {int8})"
+    return isa if int8 == isa else f"{wide_path()} (int8 GEMM {int8})"
 
 
 def measure(threads: int | None = None) -> Limits:
