@@ -28,6 +28,23 @@ def test_int8_head_rows_are_dequantized():
     assert (got - t[ids]).abs().max() <= head.w_scale.max() / 2 + 1e-7  # within half an int8 step
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["table", "int8 head", "scaled"])
+def test_out_gets_the_bits_of_a_new_tensor(kind, dtype):
+    """out= (a decode graph's input buffer) holds exactly what the call returns without it:
+    int8 rows dequantized in fp32 and rounded once to dtype either way."""
+    t = table().to(dtype)
+    head = Linear(table(), None, "w8a16", dtype) if kind == "int8 head" else None
+    scale = torch.tensor(4.5, dtype=dtype) if kind == "scaled" else None
+    emb = VocabEmbedding(0, 40, dtype, table=None if head else t, head=head, scale=scale)
+    ids = torch.tensor([3, 0, 39, 3])
+    want = emb(ids)
+    out = torch.full((4, 16), float("nan"), dtype=dtype)
+    assert emb(ids, out=out) is out and want.dtype == dtype and torch.equal(out, want)
+    if head is not None:
+        assert torch.equal(want, (head.w_q[ids].float() * head.w_scale[ids, None]).to(dtype))
+
+
 def test_a_vocab_range_gives_zeros_outside_it_and_reduces():
     """Rank 1 of 2 over a vocab of 40: rows [20, 40); the ids of rank 0 give zero rows, and
     the reduction is called once on the [T, hidden] result."""

@@ -90,3 +90,55 @@ def test_other_threads_are_not_recorded():
         t.start()
         t.join()
     assert done.is_set() and len(g.calls) == 1 and torch.equal(y, ops.linear(x, w))
+
+
+def test_buffers_made_during_capture_share_a_few_arena_storages():
+    """Replay re-checks the address of every storage the graph touches, so the block's own
+    buffers come from 1 MiB arena chunks (64-byte aligned), not one storage each; a large one
+    keeps its own storage."""
+    w = torch.randn(64, 64)
+    lin = ops.prepare_linear(w)
+    x = torch.randn(2, 64)
+    with ops.capture_cpu_graph() as g:
+        h = x
+        for _ in range(20):
+            h = ops.rms_norm(lin(h), None)
+        big = ops.rms_norm(torch.empty(1024, 128), None)  # 512 KiB: its own storage
+    assert len(g.calls) == 41
+    storages = {t.untyped_storage().data_ptr() for t in g._keep if t.numel()}
+    assert len(storages) == 3  # one chunk, big's input, big
+    assert all(t.data_ptr() % 64 == 0 for t in g._keep if t.numel())
+    want = h.clone()
+    h.zero_()
+    g.replay()
+    assert torch.equal(h, want) and big.untyped_storage().nbytes() == 1024 * 128 * 4
+
+
+def test_an_output_resized_past_its_chunk_is_refused():
+    x = torch.randn(4, 64)
+    with ops.capture_cpu_graph() as g:
+        y = ops.rms_norm(x, None)
+    y.resize_(1 << 20)  # grows the arena chunk it lives in: a new address
+    with pytest.raises(RuntimeError, match="resized or moved"):
+        g.replay()
+
+
+def test_static_tensors_are_held_and_not_rechecked():
+    """static: tensors the caller promises not to resize (a model's weights): held alive, left
+    out of the per-replay address check."""
+    w = torch.randn(32, 48)
+    lin = ops.prepare_linear(w)
+    x = torch.randn(1, 48)
+    want = ops.linear(x, w)
+    with ops.capture_cpu_graph(static=[w]) as g:
+        y = lin(x)
+    assert w.untyped_storage().data_ptr() not in g._storages and x.untyped_storage().data_ptr() in g._storages
+    del w, lin
+    gc.collect()
+    junk = [torch.randn(32, 48) for _ in range(64)]
+    y.zero_()
+    g.replay()
+    assert torch.equal(y, want) and junk
+    with pytest.raises(TypeError, match="static must be an iterable of tensors, got a list"):
+        with ops.capture_cpu_graph(static=[[x]]):
+            pass

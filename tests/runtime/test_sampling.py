@@ -225,6 +225,21 @@ def test_select_greedy_rows_give_argmax():
     assert select(logits, [one] * 5, [None] * 5, [_gen(i) for i in range(5)]) == logits.argmax(-1).tolist()
 
 
+def test_select_greedy_ties_and_nan_pick_as_torch_argmax():
+    """All-greedy batches take numpy's argmax (a tenth of torch's time on a vocab row): the
+    first maximum on ties, the first NaN where there is one, as torch.argmax."""
+    logits = torch.zeros(4, 49152)
+    logits[0, [7, 3000, 40000]] = 2.0  # a three-way tie
+    logits[1, [9, 11]] = float("nan")
+    logits[1, 5] = float("inf")
+    logits[2] = -float("inf")  # every token impossible: the first
+    logits[3, [0, 1]] = torch.tensor([-0.0, 0.0])  # -0 == 0: the first
+    want = logits.argmax(-1).tolist()
+    assert want == [7, 9, 0, 0]
+    assert select(logits, [SamplingParams()] * 4, [None] * 4, [None] * 4) == want
+    assert select(logits[1:2], [SamplingParams()], [None], [None]) == [9]
+
+
 def test_select_greedy_with_repetition_penalty():
     logits = torch.tensor([[1.0, 3.0, 2.9, -1.0]])
     p = SamplingParams(repetition_penalty=1.5)

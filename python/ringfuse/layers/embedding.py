@@ -32,17 +32,20 @@ class VocabEmbedding:
         self.start, self.end, self.dtype = start, end, dtype
         self.table, self.head, self.scale = table, head, scale
 
-    def __call__(self, ids: torch.Tensor, all_reduce: Callable | None = None) -> torch.Tensor:
-        """ids [T] int64 -> [T, hidden]. With ``all_reduce`` (tp > 1) ids outside this range
-        give zero rows here and the sum over the ranks holds each id's row once."""
-        local = ids - self.start
+    def __call__(self, ids: torch.Tensor, all_reduce: Callable | None = None, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:  # fmt: skip
+        """ids [T] int64 -> [T, hidden] (into ``out`` [T, hidden] when given: a decode graph's
+        input buffer). With ``all_reduce`` (tp > 1) ids outside this range give zero rows here
+        and the sum over the ranks holds each id's row once."""
+        local = ids - self.start if self.start else ids
         if all_reduce is not None:
             mine = (local >= 0) & (local < self.end - self.start)
             local = torch.where(mine, local, torch.zeros_like(local))
         if self.table is not None:
-            h = self.table[local]
-        else:
-            h = (self.head.w_q[local].float() * self.head.w_scale[local, None]).to(self.dtype)
+            h = self.table[local] if out is None else torch.index_select(self.table, 0, local, out=out)
+        else:  # int8 * fp32 is computed in fp32, then rounded once to dtype (by .to or into out)
+            h = torch.mul(self.head.w_q[local], self.head.w_scale[local, None], out=out)
+            h = h.to(self.dtype) if out is None else h
         if all_reduce is not None:
             h *= mine[:, None].to(h.dtype)
             all_reduce(h)

@@ -285,7 +285,7 @@ class LLM:
             return []
         kind, reqs = scheduled
         runner = self.runner
-        logits = runner.logits(runner.prefill_step(reqs) if kind == "prefill" else runner.decode_step(reqs))
+        logits = runner.logits(runner.prefill_step(reqs)) if kind == "prefill" else runner.decode_logits(reqs)
         if kind == "prefill":  # the prompts' k/v are in their blocks now: cache them (before a request can finish)
             for r in reqs:
                 self.scheduler.blocks.register(r.prompt_ids, r.blocks)

@@ -231,8 +231,11 @@ class DecoderModel:
             all_reduce(x, "sum", self.group)
         return x
 
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
-        return self.embedding(ids, self._all_reduce if self.world > 1 else None)
+    def embed_tokens(self, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:  # [T] -> [T, hidden]
+        if self.world > 1:
+            h = self.embedding(ids, self._all_reduce)
+            return h if out is None else out.copy_(h)
+        return self.embedding(ids, out=out)
 
     def forward(self, step: Step, kv: KVCache, h: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states after the final norm, [R, hidden] for R = step.logit_rows (or all T).

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +26,15 @@ from ..layers import KVCache, Step
 from .model import DecoderModel
 from .sampling import TokenLogprobs, select, token_logprobs
 from .scheduler import Request
+
+
+class DecodeRow(NamedTuple):
+    """One request's input to a decode step."""
+
+    token: int  # its last sampled token, which goes in now
+    position: int
+    slot: int  # where the token's k / v go in the paged cache
+    blocks: list[int]  # its block table row
 
 
 class CpuModelRunner:
@@ -69,26 +79,34 @@ class CpuModelRunner:
         """Columns of a decode step's block table: the longest request's blocks."""
         return max(len(r.blocks) for r in reqs)
 
+    def decode_rows(self, reqs: list[Request]) -> list[DecodeRow]:
+        """Each request's input to a decode step: the last sampled token goes in now."""
+        return [DecodeRow(r.out_ids[-1], r.length - 1, self.slot(r, r.length - 1), r.blocks) for r in reqs]
+
     def decode_step(self, reqs: list[Request]) -> Step:
-        table = torch.zeros(len(reqs), self.table_width(reqs), dtype=torch.int32)
-        for b, r in enumerate(reqs):
-            table[b, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
-        pos = [r.length - 1 for r in reqs]  # the last sampled token goes in now
+        rows, width = self.decode_rows(reqs), self.table_width(reqs)
         return Step(
-            input_ids=torch.tensor([r.out_ids[-1] for r in reqs], dtype=torch.int64),
-            positions=torch.tensor(pos, dtype=torch.int64),
-            slot_mapping=torch.tensor([self.slot(r, p) for r, p in zip(reqs, pos)], dtype=torch.int64),
-            block_table=table,
-            seq_lens=torch.tensor([p + 1 for p in pos], dtype=torch.int32),
+            input_ids=torch.tensor([r.token for r in rows], dtype=torch.int64),
+            positions=torch.tensor([r.position for r in rows], dtype=torch.int64),
+            slot_mapping=torch.tensor([r.slot for r in rows], dtype=torch.int64),
+            block_table=torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in rows], dtype=torch.int32),
+            seq_lens=torch.tensor([r.position + 1 for r in rows], dtype=torch.int32),
         )
 
     def logits(self, step: Step) -> torch.Tensor:
-        """[B, V] fp32 logits of the step's last token per sequence."""
+        """[B, V] fp32 logits of the step's last token per sequence, run eagerly."""
         with torch.no_grad():
-            logits = self._graph_logits(step) if not step.is_prefill and self.graphs is not None else None
-            if logits is None:
-                logits = self.model.logits(self.model.forward(step, self.kv))
-        return logits
+            return self.model.logits(self.model.forward(step, self.kv))
+
+    def decode_logits(self, reqs: list[Request]) -> torch.Tensor:
+        """[B, V] fp32 logits of the decode step of reqs: replayed from their batch size's CPU
+        graph (its buffers take the requests' inputs directly, no Step tensors), else eager."""
+        if self.graphs is not None:
+            with torch.no_grad():
+                logits = self._graph_logits(reqs)
+            if logits is not None:
+                return logits
+        return self.logits(self.decode_step(reqs))
 
     @staticmethod
     def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprobs | None], float]:
@@ -97,17 +115,17 @@ class CpuModelRunner:
         logprobs = token_logprobs(logits, tokens, [r.params.logprobs for r in reqs])  # [None]s unless asked
         return tokens, logprobs, time.perf_counter()
 
-    def _graph_logits(self, step: Step) -> torch.Tensor | None:
-        """This decode step through its batch size's CPU graph (captured on first use), or
-        None when graphs cannot serve it (the caller then runs the model eagerly)."""
-        key = (step.input_ids.shape[0], torch.get_num_threads())
+    def _graph_logits(self, reqs: list[Request]) -> torch.Tensor | None:
+        """The decode step of reqs through its batch size's CPU graph (captured on first use),
+        or None when graphs cannot serve it (the caller then runs the model eagerly)."""
+        key = (len(reqs), torch.get_num_threads())
         graph = self.graphs.get(key)
         if graph is False:  # refused before: this batch size runs eagerly
             return None
         if graph is None:
             graph = DecodeGraph(self.model, self.kv, key[0], -(-self.max_model_len // self.block_size))
         try:
-            logits = graph.run(step)
+            logits = graph.run_rows(self.decode_rows(reqs))
         except ops.NotCapturable:  # something in this step is not a recorded kernel: stay eager
             self.graphs[key] = False
             return None
@@ -140,6 +158,15 @@ class CudaModelRunner(CpuModelRunner):
 
     def decode_step(self, reqs: list[Request]) -> Step:
         return _on(super().decode_step(reqs), self.device)
+
+    def decode_logits(self, reqs: list[Request]) -> torch.Tensor:
+        step = self.decode_step(reqs)
+        if self.graphs is not None:
+            with torch.no_grad():
+                logits = self._graph_logits(step)
+            if logits is not None:
+                return logits
+        return self.logits(step)
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprobs | None], float]:
         plain = all(r.params.greedy and r.params.repetition_penalty == 1.0 and r.params.logprobs is None for r in reqs)
@@ -228,18 +255,40 @@ class DecodeGraph:
                          slot_mapping=torch.zeros(batch, dtype=torch.int64),
                          block_table=torch.zeros(batch, max_blocks, dtype=torch.int32),
                          seq_lens=torch.ones(batch, dtype=torch.int32))  # fmt: skip
+        s = self.step  # numpy views of the same memory: run_rows writes Python ints at ~0.1 us each
+        self._np = (s.input_ids.numpy(), s.positions.numpy(), s.slot_mapping.numpy(), s.block_table.numpy(),
+                    s.seq_lens.numpy())  # fmt: skip
 
     def run(self, step: Step) -> torch.Tensor:
         """[B, V] fp32 logits of this decode step."""
         s, width = self.step, step.block_table.shape[1]
-        self.h.copy_(self.model.embed_tokens(step.input_ids))
+        s.input_ids.copy_(step.input_ids)
         s.positions.copy_(step.positions)
         s.slot_mapping.copy_(step.slot_mapping)
         s.block_table[:, :width].copy_(step.block_table)
         s.block_table[:, width:] = 0
         s.seq_lens.copy_(step.seq_lens)
+        return self._run()
+
+    def run_rows(self, rows: list[DecodeRow]) -> torch.Tensor:
+        """run() for the decode step of these rows (CpuModelRunner.decode_rows), written
+        straight into the captured buffers instead of building a Step's tensors and copying
+        them in."""
+        ids, positions, slots, table, seq_lens = self._np
+        for b, r in enumerate(rows):
+            ids[b], positions[b], slots[b], seq_lens[b] = r.token, r.position, r.slot, r.position + 1
+            table[b, : len(r.blocks)] = r.blocks
+            table[b, len(r.blocks) :] = 0
+        return self._run()
+
+    def _run(self) -> torch.Tensor:
+        s = self.step
+        self.model.embed_tokens(s.input_ids, out=self.h)
         if self.graph is None:
-            with ops.capture_cpu_graph() as g:  # runs this step's kernels while recording them
+            # the weights, the RoPE table and the KV cache are the runtime's own and never
+            # resized: the graph holds them without re-checking ~360 addresses per replay
+            static = [*self.model.converted_tensors().values(), self.model.cos_sin, *self.kv.k, *self.kv.v]
+            with ops.capture_cpu_graph(static) as g:  # runs this step's kernels while recording them
                 self.out = self.model.lm_head(self.model.forward(s, self.kv, h=self.h))  # [B, V / tp]
             self.graph = g
         else:

@@ -115,7 +115,9 @@ def select(logits: torch.Tensor, params: list[SamplingParams], seen: list, gener
     """Next token per row of logits [R, V] fp32. ``seen[r]``: int64 ids for the repetition
     penalty (or None); ``generators[r]``: that request's torch.Generator."""
     if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
-        return logits.argmax(-1).tolist()  # the common case: one op for the whole batch
+        # the common case: one argmax for the whole batch; numpy's (SIMD) takes ~3 us for a
+        # 49152-wide row where torch's takes ~30, with the same result (first maximum; NaN wins)
+        return (logits.numpy() if logits.device.type == "cpu" else logits).argmax(-1).tolist()
     out = []
     for r, p in enumerate(params):
         row = logits[r].clone()
