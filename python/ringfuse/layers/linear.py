@@ -16,13 +16,19 @@ from .. import ops
 from ..nn import quantize_weight
 
 QUANT_MODES = ("none", "w8a16", "w8a8")
-SMALL_M = 8  # rows up to which float linears take ringfuse's GEMV-style kernel
+# Rows up to which float linears take ringfuse's kernel rather than torch's GEMM, by weight
+# dtype. The kernel streams the weights once for all rows: with fp32 weights it beat MKL up
+# to M = 64 (Zen 5 VM, cold weights: SmolLM2's layers 2.6x at M = 8, 1.85x at 33, 1.5x at 64;
+# [4096, 4096] 2.3x at 9, 1.04x at 64, 0.99x at 128), so an fp32 prompt of up to 64 tokens
+# prefills there; torch's bf16 GEMM (AVX-512 BF16 dot products) wins from M ~ 16.
+KERNEL_MAX_M = {torch.float32: 64, torch.bfloat16: 8}
 
 
 class Linear:
-    """y = x W^T + b: W float [N, K] (torch GEMM), or int8 per output channel with fp32
-    scales (w8a16: ringfuse's weight-only kernels; w8a8: activations quantized per token,
-    int8 x int8 GEMM with the scales in its epilogue)."""
+    """y = x W^T + b: W float [N, K] (ringfuse's kernel up to KERNEL_MAX_M rows, torch's GEMM
+    above), or int8 per output channel with fp32 scales (w8a16: ringfuse's weight-only
+    kernels; w8a8: activations quantized per token, int8 x int8 GEMM with the scales in its
+    epilogue)."""
 
     def __init__(self, weight, bias: torch.Tensor | None, quant: str, dtype: torch.dtype):
         """``weight``: [N, K] float, or an iterator of its row blocks, taken one at a time so
@@ -64,7 +70,7 @@ class Linear:
         if quant == "none":
             self.weight = parts["weight"]  # [N, K]
             self.out_features, self.in_features = self.weight.shape
-            self._small = ops.prepare_linear(self.weight, self.bias)  # weights checked once
+            self._kernel = ops.prepare_linear(self.weight, self.bias)  # weights checked once
             return
         self.w_q, self.w_scale = parts["w_q"], parts["w_scale"]  # [N, K] int8, [N] fp32
         self.out_features, self.in_features = self.w_q.shape
@@ -81,9 +87,9 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         if self.quant == "none":
             # decode-sized M: ringfuse's bandwidth-bound kernel (MKL streams the weights at a
-            # third of the DRAM bandwidth on AMD hosts); prefill-sized M: torch's GEMM
-            if x.shape[0] <= SMALL_M and x.is_cpu:
-                return self._small(x)
+            # third of the DRAM bandwidth on AMD hosts); larger M: torch's GEMM (KERNEL_MAX_M)
+            if x.is_cpu and x.shape[0] <= KERNEL_MAX_M.get(self.weight.dtype, 8):
+                return self._kernel(x)
             return F.linear(x, self.weight, self.bias)
         if self.quant == "w8a16":
             return self._w8a16(x)
