@@ -89,7 +89,7 @@ def wide_path() -> str:
     silu_mul, the prefill attention's products and exponents, decode attention):
     "avx2+avx512" at the "avx512vnni" level and above, else the float path."""
     isa = _C.isa()
-    return f"{isa}+avx512" if isa == "avx2" and int8_path() == "avx512vnni" else isa
+    return f"{isa}+avx512" if isa == "avx2" and native.wide_kernels() else isa
 
 
 def cpu_path() -> str:

@@ -54,6 +54,12 @@ GATED_ACTIVATIONS = {"silu_mul": 0, "gelu_tanh_mul": 1}
 
 _num_threads = torch.get_num_threads
 
+
+def wide_kernels() -> bool:
+    """Whether the 16-lane AVX-512 variants of the CPU kernels run at the current ISA level
+    (the "avx512vnni" level and above: the default on hosts with AVX-512 VNNI)."""
+    return _C.build_info()["int8_gemm_isa"] == "avx512vnni"
+
 # ---------------------------------------------------------------------------------------
 # Norms (csrc/cpu/norms.h, csrc/cuda/norms.h). Tensors are [rows, hidden] rows ``*_stride``
 # elements apart with a unit inner stride; x, residual and residual_out share x's dtype; out
