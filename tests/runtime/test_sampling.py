@@ -238,6 +238,9 @@ def test_select_greedy_ties_and_nan_pick_as_torch_argmax():
     assert want == [7, 9, 0, 0]
     assert select(logits, [SamplingParams()] * 4, [None] * 4, [None] * 4) == want
     assert select(logits[1:2], [SamplingParams()], [None], [None]) == [9]
+    # dtypes numpy lacks (bf16) and tensors that require grad take torch's argmax
+    assert select(logits.bfloat16(), [SamplingParams()] * 4, [None] * 4, [None] * 4) == want
+    assert select(logits.clone().requires_grad_(), [SamplingParams()] * 4, [None] * 4, [None] * 4) == want
 
 
 def test_select_greedy_with_repetition_penalty():
