@@ -80,7 +80,7 @@ def attention_path() -> str:
     """The prefill attention's paths as chosen now: its products' vector width (AVX-512 at the
     "avx512vnni" level and above) and bf16's path ("amx" on CPUs with AMX tiles)."""
     info = _C.build_info()
-    products = "avx512" if info["int8_gemm_isa"] == "avx512vnni" else info["isa"]
+    products = "avx512" if native.wide_kernels() else info["isa"]
     return f"products {products}, bf16 {info['attention_isa']}"
 
 
