@@ -35,8 +35,8 @@ struct LayerNormKernel {
 
   static RF_AVX2 void avx2(const NormArgs& a, int64_t begin, int64_t end) {
     float* bufs[2] = {scratch_row(0, a.hidden), scratch_row(3, a.hidden)};  // s in fp32 per row in flight
-    const float* w = norm_params<TW, TO>(a.weight, a.hidden, 1, 1.0f);      // fp32, ones when null
-    const float* b = norm_params<TW, TO>(a.bias, a.hidden, 2, 0.0f);        // fp32, zeros when null
+    const float* w = norm_params<TX, TW, TO>(a.weight, a.hidden, 1, 1.0f);      // fp32, ones when null
+    const float* b = norm_params<TX, TW, TO>(a.bias, a.hidden, 2, 0.0f);        // fp32, zeros when null
     if (a.residual)
       a.stream ? rows<true, true>(a, begin, end, bufs, w, b) : rows<true, false>(a, begin, end, bufs, w, b);
     else
@@ -117,7 +117,7 @@ struct LayerNormKernel {
       const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
       const __m256 b0 = _mm256_loadu_ps(bias + i), b1 = _mm256_loadu_ps(bias + i + 8);
       RF_UNROLL for (int r = 0; r < N; ++r)
-        store16<TO, kStream>(p[r].out + i,
+        store16<TO, kStream, kEvenOdd<TX, TO>>(p[r].out + i,
                              affine(_mm256_loadu_ps(s[r] + i), vmean[r], rstd[r], neg_mean_rstd[r], w0, b0),
                              affine(_mm256_loadu_ps(s[r] + i + 8), vmean[r], rstd[r], neg_mean_rstd[r], w1, b1));
     }

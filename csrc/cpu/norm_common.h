@@ -92,34 +92,80 @@ RowsFn pick_kernel(int x_dtype, int w_dtype, int out_dtype, Isa isa) {
   }
 }
 
+// bf16 rows in even/odd order (AVX2). A 256-bit load of 16 bf16 holds, in 32-bit lane k,
+// element 2k in its low half and element 2k + 1 in its high half. Widened in place, the
+// even elements are u << 16 and the odd ones u & 0xffff0000: one shift and one and per 16
+// lanes, where the in-order widening takes two zero-extending shuffles and two shifts. Stored
+// back, a rounded even vector shifted down and or-ed with the rounded odd one is the 16
+// values in memory order again: no pack, no cross-lane permute. A norm only sums over its
+// row and multiplies lane by lane between its loads and stores, so the order is invisible
+// outside the kernel, provided the weights (and bias) come in the same order (norm_params
+// with kEvenOdd) and every pass takes the same 16-lane blocks (first_pass and the output
+// loops both step 16 lanes, then 8, then the tail). Vector shifts and shuffles run on two of
+// Zen's four vector pipes, and they were ~22 of the ~42 vector ops per 16 lanes of a bf16
+// add_rms_norm; this and bf16_round_hi leave 4 of ~35 (AVX2 path, [2048, 576]: 143 -> 116
+// us on the Zen 5 VM). Only for bf16 in and out: fp16 widens with F16C, and fp32 outputs
+// would need the shuffles back.
+template <class TX, class TO>
+inline constexpr bool kEvenOdd = TX::code == kBFloat16 && TO::code == kBFloat16;
+
+// fp32 bits rounded to bf16 (nearest-even) in each lane's high half, its low half garbage:
+// u + 0x7fff + ((u >> 16) & 1) written as u + 0x8000 - (bit 16 clear), with no shift. The
+// NaN rule of f32x8_to_bf16_lanes_nan_clear: a NaN whose low 16 bits are zero stays the same
+// NaN (the carry cannot reach the high half), which holds for every NaN a norm stores (see
+// store16).
+RF_AVX2 RF_INLINE __m256i bf16_round_hi(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i bit16_clear =
+      _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x10000)), _mm256_setzero_si256());
+  return _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x8000)), bit16_clear);
+}
+
+RF_AVX2 RF_INLINE __m256 bf16_high(__m256i v) {  // the high halves as fp32
+  return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u))));
+}
+
+// 16 bf16 in memory order from the bf16 values in the high halves of even / odd lanes
+RF_AVX2 RF_INLINE __m256i bf16_join(__m256i even_hi, __m256i odd_hi) {
+  return _mm256_or_si256(_mm256_srli_epi32(even_hi, 16),
+                         _mm256_and_si256(odd_hi, _mm256_set1_epi32(int(0xffff0000u))));
+}
+
+template <bool kStream>
+RF_AVX2 RF_INLINE void store256(void* p, __m256i v) {
+  if constexpr (kStream)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  else
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+}
+
 // 16 lanes rounded once to E and stored (streaming when kStream; alignment was checked
-// once per call). bf16 takes the rounding without the NaN fix-up: every NaN that reaches a
+// once per call). bf16 outputs come from bf16 rows, so a holds the even elements and b the
+// odd ones (kEO), and they take the rounding without a NaN fix-up: every NaN that reaches a
 // norm's stores comes from bf16 data, x86's default NaN or a parameter that norm_params
 // canonicalized, so its low 16 bits are zero (see f32x8_to_bf16_lanes_nan_clear).
-template <class E, bool kStream>
+template <class E, bool kStream, bool kEO = false>
 RF_AVX2 RF_INLINE void store16(typename E::T* p, __m256 a, __m256 b) {
   if constexpr (E::code == kBFloat16) {
-    const __m256i packed = _mm256_permute4x64_epi64(
-        _mm256_packus_epi32(f32x8_to_bf16_lanes_nan_clear(a), f32x8_to_bf16_lanes_nan_clear(b)), 0b11011000);
-    if constexpr (kStream)
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
-    else
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+    static_assert(kEO, "bf16 outputs are stored from even/odd lanes");
+    store256<kStream>(p, bf16_join(bf16_round_hi(a), bf16_round_hi(b)));
   } else {
     V8<E>::store2(p, a, b, kStream);
   }
 }
 
 // As store16, and a, b <- the stored values as fp32 (the residual sum s = round_x(x + r)).
-template <class E, bool kStream>
+template <class E, bool kStream, bool kEO = false>
 RF_AVX2 RF_INLINE void round_store16(typename E::T* p, __m256& a, __m256& b) {
-  if constexpr (E::code == kBFloat16) {
+  if constexpr (kEO) {
+    static_assert(E::code == kBFloat16);
+    const __m256i ra = bf16_round_hi(a), rb = bf16_round_hi(b);
+    store256<kStream>(p, bf16_join(ra, rb));
+    a = bf16_high(ra);
+    b = bf16_high(rb);
+  } else if constexpr (E::code == kBFloat16) {
     const __m256i la = f32x8_to_bf16_lanes_nan_clear(a), lb = f32x8_to_bf16_lanes_nan_clear(b);
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(la, lb), 0b11011000);
-    if constexpr (kStream)
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
-    else
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+    store256<kStream>(p, _mm256_permute4x64_epi64(_mm256_packus_epi32(la, lb), 0b11011000));
     a = _mm256_castsi256_ps(_mm256_slli_epi32(la, 16));
     b = _mm256_castsi256_ps(_mm256_slli_epi32(lb, 16));
   } else {
@@ -131,7 +177,7 @@ RF_AVX2 RF_INLINE void round_store16(typename E::T* p, __m256& a, __m256& b) {
 template <class E>
 RF_AVX2 RF_INLINE __m256 round8(__m256 v) {
   if constexpr (E::code == kBFloat16) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(f32x8_to_bf16_lanes_nan_clear(v), 16));
+    return bf16_high(bf16_round_hi(v));
   } else {
     return V8<E>::round(v);
   }
@@ -141,6 +187,7 @@ RF_AVX2 RF_INLINE __m256 round8(__m256 v) {
 template <class TX, class TW, class TO>
 struct RowPtrs {
   using TXType = TX;
+  static constexpr bool kEO = kEvenOdd<TX, TO>;
   using X = typename TX::T;
   using W = typename TW::T;
   using O = typename TO::T;
@@ -167,15 +214,32 @@ struct RowPtrs {
   // AVX2: s for lanes [i, i + 16) / [i, i + 8) / the last n < 8. With a residual, the
   // rounded sum is also stored to res_out right here, so x and r are read, converted and
   // added exactly once (res_out may alias x or res: each lane is read before it is written).
+  // s16 gives lanes [i, i + 16) in even/odd order when kEO (s0 even, s1 odd).
   template <bool kRes, bool kStream>
   RF_AVX2 RF_INLINE void s16(int64_t i, __m256& s0, __m256& s1) const {
-    s0 = V8<TX>::load(x + i);
-    s1 = V8<TX>::load(x + i + 8);
-    if constexpr (kRes) {
-      s0 = _mm256_add_ps(s0, V8<TX>::load(res + i));
-      s1 = _mm256_add_ps(s1, V8<TX>::load(res + i + 8));
-      round_store16<TX, kStream>(res_out + i, s0, s1);
+    if constexpr (kEO) {
+      load_even_odd(x + i, s0, s1);
+    } else {
+      s0 = V8<TX>::load(x + i);
+      s1 = V8<TX>::load(x + i + 8);
     }
+    if constexpr (kRes) {
+      __m256 r0, r1;
+      if constexpr (kEO) {
+        load_even_odd(res + i, r0, r1);
+      } else {
+        r0 = V8<TX>::load(res + i);
+        r1 = V8<TX>::load(res + i + 8);
+      }
+      s0 = _mm256_add_ps(s0, r0);
+      s1 = _mm256_add_ps(s1, r1);
+      round_store16<TX, kStream, kEO>(res_out + i, s0, s1);
+    }
+  }
+  static RF_AVX2 RF_INLINE void load_even_odd(const X* p, __m256& even, __m256& odd) {
+    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+    odd = bf16_high(u);
   }
   template <bool kRes, bool kStream>
   RF_AVX2 RF_INLINE __m256 s8(int64_t i) const {
@@ -234,12 +298,26 @@ RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, 
       }
     }
   }
-  for (; i + 8 <= H; i += 8) {
+  // then 16 lanes at a time, as the output loops step (the same blocks in even/odd order);
+  // both halves go to acc[r][0] in lane order, the sums of two 8-lane steps
+  for (; i + 16 <= H; i += 16) {
+    RF_UNROLL for (int r = 0; r < N; ++r) {
+      __m256 s0, s1;
+      p[r].template s16<kRes, kStream>(i, s0, s1);
+      if constexpr (kCopy) {
+        _mm256_storeu_ps(bufs[r] + i, s0);
+        _mm256_storeu_ps(bufs[r] + i + 8, s1);
+      }
+      acc[r][0] = accumulate(accumulate(acc[r][0], s0), s1);
+    }
+  }
+  if (i + 8 <= H) {
     RF_UNROLL for (int r = 0; r < N; ++r) {
       const __m256 s = p[r].template s8<kRes, kStream>(i);
       if constexpr (kCopy) _mm256_storeu_ps(bufs[r] + i, s);
       acc[r][0] = accumulate(acc[r][0], s);
     }
+    i += 8;
   }
   if (i < H) {
     RF_UNROLL for (int r = 0; r < N; ++r) {
@@ -254,7 +332,8 @@ RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, 
 // toward L1 so its loads overlap this row's compute: without it the kernel alternates
 // between waiting on memory and computing. at() is called once per 16 lanes (every line of
 // an fp32 row, twice per line of a 16-bit one). A row at or past the chunk's end is not
-// fetched; the chunk's last row (already in cache) is touched instead.
+// fetched; the chunk's last row (already in cache) is touched instead. (Fetching its
+// output lines for writing too, with PREFETCHW, measured no faster on Zen 5.)
 template <class TX, bool kRes>
 struct NextRowPrefetch {
   const char* x;
@@ -285,8 +364,10 @@ RF_AVX2 RF_INLINE void store8(typename E::T* p, __m256 v) {
 // scratch slot `slot`, or used in place when fp32. Null becomes a row of `fill` (1 for a
 // weight, 0 for a bias), so the inner loops carry no branch for it. With bf16 outputs an
 // fp32 parameter's NaNs are replaced by the canonical quiet NaN (in a copy, made only when
-// there is one): that keeps the outputs' f32x8_to_bf16_lanes_nan_clear rounding exact.
-template <class TW, class TO>
+// there is one): that keeps the outputs' bf16 rounding without a NaN fix-up exact. With
+// kEvenOdd<TX, TO> every full block of 16 is put in even/odd order (in the slot), as the
+// rows' values are.
+template <class TX, class TW, class TO>
 inline const float* norm_params(const void* p, int64_t n, int slot, float fill) {
   if (p == nullptr) {
     float* out = scratch_row(slot, n);
@@ -298,8 +379,18 @@ inline const float* norm_params(const void* p, int64_t n, int slot, float fill) 
     if (std::any_of(f, f + n, [](float v) { return std::isnan(v); })) {
       float* out = scratch_row(slot, n);
       for (int64_t i = 0; i < n; ++i) out[i] = std::isnan(f[i]) ? std::numeric_limits<float>::quiet_NaN() : f[i];
-      return out;
+      f = out;
     }
+  }
+  if constexpr (kEvenOdd<TX, TO>) {
+    float* out = scratch_row(slot, n);  // may be f itself: each block goes through a copy
+    std::copy(f + (n & ~int64_t(15)), f + n, out + (n & ~int64_t(15)));
+    for (int64_t i = 0; i + 16 <= n; i += 16) {
+      float block[16];
+      std::copy(f + i, f + i + 16, block);
+      for (int k = 0; k < 8; ++k) out[i + k] = block[2 * k], out[i + 8 + k] = block[2 * k + 1];
+    }
+    f = out;
   }
   return f;
 }

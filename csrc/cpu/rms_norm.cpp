@@ -10,7 +10,8 @@
 // without a residual is s already: the second pass re-reads x's row); the second re-reads s
 // from L1 and writes out while the next row is prefetched. Memory traffic
 // is one read of each input and one write of each output. bf16/fp16 rows are bound by the
-// AVX2 conversions (no native bf16 instructions here), fp32 rows by memory.
+// AVX2 conversions (no native bf16 instructions here; bf16 rows are kept in even/odd order
+// to make them cheap, see norm_common.h), fp32 rows by memory.
 // Napkin math, [4096, 4096] fp32 with residual: reads 2 x 64 MiB, writes 2 x 64 MiB ->
 // ~12 ms at 22 GB/s; flops (~6 per element) are far below the FMA peak: memory-bound.
 // [1, 576]: 2.3 KiB, ~100 ns of work; the Python call around it dominates.
@@ -33,7 +34,7 @@ struct RmsKernel {
 
   static RF_AVX2 void avx2(const NormArgs& a, int64_t begin, int64_t end) {
     float* bufs[2] = {scratch_row(0, a.hidden), scratch_row(3, a.hidden)};  // s in fp32 per row in flight
-    const float* w = norm_params<TW, TO>(a.weight, a.hidden, 1, 1.0f);      // fp32, ones when null
+    const float* w = norm_params<TX, TW, TO>(a.weight, a.hidden, 1, 1.0f);      // fp32, ones when null
     if (a.residual) {
       if (a.llama_cast)
         a.stream ? rows<true, true, true>(a, begin, end, bufs, w) : rows<true, false, true>(a, begin, end, bufs, w);
@@ -83,7 +84,7 @@ struct RmsKernel {
       if constexpr (N == 2) next1.at(i);
       const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
       RF_UNROLL for (int r = 0; r < N; ++r)
-        store16<TO, kStream>(p[r].out + i, scale<kLlamaCast>(_mm256_loadu_ps(s[r] + i), rstd[r], w0),
+        store16<TO, kStream, kEvenOdd<TX, TO>>(p[r].out + i, scale<kLlamaCast>(_mm256_loadu_ps(s[r] + i), rstd[r], w0),
                              scale<kLlamaCast>(_mm256_loadu_ps(s[r] + i + 8), rstd[r], w1));
     }
     if (i + 8 <= H) {
