@@ -136,6 +136,9 @@ struct DecodeKernel {
   //   PV:     PC chunks of 8 columns x G queries (G = 3: 4 x 3) over all keys of the tile.
   // This cut the warm (L2-resident) time per key by ~10% only and left the cold-cache time
   // as it was; what moved that was the prefetch schedule below and run()'s item order.
+  // The loops over these register arrays carry RF_UNROLL (vec.h): without it GCC 12 kept
+  // the score accumulators on the stack too and stored all 12 of them every 8 columns (Zen 5
+  // VM, AVX2 path, B = 1, L = 2048, 9/3/64 warm: 14.5 -> 12.2-12.5 ns per key and kv head).
   //
   // AVX-512 (the avx512vnni level; kWide): the same item loop, with the two product loops
   // 16 lanes wide and every lane doing its AVX2 lane's operations in the same order, so the
@@ -206,25 +209,26 @@ struct DecodeKernel {
     for (int64_t t = 0; t < nt8; t += KB) {
       prefetch_keys(nx, t, KB, D);
       __m256 sacc[KB][G];
-      for (int kb = 0; kb < KB; ++kb)
-        for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_setzero_ps();
+      RF_UNROLL for (int kb = 0; kb < KB; ++kb)
+        RF_UNROLL for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_setzero_ps();
       int64_t c = 0;
 #pragma GCC unroll 2
       for (; c < Df; c += 8) {
         __m256 qv[G];
-        for (int g = 0; g < G; ++g) qv[g] = _mm256_load_ps(qf[g] + c);
-        for (int kb = 0; kb < KB; ++kb) {
+        RF_UNROLL for (int g = 0; g < G; ++g) qv[g] = _mm256_load_ps(qf[g] + c);
+        RF_UNROLL for (int kb = 0; kb < KB; ++kb) {
           const __m256 kv = V8<E>::load(krow[t + kb] + c);
-          for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_fmadd_ps(qv[g], kv, sacc[kb][g]);
+          RF_UNROLL for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_fmadd_ps(qv[g], kv, sacc[kb][g]);
         }
       }
       if (c < D)
-        for (int kb = 0; kb < KB; ++kb) {
+        RF_UNROLL for (int kb = 0; kb < KB; ++kb) {
           const __m256 kv = load_tail<E>(krow[t + kb] + c, D - c);
-          for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + c), kv, sacc[kb][g]);
+          RF_UNROLL for (int g = 0; g < G; ++g)
+            sacc[kb][g] = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + c), kv, sacc[kb][g]);
         }
-      for (int kb = 0; kb < KB; ++kb)
-        for (int g = 0; g < G; ++g) _mm256_store_ps(dots[g][(t + kb) & 7], sacc[kb][g]);
+      RF_UNROLL for (int kb = 0; kb < KB; ++kb)
+        RF_UNROLL for (int g = 0; g < G; ++g) _mm256_store_ps(dots[g][(t + kb) & 7], sacc[kb][g]);
       if (((t + KB) & 7) == 0) reduce_scores<G>(a.softcap, dots, t + KB - 8, s);
     }
   }
@@ -239,27 +243,27 @@ struct DecodeKernel {
     for (int64_t t = 0; t < nt8; t += KB) {
       prefetch_keys(nx, t, KB, D);
       __m512 sacc[KP][G];
-      for (int kp = 0; kp < KP; ++kp)
-        for (int g = 0; g < G; ++g) sacc[kp][g] = _mm512_setzero_ps();
+      RF_UNROLL for (int kp = 0; kp < KP; ++kp)
+        RF_UNROLL for (int g = 0; g < G; ++g) sacc[kp][g] = _mm512_setzero_ps();
       const T* const* kr = krow + t;
       int64_t c = 0;
 #pragma GCC unroll 2
       for (; c < Df; c += 8) {
         __m512 qv[G];
-        for (int g = 0; g < G; ++g) qv[g] = broadcast8x2(_mm256_load_ps(qf[g] + c));
-        for (int kp = 0; kp < KP; ++kp) {
+        RF_UNROLL for (int g = 0; g < G; ++g) qv[g] = broadcast8x2(_mm256_load_ps(qf[g] + c));
+        RF_UNROLL for (int kp = 0; kp < KP; ++kp) {
           const __m512 kv = load_pair<E>(kr[2 * kp] + c, kr[2 * kp + 1] + c);
-          for (int g = 0; g < G; ++g) sacc[kp][g] = _mm512_fmadd_ps(qv[g], kv, sacc[kp][g]);
+          RF_UNROLL for (int g = 0; g < G; ++g) sacc[kp][g] = _mm512_fmadd_ps(qv[g], kv, sacc[kp][g]);
         }
       }
       if (c < D)
-        for (int kp = 0; kp < KP; ++kp) {
+        RF_UNROLL for (int kp = 0; kp < KP; ++kp) {
           const __m512 kv = pair8x2(load_tail<E>(kr[2 * kp] + c, D - c), load_tail<E>(kr[2 * kp + 1] + c, D - c));
-          for (int g = 0; g < G; ++g)
+          RF_UNROLL for (int g = 0; g < G; ++g)
             sacc[kp][g] = _mm512_fmadd_ps(broadcast8x2(_mm256_load_ps(qf[g] + c)), kv, sacc[kp][g]);
         }
-      for (int kp = 0; kp < KP; ++kp)
-        for (int g = 0; g < G; ++g) _mm512_store_ps(dots[g][(t + 2 * kp) & 7], sacc[kp][g]);
+      RF_UNROLL for (int kp = 0; kp < KP; ++kp)
+        RF_UNROLL for (int g = 0; g < G; ++g) _mm512_store_ps(dots[g][(t + 2 * kp) & 7], sacc[kp][g]);
       if (((t + KB) & 7) == 0) reduce_scores<G>(a.softcap, dots, t + KB - 8, s);
     }
   }
@@ -275,9 +279,9 @@ struct DecodeKernel {
     int64_t c = 0;
     for (; c + 8 * PC <= Df; c += 8 * PC) {
       __m256 av[G][PC];
-      for (int g = 0; g < G; ++g) {
+      RF_UNROLL for (int g = 0; g < G; ++g) {
         const __m256 va = _mm256_set1_ps(alpha[g]);
-        for (int u = 0; u < PC; ++u) av[g][u] = _mm256_mul_ps(_mm256_load_ps(acc[g] + c + 8 * u), va);
+        RF_UNROLL for (int u = 0; u < PC; ++u) av[g][u] = _mm256_mul_ps(_mm256_load_ps(acc[g] + c + 8 * u), va);
       }
 #pragma GCC unroll 2
       for (int64_t t = 0; t < nt; ++t) {
@@ -285,24 +289,24 @@ struct DecodeKernel {
           prefetch_span<_MM_HINT_T1>(nx.vrow[t] + c, nx.vrow[t] + (c + 16 * PC > Df ? D : c + 8 * PC));
         const T* vr = vrow[t] + c;
         __m256 pb[G];
-        for (int g = 0; g < G; ++g) pb[g] = _mm256_broadcast_ss(&s[g][t]);
-        for (int u = 0; u < PC; ++u) {
+        RF_UNROLL for (int g = 0; g < G; ++g) pb[g] = _mm256_broadcast_ss(&s[g][t]);
+        RF_UNROLL for (int u = 0; u < PC; ++u) {
           const __m256 vv = V8<E>::load(vr + 8 * u);
-          for (int g = 0; g < G; ++g) av[g][u] = _mm256_fmadd_ps(pb[g], vv, av[g][u]);
+          RF_UNROLL for (int g = 0; g < G; ++g) av[g][u] = _mm256_fmadd_ps(pb[g], vv, av[g][u]);
         }
       }
-      for (int g = 0; g < G; ++g)
-        for (int u = 0; u < PC; ++u) _mm256_store_ps(acc[g] + c + 8 * u, av[g][u]);
+      RF_UNROLL for (int g = 0; g < G; ++g)
+        RF_UNROLL for (int u = 0; u < PC; ++u) _mm256_store_ps(acc[g] + c + 8 * u, av[g][u]);
     }
     for (; c < Dp; c += 8) {  // the rest: single chunks, then the tail
       const int64_t n = std::min<int64_t>(8, D - c);
       __m256 av[G];
-      for (int g = 0; g < G; ++g) av[g] = _mm256_mul_ps(_mm256_load_ps(acc[g] + c), _mm256_set1_ps(alpha[g]));
+      RF_UNROLL for (int g = 0; g < G; ++g) av[g] = _mm256_mul_ps(_mm256_load_ps(acc[g] + c), _mm256_set1_ps(alpha[g]));
       for (int64_t t = 0; t < nt; ++t) {
         const __m256 vv = n == 8 ? V8<E>::load(vrow[t] + c) : load_tail<E>(vrow[t] + c, n);
-        for (int g = 0; g < G; ++g) av[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[g][t]), vv, av[g]);
+        RF_UNROLL for (int g = 0; g < G; ++g) av[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[g][t]), vv, av[g]);
       }
-      for (int g = 0; g < G; ++g) _mm256_store_ps(acc[g] + c, av[g]);
+      RF_UNROLL for (int g = 0; g < G; ++g) _mm256_store_ps(acc[g] + c, av[g]);
     }
   }
 
@@ -314,25 +318,25 @@ struct DecodeKernel {
                                                  const NextTile& nx, int64_t c) {
     const int64_t D = a.d, end = std::min<int64_t>(D, c + 16 * P);
     __mmask16 cols[P];
-    for (int u = 0; u < P; ++u) cols[u] = __mmask16((1u << std::clamp<int64_t>(D - c - 16 * u, 0, 16)) - 1u);
+    RF_UNROLL for (int u = 0; u < P; ++u) cols[u] = __mmask16((1u << std::clamp<int64_t>(D - c - 16 * u, 0, 16)) - 1u);
     __m512 av[G][P];
-    for (int g = 0; g < G; ++g) {
+    RF_UNROLL for (int g = 0; g < G; ++g) {
       const __m512 va = _mm512_set1_ps(alpha[g]);
-      for (int u = 0; u < P; ++u) av[g][u] = _mm512_mul_ps(_mm512_load_ps(acc[g] + c + 16 * u), va);
+      RF_UNROLL for (int u = 0; u < P; ++u) av[g][u] = _mm512_mul_ps(_mm512_load_ps(acc[g] + c + 16 * u), va);
     }
 #pragma GCC unroll 2
     for (int64_t t = 0; t < nt; ++t) {
       if (t < nx.n) prefetch_span<_MM_HINT_T1>(nx.vrow[t] + c, nx.vrow[t] + end);
       const T* vr = vrow[t] + c;
       __m512 pb[G];
-      for (int g = 0; g < G; ++g) pb[g] = _mm512_set1_ps(s[g][t]);
-      for (int u = 0; u < P; ++u) {
+      RF_UNROLL for (int g = 0; g < G; ++g) pb[g] = _mm512_set1_ps(s[g][t]);
+      RF_UNROLL for (int u = 0; u < P; ++u) {
         const __m512 vv = load16_masked<E>(vr + 16 * u, cols[u]);
-        for (int g = 0; g < G; ++g) av[g][u] = _mm512_fmadd_ps(pb[g], vv, av[g][u]);
+        RF_UNROLL for (int g = 0; g < G; ++g) av[g][u] = _mm512_fmadd_ps(pb[g], vv, av[g][u]);
       }
     }
-    for (int g = 0; g < G; ++g)
-      for (int u = 0; u < P; ++u) _mm512_store_ps(acc[g] + c + 16 * u, av[g][u]);
+    RF_UNROLL for (int g = 0; g < G; ++g)
+      RF_UNROLL for (int u = 0; u < P; ++u) _mm512_store_ps(acc[g] + c + 16 * u, av[g][u]);
   }
 
   template <int G>
