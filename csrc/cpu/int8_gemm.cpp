@@ -32,6 +32,7 @@
 // second pass) and writes 1 byte per element + 4 per row: for bf16 x, 3 bytes moved per
 // element, memory-bound; 2 passes of ~3 vector instructions per 8 elements.
 #include "cpu/int8_gemm.h"
+#include "cpu/panel_gemm.h"
 
 #include <algorithm>
 #include <atomic>
@@ -557,16 +558,12 @@ RF_AVX2 void wo_grouped(const GemmArgs& g, const float* x, int64_t x_stride, con
   }
 }
 
-// Larger M: a register-blocked fp32 GEMM on weights dequantized once per call. Each thread
-// takes 16-row panels of W, dequantizes one (with its group scales) into wp [K][16] fp32
-// (8 x 8 transposes; K * 64 bytes, L2-resident up to K ~ 8K), then runs 6 x 16 blocks over
-// all rows of x: per k, 2 loads of wp, 6 broadcasts of x and 12 FMAs into 12 accumulators
-// (RF_UNROLL keeps them in registers: without it GCC stored all 12 on every k and the block
-// ran at half the speed). The dequantization costs ~1 / M of the FMAs. Napkin math, M = 256,
-// K = N = 4096: 8.6 GFLOP, ~45 ms at the 2-thread FMA peak of a Zen 3 (182 GFLOP/s); weights
-// read once (16 MB). Zen 5 VM, 2 threads, warm: M = 17 / 64 / 256 at 159 / 211 / 234 GFLOP/s
-// (AVX2 peak there ~270).
-constexpr int kWoRows = 6;
+// Larger M: panel_gemm.h's register-blocked fp32 GEMM on weights dequantized once per call:
+// each item's 16-row panels of W are dequantized (with their group scales) into wp [K][16]
+// fp32 by 8 x 8 transposes, the per-channel scale and the bias applied to the finished sums.
+// Zen 5 VM, 2 threads, warm, [4096, 4096]: M = 17 / 64 / 256 at 174 / 231 / 255 GFLOP/s on
+// the AVX2 blocks (peak there ~270), 233 / 390 / 461 on the AVX-512 ones (2.4 / 1.8 / 1.4x
+// and 3.1 / 3.0 / 2.5x torch's fp32 F.linear in the same process).
 constexpr int64_t kWoGemmMinRows = 4;    // grouped scales: more rows than this take wo_gemm (measured crossover 4-8 rows)
 constexpr int64_t kWoLinearMaxRows = 16;  // per-channel scales: up to this many rows take linear.cpp's kernel
 
@@ -592,98 +589,18 @@ RF_AVX2 void dequant_panel(const int8_t* w, int64_t w_stride, int64_t ncols, int
       wp[kk * wp_stride + j] = j < ncols ? float(w[j * w_stride + kk]) * (ws.group ? ws.scale[(n0 + j) * ws.stride + kk / ws.group] : 1.0f) : 0.0f;
 }
 
-template <int MR>
-RF_AVX2 void wo_gemm_block(const float* x, int64_t x_stride, const float* wp, int64_t k, float out[][16]) {
-  __m256 acc[MR][2];
-  RF_UNROLL for (auto& row : acc) row[0] = row[1] = _mm256_setzero_ps();
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const __m256 w0 = _mm256_loadu_ps(wp + kk * 16), w1 = _mm256_loadu_ps(wp + kk * 16 + 8);
-    RF_UNROLL for (int r = 0; r < MR; ++r) {
-      const __m256 xv = _mm256_broadcast_ss(x + r * x_stride + kk);
-      acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
-    }
-  }
-  RF_UNROLL for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(out[r], acc[r][0]);
-    _mm256_storeu_ps(out[r] + 8, acc[r][1]);
-  }
-}
-
-// The same GEMM on AVX-512 (avx512vnni ISA level and above): a work item is two panels, 32
-// columns ([K][32] after dequantization), and a block 12 rows of x: 24 of the 32 zmm
-// registers accumulate, and each k costs 2 panel loads, 12 broadcasts and 24 FMAs, so the
-// FMA ports, not the loads, set the pace (8 lanes: 2 + 6 loads per 12 FMAs). Each output
-// still sums its K products in k order from zero: the AVX2 GEMM's bits. Measured on the
-// 2-core Sapphire Rapids VM, warm weights, K = N = 4096: M = 16 / 64 / 256 at 142 / 220 /
-// 271 GFLOP/s against the AVX2 GEMM's 85 / 110 / 124 at the time, which still spilled its
-// accumulators (fp32 F.linear, oneDNN AVX-512: 85 / 196 / 258); a 12 x 16 block (one
-// panel) reached 118 / 163 / 196. Zen 5 VM: M = 17 / 64 / 256 at 241 / 362 / 444 GFLOP/s.
-constexpr int kWoRows512 = 12;
-constexpr int64_t kWoCols512 = 2 * kPanel;
-
-template <int MR>
-RF_AVX512VNNI void wo_gemm_block512(const float* x, int64_t x_stride, const float* wp, int64_t k,
-                                    float out[][kWoCols512]) {
-  __m512 acc[MR][2];
-  RF_UNROLL for (auto& a : acc) a[0] = a[1] = _mm512_setzero_ps();
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const __m512 w0 = _mm512_load_ps(wp + kk * kWoCols512), w1 = _mm512_load_ps(wp + kk * kWoCols512 + 16);
-    RF_UNROLL for (int r = 0; r < MR; ++r) {
-      const __m512 xv = _mm512_set1_ps(x[r * x_stride + kk]);
-      acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
-    }
-  }
-  RF_UNROLL for (int r = 0; r < MR; ++r) {
-    _mm512_storeu_ps(out[r], acc[r][0]);
-    _mm512_storeu_ps(out[r] + 16, acc[r][1]);
-  }
-}
-
-// Block functions by row count: kWoBlocks[rows - 1].
-using WoBlock = void (*)(const float*, int64_t, const float*, int64_t, float (*)[16]);
-using WoBlock512 = void (*)(const float*, int64_t, const float*, int64_t, float (*)[kWoCols512]);
-constexpr WoBlock kWoBlocks[kWoRows] = {&wo_gemm_block<1>, &wo_gemm_block<2>, &wo_gemm_block<3>,
-                                        &wo_gemm_block<4>, &wo_gemm_block<5>, &wo_gemm_block<6>};
-constexpr WoBlock512 kWoBlocks512[kWoRows512] = {
-    &wo_gemm_block512<1>, &wo_gemm_block512<2>, &wo_gemm_block512<3>, &wo_gemm_block512<4>,
-    &wo_gemm_block512<5>, &wo_gemm_block512<6>, &wo_gemm_block512<7>, &wo_gemm_block512<8>,
-    &wo_gemm_block512<9>, &wo_gemm_block512<10>, &wo_gemm_block512<11>, &wo_gemm_block512<12>};
-
 RF_AVX2 void wo_gemm(const GemmArgs& g, const float* x, int64_t x_stride, const int8_t* w, int64_t w_stride,
                      const WScale& ws, int num_threads) {
-  const bool wide = avx512_kernels();
-  const int64_t item_cols = wide ? kWoCols512 : kPanel, block_rows = wide ? kWoRows512 : kWoRows;
-  const int64_t items = (g.n + item_cols - 1) / item_cols;
-#pragma omp parallel num_threads(num_threads) if (items > 1)
-  {
-    // [K][item_cols], this thread's dequantized columns, 64-byte aligned (whole-line loads)
-    std::vector<float> wp_buf(size_t(g.k) * item_cols + 16);
-    float* wp = wp_buf.data() + (16 - reinterpret_cast<std::uintptr_t>(wp_buf.data()) / sizeof(float) % 16) % 16;
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t n0 = item * item_cols, ncols = std::min(item_cols, g.n - n0);
-      for (int64_t c = 0; c < item_cols; c += kPanel)  // a missing second panel is zeros
-        dequant_panel(w + (n0 + c) * w_stride, w_stride, std::clamp<int64_t>(ncols - c, 0, kPanel), g.k, ws,
-                      n0 + c, wp + c, item_cols);
-      for (int64_t r0 = 0; r0 < g.m; r0 += block_rows) {
-        const int64_t rows = std::min<int64_t>(block_rows, g.m - r0);
-        float out[kWoRows512][kWoCols512];
-        if (wide)
-          kWoBlocks512[rows - 1](x + r0 * x_stride, x_stride, wp, g.k, out);
-        else
-          kWoBlocks[rows - 1](x + r0 * x_stride, x_stride, wp, g.k, reinterpret_cast<float (*)[16]>(out));
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* o = wide ? out[r] : out[0] + 16 * r;  // rows of 32 or 16 floats
-          float v[kWoCols512];
-          for (int64_t j = 0; j < ncols; ++j)
-            v[j] = o[j] * (ws.group ? 1.0f : ws.scale[n0 + j]) + (g.bias ? g.bias[n0 + j] : 0.0f);
-          store_floats(g, r0 + r, n0, ncols, v);
-        }
-      }
-    }
-  }
+  const auto pack = [&](int64_t n0, int64_t ncols, float* wp, int64_t wp_stride) {
+    dequant_panel(w + n0 * w_stride, w_stride, ncols, g.k, ws, n0, wp, wp_stride);
+  };
+  const auto finish = [&](int64_t r, int64_t n0, int64_t ncols, const float* sums) {
+    float v[panel_gemm::kCols512];
+    for (int64_t j = 0; j < ncols; ++j)
+      v[j] = sums[j] * (ws.group ? 1.0f : ws.scale[n0 + j]) + (g.bias ? g.bias[n0 + j] : 0.0f);
+    store_floats(g, r, n0, ncols, v);
+  };
+  panel_gemm::run(g.m, g.n, g.k, x, x_stride, pack, finish, num_threads);
 }
 
 void wo_scalar(const GemmArgs& g, const float* x, int64_t x_stride, const int8_t* w, int64_t w_stride,

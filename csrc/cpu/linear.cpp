@@ -1,4 +1,7 @@
-// Float linear y[M, N] = x[M, K] @ W[N, K]^T + bias[N] for small M (decode), on CPU.
+// Float linear y[M, N] = x[M, K] @ W[N, K]^T + bias[N] on CPU: a per-row kernel for small M
+// (decode, below), and for M > kRowKernelMaxM = 16 (prefill) panel_gemm.h's compute-bound
+// GEMM (run_gemm): ~2x torch's fp32 GEMM (MKL) from M = 17 to 256 with 16 lanes, 1.2-1.9x on
+// the AVX2 path (Zen 5 VM, 2 threads, SmolLM2's layers and [4096, 4096]).
 //
 // At decode sizes the weights are the cost: every weight is used M <= 8 times, so the
 // kernel should stream W from DRAM at the read bandwidth and hide the FMAs under it.
@@ -58,6 +61,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/panel_gemm.h"
 #include "cpu/vec.h"
 #include "cpu/vec512.h"
 
@@ -67,6 +71,13 @@ namespace {
 constexpr int64_t kBlock = 8;        // weight rows per work item
 constexpr int kMaxRows = 4;          // rows of x per register block
 constexpr int64_t kChunk = 64;       // k per partial sum (a multiple of 64: whole cache lines)
+// Rows up to which linear() runs the per-row kernel (each row its alone bits); more take the
+// packed-panel GEMM. Measured crossover (Zen 5 VM, 2 threads, fp32 weights): the GEMM wins
+// from ~12-17 rows on SmolLM2's layers and [4096, 4096] at both ISA levels (M = 17: 1.2-1.4x
+// the row kernel with 16 lanes, 1.0-1.2x on AVX2; M = 33: 1.8x / 1.6x), except on a cold
+// 113 MB LM head at M = 17-33 (row kernel 1.4x / equal). The same bound as the w8a16
+// per-channel path (kWoLinearMaxRows). Python mirrors it: ops.linear.ROW_KERNEL_MAX_M.
+constexpr int64_t kRowKernelMaxM = 16;
 
 // int8 weights (the per-channel w8a16 path of int8_weight_only_linear): widened to fp32 in
 // registers (vpmovsxbd + vcvtdq2ps, 2 uops per 8 weights); the row scale is applied to the
@@ -98,6 +109,21 @@ inline float load_scalar(const void* p, int64_t i, int dtype) {
   }
 }
 
+// out[r, n0 + j] = v[j] for j < cols, rounded once to out's dtype
+inline void store_row(const Args& a, int64_t r, int64_t n0, int64_t cols, const float* v) {
+  const int64_t elem = a.out_dtype == kFloat32 ? 4 : 2;
+  char* dst = static_cast<char*>(a.out) + (r * a.out_stride + n0) * elem;
+  switch (a.out_dtype) {
+    case kFloat32: std::memcpy(dst, v, size_t(cols) * 4); break;
+    case kBFloat16:
+      for (int64_t j = 0; j < cols; ++j) BF16::store(reinterpret_cast<uint16_t*>(dst) + j, v[j]);
+      break;
+    default:
+      for (int64_t j = 0; j < cols; ++j) F16::store(reinterpret_cast<uint16_t*>(dst) + j, v[j]);
+      break;
+  }
+}
+
 // out[r0 + r, n0 + j] = dots[r][j] (* w_scale[n0 + j]) + bias[n0 + j] for r < rows, j < cols
 inline void store_block(const Args& a, int64_t r0, int64_t rows, int64_t n0, int64_t cols,
                         const float dots[kMaxRows][kBlock]) {
@@ -106,20 +132,10 @@ inline void store_block(const Args& a, int64_t r0, int64_t rows, int64_t n0, int
     if (a.bias) bv[j] = load_scalar(a.bias, n0 + j, a.bias_dtype);
     sv[j] = a.w_scale ? a.w_scale[n0 + j] : 1.0f;
   }
-  const int64_t elem = a.out_dtype == kFloat32 ? 4 : 2;
   for (int64_t r = 0; r < rows; ++r) {
     float v[kBlock];
     for (int64_t j = 0; j < cols; ++j) v[j] = a.w_scale ? dots[r][j] * sv[j] + bv[j] : dots[r][j] + bv[j];
-    char* dst = static_cast<char*>(a.out) + ((r0 + r) * a.out_stride + n0) * elem;
-    switch (a.out_dtype) {
-      case kFloat32: std::memcpy(dst, v, size_t(cols) * 4); break;
-      case kBFloat16:
-        for (int64_t j = 0; j < cols; ++j) BF16::store(reinterpret_cast<uint16_t*>(dst) + j, v[j]);
-        break;
-      default:
-        for (int64_t j = 0; j < cols; ++j) F16::store(reinterpret_cast<uint16_t*>(dst) + j, v[j]);
-        break;
-    }
+    store_row(a, r0 + r, n0, cols, v);
   }
 }
 
@@ -424,12 +440,34 @@ std::vector<float> padded_x(std::uintptr_t x, int64_t x_stride, int x_dtype, int
   return xf;
 }
 
+// M past kRowKernelMaxM: panel_gemm.h's GEMM on the weights packed once per call (fp32
+// copied, bf16 widened into [K][16] panels), + bias, one rounding to out's dtype.
+template <class W>
+RF_AVX2 void run_gemm(const Args& a, int threads) {
+  using T = typename W::T;
+  const auto pack = [&](int64_t n0, int64_t ncols, float* wp, int64_t wp_stride) {
+    panel_gemm::pack_rows<W>(static_cast<const T*>(a.w) + n0 * a.w_stride, a.w_stride, ncols, a.k, wp, wp_stride);
+  };
+  const auto finish = [&](int64_t r, int64_t n0, int64_t ncols, const float* sums) {
+    float v[panel_gemm::kCols512];
+    for (int64_t j = 0; j < ncols; ++j) v[j] = sums[j] + (a.bias ? load_scalar(a.bias, n0 + j, a.bias_dtype) : 0.0f);
+    store_row(a, r, n0, ncols, v);
+  };
+  panel_gemm::run(a.m, a.n, a.k, a.x, a.kp, pack, finish, threads);
+}
+
 template <class W>
 void run(const Args& a, int threads) {
-  if (active_isa() == Isa::kAvx2)
-    run_avx2<W>(a, threads);
-  else
+  if (active_isa() != Isa::kAvx2) {
     run_scalar<W>(a, threads);
+    return;
+  }
+  if constexpr (!std::is_same_v<W, I8>)  // int8_weight_only_linear sends at most 16 rows here
+    if (a.m > kRowKernelMaxM && a.k > 0) {
+      run_gemm<W>(a, threads);
+      return;
+    }
+  run_avx2<W>(a, threads);
 }
 
 }  // namespace

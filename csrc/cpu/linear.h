@@ -9,8 +9,9 @@ namespace ringfuse::cpu {
 // w: [n, k] fp32 or bf16 (w_dtype), rows w_stride apart, unit inner stride;
 // bias: [n] fp32 / bf16 / fp16 (bias_dtype) or 0; out: [m, n] fp32 / bf16 / fp16
 // (out_dtype), rows out_stride apart. Made for m <= 8, where reading w is the cost: each
-// weight row is read from memory once for all m rows of x. Any m is correct. The result
-// does not depend on num_threads (each output's reduction order is fixed).
+// weight row is read from memory once for all m rows of x, and up to 16 rows each row gets
+// the bits it gets alone. More rows take a packed-panel GEMM (panel_gemm.h), whose outputs
+// sum their k products in k order. The result does not depend on num_threads.
 void linear(std::uintptr_t out, int64_t out_stride, int out_dtype, std::uintptr_t x, int64_t x_stride, int x_dtype,
             std::uintptr_t w, int64_t w_stride, int w_dtype, std::uintptr_t bias, int bias_dtype, int64_t m,
             int64_t n, int64_t k, int num_threads);

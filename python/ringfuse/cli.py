@@ -149,6 +149,7 @@ def _bench(args) -> int:
 
         linear.run(ms=linear.QUICK_MS if args.quick else linear.MS,
                    configs=linear.QUICK_CONFIGS if args.quick else tuple(linear.CONFIGS), rounds=args.rounds, lim=lim)
+        linear.run_prefill(ms=linear.QUICK_PREFILL_MS if args.quick else linear.PREFILL_MS, rounds=args.rounds, lim=lim)
         return 0
     if args.op == "attention":
         from .bench import attention

@@ -1,5 +1,6 @@
 """ringfuse.ops.linear on CPU (AVX2 and scalar) vs an fp64 reference with DESIGN's tolerance
-rule, layouts, thread-count determinism, the documented F.linear fallback and bad inputs."""
+rule, layouts, thread-count determinism, the documented F.linear fallback and bad inputs.
+M up to ROW_KERNEL_MAX_M (16) runs the per-row kernel, more rows the packed-panel GEMM."""
 
 import pytest
 import torch
@@ -7,10 +8,13 @@ import torch.nn.functional as F
 
 from ringfuse import _C
 from ringfuse.ops import linear, linear_path
+from ringfuse.ops.linear import ROW_KERNEL_MAX_M
 
 from .isa import at_avx2_and_avx512
 
-MS = [1, 2, 3, 4, 5, 8, 17]
+# per-row kernel up to 16; the GEMM from 17 (40: several blocks of 12 / 6 rows and a
+# partial one at both ISA levels)
+MS = [1, 2, 3, 4, 5, 8, 16, 17, 40]
 # (N, K): N below / not a multiple of the 8-row block, K not a multiple of 8 / 16 / 32, K
 # over several 64-k chunks and groups of 4 (4100)
 SHAPES = [(1, 1), (7, 9), (33, 577), (64, 40), (130, 1000), (20, 4100)]
@@ -89,7 +93,7 @@ def test_strided_layouts(isa):
 def test_threads_bitwise_equal(isa, wdt):
     w, b = rand((1001, 577), 13, DTYPES[wdt]), rand((1001,), 14)
     prev = torch.get_num_threads()
-    for m in (1, 3, 8):
+    for m in (1, 3, 8, 40):
         x = rand((m, 577), 15 + m)
         try:
             torch.set_num_threads(1)
@@ -130,8 +134,36 @@ def test_row_blocking_does_not_change_a_row(wdt, k):
             assert torch.equal(full[r], linear(x[r], w, b)), (m, r)
 
 
+def test_gemm_rows_do_not_depend_on_the_other_rows(isa):
+    """Past ROW_KERNEL_MAX_M rows each output of the GEMM sums its k products in k order from
+    zero: a row's bits do not depend on M or on where the row falls in a register block; the
+    first rows differ from the per-row kernel's (another order), within tolerance."""
+    w, b = rand((70, 300), 40), rand((70,), 41)
+    x = rand((53, 300), 42)
+    full = linear(x, w, b)
+    for m in (ROW_KERNEL_MAX_M + 1, 30, 41):
+        assert torch.equal(linear(x[:m], w, b), full[:m]), m
+    shifted = linear(x[5:], w, b)  # every row in another block position
+    assert torch.equal(shifted, full[5:])
+    assert_close_to_reference(full, x, w, b)
+
+
+def test_gemm_strided_and_tails(isa):
+    """The GEMM path with weight rows further apart than K, x rows apart, N not a multiple
+    of the 16 / 32 packed columns, K not a multiple of 8, and bf16 x / out."""
+    big_w = rand((37, 140), 43)
+    w = big_w[:, 3:134]  # K = 131, rows 140 apart
+    x = rand((29, 150), 44)[:, 10:141]
+    got = linear(x, w)
+    assert_close_to_reference(got, x, w)
+    assert torch.equal(got, linear(x.contiguous(), w.contiguous()))
+    xb, wb = x.bfloat16(), w.bfloat16()
+    assert_close_to_reference(linear(xb, wb, rand((37,), 45).bfloat16()), xb, wb, rand((37,), 45).bfloat16())
+
+
 def test_empty_and_k_zero(isa):
     w, b = rand((5, 16), 19), rand((5,), 20)
+    assert torch.equal(linear(torch.empty(20, 0), torch.empty(5, 0), b), b.expand(20, 5))  # GEMM-sized M
     assert linear(torch.empty(0, 16), w, b).shape == (0, 5)
     assert linear(torch.empty(2, 0, 16), w).shape == (2, 0, 5)
     assert linear(rand((3, 16), 21), torch.empty(0, 16)).shape == (3, 0)
@@ -139,15 +171,16 @@ def test_empty_and_k_zero(isa):
     assert torch.equal(linear(torch.empty(3, 0), torch.empty(5, 0)), torch.zeros(3, 5))
 
 
-def test_nan_and_inf_propagate(isa):
+@pytest.mark.parametrize("m", [3, 20], ids=["row-kernel", "gemm"])
+def test_nan_and_inf_propagate(isa, m):
     w = rand((20, 33), 22)
-    x = rand((3, 33), 23)
+    x = rand((m, 33), 23)
     x[1, 4] = float("nan")
     x[2, 32] = float("inf")  # in the K tail
     got = linear(x, w)
     assert torch.isnan(got[1]).all()
     assert torch.equal(torch.isinf(got[2]) | torch.isnan(got[2]), torch.ones(20, dtype=torch.bool))
-    assert torch.isfinite(got[0]).all()
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[3:]).all()
 
 
 def test_fallbacks():

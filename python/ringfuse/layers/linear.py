@@ -14,28 +14,22 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..nn import quantize_weight
-from ..ops import native
 
 QUANT_MODES = ("none", "w8a16", "w8a8")
 
 
-def kernel_max_m(weight_dtype: torch.dtype) -> int:
-    """Rows up to which a float layer takes ringfuse's kernel rather than torch's GEMM, at the
-    current ISA level. The kernel reads the weights once for all rows: with fp32 weights it
-    beat torch's GEMM up to M = 64 with its 16-lane variant (Zen 5 VM, cold weights:
-    SmolLM2's layers 2.6x at M = 8, 1.85x at 33, 1.5x at 64; [4096, 4096] 2.3x at 9, 1.04x at
-    64, 0.99x at 128) and up to ~48 on the AVX2 path (1.2x at 33, 0.9x at 64), so a short
-    fp32 prompt prefills there; torch's bf16 GEMM (AVX-512 BF16) wins from M ~ 16."""
-    if weight_dtype != torch.float32:
-        return 8
-    return 64 if native.wide_kernels() else 32
+# bf16 weights: rows up to which a layer takes ringfuse's kernel; past it torch's bf16 GEMM
+# (oneDNN, AVX-512 BF16 where the host has it: ringfuse's kernel was 0.56x there at M = 33).
+# fp32 weights take ringfuse's kernels at every M (ops.linear: the per-row kernel up to 16
+# rows, its GEMM above, ~2x torch's fp32 GEMM).
+BF16_KERNEL_MAX_M = 8
 
 
 class Linear:
-    """y = x W^T + b: W float [N, K] (ringfuse's kernel up to kernel_max_m rows, torch's GEMM
-    above), or int8 per output channel with fp32 scales (w8a16: ringfuse's weight-only
-    kernels; w8a8: activations quantized per token, int8 x int8 GEMM with the scales in its
-    epilogue)."""
+    """y = x W^T + b: W float [N, K] (fp32: ringfuse's kernels at every M; bf16: ringfuse's
+    kernel up to BF16_KERNEL_MAX_M rows, torch's bf16 GEMM above), or int8 per output channel
+    with fp32 scales (w8a16: ringfuse's weight-only kernels; w8a8: activations quantized per
+    token, int8 x int8 GEMM with the scales in its epilogue)."""
 
     def __init__(self, weight, bias: torch.Tensor | None, quant: str, dtype: torch.dtype):
         """``weight``: [N, K] float, or an iterator of its row blocks, taken one at a time so
@@ -78,7 +72,7 @@ class Linear:
             self.weight = parts["weight"]  # [N, K]
             self.out_features, self.in_features = self.weight.shape
             self._kernel = ops.prepare_linear(self.weight, self.bias)  # weights checked once
-            self._kernel_max_m = kernel_max_m(self.weight.dtype)  # at the ISA level of the load
+            self._kernel_max_m = BF16_KERNEL_MAX_M if self.weight.dtype == torch.bfloat16 else None
             return
         self.w_q, self.w_scale = parts["w_q"], parts["w_scale"]  # [N, K] int8, [N] fp32
         self.out_features, self.in_features = self.w_q.shape
@@ -94,9 +88,10 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         if self.quant == "none":
-            # decode-sized M: ringfuse's bandwidth-bound kernel (MKL streams the weights at a
-            # third of the DRAM bandwidth on AMD hosts); larger M: torch's GEMM (kernel_max_m)
-            if x.is_cpu and x.shape[0] <= self._kernel_max_m:
+            # fp32: ringfuse's kernels (decode-sized M: the bandwidth-bound one, where MKL
+            # streams the weights at a third of the DRAM bandwidth on AMD hosts; prefill: its
+            # GEMM); bf16 past BF16_KERNEL_MAX_M rows: torch's bf16 GEMM
+            if x.is_cpu and (self._kernel_max_m is None or x.shape[0] <= self._kernel_max_m):
                 return self._kernel(x)
             return F.linear(x, self.weight, self.bias)
         if self.quant == "w8a16":

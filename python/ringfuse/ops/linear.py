@@ -1,5 +1,4 @@
-"""Float linear for decode-sized inputs: ``linear(x, weight, bias=None)``, the CPU kernel in
-csrc/cpu/linear.cpp.
+"""Float linear on CPU: ``linear(x, weight, bias=None)``, the kernels in csrc/cpu/linear.cpp.
 
 ``linear(x [..., K], weight [N, K], bias [N] = None) -> [..., N]`` computes
 ``x @ weight.T + bias`` like ``torch.nn.functional.linear``, with fp32 accumulation and one
@@ -8,11 +7,18 @@ rounding to x's dtype at the end. The output has x's dtype.
 Kernel path (CPU tensors, no autograd): x float32 or bfloat16; weight float32 or bfloat16
 (independently of x: bf16 weights with fp32 activations read half the bytes, each weight
 widened to fp32 in registers); bias float32 or bfloat16 (any other float dtype is cast to
-fp32). Made for M = 1..8 rows of x, where torch's MKL path streams the weights at a
-fraction of the DRAM bandwidth; larger M is correct and, with fp32 weights, still ahead of
-MKL up to M ~ 64 (it reads the weights once for all rows; the runtime's layers use it up to
-there, see layers/linear.py), but it is not a compute-tuned GEMM: past that use F.linear.
-The result is bitwise the same for any ``torch.get_num_threads()``.
+fp32). Two kernels, by the number of rows M of x:
+
+- M <= ``ROW_KERNEL_MAX_M`` (16; decode): a bandwidth-bound kernel that reads each weight
+  once for all rows (torch's MKL path streams the weights at a fraction of the DRAM
+  bandwidth there), with each output's reduction order fixed, so every row of a batch gets
+  the bits it gets alone;
+- more rows (prefill): a compute-bound GEMM on weights packed per call into column panels
+  (6 x 16 register blocks on AVX2, 12 x 32 with 16 lanes), each output summed in k order:
+  ~2x torch's fp32 GEMM from M = 17 to 256 with 16 lanes, 1.2-1.9x on the AVX2 path.
+
+Either way the result is bitwise the same for any ``torch.get_num_threads()`` and at both
+ISA levels (``avx2`` and ``avx512vnni``).
 
 Layouts: weight rows may be further apart than K (e.g. a slice ``big[:, :K]``); a weight
 whose inner (K) stride is not 1 is copied to a contiguous tensor first (a full copy of the
@@ -35,6 +41,9 @@ import torch.nn.functional as F
 from . import _common as c
 from . import native
 from .rms_norm import OP_LIB
+
+# Rows up to which the per-row kernel runs (csrc/cpu/linear.cpp kRowKernelMaxM; keep in sync)
+ROW_KERNEL_MAX_M = 16
 
 ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -99,8 +108,9 @@ def _fallback(x, weight, bias):
 def linear(x, weight, bias=None):
     """``x [..., K] @ weight[N, K].T + bias[N] -> [..., N]`` in x's dtype, as
     ``torch.nn.functional.linear``. CPU float32 / bfloat16 x and weight (mixed allowed) run
-    the bandwidth-bound C++ kernel; anything else (CUDA, float16 / float64, autograd) falls
-    back to ``F.linear(x, weight.to(x.dtype), bias.to(x.dtype))``. See the module docstring."""
+    the C++ kernels (up to 16 rows the bandwidth-bound one, more rows the GEMM); anything
+    else (CUDA, float16 / float64, autograd) falls back to ``F.linear(x, weight.to(x.dtype),
+    bias.to(x.dtype))``. See the module docstring."""
     _check(x, weight, bias)
     if _fallback_reason(x, weight, bias) is not None:
         return _fallback(x, weight, bias)
