@@ -1,6 +1,6 @@
 // Float linear y[M, N] = x[M, K] @ W[N, K]^T + bias[N] on CPU: a per-row kernel for small M
 // (decode, below), and for M > kRowKernelMaxM = 16 (prefill) panel_gemm.h's compute-bound
-// GEMM (run_gemm): ~2x torch's fp32 GEMM (MKL) from M = 17 to 256 with 16 lanes, 1.2-1.9x on
+// GEMM (run_gemm): ~2x torch's fp32 GEMM (MKL) from M = 17 to 256 with 16 lanes, 1.1-1.9x on
 // the AVX2 path (Zen 5 VM, 2 threads, SmolLM2's layers and [4096, 4096]).
 //
 // At decode sizes the weights are the cost: every weight is used M <= 8 times, so the
@@ -72,10 +72,10 @@ constexpr int64_t kBlock = 8;        // weight rows per work item
 constexpr int kMaxRows = 4;          // rows of x per register block
 constexpr int64_t kChunk = 64;       // k per partial sum (a multiple of 64: whole cache lines)
 // Rows up to which linear() runs the per-row kernel (each row its alone bits); more take the
-// packed-panel GEMM. Measured crossover (Zen 5 VM, 2 threads, fp32 weights): the GEMM wins
-// from ~12-17 rows on SmolLM2's layers and [4096, 4096] at both ISA levels (M = 17: 1.2-1.4x
-// the row kernel with 16 lanes, 1.0-1.2x on AVX2; M = 33: 1.8x / 1.6x), except on a cold
-// 113 MB LM head at M = 17-33 (row kernel 1.4x / equal). The same bound as the w8a16
+// packed-panel GEMM. Measured crossover (Zen 5 VM, 2 threads, fp32 weights, SmolLM2's layers
+// and [4096, 4096]): at M = 12 the row kernel was still ahead; at 17 the GEMM was 1.1-1.4x
+// it with 16 lanes and 1.0-1.2x on AVX2, at 33 1.4-1.8x / 1.2-1.8x; only a cold 113 MB LM head
+// still favoured the row kernel at 17-33 (1.4x / equal). The same bound as the w8a16
 // per-channel path (kWoLinearMaxRows). Python mirrors it: ops.linear.ROW_KERNEL_MAX_M.
 constexpr int64_t kRowKernelMaxM = 16;
 

@@ -15,7 +15,7 @@ fp32). Two kernels, by the number of rows M of x:
   the bits it gets alone;
 - more rows (prefill): a compute-bound GEMM on weights packed per call into column panels
   (6 x 16 register blocks on AVX2, 12 x 32 with 16 lanes), each output summed in k order:
-  ~2x torch's fp32 GEMM from M = 17 to 256 with 16 lanes, 1.2-1.9x on the AVX2 path.
+  ~2x torch's fp32 GEMM from M = 17 to 256 with 16 lanes, 1.1-1.9x on the AVX2 path.
 
 Either way the result is bitwise the same for any ``torch.get_num_threads()`` and at both
 ISA levels (``avx2`` and ``avx512vnni``).
