@@ -31,6 +31,7 @@ static py::dict build_info() {
   py::dict d;
   d["cpu_has_avx2"] = rf::cpu::cpu_has_avx2();
   d["cpu_has_avx512_vnni"] = rf::cpu::cpu_has_avx512_vnni();
+  d["cpu_has_avx512_bf16"] = rf::cpu::cpu_has_avx512_bf16();
   d["cpu_has_amx"] = rf::cpu::cpu_has_amx();
   d["isa"] = rf::cpu::isa_name(rf::cpu::active_isa());
   d["int8_gemm_isa"] = rf::cpu::active_isa() == rf::cpu::Isa::kScalar ? "scalar"

@@ -29,6 +29,14 @@ bool cpu_has_avx512_vnni() {
   return has;
 }
 
+bool cpu_has_avx512_bf16() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return cpu_has_avx512_vnni() && __builtin_cpu_supports("avx512bf16");
+  }();
+  return has;
+}
+
 // AMX needs the CPU's AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22) with
 // AVX-512 BF16 (the path's softmax rounds P with it), the OS's XSAVE support for the tile
 // state (XCR0 bits 17 and 18), and Linux's per-process permission for the 8 KiB tile data (arch_prctl ARCH_REQ_XCOMP_PERM, Linux >= 5.16; a

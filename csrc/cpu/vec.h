@@ -38,6 +38,7 @@ namespace ringfuse::cpu {
 enum class Isa : int { kScalar = 0, kAvx2 = 1 };
 bool cpu_has_avx2();         // AVX2 + FMA + F16C present
 bool cpu_has_avx512_vnni();  // AVX-512 F/BW/VL + VNNI present
+bool cpu_has_avx512_bf16();  // AVX-512 VNNI level + AVX-512 BF16 (vdpbf16ps: native bf16 dot products)
 bool cpu_has_amx();          // AMX-TILE + AMX-BF16, enabled by the OS for this process (and built in)
 Isa active_isa();
 bool int8_use_vnni();            // the int8 GEMM takes its AVX-512 VNNI kernel

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ringfuse import _C, ops
 from ringfuse.layers import Linear
+from ringfuse.layers import linear as layer_linear
 from ringfuse.layers.linear import BF16_KERNEL_MAX_M
 from ringfuse.ops.linear import ROW_KERNEL_MAX_M
 
@@ -40,21 +41,38 @@ def test_fp32_rows_take_the_row_kernel_then_the_gemm(isa):
     assert torch.allclose(past.double(), want, rtol=1e-5, atol=1e-5 * w.shape[1] ** 0.5)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["torch-bf16-native", "torch-bf16-slow"])
 @pytest.mark.parametrize("isa", ["avx512vnni", "avx2"])
-def test_bf16_rows_up_to_the_bound_take_the_kernel_and_the_rest_torch(isa):
-    """bf16 weights: up to BF16_KERNEL_MAX_M rows ringfuse's kernel (alone bits), past it
-    F.linear (torch's bf16 GEMM)."""
+def test_bf16_rows_past_the_bound_follow_the_host(isa, native, monkeypatch):
+    """bf16 weights: up to BF16_KERNEL_MAX_M rows ringfuse's kernel (alone bits); past it
+    F.linear where torch's bf16 GEMM is native (AVX-512 BF16 / AMX), else ops.linear again
+    (its per-row kernel, then its GEMM)."""
     if isa == "avx512vnni" and not _C.build_info()["cpu_has_avx512_vnni"]:
         pytest.skip("no AVX-512 VNNI on this CPU")
+    monkeypatch.setattr(layer_linear, "torch_bf16_gemm_is_native", lambda: native)
     w, b = _case(torch.bfloat16)
     bound = BF16_KERNEL_MAX_M
+    x = torch.randn(3 * ROW_KERNEL_MAX_M, w.shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     with isa_level(isa):
         layer = Linear(w, b, "none", torch.bfloat16)
-        x = torch.randn(bound + 1, w.shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
         at_bound = layer(x[:bound])
         alone = torch.cat([ops.linear(x[r : r + 1], w, b) for r in range(bound)])
-        past = layer(x)
+        for m in (bound + 1, ROW_KERNEL_MAX_M + 1, x.shape[0]):
+            want = F.linear(x[:m], w, b) if native else ops.linear(x[:m], w, b)
+            assert torch.equal(layer(x[:m]), want), m
     assert torch.equal(at_bound, alone)
-    assert torch.equal(past, F.linear(x, w, b))
     want = F.linear(x[:bound].double(), w.double(), b.double())
     assert torch.allclose(at_bound.double(), want, rtol=2e-2, atol=2e-2 * w.shape[1] ** 0.5)
+
+
+def test_torch_bf16_gemm_is_native_follows_the_cpu_and_onednn_cap(monkeypatch):
+    """Native where the CPU has AVX-512 BF16 or AMX and ONEDNN_MAX_CPU_ISA does not hold
+    oneDNN below them."""
+    info = _C.build_info()
+    has = info["cpu_has_avx512_bf16"] or info["cpu_has_amx"]
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert layer_linear.torch_bf16_gemm_is_native() == has
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert layer_linear.torch_bf16_gemm_is_native() is False
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert layer_linear.torch_bf16_gemm_is_native() == has

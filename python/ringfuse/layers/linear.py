@@ -9,27 +9,44 @@ Napkin math at decode (M = 1): a [N, K] layer reads N K weight bytes x 4 (fp32) 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import _C, ops
 from ..nn import quantize_weight
 
 QUANT_MODES = ("none", "w8a16", "w8a8")
 
 
-# bf16 weights: rows up to which a layer takes ringfuse's kernel; past it torch's bf16 GEMM
-# (oneDNN, AVX-512 BF16 where the host has it: ringfuse's kernel was 0.56x there at M = 33).
-# fp32 weights take ringfuse's kernels at every M (ops.linear: the per-row kernel up to 16
-# rows, its GEMM above, ~2x torch's fp32 GEMM).
+# bf16 weights: rows up to which a layer always takes ringfuse's kernel (decode); past it,
+# torch's bf16 GEMM where that one has native bf16 instructions (torch_bf16_gemm_is_native),
+# ringfuse's kernels elsewhere. fp32 weights take ringfuse's kernels at every M (ops.linear:
+# the per-row kernel up to 16 rows, its GEMM above, ~2x torch's fp32 GEMM).
 BF16_KERNEL_MAX_M = 8
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below its first one with bf16 dot products
+_ONEDNN_NO_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def torch_bf16_gemm_is_native() -> bool:
+    """Whether torch's CPU bf16 GEMM (oneDNN) runs native bf16 dot products on this host:
+    AVX-512 BF16 or AMX, unless ONEDNN_MAX_CPU_ISA holds oneDNN below them. There it beat
+    ringfuse's kernels, which widen bf16 to fp32 (Zen 5 VM, 2 threads: ringfuse 0.5-0.66x
+    from M = 9); without them torch's bf16 GEMM is slow (the same VM with oneDNN held to AVX2:
+    ringfuse 2.5-4.6x faster at M = 9-128 on SmolLM2's layers and [4096, 4096])."""
+    info = _C.build_info()
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_NO_BF16
+    return (info["cpu_has_avx512_bf16"] or info["cpu_has_amx"]) and not capped
 
 
 class Linear:
     """y = x W^T + b: W float [N, K] (fp32: ringfuse's kernels at every M; bf16: ringfuse's
-    kernel up to BF16_KERNEL_MAX_M rows, torch's bf16 GEMM above), or int8 per output channel
-    with fp32 scales (w8a16: ringfuse's weight-only kernels; w8a8: activations quantized per
-    token, int8 x int8 GEMM with the scales in its epilogue)."""
+    kernel up to BF16_KERNEL_MAX_M rows, then torch's bf16 GEMM where it is native, else
+    ringfuse's kernels again), or int8 per output channel with fp32 scales (w8a16: ringfuse's
+    weight-only kernels; w8a8: activations quantized per token, int8 x int8 GEMM with the
+    scales in its epilogue)."""
 
     def __init__(self, weight, bias: torch.Tensor | None, quant: str, dtype: torch.dtype):
         """``weight``: [N, K] float, or an iterator of its row blocks, taken one at a time so
@@ -72,7 +89,9 @@ class Linear:
             self.weight = parts["weight"]  # [N, K]
             self.out_features, self.in_features = self.weight.shape
             self._kernel = ops.prepare_linear(self.weight, self.bias)  # weights checked once
-            self._kernel_max_m = BF16_KERNEL_MAX_M if self.weight.dtype == torch.bfloat16 else None
+            # rows past which torch's GEMM takes over (None: never), decided at load
+            bf16_torch = self.weight.dtype == torch.bfloat16 and torch_bf16_gemm_is_native()
+            self._kernel_max_m = BF16_KERNEL_MAX_M if bf16_torch else None
             return
         self.w_q, self.w_scale = parts["w_q"], parts["w_scale"]  # [N, K] int8, [N] fp32
         self.out_features, self.in_features = self.w_q.shape
@@ -88,9 +107,9 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         if self.quant == "none":
-            # fp32: ringfuse's kernels (decode-sized M: the bandwidth-bound one, where MKL
-            # streams the weights at a third of the DRAM bandwidth on AMD hosts; prefill: its
-            # GEMM); bf16 past BF16_KERNEL_MAX_M rows: torch's bf16 GEMM
+            # ringfuse's kernels (decode-sized M: the bandwidth-bound one, where MKL streams
+            # the weights at a third of the DRAM bandwidth on AMD hosts; prefill: its GEMM);
+            # bf16 past BF16_KERNEL_MAX_M rows where torch's bf16 GEMM is native: torch's
             if x.is_cpu and (self._kernel_max_m is None or x.shape[0] <= self._kernel_max_m):
                 return self._kernel(x)
             return F.linear(x, self.weight, self.bias)
