@@ -14,8 +14,12 @@ fp32). Two kernels, by the number of rows M of x:
   bandwidth there), with each output's reduction order fixed, so every row of a batch gets
   the bits it gets alone;
 - more rows (prefill): a compute-bound GEMM on weights packed per call into column panels
-  (6 x 16 register blocks on AVX2, 12 x 32 with 16 lanes), each output summed in k order:
-  ~2x torch's fp32 GEMM from M = 17 to 256 with 16 lanes, 1.1-1.9x on the AVX2 path.
+  (6 x 16 register blocks on AVX2, 12 x 32 with 16 lanes), each output summed in chunks
+  of 64 k: ~2x torch's fp32 GEMM from M = 17 to 256 with 16 lanes, 1.1-1.9x on the AVX2
+  path. bf16 weights are widened to fp32, so where torch's bf16 GEMM has native bf16 dot
+  products (AVX-512 BF16, AMX) F.linear is faster for bf16 x bf16 past ~8 rows (0.5-0.66x
+  on a Zen 5 VM; the runtime's layers use torch's there, see layers/linear.py), and 2.5-4.6x
+  slower where it has not.
 
 Either way the result is bitwise the same for any ``torch.get_num_threads()`` and at both
 ISA levels (``avx2`` and ``avx512vnni``).
