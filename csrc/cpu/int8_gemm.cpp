@@ -567,26 +567,18 @@ RF_AVX2 void wo_grouped(const GemmArgs& g, const float* x, int64_t x_stride, con
 constexpr int64_t kWoGemmMinRows = 4;    // grouped scales: more rows than this take wo_gemm (measured crossover 4-8 rows)
 constexpr int64_t kWoLinearMaxRows = 16;  // per-channel scales: up to this many rows take linear.cpp's kernel
 
+// panel_gemm::pack_panel for int8 weights: dequantized with their group scales (8 k never
+// straddle two groups: group % 16 == 0); per-channel scales are applied to the finished sums
 RF_AVX2 void dequant_panel(const int8_t* w, int64_t w_stride, int64_t ncols, int64_t k, const WScale& ws, int64_t n0,
                            float* wp, int64_t wp_stride) {
-  int64_t kk = 0;
-  for (; kk + 8 <= k; kk += 8) {  // 8 k never straddle two groups (group % 16 == 0)
-    if ((kk & 63) == 0)  // cold weights: 16 row streams, each cut at page ends (see kPrefetch)
-      for (int64_t j = 0; j < ncols; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * w_stride + kk + kPrefetch), _MM_HINT_T0);
-    for (int h = 0; h < 2; ++h) {
-      __m256 r[8];
-      for (int j = 0; j < 8; ++j) {
-        const int64_t col = 8 * h + j;
-        r[j] = col < ncols ? load_w8(w + col * w_stride + kk) : _mm256_setzero_ps();
-        if (ws.group && col < ncols) r[j] = _mm256_mul_ps(r[j], _mm256_set1_ps(ws.scale[(n0 + col) * ws.stride + kk / ws.group]));
-      }
-      transpose8(r);  // r[i] = w[8h .. 8h + 8][kk + i]
-      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(wp + (kk + i) * wp_stride + 8 * h, r[i]);
-    }
-  }
-  for (; kk < k; ++kk)
-    for (int64_t j = 0; j < 16; ++j)
-      wp[kk * wp_stride + j] = j < ncols ? float(w[j * w_stride + kk]) * (ws.group ? ws.scale[(n0 + j) * ws.stride + kk / ws.group] : 1.0f) : 0.0f;
+  const auto scale = [&](int64_t col, int64_t kk) { return ws.scale[(n0 + col) * ws.stride + kk / ws.group]; };
+  panel_gemm::pack_panel(
+      w, w_stride, ncols, k, wp, wp_stride,
+      [&](int64_t col, int64_t kk) RF_AVX2 {
+        const __m256 v = load_w8(w + col * w_stride + kk);
+        return ws.group ? _mm256_mul_ps(v, _mm256_set1_ps(scale(col, kk))) : v;
+      },
+      [&](int64_t col, int64_t kk) { return float(w[col * w_stride + kk]) * (ws.group ? scale(col, kk) : 1.0f); });
 }
 
 RF_AVX2 void wo_gemm(const GemmArgs& g, const float* x, int64_t x_stride, const int8_t* w, int64_t w_stride,

@@ -127,29 +127,42 @@ RF_AVX2 void run(int64_t m, int64_t n, int64_t k, const float* x, int64_t x_stri
   }
 }
 
-// pack for float weights: W's rows [0, ncols) (E: F32 or BF16, rows w_stride apart) into
-// wp [k][kPanel] (rows wp_stride apart), 8 x 8 transposes. Cold weights: each of the 16 row
-// streams is prefetched 1 KiB ahead (the hardware prefetcher stops at page ends).
-template <class E>
-RF_AVX2 void pack_rows(const typename E::T* w, int64_t w_stride, int64_t ncols, int64_t k, float* wp,
-                       int64_t wp_stride) {
-  constexpr int64_t kAhead = 1024 / int64_t(sizeof(typename E::T));
+// A pack for run(): W's rows [0, ncols) (ncols <= kPanel; elements of type T, rows w_stride
+// apart) into wp [k][kPanel] (rows wp_stride apart), zeros past ncols, by 8 x 8 transposes.
+// load8(col, kk) gives row col's elements [kk, kk + 8) as fp32, load1(col, kk) one element
+// (the K tail): a float copy or widening, or an int8 dequantization. Cold weights: each of
+// the 16 row streams is prefetched 1 KiB ahead, once per cache line (the hardware
+// prefetcher stops at page ends).
+template <class T, class Load8, class Load1>
+RF_AVX2 RF_INLINE void pack_panel(const T* w, int64_t w_stride, int64_t ncols, int64_t k, float* wp,
+                                  int64_t wp_stride, const Load8& load8, const Load1& load1) {
+  constexpr int64_t kAhead = 1024 / int64_t(sizeof(T));
   int64_t kk = 0;
   for (; kk + 8 <= k; kk += 8) {
-    if ((kk * int64_t(sizeof(typename E::T))) % 64 == 0)
+    if ((kk * int64_t(sizeof(T))) % 64 == 0)
       for (int64_t j = 0; j < ncols; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * w_stride + kk + kAhead), _MM_HINT_T0);
     for (int h = 0; h < 2; ++h) {
       __m256 r[8];
       for (int j = 0; j < 8; ++j) {
         const int64_t col = 8 * h + j;
-        r[j] = col < ncols ? V8<E>::load(w + col * w_stride + kk) : _mm256_setzero_ps();
+        r[j] = col < ncols ? load8(col, kk) : _mm256_setzero_ps();
       }
       transpose8(r);  // r[i] = w[8h .. 8h + 8][kk + i]
       for (int i = 0; i < 8; ++i) _mm256_storeu_ps(wp + (kk + i) * wp_stride + 8 * h, r[i]);
     }
   }
   for (; kk < k; ++kk)
-    for (int64_t j = 0; j < kPanel; ++j) wp[kk * wp_stride + j] = j < ncols ? E::load(w + j * w_stride + kk) : 0.0f;
+    for (int64_t j = 0; j < kPanel; ++j) wp[kk * wp_stride + j] = j < ncols ? load1(j, kk) : 0.0f;
+}
+
+// pack_panel for float weights (E: F32 or BF16)
+template <class E>
+RF_AVX2 void pack_rows(const typename E::T* w, int64_t w_stride, int64_t ncols, int64_t k, float* wp,
+                       int64_t wp_stride) {
+  pack_panel(
+      w, w_stride, ncols, k, wp, wp_stride,
+      [&](int64_t col, int64_t kk) RF_AVX2 { return V8<E>::load(w + col * w_stride + kk); },
+      [&](int64_t col, int64_t kk) { return E::load(w + col * w_stride + kk); });
 }
 
 }  // namespace ringfuse::cpu::panel_gemm
