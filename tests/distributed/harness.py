@@ -66,6 +66,11 @@ def _entry(fn, rank, world, port, queue, args, pg_timeout_s, use_cuda=False):
             torch.cuda.set_device(rank)
         dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))  # fmt: skip
+        # every rank through torch's own set-up before the test runs: gloo's rendezvous can
+        # still read the store (hosted by rank 0) after rank 0 has returned from it, so a
+        # test's rank 0 that dies at once failed its peer inside init_process_group
+        # (DistNetworkError), not in the ringfuse call the test is about (seen once in CI)
+        dist.barrier()
         result = fn(rank, world, *args)
         queue.put((rank, "ok", packed(result)))
     except BaseException as e:  # noqa: BLE001 - report everything to the parent
