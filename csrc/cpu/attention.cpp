@@ -16,12 +16,12 @@
 // x 64 x 4 B = 25 MB read once per call, 0.78 ms for a plain 2-thread read of the same
 // rows on the AVX-512 VM (32 GB/s; one thread alone 26 GB/s); flops 4 x Hq x B x L x D =
 // 38 MFLOP, 48 FMAs (8-wide) per key row for a 3-query group, ~0.2 ms at the FMA peak of
-// 2 cores. So the call is bound by DRAM reads, provided compute hides under them: the
-// K / V rows of the next tile are prefetched while the current one is computed (see
-// NextTile), and the FMA loops keep enough independent accumulators. Measured (AVX2
-// path, 2 threads, 2026-12-05): 0.81-0.91 ms, 28-31 GB/s, 85-95% of that plain read
-// measured alongside (which itself moves between 0.56 and 0.79 ms); 32/8/128 (134 MB)
-// 4.5-5.4 ms, 25-30 GB/s. The rest is compute not hidden under the reads.
+// 2 cores. So the call is bound by DRAM reads, provided compute hides under them: K / V
+// rows are prefetched about half a tile ahead of their use (see TilePrefetch), and the FMA
+// loops keep enough independent accumulators. Measured (AVX2 path, 2 threads, 2026-12-07,
+// a plain 2-thread read of the same bytes timed alongside, itself 0.3-0.7 ms as the VM's
+// DRAM bandwidth moves): ~1.2x that read's time; 32/8/128 (134 MB) ~1.3x. The rest is
+// compute not hidden under the reads.
 // bf16 halves the bytes but not the math, and a host whose DRAM feeds 2 cores at 40-80
 // GB/s (Zen 5 VM, 2026-12-06) leaves even fp32 little slack: there the 16-lane path
 // (kWide) is 1.2-1.5x the AVX2 one for bf16 (9/3/64 B = 8 L = 2048: 557 -> 371 us) and
@@ -96,6 +96,16 @@ RF_INLINE void prefetch_span(const void* begin, const void* end) {
   for (; p < e; p += 64) _mm_prefetch(reinterpret_cast<const char*>(p), h);
 }
 
+// prefetch the lines that hold bytes [p, p + kBytes): a fixed count, no loop or branch (the
+// last one repeats a line when p is aligned; a repeated prefetch costs one load slot)
+template <int kHint, int kBytes>
+RF_INLINE void prefetch_fixed(const void* p) {
+  const char* c = static_cast<const char*>(p);
+  constexpr auto h = static_cast<_mm_hint>(kHint);
+  for (int o = 0; o < kBytes; o += 64) _mm_prefetch(c + o, h);
+  _mm_prefetch(c + kBytes - 1, h);
+}
+
 template <class E>
 struct DecodeKernel {
   using T = typename E::T;
@@ -156,34 +166,52 @@ struct DecodeKernel {
   template <int G>
   static constexpr int kPvChunks512 = G == 1 ? 8 : G <= 5 ? 4 : 2;  // 16-column chunks
 
-  // Row pointers of the next tile, prefetched into L2 while this tile is computed: its K
-  // rows by the score loop, its V rows by the PV loop, each spread over its loop so that the
-  // core keeps a steady number of DRAM reads in flight (V prefetched together with K, in the
-  // score loop only, left the memory idle during PV: 9/3/64 cold ran ~15% slower). 64 keys
-  // ahead is 32 KiB of K and V at D = 64 fp32, ~2 us of one core's share of the DRAM
-  // stream, far past its ~0.1 us latency; 2 or 3 tiles ahead measured slower (more lines
-  // evicted before use). Into L1 (T0) the prefetched rows fought the tile in use for the
-  // L1, and NTA was slower too.
-  struct NextTile {
-    const T* const* krow;
-    const T* const* vrow;
-    int64_t n;     // its keys (<= 0: nothing to prefetch)
-    bool packed;   // rows of a block adjacent in memory (k_spos == v_spos == D)
-    bool v_in_pv;  // the PV loop prefetches the V rows; else the score loop does
+  // Prefetch schedule: each line is requested about half a tile of compute before its use.
+  // A tile's V rows are fetched into L2 by the same tile's score loop (V is read right after
+  // it), and the next tile's K rows by this tile's PV loop (K is read right after that); the
+  // last tile fetches the first K rows of the thread's next item. Each is spread over its
+  // loop (a fixed number of prefetches per step, no loop or branch of its own), so the core
+  // keeps a steady number of DRAM reads in flight. This replaced fetching the next tile's K
+  // in the score loop and its V in the PV loop, a whole tile (32 KiB of fp32 K and V at D =
+  // 64) ahead: more lines in flight than a core tracks, and the cold 9/3/64 B = 8 L = 2048
+  // call went from ~1.3-1.4x the time of a plain read of its bytes to ~1.2x (AVX2 fp32,
+  // -8%; bf16 -19%; AVX-512 -7%; warm, L2-resident calls -13 to -19% from the cheaper
+  // prefetch code; D = 128: unchanged; same bits). Shorter tiles moved the distance the same
+  // way but cost more softmax updates; T0 prefetches fought the tile in use for the L1.
+  struct TilePrefetch {
+    const T* const* vrow;   // this tile's V rows ...
+    int64_t vn;             // ... vn of them (the score loop's padding keys have none)
+    const T* const* nkrow;  // the next tile's K rows ...
+    int64_t nn;             // ... nn of them (<= 0: none)
+    bool packed;            // rows of a block adjacent in memory (k_spos == v_spos == D)
+    bool k_in_score;        // small D: the PV loop has no multi-chunk pass, the score loop fetches K too
   };
 
-  // the score loop's prefetch for its block of keys [t, t + kb)
-  static RF_AVX2 RF_INLINE void prefetch_keys(const NextTile& nx, int64_t t, int64_t kb, int64_t D) {
-    if (t >= nx.n) return;
-    const int64_t kn = std::min<int64_t>(kb, nx.n - t);
-    for (const T* const* r : {nx.krow, nx.vrow}) {
-      if (r == nx.vrow && nx.v_in_pv) break;
-      if (nx.packed && r[t + kn - 1] == r[t] + (kn - 1) * D) {
-        prefetch_span<_MM_HINT_T1>(r[t], r[t] + kn * D);  // the block's rows are adjacent: one span
-      } else {
-        for (int64_t i = 0; i < kn; ++i) prefetch_span<_MM_HINT_T1>(r[t + i], r[t + i] + D);
-      }
+  // The score loop's prefetch for its block of keys [t, t + KB), as a pointer to spread
+  // over the block's column steps (V rows adjacent in memory: step c fetches bytes
+  // [c * KB, (c + 8) * KB) x sizeof(T) of the span, the tail columns here), or null after
+  // prefetching the rows one by one here. With k_in_score the next tile's K rows too.
+  template <int KB>
+  static RF_AVX2 RF_INLINE const char* prefetch_block(const TilePrefetch& pf, int64_t t, int64_t D) {
+    if (pf.k_in_score && t < pf.nn) {
+      const int64_t kn = std::min<int64_t>(KB, pf.nn - t);
+      for (int64_t i = 0; i < kn; ++i) prefetch_span<_MM_HINT_T1>(pf.nkrow[t + i], pf.nkrow[t + i] + D);
     }
+    if (t >= pf.vn) return nullptr;
+    const T* const* r = pf.vrow + t;
+    if (pf.packed && t + KB <= pf.vn && r[KB - 1] == r[0] + (KB - 1) * D) {
+      const int64_t Df = D & ~int64_t(7);
+      if (Df < D) prefetch_span<_MM_HINT_T1>(r[0] + KB * Df, r[0] + KB * D);
+      return reinterpret_cast<const char*>(r[0]);
+    }
+    for (int64_t i = 0; i < std::min<int64_t>(KB, pf.vn - t); ++i) prefetch_span<_MM_HINT_T1>(r[i], r[i] + D);
+    return nullptr;
+  }
+
+  // the share of a block's V span for column step c (see prefetch_block)
+  template <int KB>
+  static RF_AVX2 RF_INLINE void prefetch_step(const char* span, int64_t c) {
+    if (span) prefetch_fixed<_MM_HINT_T1, KB * 8 * int(sizeof(T))>(span + c * KB * int64_t(sizeof(T)));
   }
 
   // s[g][first, first + 8) = the 8 keys' sums of partial sums, soft-capped
@@ -202,18 +230,19 @@ struct DecodeKernel {
   // turns 8 such vectors into 8 scores (a horizontal sum per key cost ~3x more shuffles)
   template <int G>
   static RF_AVX2 RF_INLINE void score_tile(const DecodeArgs& a, const float (*qf)[256], const T* const* krow,
-                                           int64_t nt8, const NextTile& nx, float (*s)[kDecTile]) {
+                                           int64_t nt8, const TilePrefetch& pf, float (*s)[kDecTile]) {
     constexpr int KB = kKeyBlock<G>;
     const int64_t D = a.d, Df = D & ~int64_t(7);
     alignas(32) float dots[G][8][8];
     for (int64_t t = 0; t < nt8; t += KB) {
-      prefetch_keys(nx, t, KB, D);
+      const char* vspan = prefetch_block<KB>(pf, t, D);
       __m256 sacc[KB][G];
       RF_UNROLL for (int kb = 0; kb < KB; ++kb)
         RF_UNROLL for (int g = 0; g < G; ++g) sacc[kb][g] = _mm256_setzero_ps();
       int64_t c = 0;
 #pragma GCC unroll 2
       for (; c < Df; c += 8) {
+        prefetch_step<KB>(vspan, c);
         __m256 qv[G];
         RF_UNROLL for (int g = 0; g < G; ++g) qv[g] = _mm256_load_ps(qf[g] + c);
         RF_UNROLL for (int kb = 0; kb < KB; ++kb) {
@@ -236,12 +265,12 @@ struct DecodeKernel {
   // score_tile with two keys per zmm (kWide above): the same dots, half the FMAs
   template <int G>
   static RF_AVX512VNNI void score_tile512(const DecodeArgs& a, const float (*qf)[256], const T* const* krow,
-                                          int64_t nt8, const NextTile& nx, float (*s)[kDecTile]) {
+                                          int64_t nt8, const TilePrefetch& pf, float (*s)[kDecTile]) {
     constexpr int KB = kKeyBlock512<G>, KP = KB / 2;
     const int64_t D = a.d, Df = D & ~int64_t(7);
     alignas(64) float dots[G][8][8];
     for (int64_t t = 0; t < nt8; t += KB) {
-      prefetch_keys(nx, t, KB, D);
+      const char* vspan = prefetch_block<KB>(pf, t, D);
       __m512 sacc[KP][G];
       RF_UNROLL for (int kp = 0; kp < KP; ++kp)
         RF_UNROLL for (int g = 0; g < G; ++g) sacc[kp][g] = _mm512_setzero_ps();
@@ -249,6 +278,7 @@ struct DecodeKernel {
       int64_t c = 0;
 #pragma GCC unroll 2
       for (; c < Df; c += 8) {
+        prefetch_step<KB>(vspan, c);
         __m512 qv[G];
         RF_UNROLL for (int g = 0; g < G; ++g) qv[g] = broadcast8x2(_mm256_load_ps(qf[g] + c));
         RF_UNROLL for (int kp = 0; kp < KP; ++kp) {
@@ -273,7 +303,7 @@ struct DecodeKernel {
   template <int G>
   static RF_AVX2 RF_INLINE void pv_tile(const DecodeArgs& a, float (*acc)[256], const float* alpha,
                                         const float (*s)[kDecTile], const T* const* vrow, int64_t nt,
-                                        const NextTile& nx) {
+                                        const TilePrefetch& pf) {
     constexpr int PC = kPvChunks<G>;
     const int64_t D = a.d, Df = D & ~int64_t(7), Dp = (D + 7) & ~int64_t(7);
     int64_t c = 0;
@@ -283,10 +313,15 @@ struct DecodeKernel {
         const __m256 va = _mm256_set1_ps(alpha[g]);
         RF_UNROLL for (int u = 0; u < PC; ++u) av[g][u] = _mm256_mul_ps(_mm256_load_ps(acc[g] + c + 8 * u), va);
       }
+      const bool last_pass = c + 16 * PC > Df;  // it also fetches the columns past its own
 #pragma GCC unroll 2
       for (int64_t t = 0; t < nt; ++t) {
-        if (t < nx.n)  // the columns of the next tile's V row that the same pass will read
-          prefetch_span<_MM_HINT_T1>(nx.vrow[t] + c, nx.vrow[t] + (c + 16 * PC > Df ? D : c + 8 * PC));
+        if (t < pf.nn) {  // this pass's columns of the next tile's K row t
+          if (last_pass)
+            prefetch_span<_MM_HINT_T1>(pf.nkrow[t] + c, pf.nkrow[t] + D);
+          else
+            prefetch_fixed<_MM_HINT_T1, 8 * PC * int(sizeof(T))>(pf.nkrow[t] + c);
+        }
         const T* vr = vrow[t] + c;
         __m256 pb[G];
         RF_UNROLL for (int g = 0; g < G; ++g) pb[g] = _mm256_broadcast_ss(&s[g][t]);
@@ -315,7 +350,7 @@ struct DecodeKernel {
   template <int G, int P>
   static RF_AVX512VNNI RF_INLINE void pv_pass512(const DecodeArgs& a, float (*acc)[256], const float* alpha,
                                                  const float (*s)[kDecTile], const T* const* vrow, int64_t nt,
-                                                 const NextTile& nx, int64_t c) {
+                                                 const TilePrefetch& pf, int64_t c) {
     const int64_t D = a.d, end = std::min<int64_t>(D, c + 16 * P);
     __mmask16 cols[P];
     RF_UNROLL for (int u = 0; u < P; ++u) cols[u] = __mmask16((1u << std::clamp<int64_t>(D - c - 16 * u, 0, 16)) - 1u);
@@ -326,7 +361,7 @@ struct DecodeKernel {
     }
 #pragma GCC unroll 2
     for (int64_t t = 0; t < nt; ++t) {
-      if (t < nx.n) prefetch_span<_MM_HINT_T1>(nx.vrow[t] + c, nx.vrow[t] + end);
+      if (t < pf.nn) prefetch_span<_MM_HINT_T1>(pf.nkrow[t] + c, pf.nkrow[t] + end);  // next tile's K
       const T* vr = vrow[t] + c;
       __m512 pb[G];
       RF_UNROLL for (int g = 0; g < G; ++g) pb[g] = _mm512_set1_ps(s[g][t]);
@@ -342,16 +377,16 @@ struct DecodeKernel {
   template <int G>
   static RF_AVX512VNNI void pv_tile512(const DecodeArgs& a, float (*acc)[256], const float* alpha,
                                        const float (*s)[kDecTile], const T* const* vrow, int64_t nt,
-                                       const NextTile& nx) {
+                                       const TilePrefetch& pf) {
     constexpr int PC = kPvChunks512<G>;
     for (int64_t c = 0; c < a.d; c += 16 * PC) {
       const int64_t chunks = std::min<int64_t>(PC, (a.d - c + 15) / 16);
       switch (chunks) {  // P <= PC, the rest compiled away
-        case 1: pv_pass512<G, 1>(a, acc, alpha, s, vrow, nt, nx, c); break;
-        case 2: pv_pass512<G, std::min(PC, 2)>(a, acc, alpha, s, vrow, nt, nx, c); break;
-        case 3: pv_pass512<G, std::min(PC, 3)>(a, acc, alpha, s, vrow, nt, nx, c); break;
-        case 4: pv_pass512<G, std::min(PC, 4)>(a, acc, alpha, s, vrow, nt, nx, c); break;
-        default: pv_pass512<G, PC>(a, acc, alpha, s, vrow, nt, nx, c); break;
+        case 1: pv_pass512<G, 1>(a, acc, alpha, s, vrow, nt, pf, c); break;
+        case 2: pv_pass512<G, std::min(PC, 2)>(a, acc, alpha, s, vrow, nt, pf, c); break;
+        case 3: pv_pass512<G, std::min(PC, 3)>(a, acc, alpha, s, vrow, nt, pf, c); break;
+        case 4: pv_pass512<G, std::min(PC, 4)>(a, acc, alpha, s, vrow, nt, pf, c); break;
+        default: pv_pass512<G, PC>(a, acc, alpha, s, vrow, nt, pf, c); break;
       }
     }
   }
@@ -375,7 +410,7 @@ struct DecodeKernel {
     const T* rows[2][2][kDecTile];
     int cur = 0;
     const bool packed = a.k_spos == D && a.v_spos == D;
-    const bool v_in_pv = kWide || Df >= 8 * kPvChunks<G>;  // pv_tile's multi-chunk loop runs
+    const bool k_in_score = !kWide && Df < 8 * kPvChunks<G>;  // pv_tile's multi-chunk loop does not run
     constexpr int64_t tile = kDecTile;
     tile_rows(a, it.b, it.kvh, j0, std::min<int64_t>(tile, j1 - j0), rows[0][0], rows[0][1]);
     for (int64_t t0 = j0; t0 < j1; t0 += tile, cur ^= 1) {
@@ -393,11 +428,11 @@ struct DecodeKernel {
         nn = std::min<int64_t>(std::min<int64_t>(tile, nt), len - nj0);
         if (nn > 0) tile_rows(a, next->b, next->kvh, nj0, nn, nkrow, nvrow);
       }
-      const NextTile nx{nkrow, nvrow, nn, packed, v_in_pv};
+      const TilePrefetch pf{vrow, nt, nkrow, nn, packed, k_in_score};
       if constexpr (kWide)
-        score_tile512<G>(a, qf, krow, nt8, nx, s);
+        score_tile512<G>(a, qf, krow, nt8, pf, s);
       else
-        score_tile<G>(a, qf, krow, nt8, nx, s);
+        score_tile<G>(a, qf, krow, nt8, pf, s);
       // online softmax update per query: p = exp(s - m_new); the running output is rescaled
       // by alpha as the PV loop loads it
       for (int g = 0; g < G; ++g) {
@@ -419,9 +454,9 @@ struct DecodeKernel {
         m[g] = m_new;
       }
       if constexpr (kWide)
-        pv_tile512<G>(a, acc, alpha, s, vrow, nt, nx);
+        pv_tile512<G>(a, acc, alpha, s, vrow, nt, pf);
       else
-        pv_tile<G>(a, acc, alpha, s, vrow, nt, nx);
+        pv_tile<G>(a, acc, alpha, s, vrow, nt, pf);
     }
     for (int g = 0; g < G; ++g) {
       const int64_t slot = ((it.b * a.hq) + h0 + g) * a.max_splits + it.split;
