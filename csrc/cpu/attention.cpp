@@ -176,8 +176,9 @@ struct DecodeKernel {
   // 64) ahead: more lines in flight than a core tracks, and the cold 9/3/64 B = 8 L = 2048
   // call went from ~1.3-1.4x the time of a plain read of its bytes to ~1.2x (AVX2 fp32,
   // -8%; bf16 -19%; AVX-512 -7%; warm, L2-resident calls -13 to -19% from the cheaper
-  // prefetch code; D = 128: unchanged; same bits). Shorter tiles moved the distance the same
-  // way but cost more softmax updates; T0 prefetches fought the tile in use for the L1.
+  // prefetch code; D = 128: unchanged; same bits). Shorter tiles with the old schedule
+  // (16 keys) did as well for fp32 but worse for bf16 (more softmax updates per byte); the
+  // T0 or NTA hint instead of T1 measured the same.
   struct TilePrefetch {
     const T* const* vrow;   // this tile's V rows ...
     int64_t vn;             // ... vn of them (the score loop's padding keys have none)

@@ -26,3 +26,14 @@ def test_titles_name_the_paths_that_run(isa):
                                  "scalar": "products scalar"}[isa])  # fmt: skip
     # the FMA peak that "% FMA peak" divides by is measured at the width of the kernels that run
     assert lanes == {"avx512vnni": 16, "avx2": 8, "scalar": 1}[isa] and flops == 3 * 10 * lanes * 2
+
+
+@pytest.mark.parametrize("isa", ["avx512vnni", "avx2"])
+def test_torch_quantized_note_only_when_the_int8_path_is_held_below_the_cpu(isa):
+    info = _C.build_info()
+    if isa == "avx512vnni" and not info["cpu_has_avx512_vnni"]:
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    with isa_level(isa):
+        note = limits.torch_quantized_isa_note()
+    held_below = isa == "avx2" and info["cpu_has_avx512_vnni"]
+    assert ("not AVX2" in note) == held_below and (note == "") == (not held_below)

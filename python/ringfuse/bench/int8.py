@@ -148,7 +148,8 @@ def run_weight_only(ms=WO_MS, kns=GEMM_KN, rounds: int = 5, lim=None):
                 f"{limits_mod.wide_path()}",
                 ["M", "K, N", "fp32 linear us", "bf16 linear us", "dyn quant us", "ringfuse us", "vs fp32",
                  "vs dyn quant", "weight GB/s", "% DRAM read"], table, left=2,
-                note=f"DRAM read bandwidth measured in this run: {lim.read_gbs:.1f} GB/s.")
+                note=f"DRAM read bandwidth measured in this run: {lim.read_gbs:.1f} GB/s."
+                     + limits_mod.torch_quantized_isa_note())
     return results
 
 
@@ -184,5 +185,5 @@ def run_linear(ms=LINEAR_MS, kns=GEMM_KN, rounds: int = 5, lim=None):
                 ["M", "K, N", "fp32 us", "bf16 us", "dyn quant us", "w8a8 us", "w8a8 vs fp32", "w8a8 vs dyn",
                  "w8a16 us", "w8a16 vs fp32", "w8a16 vs dyn", "w8a8 % int8 peak"], table, left=2,
                 note="fp32 input; the layers include activation quantization, bias and output; warm weights. "
-                     f"int8 dot peak: {lim.int8_gops:.0f} GOPS.")  # fmt: skip
+                     f"int8 dot peak: {lim.int8_gops:.0f} GOPS." + limits_mod.torch_quantized_isa_note())  # fmt: skip
     return results

@@ -76,6 +76,16 @@ def int8_path() -> str:
     return _C.build_info()["int8_gemm_isa"]
 
 
+def torch_quantized_isa_note() -> str:
+    """A note for tables with torch.ao's dynamic quantized Linear when ringfuse's int8 GEMM
+    is held below what the CPU has: torch's quantized engine (fbgemm) picks its own ISA and
+    does not follow ATEN_CPU_CAPABILITY, so there it is not a baseline of the same path."""
+    if int8_path() == "avx2" and _C.build_info()["cpu_has_avx512_vnni"]:
+        return (" torch.ao's dynamic quantized Linear picks its own ISA (fbgemm does not follow "
+                "ATEN_CPU_CAPABILITY): on this AVX-512 VNNI CPU it runs VNNI code, not AVX2.")
+    return ""
+
+
 def attention_path() -> str:
     """The prefill attention's paths as chosen now: its products' vector width (AVX-512 at the
     "avx512vnni" level and above) and bf16's path ("amx" on CPUs with AMX tiles)."""
