@@ -79,9 +79,18 @@ def _read_until(proc, marker: bytes, timeout=240.0) -> bytes:
     return got
 
 
+def _sigint_default():
+    """In the child before exec: SIGINT as a terminal delivers it. A parent started as a
+    background job of a non-interactive shell (`cmd &`) ignores SIGINT, its children inherit
+    that, and Python leaves an ignored SIGINT ignored: Ctrl-C would then not reach the CLI."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _popen(args):
     return subprocess.Popen([sys.executable, "-m", "ringfuse", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)  # fmt: skip
+                            stderr=subprocess.PIPE, preexec_fn=_sigint_default)  # fmt: skip
 
 
 def _assert_interrupted(proc, err: bytes, command: str) -> None:
