@@ -104,6 +104,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_gemm_packed", &rf::cpu::int8_gemm_packed, release_gil());
   m.def("int8_weight_only_linear", &rf::cpu::int8_weight_only_linear, release_gil());
 
+  m.attr("LINEAR_ROW_KERNEL_MAX_M") = rf::cpu::kLinearRowKernelMaxM;
   m.def("linear", &rf::cpu::linear, release_gil(), py::arg("out"), py::arg("out_stride"), py::arg("out_dtype"),
         py::arg("x"), py::arg("x_stride"), py::arg("x_dtype"), py::arg("w"), py::arg("w_stride"), py::arg("w_dtype"),
         py::arg("bias"), py::arg("bias_dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads"));

@@ -71,13 +71,12 @@ namespace {
 constexpr int64_t kBlock = 8;        // weight rows per work item
 constexpr int kMaxRows = 4;          // rows of x per register block
 constexpr int64_t kChunk = 64;       // k per partial sum (a multiple of 64: whole cache lines)
-// Rows up to which linear() runs the per-row kernel (each row its alone bits); more take the
-// packed-panel GEMM. Measured crossover (Zen 5 VM, 2 threads, fp32 weights, SmolLM2's layers
-// and [4096, 4096]): at M = 12 the row kernel was still ahead; at 17 the GEMM was 1.1-1.4x
-// it with 16 lanes and 1.0-1.2x on AVX2, at 33 1.4-1.8x / 1.2-1.8x; only a cold 113 MB LM head
-// still favoured the row kernel at 17-33 (1.4x / equal). The same bound as the w8a16
-// per-channel path (kWoLinearMaxRows). Python mirrors it: ops.linear.ROW_KERNEL_MAX_M.
-constexpr int64_t kRowKernelMaxM = 16;
+// kLinearRowKernelMaxM (linear.h), the per-row kernel's bound. Measured crossover (Zen 5 VM,
+// 2 threads, fp32 weights, SmolLM2's layers and [4096, 4096]): at M = 12 the row kernel was
+// still ahead; at 17 the GEMM was 1.1-1.4x it with 16 lanes and 1.0-1.2x on AVX2, at 33
+// 1.4-1.8x / 1.2-1.8x; only a cold 113 MB LM head still favoured the row kernel at 17-33
+// (1.4x / equal). The same bound as the w8a16 per-channel path (kWoLinearMaxRows).
+constexpr int64_t kRowKernelMaxM = kLinearRowKernelMaxM;
 
 // int8 weights (the per-channel w8a16 path of int8_weight_only_linear): widened to fp32 in
 // registers (vpmovsxbd + vcvtdq2ps, 2 uops per 8 weights); the row scale is applied to the

@@ -46,8 +46,8 @@ from . import _common as c
 from . import native
 from .rms_norm import OP_LIB
 
-# Rows up to which the per-row kernel runs (csrc/cpu/linear.cpp kRowKernelMaxM; keep in sync)
-ROW_KERNEL_MAX_M = 16
+# Rows up to which the per-row kernel runs (csrc/cpu/linear.h kLinearRowKernelMaxM)
+ROW_KERNEL_MAX_M = native.LINEAR_ROW_KERNEL_MAX_M
 
 ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)

@@ -51,6 +51,8 @@ _CODE = DTYPE_CODE
 
 # silu_mul's ``activation``: csrc/cpu/silu_mul.h GatedActivation.
 GATED_ACTIVATIONS = {"silu_mul": 0, "gelu_tanh_mul": 1}
+# rows up to which _C.linear runs its per-row kernel, more its GEMM (csrc/cpu/linear.h)
+LINEAR_ROW_KERNEL_MAX_M: int = _C.LINEAR_ROW_KERNEL_MAX_M
 
 _num_threads = torch.get_num_threads
 
