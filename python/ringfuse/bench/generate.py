@@ -4,7 +4,8 @@ attention) in the same run, on the default model unless --model is given.
 Batch 1: greedy, the chat-templated prompt "Explain photosynthesis." (~33 tokens), exactly
 64 new tokens (EOS ignored), 2 threads. Each engine runs in its own process (clean peak
 RSS, no shared caches): a warm-up, then 3 runs of 1 new token and 3 of 64; medians.
-prefill = wall time to the first token; decode tok/s = 63 / (wall(64) - wall(1)). Prefix
+prefill = wall time to the first token; decode tok/s = 63 / (wall(64) - wall(1)), the
+median over paired rounds (prefill_and_decode_walls). Prefix
 caching is off (each run computes its whole prompt, as llama.cpp's cache_prompt: false).
 Batch 8: 8 different prompts, 64 new tokens each, total tok/s = 512 / wall.
 ``passes`` > 1 runs every engine once per pass, passes one after another, and reports the
@@ -60,6 +61,26 @@ def median_wall(fn, rounds, sync=None):
     return statistics.median(walls)
 
 
+def prefill_and_decode_walls(run_one, run_new, rounds, sync=None) -> tuple[float, float]:
+    """(wall of a 1-token generate, wall of the n - 1 decode steps of an n-token one): the
+    two are timed back to back in each of ``rounds`` rounds, and the decode wall is the
+    median of each round's difference, so a drift between rounds cancels. A tiny model can
+    decode faster than the clock's noise, and the median difference can come out zero or
+    negative (a difference of medians gave a negative rate): then the rounds double, up to
+    8x; if it never turns positive, a RuntimeError says so instead of a meaningless rate."""
+    for _ in range(4):
+        ones, diffs = [], []
+        for _ in range(rounds):
+            one = median_wall(run_one, 1, sync)
+            ones.append(one)
+            diffs.append(median_wall(run_new, 1, sync) - one)
+        decode = statistics.median(diffs)
+        if decode > 0:
+            return statistics.median(ones), decode
+        rounds *= 2
+    raise RuntimeError(f"decode took no measurable time in {rounds // 2} rounds: generate more new tokens")
+
+
 def _ringfuse_worker(model, dtype, quant, rounds, batch8):
     import torch
 
@@ -73,9 +94,8 @@ def _ringfuse_worker(model, dtype, quant, rounds, batch8):
         return llm.generate(list(prompts), max_new_tokens=n, ignore_eos=True)
 
     run(1), run(NEW_TOKENS)  # warm-up of both timed shapes
-    w1 = median_wall(lambda: run(1), rounds)
-    w64 = median_wall(lambda: run(NEW_TOKENS), rounds)
-    out = {"prompt_tokens": len(ids), "prefill_ms": w1 * 1e3, "decode_tok_s": (NEW_TOKENS - 1) / (w64 - w1),
+    w1, decode = prefill_and_decode_walls(lambda: run(1), lambda: run(NEW_TOKENS), rounds)
+    out = {"prompt_tokens": len(ids), "prefill_ms": w1 * 1e3, "decode_tok_s": (NEW_TOKENS - 1) / decode,
            "tokens": run(NEW_TOKENS)[0].token_ids}  # fmt: skip
     out["python_overhead"] = _python_overhead(llm, ids)
     if batch8:
@@ -157,10 +177,9 @@ def _hf_worker(model_path, rounds, batch8):
     # longer than later ones here, which would make its decode rate meaningless
     for _ in range(2):
         run(1, [PROMPT]), run(NEW_TOKENS, [PROMPT])
-    w1 = median_wall(lambda: run(1, [PROMPT]), rounds)
-    w64 = median_wall(lambda: run(NEW_TOKENS, [PROMPT]), rounds)
+    w1, decode = prefill_and_decode_walls(lambda: run(1, [PROMPT]), lambda: run(NEW_TOKENS, [PROMPT]), rounds)
     n_prompt = len(enc(PROMPT))
-    out = {"prompt_tokens": n_prompt, "prefill_ms": w1 * 1e3, "decode_tok_s": (NEW_TOKENS - 1) / (w64 - w1),
+    out = {"prompt_tokens": n_prompt, "prefill_ms": w1 * 1e3, "decode_tok_s": (NEW_TOKENS - 1) / decode,
            "tokens": run(NEW_TOKENS, [PROMPT])[0, n_prompt:].tolist()}  # fmt: skip
     if batch8:
         run(8, BATCH_PROMPTS)

@@ -8,7 +8,8 @@ with a word-level tokenizer.json over its vocab. Prompts are token ids. Each eng
 its own process, one after another: HF eager (``attn_implementation="eager"``, the
 engine dtype), then ringfuse in the same dtype and its int8 modes (CUDA graphs on a GPU).
 Per engine: batch 1 (a 32-token prompt): prefill ms (the wall time to the first token) and
-decode tok/s = (new - 1) / (wall(new) - wall(1)), medians of 3; batch B (``--batch``,
+decode tok/s = (new - 1) / (wall(new) - wall(1)), the median of 3 paired rounds
+(``generate.prefill_and_decode_walls``); batch B (``--batch``,
 default 64 on a GPU, 8 on the CPU) with P-token prompts (``--prompt-tokens``, default 512 on
 a GPU, 64 on the CPU): total new tokens per second.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .generate import median_wall, spawn_worker
+from .generate import median_wall, prefill_and_decode_walls, spawn_worker
 
 SHAPES = {
     # Llama-3-8B: 8.0 B weights, 16 GB in bf16
@@ -109,9 +110,8 @@ def worker(spec: str) -> None:
     for _ in range(2):  # warm-up of the timed shapes (compiles, graph captures, allocator)
         run(1, one), run(new, one)
     run(new, many)
-    w1 = median_wall(lambda: run(1, one), 3, sync)
-    wn = median_wall(lambda: run(new, one), 3, sync)
-    out.update(prefill_ms=w1 * 1e3, decode_tok_s=(new - 1) / (wn - w1), tokens=run(new, one)[0],
+    w1, decode = prefill_and_decode_walls(lambda: run(1, one), lambda: run(new, one), 3, sync)
+    out.update(prefill_ms=w1 * 1e3, decode_tok_s=(new - 1) / decode, tokens=run(new, one)[0],
                batch_tok_s=s["batch"] * new / median_wall(lambda: run(new, many), 2, sync))  # fmt: skip
     print("RESULT " + json.dumps(out), flush=True)
 
