@@ -1,10 +1,11 @@
-"""Launcher plumbing shared by kernels/rms_norm.py and kernels/layer_norm.py: the BLOCK
-buckets, the config choice and the cheap invariant checks."""
+"""What kernels/rms_norm.py and kernels/layer_norm.py share: the residual-add prologue of
+their kernels, the BLOCK buckets, the config choice and the launchers' checks."""
 
 from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 # Row kernel up to this BLOCK (16 fp32 values per thread at 16 warps: 40-104 registers of
 # the 128 a 512-thread CTA may use). BLOCK 16384 still compiles without spills (16 warps:
@@ -20,6 +21,31 @@ LOOP_WARPS = 16
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@triton.jit
+def load_row_sum(x_row, res_row, res_out_row, cols, mask, HAS_RESIDUAL: tl.constexpr):
+    """s = x or round_x(x + residual) over one chunk of a row, in fp32; with a residual,
+    round_x(x + residual) is stored to residual_out (which may be residual: each element is
+    read before it is written, by the same thread). Masked lanes are 0."""
+    s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_row + cols, mask=mask, other=0.0).to(tl.float32)
+        s_x = (s + r).to(x_row.dtype.element_ty)
+        tl.store(res_out_row + cols, s_x, mask=mask)
+        s = s_x.to(tl.float32)
+    return s
+
+
+@triton.jit
+def reload_row_sum(x_row, res_out_row, cols, mask, HAS_RESIDUAL: tl.constexpr):
+    """The looped kernels' second read of s: from residual_out when there is a residual
+    (after a CTA barrier, so that pass 1's stores are visible), else from x."""
+    if HAS_RESIDUAL:
+        s = tl.load(res_out_row + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    return s
 
 
 def pick(n_cols: int, row_kernel, looped_kernel):
@@ -55,6 +81,35 @@ def check_2d(op: str, name: str, t: torch.Tensor, shape, written: bool) -> None:
         raise ValueError(
             f"{op}: {name} rows must not overlap (row stride >= hidden {t.shape[1]}), got strides {t.stride()}"
         )
+
+
+def check_args(op: str, out, x, params: dict, residual, residual_out) -> None:
+    """The launchers' checks: x and out 2-D with inner stride 1, out x's dtype or fp32, each
+    of params (name -> tensor or None) contiguous [hidden] in x's dtype or fp32, residual and
+    residual_out given together, x's shape and dtype."""
+    if x.dtype not in DTYPES:
+        raise ValueError(f"{op}: x dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [rows, hidden], got shape {list(x.shape)}")
+    check_2d(op, "x", x, x.shape, written=False)
+    check_2d(op, "out", out, x.shape, written=True)
+    if out.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"{op}: out dtype must be {x.dtype} or float32, got {out.dtype}")
+    for name, p in params.items():
+        if p is not None:
+            check_param(op, name, p, x)
+    if (residual is None) != (residual_out is None):
+        raise ValueError(f"{op}: residual and residual_out must be given together")
+    if residual is not None:
+        check_2d(op, "residual", residual, x.shape, written=False)
+        check_2d(op, "residual_out", residual_out, x.shape, written=True)
+        if residual.dtype != x.dtype or residual_out.dtype != x.dtype:
+            raise ValueError(
+                f"{op}: residual and residual_out must have x's dtype {x.dtype}, "
+                f"got {residual.dtype} and {residual_out.dtype}"
+            )
+    if x.shape[0] > 0 and x.shape[1] == 0:
+        raise ValueError(f"{op}: hidden size must be >= 1")
 
 
 def check_param(op: str, name: str, p: torch.Tensor, x: torch.Tensor) -> None:

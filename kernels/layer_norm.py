@@ -45,9 +45,10 @@ from ._norm_common import (  # noqa: F401  (re-exported: tests and compile check
     MIN_BLOCK,
     TL_NAME as _TL_NAME,
     bucket_sizes as _bucket_sizes,
-    check_2d,
-    check_param,
+    check_args,
+    load_row_sum,
     pick,
+    reload_row_sum,
     row_stride as _row_stride,
 )
 
@@ -74,12 +75,10 @@ def _layer_norm_fwd_row_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    s = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        s_x = (s + r).to(x_ptr.dtype.element_ty)
-        tl.store(res_out_ptr + row * res_out_row_stride + cols, s_x, mask=mask)
-        s = s_x.to(tl.float32)
+    s = load_row_sum(
+        x_ptr + row * x_row_stride, res_ptr + row * res_row_stride, res_out_ptr + row * res_out_row_stride,
+        cols, mask, HAS_RESIDUAL,
+    )  # fmt: skip
     # corrected two-pass (Chan, Golub & LeVeque): d = s - mean0 with mean0 the fp32 mean;
     # c = mean(d) is mean0's rounding error, so d - c is s - mean to fp32 precision even
     # for rows with a large common offset, and var = mean(d^2) - c^2 (c^2 << var)
@@ -131,12 +130,7 @@ def _layer_norm_fwd_looped_kernel(
     # loses digits to a large common offset (s - K is exact when s and K are within 2x).
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(res_row + cols, mask=mask, other=0.0).to(tl.float32)
-        s_x = (s + r).to(x_ptr.dtype.element_ty)
-        tl.store(res_out_row + cols, s_x, mask=mask)
-        s = s_x.to(tl.float32)
+    s = load_row_sum(x_row, res_row, res_out_row, cols, mask, HAS_RESIDUAL)
     shift = tl.div_rn(tl.sum(s, axis=0), tl.cast(tl.minimum(n_cols, BLOCK), tl.float32))
     # Welford per lane over the chunks: chunk k (0-based) gives each lane whose column is
     # in range its (k+1)-th value (only the last chunk is partial): the count is a scalar
@@ -146,12 +140,7 @@ def _layer_norm_fwd_looped_kernel(
     for off in range(BLOCK, n_cols, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(res_row + cols, mask=mask, other=0.0).to(tl.float32)
-            s_x = (s + r).to(x_ptr.dtype.element_ty)
-            tl.store(res_out_row + cols, s_x, mask=mask)
-            s = s_x.to(tl.float32)
+        s = load_row_sum(x_row, res_row, res_out_row, cols, mask, HAS_RESIDUAL)
         d = s - shift
         cnt += 1.0
         inv_cnt = tl.div_rn(1.0, cnt)
@@ -175,10 +164,7 @@ def _layer_norm_fwd_looped_kernel(
     for off in range(0, n_cols, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        if HAS_RESIDUAL:
-            s = tl.load(res_out_row + cols, mask=mask, other=0.0).to(tl.float32)
-        else:
-            s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        s = reload_row_sum(x_row, res_out_row, cols, mask, HAS_RESIDUAL)
         y = ((s - shift) - mean_d) * rstd
         if HAS_WEIGHT:
             w = tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
@@ -272,33 +258,10 @@ def layer_norm_fwd(out, x, weight, bias, eps, residual=None, residual_out=None) 
     fp32. weight, bias: None or [hidden] contiguous, x's dtype or fp32. In place is fine:
     ``out is x`` and ``residual_out is residual``. The caller validates devices and values.
     """
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"layer_norm_fwd: x dtype must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"layer_norm_fwd: x must be 2-D [rows, hidden], got shape {list(x.shape)}")
+    check_args("layer_norm_fwd", out, x, {"weight": weight, "bias": bias}, residual, residual_out)
     rows, n_cols = x.shape
-    check_2d("layer_norm_fwd", "x", x, x.shape, written=False)
-    check_2d("layer_norm_fwd", "out", out, x.shape, written=True)
-    if out.dtype not in (x.dtype, torch.float32):
-        raise ValueError(f"layer_norm_fwd: out dtype must be {x.dtype} or float32, got {out.dtype}")
-    if weight is not None:
-        check_param("layer_norm_fwd", "weight", weight, x)
-    if bias is not None:
-        check_param("layer_norm_fwd", "bias", bias, x)
-    if (residual is None) != (residual_out is None):
-        raise ValueError("layer_norm_fwd: residual and residual_out must be given together")
-    if residual is not None:
-        check_2d("layer_norm_fwd", "residual", residual, x.shape, written=False)
-        check_2d("layer_norm_fwd", "residual_out", residual_out, x.shape, written=True)
-        if residual.dtype != x.dtype or residual_out.dtype != x.dtype:
-            raise ValueError(
-                f"layer_norm_fwd: residual and residual_out must have x's dtype {x.dtype}, "
-                f"got {residual.dtype} and {residual_out.dtype}"
-            )
     if rows == 0:
         return
-    if n_cols == 0:
-        raise ValueError("layer_norm_fwd: hidden size must be >= 1")
     kernel, constexprs, num_warps = _plan(
         x.dtype,
         out.dtype,

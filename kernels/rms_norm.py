@@ -44,9 +44,10 @@ from ._norm_common import (  # noqa: F401  (re-exported: tests and compile check
     MIN_BLOCK,
     TL_NAME as _TL_NAME,
     bucket_sizes as _bucket_sizes,
-    check_2d,
-    check_param,
+    check_args,
+    load_row_sum,
     pick,
+    reload_row_sum,
     row_stride as _row_stride,
 )
 
@@ -75,12 +76,10 @@ def _rms_norm_fwd_row_kernel(
     if HAS_WEIGHT:
         # issued first so its latency overlaps the row load and the reduction
         w = tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-    s = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        s_x = (s + r).to(x_ptr.dtype.element_ty)
-        tl.store(res_out_ptr + row * res_out_row_stride + cols, s_x, mask=mask)
-        s = s_x.to(tl.float32)
+    s = load_row_sum(
+        x_ptr + row * x_row_stride, res_ptr + row * res_row_stride, res_out_ptr + row * res_out_row_stride,
+        cols, mask, HAS_RESIDUAL,
+    )  # fmt: skip
     # masked lanes are 0 and add nothing; IEEE sqrt/div: once per row, free
     mean_sq = tl.div_rn(tl.sum(s * s, axis=0), tl.cast(n_cols, tl.float32))
     rstd = tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))
@@ -120,12 +119,7 @@ def _rms_norm_fwd_looped_kernel(
     for off in range(0, n_cols, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(res_row + cols, mask=mask, other=0.0).to(tl.float32)
-            s_x = (s + r).to(x_ptr.dtype.element_ty)
-            tl.store(res_out_row + cols, s_x, mask=mask)
-            s = s_x.to(tl.float32)
+        s = load_row_sum(x_row, res_row, res_out_row, cols, mask, HAS_RESIDUAL)
         acc += s * s
     mean_sq = tl.div_rn(tl.sum(acc, axis=0), tl.cast(n_cols, tl.float32))
     rstd = tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))
@@ -137,10 +131,7 @@ def _rms_norm_fwd_looped_kernel(
     for off in range(0, n_cols, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        if HAS_RESIDUAL:
-            s = tl.load(res_out_row + cols, mask=mask, other=0.0).to(tl.float32)
-        else:
-            s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        s = reload_row_sum(x_row, res_out_row, cols, mask, HAS_RESIDUAL)
         y = s * rstd
         if LLAMA_CAST:
             y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -233,31 +224,10 @@ def rms_norm_fwd(out, x, weight, eps, llama_cast=False, residual=None, residual_
     fp32. weight: None or [hidden] contiguous, x's dtype or fp32. In place is fine:
     ``out is x`` and ``residual_out is residual``. The caller validates devices and values.
     """
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"rms_norm_fwd: x dtype must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"rms_norm_fwd: x must be 2-D [rows, hidden], got shape {list(x.shape)}")
+    check_args("rms_norm_fwd", out, x, {"weight": weight}, residual, residual_out)
     rows, n_cols = x.shape
-    check_2d("rms_norm_fwd", "x", x, x.shape, written=False)
-    check_2d("rms_norm_fwd", "out", out, x.shape, written=True)
-    if out.dtype not in (x.dtype, torch.float32):
-        raise ValueError(f"rms_norm_fwd: out dtype must be {x.dtype} or float32, got {out.dtype}")
-    if weight is not None:
-        check_param("rms_norm_fwd", "weight", weight, x)
-    if (residual is None) != (residual_out is None):
-        raise ValueError("rms_norm_fwd: residual and residual_out must be given together")
-    if residual is not None:
-        check_2d("rms_norm_fwd", "residual", residual, x.shape, written=False)
-        check_2d("rms_norm_fwd", "residual_out", residual_out, x.shape, written=True)
-        if residual.dtype != x.dtype or residual_out.dtype != x.dtype:
-            raise ValueError(
-                f"rms_norm_fwd: residual and residual_out must have x's dtype {x.dtype}, "
-                f"got {residual.dtype} and {residual_out.dtype}"
-            )
     if rows == 0:
         return
-    if n_cols == 0:
-        raise ValueError("rms_norm_fwd: hidden size must be >= 1")
     kernel, constexprs, num_warps = _plan(
         x.dtype, out.dtype, None if weight is None else weight.dtype, residual is not None, bool(llama_cast), n_cols
     )
