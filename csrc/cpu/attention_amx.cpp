@@ -179,13 +179,10 @@ RF_AMX void softmax_row(float* s, uint16_t* pb, int64_t first, int64_t valid, in
     if (16 * c >= first && 16 * c + 16 <= valid) return 0xffff;
     return lane_range(std::clamp<int64_t>(first - 16 * c, 0, 16), std::clamp<int64_t>(valid - 16 * c, 0, 16));
   };
-  if (softcap > 0.0f) {  // s <- softcap tanh(scale s / softcap) = softcap (1 - 2 / (e^(2 scale s / softcap) + 1))
-    const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), cap = _mm512_set1_ps(softcap);
-    const __m512 mul = _mm512_set1_ps(2.0f * scale / softcap * 1.44269504088896341f);  // e^y = 2^(y log2 e)
-    for (int64_t c = 0; c < chunks; ++c) {  // 2^x: inf above 128 (tanh 1), 0 below -126 (tanh -1)
-      const __m512 e = exp2_masked(0xffff, _mm512_mul_ps(_mm512_loadu_ps(s + 16 * c), mul));
-      _mm512_storeu_ps(s + 16 * c, _mm512_mul_ps(cap, _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(e, one)))));
-    }
+  if (softcap > 0.0f) {  // s <- softcap tanh(scale s / softcap), with the AVX2 path's tanh8 (accurate near 0)
+    const __m256 cap = _mm256_set1_ps(softcap), inv = _mm256_set1_ps(scale / softcap);
+    for (int64_t c = 0; c < 2 * chunks; ++c)
+      _mm256_storeu_ps(s + 8 * c, _mm256_mul_ps(cap, tanh8(_mm256_mul_ps(_mm256_loadu_ps(s + 8 * c), inv))));
     scale = 1.0f;
   }
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());

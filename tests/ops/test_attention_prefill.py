@@ -136,6 +136,16 @@ def test_softcap_and_scale(prefill_isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("softcap", [1e3, 1e6, 1e8], ids=lambda c: f"cap{c:g}")
+def test_large_softcap(prefill_isa, dtype, softcap):
+    """softcap * tanh(s / softcap) ~ s: tanh's error near 0 is multiplied back by the cap (a
+    tanh with ~1e-7 absolute error gave 0.08 at 1e6 and made the scores uniform at 1e8)."""
+    q, k, v = (make((1, 2, 40, 64), dtype, seed) for seed in (31, 32, 33))
+    check(q, k, v, causal=True, softcap=softcap)
+    check(q, k, v, causal=False, scale=0.3, softcap=softcap)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("sq,sk,window", [(77, 77, 1), (77, 77, 5), (200, 200, 64), (130, 130, 63), (40, 300, 100),
                                           (1, 500, 129), (129, 129, 1000), (70, 60, 16)], ids=str)  # fmt: skip
 def test_sliding_window(prefill_isa, dtype, sq, sk, window):
@@ -433,6 +443,7 @@ def test_amx_softcap_scale_and_varlen(amx):
     q, k, v = make((1, 8, 150, 64), torch.bfloat16, 33, 3.0), make((1, 2, 150, 64), torch.bfloat16, 34, 3.0), make(
         (1, 2, 150, 64), torch.bfloat16, 35)  # fmt: skip
     check(q, k, v, causal=True, scale=0.3, softcap=20.0)
+    check(q, k, v, causal=True, softcap=1e6)  # see test_large_softcap
     lens_q, lens_k = [5, 0, 130, 1, 40], [9, 3, 130, 200, 40]
     qp, kp, vp, cu_q, cu_k = packed(lens_q, lens_k, 8, 2, 64, torch.bfloat16, 36)
     got = attention_varlen(qp, kp, vp, cu_q, cu_k, causal=True)
