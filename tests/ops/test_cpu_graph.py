@@ -54,6 +54,11 @@ def test_refuses_what_a_replay_would_not_repeat():
     with pytest.raises(ops.NotCapturable, match="non-CPU tensor"):
         with ops.capture_cpu_graph():
             torch.empty(2, 4, device="meta").view(8)
+    isa = _C.isa()
+    with pytest.raises(ops.NotCapturable, match="set_isa changes the process-wide ISA"):
+        with ops.capture_cpu_graph():
+            _C.set_isa("scalar")  # a replay would switch it again
+    assert _C.isa() == isa
     with pytest.raises(ops.NotCapturable, match="already in progress"):
         with ops.capture_cpu_graph():
             with ops.capture_cpu_graph():

@@ -277,6 +277,10 @@ def test_paged_decode_plan_bad_inputs():
         plan.run(q, k, v, k_pages[:-1], v_pages)
     with pytest.raises(ValueError, match="v overlaps v_pages"):
         plan.run(q, k, v_pages[0, :, :2], k_pages, v_pages)
+    with pytest.raises(ValueError, match="q and k share memory"):  # as rotary_embedding: rotated twice
+        plan.run(q, q[:, :2], v, k_pages, v_pages)
+    with pytest.raises(ValueError, match="k's \\(token, head\\) rows overlap"):
+        plan.run(q, k[:, :1].expand(2, 2, 16), v, k_pages, v_pages)
     with pytest.raises(ValueError, match=r"qkv must be a tensor of shape \(2, 128\)"):
         plan.run_packed(qkv[:, :64], k_pages, v_pages)
     with pytest.raises(ValueError, match="qkv overlaps k_pages"):

@@ -52,6 +52,7 @@ import torch
 from . import _common as c
 from . import native
 from .rms_norm import OP_LIB
+from .rotary_embedding import STYLES, _share_memory, rotary_embedding
 
 SPLIT_SIZE = 512  # keys per flash-decoding split (the kernel widens it for > 64 splits)
 
@@ -656,8 +657,6 @@ class PagedDecodePlan:
 
     def __init__(self, k_pages, v_pages, cos_sin_cache, positions, slot_mapping, block_table, seq_lens,
                  num_q_heads: int, *, scale=None, softcap=None, style: str = "neox"):  # fmt: skip
-        from .rotary_embedding import STYLES
-
         op = "PagedDecodePlan"
         if style not in STYLES:
             raise ValueError(f"{op}: style must be one of {STYLES}, got {style!r}")
@@ -757,9 +756,15 @@ class PagedDecodePlan:
         qs, ks, vs = q.stride(), k.stride(), v.stride()
         if self.d > 1 and (qs[2] != 1 or ks[2] != 1 or vs[2] != 1):
             raise ValueError(f"{op}: q, k and v must have a unit stride in their last (head_dim) dimension")
+        # what rotary_embedding refuses, for the same reason (q and k are rotated in place)
+        for name, t in (("q", q), ("k", k)):
+            if t.numel() and c.rows_overlap(t):
+                raise ValueError(f"{op}: {name}'s (token, head) rows overlap in memory (strides {t.stride()}, e.g. "
+                                 f"an expanded tensor): it is rotated in place; pass {name}.contiguous()")  # fmt: skip
+        if q.numel() and k.numel() and _share_memory(q, k):
+            raise ValueError(f"{op}: q and k share memory (the same tensor or overlapping views): each is rotated "
+                             "in place, so shared elements would be rotated twice")  # fmt: skip
         if not self._direct:
-            from .rotary_embedding import rotary_embedding
-
             rotary_embedding(q, k, self.positions, self.cos_sin_cache, style=self.style)
             write_kv(k, v, k_pages, v_pages, self.slot_mapping)
             return paged_decode_attention(q, k_pages, v_pages, self.block_table, self.seq_lens, scale=self.scale,

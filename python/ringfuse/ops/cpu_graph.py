@@ -104,10 +104,14 @@ class CpuGraph:
 # _C functions that only advise or answer a question about sizes: they run during capture
 # and are not replayed (their result does not depend on the buffers' values)
 _NOT_RECORDED = frozenset({"advise_hugepages", "int8_packed_size", "isa", "build_info"})
+# _C functions that change process-wide state: a replay would change it again, behind the caller's back
+_REFUSED = {"set_isa": "changes the process-wide ISA choice: call it before the capture"}
 
 
 def _wrap(fn, name, calls, thread):
     def record(*args):
+        if name in _REFUSED and threading.get_ident() == thread:
+            raise NotCapturable(f"_C.{name} {_REFUSED[name]}")
         out = fn(*args)
         if threading.get_ident() != thread or name in _NOT_RECORDED:  # just run
             return out
