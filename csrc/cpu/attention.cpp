@@ -598,19 +598,21 @@ void decode_attention(std::uintptr_t out, int64_t out_sb, int64_t out_sh, std::u
                       int64_t num_kv_heads, int64_t head_dim, double scale, double softcap, int64_t window,
                       int dtype, int64_t split_size, int num_threads) {
   const std::string p = "decode_attention: ";
-  RINGFUSE_CHECK(batch >= 0 && num_kv_heads >= 1 && num_q_heads >= 1, p + "bad batch / head counts");
+  RINGFUSE_CHECK(batch >= 0 && num_kv_heads >= 1 && num_q_heads >= 0, p + "bad batch / head counts");
   RINGFUSE_CHECK(num_q_heads % num_kv_heads == 0, p + "num_q_heads must be a multiple of num_kv_heads");
   RINGFUSE_CHECK(head_dim >= 1 && head_dim <= 256, p + "head_dim must be in [1, 256], got " + std::to_string(head_dim));
-  RINGFUSE_CHECK(block_size >= 1 && max_blocks >= 1 && num_blocks >= 1, p + "bad cache geometry");
+  // a cache without keys (S_max = 0, no blocks) holds sequences of length 0 only: the
+  // seq_lens check below names any other length
+  RINGFUSE_CHECK(block_size >= 0 && max_blocks >= 0 && num_blocks >= 0, p + "bad cache geometry");
   RINGFUSE_CHECK(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, p + "dtype must be float32, float16 or bfloat16");
   RINGFUSE_CHECK(std::isfinite(scale) && std::isfinite(softcap) && softcap >= 0.0, p + "scale and softcap must be finite (softcap >= 0)");
   RINGFUSE_CHECK(split_size >= kTile && split_size % kTile == 0, p + "split_size must be a positive multiple of 32");
   RINGFUSE_CHECK(window >= 0, p + "window must be >= 0 (0: no sliding window), got " + std::to_string(window));
-  if (batch == 0) return;
-  RINGFUSE_CHECK(out && q && k && v && seq_lens, p + "null pointer");
+  if (batch == 0 || num_q_heads == 0) return;
+  const int64_t capacity = max_blocks * block_size;
+  RINGFUSE_CHECK(out && q && seq_lens, p + "null pointer");
   const auto* lens = reinterpret_cast<const int32_t*>(seq_lens);
   const auto* table = reinterpret_cast<const int32_t*>(block_table);
-  const int64_t capacity = max_blocks * block_size;
   int64_t max_len = 0;  // most keys any query sees
   // Validate every value that addresses memory before any is used (no throw inside OpenMP).
   for (int64_t b = 0; b < batch; ++b) {
@@ -620,6 +622,7 @@ void decode_attention(std::uintptr_t out, int64_t out_sb, int64_t out_sh, std::u
     const int64_t first = window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0;  // first_key()
     max_len = std::max<int64_t>(max_len, lens[b] - first);
     if (table) {  // the blocks that hold the keys read; those before a window may be stale
+      if (block_size == 0) continue;  // capacity 0: the length is 0, no block is read
       for (int64_t i = first / block_size; i < (lens[b] + block_size - 1) / block_size; ++i) {
         const int32_t blk = table[b * bt_stride + i];
         RINGFUSE_CHECK(blk >= 0 && blk < num_blocks,
@@ -630,6 +633,14 @@ void decode_attention(std::uintptr_t out, int64_t out_sb, int64_t out_sh, std::u
       RINGFUSE_CHECK(b < num_blocks, p + "contiguous cache has fewer sequences than the batch");
     }
   }
+  if (max_len == 0) {  // no query sees a key (e.g. a cache with no keys, then every length is 0): out = 0
+    const int64_t elem = dtype == kFloat32 ? 4 : 2;
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t h = 0; h < num_q_heads; ++h)
+        std::memset(reinterpret_cast<char*>(out) + (b * out_sb + h * out_sh) * elem, 0, size_t(head_dim * elem));
+    return;
+  }
+  RINGFUSE_CHECK(k && v, p + "null pointer");
   // at most 64 splits per sequence (the merge's weight buffer), at least split_size keys each
   while ((max_len + split_size - 1) / split_size > 64) split_size *= 2;
   const int64_t max_splits = std::max<int64_t>(1, (max_len + split_size - 1) / split_size);

@@ -103,7 +103,8 @@ void rotary_embedding(std::uintptr_t x, int64_t x_st, int64_t x_sh, int64_t toke
   RINGFUSE_CHECK(cache_stride >= rot_dim, p + "cache row stride must be >= rot_dim");
   RINGFUSE_CHECK(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, p + "bad dtype");
   if (tokens == 0) return;
-  RINGFUSE_CHECK(x && positions && cache, p + "null pointer");
+  // an empty cos/sin cache may have no storage: the position check below names the problem
+  RINGFUSE_CHECK(x && positions && (cache || max_positions == 0), p + "null pointer");
   const auto* pos = reinterpret_cast<const int64_t*>(positions);
   for (int64_t t = 0; t < tokens; ++t)  // before any write: no throw inside OpenMP
     RINGFUSE_CHECK(pos[t] >= 0 && pos[t] < max_positions,

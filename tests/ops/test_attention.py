@@ -186,6 +186,26 @@ def test_avx512_decode_gives_the_avx2_bits(dtype):
             assert not wide[0][[1, 2]].isnan().any()  # the NaN / -inf keys stay in their sequences
 
 
+def test_caches_without_keys_and_calls_without_query_heads(isa):
+    """What has no keys gives zeros, as a length of 0 does; no query heads give an empty
+    output. These raised 'bad cache geometry' / 'bad batch / head counts' from _C."""
+    q = make((2, 4, 16), torch.float32, 14)
+    empty, zeros = torch.empty(2, 2, 0, 16), torch.zeros(2, dtype=torch.int32)
+    out = torch.full_like(q, float("nan"))
+    assert torch.equal(decode_attention(q, empty, empty, zeros, out=out), torch.zeros_like(q))
+    pages = make((3, 2, 4, 16), torch.float32, 15)
+    for table, k_pages in ((torch.zeros(2, 0, dtype=torch.int32), pages),  # no blocks per sequence
+                           (torch.zeros(2, 3, dtype=torch.int32), pages[:0]),  # no blocks at all
+                           (torch.zeros(2, 3, dtype=torch.int32), pages[:, :, :0])):  # blocks of 0 keys
+        assert torch.equal(paged_decode_attention(q, k_pages, k_pages, table, zeros), torch.zeros_like(q))
+    with pytest.raises(ValueError, match=r"seq_lens\[1\] = 1 outside \[0, 0\]"):
+        decode_attention(q, empty, empty, torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"block_table\[0, 0\] = 0 outside \[0, 0\)"):
+        paged_decode_attention(q, pages[:0], pages[:0], torch.zeros(2, 3, dtype=torch.int32), torch.ones(2, dtype=torch.int32))
+    k = make((2, 2, 8, 16), torch.float32, 16)
+    assert decode_attention(q[:, :0], k, k, torch.ones(2, dtype=torch.int32)).shape == (2, 0, 16)
+
+
 def test_strided_inputs_and_out():
     """q as a view of a fused qkv projection, caches as views of a [B, S, H, D] layout."""
     qkv = make((3, 12, 64), torch.float32, 11)

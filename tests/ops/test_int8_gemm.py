@@ -11,6 +11,7 @@ from ringfuse.ops import (
     int8_gemm,
     int8_weight_only_linear,
     pack_int8_weight,
+    prepare_int8_weight_only_linear,
     quantize_per_token,
 )
 
@@ -510,8 +511,18 @@ def test_overlapping_rows_are_read_as_given(isa):
     """Expanded (stride-0) operands: b_q gave 'int8_pack_b: bad sizes', a_q 'bad strides'."""
     g = torch.Generator().manual_seed(5)
     a = torch.randint(-128, 128, (1, 40), dtype=torch.int8, generator=g).expand(3, 40)
-    b = torch.randint(-128, 128, (1, 40), dtype=torch.int8, generator=g).expand(5, 40)
+    b_row = torch.randint(-128, 128, (1, 40), dtype=torch.int8, generator=g)
+    b = b_row.expand(5, 40)
     want = a.long() @ b.long().T
     assert torch.equal(int8_gemm(a, b, out_dtype=torch.int32).long(), want)
     with pytest.raises(ValueError, match="rows must not overlap"):
         pack_int8_weight(b)
+    # the weight-only linear (was "_C: int8_weight_only_linear: bad pointers or strides"), and
+    # prepared: both equal the call on the contiguous copy
+    x, s = torch.randn(3, 40, generator=g), torch.rand(5, generator=g) * 0.02
+    want = int8_weight_only_linear(x, b.contiguous(), s)
+    assert torch.equal(int8_weight_only_linear(x, b, s), want)
+    prepared = prepare_int8_weight_only_linear(b, s)
+    assert torch.equal(prepared(x), want)
+    b_row[0, 0] += 1  # the expanded row, written in place: the prepared copy follows
+    assert torch.equal(prepared(x), int8_weight_only_linear(x, b.contiguous(), s))

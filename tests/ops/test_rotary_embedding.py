@@ -92,6 +92,8 @@ def test_bad_inputs():
     cache = cos_sin_cache(16, 8)
     with pytest.raises(ValueError, match=r"positions\[1\] = 16 outside \[0, 16\)"):
         rotary_embedding(q, k, torch.tensor([0, 16, 1, 2]), cache)
+    with pytest.raises(ValueError, match=r"positions\[0\] = 0 outside \[0, 0\)"):  # was "_C: null pointer"
+        rotary_embedding(q, k, torch.tensor([0, 1, 2, 3]), cache[:0])
     with pytest.raises(ValueError, match=r"positions\[0\] = -1"):
         rotary_embedding(q, k, torch.tensor([-1, 0, 1, 2]), cache)
     with pytest.raises(TypeError, match="positions must be an int64 or int32"):

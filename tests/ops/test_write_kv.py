@@ -256,8 +256,11 @@ def test_paged_decode_plan_bad_inputs():
     q, k, v = qkv[:, :64].view(2, 4, 16), qkv[:, 64:96].view(2, 2, 16), qkv[:, 96:].view(2, 2, 16)
     with pytest.raises(ValueError, match="multiple of the number of kv heads"):
         PagedDecodePlan(k_pages, v_pages, cos_sin, pos, slots, table, lens, 3)
-    with pytest.raises(ValueError, match=r"positions must have shape \(2,\)"):
+    with pytest.raises(ValueError, match="one row per sequence, got block_table 2, seq_lens 2, positions 1, "
+                                         "slot_mapping 2"):  # fmt: skip
         PagedDecodePlan(k_pages, v_pages, cos_sin, pos[:1], slots, table, lens, 4)
+    with pytest.raises(ValueError, match="got block_table 1, seq_lens 2"):  # blamed seq_lens alone
+        PagedDecodePlan(k_pages, v_pages, cos_sin, pos, slots, table[:1], lens, 4)
     with pytest.raises(TypeError, match="slot_mapping must be an int64 or int32 tensor"):
         PagedDecodePlan(k_pages, v_pages, cos_sin, pos, slots.float(), table, lens, 4)
     with pytest.raises(TypeError, match="seq_lens must have dtype int32"):

@@ -670,6 +670,12 @@ class PagedDecodePlan:
         num_blocks, hkv, block_size, d = k_pages.shape
         _check_int32(op, "block_table", block_table, 2, k_pages)
         batch = block_table.shape[0]
+        rows = {name: t.shape[0] for name, t in (("block_table", block_table), ("seq_lens", seq_lens),
+                                                  ("positions", positions), ("slot_mapping", slot_mapping))
+                if isinstance(t, torch.Tensor) and t.dim() >= 1}  # fmt: skip
+        if len(set(rows.values())) > 1:
+            raise ValueError(f"{op}: block_table, seq_lens, positions and slot_mapping must have one row per sequence, "
+                             f"got {', '.join(f'{n} {r}' for n, r in rows.items())}")  # fmt: skip
         # the checks the three ops make, once: q/k/v and caches, the integer tensors, rotary's cache
         q_probe = k_pages.new_empty(batch, num_q_heads, d)
         self.scale, self.softcap = _check_common(op, q_probe, k_pages, v_pages, seq_lens, scale, softcap)

@@ -280,6 +280,8 @@ def _weight_only(x, w_q, w_scale, bias, group_size=None):
     elif m and n:
         scale = w_scale.contiguous()  # [N] or [N, groups]
         bias32 = bias.float().contiguous() if bias is not None else None
+        if n > 1 and w_q.stride(0) < k:  # rows that overlap (an expanded w_q): the kernel takes N rows of K bytes
+            w_q = w_q.contiguous()
         native.int8_weight_only_linear(out, n, x2, max(x2.stride(0), k), w_q, w_q.stride(0), scale,
                                        scale.shape[-1] if group_size else 0, group_size or 0, bias32, m, n, k)
     return out.reshape(*x.shape[:-1], n)
@@ -313,8 +315,10 @@ class PreparedInt8WeightOnlyLinear:
         self.out_features, self.in_features = n, k
         self._bias32 = None if bias is None else bias.float().contiguous()
         self._direct = w_q.is_cpu
-        self._w_stride = w_q.stride(0)
-        self._watch = c.Watch(c.watched(self._sources, (self.w_scale, self._bias32)))
+        # the kernel's weight: N rows of K bytes (a copy of an expanded w_q, whose rows overlap)
+        self._w = w_q if n == 1 or w_q.stride(0) >= k else w_q.contiguous()
+        self._w_stride = self._w.stride(0)
+        self._watch = c.Watch(c.watched(self._sources, (self._w, self.w_scale, self._bias32)))
 
     def __call__(self, x):
         if self._watch.changed():
@@ -327,7 +331,7 @@ class PreparedInt8WeightOnlyLinear:
         m, n = x.shape[0], self.out_features
         out = torch.empty(m, n)
         if m:  # [M, N] <- [M, K] @ ([N, K] int8 * [N])^T
-            native.int8_weight_only_linear(out, n, x, max(x.stride(0), k), self.w_q, self._w_stride, self.w_scale,
+            native.int8_weight_only_linear(out, n, x, max(x.stride(0), k), self._w, self._w_stride, self.w_scale,
                                            0, 0, self._bias32, m, n, k)  # fmt: skip
         return out
 
