@@ -52,7 +52,7 @@ import torch
 from . import _common as c
 from . import native
 from .rms_norm import OP_LIB
-from .rotary_embedding import STYLES, _share_memory, rotary_embedding
+from .rotary_embedding import STYLES, _check_memory, rotary_embedding
 
 SPLIT_SIZE = 512  # keys per flash-decoding split (the kernel widens it for > 64 splits)
 
@@ -203,7 +203,10 @@ def decode_attention(q, k_cache, v_cache, seq_lens, *, scale=None, softcap=None,
     ``window``: the token sees only the last ``window`` of its keys."""
     if (scale is None and softcap is None and window is None and not torch.compiler.is_compiling()
             and _plain_decode(q, k_cache, v_cache, seq_lens, out)):  # fmt: skip
-        out = torch.empty(q.shape, dtype=q.dtype) if out is None else out
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype)
+        else:
+            c.mark_written(out)
         _launch_cpu(out, q, k_cache, v_cache, None, k_cache.shape[2], seq_lens, 1.0 / math.sqrt(q.shape[2]), 0.0, 0)
         return out
     op = "decode_attention"
@@ -582,9 +585,13 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
         raise ValueError(f"{op}: slot_mapping must have shape ({T},) (one slot per token), got {tuple(slot_mapping.shape)}")
     if slot_mapping.device != k.device:
         raise ValueError(f"{op}: slot_mapping is on {slot_mapping.device} but k is on {k.device}")
+    if c.needs_autograd(k, v, k_cache, v_cache):
+        raise ValueError(f"{op}: the caches are written in place, which autograd cannot follow (an input requires "
+                         "grad); write them under torch.no_grad()")  # fmt: skip
     if torch.compiler.is_compiling():
         torch.ops.ringfuse.write_kv(k, v, k_cache, v_cache, slot_mapping)
         return
+    c.mark_written(k_cache, v_cache)
     if k.numel() and k_cache.numel():  # spans taken once each
         for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
             if c.rows_overlap(t):
@@ -741,6 +748,7 @@ class PagedDecodePlan:
                             f"{qkv.dtype} on {qkv.device}")  # fmt: skip
         window = _check_window(op, window)
         kp, vp = self._pages(op, k_pages, v_pages)
+        self._writes(op, None, qkv, k_pages, v_pages)
         qx = qkv.data_ptr()
         self._no_alias(op, "qkv", qx, qx + ((b - 1) * st[0] + width) * self._elem, kp, vp)
         rows = (st[0], d)  # (token, head) strides of q, k and v inside qkv
@@ -762,19 +770,13 @@ class PagedDecodePlan:
         qs, ks, vs = q.stride(), k.stride(), v.stride()
         if self.d > 1 and (qs[2] != 1 or ks[2] != 1 or vs[2] != 1):
             raise ValueError(f"{op}: q, k and v must have a unit stride in their last (head_dim) dimension")
-        # what rotary_embedding refuses, for the same reason (q and k are rotated in place)
-        for name, t in (("q", q), ("k", k)):
-            if t.numel() and c.rows_overlap(t):
-                raise ValueError(f"{op}: {name}'s (token, head) rows overlap in memory (strides {t.stride()}, e.g. "
-                                 f"an expanded tensor): it is rotated in place; pass {name}.contiguous()")  # fmt: skip
-        if q.numel() and k.numel() and _share_memory(q, k):
-            raise ValueError(f"{op}: q and k share memory (the same tensor or overlapping views): each is rotated "
-                             "in place, so shared elements would be rotated twice")  # fmt: skip
-        if not self._direct:
+        _check_memory(op, q, k)  # as rotary_embedding: q and k are rotated in place
+        if not self._direct:  # the three ops check and mark their writes
             rotary_embedding(q, k, self.positions, self.cos_sin_cache, style=self.style)
             write_kv(k, v, k_pages, v_pages, self.slot_mapping)
             return paged_decode_attention(q, k_pages, v_pages, self.block_table, self.seq_lens, scale=self.scale,
                                           softcap=self.softcap or None, window=window or None)  # fmt: skip
+        self._writes(op, v, q, k, k_pages, v_pages)
         b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
         qx, kx, vx = q.data_ptr(), k.data_ptr(), v.data_ptr()
         for name, start, st, heads in (("q", qx, qs, hq), ("k", kx, ks, hkv), ("v", vx, vs, hkv)):
@@ -797,6 +799,16 @@ class PagedDecodePlan:
                 raise ValueError(f"{op}: {name} must have the planned cache's shape, strides, dtype and device "
                                  f"{self.cache_layout}")  # fmt: skip
         return k_pages.data_ptr(), v_pages.data_ptr()
+
+    @staticmethod
+    def _writes(op, v, *written) -> None:
+        """The tensors a direct run writes in place (q and k rotated, the caches; v is copied
+        into its cache): refused when autograd would have to follow them, else the written
+        ones get their versions bumped, as by the three ops."""
+        if c.needs_autograd(v, *written):
+            raise ValueError(f"{op}: q and k are rotated and the caches written in place, which autograd cannot "
+                             "follow (an input requires grad); run under torch.no_grad()")  # fmt: skip
+        c.mark_written(*written)
 
     def _no_alias(self, op, name, start, end, kp, vp) -> None:
         """The new rows [start, end) (bytes) must not alias the caches they go to."""

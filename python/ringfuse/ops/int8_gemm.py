@@ -321,12 +321,13 @@ class PreparedInt8WeightOnlyLinear:
         self._watch = c.Watch(c.watched(self._sources, (self._w, self.w_scale, self._bias32)))
 
     def __call__(self, x):
+        if torch.compiler.is_compiling():  # traced: the op on the caller's tensors (no pointers to watch)
+            return int8_weight_only_linear(x, *self._sources)
         if self._watch.changed():
             self.__init__(*self._sources)
         k = self.in_features
         if (not self._direct or type(x) is not torch.Tensor or x.dim() != 2 or x.dtype is not torch.float32
-                or not x.is_cpu or x.shape[1] != k or x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < k)
-                or torch.compiler.is_compiling()):  # fmt: skip
+                or not x.is_cpu or x.shape[1] != k or x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < k)):  # fmt: skip
             return int8_weight_only_linear(x, self.w_q, self.w_scale, self.bias)
         m, n = x.shape[0], self.out_features
         out = torch.empty(m, n)
@@ -365,12 +366,13 @@ class PreparedInt8Linear:
         self._watch = c.Watch(c.watched(self._sources, kernel_tensors))
 
     def __call__(self, x):
+        if torch.compiler.is_compiling():  # traced: the ops on the caller's tensors (no pointers to watch)
+            return w8a8_linear(x, *self._sources)
         if self._watch.changed():
             self.__init__(*self._sources)
         k, n = self.in_features, self.out_features
         if (not self._direct or type(x) is not torch.Tensor or x.dtype not in c._FLOAT_SET or not x.is_cpu
-                or not x.dim() or x.shape[-1] != k or not x.is_contiguous() or x.requires_grad
-                or torch.compiler.is_compiling()):  # fmt: skip
+                or not x.dim() or x.shape[-1] != k or not x.is_contiguous() or x.requires_grad):  # fmt: skip
             return self._full(x)
         m = x.numel() // k
         x_q = torch.empty((m, k), dtype=torch.int8)

@@ -157,13 +157,14 @@ class PreparedLinear:
         self._watch = c.Watch(c.watched(self._sources, (self.weight, self.bias)))
 
     def __call__(self, x):
+        if torch.compiler.is_compiling():  # traced: the op on the caller's tensors (no pointers to watch)
+            return linear(x, *self._sources)
         if self._watch.changed():
             self._prepare(*self._sources)
         k = self.in_features
         if (not self._direct or type(x) is not torch.Tensor or x.dim() != 2 or x.dtype not in KERNEL_DTYPES
                 or not x.is_cpu or x.shape[1] != k or x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < k)
-                or x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
-                or torch.compiler.is_compiling()):  # fmt: skip
+                or x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)):  # fmt: skip
             return linear(x, self.weight, self.bias)
         m, n = x.shape[0], self.out_features
         out = torch.empty(m, n, dtype=x.dtype)

@@ -141,6 +141,7 @@ def _add_rms_norm_inplace(x, residual, weight, eps, llama) -> None:
     eps = _check(op, x, weight, eps, residual)
     if c.needs_autograd(x, residual, weight):
         raise ValueError(f"{op}: the in-place op does not support autograd; use add_rms_norm")
+    c.mark_written(x, residual)
     if _out_dtype(x, weight, llama) != x.dtype:
         raise TypeError(f"{op}: cast_mode='llama' with a float32 weight gives a float32 output; x ({x.dtype}) cannot hold it")
     if x.numel() == 0:
@@ -191,6 +192,8 @@ class PreparedRMSNorm:
 
     def add_(self, x, residual):
         """residual <- x + residual; x <- RMSNorm(x + residual), in place. Returns (x, residual)."""
+        if torch.compiler.is_compiling():  # traced: the op on the caller's weight (no pointers to watch)
+            return add_rms_norm_(x, residual, self.weight, self.eps, cast_mode=self.cast_mode)
         if self._watch.changed():
             self.__init__(self.weight, self.eps, cast_mode=self.cast_mode)
         h = self.hidden
@@ -199,8 +202,7 @@ class PreparedRMSNorm:
                 or not x.is_cpu or not residual.is_cpu or x.requires_grad or residual.requires_grad
                 or not x.is_contiguous() or not residual.is_contiguous() or x.dtype not in c.FLOAT_DTYPES
                 or (self._w.dtype is not x.dtype and self._w.dtype is not torch.float32)  # as kernel_param
-                or (self.llama and torch.promote_types(x.dtype, self.weight.dtype) is not x.dtype)
-                or torch.compiler.is_compiling()):  # fmt: skip
+                or (self.llama and torch.promote_types(x.dtype, self.weight.dtype) is not x.dtype)):  # fmt: skip
             return add_rms_norm_(x, residual, self.weight, self.eps, cast_mode=self.cast_mode)
         n = x.shape[0]
         if n:
@@ -212,6 +214,7 @@ class PreparedRMSNorm:
             if (w0 < xp + nbytes and xp < w1) or (w0 < rp + nbytes and rp < w1):
                 raise ValueError("add_rms_norm_: weight must not share memory with x or residual, which are overwritten")
             # [n, h] rows, h apart, updated in place
+            c.mark_written(x, residual)
             native.rms_norm(x, h, residual, h, x, h, residual, h, self._w, n, h, self.eps, self.llama)
         return x, residual
 

@@ -70,13 +70,9 @@ def rotary_embedding(q, k, positions, cos_sin_cache, *, style: str = "neox"):
     _check_x(op, "q", q)
     if k is not None:
         _check_x(op, "k", k, q)
-    for name, t in (("q", q), ("k", k)):
-        if t is not None and t.numel() and c.rows_overlap(t):
-            raise ValueError(f"{op}: {name}'s (token, head) rows overlap in memory (strides {t.stride()}, e.g. an "
-                             f"expanded tensor): it is rotated in place; pass {name}.contiguous()")  # fmt: skip
-    if k is not None and q.numel() and k.numel() and _share_memory(q, k):
-        raise ValueError(f"{op}: q and k share memory (the same tensor or overlapping views): each is rotated in "
-                         "place, so shared elements would be rotated twice")  # fmt: skip
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # traced tensors have no memory: the op's kernel checks then (_rotate_op)
+        _check_memory(op, q, k)
     if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: positions must be an int64 or int32 tensor, got "
                         f"{positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__}")
@@ -90,11 +86,33 @@ def rotary_embedding(q, k, positions, cos_sin_cache, *, style: str = "neox"):
     for name, t in (("positions", positions), ("cos_sin_cache", cos_sin_cache)):
         if t.device != q.device:
             raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
-    if torch.compiler.is_compiling():
+    if c.needs_autograd(q, k):
+        raise ValueError(f"{op}: q and k are rotated in place, which autograd cannot follow (q or k requires grad); "
+                         "rotate under torch.no_grad(), or use a differentiable RoPE for training")  # fmt: skip
+    if compiling:
         torch.ops.ringfuse.rotary_embedding(q, k, positions, cos_sin_cache, style == "gptj")
         return q, k
+    c.mark_written(q, k)
     _rotate(q, k, positions, cos_sin_cache, style == "gptj")
     return q, k
+
+
+def _check_memory(op, q, k) -> None:
+    """q and k are rotated in place: no element may be reached twice."""
+    for name, t in (("q", q), ("k", k)):
+        if t is not None and t.numel() and c.rows_overlap(t):
+            raise ValueError(f"{op}: {name}'s (token, head) rows overlap in memory (strides {t.stride()}, e.g. an "
+                             f"expanded tensor): it is rotated in place; pass {name}.contiguous()")  # fmt: skip
+    if k is not None and q.numel() and k.numel() and _share_memory(q, k):
+        raise ValueError(f"{op}: q and k share memory (the same tensor or overlapping views): each is rotated in "
+                         "place, so shared elements would be rotated twice")  # fmt: skip
+
+
+def _rotate_op(q, k, positions, cache, gptj: bool) -> None:
+    """The registered op's kernel (what a compiled graph runs): the memory check the traced
+    wrapper could not make, then the rotation."""
+    _check_memory("rotary_embedding", q, k)
+    _rotate(q, k, positions, cache, gptj)
 
 
 def _rotate(q, k, positions, cache, gptj: bool) -> None:
@@ -116,8 +134,8 @@ def _rotate(q, k, positions, cache, gptj: bool) -> None:
 
 
 OP_LIB.define("rotary_embedding(Tensor(a!) q, Tensor(b!)? k, Tensor positions, Tensor cos_sin_cache, bool gptj) -> ()")
-OP_LIB.impl("rotary_embedding", _rotate, "CPU")
-OP_LIB.impl("rotary_embedding", _rotate, "CUDA")
+OP_LIB.impl("rotary_embedding", _rotate_op, "CPU")
+OP_LIB.impl("rotary_embedding", _rotate_op, "CUDA")
 
 
 @torch.library.register_fake("ringfuse::rotary_embedding")
