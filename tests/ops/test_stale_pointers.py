@@ -179,3 +179,45 @@ def test_cpu_graph_captures_large_outputs():
     y.zero_()
     g.replay()
     assert torch.equal(y, want)
+
+
+def test_inference_tensors_written_in_place_are_seen_by_value():
+    """Inference tensors have no version counter (their writes bumped nothing, so every one of
+    these silently kept the old values): small watched tensors are compared by value, and
+    Int8Linear drops its pack when a state dict is loaded into it."""
+    with torch.inference_mode():
+        x = torch.randn(2, 64)
+        lin, lin2 = torch.nn.Linear(64, 32), torch.nn.Linear(64, 32)
+        layer = Int8Linear.from_float(lin, mode="w8a8")
+        layer(x)  # packed
+        layer.load_state_dict(Int8Linear.from_float(lin2, mode="w8a8").state_dict())
+        torch.testing.assert_close(layer(x), Int8Linear.from_float(lin2, mode="w8a8")(x), rtol=0, atol=0)
+
+        a = torch.randint(-127, 128, (2, 64), dtype=torch.int8)
+        b = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+        packed = ops.pack_int8_weight(b)
+        b.zero_()
+        with pytest.raises(ValueError, match="written in place since pack_int8_weight"):
+            ops.int8_gemm(a, b, out_dtype=torch.int32, packed=packed)
+
+        w, bias = torch.randn(32, 64), torch.randn(32).half()  # an fp16 bias: a private fp32 copy
+        prepared = ops.prepare_linear(w, bias)
+        prepared(x)
+        bias.zero_()
+        torch.testing.assert_close(prepared(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+        norm = ops.prepare_rms_norm(torch.randn(128)[::2])  # strided: a private contiguous copy
+        norm.add_(torch.randn(2, 64), torch.randn(2, 64))
+        norm.weight.mul_(2)
+        h, r = torch.randn(2, 64), torch.randn(2, 64)
+        want = ops.add_rms_norm_(h.clone(), r.clone(), norm.weight)
+        got = norm.add_(h, r)
+        assert all(torch.equal(g, w_) for g, w_ in zip(got, want))
+
+    outs = []
+    for dtype in (torch.int64, torch.int32):  # int32 positions: a private int64 copy
+        with torch.inference_mode():
+            plan, (k_pages, v_pages, table, lens, pos, slots, qkv, _) = _plan(dtype)
+            pos.sub_(1)
+            outs.append(plan.run_packed(qkv.clone(), k_pages.clone(), v_pages.clone()))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

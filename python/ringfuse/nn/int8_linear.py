@@ -118,6 +118,12 @@ class Int8Linear(torch.nn.Module):
         w = self.weight.float() * scale
         return w / self.smooth[None, :] if self.smooth is not None else w
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # loaded in place: under torch.inference_mode no version counter would show it, so
+        # the packed weight is dropped here rather than left to the prepared op's watch
+        self._prepared = None
+
     def _prepared_w8a8(self):
         # made again when weight, weight_scale or bias was replaced; PreparedInt8Linear itself
         # re-checks and repacks when one was swapped (weight.data = ...), resized or written

@@ -69,22 +69,36 @@ def stamp(tensors) -> tuple:
         return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
 
 
+# Inference tensors (made under torch.inference_mode) have no version counter: a Watch
+# compares one of up to this many elements by value at each call (~1 us: a bias, scales,
+# norm weights, positions); a larger one (a weight) only by its data pointer.
+WATCH_BY_VALUE_MAX = 1 << 14
+
+
 class Watch:
     """For objects that cache pointers into tensors or private copies of them (prepared
     ops, packed weights, decode plans): ``changed()`` says whether any of the tensors was
     swapped, resized or written in place since the watch was made. The storages seen then
     are held, so their memory cannot be freed and handed to a new tensor at the same address
-    (which a pointer comparison alone would take for the old one)."""
+    (which a pointer comparison alone would take for the old one). In-place writes to a
+    large inference tensor go unseen (WATCH_BY_VALUE_MAX)."""
 
-    __slots__ = ("tensors", "stamp", "_held")
+    __slots__ = ("tensors", "stamp", "_held", "_values")
 
     def __init__(self, tensors):
         self.tensors = tuple(tensors)
         self.stamp = stamp(self.tensors)
         self._held = tuple(t.untyped_storage() for t in self.tensors)
+        self._values = tuple((t, t.clone()) for t in self.tensors
+                             if t.is_inference() and t.numel() <= WATCH_BY_VALUE_MAX)  # fmt: skip
 
     def changed(self) -> bool:
-        return stamp(self.tensors) != self.stamp
+        if stamp(self.tensors) != self.stamp:
+            return True
+        for t, seen in self._values:  # empty unless inference tensors are watched
+            if not torch.equal(t, seen):
+                return True
+        return False
 
 
 def watched(sources: tuple, kernel_tensors) -> tuple:
