@@ -150,7 +150,7 @@ def test_token_id_prompts_and_raw(llm_fp32):
 def test_bad_input(llm_fp32, default_gguf_path):
     with pytest.raises(ValueError, match="context"):
         llm_fp32.generate([5] * 1024, max_new_tokens=1)
-    with pytest.raises(ValueError, match=r"token ids must be in \[0, 49152\)"):
+    with pytest.raises(ValueError, match=r"token ids must be ints in \[0, 49152\)"):
         llm_fp32.generate([1, 49152], max_new_tokens=1)
     with pytest.raises(TypeError, match="prompt must be a str"):
         llm_fp32.generate([3.5], max_new_tokens=1)

@@ -112,6 +112,43 @@ def test_check_request_before_queueing(llm_fp32, monkeypatch):
     assert not llm.has_unfinished()
 
 
+def test_refused_requests_leave_nothing_queued(llm_fp32, monkeypatch):
+    """A prompt refused by generate() or add_request() queues nothing: a batch whose second
+    prompt did not fit left the first queued and the engine 'busy' for good, and bad token ids
+    were taken (-5 as token 49147) or failed inside step()."""
+    llm = llm_fp32
+    want = llm.generate("Hi", max_new_tokens=3)[0].token_ids
+    with pytest.raises(ValueError, match="at least one new token must fit"):
+        llm.check_request(llm.max_model_len, SamplingParams())  # was capped at the context and passed
+    monkeypatch.setattr(llm.blocks, "num_blocks", 4)  # a cache of 64 tokens
+    with pytest.raises(ValueError, match="raise kv_cache_tokens"):
+        llm.generate(["Hi", "word " * 100], max_new_tokens=4)
+    assert not llm.has_unfinished()
+    vocab = llm.config.vocab_size
+    for ids, exc, match in (([-5], ValueError, r"in \[0, 49152\), got \[-5\]"), ([vocab], ValueError, "token ids"),
+                            ([1, True], ValueError, "token ids"), ([], ValueError, "at least one token"),
+                            ([1] * llm.max_model_len, ValueError, "at least one new token must fit"),
+                            ("Hi", TypeError, "prompt_ids must be a list")):  # fmt: skip
+        with pytest.raises(exc, match=match):
+            llm.add_request(ids, SamplingParams(max_new_tokens=3))
+        assert not llm.has_unfinished()
+    monkeypatch.undo()
+    assert llm.generate("Hi", max_new_tokens=3)[0].token_ids == want
+
+
+def test_small_contexts_and_caches_are_usable_or_refused_up_front(default_gguf_path):
+    """max_model_len 2-4 failed in the constructor's warm-up (a 4-token prompt the user
+    never gave); kv_cache_tokens 0 became the default and a float failed inside torch."""
+    from ringfuse.runtime import LLM
+
+    llm = LLM(default_gguf_path, max_model_len=3, max_batch=1)  # the warm-up runs
+    assert len(llm.generate([1], max_new_tokens=8)[0].token_ids) == 2  # the context: 1 + 2
+    llm.warm_up()
+    for bad in (0, 1, 100.5, "100", True):
+        with pytest.raises(ValueError, match="kv_cache_tokens must be an int >= 2"):
+            LLM(default_gguf_path, kv_cache_tokens=bad)
+
+
 def test_prefix_cache_counters_and_kv_usage(llm_fp32):
     llm = llm_fp32
     ids = llm.encode("You are a helpful assistant. " * 6 + PROMPTS[0])

@@ -78,6 +78,9 @@ class LLM:
         for name, v in (("tp", tp), ("max_batch", max_batch), ("block_size", block_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if kv_cache_tokens is not None and (isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, int)
+                                            or kv_cache_tokens < 2):  # fmt: skip
+            raise ValueError(f"kv_cache_tokens must be an int >= 2 (None: the default), got {kv_cache_tokens!r}")
         if threads is not None:
             torch.set_num_threads(threads)
         group = _tp_group(tp) if tp > 1 else None
@@ -128,11 +131,13 @@ class LLM:
             self.warm_up()
 
     def warm_up(self) -> None:
-        """Generate two tokens of a 4-token prompt: the first step pays one-time costs
-        (OpenMP threads, first-touch pages, lazy inits, the batch-1 decode graph's capture)
-        that would otherwise show up as the first request's prefill time. Under tensor
-        parallelism every rank must call it (the constructor does, by default)."""
-        for _ in self.stream([[self.config.bos_token_id or 0] * 4], max_new_tokens=2, ignore_eos=True):
+        """Generate two tokens of a 4-token prompt (shorter where the context or the cache
+        is): the first step pays one-time costs (OpenMP threads, first-touch pages, lazy
+        inits, the batch-1 decode graph's capture) that would otherwise show up as the first
+        request's prefill time. Under tensor parallelism every rank must call it (the
+        constructor does, by default)."""
+        prompt = [self.config.bos_token_id or 0] * min(4, self.max_request_tokens - 1)
+        for _ in self.stream([prompt], max_new_tokens=2, ignore_eos=True):
             pass
         # the warm-up's prefix-cache lookups do not count
         self.scheduler.prefix_cache_queries = self.scheduler.prefix_cache_hits = 0
@@ -190,9 +195,11 @@ class LLM:
         batch = [self.encode(p, raw) for p in _as_prompt_list(prompts)]
         if self.scheduler.has_unfinished():
             raise RuntimeError("LLM.stream: the engine is busy with requests added by add_request(); drain step() first")
-        for i, ids in enumerate(batch):
-            self.add_request(ids, params, index=i)
+        for ids in batch:  # every prompt before any is queued: a refused one leaves nothing behind
+            self.check_request(len(ids), params)
         try:
+            for i, ids in enumerate(batch):
+                self.add_request(ids, params, index=i)
             while self.has_unfinished():
                 yield from self.step()
         finally:  # a consumer that stops early must not leave requests holding cache blocks
@@ -205,19 +212,23 @@ class LLM:
             ids = self.tokenizer.encode_chat(list(prompt))  # a conversation: [{"role": ..., "content": ...}]
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size}), got {bad[:5]}")
         else:
             hint = _BYTES_HINT if isinstance(prompt, bytes) else ""
             raise TypeError(f"a prompt must be a str, a list of {{'role', 'content'}} dicts or a list of token ids, "
                             f"got {type(prompt).__name__}{hint}")  # fmt: skip
+        self._check_ids(ids)
+        return ids
+
+    def _check_ids(self, ids) -> None:
+        """A prompt's token ids: at least one, each in the vocabulary, and room for a new token."""
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be ints in [0, {self.config.vocab_size}), got {bad[:5]}")
         if not ids:
             raise ValueError("a prompt must hold at least one token")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens but the context is {self.max_model_len} "
                              "(max_model_len): at least one new token must fit")  # fmt: skip
-        return ids
 
     @property
     def max_request_tokens(self) -> int:
@@ -232,8 +243,14 @@ class LLM:
         self.scheduler.check(prompt_len, params)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, index: int | None = None) -> int:
-        """Queue a request (token ids, already checked by encode()); it joins the running
+        """Queue a request (a list of token ids, as encode() returns); it joins the running
         batch at the next step() with room. Returns its index."""
+        if not isinstance(prompt_ids, (list, tuple)):
+            raise TypeError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prompt_ids = list(prompt_ids)
+        self._check_ids(prompt_ids)
         self.check_request(len(prompt_ids), params)
         index = next(self._ids) if index is None else index
         # an unseeded request draws from base seed + a counter: under TP every rank then

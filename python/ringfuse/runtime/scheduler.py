@@ -57,8 +57,11 @@ class Scheduler:
         return -(-tokens // self.blocks.block_size)
 
     def check(self, prompt_len: int, params: SamplingParams) -> None:
-        """ValueError if such a request could never be admitted (it needs more cache blocks
-        than the cache has)."""
+        """ValueError if such a request could never be admitted (no room for a new token in
+        the context, or more cache blocks than the cache has)."""
+        if not 1 <= prompt_len < self.max_model_len:
+            raise ValueError(f"the prompt has {prompt_len} tokens but the context is {self.max_model_len} "
+                             "(max_model_len): at least one new token must fit")  # fmt: skip
         need = self.blocks_needed(prompt_len, params)
         if need > self.blocks.num_blocks:
             size = self.blocks.block_size
