@@ -340,6 +340,19 @@ def test_sentencepiece_incremental_decoder_on_text(sp_tok):
     assert "".join(pieces) + dec.flush() == sp_tok.decode(ids, True) == "the dog 中文 😀 fox hello"
 
 
+@pytest.mark.parametrize("text", ["Hi 😀 🌟 日本", " hello  world", "the dog 中文 😀 fox", "\n\tzz"])
+def test_token_bytes_add_up_to_the_text(tok, sp_tok, text):
+    """token_bytes (what a server's logprobs carry): a piece of a multi-byte character is its
+    bytes (byte-level BPE pieces, SentencePiece <0xXX> fallbacks), not U+FFFD's."""
+    ids = tok.encode(text, add_special_tokens=False)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+    assert tok.token_bytes(tok.encode("<|im_end|>", add_special_tokens=False)[0]) == b"<|im_end|>"
+    sp_ids = sp_tok.encode(text, add_special_tokens=False)  # "▁" is a space; decode() strips the leading one
+    assert b"".join(sp_tok.token_bytes(i) for i in sp_ids).decode().removeprefix(" ") == sp_tok.decode(sp_ids)
+    assert any(len(sp_tok.token_bytes(i)) == 1 and sp_tok.token_bytes(i)[0] >= 0x80 for i in sp_ids) == (
+        not text.isascii())  # the byte fallbacks of 中文 😀: one byte each
+
+
 # -- errors ---------------------------------------------------------------------------------------
 
 def test_unsupported_tokenizer_model(metadata):

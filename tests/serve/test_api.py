@@ -111,6 +111,27 @@ def test_chat_logprobs_match_offline(server, offline):
         assert entry.top_logprobs[0].token == entry.token and bytes(entry.bytes) == entry.token.encode()
 
 
+def test_logprobs_of_tokens_that_hold_part_of_a_character(server):
+    """An emoji is several byte-level tokens; each decodes alone to U+FFFD. They were all
+    reported as "\ufffd" with its bytes (so the bytes did not add up to the text) and, keyed
+    alike, overwrote each other in a completion's top_logprobs."""
+    emoji = [{"role": "user", "content": "Reply with only the emoji 😀"}]
+    out = server.openai().chat.completions.create(model=MODEL_NAME, messages=emoji, max_tokens=4, temperature=0,
+                                                  logprobs=True, top_logprobs=3)  # fmt: skip
+    content, text = out.choices[0].logprobs.content, out.choices[0].message.content
+    assert bytes(b for e in content for b in e.bytes).decode(errors="replace") == text  # may end mid-character
+    pieces = [e.token for e in content if e.token.startswith("bytes:")]
+    assert pieces and not any("\ufffd" in e.token for e in content)  # the model answers with an emoji
+    for e in content:
+        assert len({t.token for t in e.top_logprobs}) == len(e.top_logprobs) == 3
+    prompt = server.engine.llm.tokenizer.apply_chat_template(emoji, add_generation_prompt=True)
+    out = server.openai().completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0, logprobs=5)
+    lp, text = out.choices[0].logprobs, out.choices[0].text
+    assert [len(top) for top in lp.top_logprobs] == [5] * len(lp.tokens)  # none overwritten
+    assert all(max(top.values()) == pytest.approx(got, abs=1e-4) for top, got in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] < len(text)
+
+
 def test_cached_prompt_tokens_are_reported(server):
     """The second identical prompt maps the first one's full blocks from the prefix cache."""
     messages = [{"role": "system", "content": "You answer in one word. " * 4}, *CHAT]

@@ -71,6 +71,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}  # byte-level piece char -> byte
+
+
 def _required(metadata: Mapping[str, Any], key: str) -> Any:
     if key not in metadata or metadata[key] is None:
         raise ValueError(f"GGUF metadata has no {key!r}: cannot build the tokenizer")
@@ -207,7 +210,10 @@ class Tokenizer:
             i for i, t in backend.get_added_tokens_decoder().items() if t.special)
         # ByteFallback decoding turns a run of <0xXX> tokens into text as a whole (one U+FFFD
         # per byte if the run is invalid UTF-8), so the streaming decoder must see whole runs.
-        byte_fallback = backend.decoder is not None and b'"ByteFallback"' in backend.decoder.__getstate__()
+        decoder_state = backend.decoder.__getstate__() if backend.decoder is not None else b""
+        byte_fallback = b'"ByteFallback"' in decoder_state
+        self._byte_level = b'"ByteLevel"' in decoder_state  # pieces spell bytes (GPT-2's byte alphabet)
+        self._added_ids = frozenset(backend.get_added_tokens_decoder())
         self._byte_ids = frozenset(
             i for t, i in backend.get_vocab().items() if byte_fallback and _BYTE_TOKEN.fullmatch(t))
 
@@ -395,6 +401,22 @@ class Tokenizer:
             ids = ids.tolist()
         ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for. A piece of a multi-byte character (byte-level BPE
+        pieces of an emoji, <0xXX> byte-fallback tokens) is part of a UTF-8 sequence, which
+        decode() alone turns into U+FFFD. SentencePiece's ▁ is a space here."""
+        token_id = int(token_id)
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:  # added tokens are their own text
+            return piece.encode()
+        if self._byte_level and all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        if _BYTE_TOKEN.fullmatch(piece):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

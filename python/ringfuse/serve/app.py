@@ -232,11 +232,21 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
             watcher.cancel()
             engine.abort(handle)  # no-op for finished sequences
 
-    def token_text(token_id: int) -> str:
-        text = token_texts.get(token_id)
-        if text is None:
-            text = token_texts[token_id] = engine.llm.tokenizer.decode([token_id])
-        return text
+    def token_text(token_id: int) -> tuple[str, bytes]:
+        """A token's text and bytes for logprobs. A piece of a multi-byte character decodes
+        alone to U+FFFD: it is named by its bytes, "bytes:\\xf0\\x9f", as vLLM does, so that
+        such tokens stay apart (top_logprobs are keyed by this text)."""
+        entry = token_texts.get(token_id)
+        if entry is None:
+            tok = engine.llm.tokenizer
+            text = tok.decode([token_id])
+            if "\ufffd" in text:
+                raw = tok.token_bytes(token_id)
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            else:
+                raw = text.encode()
+            entry = token_texts[token_id] = (text, raw)
+        return entry
 
     def usage(job: protocol.Job, results: list[GenerationResult]) -> dict:
         firsts = results[:: job.n]  # the prompt counts once per prompt, not once per choice
@@ -245,20 +255,24 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in firsts)}}  # fmt: skip
 
-    def completion_logprobs(token_ids: list[int], lps: list[TokenLogprobs], offset: int) -> dict:
-        texts = [token_text(t) for t in token_ids]
-        offsets = []
-        for t in texts:
+    def text_offsets(token_ids: list[int]) -> list[int]:
+        """Where each token's text starts in the completion's text (a piece of a character
+        starts where the character does)."""
+        decoder, offsets, offset = engine.llm.tokenizer.decoder(), [], 0
+        for t in token_ids:
             offsets.append(offset)
-            offset += len(t)
-        return {"tokens": texts, "token_logprobs": [_finite(lp.logprob) for lp in lps],
-                "top_logprobs": [{token_text(t): _finite(v) for t, v in lp.top} for lp in lps],
+            offset += len(decoder.push(t))
+        return offsets
+
+    def completion_logprobs(token_ids: list[int], lps: list[TokenLogprobs], offsets: list[int]) -> dict:
+        return {"tokens": [token_text(t)[0] for t in token_ids], "token_logprobs": [_finite(lp.logprob) for lp in lps],
+                "top_logprobs": [{token_text(t)[0]: _finite(v) for t, v in lp.top} for lp in lps],
                 "text_offset": offsets}  # fmt: skip
 
     def chat_logprobs(token_ids: list[int], lps: list[TokenLogprobs]) -> dict:
         def entry(t: int, v: float) -> dict:
-            s = token_text(t)
-            return {"token": s, "logprob": _finite(v), "bytes": list(s.encode("utf-8", "replace"))}
+            text, raw = token_text(t)
+            return {"token": text, "logprob": _finite(v), "bytes": list(raw)}
 
         return {"content": [dict(entry(t, lp.logprob), top_logprobs=[entry(a, v) for a, v in lp.top])
                             for t, lp in zip(token_ids, lps)]}  # fmt: skip
@@ -372,7 +386,8 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
         if results is None:
             return Response(status_code=499)  # the client is gone: nobody reads this
         choices = [{"index": i, "text": r.text, "finish_reason": protocol.finish_reason(r.finish_reason),
-                    "logprobs": completion_logprobs(r.token_ids, r.logprobs, 0) if r.logprobs is not None else None}
+                    "logprobs": completion_logprobs(r.token_ids, r.logprobs, text_offsets(r.token_ids))
+                    if r.logprobs is not None else None}
                    for i, r in enumerate(results)]  # fmt: skip
         return _json(dict(head, choices=choices, usage=usage(job, results)))
 
@@ -445,8 +460,8 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
                 return
             lp = None
             if ev.logprobs is not None:
-                lp = completion_logprobs([ev.token_id], [ev.logprobs], offsets[pos])
-                offsets[pos] += len(token_text(ev.token_id))
+                lp = completion_logprobs([ev.token_id], [ev.logprobs], [offsets[pos]])
+            offsets[pos] += len(ev.text)  # the text streamed so far: where the next token's text starts
             reason = protocol.finish_reason(ev.result.finish_reason) if ev.finished else None
             yield {"choices": [{"index": pos, "text": ev.text, "logprobs": lp, "finish_reason": reason}]}
 
