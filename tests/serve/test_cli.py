@@ -88,6 +88,38 @@ def test_serve_starts_answers_and_stops_on_sigterm(gguf_path):
             httpx.get(f"{url}/health", timeout=5)
 
 
+def test_sigterm_ends_requests_still_open_after_the_grace_period_with_a_503(gguf_path):
+    """Requests that outlive the 5 s grace get the engine's 503 'the server is shutting down':
+    a JSON error, or an error event and [DONE] in a stream. Before, uvicorn cancelled them at
+    its timeout: a plain-text 500, a stream cut short, a CancelledError traceback in the log."""
+    with ServeProcess("--model", str(gguf_path), "--port", "0", "--max-model-len", "2048", "--max-batch", "1",
+                      "--threads", "1") as server:  # fmt: skip
+        url = server.line_matching(r"ready: serving '[^']+' on (http://127\.0\.0\.1:\d+)").group(1)
+        body = {"prompt": "Hi", "max_tokens": 1500, "ignore_eos": True, "temperature": 0}
+        got, events = {}, []
+
+        def json_request():  # queued behind the stream (one sequence at a time)
+            got["json"] = httpx.post(f"{url}/v1/completions", json=body, timeout=TIMEOUT_S)
+
+        def stream_request():
+            with httpx.stream("POST", f"{url}/v1/completions", json=dict(body, stream=True), timeout=TIMEOUT_S) as r:
+                events.extend(line for line in r.iter_lines() if line)
+
+        threads = [threading.Thread(target=f) for f in (stream_request, json_request)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(events) >= 3 or server.proc.poll() is not None, "a streaming request")
+        server.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(TIMEOUT_S)
+        code = server.proc.wait(TIMEOUT_S)
+    assert code in (0, -signal.SIGTERM), "".join(server.stderr)
+    assert "Traceback" not in "".join(server.stderr)
+    reply = got["json"]
+    assert reply.status_code == 503 and "the server is shutting down" in reply.json()["error"]["message"]
+    assert events[-1] == "data: [DONE]" and "the server is shutting down" in events[-2], events[-3:]
+
+
 def test_a_model_that_fails_to_load_exits_1(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"this is not a GGUF file")

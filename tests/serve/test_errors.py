@@ -8,7 +8,7 @@ import json
 import openai
 import pytest
 
-from .conftest import CHAT_PROMPT, COMPLETION_PROMPT, MAX_MODEL_LEN, MODEL_NAME, serving
+from .conftest import CHAT_PROMPT, COMPLETION_PROMPT, MAX_MODEL_LEN, MODEL_NAME, TIMEOUT_S, serving, wait_for
 
 CHAT = [{"role": "user", "content": CHAT_PROMPT}]
 
@@ -138,6 +138,24 @@ def test_ignored_names_logged_are_bounded(monkeypatch, caplog):
     assert protocol._logged_names == {"a", "b", "c"}
     levels = [(rec.levelname, rec.getMessage()) for rec in caplog.records if rec.name == "ringfuse.serve"]
     assert [lvl for lvl, _ in levels] == ["WARNING", "WARNING", "DEBUG"] and levels[2][1].endswith(": d"), levels
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_no_server_error(server, caplog):
+    """A body cut short by the client (Content-Length 100, 10 bytes sent, socket closed) was
+    logged as an ERROR with a ClientDisconnect traceback, once per such connection."""
+    import socket
+    from urllib.parse import urlsplit
+
+    caplog.set_level("DEBUG", logger="ringfuse.serve")
+    where = urlsplit(server.url)
+    for _ in range(3):
+        with socket.create_connection((where.hostname, where.port), timeout=TIMEOUT_S) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\":")
+    with server.http() as http:  # still serving; and by now the three connections were handled
+        wait_for(lambda: sum("the client disconnected" in r.getMessage() for r in caplog.records) == 3,
+                 "the disconnects to be handled")
+        assert http.get("/health").status_code == 200
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
 
 
 def test_text_that_is_not_unicode_is_400(server):

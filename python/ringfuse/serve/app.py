@@ -36,6 +36,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..runtime.engine import LLM, GenerationResult, TokenEvent
 from ..runtime.sampling import TokenLogprobs
@@ -503,6 +504,8 @@ class _InternalErrors:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:  # the client left while sending its body: nothing failed, nobody to answer
+            log.debug("ringfuse serve: %s %s: the client disconnected", scope.get("method"), scope.get("path"))
         except Exception:
             log.exception("ringfuse serve: %s %s failed", scope.get("method"), scope.get("path"))
             if started:  # too late for a status: the client sees the response cut short

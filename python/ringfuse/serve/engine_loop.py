@@ -163,10 +163,16 @@ class EngineLoop:
         """Stop the thread: unfinished requests are aborted (their blocks freed) and their
         clients get a Failure. A model still loading cannot be interrupted: the thread is a
         daemon, so the process can exit without it."""
-        self._stopping = True
-        self._wake.set()
+        self.end_requests()
         if self._thread is not None:
             self._thread.join(timeout if self.state != LOADING else 0)
+
+    def end_requests(self) -> None:
+        """The first half of stop(), without waiting for the thread: no request is taken from
+        now on, and every open one gets its Failure (503 "the server is shutting down") at once;
+        the thread aborts them at the end of its current step."""
+        self._stopping = True
+        self._wake.set()
         if self.state != DEAD:
             self.state = STOPPED
         self._fail_all("the server is shutting down", 503)

@@ -14,10 +14,12 @@ ranks cannot be brought back in step.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import sys
 
 GRACEFUL_SHUTDOWN_S = 5  # open requests get this long to finish when the server is stopped
+ERROR_REPLY_S = 2  # then they get a 503 error, which this long is left to send before uvicorn cancels
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -84,6 +86,24 @@ def run(args) -> int:
             distributed.destroy()
 
 
+def _uvicorn_server(config, engine):
+    """uvicorn's Server, which at shutdown also ends the requests still open after
+    GRACEFUL_SHUTDOWN_S with the engine's 503 "the server is shutting down" (a JSON error, or
+    an SSE error event and [DONE]). Left to uvicorn, they would be cancelled at its timeout
+    with no answer: a plain-text 500, or a stream cut short."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            timer = asyncio.get_running_loop().call_later(GRACEFUL_SHUTDOWN_S, engine.end_requests)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    return Server(config)
+
+
 def _serve(args, settings, make_llm, mirror, say) -> int:
     import uvicorn
 
@@ -110,8 +130,8 @@ def _serve(args, settings, make_llm, mirror, say) -> int:
 
     app = create_app(make_llm, settings, on_ready=on_ready, on_dead=on_dead, mirror=mirror)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on")  # fmt: skip
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S + ERROR_REPLY_S, lifespan="on")  # fmt: skip
+    server = _uvicorn_server(config, app.state.engine)
     say(f"listening on {url_of(sock)}; loading the model (GET /ready says 200 once it can serve)")
     try:
         server.run(sockets=[sock])
