@@ -317,7 +317,6 @@ def check_out(op: str, out, shape, dtype, x: torch.Tensor, inputs: dict, name: s
         raise ValueError(f"{op}: {name} is on {out.device} but x is on {x.device}")
     if needs_autograd(out, *inputs.values()):
         raise ValueError(f"{op}: {name}= does not support autograd (an input requires grad); pass {name}=None")
-    mark_written(out)
     if not out.numel():
         return Rows(out, shape[-1])
     out_rows = rows(out)
@@ -330,6 +329,7 @@ def check_out(op: str, out, shape, dtype, x: torch.Tensor, inputs: dict, name: s
             continue  # exactly the same elements: in place
         if overlap(t, out):
             raise ValueError(f"{op}: {name} overlaps {other} in memory; use a separate buffer or the same tensor")
+    mark_written(out)  # checked: the kernel writes it
     return out_rows
 
 

@@ -591,7 +591,6 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     if torch.compiler.is_compiling():
         torch.ops.ringfuse.write_kv(k, v, k_cache, v_cache, slot_mapping)
         return
-    c.mark_written(k_cache, v_cache)
     if k.numel() and k_cache.numel():  # spans taken once each
         for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
             if c.rows_overlap(t):
@@ -605,6 +604,7 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
             for cname, cs in caches:
                 if c.spans_overlap(ts, cs):
                     raise ValueError(f"{op}: {name} overlaps {cname}")
+    c.mark_written(k_cache, v_cache)
     _write_kv(k, v, k_cache, v_cache, slot_mapping)
 
 

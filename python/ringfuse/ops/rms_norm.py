@@ -141,7 +141,6 @@ def _add_rms_norm_inplace(x, residual, weight, eps, llama) -> None:
     eps = _check(op, x, weight, eps, residual)
     if c.needs_autograd(x, residual, weight):
         raise ValueError(f"{op}: the in-place op does not support autograd; use add_rms_norm")
-    c.mark_written(x, residual)
     if _out_dtype(x, weight, llama) != x.dtype:
         raise TypeError(f"{op}: cast_mode='llama' with a float32 weight gives a float32 output; x ({x.dtype}) cannot hold it")
     if x.numel() == 0:
@@ -158,6 +157,7 @@ def _add_rms_norm_inplace(x, residual, weight, eps, llama) -> None:
             raise ValueError(f"{op}: weight must not share memory with x or residual, which are overwritten")
     weight = c.kernel_param(weight, x)
     hidden = x.shape[-1]
+    c.mark_written(x, residual)
     launch(x_rows, x_rows, x.numel() // hidden, hidden, weight, eps, llama, res_rows, res_rows)
 
 
