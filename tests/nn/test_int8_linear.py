@@ -245,6 +245,35 @@ def test_quantize_with_calibration_folds_into_norms_and_reduces_error():
     assert e_smooth < e_plain and e_smooth <= 0.05
 
 
+def test_calibration_folds_only_into_norms_whose_output_scales_with_the_weight():
+    """Gemma 2: its RMSNorm computes (1 + weight) * x, and post_attention_layernorm normalizes
+    the attention output, not the MLP input. Folding 1 / s there took the logits 0.6 off."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Gemma2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+    counts = quantize(model, "w8a8", calibration=[ids])
+    assert counts == {"quantized": 14, "smoothed": 14, "folded": 0}  # every layer divides its own input
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, ref) <= 0.05
+
+
+def test_quantize_refuses_a_bare_linear_and_pickles_after_a_forward(tmp_path):
+    """quantize(nn.Linear) reported {'quantized': 1} and changed nothing; torch.save of a w8a8
+    layer failed after its first forward (the packed weight's views were pickled)."""
+    with pytest.raises(TypeError, match="itself a torch.nn.Linear"):
+        quantize(gaussian_linear(), "w8a8")
+    model = torch.nn.Sequential(Int8Linear.from_float(gaussian_linear(), "w8a8"))
+    x = torch.randn(2, K)
+    y = model(x)
+    torch.save(model, tmp_path / "m.pt")
+    assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), y)
+
+
 def test_quantized_model_state_dict_round_trip():
     model = tiny_llama()
     quantize(model, "w8a8", calibration=[torch.randint(0, 96, (2, 8))])

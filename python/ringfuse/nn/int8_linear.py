@@ -118,6 +118,11 @@ class Int8Linear(torch.nn.Module):
         w = self.weight.float() * scale
         return w / self.smooth[None, :] if self.smooth is not None else w
 
+    def __getstate__(self):
+        # pickling (torch.save of the module, deepcopy): the packed weight is a cache of
+        # views of it, rebuilt on the next forward, and torch.save refuses such views
+        return dict(super().__getstate__(), _prepared=None)
+
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         # loaded in place: under torch.inference_mode no version counter would show it, so

@@ -6,11 +6,13 @@ a per-token int8 scale set by an outlier crushes every other channel to a few le
 each input channel j, ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``; dividing X by s and
 multiplying W's columns by s is exact in real arithmetic and balances how hard the two are
 to quantize (alpha = 0.5 splits it evenly). ``max|X_j|`` comes from calibration batches.
-The division is folded into the preceding RMSNorm/LayerNorm weight where the model's
-structure makes that safe (the norm feeds only the smoothed layers: q/k/v after
-``input_layernorm`` and gate/up after ``post_attention_layernorm`` in HF Llama, Mistral,
-Qwen2 and similar decoder layers; those projections share one s). Any other smoothed layer
-divides its input by s itself (``Int8Linear.smooth``).
+The division is folded into the preceding RMSNorm/LayerNorm weight where that is exact:
+the norm's output is the projections' input (q/k/v after ``input_layernorm`` and gate/up
+after ``post_attention_layernorm`` in HF Llama, Mistral, Qwen2 and similar decoder layers;
+those projections share one s), which calibration confirms (the norm's output and their
+input have the same per-channel maxima), and the norm's output scales with its weight
+(``weight * x``: Gemma's ``(1 + weight) * x`` does not). Any other smoothed layer divides
+its input by s itself (``Int8Linear.smooth``).
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ def quantize(model: torch.nn.Module, mode: str = "w8a8", *, skip: Iterable[str] 
     scales. Returns {"quantized": n, "smoothed": n, "folded": n}."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"quantize: model must be a torch.nn.Module, got {type(model).__name__}")
+    if type(model) is torch.nn.Linear:
+        raise TypeError("quantize: model is itself a torch.nn.Linear, which cannot be replaced in place; "
+                        "use Int8Linear.from_float(linear, mode)")  # fmt: skip
     if mode not in MODES:
         raise ValueError(f"quantize: mode must be one of {MODES}, got {mode!r}")
     if isinstance(skip, str):
@@ -109,8 +114,15 @@ def quantize(model: torch.nn.Module, mode: str = "w8a8", *, skip: Iterable[str] 
     smooth: dict[str, torch.Tensor] = {}
     folded: set[str] = set()
     if calibration is not None:
-        absmax = calibrate(model, calibration, targets)
-        folded = _fold_into_norms(model, targets, absmax, alpha, smooth)
+        groups = _norm_groups(model, targets)
+        norm_out: dict[str, torch.Tensor] = {}  # norm name -> max |output| per channel
+        hooks = [norm.register_forward_hook(_absmax_into(norm_out, name)) for name, norm, _ in groups]
+        try:
+            absmax = calibrate(model, calibration, targets)
+        finally:
+            for h in hooks:
+                h.remove()
+        folded = _fold_into_norms(groups, absmax, norm_out, alpha, smooth)
         for name, lin in targets.items():
             if name not in smooth and name in absmax:
                 smooth[name] = smooth_factors(absmax[name], [lin.weight], alpha)
@@ -123,27 +135,67 @@ def quantize(model: torch.nn.Module, mode: str = "w8a8", *, skip: Iterable[str] 
     return {"quantized": len(targets), "smoothed": len(smooth), "folded": len(folded)}
 
 
-def _fold_into_norms(model, targets, absmax, alpha, smooth) -> set[str]:
-    """Llama-style decoder layers: one s per norm, shared by the projections it feeds, with
-    1 / s folded into the norm weight. Fills ``smooth``; returns the folded layer names."""
-    folded = set()
+def _norm_groups(model, targets) -> list[tuple[str, torch.nn.Module, dict[str, torch.nn.Linear]]]:
+    """(norm name, norm, {projection name: projection}) of the FOLDABLE_GROUPS found in
+    ``model``, where every projection is quantized and the norm is a weight-only one of
+    their input width."""
     names = {id(m): n for n, m in model.named_modules()}
+    groups = []
     for layer in model.modules():
         for norm_attr, holder_attr, proj_names in FOLDABLE_GROUPS:
             norm, holder = getattr(layer, norm_attr, None), getattr(layer, holder_attr, None)
             weight = getattr(norm, "weight", None)
-            if not isinstance(weight, torch.Tensor) or holder is None:
+            if not isinstance(norm, torch.nn.Module) or not isinstance(weight, torch.Tensor) or holder is None:
                 continue
             projs = [getattr(holder, p, None) for p in proj_names]
             pnames = [names.get(id(p)) for p in projs]
-            if not all(p is not None and n in targets and n in absmax for p, n in zip(projs, pnames)):
+            if not all(p is not None and n in targets for p, n in zip(projs, pnames)):
                 continue  # not the expected structure, or a projection skipped: no folding
             if getattr(norm, "bias", None) is not None or weight.shape != (projs[0].in_features,):
                 continue  # LayerNorm with a bias would need the bias divided too; keep it simple
-            act = torch.stack([absmax[n] for n in pnames]).amax(0)  # the same input: same max
-            s = smooth_factors(act, [p.weight for p in projs], alpha)
-            weight.data.copy_((weight.data.float() / s.to(weight.device)).to(weight.dtype))
-            for n in pnames:
-                smooth[n] = s
-                folded.add(n)
+            groups.append((names[id(norm)], norm, dict(zip(pnames, projs))))
+    return groups
+
+
+def _absmax_into(store: dict, name: str):
+    def hook(module, args, out):
+        out = out[0] if isinstance(out, tuple) else out
+        x = out.detach().reshape(-1, out.shape[-1]).abs().amax(0).float()
+        store[name] = torch.maximum(store[name], x) if name in store else x
+
+    return hook
+
+
+def _scales_with_weight(norm: torch.nn.Module) -> bool:
+    """Whether doubling the norm's weight doubles its output (exact in floating point for an
+    output of ``weight * x``), as dividing the weight by s must divide the output by s."""
+    w = norm.weight
+    x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    saved = w.data.clone()
+    try:
+        y1 = norm(x)
+        w.data.mul_(2)
+        y2 = norm(x)
+    finally:
+        w.data.copy_(saved)
+    return isinstance(y1, torch.Tensor) and torch.equal(y2, 2 * y1)
+
+
+def _fold_into_norms(groups, absmax, norm_out, alpha, smooth) -> set[str]:
+    """One s per norm, shared by the projections it feeds, with 1 / s folded into the norm
+    weight, where that is exact (module docstring). Fills ``smooth``; returns the folded
+    layer names."""
+    folded = set()
+    for norm_name, norm, projs in groups:
+        if not all(n in absmax for n in projs) or norm_name not in norm_out:
+            continue  # not reached by the calibration batches
+        act = torch.stack([absmax[n] for n in projs]).amax(0)  # the same input: the same max
+        if not torch.equal(norm_out[norm_name].to(act.device), act) or not _scales_with_weight(norm):
+            continue  # the norm's output is not (exactly) their input: each smooths its own input
+        s = smooth_factors(act, [p.weight for p in projs.values()], alpha)
+        weight = norm.weight
+        weight.data.copy_((weight.data.float() / s.to(weight.device)).to(weight.dtype))
+        for n in projs:
+            smooth[n] = s
+            folded.add(n)
     return folded
