@@ -37,7 +37,8 @@ class RMSNorm(torch.nn.RMSNorm):
         ndim = len(self.normalized_shape)
         if tuple(x.shape[-ndim:]) != tuple(self.normalized_shape):
             raise ValueError(f"RMSNorm: input's trailing shape must be {tuple(self.normalized_shape)}, got {tuple(x.shape)}")
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        # eps=None: torch takes the epsilon of the type it computes in (fp32 for 16-bit x)
+        eps = self.eps if self.eps is not None else torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
         x2, w = _flatten_trailing(x, self.weight, ndim)
         y = ops.rms_norm(x2, w, eps, cast_mode=self.cast_mode)
         return y.view(*x.shape[:-ndim], *x.shape[-ndim:]) if ndim > 1 else y
