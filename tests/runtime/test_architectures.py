@@ -307,6 +307,18 @@ def test_gemma2_bad_config(key, value, match):
         ModelConfig.from_hf(cfg, "config.json")
 
 
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_an_activation_other_than_silu_is_refused(arch):
+    """hidden_act was not read: a relu or gelu Llama-family config ran with SiLU."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4).to_dict()  # fmt: skip
+    cfg["architectures"] = [arch]
+    ModelConfig.from_hf(dict(cfg, hidden_act="swish"), "config.json")  # SiLU's other name
+    for act in ("relu", "gelu"):
+        with pytest.raises(ValueError, match=f"unsupported hidden_act '{act}' \\(supported: silu, swish\\)"):
+            ModelConfig.from_hf(dict(cfg, hidden_act=act), "config.json")
+
+
 def test_missing_qk_norm_is_refused_at_load(models, tmp_path):
     hf = models["qwen3"][0]
     sd = {k: v for k, v in hf.state_dict().items() if k != "model.layers.1.self_attn.k_norm.weight"}

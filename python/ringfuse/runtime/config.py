@@ -178,6 +178,11 @@ class ModelConfig:
                 for key in (*required, "low_freq_factor", "high_freq_factor"):  # inv_freq() computes with these
                     if scaling is not None and (key in scaling or key in required):
                         _num(scaling.get(key), f"{source}: rope_scaling {key}")
+            if arch.hf_activation is not None:  # the block's activation is fixed: refuse another
+                key, supported = arch.hf_activation
+                act = cfg.get(key, supported[0])
+                if act not in supported:
+                    raise ValueError(f"{source}: unsupported {key} {act!r} (supported: {', '.join(supported)})")
             eos = cfg.get("eos_token_id")
             fields = dict(
                 arch=arch.name,

@@ -86,6 +86,10 @@ class Architecture:
     # stores norm_offset + w, which the GGUF reader takes back to HF's w
     norm_offset = 0.0
 
+    # (config.json key, the values the block computes) checked at load, or None where
+    # hf_fields checks the activation itself
+    hf_activation: tuple[str, tuple[str, ...]] | None = None
+
     @classmethod
     def hf_fields(cls, cfg: dict, source: str) -> dict:
         """ModelConfig fields this family reads from config.json beyond the common ones."""

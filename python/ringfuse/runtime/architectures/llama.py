@@ -46,6 +46,7 @@ class Llama(Architecture):
     gguf_name = "llama"  # Mistral GGUFs say "llama" too
     gguf_permuted_qk = True
     block = LlamaBlock
+    hf_activation = ("hidden_act", ("silu", "swish"))  # SwiGLU (HF maps both names to SiLU)
 
     @classmethod
     def hf_fields(cls, cfg, source):
