@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -250,6 +251,27 @@ def test_from_folder_config_variants(folder, tmp_path):
     assert Tokenizer.from_folder(tmp_path).eos_token_ids == (2, 0)
 
 
+@pytest.mark.parametrize("name,content,match", [
+    ("tokenizer_config.json", "[]", "tokenizer_config.json: must hold a JSON object, got list"),
+    ("tokenizer_config.json", "{oops", "tokenizer_config.json: not valid JSON"),
+    ("generation_config.json", '{"eos_token_id": "x"}', "eos_token_id must be a token id or a list of them, got 'x'"),
+    ("generation_config.json", '{"eos_token_id": 1.5}', "eos_token_id must be a token id"),
+    ("tokenizer_config.json", '{"bos_token": 5}', "bos_token must be a string or"),
+    ("tokenizer_config.json", '{"chat_template": [{"template": "x"}]}', "chat_template as a list must hold"),
+    ("tokenizer_config.json", '{"chat_template": 5}', "chat_template must be a string"),
+    ("chat_template.json", "[1]", "chat_template.json: must hold a JSON object"),
+    ("tokenizer.json", "[1]", "tokenizer.json: not a tokenizers file"),
+])  # fmt: skip
+def test_from_folder_malformed_files_are_named(folder, tmp_path, name, content, match):
+    """These gave AttributeError, KeyError, JSONDecodeError, a jinja TypeError or the
+    tokenizers library's bare Exception, none naming the file."""
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / f, tmp_path / f)
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + ".*" + match):
+        Tokenizer.from_folder(tmp_path)
+
+
 def test_from_folder_without_tokenizer_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_folder(tmp_path)
@@ -354,6 +376,17 @@ def test_token_bytes_add_up_to_the_text(tok, sp_tok, text):
 
 
 # -- errors ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("merges,match", [
+    (["abc"], "each merge must be two tokens separated by one space"),
+    (["a b c"], "each merge must be two tokens separated by one space"),
+    ([7], "each merge must be two tokens"),
+    (["zz qq"], "out of vocabulary"),
+])  # fmt: skip
+def test_malformed_merges_name_the_key(metadata, merges, match):
+    with pytest.raises(ValueError, match=f"tokenizer.ggml.merges: .*{match}"):
+        Tokenizer.from_gguf(dict(metadata, **{"tokenizer.ggml.merges": merges}))
+
 
 def test_unsupported_tokenizer_model(metadata):
     with pytest.raises(ValueError, match="'bert'.*supported"):

@@ -782,7 +782,12 @@ def test_gguf_llama3_rope_freqs(hf_models, tmp_path):
     _run_and_check(DecoderModel(w), hf32, hf64, "gguf llama3 rope", decode_steps=1)
 
 
-def test_gguf_rope_freqs_wrong_length(hf_models, tmp_path):
+@pytest.mark.parametrize("factors,match", [
+    (np.ones(5), "rope_freqs.weight has 5 values"),
+    (np.zeros(8), r"must hold positive finite factors, got \[0.0, 0.0"),  # every logit NaN, token 0 out
+    (np.array([1.0] * 7 + [np.nan]), "must hold positive finite factors, got \\[nan\\]"),
+])  # fmt: skip
+def test_gguf_bad_rope_freqs(hf_models, tmp_path, factors, match):
     path = tmp_path / "bad.gguf"
     hf = hf_models["llama"][0]
     w = gguf.GGUFWriter(str(path), "llama")
@@ -791,9 +796,9 @@ def test_gguf_rope_freqs_wrong_length(hf_models, tmp_path):
         w.add_uint32(f"llama.{key}", value)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-6)
     w.add_tensor("token_embd.weight", hf.model.embed_tokens.weight.detach().numpy())
-    w.add_tensor("rope_freqs.weight", np.ones(5, dtype=np.float32))
+    w.add_tensor("rope_freqs.weight", factors.astype(np.float32))
     _finish(w)
-    with pytest.raises(ValueError, match="rope_freqs.weight has 5 values"):
+    with pytest.raises(ValueError, match=match):
         open_weights(path)
 
 

@@ -93,7 +93,10 @@ class LLM:
         self.weights = open_weights(self.path)
         cfg = self.config = self.weights.config
         if hasattr(self.weights, "metadata"):
-            self.tokenizer = Tokenizer.from_gguf(self.weights.metadata)
+            try:
+                self.tokenizer = Tokenizer.from_gguf(self.weights.metadata)
+            except ValueError as e:  # name the file
+                raise ValueError(f"{self.path}: {e}") from None
         else:
             self.tokenizer = Tokenizer.from_folder(self.path)
         self.model = self._load_model(quant, group, weight_cache)

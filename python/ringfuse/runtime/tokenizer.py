@@ -287,9 +287,16 @@ class Tokenizer:
         # (e.g. with spaces): respell those so every vocab entry is in BPE's alphabet.
         vocab = {t if set(t) <= alphabet else "".join(byte_char[b] for b in t.encode()): i
                  for i, t in enumerate(tokens)}
-        bpe = models.BPE(vocab=vocab, merges=[tuple(str(m).split(" ", 1)) for m in merges],
-                         dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
-                         fuse_unk=False)
+        pairs = [tuple(m.split(" ")) if isinstance(m, str) else () for m in merges]
+        bad = [m for m, p in zip(merges, pairs) if len(p) != 2 or not all(p)]
+        if bad:
+            raise ValueError(f"tokenizer.ggml.merges: each merge must be two tokens separated by one space, "
+                             f"got {bad[:3]}")  # fmt: skip
+        try:
+            bpe = models.BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="",
+                             end_of_word_suffix="", fuse_unk=False)
+        except Exception as e:  # the tokenizers library raises a bare Exception (e.g. a merge of unknown tokens)
+            raise ValueError(f"tokenizer.ggml.merges: {e}") from None
         tok = tokenizers.Tokenizer(bpe)
         splits, gpt2_regex = _PRE_SPLITS[_BPE_PRE_TYPES[pre]]
         steps = [pre_tokenizers.Digits(individual_digits=True) if r == _DIGITS
@@ -341,30 +348,50 @@ class Tokenizer:
         folder = Path(path)
         if not (folder / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{folder} has no tokenizer.json")
-        backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise ValueError(f"{folder / 'tokenizer.json'}: not a tokenizers file: {e}") from None
         # The runtime never wants silent truncation or padding from the saved settings
         backend.no_truncation()
         backend.no_padding()
 
         def load(name: str) -> dict:
             f = folder / name
-            return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+            if not f.is_file():
+                return {}
+            try:
+                obj = json.loads(f.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+                raise ValueError(f"{f}: not valid JSON: {e}") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{f}: must hold a JSON object, got {type(obj).__name__}")
+            return obj
 
         config, gen_config = load("tokenizer_config.json"), load("generation_config.json")
 
         def token(name: str) -> str | None:
             value = config.get(name)
-            return value.get("content") if isinstance(value, dict) else value
+            value = value.get("content") if isinstance(value, dict) else value
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{folder / 'tokenizer_config.json'}: {name} must be a string or "
+                                 f"{{'content': string}}, got {value!r}")  # fmt: skip
+            return value
 
-        def ids(value: Any) -> list[int]:
-            return [] if value is None else [int(value)] if isinstance(value, int) else [int(v) for v in value]
+        def ids(key: str) -> list[int]:
+            value = gen_config.get(key)
+            values = [] if value is None else value if isinstance(value, list) else [value]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+                raise ValueError(f"{folder / 'generation_config.json'}: {key} must be a token id or a list of "
+                                 f"them, got {value!r}")  # fmt: skip
+            return values
 
         bos, eos = token("bos_token"), token("eos_token")
         bos_id = backend.token_to_id(bos) if bos is not None else None
         if bos_id is None:
-            bos_id = (ids(gen_config.get("bos_token_id")) or [None])[0]
+            bos_id = (ids("bos_token_id") or [None])[0]
         eos_id = backend.token_to_id(eos) if eos is not None else None
-        eos_ids = ([eos_id] if eos_id is not None else []) + ids(gen_config.get("eos_token_id"))
+        eos_ids = ([eos_id] if eos_id is not None else []) + ids("eos_token_id")
         # As HF: an explicit add_bos/eos_token (or no post-processor at all) means a
         # TemplateProcessing built from the flags; otherwise tokenizer.json's own one stays.
         if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
@@ -374,11 +401,19 @@ class Tokenizer:
 
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and "template" in t for t in template):
+                raise ValueError(f"{folder / 'tokenizer_config.json'}: chat_template as a list must hold "
+                                 "{'name': ..., 'template': ...} objects")  # fmt: skip
             template = {t["name"]: t["template"] for t in template}.get("default")
+        where = "tokenizer_config.json"
         if (folder / "chat_template.json").is_file():
-            template = load("chat_template.json").get("chat_template", template)
+            where = "chat_template.json"
+            template = load(where).get("chat_template", template)
         if (folder / "chat_template.jinja").is_file():  # transformers >= 4.43 saves it here
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        elif template is not None and not isinstance(template, str):
+            raise ValueError(f"{folder / where}: chat_template must be a string (a Jinja template), "
+                             f"got {type(template).__name__}")  # fmt: skip
         return cls(backend, vocab_size=backend.get_vocab_size(with_added_tokens=True),
                    bos_token_id=bos_id, eos_token_ids=eos_ids, chat_template=template or None,
                    special_tokens={"bos_token": bos, "eos_token": eos, "unk_token": token("unk_token"),

@@ -207,6 +207,9 @@ class GGUFWeights:
             if factors.shape != (self.config.head_dim // 2,):
                 raise ValueError(f"{self.path}: rope_freqs.weight has {factors.size} values, expected head_dim / 2 = "
                                  f"{self.config.head_dim // 2}")  # fmt: skip
+            if not (np.isfinite(factors).all() and (factors > 0).all()):  # a frequency / factor: NaN logits
+                raise ValueError(f"{self.path}: rope_freqs.weight must hold positive finite factors, got "
+                                 f"{factors[~(np.isfinite(factors) & (factors > 0))][:4].tolist()}")  # fmt: skip
             scaling = {"rope_type": "rope_freqs", "factors": tuple(factors.tolist())}
             self.config = dataclasses.replace(self.config, rope_scaling=scaling)
         # llama.cpp's converter interleaves each head's q/k rows for its GPT-J style RoPE
