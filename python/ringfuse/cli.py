@@ -360,6 +360,9 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.error(f"--isa {args.isa}: {e}")
         os.environ["RINGFUSE_ISA"] = args.isa  # the benches' child processes (engines, ranks)
+    if args.json is not None and not (args.op in ("gpu", "serve") or
+                                      (args.op == "generate" and (args.device != "cpu" or args.shape))):  # fmt: skip
+        parser.error(f"--json applies to bench serve, gpu and generate with --device / --shape, not to bench {args.op}")
     if args.op == "serve":  # flag errors before servers start
         from .bench import serve
 

@@ -44,6 +44,7 @@ def test_chat_reads_lines_until_eof(model_arg):
     (["generate", "--max-new-tokens", "0", "x"], "--max-new-tokens must be >= 1"),
     (["generate", "--tp", "2", "x"], "torchrun --nproc-per-node 2"),
     (["generate", "--model", "/nonexistent.gguf", "x"], "not found"),
+    (["bench", "rms_norm", "--json", "/tmp/x.json"], "--json applies to bench serve, gpu and generate"),  # was ignored
 ])  # fmt: skip
 def test_bad_flags_are_clear_errors(args, match):
     done = _run(args)
