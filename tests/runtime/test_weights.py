@@ -802,6 +802,19 @@ def test_gguf_bad_rope_freqs(hf_models, tmp_path, factors, match):
         open_weights(path)
 
 
+@pytest.mark.parametrize("align", [0, 7, 12])
+def test_gguf_alignment_must_be_a_multiple_of_8(tmp_path, align):
+    """The GGUF spec asks for a multiple of 8; 7 was taken and read the tensors at offsets
+    the writer never used (garbage output)."""
+    path = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("general.alignment", align)
+    w.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    _finish(w)
+    with pytest.raises(ValueError, match=f"general.alignment must be a positive multiple of 8, got {align}"):
+        open_weights(path)
+
+
 def test_gguf_q8_0_slices(hf_models, tmp_path):
     hf = hf_models["llama"][0]
     Q8 = gguf.GGMLQuantizationType.Q8_0

@@ -165,8 +165,8 @@ def read_gguf_header(path: Path) -> tuple[dict, list[GGUFTensor]]:
                     raise
                 chunk *= 4
     align = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
-    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
-        raise ValueError(f"general.alignment must be a positive int, got {align!r}")
+    if isinstance(align, bool) or not isinstance(align, int) or align < 8 or align % 8:  # as the GGUF spec says
+        raise ValueError(f"general.alignment must be a positive multiple of 8, got {align!r}")
     data_start = -(-h.pos // align) * align
     tensors = []
     for name, dims, qtype, offset in infos:
