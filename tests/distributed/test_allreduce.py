@@ -112,6 +112,29 @@ def test_two_groups_used_alternately(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_default_group_made_again_gets_its_own_communicator(backend):
+    """The cached communicator outlived destroy_process_group(): with the ranks swapped in the
+    new group, all_gather put each process at its old rank and reduce_scatter returned the
+    old rank's chunk (and a broken one kept refusing the new group)."""
+    from .harness import free_port
+
+    res = values(run_ranks(workers.default_group_made_again, 2, backend, free_port()))
+    for r, gathered, scattered in res:
+        assert torch.equal(gathered, torch.tensor([0.0, 1.0]))
+        full = torch.arange(4, dtype=torch.float32) * 3  # ranks' inputs arange * (r + 1), summed
+        assert torch.equal(scattered, full[2 * r : 2 * r + 2]), (r, scattered)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_none_and_world_are_one_group(backend):
+    """group=None and dist.group.WORLD had two communicators over the same store keys (a
+    late rank read a segment name already unlinked), and set_timeout(None) did not reach
+    WORLD's (ringfuse serve --tp-timeout never reached the model's collectives)."""
+    for same, timeout_s, x in values(run_ranks(workers.none_and_world_share_a_communicator, 2, backend, 7.5)):
+        assert same and timeout_s == 7.5 and torch.equal(x, torch.full((3,), 3.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_thousand_small_calls(backend):
     assert values(run_ranks(workers.many_small_calls, 2, backend, 1000)) == [1000, 1000]
 

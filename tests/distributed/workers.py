@@ -153,3 +153,30 @@ def mismatch_then_valid(rank, world, backend):
 def bench_body_dies(rank, world):
     """A bench body (ringfuse.bench.harness.run_ranks) whose ranks die without reporting."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def default_group_made_again(rank, world, backend, port):
+    """A call on the default group, then destroy_process_group() and a new default group in
+    which the processes have each other's ranks: the new group must get its own communicator
+    (the first one was keyed "default" and kept serving, with the old ranks)."""
+    rdist.all_reduce(torch.ones(4), backend=backend)
+    dist.barrier()
+    dist.destroy_process_group()
+    new_rank = world - 1 - rank
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=new_rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    r = dist.get_rank()
+    gathered = rdist.all_gather(torch.tensor([float(r)]), backend=backend)
+    scattered = rdist.reduce_scatter(torch.arange(world * 2, dtype=torch.float32) * (r + 1), backend=backend)
+    return r, gathered, scattered
+
+
+def none_and_world_share_a_communicator(rank, world, backend, timeout_s):
+    """group=None and group=dist.group.WORLD are one group: one communicator (two had two,
+    over the same store keys), and set_timeout(None) is the timeout of both spellings."""
+    rdist.set_timeout(timeout_s)
+    a = rdist.get_communicator(None, backend)
+    b = rdist.get_communicator(dist.group.WORLD, backend)
+    x = torch.full((3,), float(rank + 1))
+    rdist.all_reduce(x, group=dist.group.WORLD, backend=backend)
+    return a is b, a.timeout_s, x

@@ -432,7 +432,12 @@ class NcclTransport:
 
 def _group_key(group):
     """This process's key for a group (store keys need no group name: each group's store is
-    already prefixed by it)."""
+    already prefixed by it). None is the default group, so None and dist.group.WORLD share one
+    key (two keys gave two communicators over the same store keys); a default group made
+    again after destroy_process_group() is another object, with its own key (get_communicator
+    pins the objects it keys, so an id cannot come back for a new group). "default" only
+    before torch.distributed is initialized (set_timeout)."""
+    group = dist.group.WORLD if group is None and dist.is_initialized() else group
     return "default" if group is None else id(group)
 
 
@@ -441,8 +446,10 @@ _counters: dict = {}
 
 def _next_id(group, what: str) -> int:
     """A per-group counter: every rank builds its communicators in the same order, so the
-    n-th one of a group has the same store keys on every rank."""
-    key = (_group_key(group), what)
+    n-th one of a group has the same store keys on every rank. The default group's goes on
+    across default groups made again (whose store may hold the earlier ones' keys)."""
+    default = group is None or (dist.is_initialized() and group is dist.group.WORLD)
+    key = ("default" if default else _group_key(group), what)
     _counters[key] = _counters.get(key, 0) + 1
     return _counters[key]
 
@@ -549,7 +556,8 @@ def _all_on_this_host(group, store, world: int, timeout_s: float) -> bool:
 
 _communicators: dict = {}
 _failed: dict = {}  # communicator key -> why its creation failed: later calls refuse at once
-_timeouts: dict = {}
+_timeouts: dict = {}  # group key -> seconds ("default": set for the default group before init)
+_pinned: dict = {}  # group key -> the group object, held so that its id stays its own
 
 
 def _check_timeout(where: str, arg: str, seconds) -> float:
@@ -563,8 +571,20 @@ def _check_timeout(where: str, arg: str, seconds) -> float:
 
 def set_timeout(seconds: float, group=None) -> None:
     """The timeout (default 60 s; 0.1 s to 24 h) of communicators created from now on for
-    ``group``."""
-    _timeouts[_group_key(group)] = _check_timeout("set_timeout", "seconds", seconds)
+    ``group`` (None: the default group, also when given before torch.distributed starts)."""
+    key = _group_key(group)
+    _timeouts[key] = _check_timeout("set_timeout", "seconds", seconds)
+    if group is None:
+        _timeouts["default"] = _timeouts[key]
+
+
+def _timeout_of(group) -> float:
+    key = _group_key(group)
+    if key in _timeouts:
+        return _timeouts[key]
+    default = dist.group.WORLD if dist.is_initialized() else None
+    is_default = group is None or group is default
+    return _timeouts.get("default", DEFAULT_TIMEOUT_S) if is_default else DEFAULT_TIMEOUT_S
 
 
 def _cuda_device(device) -> torch.device | None:
@@ -598,8 +618,9 @@ def get_communicator(group=None, backend: str = "auto", device=None) -> Communic
         if key in _failed:  # a retry would use other store keys than the peers: refuse, like a broken one
             raise RingTimeoutError(f"ringfuse.distributed: creating this communicator failed earlier ({_failed[key]}); "
                                    "create a new process group")  # fmt: skip
+        _pinned[key[0]] = dist.group.WORLD if group is None else group
         try:
-            comm = Communicator(group, backend, _timeouts.get(_group_key(group), DEFAULT_TIMEOUT_S), cuda)
+            comm = Communicator(group, backend, _timeout_of(group), cuda)
         except RingTimeoutError as e:
             _failed[key] = str(e)
             raise
