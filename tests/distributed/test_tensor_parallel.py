@@ -35,14 +35,16 @@ def test_linear_layers_match_the_unsharded_ones(world, dtype):
             else:
                 err, err_torch = (got.float() - ref32).abs().max(), (ref.float() - ref32).abs().max()
                 assert err <= 2 * err_torch + 2**-8 * ref32.abs().max()
+        assert out["empty_col"].shape == (0, 7, n_local) and out["empty_mlp"].shape == (0, 7, 96)
         for quant in ("w8a8", "w8a16"):
             err = ((out[f"mlp_{quant}"] - out["ref32_mlp"]).norm() / out["ref32_mlp"].norm()).item()
             assert err <= (0.03 if quant == "w8a8" else 0.02), (quant, err)
 
 
-@pytest.mark.parametrize("world,vocab", [(2, 1000), (3, 1000), (3, 49152), (2, 49157)])
+@pytest.mark.parametrize("world,vocab", [(2, 1000), (3, 1000), (3, 49152), (2, 49157), (2, 1)])
 def test_vocab_parallel_embedding_and_lm_head(world, vocab):
-    """Ids at both ends of every shard; a vocab tp does not divide (padding rows)."""
+    """Ids at both ends of every shard; a vocab tp does not divide (padding rows); a rank
+    with no rows at all (vocab 1: its embedding raised an IndexError before the sum)."""
     for out in values(run_ranks(workers_tp.embeddings, world, vocab)):
         assert torch.equal(out["emb"], out["ref_emb"])  # one nonzero row per id: the sum is exact
         assert out["logits"].shape == out["ref_logits"].shape

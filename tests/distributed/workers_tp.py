@@ -23,6 +23,7 @@ def linears(rank, world, dtype_name):
     out["mlp"] = r(torch.relu(c(x)))  # column -> row: one all-reduce
     out["row_full_input"] = rd.RowParallelLinear.from_linear(row, input_is_parallel=False)(torch.relu(col(x)))
     out["ref_col"], out["ref_mlp"] = col(x), row(torch.relu(col(x)))
+    out["empty_col"], out["empty_mlp"] = c(x[:0]), r(torch.relu(c(x[:0])))  # no tokens (a view to -1 failed)
     c32, r32, x32 = col.float(), row.float(), x.float()  # the fp32 reference of the tolerance rule
     out["ref32_col"], out["ref32_mlp"] = c32(x32), r32(torch.relu(c32(x32)))
     for quant in ("w8a8", "w8a16"):

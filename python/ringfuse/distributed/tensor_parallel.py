@@ -96,8 +96,8 @@ class _ShardedLinear(torch.nn.Module):
                 parts = {"w_q": self.weight_q, "w_scale": self.weight_scale, "bias": bias}
                 self._linear = Linear.from_parts(parts, self.quant, tuple(self.weight_q.shape), type(self).__name__,
                                                  torch.float32)  # fmt: skip
-        lead = x.shape[:-1]
-        return self._linear(x.reshape(-1, x.shape[-1])).view(*lead, -1)  # Linear takes [T, k]
+        y = self._linear(x.reshape(-1, x.shape[-1]))  # Linear takes [T, k]
+        return y.view(*x.shape[:-1], y.shape[-1])  # (not -1: T may be 0)
 
     def _load_shard(self, weight, bias):
         with torch.no_grad():

@@ -37,6 +37,12 @@ class VocabEmbedding:
         """ids [T] int64 -> [T, hidden] (into ``out`` [T, hidden] when given: a decode graph's
         input buffer). With ``all_reduce`` (tp > 1) ids outside this range give zero rows here
         and the sum over the ranks holds each id's row once."""
+        if all_reduce is not None and self.end == self.start:  # no rows here (vocab < tp): zeros to the sum
+            h = torch.zeros(ids.shape[0], self._hidden(), dtype=self.dtype) if out is None else out.zero_()
+            all_reduce(h)
+            if self.scale is not None:
+                h *= self.scale
+            return h
         local = ids - self.start if self.start else ids
         if all_reduce is not None:
             mine = (local >= 0) & (local < self.end - self.start)
@@ -52,6 +58,9 @@ class VocabEmbedding:
         if self.scale is not None:
             h *= self.scale
         return h
+
+    def _hidden(self) -> int:
+        return (self.table if self.table is not None else self.head.w_q).shape[1]
 
 
 class LMHead:
