@@ -19,6 +19,36 @@ def _tp_worker(rank, world, path):
     return [r.token_ids for r in results], shapes
 
 
+def _tp_divergent_worker(rank, world, path):
+    from ringfuse.runtime import LLM
+
+    llm = LLM(path, tp=world, max_model_len=256, kv_cache_tokens=512, threads=1)
+    outcomes = []
+    for kwargs in ({"seed": rank + 1, "temperature": 1.0}, {"max_new_tokens": 4 + rank}):  # one rank's differs
+        try:
+            llm.generate(["Once upon a time"], **{"max_new_tokens": 4, **kwargs})
+            outcomes.append("ok")
+        except ValueError as e:
+            outcomes.append(str(e))
+    prompt = ["The capital of France is", "The capital of Spain is"][rank]  # as many tokens
+    try:
+        llm.generate([prompt], max_new_tokens=4)
+        outcomes.append("ok")
+    except ValueError as e:
+        outcomes.append(str(e))
+    outcomes.append(llm.generate(["Hi"], max_new_tokens=4)[0].token_ids)  # the same request: fine
+    return outcomes
+
+
+def test_tp_requests_that_differ_between_ranks_are_refused(default_gguf_path):
+    """A seed, max_new_tokens or prompt that differs between the ranks gave each rank garbage,
+    or rank 1 rank 0's answer, or an error deep in a collective."""
+    got = values(run_ranks(_tp_divergent_worker, 2, str(default_gguf_path), timeout_s=300))
+    for outcomes in got:
+        assert all("every rank must add the same requests" in o and "rank 1 differ" in o for o in outcomes[:3])
+    assert got[0][3] == got[1][3] and len(got[0][3]) == 4
+
+
 def test_tp2_equals_tp1(default_gguf_path, llm_fp32):
     got = values(run_ranks(_tp_worker, 2, str(default_gguf_path), timeout_s=300))
     want = [r.token_ids for r in llm_fp32.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)]

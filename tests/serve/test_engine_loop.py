@@ -221,7 +221,7 @@ class _ScriptedLLM:
     def running(self) -> list:  # as LLM.running: the admitted requests, with their lengths in the cache
         return [types.SimpleNamespace(length=1 + tokens) for _, tokens in self.requests.values()]
 
-    def add_request(self, ids, params, index):
+    def add_request(self, ids, params, index, *, ranks_agree=False):
         if ids == [0]:
             raise ValueError("the request needs 9999 cache tokens but the cache holds 16 (raise kv_cache_tokens)")
         self.requests[index] = [params, 0]

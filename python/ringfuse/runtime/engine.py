@@ -15,6 +15,7 @@ ranks pick the same tokens.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import warnings
@@ -124,6 +125,7 @@ class LLM:
         self.output = OutputProcessor(set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids), self.max_model_len)
         self._ids, self._draws = itertools.count(), itertools.count()
         self._base_seed = int.from_bytes(os.urandom(8), "little") >> 1
+        self._tp_group = group
         if group is not None:
             import torch.distributed as dist
 
@@ -245,9 +247,13 @@ class LLM:
         a server calls it first to answer with an error before queueing."""
         self.scheduler.check(prompt_len, params)
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, index: int | None = None) -> int:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, index: int | None = None, *,
+                    ranks_agree: bool = False) -> int:  # fmt: skip
         """Queue a request (a list of token ids, as encode() returns); it joins the running
-        batch at the next step() with room. Returns its index."""
+        batch at the next step() with room. Returns its index. Under tensor parallelism every
+        rank must add the same requests in the same order, which one all-gather per request
+        checks, unless ``ranks_agree`` says the caller made sure (a server's followers apply
+        the commands rank 0 broadcasts)."""
         if not isinstance(prompt_ids, (list, tuple)):
             raise TypeError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
         if not isinstance(params, SamplingParams):
@@ -255,12 +261,29 @@ class LLM:
         prompt_ids = list(prompt_ids)
         self._check_ids(prompt_ids)
         self.check_request(len(prompt_ids), params)
+        if self._tp_group is not None and not ranks_agree:
+            self._check_same_request_on_every_rank(prompt_ids, params)
         index = next(self._ids) if index is None else index
         # an unseeded request draws from base seed + a counter: under TP every rank then
         # samples the same tokens (the base seed is rank 0's, broadcast at start-up)
         seed = (self._base_seed + next(self._draws)) % (1 << 63)
         self.scheduler.add(Request(index, prompt_ids, params, self.tokenizer.decoder(), seed))
         return index
+
+    def _check_same_request_on_every_rank(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Under tensor parallelism every rank runs the same batch: a request that differs
+        between the ranks (prompt, seed, max_new_tokens, ...) would give garbage, or another
+        rank's answer, or fail deep in a collective. One all-gather of an 8-byte digest per
+        request (a rank that adds no request here raises RingTimeoutError)."""
+        from .. import distributed as rd
+
+        digest = hashlib.blake2b(repr((prompt_ids, params)).encode(), digest_size=8).digest()
+        mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
+        every = rd.all_gather(mine, group=self._tp_group)  # [world]
+        differ = [r for r in range(every.numel()) if every[r] != every[0]]
+        if differ:
+            raise ValueError(f"LLM(tp={every.numel()}): every rank must add the same requests (prompts and sampling "
+                             f"parameters) in the same order, but rank 0 and rank {differ[0]} differ here")  # fmt: skip
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

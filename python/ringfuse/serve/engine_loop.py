@@ -107,7 +107,7 @@ def apply_commands(llm: LLM, commands: list[tuple]) -> list[tuple[int, str]]:
             llm.abort(index)
             continue
         try:
-            llm.add_request(*rest, index=index)
+            llm.add_request(*rest, index=index, ranks_agree=True)  # under TP, rank 0 broadcasts the commands
         except (ValueError, TypeError) as e:
             refused.append((index, str(e)))
     return refused
