@@ -165,6 +165,26 @@ def test_state_dict_round_trip(tmp_path, mode, group_size, smooth):
     assert torch.equal(layer(x), other(x))
 
 
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_gradient_flows_to_the_input(mode, smoothed):
+    """The int8 weights are frozen; the input gets dy @ W (W dequantized, the smoothing
+    divided out). The output had no grad_fn: backward stopped at the layer, silently."""
+    lin = gaussian_linear()
+    smooth = torch.rand(K, generator=torch.Generator().manual_seed(3)) + 0.5 if smoothed else None
+    layer = Int8Linear.from_float(lin, mode, smooth=smooth)
+    x = torch.randn(3, 5, K, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    with torch.no_grad():
+        assert torch.equal(y, layer(x))  # the same forward
+    want = (g.reshape(-1, N).double() @ layer.dequantized_weight().double()).reshape(x.shape)
+    torch.testing.assert_close(x.grad.double(), want, rtol=1e-5, atol=1e-5)
+    assert rel_err(x.grad, (g.reshape(-1, N) @ lin.weight).reshape(x.shape)) <= 0.02  # the float layer's gradient
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
 def test_torch_compile_fullgraph():
     layer = Int8Linear.from_float(gaussian_linear(), "w8a8")
     x = torch.randn(4, K)

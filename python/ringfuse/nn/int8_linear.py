@@ -143,6 +143,11 @@ class Int8Linear(torch.nn.Module):
             raise TypeError(f"Int8Linear: input must be a float tensor, got {_describe(x)}")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"Int8Linear: input must be [..., {self.in_features}], got shape {tuple(x.shape)}")
+        if torch.is_grad_enabled() and x.requires_grad:  # the output had no grad_fn: backward silently stopped here
+            return _InputGrad.apply(x, self)
+        return self._forward_frozen(x)
+
+    def _forward_frozen(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
             x = (x.float() / self.smooth).to(x.dtype)
         if self.mode == "w8a8":
@@ -171,3 +176,20 @@ def _check_smooth(where, smooth, k, device):
     if not bool(torch.isfinite(smooth).all()) or not bool((smooth > 0).all()):
         raise ValueError(f"{where}: smooth factors must be finite and > 0")
     return smooth
+
+
+class _InputGrad(torch.autograd.Function):
+    """Int8Linear with a gradient for its input (the int8 weights are frozen), as bitsandbytes'
+    int8 layers have, so that layers in front of it (adapters, a float head) can train:
+    dx = dy @ W, W the dequantized weight with the smoothing divided out (the layer's own
+    view of itself); the per-token rounding of w8a8's activations passes straight through."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        return layer._forward_frozen(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        w = ctx.layer.dequantized_weight()  # [N, K] fp32
+        return (grad_y.float() @ w).to(ctx.x_dtype), None
