@@ -185,6 +185,19 @@ def test_gradient_flows_to_the_input(mode, smoothed):
     assert not any(p.requires_grad for p in layer.parameters())
 
 
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_a_cast_model_keeps_fp32_scales(mode):
+    """model.half() / .to(bf16), as for nn.Linear: the activations and bias take the dtype, the
+    scales and the smoothing stay fp32 (the cast scales made the next forward raise)."""
+    lin = gaussian_linear()
+    model = torch.nn.Sequential(Int8Linear.from_float(lin, mode, smooth=torch.rand(K) + 0.5))
+    x = torch.randn(4, K)
+    for dtype in (torch.bfloat16, torch.float16):
+        layer = model.to(dtype)[0]
+        assert layer.weight_scale.dtype == layer.smooth.dtype == torch.float32 and layer.bias.dtype == dtype
+        assert rel_err(model(x.to(dtype)).float(), lin(x)) <= 0.03
+
+
 def test_torch_compile_fullgraph():
     layer = Int8Linear.from_float(gaussian_linear(), "w8a8")
     x = torch.randn(4, K)

@@ -118,6 +118,18 @@ class Int8Linear(torch.nn.Module):
         w = self.weight.float() * scale
         return w / self.smooth[None, :] if self.smooth is not None else w
 
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(torch.bfloat16) cast every float buffer: the scales (and the
+        # smoothing) are fp32 by definition and only follow the device (a cast made the next
+        # forward fail, and fp16 scales would round the weights' scales)
+        fp32 = {name: t for name in ("weight_scale", "smooth") if (t := self._buffers.get(name)) is not None}
+        super()._apply(fn, recurse)
+        for name, before in fp32.items():
+            after = self._buffers[name]
+            if after.dtype != torch.float32:
+                self._buffers[name] = before.to(after.device)
+        return self
+
     def __getstate__(self):
         # pickling (torch.save of the module, deepcopy): the packed weight is a cache of
         # views of it, rebuilt on the next forward, and torch.save refuses such views
