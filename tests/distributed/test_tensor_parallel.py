@@ -41,7 +41,7 @@ def test_linear_layers_match_the_unsharded_ones(world, dtype):
             assert err <= (0.03 if quant == "w8a8" else 0.02), (quant, err)
 
 
-@pytest.mark.parametrize("world,vocab", [(2, 1000), (3, 1000), (3, 49152), (2, 49157), (2, 1)])
+@pytest.mark.parametrize("world,vocab", [(2, 1000), (3, 1000), (3, 49152), (2, 49157), (2, 1), (3, 1), (3, 4)])
 def test_vocab_parallel_embedding_and_lm_head(world, vocab):
     """Ids at both ends of every shard; a vocab tp does not divide (padding rows); a rank
     with no rows at all (vocab 1: its embedding raised an IndexError before the sum)."""

@@ -144,6 +144,10 @@ def test_small_contexts_and_caches_are_usable_or_refused_up_front(default_gguf_p
     llm = LLM(default_gguf_path, max_model_len=3, max_batch=1)  # the warm-up runs
     assert len(llm.generate([1], max_new_tokens=8)[0].token_ids) == 2  # the context: 1 + 2
     llm.warm_up()
+    for tokens in (2, 3, 5):  # a cache smaller than the warm-up's 4 + 2 tokens
+        small = LLM(default_gguf_path, kv_cache_tokens=tokens, block_size=1, max_batch=1)
+        assert small.max_request_tokens == tokens
+        assert len(small.generate([1], max_new_tokens=tokens - 1, ignore_eos=True)[0].token_ids) == tokens - 1
     for bad in (0, 1, 100.5, "100", True):
         with pytest.raises(ValueError, match="kv_cache_tokens must be an int >= 2"):
             LLM(default_gguf_path, kv_cache_tokens=bad)

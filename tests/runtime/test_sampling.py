@@ -63,6 +63,9 @@ def test_params_accept_and_normalize():
     assert SamplingParams(stop=["a", "bc"]).stop == ("a", "bc")
     assert SamplingParams(stop=("a",)).stop == ("a",)
     assert SamplingParams(stop=None).stop == ()
+    # a set's iteration order depends on the process's hash seed: sorted, so that tensor-parallel
+    # ranks (which compare requests) and repeated runs see the same parameters
+    assert SamplingParams(stop={"zz", "a", "b"}).stop == ("a", "b", "zz")
     p = SamplingParams(max_new_tokens=1, temperature=0.7, top_k=5, top_p=1.0, repetition_penalty=1.3, seed=0)
     assert not p.greedy
     assert SamplingParams(top_p=1e-6, repetition_penalty=0.5, temperature=0).greedy

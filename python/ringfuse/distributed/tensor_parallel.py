@@ -242,8 +242,7 @@ class VocabParallelEmbedding(torch.nn.Module):
         self.rank, self.world = group_rank_world(group)
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.per_rank = -(-num_embeddings // self.world)  # rows per rank, the vocab padded to tp * per_rank
-        self.start = self.rank * self.per_rank
-        self.end = vocab_range(num_embeddings, self.world, self.rank)[1]  # real rows: [start, end)
+        self.start, self.end = vocab_range(num_embeddings, self.world, self.rank)  # real rows (may be none)
         self.weight = torch.nn.Parameter(torch.zeros(self.per_rank, embedding_dim, device=device, dtype=dtype),
                                          requires_grad=False)  # fmt: skip
 
@@ -288,8 +287,7 @@ class ParallelLMHead(torch.nn.Module):
         self.rank, self.world = group_rank_world(group)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.per_rank = -(-num_embeddings // self.world)
-        self.start = self.rank * self.per_rank
-        self.end = vocab_range(num_embeddings, self.world, self.rank)[1]
+        self.start, self.end = vocab_range(num_embeddings, self.world, self.rank)  # real rows (may be none)
         if tie_to is not None:
             if (tie_to.num_embeddings, tie_to.embedding_dim) != (num_embeddings, embedding_dim):
                 raise ValueError("ParallelLMHead: tie_to has another vocab or width")

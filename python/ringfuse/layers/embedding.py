@@ -38,7 +38,8 @@ class VocabEmbedding:
         input buffer). With ``all_reduce`` (tp > 1) ids outside this range give zero rows here
         and the sum over the ranks holds each id's row once."""
         if all_reduce is not None and self.end == self.start:  # no rows here (vocab < tp): zeros to the sum
-            h = torch.zeros(ids.shape[0], self._hidden(), dtype=self.dtype) if out is None else out.zero_()
+            h = torch.zeros(ids.shape[0], self._hidden(), dtype=self.dtype, device=ids.device) if out is None \
+                else out.zero_()  # fmt: skip
             all_reduce(h)
             if self.scale is not None:
                 h *= self.scale

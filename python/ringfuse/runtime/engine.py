@@ -141,8 +141,9 @@ class LLM:
         inits, the batch-1 decode graph's capture) that would otherwise show up as the first
         request's prefill time. Under tensor parallelism every rank must call it (the
         constructor does, by default)."""
-        prompt = [self.config.bos_token_id or 0] * min(4, self.max_request_tokens - 1)
-        for _ in self.stream([prompt], max_new_tokens=2, ignore_eos=True):
+        room = self.max_request_tokens  # >= 2
+        prompt = [self.config.bos_token_id or 0] * max(1, min(4, room - 2))
+        for _ in self.stream([prompt], max_new_tokens=min(2, room - len(prompt)), ignore_eos=True):
             pass
         # the warm-up's prefix-cache lookups do not count
         self.scheduler.prefix_cache_queries = self.scheduler.prefix_cache_hits = 0
@@ -284,6 +285,7 @@ class LLM:
         if differ:
             raise ValueError(f"LLM(tp={every.numel()}): every rank must add the same requests (prompts and sampling "
                              f"parameters) in the same order, but rank 0 and rank {differ[0]} differ here")  # fmt: skip
+        # (sampling parameters compare by value: SamplingParams sorts a set of stop strings)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -64,6 +64,8 @@ class SamplingParams:
             stop = (self.stop,)
         if not all(isinstance(s, str) and s for s in stop):
             raise TypeError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if isinstance(self.stop, (set, frozenset)):  # a set's order differs between processes: sort it
+            stop = tuple(sorted(stop))
         object.__setattr__(self, "stop", stop)
 
     @property
