@@ -111,3 +111,20 @@ def test_prepared_objects_and_rotary_with_k_trace_under_torch_compile():
     want = ops.add_rms_norm_(x.clone(), res.clone(), norm.weight)
     got = torch.compile(lambda a, r: norm.add_(a, r), fullgraph=True, backend="aot_eager")(x, res)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_refused_calls_bump_nothing():
+    """Versions go up after the kernel ran, so a call refused by a check (in Python or in the
+    kernel) leaves them as they were (a refused call re-prepared what watched them)."""
+    x, res, w, o = torch.randn(4, 16), torch.randn(4, 16), torch.randn(16), torch.empty(4, 16)
+    with pytest.raises(ValueError):
+        ops.add_rms_norm(x, res, w, out=o, residual_out=o)  # out and residual_out share memory
+    assert o._version == 0
+    q, k, _, cos_sin = _rope_inputs()
+    with pytest.raises(ValueError, match="positions"):
+        ops.rotary_embedding(q, k, torch.tensor([1, 2, 99]), cos_sin)  # refused by the kernel
+    assert q._version == k._version == 0
+    k_cache = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="slot"):
+        ops.write_kv(torch.randn(1, 1, 8), torch.randn(1, 1, 8), k_cache, k_cache.clone(), torch.tensor([7]))
+    assert k_cache._version == 0

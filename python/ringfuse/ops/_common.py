@@ -329,7 +329,6 @@ def check_out(op: str, out, shape, dtype, x: torch.Tensor, inputs: dict, name: s
             continue  # exactly the same elements: in place
         if overlap(t, out):
             raise ValueError(f"{op}: {name} overlaps {other} in memory; use a separate buffer or the same tensor")
-    mark_written(out)  # checked: the kernel writes it
     return out_rows
 
 
@@ -352,9 +351,10 @@ def residual_output(op: str, residual, residual_out, x: torch.Tensor, out: torch
 
 
 def mark_written(*tensors) -> None:
-    """Bump the version counters of tensors a kernel writes in place, as torch's own in-place
+    """Bump the version counters of tensors a kernel wrote in place, as torch's own in-place
     ops do: autograd then refuses a backward through a saved tensor that was overwritten, and
-    prepared objects watching a tensor see the write (~0.2 us each)."""
+    prepared objects watching a tensor see the write (~0.2 us each). Called after the kernel,
+    so that a call refused by a check (in Python or in the kernel) bumps nothing."""
     for t in tensors:
         if t is not None:
             torch.autograd.graph.increment_version(t)

@@ -203,11 +203,10 @@ def decode_attention(q, k_cache, v_cache, seq_lens, *, scale=None, softcap=None,
     ``window``: the token sees only the last ``window`` of its keys."""
     if (scale is None and softcap is None and window is None and not torch.compiler.is_compiling()
             and _plain_decode(q, k_cache, v_cache, seq_lens, out)):  # fmt: skip
-        if out is None:
-            out = torch.empty(q.shape, dtype=q.dtype)
-        else:
-            c.mark_written(out)
+        out_given = out
+        out = torch.empty(q.shape, dtype=q.dtype) if out is None else out
         _launch_cpu(out, q, k_cache, v_cache, None, k_cache.shape[2], seq_lens, 1.0 / math.sqrt(q.shape[2]), 0.0, 0)
+        c.mark_written(out_given)
         return out
     op = "decode_attention"
     scale, softcap = _check_common(op, q, k_cache, v_cache, seq_lens, scale, softcap)
@@ -216,8 +215,10 @@ def decode_attention(q, k_cache, v_cache, seq_lens, *, scale=None, softcap=None,
         raise ValueError(f"{op}: the cache holds {k_cache.shape[0]} sequences but q has {q.shape[0]}")
     if torch.compiler.is_compiling() and out is None:
         return torch.ops.ringfuse.decode_attention(q, k_cache, v_cache, seq_lens, scale, softcap, window)
+    out_given = out
     out = _out(op, out, q, {"k_cache": k_cache, "v_cache": v_cache, "seq_lens": seq_lens})
     _run(out, q, k_cache, v_cache, None, k_cache.shape[2], seq_lens, scale, softcap, window)
+    c.mark_written(out_given)
     return out
 
 
@@ -236,8 +237,10 @@ def paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, *, scale=
     if torch.compiler.is_compiling() and out is None:
         return torch.ops.ringfuse.paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, scale, softcap,
                                                          window)  # fmt: skip
+    out_given = out
     out = _out(op, out, q, {"k_pages": k_pages, "v_pages": v_pages, "block_table": block_table, "seq_lens": seq_lens})
     _run(out, q, k_pages, v_pages, block_table, k_pages.shape[2], seq_lens, scale, softcap, window)
+    c.mark_written(out_given)
     return out
 
 
@@ -353,6 +356,7 @@ def attention(q, k, v, *, causal: bool = False, scale=None, softcap=None, window
     if out is not None:
         _check_attention_out(op, out, q, k, v)
         result = _attention_forward(q, k, v, causal, scale, softcap, window, out)
+        c.mark_written(out)
     elif torch.compiler.is_compiling() or c.needs_autograd(q, k, v):
         result = torch.ops.ringfuse.attention(q, k, v, causal, scale, softcap, window)
     else:
@@ -444,6 +448,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         if out is not None:
             _check_attention_out(op, out, q, k, v)
         result = _varlen_checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, causal, scale, softcap, window, out)
+        c.mark_written(out)
     return result if return_lse else result[0]
 
 
@@ -604,8 +609,8 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
             for cname, cs in caches:
                 if c.spans_overlap(ts, cs):
                     raise ValueError(f"{op}: {name} overlaps {cname}")
-    c.mark_written(k_cache, v_cache)
     _write_kv(k, v, k_cache, v_cache, slot_mapping)
+    c.mark_written(k_cache, v_cache)
 
 
 def _write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -748,11 +753,13 @@ class PagedDecodePlan:
                             f"{qkv.dtype} on {qkv.device}")  # fmt: skip
         window = _check_window(op, window)
         kp, vp = self._pages(op, k_pages, v_pages)
-        self._writes(op, None, qkv, k_pages, v_pages)
+        self._refuse_autograd(op, qkv, k_pages, v_pages)
         qx = qkv.data_ptr()
         self._no_alias(op, "qkv", qx, qx + ((b - 1) * st[0] + width) * self._elem, kp, vp)
         rows = (st[0], d)  # (token, head) strides of q, k and v inside qkv
-        return self._launch(qkv, 0, rows, qkv, hq * d, rows, qkv, (hq + hkv) * d, rows, k_pages, v_pages, window)
+        out = self._launch(qkv, 0, rows, qkv, hq * d, rows, qkv, (hq + hkv) * d, rows, k_pages, v_pages, window)
+        c.mark_written(qkv, k_pages, v_pages)  # as the three ops would
+        return out
 
     def run(self, q, k, v, k_pages, v_pages, *, window=None):
         """Rotates q and k in place, writes k and v to their slots, returns attention [B, Hq, D]
@@ -776,13 +783,15 @@ class PagedDecodePlan:
             write_kv(k, v, k_pages, v_pages, self.slot_mapping)
             return paged_decode_attention(q, k_pages, v_pages, self.block_table, self.seq_lens, scale=self.scale,
                                           softcap=self.softcap or None, window=window or None)  # fmt: skip
-        self._writes(op, v, q, k, k_pages, v_pages)
+        self._refuse_autograd(op, q, k, v, k_pages, v_pages)
         b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
         qx, kx, vx = q.data_ptr(), k.data_ptr(), v.data_ptr()
         for name, start, st, heads in (("q", qx, qs, hq), ("k", kx, ks, hkv), ("v", vx, vs, hkv)):
             end = start + (1 + (b - 1) * st[0] + (heads - 1) * st[1] + d - 1) * self._elem
             self._no_alias(op, name, start, end, kp, vp)
-        return self._launch(q, 0, qs[:2], k, 0, ks[:2], v, 0, vs[:2], k_pages, v_pages, window)
+        out = self._launch(q, 0, qs[:2], k, 0, ks[:2], v, 0, vs[:2], k_pages, v_pages, window)
+        c.mark_written(q, k, k_pages, v_pages)  # as the three ops would
+        return out
 
     def _pages(self, op, k_pages, v_pages) -> tuple[int, int]:
         """Checks that this run's caches have the planned layout and the planned buffers are
@@ -801,14 +810,12 @@ class PagedDecodePlan:
         return k_pages.data_ptr(), v_pages.data_ptr()
 
     @staticmethod
-    def _writes(op, v, *written) -> None:
-        """The tensors a direct run writes in place (q and k rotated, the caches; v is copied
-        into its cache): refused when autograd would have to follow them, else the written
-        ones get their versions bumped, as by the three ops."""
-        if c.needs_autograd(v, *written):
+    def _refuse_autograd(op, *tensors) -> None:
+        """A direct run rotates q and k and writes the caches in place (v is copied into its
+        cache): autograd cannot follow that."""
+        if c.needs_autograd(*tensors):
             raise ValueError(f"{op}: q and k are rotated and the caches written in place, which autograd cannot "
                              "follow (an input requires grad); run under torch.no_grad()")  # fmt: skip
-        c.mark_written(*written)
 
     def _no_alias(self, op, name, start, end, kp, vp) -> None:
         """The new rows [start, end) (bytes) must not alias the caches they go to."""

@@ -48,6 +48,7 @@ def _forward(x, weight, bias, eps, residual=None, out=None, residual_out=None):
     weight, bias = c.kernel_param(weight, x), c.kernel_param(bias, x)
     if weight is not None and bias is not None and weight.dtype != bias.dtype:  # e.g. bf16 and fp32
         weight, bias = weight.float(), bias.float()
+    out_given = out
     if out is None:
         out = c.new_output(x)
         out_rows = c.Rows(out, hidden)
@@ -58,6 +59,7 @@ def _forward(x, weight, bias, eps, residual=None, out=None, residual_out=None):
         return out, new_res
     res_rows = None if residual is None else c.rows(residual)
     launch(out_rows, c.rows(x), x.numel() // hidden, hidden, weight, bias, eps, res_rows, res_out_rows)
+    c.mark_written(out_given, residual_out)
     return out, new_res
 
 

@@ -70,6 +70,7 @@ def _forward(x, weight, eps, llama, residual=None, out=None, residual_out=None):
     out_dtype = _out_dtype(x, weight, llama)
     params = {"weight": weight}
     weight = c.kernel_param(weight, x)
+    out_given = out
     if out is None:
         out = c.new_output(x, out_dtype)
         out_rows = c.Rows(out, x.shape[-1])
@@ -82,6 +83,7 @@ def _forward(x, weight, eps, llama, residual=None, out=None, residual_out=None):
     hidden = x.shape[-1]
     res_rows = None if residual is None else c.rows(residual)
     launch(out_rows, c.rows(x), n // hidden, hidden, weight, eps, llama, res_rows, res_out_rows)
+    c.mark_written(out_given, residual_out)
     return out, new_res
 
 
@@ -157,8 +159,8 @@ def _add_rms_norm_inplace(x, residual, weight, eps, llama) -> None:
             raise ValueError(f"{op}: weight must not share memory with x or residual, which are overwritten")
     weight = c.kernel_param(weight, x)
     hidden = x.shape[-1]
-    c.mark_written(x, residual)
     launch(x_rows, x_rows, x.numel() // hidden, hidden, weight, eps, llama, res_rows, res_rows)
+    c.mark_written(x, residual)
 
 
 class PreparedRMSNorm:
@@ -214,8 +216,8 @@ class PreparedRMSNorm:
             if (w0 < xp + nbytes and xp < w1) or (w0 < rp + nbytes and rp < w1):
                 raise ValueError("add_rms_norm_: weight must not share memory with x or residual, which are overwritten")
             # [n, h] rows, h apart, updated in place
-            c.mark_written(x, residual)
             native.rms_norm(x, h, residual, h, x, h, residual, h, self._w, n, h, self.eps, self.llama)
+            c.mark_written(x, residual)
         return x, residual
 
 

@@ -92,8 +92,8 @@ def rotary_embedding(q, k, positions, cos_sin_cache, *, style: str = "neox"):
     if compiling:
         torch.ops.ringfuse.rotary_embedding(q, k, positions, cos_sin_cache, style == "gptj")
         return q, k
-    c.mark_written(q, k)
     _rotate(q, k, positions, cos_sin_cache, style == "gptj")
+    c.mark_written(q, k)
     return q, k
 
 
