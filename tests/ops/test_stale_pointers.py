@@ -214,6 +214,14 @@ def test_inference_tensors_written_in_place_are_seen_by_value():
         got = norm.add_(h, r)
         assert all(torch.equal(g, w_) for g, w_ in zip(got, want))
 
+        from ringfuse.ops import _common as c
+
+        nan = torch.tensor([float("nan"), 1.0])
+        watch = c.Watch((nan,))
+        assert not watch.changed()  # compared by bytes: a NaN is no change (every call re-prepared)
+        nan[1] = 2.0
+        assert watch.changed()
+
     outs = []
     for dtype in (torch.int64, torch.int32):  # int32 positions: a private int64 copy
         with torch.inference_mode():

@@ -318,7 +318,7 @@ class PreparedInt8WeightOnlyLinear:
         # the kernel's weight: N rows of K bytes (a copy of an expanded w_q, whose rows overlap)
         self._w = w_q if n == 1 or w_q.stride(0) >= k else w_q.contiguous()
         self._w_stride = self._w.stride(0)
-        self._watch = c.Watch(c.watched(self._sources, (self._w, self.w_scale, self._bias32)))
+        self._watch = c.Watch(self._sources, copies=(self._w, self.w_scale, self._bias32))
 
     def __call__(self, x):
         if torch.compiler.is_compiling():  # traced: the op on the caller's tensors (no pointers to watch)
@@ -363,7 +363,7 @@ class PreparedInt8Linear:
         self._scale32 = w_scale.contiguous()
         self._bias32 = None if bias is None else bias.float().contiguous()
         kernel_tensors = (self._scale32, self._bias32) + ((self.packed.packed,) if self._direct else ())
-        self._watch = c.Watch(c.watched(self._sources, kernel_tensors))
+        self._watch = c.Watch(self._sources, copies=kernel_tensors)
 
     def __call__(self, x):
         if torch.compiler.is_compiling():  # traced: the ops on the caller's tensors (no pointers to watch)

@@ -154,7 +154,7 @@ class PreparedLinear:
         self._direct = (self.weight.is_cpu and self.weight.dtype in KERNEL_DTYPES and self.in_features > 0
                         and (bias is None or bias.is_cpu))  # fmt: skip
         self._w_stride = max(self.weight.stride(0), self.in_features)  # one row: any stride, never read
-        self._watch = c.Watch(c.watched(self._sources, (self.weight, self.bias)))
+        self._watch = c.Watch(self._sources, copies=(self.weight, self.bias))
 
     def __call__(self, x):
         if torch.compiler.is_compiling():  # traced: the op on the caller's tensors (no pointers to watch)
