@@ -132,6 +132,19 @@ def test_logprobs_of_tokens_that_hold_part_of_a_character(server):
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] < len(text)
 
 
+def test_streamed_text_offsets_equal_the_json_ones(server):
+    """With a stop string the streamed text lags while a stop may be starting; the offsets
+    counted from it did too, and disagreed with the same request's JSON answer."""
+    body = {"model": MODEL_NAME, "prompt": COMPLETION_PROMPT, "max_tokens": 12, "temperature": 0, "logprobs": 1,
+            "stop": [" the zebra", "\n\n\n"]}  # spaces and newlines start a possible stop: text held back
+    with server.http() as http:
+        whole = http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+        r = http.post("/v1/completions", json=dict(body, stream=True))
+    chunks = [json.loads(e.removeprefix("data: ")) for e in r.text.split("\n\n") if e and e != "data: [DONE]"]
+    streamed = [o for c in chunks for lp in [c["choices"][0]["logprobs"]] if lp for o in lp["text_offset"]]
+    assert streamed == whole["text_offset"] and len(streamed) == 12
+
+
 def test_cached_prompt_tokens_are_reported(server):
     """The second identical prompt maps the first one's full blocks from the prefix cache."""
     messages = [{"role": "system", "content": "You answer in one word. " * 4}, *CHAT]

@@ -571,9 +571,12 @@ def _check_timeout(where: str, arg: str, seconds) -> float:
 
 def set_timeout(seconds: float, group=None) -> None:
     """The timeout (default 60 s; 0.1 s to 24 h) of communicators created from now on for
-    ``group`` (None: the default group, also when given before torch.distributed starts)."""
+    ``group`` (None: the default group, also when given before torch.distributed starts;
+    destroy() forgets the others)."""
     key = _group_key(group)
     _timeouts[key] = _check_timeout("set_timeout", "seconds", seconds)
+    if key != "default":
+        _pinned[key] = dist.group.WORLD if group is None else group  # its id stays its own
     if group is None:
         _timeouts["default"] = _timeouts[key]
 
@@ -630,10 +633,17 @@ def get_communicator(group=None, backend: str = "auto", device=None) -> Communic
 
 def destroy() -> None:
     """Close every cached communicator (their shared-memory mappings and NCCL communicators
-    included; for NCCL every rank should call it, as NCCL's destroy waits for its peers)."""
+    included; for NCCL every rank should call it, as NCCL's destroy waits for its peers), and
+    let go of the groups they served (timeouts set for groups other than the default one are
+    forgotten)."""
     comms = list(_communicators.values())
     _communicators.clear()
     _failed.clear()
+    # the groups' ids are no longer held: timeouts set for them would pass to a new group
+    # that gets one of those ids (the default group's, set with group=None, stays)
+    for key in [k for k in _timeouts if k != "default"]:
+        del _timeouts[key]
+    _pinned.clear()
     error = None
     for comm in comms:
         try:

@@ -102,7 +102,7 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
     engine = EngineLoop(make_llm, max_waiting=settings.max_waiting, on_ready=on_ready, on_dead=on_dead,
                         mirror=mirror)  # fmt: skip
     engine.observer = metrics = ServerMetrics(settings.model_name, engine)  # its gauges read the engine loop
-    token_texts: dict[int, str] = {}  # token id -> its text, for logprobs
+    token_texts: dict[int, tuple[str, bytes]] = {}  # token id -> its text and bytes, for logprobs
     created = int(time.time())
 
     @asynccontextmanager
@@ -454,15 +454,18 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
         yield "data: [DONE]\n\n"
 
     def stream_completion(handle, request, job, head):
+        # where each sequence's next token's text starts, as text_offsets() counts (the text
+        # streamed so far lags while a stop string may be starting)
         offsets = [0] * len(handle.sequences)
+        decoders = [engine.llm.tokenizer.decoder() for _ in handle.sequences] if job.logprobs is not None else []
 
         def chunks(pos: int, ev: TokenEvent):
-            if not (ev.text or ev.finished or ev.logprobs is not None):
-                return
             lp = None
             if ev.logprobs is not None:
                 lp = completion_logprobs([ev.token_id], [ev.logprobs], [offsets[pos]])
-            offsets[pos] += len(ev.text)  # the text streamed so far: where the next token's text starts
+                offsets[pos] += len(decoders[pos].push(ev.token_id))
+            if not (ev.text or ev.finished or lp is not None):
+                return
             reason = protocol.finish_reason(ev.result.finish_reason) if ev.finished else None
             yield {"choices": [{"index": pos, "text": ev.text, "logprobs": lp, "finish_reason": reason}]}
 
