@@ -106,9 +106,10 @@ def test_sigterm_ends_requests_still_open_after_the_grace_period_with_a_503(gguf
                 events.extend(line for line in r.iter_lines() if line)
 
         threads = [threading.Thread(target=f) for f in (stream_request, json_request)]
-        for t in threads:
-            t.start()
+        threads[0].start()  # the stream decodes first, so the JSON request waits in the queue
         wait_for(lambda: len(events) >= 3 or server.proc.poll() is not None, "a streaming request")
+        threads[1].start()
+        wait_for(lambda: _waiting(url) == 1, "the JSON request in the queue")
         server.proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(TIMEOUT_S)
@@ -118,6 +119,14 @@ def test_sigterm_ends_requests_still_open_after_the_grace_period_with_a_503(gguf
     reply = got["json"]
     assert reply.status_code == 503 and "the server is shutting down" in reply.json()["error"]["message"]
     assert events[-1] == "data: [DONE]" and "the server is shutting down" in events[-2], events[-3:]
+
+
+def _waiting(url) -> int:
+    """Sequences waiting for a batch slot, from the server's metrics."""
+    for line in httpx.get(f"{url}/metrics", timeout=TIMEOUT_S).text.splitlines():
+        if line.startswith("ringfuse:num_requests_waiting"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    raise AssertionError("no ringfuse:num_requests_waiting in /metrics")
 
 
 def test_a_model_that_fails_to_load_exits_1(tmp_path):
