@@ -50,7 +50,9 @@ def run(args) -> int:
         args.stop = [_text(t, "--stop", args.command, lead) for t in args.stop]
     try:
         from .runtime import LLM
+        from .runtime.sampling import SamplingParams
 
+        SamplingParams(**_sampling(args))  # bad sampling flags fail before the model loads (chat: before the banner)
         llm = LLM(args.model, device=args.device, dtype=args.dtype, quant=args.quant, tp=args.tp, threads=args.threads,
                   max_model_len=args.max_model_len, weight_cache=args.weight_cache,
                   gpu_memory_utilization=args.gpu_memory_utilization)  # fmt: skip
@@ -89,9 +91,11 @@ def _text(s: str, what: str, command: str, lead: bool) -> str:
 
 
 def _figures(r) -> str:
-    n = len(r.prompt_token_ids)
+    n, new = len(r.prompt_token_ids), len(r.token_ids)
+    # one new token comes from the prefill: no decode step to time (decode_tokens_per_s is NaN)
+    decode = f"decode {r.decode_tokens_per_s:.1f} tok/s" if new > 1 else "no decode step"
     return (f"prompt {n} tokens: prefill {r.prefill_s * 1e3:.1f} ms ({n / max(r.prefill_s, 1e-9):.0f} tok/s); "
-            f"{len(r.token_ids)} new tokens: decode {r.decode_tokens_per_s:.1f} tok/s ({r.finish_reason})")  # fmt: skip
+            f"{new} new token{'s' * (new != 1)}: {decode} ({r.finish_reason})")  # fmt: skip
 
 
 def _generate(llm, args, lead: bool) -> int:
@@ -130,6 +134,10 @@ def _chat(llm, args, lead: bool) -> int:
     outgrows the context, the oldest turns are dropped (the system prompt stays). Under TP,
     rank 0 reads and broadcasts each line so all ranks run the same requests."""
     system = [{"role": "system", "content": args.system}] if args.system else []
+    alone = len(llm.tokenizer.encode_chat([*system, {"role": "user", "content": ""}]))
+    if alone >= llm.max_model_len:  # no message could ever be answered
+        raise ValueError(f"the --system prompt needs {alone} tokens with the chat template but the context is "
+                         f"{llm.max_model_len} (max_model_len): shorten it or raise --max-model-len")  # fmt: skip
     turns: list[dict] = []  # user, assistant, user, assistant, ...
     if lead:
         print("ringfuse chat: Ctrl-D to quit, Ctrl-C to stop an answer or quit", file=sys.stderr)

@@ -51,6 +51,24 @@ def test_bad_flags_are_clear_errors(args, match):
     assert done.returncode == 2 and match in done.stderr, done.stderr
 
 
+def test_chat_refuses_what_can_never_work_before_it_reads(model_arg):
+    """Bad sampling flags were reported only after the first message (never with an immediate
+    Ctrl-D); a --system prompt longer than the context made every message 'skipped'."""
+    for flags in (["--temperature", "-1"], ["--stop", ""]):
+        done = _run(["chat", *model_arg, *flags], stdin="Hi\n")
+        assert done.returncode == 2 and "error:" in done.stderr and "Ctrl-D" not in done.stderr, done.stderr
+    done = _run(["chat", *model_arg, "--max-model-len", "40", "--system", "sys " * 100], stdin="Hi\n")
+    assert done.returncode == 2 and "the --system prompt needs" in done.stderr, done.stderr
+
+
+def test_one_new_token_has_no_decode_rate(model_arg, llm_fp32):
+    """It printed 'decode nan tok/s' (the first token comes from the prefill)."""
+    first = llm_fp32.generate("Hi", max_new_tokens=1)[0].text
+    done = _run(["generate", *model_arg, "--max-new-tokens", "1", "Hi"])
+    assert done.returncode == 0 and "1 new token: no decode step" in done.stderr and first, done.stderr
+    assert "nan" not in done.stderr
+
+
 def test_chat_drops_the_oldest_turns_when_the_context_is_full(model_arg):
     """A conversation longer than the context loses its oldest turns (one stderr line says
     so) and goes on; a message that cannot fit even alone is skipped, and the chat goes on."""
