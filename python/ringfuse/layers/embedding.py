@@ -40,21 +40,19 @@ class VocabEmbedding:
         if all_reduce is not None and self.end == self.start:  # no rows here (vocab < tp): zeros to the sum
             h = torch.zeros(ids.shape[0], self._hidden(), dtype=self.dtype, device=ids.device) if out is None \
                 else out.zero_()  # fmt: skip
-            all_reduce(h)
-            if self.scale is not None:
-                h *= self.scale
-            return h
-        local = ids - self.start if self.start else ids
+        else:
+            local = ids - self.start if self.start else ids
+            if all_reduce is not None:
+                mine = (local >= 0) & (local < self.end - self.start)
+                local = torch.where(mine, local, torch.zeros_like(local))
+            if self.table is not None:
+                h = self.table[local] if out is None else torch.index_select(self.table, 0, local, out=out)
+            else:  # int8 * fp32 is computed in fp32, then rounded once to dtype (by .to or into out)
+                h = torch.mul(self.head.w_q[local], self.head.w_scale[local, None], out=out)
+                h = h.to(self.dtype) if out is None else h
+            if all_reduce is not None:
+                h *= mine[:, None].to(h.dtype)
         if all_reduce is not None:
-            mine = (local >= 0) & (local < self.end - self.start)
-            local = torch.where(mine, local, torch.zeros_like(local))
-        if self.table is not None:
-            h = self.table[local] if out is None else torch.index_select(self.table, 0, local, out=out)
-        else:  # int8 * fp32 is computed in fp32, then rounded once to dtype (by .to or into out)
-            h = torch.mul(self.head.w_q[local], self.head.w_scale[local, None], out=out)
-            h = h.to(self.dtype) if out is None else h
-        if all_reduce is not None:
-            h *= mine[:, None].to(h.dtype)
             all_reduce(h)
         if self.scale is not None:
             h *= self.scale

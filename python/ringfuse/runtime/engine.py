@@ -232,9 +232,7 @@ class LLM:
             raise ValueError(f"prompt token ids must be ints in [0, {self.config.vocab_size}), got {bad[:5]}")
         if not ids:
             raise ValueError("a prompt must hold at least one token")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens but the context is {self.max_model_len} "
-                             "(max_model_len): at least one new token must fit")  # fmt: skip
+        self.scheduler.check_length(len(ids))
 
     @property
     def max_request_tokens(self) -> int:

@@ -56,12 +56,16 @@ class Scheduler:
         tokens = min(prompt_len + params.max_new_tokens, self.max_model_len)
         return -(-tokens // self.blocks.block_size)
 
-    def check(self, prompt_len: int, params: SamplingParams) -> None:
-        """ValueError if such a request could never be admitted (no room for a new token in
-        the context, or more cache blocks than the cache has)."""
+    def check_length(self, prompt_len: int) -> None:
+        """ValueError unless the prompt leaves room for at least one new token in the context."""
         if not 1 <= prompt_len < self.max_model_len:
             raise ValueError(f"the prompt has {prompt_len} tokens but the context is {self.max_model_len} "
                              "(max_model_len): at least one new token must fit")  # fmt: skip
+
+    def check(self, prompt_len: int, params: SamplingParams) -> None:
+        """ValueError if such a request could never be admitted (no room for a new token in
+        the context, or more cache blocks than the cache has)."""
+        self.check_length(prompt_len)
         need = self.blocks_needed(prompt_len, params)
         if need > self.blocks.num_blocks:
             size = self.blocks.block_size
