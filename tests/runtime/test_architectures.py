@@ -108,6 +108,7 @@ def test_configs(models):
     ("Gemma2ForCausalLM", {"sliding_window": 16, "layer_types": ["full_attention"] * 3}, (0, 0, 0)),
     ("MistralForCausalLM", {"sliding_window": 16}, (16, 16, 16)),
     ("MistralForCausalLM", {"sliding_window": None}, ()),
+    ("MistralForCausalLM", {}, (4096, 4096, 4096)),  # no key: MistralConfig's default window
     ("LlamaForCausalLM", {"sliding_window": 16}, ()),  # HF's Llama has no window
 ])  # fmt: skip
 def test_layer_windows_from_hf_configs(arch, extra, want):

@@ -87,6 +87,36 @@ def test_sharded_index_not_an_index(tmp_path, index):
     ({"architectures": [{"a": 1}]}, "architectures must be a list of strings"),
     ({"eos_token_id": "</s>"}, "token ids must be non-negative ints, got '</s>'"),
     ({"bos_token_id": [1]}, "token ids must be non-negative ints, got [1]"),
+    # booleans are JSON booleans: the string "false" would be truthy (transformers refuses it too)
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+    ({"attention_bias": "no"}, "attention_bias must be true or false, got 'no'"),
+    ({"mlp_bias": 0}, "mlp_bias must be true or false, got 0"),
+    ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": "true"},
+     "use_sliding_window must be true or false, got 'true'"),
+    ({"architectures": ["Gemma2ForCausalLM"], "head_dim": 16, "tie_word_embeddings": 1},
+     "tie_word_embeddings must be true or false, got 1"),
+    ({"architectures": ["Gemma2ForCausalLM"], "head_dim": 16, "attention_bias": "false"},
+     "attention_bias must be true or false"),
+    ({"architectures": ["Gemma2ForCausalLM"], "head_dim": 16, "use_bidirectional_attention": "false"},
+     "use_bidirectional_attention must be true or false"),
+    # Llama 3.1 RoPE scaling values that would give NaN or meaningless frequencies
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 0.0, "original_max_position_embeddings": 64}},
+     "rope_scaling factor must be a positive finite number, got 0.0"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": float("nan"), "original_max_position_embeddings": 64}},
+     "rope_scaling factor must be a positive finite number, got nan"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": -5}},
+     "rope_scaling original_max_position_embeddings must be a positive finite number, got -5"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64,
+                          "low_freq_factor": 4.0, "high_freq_factor": 4.0}},
+     "rope_scaling high_freq_factor (4) must be greater than low_freq_factor (4)"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64,
+                       "low_freq_factor": 0.0}},
+     "rope_scaling low_freq_factor must be a positive finite number, got 0.0"),
+    ({"head_dim": 320, "hidden_size": 1280}, "head_dim must be <= 256 (the attention kernels' limit), got 320"),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
+     "pre-quantized checkpoints are not supported (quantization_config: quant_method 'fp8')"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}},
+     "pre-quantized checkpoints are not supported (quantization_config: quant_method 'gptq')"),
 ])  # fmt: skip
 def test_config_wrong_types(override, message):
     """Each names the file and the key: no TypeError / ZeroDivisionError from the arithmetic,
@@ -127,3 +157,12 @@ def test_gguf_deeply_nested_arrays(tmp_path):
         assert isinstance(value, list) and len(value) == 1
         value = value[0]
     assert value == [7] and tensors == []
+
+
+@pytest.mark.parametrize("arch,flags", [
+    ("LlamaForCausalLM", {"tie_word_embeddings": None, "attention_bias": None, "mlp_bias": None}),
+    ("Gemma2ForCausalLM", {"head_dim": 16, "tie_word_embeddings": None, "attention_bias": None}),
+])  # fmt: skip
+def test_null_booleans_take_the_default(arch, flags):
+    cfg = ModelConfig.from_hf({**BASE, "architectures": [arch], **flags})
+    assert cfg.tie_word_embeddings == (arch == "Gemma2ForCausalLM") and not cfg.attention_bias

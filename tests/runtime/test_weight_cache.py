@@ -3,6 +3,7 @@ loads map them and give bitwise the same logits; a changed source, other options
 misfit file and weight_cache=False are handled."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -59,6 +60,18 @@ def test_key_changes_with_source_and_options(default_gguf_path, cache_root, tmp_
     b = wc.cache_file(copy, torch.float32, "none", 0, 1)
     os.utime(copy, ns=(1, 1))  # same bytes, other mtime: another key
     assert b != wc.cache_file(copy, torch.float32, "none", 0, 1)
+
+
+def test_same_size_edit_with_mtime_put_back_changes_the_key(cache_root, tmp_path):
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"a" * 64)
+    before = src.stat()
+    key = wc.cache_file(src, torch.float32, "none", 0, 1)
+    time.sleep(0.01)  # ctime ticks at the file system's clock
+    src.write_bytes(b"b" * 64)  # same size
+    os.utime(src, ns=(before.st_atime_ns, before.st_mtime_ns))  # as `cp -p` / `touch -r` do
+    assert src.stat().st_mtime_ns == before.st_mtime_ns and src.stat().st_size == before.st_size
+    assert key != wc.cache_file(src, torch.float32, "none", 0, 1)
 
 
 def test_torn_or_misfit_file_is_converted_again(default_gguf_path, cache_root):

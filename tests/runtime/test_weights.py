@@ -366,6 +366,19 @@ def check_greedy_tokens_match_hf(hf32, path, tmp_path, device="cpu", **llm_kwarg
         assert len(result.token_ids) == 12
 
 
+def test_bos_token_outside_the_vocab_does_not_break_the_warm_up(hf_models, tmp_path):
+    """A config's bos_token_id past the vocab (HF only warns): the warm-up prompt is the
+    engine's own, so LLM() must not fail on it (it did, naming token ids no user gave)."""
+    from ringfuse.runtime import LLM
+
+    folder = folder_with_tokenizer(hf_models["llama"][2], tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["bos_token_id"] = cfg["vocab_size"] + 72
+    (folder / "config.json").write_text(json.dumps(cfg))
+    llm = LLM(folder, dtype="fp32", max_model_len=64, kv_cache_tokens=256, weight_cache=False)
+    assert len(llm.generate([[5, 6, 7]], max_new_tokens=3, ignore_eos=True)[0].token_ids) == 3
+
+
 def _tp_bias_worker(rank, world, path):
     import torch.distributed as dist
 
@@ -464,6 +477,22 @@ def test_tensor_shape_checked_at_load(hf_models, tmp_path, kind, name, bad, want
     (tmp_path / "config.json").write_bytes((path / "config.json").read_bytes())
     msg = f"tensor '{name}' has shape {list(bad)}, expected {list(want)}"
     with pytest.raises(ValueError, match=re.escape(msg)):
+        open_weights(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_non_float_weights_refused_at_load(hf_models, tmp_path, dtype):
+    """An fp8 / int8 checkpoint without a quantization_config (or with one stripped) would be
+    read as raw numbers: refused at load, naming the tensor and its dtype."""
+    from safetensors.torch import load_file, save_file
+
+    path = hf_models["llama"][2]
+    sd = load_file(path / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    sd[name] = sd[name].clamp(-1, 1).to(dtype)
+    save_file(sd, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes((path / "config.json").read_bytes())
+    with pytest.raises(ValueError, match=re.escape(f"tensor '{name}' is {'F8_E4M3' if dtype.is_floating_point else 'I8'}")):
         open_weights(tmp_path)
 
 

@@ -9,6 +9,8 @@ import math
 
 from . import architectures
 
+MAX_HEAD_DIM = 256  # the attention kernels' limit (ops.attention)
+
 _HF_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")  # fmt: skip
 
@@ -55,6 +57,22 @@ def _check_hf_types(cfg: dict, source: str) -> None:
     archs = cfg.get("architectures")
     if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
         raise ValueError(f"{source}: architectures must be a list of strings, got {_short(archs)}")
+
+
+def _check_llama3_scaling(scaling: dict, source: str) -> None:
+    """Llama 3.1 RoPE scaling values that inv_freq() can compute with: a factor of 0 or NaN
+    gives NaN logits, high <= low divides by zero (transformers only warns on these)."""
+    what = f"{source}: rope_scaling"
+    factor = _num(scaling.get("factor"), f"{what} factor")
+    old_len = _num(scaling.get("original_max_position_embeddings"), f"{what} original_max_position_embeddings")
+    low = _num(scaling.get("low_freq_factor", 1.0), f"{what} low_freq_factor")
+    high = _num(scaling.get("high_freq_factor", 4.0), f"{what} high_freq_factor")
+    for key, value in (("factor", factor), ("original_max_position_embeddings", old_len),
+                       ("low_freq_factor", low), ("high_freq_factor", high)):  # fmt: skip
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{what} {key} must be a positive finite number, got {_short(scaling.get(key))}")
+    if high <= low:
+        raise ValueError(f"{what} high_freq_factor ({high:g}) must be greater than low_freq_factor ({low:g})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +131,9 @@ class ModelConfig:
                              f"got {str(w)[:80]}")  # fmt: skip
         if self.head_dim % 2:
             raise ValueError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"model config: head_dim must be <= {MAX_HEAD_DIM} (the attention kernels' limit), "
+                             f"got {self.head_dim}")  # fmt: skip
 
     @property
     def architecture(self) -> type[architectures.Architecture]:
@@ -154,6 +175,12 @@ class ModelConfig:
         if not isinstance(cfg, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(cfg).__name__} {_short(cfg)}")
         _check_hf_types(cfg, source)
+        quant = cfg.get("quantization_config")
+        if quant is not None:  # its weights are not plain floats: loading them raw gives garbage
+            method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
+            raise ValueError(f"{source}: pre-quantized checkpoints are not supported (quantization_config: "
+                             f"quant_method {_short(method)}); load the unquantized model, and ringfuse quantizes "
+                             "it itself with quant='w8a16' or 'w8a8'")  # fmt: skip
         archs = cfg.get("architectures") or []
         arch = architectures.for_hf(archs, cfg.get("model_type"))
         if arch is None:
@@ -174,10 +201,8 @@ class ModelConfig:
                 if kind not in ("llama3", "default"):
                     raise ValueError(f"{source}: unsupported rope_scaling type {kind!r} (supported: llama3)")
                 scaling = None if kind == "default" else dict(scaling)
-                required = ("factor", "original_max_position_embeddings")
-                for key in (*required, "low_freq_factor", "high_freq_factor"):  # inv_freq() computes with these
-                    if scaling is not None and (key in scaling or key in required):
-                        _num(scaling.get(key), f"{source}: rope_scaling {key}")
+                if scaling is not None:
+                    _check_llama3_scaling(scaling, source)
             if arch.hf_activation is not None:  # the block's activation is fixed: refuse another
                 key, supported = arch.hf_activation
                 act = cfg.get(key, supported[0])
@@ -197,7 +222,7 @@ class ModelConfig:
                 rope_theta=_num(rope_theta, f"{source}: rope_theta"),
                 max_position_embeddings=cfg.get("max_position_embeddings", 2048),
                 layer_windows=arch.hf_layer_windows(cfg, cfg["num_hidden_layers"], source),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_word_embeddings=architectures.flag(cfg, "tie_word_embeddings", False, source),
                 rope_scaling=scaling,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),

@@ -142,7 +142,9 @@ class LLM:
         request's prefill time. Under tensor parallelism every rank must call it (the
         constructor does, by default)."""
         room = self.max_request_tokens  # >= 2
-        prompt = [self.config.bos_token_id or 0] * max(1, min(4, room - 2))
+        bos = self.config.bos_token_id  # a config's may lie outside the vocab (HF only warns)
+        token = bos if bos is not None and bos < self.config.vocab_size else 0
+        prompt = [token] * max(1, min(4, room - 2))
         for _ in self.stream([prompt], max_new_tokens=min(2, room - len(prompt)), ignore_eos=True):
             pass
         # the warm-up's prefix-cache lookups do not count

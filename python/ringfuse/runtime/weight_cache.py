@@ -5,8 +5,9 @@ a safetensors file, then mapped back on later loads instead of converting again.
 A file per source x dtype x quant x tensor-parallel rank, in ``$RINGFUSE_CACHE/converted``
 (see model_files.cache_dir), as large as the converted weights (fp32: 4 bytes per weight).
 The name is ``<stem>-<hash of the source's absolute path>-<dtype>-<quant>[-tpRofW]-<digest>``:
-the digest hashes the source's files (path, size, mtime), the options and the cache format,
-so a changed source or a new format never matches an old file. Saving removes the files it
+the digest hashes the source's files (path, size, mtime, ctime), the options and the cache
+format, so a changed source or a new format never matches an old file (ctime also catches a
+same-size edit whose mtime was put back, as `cp -p` or `touch -r` do). Saving removes the files it
 supersedes: exactly those with the same prefix (the same source file and options), so two
 different ``m.gguf`` in two folders keep their own caches. A file that cannot be read or
 does not fit the model is converted again and replaced.
@@ -38,7 +39,8 @@ def cache_file(source: Path, dtype: torch.dtype, quant: str, rank: int, world: i
     from .model_files import cache_dir
 
     files = sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [source]
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]  # every file of a folder
+    stats = [(str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # every file of a folder
+             for p in files for st in (p.stat(),)]
     ident = "|".join(map(str, (stats, dtype, quant, rank, world, FORMAT, __version__)))
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return cache_dir() / "converted" / f"{_prefix(source, dtype, quant, rank, world)}{digest}.safetensors"

@@ -49,6 +49,17 @@ def positive_number(value, what: str) -> float:
     return float(value)
 
 
+def flag(cfg: dict, key: str, default: bool, source: str) -> bool:
+    """A config.json boolean: JSON true / false, or ``default`` when absent or null. A string
+    ("false" would be truthy) or a number is refused, as transformers' strict configs do."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
+    return value
+
+
 def window_size(value, what: str) -> int:
     """A sliding window: the keys one query sees, its own included (an int >= 1)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -19,7 +19,7 @@ Block:
 from __future__ import annotations
 
 from ...layers import GatedMLP
-from .base import Architecture, positive_number, register, window_size, windows_from_layer_types
+from .base import Architecture, flag, positive_number, register, window_size, windows_from_layer_types
 
 
 class Gemma2Block:
@@ -67,15 +67,15 @@ class Gemma2(Architecture):
         act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ValueError(f"{source}: unsupported hidden_activation {act!r} (supported: gelu_pytorch_tanh)")
-        if cfg.get("use_bidirectional_attention"):
+        if flag(cfg, "use_bidirectional_attention", False, source):
             raise ValueError(f"{source}: use_bidirectional_attention is not supported (causal decoders only)")
-        bias = bool(cfg.get("attention_bias", False))
+        bias = flag(cfg, "attention_bias", False, source)
         scalar = positive_number(cfg.get("query_pre_attn_scalar", 256), f"{source}: query_pre_attn_scalar")
         return {"attention_bias": bias, "o_proj_bias": bias, "attn_scale": scalar**-0.5,
                 "attn_softcap": _softcap(cfg.get("attn_logit_softcapping", 50.0), f"{source}: attn_logit_softcapping"),
                 "final_softcap": _softcap(cfg.get("final_logit_softcapping", 30.0),
                                           f"{source}: final_logit_softcapping"),
-                "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", True))}  # fmt: skip
+                "tie_word_embeddings": flag(cfg, "tie_word_embeddings", True, source)}  # fmt: skip
 
     @classmethod
     def gguf_fields(cls, meta, names, source):

@@ -12,7 +12,7 @@ o_proj and down are row-parallel, their partial sums all-reduced.
 from __future__ import annotations
 
 from ...layers import GatedMLP
-from .base import Architecture, register, window_size, windows_from_layer_types
+from .base import Architecture, flag, register, window_size, windows_from_layer_types
 
 
 class LlamaBlock:
@@ -51,8 +51,8 @@ class Llama(Architecture):
     @classmethod
     def hf_fields(cls, cfg, source):
         # HF's LlamaAttention: attention_bias covers q/k/v and o; mlp_bias gate/up/down
-        bias = bool(cfg.get("attention_bias", False))
-        return {"attention_bias": bias, "o_proj_bias": bias, "mlp_bias": bool(cfg.get("mlp_bias", False))}
+        bias = flag(cfg, "attention_bias", False, source)
+        return {"attention_bias": bias, "o_proj_bias": bias, "mlp_bias": flag(cfg, "mlp_bias", False, source)}
 
     @classmethod
     def gguf_fields(cls, meta, names, source):  # biases as llama.cpp takes them: each optional
@@ -72,8 +72,9 @@ class Mistral(Llama):
 
     @classmethod
     def hf_layer_windows(cls, cfg, num_layers, source):
-        # HF's Mistral applies sliding_window (when set) to every layer; layer_types is ignored
-        w = cfg.get("sliding_window")
+        # HF's Mistral applies sliding_window to every layer (layer_types is ignored); a config
+        # without the key gets MistralConfig's default, 4096, and null means no window
+        w = cfg.get("sliding_window", 4096)
         return () if w is None else (window_size(w, f"{source}: sliding_window"),) * num_layers
 
 
@@ -100,7 +101,7 @@ class Qwen2(Llama):
 def qwen_layer_windows(cfg, num_layers, source):
     """Qwen2 / Qwen3: sliding_window only with use_sliding_window, on the layers from
     max_window_layers on (HF's default layer_types)."""
-    if not cfg.get("use_sliding_window", False):
+    if not flag(cfg, "use_sliding_window", False, source):
         return ()
     first = cfg.get("max_window_layers", 28)
     if isinstance(first, bool) or not isinstance(first, int) or first < 0:
