@@ -245,7 +245,7 @@ _OWN_NAMES = {
 }  # fmt: skip
 
 
-def _write_gguf(path, model, arch: str):
+def _write_gguf(path, model, arch: str, gemma2_keys: bool = True):
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
     for key, value in {"context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
@@ -256,7 +256,7 @@ def _write_gguf(path, model, arch: str):
         w.add_uint32(f"{arch}.{key}", value)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
     w.add_float32(f"{arch}.rope.freq_base", 10000.0)
-    if arch == "gemma2":
+    if arch == "gemma2" and gemma2_keys:
         w.add_float32("gemma2.attn_logit_softcapping", cfg.attn_logit_softcapping)
         w.add_float32("gemma2.final_logit_softcapping", cfg.final_logit_softcapping)
         w.add_uint32("gemma2.attention.sliding_window", cfg.sliding_window)
@@ -289,6 +289,15 @@ def test_gguf_logits_match_hf(models, tmp_path, kind):
         assert w.config.layer_windows == (4, 0)  # llama.cpp's pattern: the even layers slide
         assert w.config.attn_scale == pytest.approx(16**-0.5) and not w.config.tie_word_embeddings
     _run_and_check(DecoderModel(w), hf32, hf64, f"gguf {kind}", lengths=(10, 5), decode_steps=2)
+
+
+def test_gemma2_gguf_without_its_keys_gets_llama_cpps_defaults(models, tmp_path):
+    """llama.cpp reads the soft caps and the window as optional keys with Gemma 2's values as
+    defaults (50, 30, 4096); a file without them must not run uncapped and unwindowed."""
+    path = tmp_path / "gemma2.gguf"
+    _write_gguf(path, models["gemma2_gguf"][0], "gemma2", gemma2_keys=False)
+    cfg = open_weights(path).config
+    assert (cfg.attn_softcap, cfg.final_softcap, cfg.layer_windows) == (50.0, 30.0, (4096, 0))
 
 
 # ---- configs refused ------------------------------------------------------------------

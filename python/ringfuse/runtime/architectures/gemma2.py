@@ -85,8 +85,10 @@ class Gemma2(Architecture):
         bias = "blk.0.attn_q.bias" in names
         return {"attention_bias": bias, "o_proj_bias": bias,
                 "attn_scale": None if head_dim is None else positive_number(head_dim, f"{source}: key_length")**-0.5,
-                "attn_softcap": _softcap(meta.get("gemma2.attn_logit_softcapping"), f"{source}: attn_logit_softcapping"),
-                "final_softcap": _softcap(meta.get("gemma2.final_logit_softcapping"),
+                # a file without the keys gets llama.cpp's defaults (the Gemma 2 values), as HF's
+                "attn_softcap": _softcap(meta.get("gemma2.attn_logit_softcapping", 50.0),
+                                         f"{source}: attn_logit_softcapping"),
+                "final_softcap": _softcap(meta.get("gemma2.final_logit_softcapping", 30.0),
                                           f"{source}: final_logit_softcapping")}  # fmt: skip
 
     @classmethod
@@ -96,10 +98,8 @@ class Gemma2(Architecture):
 
     @classmethod
     def gguf_layer_windows(cls, meta, num_layers, source):
-        window = meta.get("gemma2.attention.sliding_window")
-        if window is None:
-            return ()
-        window = window_size(window, f"{source}: gemma2.attention.sliding_window")
+        # without the key: llama.cpp's default, Gemma 2's 4096 (HF's too)
+        window = window_size(meta.get("gemma2.attention.sliding_window", 4096), f"{source}: gemma2.attention.sliding_window")
         return tuple(window if _even(i) else 0 for i in range(num_layers))
 
     @classmethod
