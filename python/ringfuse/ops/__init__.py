@@ -9,7 +9,7 @@ from .attention import (
     paged_decode_attention,
     write_kv,
 )
-from .cpu_graph import CpuGraph, NotCapturable, capture_cpu_graph
+from .cpu_graph import CaptureBusy, CpuGraph, NotCapturable, capture_cpu_graph
 from .int8_gemm import (
     int8_gemm,
     PreparedInt8WeightOnlyLinear,
@@ -27,6 +27,7 @@ from .rotary_embedding import cos_sin_cache, rotary_embedding
 from .silu_mul import gelu_tanh_mul, silu_mul
 
 __all__ = [
+    "CaptureBusy",
     "CpuGraph",
     "DeviceValueError",
     "NotCapturable",

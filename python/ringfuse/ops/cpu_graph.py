@@ -52,6 +52,18 @@ class NotCapturable(RuntimeError):
     """The captured code did something a replay would not repeat."""
 
 
+class CaptureBusy(NotCapturable):
+    """Another thread's capture did not end within the wait: this step was not captured, a
+    later one may be."""
+
+
+# One capture at a time in the process (the _C functions are swapped for the duration): a
+# second thread waits for the first to end, the same thread nesting one is refused.
+_capture_lock = threading.Lock()
+_capture_thread: int | None = None
+_CAPTURE_WAIT_S = 60.0
+
+
 _CHUNK_BYTES = 1 << 20  # arena chunk; a buffer of more than a quarter of it keeps its own storage
 
 
@@ -164,18 +176,27 @@ def capture_cpu_graph(static=()):
     records the ringfuse kernel calls it makes from this thread in ``g``; ``g.replay()``
     repeats them. Captures do not nest. ``static``: tensors that the caller never resizes
     or moves to shared memory while the graph lives (weights, a KV cache): the graph holds
-    them but does not re-check their addresses on every replay."""
-    names = [n for n in dir(_C) if not n.startswith("_") and callable(getattr(_C, n))]
-    if any(getattr(getattr(_C, n), "_ringfuse_recording", False) for n in names):
-        raise NotCapturable("a CPU graph capture is already in progress")
-    g = CpuGraph(static)
-    real = {n: getattr(_C, n) for n in names}
+    them but does not re-check their addresses on every replay. Captures do not overlap: one
+    started while another thread captures waits for it (CaptureBusy after a minute)."""
+    global _capture_thread
     thread = threading.get_ident()
-    for n, fn in real.items():  # ops.native looks these up at each call
-        setattr(_C, n, _wrap(fn, n, g.calls, thread))
+    if _capture_thread == thread:
+        raise NotCapturable("a CPU graph capture is already in progress in this thread (captures do not nest)")
+    g = CpuGraph(static)
+    if not _capture_lock.acquire(timeout=_CAPTURE_WAIT_S):
+        raise CaptureBusy(f"another thread's CPU graph capture did not end within {_CAPTURE_WAIT_S:g} s")
     try:
-        with _Guard(g):
-            yield g
+        _capture_thread = thread
+        names = [n for n in dir(_C) if not n.startswith("_") and callable(getattr(_C, n))]
+        real = {n: getattr(_C, n) for n in names}  # no wrapper among them: the lock is ours
+        for n, fn in real.items():  # ops.native looks these up at each call
+            setattr(_C, n, _wrap(fn, n, g.calls, thread))
+        try:
+            with _Guard(g):
+                yield g
+        finally:
+            for n, fn in real.items():
+                setattr(_C, n, fn)
     finally:
-        for n, fn in real.items():
-            setattr(_C, n, fn)
+        _capture_thread = None
+        _capture_lock.release()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import threading
 import warnings
 from typing import Iterator
 
@@ -82,6 +83,18 @@ class LLM:
         if kv_cache_tokens is not None and (isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, int)
                                             or kv_cache_tokens < 2):  # fmt: skip
             raise ValueError(f"kv_cache_tokens must be an int >= 2 (None: the default), got {kv_cache_tokens!r}")
+        for name, v in (("prefix_caching", prefix_caching), ("decode_graphs", decode_graphs), ("warm_up", warm_up)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} must be True or False, got {v!r}")
+        if threads is not None:  # torch's own error does not name the argument; 10**6 crashes libgomp
+            cap = 8 * (os.cpu_count() or 1)
+            if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cap:
+                raise ValueError(f"threads must be an int in [1, {cap}] (8x this machine's cores) or None, got "
+                                 f"{threads!r}")  # fmt: skip
+        # one caller at a time drives the scheduler: stream()'s admission, add_request() and
+        # step() take this lock, and a running stream() owns the engine until it ends
+        self._lock = threading.RLock()
+        self._stream_owner: object | None = None
         if threads is not None:
             torch.set_num_threads(threads)
         group = _tp_group(tp) if tp > 1 else None
@@ -201,17 +214,35 @@ class LLM:
         ``generate``'s)."""
         params = _sampling_params(params, sampling)
         batch = [self.encode(p, raw) for p in _as_prompt_list(prompts)]
-        if self.scheduler.has_unfinished():
-            raise RuntimeError("LLM.stream: the engine is busy with requests added by add_request(); drain step() first")
-        for ids in batch:  # every prompt before any is queued: a refused one leaves nothing behind
-            self.check_request(len(ids), params)
+        owner = object()
+        with self._lock:  # the busy check and the queueing are one step: another thread gets "busy"
+            self._check_no_stream("LLM.stream")
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("LLM.stream: the engine is busy with requests added by add_request(); drain "
+                                   "step() first")  # fmt: skip
+            for ids in batch:  # every prompt before any is queued: a refused one leaves nothing behind
+                self.check_request(len(ids), params)
+            self._stream_owner = owner
         try:
-            for i, ids in enumerate(batch):
-                self.add_request(ids, params, index=i)
-            while self.has_unfinished():
-                yield from self.step()
+            with self._lock:
+                for i, ids in enumerate(batch):
+                    self._add_request(ids, params, i, False)
+            while True:
+                with self._lock:
+                    if self._stream_owner is not owner or not self.has_unfinished():
+                        break  # done, or abort_all() took the engine back
+                    events = self._step()
+                yield from events
         finally:  # a consumer that stops early must not leave requests holding cache blocks
-            self.abort_all()
+            with self._lock:
+                if self._stream_owner is owner:
+                    self.scheduler.abort_all()
+                    self._stream_owner = None
+
+    def _check_no_stream(self, what: str) -> None:
+        if self._stream_owner is not None:
+            raise RuntimeError(f"{what}: a stream() of this LLM is still running (iterate it to the end, close() it, "
+                               "or call abort_all()); one caller drives the engine at a time")  # fmt: skip
 
     def encode(self, prompt, raw: bool = False) -> list[int]:
         if isinstance(prompt, str):
@@ -255,6 +286,11 @@ class LLM:
         rank must add the same requests in the same order, which one all-gather per request
         checks, unless ``ranks_agree`` says the caller made sure (a server's followers apply
         the commands rank 0 broadcasts)."""
+        with self._lock:
+            self._check_no_stream("LLM.add_request")
+            return self._add_request(prompt_ids, params, index, ranks_agree)
+
+    def _add_request(self, prompt_ids, params: SamplingParams, index: int | None, ranks_agree: bool) -> int:
         if not isinstance(prompt_ids, (list, tuple)):
             raise TypeError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
         if not isinstance(params, SamplingParams):
@@ -297,7 +333,10 @@ class LLM:
         return self.scheduler.abort(index)
 
     def abort_all(self) -> None:
-        self.scheduler.abort_all()
+        """Drop every unfinished request and free its blocks; a running stream() ends."""
+        with self._lock:
+            self.scheduler.abort_all()
+            self._stream_owner = None
 
     def kv_cache_usage(self) -> float:
         """Fraction of the KV cache's blocks held by requests (cached prefix blocks nobody
@@ -324,17 +363,29 @@ class LLM:
         return self.scheduler.prefix_cache_hits
 
     def step(self) -> list[TokenEvent]:
-        """Prefill newly admitted requests, or else decode one token for each running one."""
+        """Prefill newly admitted requests, or else decode one token for each running one.
+        An exception in it (Ctrl-C included) leaves the engine usable: requests it was
+        prefilling go back to the front of the queue, a decode step is simply run again."""
+        with self._lock:
+            self._check_no_stream("LLM.step")
+            return self._step()
+
+    def _step(self) -> list[TokenEvent]:
         scheduled = self.scheduler.schedule()
         if scheduled is None:
             return []
         kind, reqs = scheduled
         runner = self.runner
-        logits = runner.logits(runner.prefill_step(reqs)) if kind == "prefill" else runner.decode_logits(reqs)
-        if kind == "prefill":  # the prompts' k/v are in their blocks now: cache them (before a request can finish)
-            for r in reqs:
-                self.scheduler.blocks.register(r.prompt_ids, r.blocks)
-        tokens, logprobs, now = runner.sample(logits, reqs)
+        try:
+            logits = runner.logits(runner.prefill_step(reqs)) if kind == "prefill" else runner.decode_logits(reqs)
+            if kind == "prefill":  # the prompts' k/v are in their blocks now: cache them (before a request can finish)
+                for r in reqs:
+                    self.scheduler.blocks.register(r.prompt_ids, r.blocks)
+            tokens, logprobs, now = runner.sample(logits, reqs)
+        except BaseException:
+            if kind == "prefill":  # never prefilled: they would decode without a first token
+                self.scheduler.requeue(reqs)
+            raise
         events = [self.output.accept(r, t, lp, now) for r, t, lp in zip(reqs, tokens, logprobs)]
         self.scheduler.finish_step()
         return events

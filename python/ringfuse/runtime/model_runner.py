@@ -28,6 +28,13 @@ from .sampling import TokenLogprobs, select, token_logprobs
 from .scheduler import Request
 
 
+# CPU decode graphs serve batches up to this size: each batch size's graph keeps its own
+# intermediates (~1.2 MiB per row on SmolLM2, so graphs for every size up to B grow as B^2:
+# 1.3 GB at 48), while the Python overhead they remove matters less as a step's compute
+# grows with the batch. Larger batches run eagerly.
+GRAPH_MAX_BATCH = 16
+
+
 class DecodeRow(NamedTuple):
     """One request's input to a decode step."""
 
@@ -119,6 +126,8 @@ class CpuModelRunner:
         """The decode step of reqs through its batch size's CPU graph (captured on first use),
         or None when graphs cannot serve it (the caller then runs the model eagerly)."""
         key = (len(reqs), torch.get_num_threads())
+        if key[0] > GRAPH_MAX_BATCH:
+            return None
         graph = self.graphs.get(key)
         if graph is False:  # refused before: this batch size runs eagerly
             return None
@@ -126,6 +135,8 @@ class CpuModelRunner:
             graph = DecodeGraph(self.model, self.kv, key[0], -(-self.max_model_len // self.block_size))
         try:
             logits = graph.run_rows(self.decode_rows(reqs))
+        except ops.CaptureBusy:  # another thread kept capturing: eager this time, capture later
+            return None
         except ops.NotCapturable:  # something in this step is not a recorded kernel: stay eager
             self.graphs[key] = False
             return None

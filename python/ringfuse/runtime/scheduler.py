@@ -108,8 +108,21 @@ class Scheduler:
                 return True
         return False
 
+    def requeue(self, reqs: list[Request]) -> None:
+        """Requests admitted for a prefill that did not complete (an exception in the step):
+        back to the front of the queue in their order, their blocks freed (their KV was not
+        registered in the prefix cache, or was complete when it was)."""
+        for r in reversed(reqs):
+            if r in self.running:
+                self.running.remove(r)
+            if r in self.new:
+                self.new.remove(r)
+            self.release(r)
+            r.cached = 0
+            self.waiting.appendleft(r)
+
     def abort_all(self) -> None:
-        for r in [*self.running, *self.new]:
+        for r in self.running:  # admitted requests (new ones too) are in running
             self.release(r)
         self.waiting.clear()
         self.running, self.new = [], []
@@ -124,7 +137,7 @@ class Scheduler:
         return 1.0 - self.blocks.available() / self.blocks.num_blocks
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) + len(self.new) < self.max_batch:
+        while self.waiting and len(self.running) < self.max_batch:  # new requests are in running too
             r = self.waiting[0]
             got = self.blocks.allocate(r.prompt_ids, self.blocks_needed(len(r.prompt_ids), r.params))
             if got is None:
