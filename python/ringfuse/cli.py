@@ -279,6 +279,9 @@ def _serve(args, parser) -> int:
         parser.error(f"--model {args.model}: no such file or folder")
     if args.api_key is not None and not args.api_key.strip():
         parser.error("--api-key must not be blank")
+    if args.api_key is not None and not (args.api_key.isascii() and args.api_key.isprintable()):
+        parser.error("--api-key must be printable ASCII (HTTP clients send the header as ASCII; another key "
+                     "could never match)")
     _check_tp(args, parser)
     if args.replicas is None:
         for name in ("policy", "router_metrics_port"):

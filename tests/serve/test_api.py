@@ -99,6 +99,23 @@ def test_completion_logprobs_match_offline(server, offline):
     assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_top_logprobs_hold_the_sampled_token(server, stream):
+    """OpenAI's legacy logprobs: top_logprobs has up to logprobs + 1 entries, the sampled
+    token always among them (a sampled token outside the top k was missing; logprobs=0 gave
+    empty dicts)."""
+    for k in (0, 2):
+        out = server.openai().completions.create(model=MODEL_NAME, prompt=COMPLETION_PROMPT, max_tokens=8,
+                                                 temperature=2.0, seed=7, logprobs=k, stream=stream)  # fmt: skip
+        chunks = list(out) if stream else [out]
+        tokens = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+        values = [v for c in chunks for v in c.choices[0].logprobs.token_logprobs]
+        tops = [d for c in chunks for d in c.choices[0].logprobs.top_logprobs]
+        assert len(tokens) == len(tops) == 8
+        for token, value, top in zip(tokens, values, tops):
+            assert token in top and top[token] == value and len(top) <= k + 1
+
+
 def test_chat_logprobs_match_offline(server, offline):
     want = offline["chat"]
     out = server.openai().chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=8, temperature=0,

@@ -40,6 +40,17 @@ def _error(response, status: int) -> dict:
     ("top_logprobs", 2, "top_logprobs", "needs \"logprobs\": true"),
     ("presence_penalty", 0.5, "presence_penalty", "not supported"),
     ("tools", [{"type": "function"}], "tools", "not supported"),
+    ("functions", [{"name": "get_weather", "parameters": {}}], "functions", "not supported"),
+    ("function_call", "auto", "function_call", "not supported"),
+    ("modalities", ["text", "audio"], "modalities", "not supported"),
+    ("audio", {"voice": "alloy", "format": "wav"}, "audio", "not supported"),
+    ("min_p", 0.1, "min_p", "not supported"),
+    ("min_tokens", 5, "min_tokens", "not supported"),
+    ("stop_token_ids", [2], "stop_token_ids", "not supported"),
+    ("include_stop_str_in_output", True, "include_stop_str_in_output", "not supported"),
+    ("functions", [], None, None),  # the no-op values are fine
+    ("modalities", ["text"], None, None),
+    ("min_p", 0, None, None),
     ("messages", "hi", "messages", "must be an array of {\"role\", \"content\"} objects, got string"),
     ("messages", [], "messages", "at least one message"),
     ("messages", [{"role": "user"}], None, None),  # content null: an empty message, fine
@@ -75,6 +86,8 @@ def test_bad_chat_fields_are_400_naming_the_field(server, field, value, param, s
     ("echo", "no", "echo", "must be a boolean, got string 'no'"),
     ("stop", [1], "stop", "must be a string or an array of strings"),
     ("best_of", 3, "best_of", "must be in [1, 1]"),
+    ("stop_token_ids", [2], "stop_token_ids", "not supported"),
+    ("min_tokens", 1, "min_tokens", "not supported"),
 ])  # fmt: skip
 def test_bad_completion_fields_are_400(server, field, value, param, says):
     body = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2, field: value}
@@ -242,6 +255,53 @@ def test_an_internal_error_is_a_500_that_leaks_nothing(server, llm, monkeypatch)
         assert "secret" not in r.text and "Traceback" not in r.text and "RuntimeError" not in r.text
         monkeypatch.undo()
         assert http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/completions", {"prompt": "Tell me a story.", "max_tokens": 1}),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 1}),
+    ("/tokenize", {"prompt": "Tell me a story."}),
+])  # fmt: skip
+def test_tokenizing_does_not_hold_the_event_loop(server, llm, monkeypatch, route, body):
+    """A multi-MB prompt took seconds to tokenize on the event loop, and every stream and
+    /health waited for it. Here the tokenizer blocks until /health has answered: that can
+    only happen if tokenizing runs off the loop."""
+    import threading
+
+    answered, entered = threading.Event(), threading.Event()
+    tok = llm.tokenizer
+    for name in ("encode", "encode_chat"):
+        real = getattr(tok, name)
+
+        def blocked(*args, _real=real, **kwargs):
+            entered.set()
+            answered.wait(timeout=30)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(tok, name, blocked)
+    result = {}
+
+    def send():
+        with server.http() as http:
+            result["status"] = http.post(route, json=body).status_code
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    assert entered.wait(timeout=30)
+    with server.http() as http:
+        assert http.get("/health", timeout=10).status_code == 200  # the loop is free while tokenizing
+    answered.set()
+    sender.join(timeout=60)
+    assert result == {"status": 200}
+
+
+@pytest.mark.parametrize("key", ["clé", "tab\tkey"])
+def test_api_key_must_be_printable_ascii(key):
+    """Header values arrive as Latin-1 and clients send ASCII: a UTF-8 key could never match."""
+    from ringfuse.serve.app import ServeSettings
+
+    with pytest.raises(ValueError, match="api_key must be printable ASCII"):
+        ServeSettings(model_name="m", api_key=key)
 
 
 def test_api_key(llm, offline):

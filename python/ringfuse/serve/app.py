@@ -68,6 +68,9 @@ class ServeSettings:
             raise ValueError(f"model_name must be a non-empty str, got {self.model_name!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ValueError("api_key must be a non-empty str or None")
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()):
+            # header values arrive as Latin-1 and clients send ASCII: such a key could never match
+            raise ValueError("api_key must be printable ASCII")
 
 
 class APIError(Exception):
@@ -146,6 +149,12 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
                            "authentication_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
+    async def off_loop(fn, *args):
+        """fn(*args) in a worker thread: parsing, the chat template and tokenizing a multi-MB
+        body took seconds on the event loop, stalling every stream and /health (the
+        tokenizer releases the GIL). A thread hop costs tens of us per request."""
+        return await asyncio.to_thread(fn, *args)
+
     async def read_json(request: Request) -> dict:
         limit = settings.max_body_bytes
         length = request.headers.get("content-length", "")
@@ -158,7 +167,7 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
                 raise _too_large(size, limit, at_least=True)
             body.append(chunk)
         try:
-            obj = json.loads(b"".join(body))
+            obj = await off_loop(json.loads, b"".join(body))
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(obj, dict):
@@ -184,7 +193,7 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
         (413, 400 bad JSON), the engine (503), the fields (400), the model name (404)."""
         body = await read_json(request)
         llm = serving_llm()
-        req = protocol.parse(model, body)
+        req = await off_loop(protocol.parse, model, body)
         check_model(req.model)
         return llm, req
 
@@ -266,9 +275,13 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
         return offsets
 
     def completion_logprobs(token_ids: list[int], lps: list[TokenLogprobs], offsets: list[int]) -> dict:
+        def top(t: int, lp: TokenLogprobs) -> dict:  # the k likeliest and the sampled token (OpenAI: up to k + 1)
+            out = {token_text(a)[0]: _finite(v) for a, v in lp.top}
+            out.setdefault(token_text(t)[0], _finite(lp.logprob))
+            return out
+
         return {"tokens": [token_text(t)[0] for t in token_ids], "token_logprobs": [_finite(lp.logprob) for lp in lps],
-                "top_logprobs": [{token_text(t)[0]: _finite(v) for t, v in lp.top} for lp in lps],
-                "text_offset": offsets}  # fmt: skip
+                "top_logprobs": [top(t, lp) for t, lp in zip(token_ids, lps)], "text_offset": offsets}
 
     def chat_logprobs(token_ids: list[int], lps: list[TokenLogprobs]) -> dict:
         def entry(t: int, v: float) -> dict:
@@ -355,9 +368,9 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
         messages = protocol.message_dicts(req.messages) if req.messages is not None else None
         try:
             if req.prompt is not None:
-                ids = llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+                ids = await off_loop(llm.tokenizer.encode, req.prompt, req.add_special_tokens is not False)
             else:
-                ids = llm.tokenizer.encode_chat(messages, add_generation_prompt=req.add_generation_prompt is not False)
+                ids = await off_loop(llm.tokenizer.encode_chat, messages, req.add_generation_prompt is not False)
         except (TypeError, ValueError) as e:
             raise APIError(400, str(e), param="prompt" if req.prompt is not None else "messages") from None
         return _json({"count": len(ids), "max_model_len": llm.max_model_len, "tokens": ids})
@@ -375,7 +388,7 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
     async def completions(request: Request):
         llm, req = await parsed_request(request, protocol.CompletionRequest)
         check_queue()
-        prompts = _completion_prompts(req.prompt, llm)
+        prompts = await off_loop(_completion_prompts, req.prompt, llm)
         job = protocol.build_job(req, prompts, llm)
         handle = submit(job)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -400,7 +413,7 @@ def create_app(make_llm: Callable[[], LLM], settings: ServeSettings, on_ready: C
             raise APIError(400, "'messages' must hold at least one message", param="messages")
         messages = protocol.message_dicts(req.messages)
         try:  # the chat template, as `ringfuse generate` applies it
-            prompts = [llm.tokenizer.encode_chat(messages)]
+            prompts = [await off_loop(llm.tokenizer.encode_chat, messages)]
         except (TypeError, ValueError) as e:
             raise APIError(400, str(e), param="messages") from None
         job = protocol.build_job(req, prompts, llm)

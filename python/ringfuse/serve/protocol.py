@@ -67,6 +67,11 @@ class _SamplingBody(_Body):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extensions, not implemented: refused unless at their no-op values
+    min_p: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
 
 
 class CompletionRequest(_SamplingBody):
@@ -101,7 +106,11 @@ class ChatRequest(_SamplingBody):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    functions: list[Any] | None = None  # the older form of tools
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
+    modalities: list[Any] | None = None
+    audio: Any = None
 
 
 class TokenizeRequest(_Body):
@@ -127,6 +136,14 @@ _NO_OPS = {
     "tools": (lambda v: not v, "only null or []: no tool calling"),
     "tool_choice": (lambda v: v in (None, "none"), "only null or \"none\""),
     "response_format": (lambda v: v in (None, {"type": "text"}), "only {\"type\": \"text\"}"),
+    "functions": (lambda v: not v, "only null or []: no function calling"),
+    "function_call": (lambda v: v in (None, "none"), "only null or \"none\""),
+    "modalities": (lambda v: v in (None, ["text"]), "only [\"text\"]"),
+    "audio": (lambda v: v is None, "only null: text output only"),
+    "min_p": (lambda v: v in (None, 0), "only 0; use top_p or top_k"),
+    "min_tokens": (lambda v: v in (None, 0), "only 0"),
+    "stop_token_ids": (lambda v: not v, "only null or []; use stop strings"),
+    "include_stop_str_in_output": (lambda v: not v, "only false"),
 }
 # what a field takes, for messages about wrong types (fields not listed: from their type)
 _EXPECTED = {
