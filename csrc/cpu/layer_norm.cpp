@@ -5,9 +5,10 @@
 //                        mean = sum(s) / H;  var = sum((s - mean)^2) / H   (two passes:
 //                        no cancellation when |mean| >> std, unlike E[s^2] - E[s]^2)
 //                        y = (s - mean) * rstd * w + b, rounded once
-// Three passes over the row; only the first touches memory (x and r are converted and added
-// once into an fp32 scratch row, and the rounded sum goes to residual_out), the rest re-read
-// that row from L1/L2. fp32 x without a residual needs no scratch copy: the later passes
+// Three passes over the row; only the first reads memory (x and r are converted and added
+// once into an fp32 scratch row, and the rounded sum goes to residual_out there, or for
+// bf16 -> bf16 in the last pass: kDeferredSum, norm_common.h), the rest re-read that row
+// from L1/L2. fp32 x without a residual needs no scratch copy: the later passes
 // re-read x's row itself (a copy would add a store per element, which made the in-cache
 // [2048, 576] fp32 case 0.78-0.89x torch's AVX-512 kernel on a Sapphire Rapids host).
 // Napkin math, [4096, 4096] fp32: reads 64 MiB, writes 64 MiB -> ~6 ms at 22 GB/s;
@@ -66,20 +67,22 @@ struct LayerNormKernel {
     using Ptrs = RowPtrs<TX, TW, TO>;
     const Ptrs p[2] = {Ptrs(a, row0), Ptrs(a, row0 + N - 1)};  // with N = 1 only p[0] is used
     constexpr int kAcc = 8 / N;  // accumulators per row
-    __m256 acc[N][kAcc];
+    constexpr bool kDefer = kDeferredSum<TX, TO, kRes>;  // residual_out stored in pass 3
 
     // pass 1: s = x (+ r) into buf, sum(s)
-    first_pass<N, kAcc, false, kRes, kStream>(p, bufs, H, acc);
+    float sum[N];
+    first_pass_sums<N, kAcc, false, kRes, kStream>(p, bufs, H, sum);
     const float* s[2] = {s_row<TX, kRes>(p[0], bufs[0]), s_row<TX, kRes>(p[N - 1], bufs[N - 1])};
     int64_t i = 0;
     float mean[N];
     __m256 vmean[N];
     RF_UNROLL for (int r = 0; r < N; ++r) {
-      mean[r] = hsum_n<kAcc>(acc[r]) / float(H);
+      mean[r] = sum[r] / float(H);
       vmean[r] = _mm256_set1_ps(mean[r]);
     }
 
     // pass 2: sum((s - mean)^2) from buf (two passes: no cancellation when |mean| >> std)
+    __m256 acc[N][kAcc];
     RF_UNROLL for (auto& row_acc : acc)
       RF_UNROLL for (__m256& v : row_acc) v = zero;
     for (i = 0; i + 8 * kAcc <= H; i += 8 * kAcc) {
@@ -109,29 +112,37 @@ struct LayerNormKernel {
       neg_mean_rstd[r] = _mm256_set1_ps(-mean[r] * rs);
     }
 
-    // pass 3: y = (s - mean) * rstd * w + b; x / r are no longer read, so out may alias them
+    // pass 3: y = (s - mean) * rstd * w + b (and deferred residual sums); x / r are no longer
+    // read, so out and residual_out may alias them
     const NextRowPrefetch<TX, kRes> next0(a, row0 + N, end), next1(a, row0 + 2 * N - 1, end);
     for (i = 0; i + 16 <= H; i += 16) {  // 16 lanes: one pack per 16-bit store
       next0.at(i);
       if constexpr (N == 2) next1.at(i);
       const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
       const __m256 b0 = _mm256_loadu_ps(bias + i), b1 = _mm256_loadu_ps(bias + i + 8);
-      RF_UNROLL for (int r = 0; r < N; ++r)
-        store16<TO, kStream, kEvenOdd<TX, TO>>(p[r].out + i,
-                             affine(_mm256_loadu_ps(s[r] + i), vmean[r], rstd[r], neg_mean_rstd[r], w0, b0),
-                             affine(_mm256_loadu_ps(s[r] + i + 8), vmean[r], rstd[r], neg_mean_rstd[r], w1, b1));
+      RF_UNROLL for (int r = 0; r < N; ++r) {
+        const __m256 s0 = _mm256_loadu_ps(s[r] + i), s1 = _mm256_loadu_ps(s[r] + i + 8);
+        if constexpr (kDefer) store_sum16<kStream>(p[r], i, s0, s1);
+        store16<TO, kStream, kEvenOdd<TX, TO>>(p[r].out + i, affine(s0, vmean[r], rstd[r], neg_mean_rstd[r], w0, b0),
+                                               affine(s1, vmean[r], rstd[r], neg_mean_rstd[r], w1, b1));
+      }
     }
     if (i < Hv) {
-      RF_UNROLL for (int r = 0; r < N; ++r)
-        store8<TO, kStream>(p[r].out + i, affine(_mm256_loadu_ps(s[r] + i), vmean[r], rstd[r], neg_mean_rstd[r],
-                                                 _mm256_loadu_ps(w + i), _mm256_loadu_ps(bias + i)));
+      RF_UNROLL for (int r = 0; r < N; ++r) {
+        const __m256 s8 = _mm256_loadu_ps(s[r] + i);
+        if constexpr (kDefer) store8<TX, kStream>(p[r].res_out + i, s8);
+        store8<TO, kStream>(p[r].out + i, affine(s8, vmean[r], rstd[r], neg_mean_rstd[r], _mm256_loadu_ps(w + i),
+                                                 _mm256_loadu_ps(bias + i)));
+      }
       i += 8;
     }
     if (tail) {
       const __m256 wt = load_tail<F32>(w + Hv, tail), bt = load_tail<F32>(bias + Hv, tail);
-      RF_UNROLL for (int r = 0; r < N; ++r)
-        store_tail<TO>(p[r].out + Hv,
-                       affine(load_tail<F32>(s[r] + Hv, tail), vmean[r], rstd[r], neg_mean_rstd[r], wt, bt), tail);
+      RF_UNROLL for (int r = 0; r < N; ++r) {
+        const __m256 st = load_tail<F32>(s[r] + Hv, tail);
+        if constexpr (kDefer) store_tail<TX>(p[r].res_out + Hv, st, tail);
+        store_tail<TO>(p[r].out + Hv, affine(st, vmean[r], rstd[r], neg_mean_rstd[r], wt, bt), tail);
+      }
     }
   }
 

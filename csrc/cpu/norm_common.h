@@ -185,10 +185,32 @@ RF_AVX2 RF_INLINE __m256 round8(__m256 v) {
   }
 }
 
+// v rounded to bf16 precision (nearest-even) in fp32 lanes with the low 16 bits zero, by
+// Veltkamp's split: c = v * (2^16 + 1) with one rounding, hi = c - (c - v). Three fp ops
+// against five for round8<BF16> (and 3 of the 5 on the integer side, which the bf16 norms
+// are short of, see kEvenOdd). Compared with the integer rounding on all 2^32 inputs: equal
+// for zero, for every normal |v| below 5.19e33 (just under 2^112) and for every subnormal
+// that bf16 holds exactly; a larger |v| or an infinity gives NaN (c overflows), a subnormal
+// below bf16's precision keeps bits it should drop. The residual sum of two bf16 values is
+// a multiple of 2^-133, so its subnormals are exact; the overflow makes the row's sum
+// non-finite, and first_pass_sums redoes that row with the integer rounding. (fmadd, not a
+// multiply: GCC may contract a plain multiply and the subtraction into one fma.)
+RF_AVX2 RF_INLINE __m256 bf16_round_split(__m256 v) {
+  const __m256 c = _mm256_fmadd_ps(v, _mm256_set1_ps(65536.0f), v);
+  return _mm256_sub_ps(c, _mm256_sub_ps(c, v));
+}
+
+// How the first pass rounds the residual sum s = x + r and whether it stores it.
+// kStoreNow: rounded and stored to residual_out as it is made. The other two leave the store
+// to the output pass (bf16 rows in even/odd order, see kDeferredSum), rounding with
+// bf16_round_split (kSplit) or, when a row is redone, with the integer rounding (kExact).
+enum class SumRound { kStoreNow, kSplit, kExact };
+
 // Row pointers for one row of the argument bundle.
 template <class TX, class TW, class TO>
 struct RowPtrs {
   using TXType = TX;
+  using TOType = TO;
   static constexpr bool kEO = kEvenOdd<TX, TO>;
   using X = typename TX::T;
   using W = typename TW::T;
@@ -213,11 +235,12 @@ struct RowPtrs {
     return res ? TX::round(TX::load(x + i) + TX::load(res + i)) : TX::load(x + i);
   }
 
-  // AVX2: s for lanes [i, i + 16) / [i, i + 8) / the last n < 8. With a residual, the
-  // rounded sum is also stored to res_out right here, so x and r are read, converted and
-  // added exactly once (res_out may alias x or res: each lane is read before it is written).
-  // s16 gives lanes [i, i + 16) in even/odd order when kEO (s0 even, s1 odd).
-  template <bool kRes, bool kStream>
+  // AVX2: s for lanes [i, i + 16) / [i, i + 8) / the last n < 8, x and r read, converted
+  // and added exactly once. With kStoreNow the rounded sum is also stored to res_out right
+  // here (res_out may alias x or res: each lane is read before it is written); otherwise the
+  // output pass stores it (kDeferredSum). s16 gives lanes [i, i + 16) in even/odd order when
+  // kEO (s0 even, s1 odd).
+  template <bool kRes, bool kStream, SumRound kRound = SumRound::kStoreNow>
   RF_AVX2 RF_INLINE void s16(int64_t i, __m256& s0, __m256& s1) const {
     if constexpr (kEO) {
       load_even_odd(x + i, s0, s1);
@@ -235,7 +258,16 @@ struct RowPtrs {
       }
       s0 = _mm256_add_ps(s0, r0);
       s1 = _mm256_add_ps(s1, r1);
-      round_store16<TX, kStream, kEO>(res_out + i, s0, s1);
+      if constexpr (kRound == SumRound::kStoreNow) {
+        round_store16<TX, kStream, kEO>(res_out + i, s0, s1);
+      } else if constexpr (kRound == SumRound::kSplit) {
+        static_assert(kEO, "the split rounding is for bf16 rows");
+        s0 = bf16_round_split(s0);
+        s1 = bf16_round_split(s1);
+      } else {
+        s0 = round8<TX>(s0);
+        s1 = round8<TX>(s1);
+      }
     }
   }
   static RF_AVX2 RF_INLINE void load_even_odd(const X* p, __m256& even, __m256& odd) {
@@ -243,18 +275,21 @@ struct RowPtrs {
     even = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
     odd = bf16_high(u);
   }
-  template <bool kRes, bool kStream>
+  // s8 and s_tail round with the integer rounding whatever kRound says (few lanes)
+  template <bool kRes, bool kStream, SumRound kRound = SumRound::kStoreNow>
   RF_AVX2 RF_INLINE __m256 s8(int64_t i) const {
     const __m256 v = V8<TX>::load(x + i);
-    if constexpr (kRes) return V8<TX>::round_store(res_out + i, _mm256_add_ps(v, V8<TX>::load(res + i)), kStream);
-    return v;
+    if constexpr (!kRes) return v;
+    const __m256 sum = _mm256_add_ps(v, V8<TX>::load(res + i));
+    if constexpr (kRound == SumRound::kStoreNow) return V8<TX>::round_store(res_out + i, sum, kStream);
+    return V8<TX>::round(sum);
   }
-  template <bool kRes>
+  template <bool kRes, SumRound kRound = SumRound::kStoreNow>
   RF_AVX2 RF_INLINE __m256 s_tail(int64_t i, int64_t n) const {  // lanes >= n are 0
     const __m256 v = load_tail<TX>(x + i, n);
     if constexpr (!kRes) return v;
     const __m256 s = V8<TX>::round(_mm256_add_ps(v, load_tail<TX>(res + i, n)));
-    store_tail<TX>(res_out + i, s, n);
+    if constexpr (kRound == SumRound::kStoreNow) store_tail<TX>(res_out + i, s, n);
     return s;
   }
 };
@@ -275,9 +310,9 @@ RF_INLINE const float* s_row(const Ptrs& p, float* buf) {
 }
 
 // Pass 1 of both norms for N rows in lockstep: s = x (+ r) into bufs[r] (unless kReadsX;
-// with a residual the rounded sum also goes to residual_out), and per row kAcc accumulators
+// with kStoreNow the rounded sum also goes to residual_out), and per row kAcc accumulators
 // of s (kSquares: of s * s), zero-filled tail lanes adding nothing.
-template <int N, int kAcc, bool kSquares, bool kRes, bool kStream, class Ptrs>
+template <int N, int kAcc, bool kSquares, bool kRes, bool kStream, SumRound kRound, class Ptrs>
 RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, __m256 (*acc)[kAcc]) {
   constexpr bool kCopy = !kReadsX<typename Ptrs::TXType, kRes>;
   const auto accumulate = [](__m256 sum, __m256 s) RF_AVX2 {
@@ -290,7 +325,7 @@ RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, 
     RF_UNROLL for (int r = 0; r < N; ++r) {
       RF_UNROLL for (int k = 0; k < kAcc; k += 2) {
         __m256 s0, s1;
-        p[r].template s16<kRes, kStream>(i + 8 * k, s0, s1);
+        p[r].template s16<kRes, kStream, kRound>(i + 8 * k, s0, s1);
         if constexpr (kCopy) {
           _mm256_storeu_ps(bufs[r] + i + 8 * k, s0);
           _mm256_storeu_ps(bufs[r] + i + 8 * k + 8, s1);
@@ -305,7 +340,7 @@ RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, 
   for (; i + 16 <= H; i += 16) {
     RF_UNROLL for (int r = 0; r < N; ++r) {
       __m256 s0, s1;
-      p[r].template s16<kRes, kStream>(i, s0, s1);
+      p[r].template s16<kRes, kStream, kRound>(i, s0, s1);
       if constexpr (kCopy) {
         _mm256_storeu_ps(bufs[r] + i, s0);
         _mm256_storeu_ps(bufs[r] + i + 8, s1);
@@ -315,7 +350,7 @@ RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, 
   }
   if (i + 8 <= H) {
     RF_UNROLL for (int r = 0; r < N; ++r) {
-      const __m256 s = p[r].template s8<kRes, kStream>(i);
+      const __m256 s = p[r].template s8<kRes, kStream, kRound>(i);
       if constexpr (kCopy) _mm256_storeu_ps(bufs[r] + i, s);
       acc[r][0] = accumulate(acc[r][0], s);
     }
@@ -323,11 +358,46 @@ RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, 
   }
   if (i < H) {
     RF_UNROLL for (int r = 0; r < N; ++r) {
-      const __m256 s = p[r].template s_tail<kRes>(i, H - i);
+      const __m256 s = p[r].template s_tail<kRes, kRound>(i, H - i);
       if constexpr (kCopy) _mm256_storeu_ps(bufs[r] + i, s);
       acc[r][1] = accumulate(acc[r][1], s);
     }
   }
+}
+
+// Whether the residual sum waits for the output pass: bf16 rows in even/odd order round it
+// with bf16_round_split (34 -> 30 vector ops per 16 lanes of a bf16 add_rms_norm; [2048, 576]
+// out=, AVX2, 2 threads on the Zen 5 VM: 120 -> 111 us, add_layer_norm 140 -> 137 us), and
+// leave x and r unwritten until the output pass so that a row can be redone.
+template <class TX, class TO, bool kRes>
+inline constexpr bool kDeferredSum = kRes && kEvenOdd<TX, TO>;
+
+// Pass 1 with the dtypes' residual-sum policy; sums[r] = row r's horizontal sum of acc.
+// Deferred sums: a row whose sum is not finite (an inf or NaN in it, or a residual sum past
+// bf16_round_split's range) is redone with the integer rounding, from the same x and r.
+template <int N, int kAcc, bool kSquares, bool kRes, bool kStream, class Ptrs>
+RF_AVX2 RF_INLINE void first_pass_sums(const Ptrs* p, float* const* bufs, int64_t H, float* sums) {
+  constexpr bool kDefer = kDeferredSum<typename Ptrs::TXType, typename Ptrs::TOType, kRes>;
+  __m256 acc[N][kAcc];
+  first_pass<N, kAcc, kSquares, kRes, kStream, kDefer ? SumRound::kSplit : SumRound::kStoreNow>(p, bufs, H, acc);
+  bool finite = true;
+  RF_UNROLL for (int r = 0; r < N; ++r) {
+    sums[r] = hsum_n<kAcc>(acc[r]);
+    finite = finite && std::isfinite(sums[r]);
+  }
+  if constexpr (kDefer) {
+    if (!finite) [[unlikely]] {
+      first_pass<N, kAcc, kSquares, kRes, kStream, SumRound::kExact>(p, bufs, H, acc);
+      RF_UNROLL for (int r = 0; r < N; ++r) sums[r] = hsum_n<kAcc>(acc[r]);
+    }
+  }
+}
+
+// The output pass's store of deferred residual sums (kDeferredSum): 16 lanes of s in
+// even/odd order, already bf16 values, joined without rounding.
+template <bool kStream, class Ptrs>
+RF_AVX2 RF_INLINE void store_sum16(const Ptrs& p, int64_t i, __m256 even, __m256 odd) {
+  store256<kStream>(p.res_out + i, bf16_join(_mm256_castps_si256(even), _mm256_castps_si256(odd)));
 }
 
 // While the last pass over a row runs from cache, pull a later row of x (and the residual)

@@ -6,9 +6,10 @@
 //                        y = s * rstd * w            (torch order, one rounding)
 //                        y = round_x(s * rstd) * w   (HF LlamaRMSNorm order, llama_cast)
 // Two passes over the row: the first reads x (and r) from memory, converts and adds them
-// once, writes the rounded sum to residual_out and keeps s in an fp32 scratch row (fp32 x
-// without a residual is s already: the second pass re-reads x's row); the second re-reads s
-// from L1 and writes out while the next row is prefetched. Memory traffic
+// once and keeps the rounded sum s in an fp32 scratch row (fp32 x without a residual is s
+// already: the second pass re-reads x's row); the second re-reads s from L1 and writes out
+// while the next row is prefetched. The rounded sum goes to residual_out in the first pass,
+// or for bf16 -> bf16 in the second (kDeferredSum, norm_common.h). Memory traffic
 // is one read of each input and one write of each output. bf16/fp16 rows are bound by the
 // AVX2 conversions (no native bf16 instructions here; bf16 rows are kept in even/odd order
 // to make them cheap, see norm_common.h), fp32 rows by memory.
@@ -67,36 +68,46 @@ struct RmsKernel {
     using Ptrs = RowPtrs<TX, TW, TO>;
     const Ptrs p[2] = {Ptrs(a, row0), Ptrs(a, row0 + N - 1)};  // with N = 1 only p[0] is used
     constexpr int kAcc = 8 / N;                                 // accumulators per row
-    __m256 acc[N][kAcc];
+    constexpr bool kDefer = kDeferredSum<TX, TO, kRes>;           // residual_out stored in pass 2
 
     // pass 1: s = x (+ r), kept in buf; sum of squares
-    first_pass<N, kAcc, true, kRes, kStream>(p, bufs, H, acc);
+    float sum_sq[N];
+    first_pass_sums<N, kAcc, true, kRes, kStream>(p, bufs, H, sum_sq);
     const float* s[2] = {s_row<TX, kRes>(p[0], bufs[0]), s_row<TX, kRes>(p[N - 1], bufs[N - 1])};
     __m256 rstd[N];
     RF_UNROLL for (int r = 0; r < N; ++r)
-      rstd[r] = _mm256_set1_ps(1.0f / std::sqrt(hsum_n<kAcc>(acc[r]) * (1.0f / float(H)) + a.eps));
+      rstd[r] = _mm256_set1_ps(1.0f / std::sqrt(sum_sq[r] * (1.0f / float(H)) + a.eps));
 
-    // pass 2: normalize from buf; x and r are not read again, so out may alias them
+    // pass 2: normalize from buf (and store deferred residual sums); x and r are not read
+    // again, so out and residual_out may alias them
     const NextRowPrefetch<TX, kRes> next0(a, row0 + N, end), next1(a, row0 + 2 * N - 1, end);
     int64_t i = 0;
     for (; i + 16 <= H; i += 16) {  // 16 lanes: one pack per 16-bit store
       next0.at(i);
       if constexpr (N == 2) next1.at(i);
       const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
-      RF_UNROLL for (int r = 0; r < N; ++r)
-        store16<TO, kStream, kEvenOdd<TX, TO>>(p[r].out + i, scale<kLlamaCast>(_mm256_loadu_ps(s[r] + i), rstd[r], w0),
-                             scale<kLlamaCast>(_mm256_loadu_ps(s[r] + i + 8), rstd[r], w1));
+      RF_UNROLL for (int r = 0; r < N; ++r) {
+        const __m256 s0 = _mm256_loadu_ps(s[r] + i), s1 = _mm256_loadu_ps(s[r] + i + 8);
+        if constexpr (kDefer) store_sum16<kStream>(p[r], i, s0, s1);
+        store16<TO, kStream, kEvenOdd<TX, TO>>(p[r].out + i, scale<kLlamaCast>(s0, rstd[r], w0),
+                                               scale<kLlamaCast>(s1, rstd[r], w1));
+      }
     }
     if (i + 8 <= H) {
-      RF_UNROLL for (int r = 0; r < N; ++r)
-        store8<TO, kStream>(p[r].out + i,
-                            scale<kLlamaCast>(_mm256_loadu_ps(s[r] + i), rstd[r], _mm256_loadu_ps(w + i)));
+      RF_UNROLL for (int r = 0; r < N; ++r) {
+        const __m256 s8 = _mm256_loadu_ps(s[r] + i);
+        if constexpr (kDefer) store8<TX, kStream>(p[r].res_out + i, s8);
+        store8<TO, kStream>(p[r].out + i, scale<kLlamaCast>(s8, rstd[r], _mm256_loadu_ps(w + i)));
+      }
       i += 8;
     }
     if (i < H) {
       const __m256 wt = load_tail<F32>(w + i, H - i);
-      RF_UNROLL for (int r = 0; r < N; ++r)
-        store_tail<TO>(p[r].out + i, scale<kLlamaCast>(load_tail<F32>(s[r] + i, H - i), rstd[r], wt), H - i);
+      RF_UNROLL for (int r = 0; r < N; ++r) {
+        const __m256 st = load_tail<F32>(s[r] + i, H - i);
+        if constexpr (kDefer) store_tail<TX>(p[r].res_out + i, st, H - i);
+        store_tail<TO>(p[r].out + i, scale<kLlamaCast>(st, rstd[r], wt), H - i);
+      }
     }
   }
 
