@@ -76,3 +76,18 @@ def test_torch_bf16_gemm_is_native_follows_the_cpu_and_onednn_cap(monkeypatch):
     assert layer_linear.torch_bf16_gemm_is_native() is False
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     assert layer_linear.torch_bf16_gemm_is_native() == has
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"quant": "w8a4"}, ValueError, "quant must be one of"),  # was built as a w8a8 layer
+    ({"quant": None}, ValueError, "quant must be one of"),
+    ({"dtype": "fp32"}, TypeError, "dtype must be a float torch.dtype"),
+    ({"weight": torch.randn(8)}, ValueError, "weight must be a float \\[N, K\\] tensor"),
+    ({"weight": torch.ones(4, 8, dtype=torch.int32)}, ValueError, "weight must be a float"),
+    ({"weight": iter([torch.randn(2, 8), torch.randn(2, 7)])}, ValueError, "got shape \\(2, 7\\)"),
+    ({"weight": iter([])}, ValueError, "weight has no rows"),
+])  # fmt: skip
+def test_bad_arguments_are_refused(kwargs, exc, match):
+    args = {"weight": torch.randn(4, 8), "bias": None, "quant": "none", "dtype": torch.float32, **kwargs}
+    with pytest.raises(exc, match=match):
+        Linear(**args)

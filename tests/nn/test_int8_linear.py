@@ -351,6 +351,24 @@ def test_quantize_bad_arguments():
         quantize(model, skip="lm_head")
     with pytest.raises(ValueError, match="calibration .* applies to mode='w8a8' only"):
         quantize(model, "w8a16", calibration=[torch.randn(2, K)])
+    with pytest.raises(TypeError, match="skip must be a collection of names"):
+        quantize(model, skip=None)
+
+
+def test_a_failed_quantize_leaves_the_model_unchanged():
+    """The SmoothQuant factors were folded into the norm weights before a bad group_size was
+    found: the call raised, the layers stayed nn.Linear, and the logits had moved by 0.46."""
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="group_size applies to mode='w8a16' only"):
+        quantize(model, "w8a8", calibration=[ids], group_size=32)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
 
 
 @pytest.mark.gpu

@@ -112,6 +112,9 @@ def test_bad_inputs():
         rotary_embedding(torch.randn(4, 8, 2).transpose(1, 2), None, torch.zeros(4, dtype=torch.int64), cache)
     with pytest.raises(ValueError, match="rot_dim must be an even int"):
         cos_sin_cache(16, 7)
+    for base in (0, -10000.0, float("nan"), float("inf"), "1e4", True):  # a NaN cache rotated q to NaN
+        with pytest.raises(ValueError, match="base must be a finite number > 0"):
+            cos_sin_cache(16, 8, base=base)
     # nothing was written by the failed calls
     assert torch.equal(q, q_before) and torch.equal(k, k_before)
 

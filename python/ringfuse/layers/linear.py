@@ -41,6 +41,27 @@ def torch_bf16_gemm_is_native() -> bool:
     return (info["cpu_has_avx512_bf16"] or info["cpu_has_amx"]) and not capped
 
 
+def _check_quant_and_dtype(quant, dtype) -> None:
+    if quant not in QUANT_MODES:
+        raise ValueError(f"Linear: quant must be one of {QUANT_MODES}, got {quant!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"Linear: dtype must be a float torch.dtype, got {dtype!r}")
+
+
+def _checked_blocks(blocks):
+    """The weight's row blocks, each checked as it comes (they are made one at a time)."""
+    width, n = None, 0
+    for b in blocks:
+        if not isinstance(b, torch.Tensor) or b.dim() != 2 or not b.is_floating_point() or b.shape[0] < 1 \
+                or (width is not None and b.shape[1] != width):  # fmt: skip
+            got = f"shape {tuple(b.shape)} {b.dtype}" if isinstance(b, torch.Tensor) else type(b).__name__
+            raise ValueError(f"Linear: weight must be a float [N, K] tensor (or its row blocks [n, K]), got {got}")
+        width, n = b.shape[1], n + 1
+        yield b
+    if n == 0:
+        raise ValueError("Linear: weight has no rows")
+
+
 class Linear:
     """y = x W^T + b: W float [N, K] (fp32: ringfuse's kernels at every M; bf16: ringfuse's
     kernel up to BF16_KERNEL_MAX_M rows, then torch's bf16 GEMM where it is native, else
@@ -51,8 +72,9 @@ class Linear:
     def __init__(self, weight, bias: torch.Tensor | None, quant: str, dtype: torch.dtype):
         """``weight``: [N, K] float, or an iterator of its row blocks, taken one at a time so
         that a large matrix (the LM head) is never whole in fp32 when it is quantized."""
+        _check_quant_and_dtype(quant, dtype)
         bias = None if bias is None else bias.to(dtype if quant == "none" else torch.float32).contiguous()
-        blocks = [weight] if isinstance(weight, torch.Tensor) else weight
+        blocks = _checked_blocks([weight] if isinstance(weight, torch.Tensor) else weight)
         if quant == "none":
             parts = [b.to(dtype) for b in blocks]
             self._setup(quant, {"weight": parts[0].contiguous() if len(parts) == 1 else torch.cat(parts), "bias": bias})

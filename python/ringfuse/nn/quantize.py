@@ -105,7 +105,10 @@ def quantize(model: torch.nn.Module, mode: str = "w8a8", *, skip: Iterable[str] 
         raise ValueError(f"quantize: mode must be one of {MODES}, got {mode!r}")
     if isinstance(skip, str):
         raise TypeError(f"quantize: skip must be a collection of names, got the string {skip!r}")
-    skip = tuple(skip)
+    try:
+        skip = tuple(skip)
+    except TypeError:
+        raise TypeError(f"quantize: skip must be a collection of names (() skips none), got {skip!r}") from None
     if calibration is not None and mode != "w8a8":
         raise ValueError("quantize: calibration (SmoothQuant) applies to mode='w8a8' only; "
                          "w8a16 keeps activations in float")  # fmt: skip
@@ -113,25 +116,35 @@ def quantize(model: torch.nn.Module, mode: str = "w8a8", *, skip: Iterable[str] 
                if type(m) is torch.nn.Linear and not _skipped(name, skip)}  # fmt: skip
     smooth: dict[str, torch.Tensor] = {}
     folded: set[str] = set()
-    if calibration is not None:
-        groups = _norm_groups(model, targets)
-        norm_out: dict[str, torch.Tensor] = {}  # norm name -> max |output| per channel
-        hooks = [norm.register_forward_hook(_absmax_into(norm_out, name)) for name, norm, _ in groups]
-        try:
-            absmax = calibrate(model, calibration, targets)
-        finally:
-            for h in hooks:
-                h.remove()
-        folded = _fold_into_norms(groups, absmax, norm_out, alpha, smooth)
-        for name, lin in targets.items():
-            if name not in smooth and name in absmax:
-                smooth[name] = smooth_factors(absmax[name], [lin.weight], alpha)
+    groups = _norm_groups(model, targets) if calibration is not None else []
+    # all or nothing: a call that fails (a bad group_size, a calibration batch that raises)
+    # leaves the model as it was, its norm weights included
+    saved = [(norm.weight, norm.weight.detach().clone()) for _, norm, _ in groups]
+    try:
+        if calibration is not None:
+            norm_out: dict[str, torch.Tensor] = {}  # norm name -> max |output| per channel
+            hooks = [norm.register_forward_hook(_absmax_into(norm_out, name)) for name, norm, _ in groups]
+            try:
+                absmax = calibrate(model, calibration, targets)
+            finally:
+                for h in hooks:
+                    h.remove()
+            folded = _fold_into_norms(groups, absmax, norm_out, alpha, smooth)
+            for name, lin in targets.items():
+                if name not in smooth and name in absmax:
+                    smooth[name] = smooth_factors(absmax[name], [lin.weight], alpha)
+        new = {name: Int8Linear.from_float(lin, mode, smooth=smooth.get(name), group_size=group_size,
+                                           divide_input=name not in folded)
+               for name, lin in targets.items()}  # fmt: skip
+    except BaseException:
+        with torch.no_grad():
+            for weight, before in saved:
+                weight.copy_(before)
+        raise
     parents = dict(model.named_modules())
-    for name, lin in targets.items():
-        new = Int8Linear.from_float(lin, mode, smooth=smooth.get(name), group_size=group_size,
-                                    divide_input=name not in folded)  # fmt: skip
+    for name, module in new.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(parents[parent_name] if parent_name else model, child, new)
+        setattr(parents[parent_name] if parent_name else model, child, module)
     return {"quantized": len(targets), "smoothed": len(smooth), "folded": len(folded)}
 
 

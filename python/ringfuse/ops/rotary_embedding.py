@@ -11,6 +11,8 @@ CUDA: the Triton kernel in kernels/rotary_embedding.py.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _common as c
@@ -27,6 +29,8 @@ def cos_sin_cache(max_positions: int, rot_dim: int, base: float = 10000.0, devic
         raise ValueError(f"cos_sin_cache: max_positions must be a positive int, got {max_positions!r}")
     if not isinstance(rot_dim, int) or rot_dim < 2 or rot_dim % 2:
         raise ValueError(f"cos_sin_cache: rot_dim must be an even int >= 2, got {rot_dim!r}")
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 0:
+        raise ValueError(f"cos_sin_cache: base must be a finite number > 0, got {base!r}")  # else a NaN cache
     inv_freq = base ** (-torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)  # [rot/2]
     angles = torch.arange(max_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
     return torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(device)
