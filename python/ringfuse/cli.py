@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 BENCHES = ("limits", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "norms", "attention", "rotary_embedding", "silu_mul", "int8", "linear", "allreduce", "tp", "generate", "serve", "gpu")
 
@@ -82,6 +83,44 @@ def _print_info() -> None:
     from .bench.harness import print_table
 
     print_table("ringfuse info", ["item", "value"], [[k, str(v)] for k, v in info().items()], left=2)
+
+
+def _check_bench_flags(args, parser) -> None:
+    """Each flag applies to some benches only: given to another, it is a mistake, not a no-op
+    (before the bench runs: a --json path that cannot be written would lose a long run)."""
+    random = args.op == "generate" and (args.device != "cpu" or args.shape is not None)
+    where = {  # flag -> (does this bench read it?, the benches that do)
+        "nproc": (args.op in ("allreduce", "tp"), "allreduce and tp"),
+        "model": (args.op == "serve" or (args.op == "generate" and not random), "serve and generate"),
+        "device": (args.op == "generate", "generate"),
+        "shape": (args.op == "generate", "generate"),
+        "batch": (random, "generate with --device / --shape"),
+        "passes": (args.op == "generate" and not random, "generate without --device / --shape"),
+        "peers": (args.op == "generate" and not random, "generate without --device / --shape"),
+        "quant": (args.op == "serve", "serve"),
+        "requests": (args.op == "serve", "serve"),
+        "output_tokens": (args.op == "serve", "serve"),
+        "prompt_tokens": (args.op == "serve" or random, "serve and generate with --device / --shape"),
+        "json": (args.op in ("gpu", "serve") or random, "serve, gpu and generate with --device / --shape"),
+    }
+    defaults = {"nproc": 2, "device": "cpu", "passes": 1, "peers": False}
+    for name, (reads, benches) in where.items():
+        if getattr(args, name) != defaults.get(name) and not reads:
+            parser.error(f"--{name.replace('_', '-')} applies to bench {benches}, not to bench {args.op}")
+    for name in ("batch", "prompt_tokens", "passes"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.json is not None:
+        path = Path(args.json)
+        try:
+            if path.is_dir():
+                raise IsADirectoryError("it is a folder")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(path.parent, os.W_OK):
+                raise PermissionError(f"{path.parent} is not writable")
+        except OSError as e:
+            parser.error(f"--json {args.json}: cannot write there ({e})")
 
 
 def _bench(args) -> int:
@@ -342,6 +381,15 @@ def main(argv=None) -> int:
     _add_generate_parser(sub)
     serve_parser = _add_serve_parser(sub)
     args = parser.parse_args(argv)
+    try:
+        return _run(args, parser, serve_parser)
+    except BrokenPipeError:  # `ringfuse generate ... | head -1`: the reader is gone; stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+        return 141  # 128 + SIGPIPE, as a shell reports a command that SIGPIPE ended
+
+
+def _run(args, parser, serve_parser) -> int:
     if args.command == "serve":
         return _serve(args, serve_parser)
     if args.command in ("generate", "chat"):
@@ -363,9 +411,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.error(f"--isa {args.isa}: {e}")
         os.environ["RINGFUSE_ISA"] = args.isa  # the benches' child processes (engines, ranks)
-    if args.json is not None and not (args.op in ("gpu", "serve") or
-                                      (args.op == "generate" and (args.device != "cpu" or args.shape))):  # fmt: skip
-        parser.error(f"--json applies to bench serve, gpu and generate with --device / --shape, not to bench {args.op}")
+    _check_bench_flags(args, parser)
     if args.op == "serve":  # flag errors before servers start
         from .bench import serve
 

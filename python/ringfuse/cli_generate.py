@@ -59,6 +59,8 @@ def run(args) -> int:
         if args.command == "chat":
             return _chat(llm, args, lead)
         return _generate(llm, args, lead)
+    except BrokenPipeError:  # stdout's reader left (`| head`): cli.main ends quietly
+        raise
     except (ValueError, TypeError, OSError, RuntimeError) as e:
         error(str(e))
     except KeyboardInterrupt:  # Ctrl-C: a shell's way, no traceback

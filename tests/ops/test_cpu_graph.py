@@ -147,3 +147,15 @@ def test_static_tensors_are_held_and_not_rechecked():
     with pytest.raises(TypeError, match="static must be an iterable of tensors, got a list"):
         with ops.capture_cpu_graph(static=[[x]]):
             pass
+
+
+def test_a_rebound_input_keeps_the_captured_memory():
+    """As with CUDA graphs, rebinding a captured tensor (set_, .data =) is not seen: the replay
+    reads the memory it captured (the graph holds it), so new inputs go in with copy_."""
+    x = torch.randn(4, 16)
+    old = x.clone()
+    with ops.capture_cpu_graph() as g:
+        y = ops.silu_mul(x)
+    x.data = torch.randn(4, 16)  # x now points elsewhere; the graph still reads the old buffer
+    g.replay()
+    assert torch.equal(y, ops.silu_mul(old))

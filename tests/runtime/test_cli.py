@@ -45,6 +45,16 @@ def test_chat_reads_lines_until_eof(model_arg):
     (["generate", "--tp", "2", "x"], "torchrun --nproc-per-node 2"),
     (["generate", "--model", "/nonexistent.gguf", "x"], "not found"),
     (["bench", "rms_norm", "--json", "/tmp/x.json"], "--json applies to bench serve, gpu and generate"),  # was ignored
+    # flags of other benches were ignored, bad values included
+    (["bench", "limits", "--nproc", "-1"], "--nproc applies to bench allreduce and tp, not to bench limits"),
+    (["bench", "limits", "--shape", "tiny"], "--shape applies to bench generate, not to bench limits"),
+    (["bench", "generate", "--batch", "3"], "--batch applies to bench generate with --device / --shape"),
+    (["bench", "generate", "--shape", "tiny", "--passes", "3"], "--passes applies to bench generate without"),
+    (["bench", "rms_norm", "--requests", "4"], "--requests applies to bench serve, not to bench rms_norm"),
+    (["bench", "generate", "--shape", "tiny", "--batch", "-1"], "--batch must be >= 1, got -1"),
+    (["bench", "generate", "--shape", "tiny", "--prompt-tokens", "0"], "--prompt-tokens must be >= 1, got 0"),
+    # checked before the bench runs, not after it (the results were lost)
+    (["bench", "generate", "--shape", "tiny", "--json", "/proc/version/x.json"], "--json /proc/version/x.json: cannot"),
 ])  # fmt: skip
 def test_bad_flags_are_clear_errors(args, match):
     done = _run(args)
@@ -131,6 +141,47 @@ def test_ctrl_c_during_generate_says_interrupted_and_exits_130(model_arg):
         proc.kill()
     _assert_interrupted(proc, err, "generate")
     assert (got + out).endswith(b"\n")  # the partial line is ended
+
+
+def test_output_piped_into_a_reader_that_leaves_ends_quietly(model_arg):
+    """`ringfuse generate ... | head -1` printed "error: [Errno 32] Broken pipe", exit 2."""
+    proc = _popen(["generate", *model_arg, "--max-new-tokens", "400", "--ignore-eos", "Count to one thousand."])
+    try:
+        _read_until(proc, b" ")
+        proc.stdout.close()  # the reader is gone
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 141 and "error" not in err.decode() and "Traceback" not in err.decode(), err
+
+
+def test_ctrl_c_while_the_package_loads_says_interrupted(model_arg):
+    """A Ctrl-C in the first second (torch loading) printed a traceback through importlib."""
+    import signal
+    import time
+
+    proc = _popen(["generate", *model_arg, "--max-new-tokens", "4", "Hi"])
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:  # torch's library mapped: ringfuse's __init__ is running
+            with open(f"/proc/{proc.pid}/maps") as f:
+                if "libtorch" in f.read():
+                    break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130 and "interrupted" in err.strip().splitlines()[-1] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", [["info"], ["generate", "x"]])
+def test_a_bad_ringfuse_isa_is_one_line(command):
+    done = _run(command, env_extra={"RINGFUSE_ISA": "avx3"})
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "ringfuse: error: RINGFUSE_ISA: ringfuse._C: isa must be 'auto', 'amx', 'avx512vnni', 'avx2' or 'scalar', "
+        "got 'avx3'"], done.stderr  # fmt: skip
 
 
 def test_ctrl_c_in_chat_stops_the_answer_then_quits_with_130(model_arg):

@@ -75,7 +75,9 @@ class CpuGraph:
         self._keep: list[torch.Tensor] = []  # every tensor created during capture
         # the storage of every tensor whose data pointer was read during capture (inputs and
         # weights made before it included), held so that none is freed while the graph lives,
-        # with the address it had: replay refuses a storage that moved (resize_, set_)
+        # with the address it had: replay refuses a storage that moved (resize_, share_memory_).
+        # A tensor rebound to other memory (set_, .data =) is not seen: the graph goes on with
+        # the memory it captured, as a CUDA graph does
         self._storages: dict[int, torch.UntypedStorage] = {}  # data pointer at capture -> storage
         self._static: dict[int, torch.UntypedStorage] = {}  # held, not checked: the caller's promise
         for t in static:
@@ -108,7 +110,7 @@ class CpuGraph:
         # one list of pointers compared at C speed (~10 storages for a decode step: see above)
         if [s.data_ptr() for s in self._storages.values()] != list(self._storages):
             raise RuntimeError("CpuGraph.replay: a tensor the graph reads or writes was resized or moved to "
-                               "new memory since the capture (resize_, set_): capture the graph again")  # fmt: skip
+                               "new memory since the capture (resize_, share_memory_): capture the graph again")  # fmt: skip
         for fn, args in self.calls:
             fn(*args)
 
