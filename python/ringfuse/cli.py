@@ -399,8 +399,9 @@ def _run(args, parser, serve_parser) -> int:
     if args.command == "info":
         _print_info()
         return 0
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    cap = 8 * (os.cpu_count() or 1)  # as LLM(threads=...): 1000 threads on 2 cores ran 500x slower
+    if args.threads is not None and not 1 <= args.threads <= cap:
+        parser.error(f"--threads must be in [1, {cap}] (8x this machine's cores), got {args.threads}")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.isa is not None:

@@ -46,6 +46,8 @@ def test_chat_reads_lines_until_eof(model_arg):
     (["generate", "--model", "/nonexistent.gguf", "x"], "not found"),
     (["bench", "rms_norm", "--json", "/tmp/x.json"], "--json applies to bench serve, gpu and generate"),  # was ignored
     # flags of other benches were ignored, bad values included
+    (["bench", "limits", "--threads", "100000"], "--threads must be in [1, "),
+    (["generate", "--threads", "100000", "x"], "threads must be an int in [1, "),
     (["bench", "limits", "--nproc", "-1"], "--nproc applies to bench allreduce and tp, not to bench limits"),
     (["bench", "limits", "--shape", "tiny"], "--shape applies to bench generate, not to bench limits"),
     (["bench", "generate", "--batch", "3"], "--batch applies to bench generate with --device / --shape"),
