@@ -4,18 +4,31 @@ and drop-in modules. See README.md."""
 import os as _os
 import sys as _sys
 
-# Imported by the `ringfuse` command (or `python -m ringfuse`, whose argv[0] is "-m" while
-# the package loads): a Ctrl-C while torch loads (a second or so) or a bad RINGFUSE_ISA ends
-# it with one line and the command's exit status, not a traceback.
-_AS_COMMAND = bool(_sys.argv) and (_sys.argv[0] == "-m" or _os.path.basename(_sys.argv[0]) == "ringfuse")
+
+def _invoked_as_command(argv: list[str]) -> bool:
+    """Whether this process is the `ringfuse` command or `python -m ringfuse` (its real
+    command line: spawned children inherit sys.argv, not sys.orig_argv)."""
+    args = argv[1:]
+    if "-m" in args:
+        return args[args.index("-m") + 1 : args.index("-m") + 2] == ["ringfuse"]
+    script = next((a for a in args if not a.startswith("-")), "")
+    return _os.path.basename(script) == "ringfuse"
+
+
+def _interrupted(*_):
+    print("ringfuse: interrupted", file=_sys.stderr, flush=True)
+    _os._exit(130)
+
+
+# As the command: a Ctrl-C while torch loads (a second or so) or a bad RINGFUSE_ISA ends it
+# with one line and the command's exit status, not a traceback; cli.main takes SIGINT over.
+# A SIGINT the parent ignores (a background job, nohup) stays ignored.
+_AS_COMMAND = _invoked_as_command(getattr(_sys, "orig_argv", _sys.argv))
 if _AS_COMMAND:
     import signal as _signal
 
-    def _interrupted(*_):
-        print("ringfuse: interrupted", file=_sys.stderr, flush=True)
-        _os._exit(130)
-
-    _signal.signal(_signal.SIGINT, _interrupted)
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        _signal.signal(_signal.SIGINT, _interrupted)
 
 import torch  # noqa: E402, F401  (loads torch's runtime before our extension)
 
@@ -32,8 +45,6 @@ if _os.environ.get("RINGFUSE_ISA"):
             print(f"ringfuse: error: RINGFUSE_ISA: {_e}", file=_sys.stderr)
             raise SystemExit(2) from None
         raise ValueError(f"RINGFUSE_ISA: {_e}") from None
-if _AS_COMMAND:
-    _signal.signal(_signal.SIGINT, _signal.default_int_handler)  # the command handles Ctrl-C from here on
 
 __version__ = "0.1.0"
 

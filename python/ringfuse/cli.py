@@ -88,39 +88,49 @@ def _print_info() -> None:
 def _check_bench_flags(args, parser) -> None:
     """Each flag applies to some benches only: given to another, it is a mistake, not a no-op
     (before the bench runs: a --json path that cannot be written would lose a long run)."""
-    random = args.op == "generate" and (args.device != "cpu" or args.shape is not None)
+    random_model = args.op == "generate" and (args.device != "cpu" or args.shape is not None)
     where = {  # flag -> (does this bench read it?, the benches that do)
         "nproc": (args.op in ("allreduce", "tp"), "allreduce and tp"),
-        "model": (args.op == "serve" or (args.op == "generate" and not random), "serve and generate"),
+        "model": (args.op == "serve" or (args.op == "generate" and not random_model), "serve and generate"),
         "device": (args.op == "generate", "generate"),
         "shape": (args.op == "generate", "generate"),
-        "batch": (random, "generate with --device / --shape"),
-        "passes": (args.op == "generate" and not random, "generate without --device / --shape"),
-        "peers": (args.op == "generate" and not random, "generate without --device / --shape"),
+        "batch": (random_model, "generate with --device / --shape"),
+        "passes": (args.op == "generate" and not random_model, "generate without --device / --shape"),
+        "peers": (args.op == "generate" and not random_model, "generate without --device / --shape"),
         "quant": (args.op == "serve", "serve"),
         "requests": (args.op == "serve", "serve"),
         "output_tokens": (args.op == "serve", "serve"),
-        "prompt_tokens": (args.op == "serve" or random, "serve and generate with --device / --shape"),
-        "json": (args.op in ("gpu", "serve") or random, "serve, gpu and generate with --device / --shape"),
+        "prompt_tokens": (args.op == "serve" or random_model, "serve and generate with --device / --shape"),
+        "json": (args.op in ("gpu", "serve") or random_model, "serve, gpu and generate with --device / --shape"),
     }
-    defaults = {"nproc": 2, "device": "cpu", "passes": 1, "peers": False}
+    defaults = {"device": "cpu", "peers": False}  # the others default to None: given or not
     for name, (reads, benches) in where.items():
         if getattr(args, name) != defaults.get(name) and not reads:
             parser.error(f"--{name.replace('_', '-')} applies to bench {benches}, not to bench {args.op}")
+    args.nproc = 2 if args.nproc is None else args.nproc
+    args.passes = 1 if args.passes is None else args.passes
     for name in ("batch", "prompt_tokens", "passes"):
         v = getattr(args, name)
         if v is not None and v < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.json is not None:
-        path = Path(args.json)
-        try:
-            if path.is_dir():
-                raise IsADirectoryError("it is a folder")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(path.parent, os.W_OK):
-                raise PermissionError(f"{path.parent} is not writable")
-        except OSError as e:
-            parser.error(f"--json {args.json}: cannot write there ({e})")
+        why = _unwritable(Path(args.json))
+        if why:
+            parser.error(f"--json {args.json}: cannot write there ({why})")
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` could not be written (folders made on the way), or None; nothing is made."""
+    if path.is_dir():
+        return "it is a folder"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else "the file is not writable"
+    folder = path.parent
+    while not folder.exists():  # the nearest existing folder must take the new ones
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    return None if os.access(folder, os.W_OK | os.X_OK) else f"{folder} is not writable"
 
 
 def _bench(args) -> int:
@@ -350,7 +360,7 @@ def main(argv=None) -> int:
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     bench.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
     bench.add_argument("--quick", action="store_true", help="skip the largest shapes")
-    bench.add_argument("--nproc", type=int, default=2, help="processes for the allreduce and tp benches")
+    bench.add_argument("--nproc", type=int, default=None, help="processes for the allreduce and tp benches (default: 2)")
     bench.add_argument("--isa", default=None, choices=("auto", "amx", "avx512vnni", "avx2", "scalar"),
                        help="CPU kernel path (default: the best this CPU has; sets RINGFUSE_ISA for child processes)")
     bench.add_argument("--model", default=None, help="generate bench: model (default: SmolLM2-135M-Instruct)")
@@ -361,8 +371,8 @@ def main(argv=None) -> int:
                        "smollm2-135m or tiny")
     bench.add_argument("--batch", type=int, default=None,
                        help="generate bench with --device/--shape: the throughput batch (default: 64 on cuda, 8 on cpu)")
-    bench.add_argument("--passes", type=int, default=1,
-                       help="generate bench: interleaved passes over all engines, medians reported")
+    bench.add_argument("--passes", type=int, default=None,
+                       help="generate bench: interleaved passes over all engines, medians reported (default: 1)")
     bench.add_argument("--peers", action="store_true",
                        help="generate bench: also time CTranslate2 and llama.cpp in the same run (the peer "
                        "harness in ../shared/peers or $RINGFUSE_PEERS_DIR)")
@@ -380,13 +390,41 @@ def main(argv=None) -> int:
                        "$RINGFUSE_CACHE/bench); gpu bench: every row as JSON")
     _add_generate_parser(sub)
     serve_parser = _add_serve_parser(sub)
-    args = parser.parse_args(argv)
+    import signal
+
+    import ringfuse
+
     try:
+        if signal.getsignal(signal.SIGINT) is ringfuse._interrupted:  # the package's start-up handler
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again
+        args = parser.parse_args(argv)
         return _run(args, parser, serve_parser)
-    except BrokenPipeError:  # `ringfuse generate ... | head -1`: the reader is gone; stop quietly
+    except KeyboardInterrupt:  # the commands handle it where they can go on; anywhere else, end here
+        print("ringfuse: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        # `ringfuse generate ... | head -1`: the reader left; stop quietly, and point stdout at
+        # /dev/null so that the interpreter's last flush does not fail again
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return 141  # 128 + SIGPIPE, as a shell reports a command that SIGPIPE ended
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has left (a BrokenPipeError from elsewhere, a
+    socket or a child's pipe, is a real error)."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
 
 
 def _run(args, parser, serve_parser) -> int:

@@ -29,7 +29,9 @@ def cases():
     # rms_norm takes the split path there; sums stay finite below 2^127 (exponent 253),
     # which layer_norm's split path covers up to its 5.2e33 limit (exponent 239 and up:
     # redo); 255 adds infinities and NaN.
-    return [(40, 189, 1), (40, 239, 2), (40, 245, 3), (40, 253, 4), (40, 255, 5)]
+    # 41 rows: one thread, row pairs then a single row; 97 rows (over 16,384 elements): two
+    # threads whose chunks end in a single row
+    return [(41, 189, 1), (41, 239, 2), (41, 245, 3), (97, 253, 4), (41, 255, 5), (97, 189, 6)]
 
 
 def same_bits(got, expect):
@@ -56,25 +58,32 @@ def test_residual_sum_is_torchs_bf16_add_bitwise(isa, op, rows, max_exponent, se
     same_bits(out, expect_out)
 
 
+@pytest.mark.parametrize("rows", [7, 8])  # with a single row at the end, and pairs only
 @pytest.mark.parametrize("alias", ["residual_out=x", "residual_out=r", "in-place"])
-def test_redone_rows_read_intact_inputs_when_outputs_alias_them(isa, alias):
+@pytest.mark.parametrize("op", ["rms", "layer"])
+def test_redone_rows_read_intact_inputs_when_outputs_alias_them(isa, op, alias, rows):
     # every row holds a sum past the split's range, so every row is redone
-    x = random_bf16(8, 239, 11)
-    r = random_bf16(8, 239, 12)
+    x = random_bf16(rows, 239, 11)
+    r = random_bf16(rows, 239, 12)
     x[:, 3], r[:, 3] = 1e34, 1e34
     x[:, HIDDEN - 1], r[:, HIDDEN - 1] = -2e35, 1.0
     w = torch.linspace(0.5, 1.5, HIDDEN).to(torch.bfloat16)
     expect_sum = x + r
-    expect_out = rms_norm(expect_sum, w)
-    if alias == "in-place":
+    expect_out = rms_norm(expect_sum, w) if op == "rms" else layer_norm(expect_sum, w)
+    if alias == "in-place" and op == "rms":
         xi, ri = x.clone(), r.clone()
         add_rms_norm_(xi, ri, w)
         out, res = xi, ri
     else:
+        # in place for layer_norm: out into x and residual_out into r, as add_rms_norm_ does
         target = x.clone() if alias == "residual_out=x" else r.clone()
-        other = r if alias == "residual_out=x" else x
-        xa, ra = (target, other) if alias == "residual_out=x" else (other, target)
-        out, res = add_rms_norm(xa, ra, w, residual_out=target)
-        assert res is target
+        xa, ra = (target, r) if alias == "residual_out=x" else (x, target)
+        if alias == "in-place":
+            xa = x.clone()
+            out, res = add_layer_norm(xa, ra, w, out=xa, residual_out=ra)
+        else:
+            add = add_rms_norm if op == "rms" else add_layer_norm
+            out, res = add(xa, ra, w, residual_out=target)
+        assert res is ra if alias != "residual_out=x" else res is target
     same_bits(res, expect_sum)
     same_bits(out, expect_out)

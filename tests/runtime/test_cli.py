@@ -48,6 +48,7 @@ def test_chat_reads_lines_until_eof(model_arg):
     # flags of other benches were ignored, bad values included
     (["bench", "limits", "--threads", "100000"], "--threads must be in [1, "),
     (["generate", "--threads", "100000", "x"], "threads must be an int in [1, "),
+    (["bench", "limits", "--nproc", "2"], "--nproc applies to bench allreduce and tp"),  # the default, given
     (["bench", "limits", "--nproc", "-1"], "--nproc applies to bench allreduce and tp, not to bench limits"),
     (["bench", "limits", "--shape", "tiny"], "--shape applies to bench generate, not to bench limits"),
     (["bench", "generate", "--batch", "3"], "--batch applies to bench generate with --device / --shape"),
@@ -224,3 +225,17 @@ def test_unwritable_cache_folder_gives_one_warning(model_arg, tmp_path):
     assert done.returncode == 0 and done.stdout.strip(), done.stderr
     warns = [n for n in done.stderr.splitlines() if "warning" in n]
     assert len(warns) == 1 and f"RINGFUSE_CACHE={blocked}" in warns[0] and "is a file" in warns[0], done.stderr
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["/usr/bin/python3", "/venv/bin/ringfuse", "generate"], True),
+    (["python", "-m", "ringfuse", "info"], True),
+    (["python", "-X", "dev", "-m", "ringfuse"], True),
+    (["python", "-m", "pytest", "tests"], False),
+    (["python", "-c", "import ringfuse"], False),  # spawned children run this way
+    (["python", "script.py", "ringfuse"], False),
+])  # fmt: skip
+def test_the_package_knows_when_it_is_the_command(argv, want):
+    import ringfuse
+
+    assert ringfuse._invoked_as_command(argv) is want

@@ -43,6 +43,10 @@ def test_abort_all_takes_the_engine_back_from_an_abandoned_stream(llm_fp32):
     llm.abort_all()
     assert list(stream) == [] and _blocks_free(llm)  # the old stream ends quietly
     assert len(llm.generate(PROMPTS[1], max_new_tokens=3, ignore_eos=True)[0].token_ids) == 3
+    stream = llm.stream(PROMPTS[:2], max_new_tokens=5, ignore_eos=True)
+    next(stream)  # the first of this step's two events
+    llm.abort_all()
+    assert list(stream) == []  # not the second: the stream ended with the abort
 
 
 def test_generate_from_two_threads_never_mixes_batches(llm_fp32):
@@ -88,9 +92,11 @@ def test_an_exception_during_a_prefill_requeues_its_requests(llm_fp32, monkeypat
     monkeypatch.setattr(llm.runner, "prefill_step", interrupted)
     for i, p in enumerate(PROMPTS):
         llm.add_request(llm.encode(p), params, index=i)
+    queries, hits = llm.prefix_cache_queries, llm.prefix_cache_hits
     with pytest.raises(KeyboardInterrupt):
         llm.step()
     assert [r.index for r in llm.scheduler.waiting] == [0, 1, 2] and not llm.running
+    assert (llm.prefix_cache_queries, llm.prefix_cache_hits) == (queries, hits)  # counted once, when it runs
     got = {}
     while llm.has_unfinished():
         for ev in llm.step():
@@ -121,9 +127,9 @@ def test_threads_checked_before_anything_changes(bad):
     assert torch.get_num_threads() == before
 
 
-@pytest.mark.parametrize("name", ["prefix_caching", "decode_graphs", "warm_up"])
+@pytest.mark.parametrize("name", ["prefix_caching", "decode_graphs", "warm_up", "weight_cache"])
 def test_flags_must_be_booleans(name):
-    with pytest.raises(TypeError, match=f"{name} must be True or False, got 'no'"):
+    with pytest.raises(TypeError, match=f"{name} must be True or False.*, got 'no'"):
         LLM("/nonexistent", **{name: "no"})
 
 
@@ -131,6 +137,29 @@ def test_batches_over_the_graph_limit_run_eagerly(llm_fp32):
     runner = llm_fp32.runner
     assert runner._graph_logits([object()] * (GRAPH_MAX_BATCH + 1)) is None
     assert all(key[0] <= GRAPH_MAX_BATCH for key in runner.graphs)
+
+
+def test_a_seeded_request_interrupted_in_its_prefill_draws_the_same_tokens(llm_fp32, monkeypatch):
+    llm = llm_fp32
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=1234)
+    want = llm.generate(PROMPTS[0], params)[0].token_ids
+    real, calls = llm.runner.sample, []
+
+    def failing(*args):
+        out = real(*args)  # the draw happened: the generator moved
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(llm.runner, "sample", failing)
+    llm.add_request(llm.encode(PROMPTS[0]), params, index=0)
+    with pytest.raises(KeyboardInterrupt):
+        llm.step()
+    got = []
+    while llm.has_unfinished():
+        got += [ev.token_id for ev in llm.step()]
+    assert got == want
 
 
 # ---- CPU graph captures from several threads ----------------------------------------------
@@ -163,7 +192,7 @@ def test_a_capture_waits_for_another_threads_capture():
     release.set()
     for t in threads:
         t.join(timeout=60)
-    assert done == [("first", 1), ("second", 1)]
+    assert sorted(done) == [("first", 1), ("second", 1)]
     assert not any(getattr(getattr(_C, n), "_ringfuse_recording", False) for n in dir(_C) if not n.startswith("_"))
 
 

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
 
-from ringfuse.runtime.tokenizer import IncrementalDecoder, Tokenizer  # noqa: E402
+from ringfuse.runtime.tokenizer import LONG_TEXT, IncrementalDecoder, Tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +261,8 @@ def test_from_folder_config_variants(folder, tmp_path):
     ("tokenizer_config.json", '{"chat_template": 5}', "chat_template must be a string"),
     ("chat_template.json", "[1]", "chat_template.json: must hold a JSON object"),
     ("tokenizer.json", "[1]", "tokenizer.json: not a tokenizers file"),
+    ("tokenizer_config.json", '{"add_bos_token": "false"}', "add_bos_token must be true or false, got 'false'"),
+    ("tokenizer_config.json", '{"add_eos_token": 1}', "add_eos_token must be true or false, got 1"),
 ])  # fmt: skip
 def test_from_folder_malformed_files_are_named(folder, tmp_path, name, content, match):
     """These gave AttributeError, KeyError, JSONDecodeError, a jinja TypeError or the
@@ -270,6 +272,37 @@ def test_from_folder_malformed_files_are_named(folder, tmp_path, name, content, 
     (tmp_path / name).write_text(content)
     with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + ".*" + match):
         Tokenizer.from_folder(tmp_path)
+
+
+def test_long_texts_let_other_threads_run(tok):
+    """A server tokenizes in a worker thread; the single encode call held the GIL for the
+    whole text (~2 s for 4 MB), stalling its event loop. Long texts go through the batch call,
+    which releases it: the same ids, and a thread counting meanwhile gets far further."""
+    import threading
+
+    text = "Hello wörld, 12 tokens! " * 12000  # ~290 KB
+
+    def counted_while(fn):
+        state = {"on": False, "done": False}
+
+        def worker():
+            state["on"] = True
+            fn()
+            state["done"] = True
+
+        t, n = threading.Thread(target=worker), 0
+        t.start()
+        while not state["done"]:
+            n += state["on"]
+        t.join()
+        return n
+
+    assert len(text) >= LONG_TEXT and tok.encode(text) == tok._tok.encode(text).ids
+    ids = tok.encode(text)
+    assert tok.decode(ids) == tok._tok.decode(ids)
+    holding = counted_while(lambda: tok._tok.encode(text))  # the GIL held throughout
+    releasing = counted_while(lambda: tok.encode(text))
+    assert releasing > 5 * max(holding, 1000), (releasing, holding)
 
 
 def test_from_folder_without_tokenizer_json(tmp_path):

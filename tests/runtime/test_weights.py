@@ -496,6 +496,17 @@ def test_non_float_weights_refused_at_load(hf_models, tmp_path, dtype):
         open_weights(tmp_path)
 
 
+def test_float64_weights_load(hf_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = hf_models["llama"][2]
+    sd = load_file(path / "model.safetensors")
+    sd["model.layers.0.mlp.up_proj.weight"] = sd["model.layers.0.mlp.up_proj.weight"].double()
+    save_file(sd, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes((path / "config.json").read_bytes())
+    assert open_weights(tmp_path).get("model.layers.0.mlp.up_proj.weight").dtype == torch.float64
+
+
 def test_missing_weight_checked_at_load(hf_models, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -54,6 +54,7 @@ from . import native
 from .rms_norm import OP_LIB
 from .rotary_embedding import STYLES, _check_memory, rotary_embedding
 
+MAX_HEAD_DIM = 256  # the largest head_dim the CPU, Triton and CUDA attention kernels take
 SPLIT_SIZE = 512  # keys per flash-decoding split (the kernel widens it for > 64 splits)
 
 
@@ -95,8 +96,8 @@ def _check_qkv(op, q, k, v, q_ndim, kv_ndim, pair="k and v", kv_name="k/v", layo
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]
     if k.shape[-1] != d:
         raise ValueError(f"{op}: head_dim of q ({d}) and of {kv_name} ({k.shape[-1]}) differ")
-    if not 1 <= d <= 256:
-        raise ValueError(f"{op}: head_dim must be in [1, 256], got {d}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
     if hkv < 1 or hq % hkv:
         raise ValueError(f"{op}: the number of query heads ({hq}) must be a multiple of the number of kv heads ({hkv})")
     return hq, hkv, d

@@ -7,9 +7,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..ops.attention import MAX_HEAD_DIM
 from . import architectures
-
-MAX_HEAD_DIM = 256  # the attention kernels' limit (ops.attention)
 
 _HF_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")  # fmt: skip

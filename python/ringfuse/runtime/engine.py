@@ -83,9 +83,10 @@ class LLM:
         if kv_cache_tokens is not None and (isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, int)
                                             or kv_cache_tokens < 2):  # fmt: skip
             raise ValueError(f"kv_cache_tokens must be an int >= 2 (None: the default), got {kv_cache_tokens!r}")
-        for name, v in (("prefix_caching", prefix_caching), ("decode_graphs", decode_graphs), ("warm_up", warm_up)):
-            if not isinstance(v, bool):
-                raise TypeError(f"{name} must be True or False, got {v!r}")
+        for name, v in (("prefix_caching", prefix_caching), ("decode_graphs", decode_graphs), ("warm_up", warm_up),
+                        ("weight_cache", weight_cache)):  # fmt: skip
+            if not isinstance(v, bool) and not (name == "weight_cache" and v is None):
+                raise TypeError(f"{name} must be True or False{' or None' * (name == 'weight_cache')}, got {v!r}")
         if threads is not None:  # torch's own error does not name the argument; 10**6 crashes libgomp
             cap = 8 * (os.cpu_count() or 1)
             if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cap:
@@ -215,16 +216,15 @@ class LLM:
         params = _sampling_params(params, sampling)
         batch = [self.encode(p, raw) for p in _as_prompt_list(prompts)]
         owner = object()
-        with self._lock:  # the busy check and the queueing are one step: another thread gets "busy"
-            self._check_no_stream("LLM.stream")
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("LLM.stream: the engine is busy with requests added by add_request(); drain "
-                                   "step() first")  # fmt: skip
-            for ids in batch:  # every prompt before any is queued: a refused one leaves nothing behind
-                self.check_request(len(ids), params)
-            self._stream_owner = owner
-        try:
-            with self._lock:
+        try:  # from here on, the finally gives the engine back whatever happens (Ctrl-C included)
+            with self._lock:  # the busy check and the queueing are one step: another thread gets "busy"
+                self._check_no_stream("LLM.stream")
+                if self.scheduler.has_unfinished():
+                    raise RuntimeError("LLM.stream: the engine is busy with requests added by add_request(); "
+                                       "drain step() first")  # fmt: skip
+                for ids in batch:  # every prompt before any is queued: a refused one leaves nothing behind
+                    self.check_request(len(ids), params)
+                self._stream_owner = owner
                 for i, ids in enumerate(batch):
                     self._add_request(ids, params, i, False)
             while True:
@@ -232,7 +232,10 @@ class LLM:
                     if self._stream_owner is not owner or not self.has_unfinished():
                         break  # done, or abort_all() took the engine back
                     events = self._step()
-                yield from events
+                for ev in events:
+                    if self._stream_owner is not owner:
+                        return  # abort_all() while the consumer held an event: nothing more
+                    yield ev
         finally:  # a consumer that stops early must not leave requests holding cache blocks
             with self._lock:
                 if self._stream_owner is owner:
@@ -329,8 +332,10 @@ class LLM:
     def abort(self, index: int) -> bool:
         """Drop the unfinished request ``index`` (waiting, admitted or decoding) and free its
         cache blocks now; the rest of the batch goes on without it. False if no unfinished
-        request has that index (it finished already, or was never added)."""
-        return self.scheduler.abort(index)
+        request has that index (it finished already, or was never added). Safe from another
+        thread: it waits for a running step to end."""
+        with self._lock:
+            return self.scheduler.abort(index)
 
     def abort_all(self) -> None:
         """Drop every unfinished request and free its blocks; a running stream() ends."""
@@ -376,6 +381,9 @@ class LLM:
             return []
         kind, reqs = scheduled
         runner = self.runner
+        # a prefill that fails is run again later: its seeded draws must start where they did
+        states = [r.generator.get_state() if r.generator is not None else None for r in reqs] \
+            if kind == "prefill" else []  # fmt: skip
         try:
             logits = runner.logits(runner.prefill_step(reqs)) if kind == "prefill" else runner.decode_logits(reqs)
             if kind == "prefill":  # the prompts' k/v are in their blocks now: cache them (before a request can finish)
@@ -384,6 +392,9 @@ class LLM:
             tokens, logprobs, now = runner.sample(logits, reqs)
         except BaseException:
             if kind == "prefill":  # never prefilled: they would decode without a first token
+                for r, state in zip(reqs, states):
+                    if state is not None:
+                        r.generator.set_state(state)
                 self.scheduler.requeue(reqs)
             raise
         events = [self.output.accept(r, t, lp, now) for r, t, lp in zip(reqs, tokens, logprobs)]

@@ -118,6 +118,8 @@ class Scheduler:
             if r in self.new:
                 self.new.remove(r)
             self.release(r)
+            self.prefix_cache_queries -= len(r.prompt_ids)  # counted again when it is admitted again
+            self.prefix_cache_hits -= r.cached
             r.cached = 0
             self.waiting.appendleft(r)
 

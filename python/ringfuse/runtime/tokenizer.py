@@ -51,6 +51,13 @@ _BPE_PRE_TYPES: dict[str, str] = {
                     "llama3"),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), "qwen2"),
 }
+# Texts from this many characters (and id lists from a quarter of it) go through the
+# tokenizers library's batch calls, which release the GIL: a multi-MB prompt tokenized in a
+# server's worker thread then no longer stalls its event loop (the single calls hold the GIL
+# for the whole encode, ~2 s for 4 MB). Short ones keep the single calls: the batch ones
+# start the library's thread pool, after which a fork prints its parallelism warning.
+LONG_TEXT = 64 * 1024
+
 SUPPORTED_GGUF_TOKENIZERS = {"gpt2": tuple(sorted(_BPE_PRE_TYPES)), "llama": ("(any pre)",)}
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -378,6 +385,12 @@ class Tokenizer:
                                  f"{{'content': string}}, got {value!r}")  # fmt: skip
             return value
 
+        def _flag(config: dict, name: str) -> bool:  # a JSON boolean ("false" would be truthy)
+            value = config.get(name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{folder / 'tokenizer_config.json'}: {name} must be true or false, got {value!r}")
+            return bool(value)
+
         def ids(key: str) -> list[int]:
             value = gen_config.get(key)
             values = [] if value is None else value if isinstance(value, list) else [value]
@@ -396,8 +409,8 @@ class Tokenizer:
         # TemplateProcessing built from the flags; otherwise tokenizer.json's own one stays.
         if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
             backend.post_processor = cls._bos_eos_processor(
-                bos if config.get("add_bos_token") else None, bos_id,
-                eos if config.get("add_eos_token") else None, eos_id)
+                bos if _flag(config, "add_bos_token") else None, bos_id,
+                eos if _flag(config, "add_eos_token") else None, eos_id)
 
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
@@ -428,6 +441,8 @@ class Tokenizer:
             hint = ": decode bytes first, e.g. data.decode('utf-8', errors='replace')" * isinstance(text, bytes)
             raise TypeError(f"encode() takes a str, got {type(text).__name__}{hint}")
         _check_text(text, "the text")
+        if len(text) >= LONG_TEXT:  # the same ids; encode_batch lets other threads run meanwhile
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -435,6 +450,8 @@ class Tokenizer:
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+        if len(ids) >= LONG_TEXT // 4:
+            return self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self, token_id: int) -> bytes:

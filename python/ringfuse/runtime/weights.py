@@ -330,9 +330,9 @@ class SafetensorsWeights:
         check_shapes(self)
         for name in expected_shapes(self.config):  # fp8 / int8 values read as numbers would be garbage
             dtype = self.where[name].get_slice(name).get_dtype() if name in self.where else "F32"
-            if dtype not in ("F32", "F16", "BF16"):
-                raise ValueError(f"{self.path}: tensor {name!r} is {dtype}; ringfuse reads F32, F16 or BF16 "
-                                 "checkpoints (a pre-quantized one is not supported)")  # fmt: skip
+            if dtype not in ("F64", "F32", "F16", "BF16"):
+                raise ValueError(f"{self.path}: tensor {name!r} is {dtype}; ringfuse reads float checkpoints "
+                                 "(F64, F32, F16, BF16), not pre-quantized ones")  # fmt: skip
 
     def has(self, name: str) -> bool:
         return name in self.where
