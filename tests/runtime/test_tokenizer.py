@@ -274,6 +274,60 @@ def test_from_folder_malformed_files_are_named(folder, tmp_path, name, content, 
         Tokenizer.from_folder(tmp_path)
 
 
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda t: t.decode("12"), TypeError, "decode: ids must be token ids \\(ints\\), got a str"),  # was 2 ids
+    (lambda t: t.decode([1.7]), TypeError, "decode: ids must be ints, got 1.7"),  # was truncated to 1
+    (lambda t: t.decode([[1, 2]]), TypeError, "decode: ids must be ints, got \\[1, 2\\]"),
+    (lambda t: t.decode(None), TypeError, "decode: ids must be an int or a sequence of ints"),
+    (lambda t: t.decode([-1]), ValueError, "decode: ids must be >= 0"),  # was OverflowError
+    (lambda t: t.decode([2**70]), ValueError, "decode: ids must be >= 0 \\(and < 2\\*\\*32\\)"),
+    (lambda t: t.token_bytes(-1), ValueError, "token_bytes: token_id must be >= 0"),
+    (lambda t: t.decoder().push(-1), ValueError, "IncrementalDecoder.push: token_id must be >= 0"),
+    (lambda t: t.encode("hi", add_special_tokens="no"), TypeError, "add_special_tokens must be True or False"),
+])  # fmt: skip
+def test_bad_ids_are_clear_errors(tok, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(tok)
+
+
+def test_ids_past_the_vocabulary_decode_to_nothing(tok):
+    # a model's padding rows (vocab_size above the tokenizer's) can be sampled: as in HF
+    assert tok.decode([tok.vocab_size, tok.vocab_size + 5]) == "" and tok.token_bytes(tok.vocab_size) == b""
+
+
+def test_streaming_emits_a_replacement_character_the_model_wrote(tok):
+    """Text ending in U+FFFD was always held back as a split character: a model writing the
+    character itself streamed nothing until flush(), re-decoding an ever longer window."""
+    (fffd,) = tok.encode("\ufffd", add_special_tokens=False)
+    dec = tok.decoder()
+    assert [dec.push(fffd) for _ in range(3)] == ["\ufffd"] * 3 and dec.flush() == ""
+    emoji = tok.encode("🙂", add_special_tokens=False)  # byte-level pieces of one character
+    assert len(emoji) > 1
+    dec = tok.decoder()
+    assert [dec.push(t) for t in emoji] == [""] * (len(emoji) - 1) + ["🙂"]  # held until complete
+
+
+def test_gemma_gguf_vocabularies_match_transformers():
+    """transformers reads Gemma GGUFs with two fixes (gemma_tokenizer): space-only tokens
+    stored as real spaces are looked up as ▁s, and merges follow the file order, not the
+    scores. Without them runs of spaces and many words tokenized differently."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    md = synthetic_sentencepiece_metadata()
+    n = len(md["tokenizer.ggml.tokens"])
+    md.update({"general.architecture": "gemma2", "tokenizer.ggml.add_space_prefix": False,
+               "tokenizer.ggml.tokens": list(md["tokenizer.ggml.tokens"]) + ["  ", "    "],
+               # scores that disagree with the file order
+               "tokenizer.ggml.scores": [0.0] * 259 + [float(-(i % 7)) for i in range(n - 260)] + [0.0] * 3,
+               "tokenizer.ggml.token_type": list(md["tokenizer.ggml.token_type"]) + [1, 1]})  # fmt: skip
+    ours = Tokenizer.from_gguf(md)
+    d = hf_tokenizer_dict(md)
+    d["add_prefix_space"] = False
+    ref, _ = convert_gguf_tokenizer("gemma2", d)
+    for text in ["the  dog", "x    y", "the quick brown fox", "hello world", "the lazy dog sleeps"]:
+        assert ours.encode(text, False) == ref.encode(text, add_special_tokens=False).ids, text
+
+
 def test_long_texts_let_other_threads_run(tok):
     """A server tokenizes in a worker thread; the single encode call held the GIL for the
     whole text (~2 s for 4 MB), stalling its event loop. Long texts go through the batch call,

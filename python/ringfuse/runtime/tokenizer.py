@@ -14,6 +14,7 @@ digit ("x  1", "    1."), where it gives the tokenization the model never saw in
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -85,6 +86,26 @@ def _required(metadata: Mapping[str, Any], key: str) -> Any:
     if key not in metadata or metadata[key] is None:
         raise ValueError(f"GGUF metadata has no {key!r}: cannot build the tokenizer")
     return metadata[key]
+
+
+def _token_ids(ids: Any, what: str) -> list[int]:
+    """``ids`` (an int, a sequence, a numpy array or a tensor) as a list of ints in [0, 2**32):
+    a str is not a sequence of ids, a float is not an id (int() would truncate it), and a
+    negative id is a ValueError naming ``what``, not the tokenizers library's OverflowError."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"{what} must be token ids (ints), got a {type(ids).__name__}")
+    try:
+        ids = [ids] if isinstance(ids, numbers.Integral) else list(ids)
+    except TypeError:
+        raise TypeError(f"{what} must be an int or a sequence of ints, got {type(ids).__name__}") from None
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"{what} must be ints, got {i!r}")
+        if not 0 <= i < 1 << 32:
+            raise ValueError(f"{what} must be >= 0 (and < 2**32), got {i}")
+    return [int(i) for i in ids]
 
 
 def _as_list(value: Any) -> list:
@@ -253,7 +274,14 @@ class Tokenizer:
             spelled = lambda t: set(t) <= alphabet  # noqa: E731
             add_bos_default = False
         elif model == "llama":
-            backend, spelled = cls._sentencepiece_bpe(tokens, metadata), lambda t: True  # noqa: E731
+            # Gemma files (transformers' gemma_tokenizer): a token of spaces is stored as real
+            # spaces but looked up as ▁s, and merges follow the tokens' order in the file,
+            # which Gemma's scores do not
+            file_order = metadata.get("general.architecture") in ("gemma", "gemma2", "gemma3")
+            if file_order:
+                tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+            backend = cls._sentencepiece_bpe(tokens, metadata, file_order)
+            spelled = lambda t: True  # noqa: E731
             # Older llama files lack the flag, and llama.cpp adds BOS to SentencePiece vocabs
             add_bos_default = True
         else:
@@ -314,14 +342,16 @@ class Tokenizer:
         return tok
 
     @staticmethod
-    def _sentencepiece_bpe(tokens: list[str], metadata: Mapping[str, Any]) -> tokenizers.Tokenizer:
-        """SentencePiece BPE (Llama 2, TinyLlama, Mistral) as transformers' LlamaTokenizer
-        rebuilds it: BPE over the ▁-spelled vocab with byte fallback, merges from the file or
-        from the scores."""
+    def _sentencepiece_bpe(tokens: list[str], metadata: Mapping[str, Any],
+                           file_order: bool = False) -> tokenizers.Tokenizer:
+        """SentencePiece BPE (Llama 2, TinyLlama, Mistral, Gemma) as transformers rebuilds it:
+        BPE over the ▁-spelled vocab with byte fallback, merges from the file or from the
+        scores (``file_order``: from the tokens' order in the file instead)."""
         if metadata.get("tokenizer.ggml.merges") is not None:
             merges = [tuple(str(m).split(" ", 1)) for m in _as_list(metadata["tokenizer.ggml.merges"])]
         else:
-            scores = [float(s) for s in _as_list(_required(metadata, "tokenizer.ggml.scores"))]
+            scores = [-float(i) for i in range(len(tokens))] if file_order else \
+                [float(s) for s in _as_list(_required(metadata, "tokenizer.ggml.scores"))]  # fmt: skip
             merges = _sentencepiece_merges(tokens, scores)
         vocab = {t: i for i, t in enumerate(tokens)}
         tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True,
@@ -405,8 +435,10 @@ class Tokenizer:
             bos_id = (ids("bos_token_id") or [None])[0]
         eos_id = backend.token_to_id(eos) if eos is not None else None
         eos_ids = ([eos_id] if eos_id is not None else []) + ids("eos_token_id")
-        # As HF: an explicit add_bos/eos_token (or no post-processor at all) means a
-        # TemplateProcessing built from the flags; otherwise tokenizer.json's own one stays.
+        # As transformers 4.x's LlamaTokenizerFast: an explicit add_bos/eos_token (or no
+        # post-processor at all) means a TemplateProcessing built from the flags; otherwise
+        # tokenizer.json's own one stays. (transformers 5 drops the two flags whenever there is
+        # a tokenizer.json; the two differ only when the files disagree.)
         if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
             backend.post_processor = cls._bos_eos_processor(
                 bos if _flag(config, "add_bos_token") else None, bos_id,
@@ -440,16 +472,17 @@ class Tokenizer:
         if not isinstance(text, str):
             hint = ": decode bytes first, e.g. data.decode('utf-8', errors='replace')" * isinstance(text, bytes)
             raise TypeError(f"encode() takes a str, got {type(text).__name__}{hint}")
+        if not isinstance(add_special_tokens, bool):
+            raise TypeError(f"encode(): add_special_tokens must be True or False, got {add_special_tokens!r}")
         _check_text(text, "the text")
         if len(text) >= LONG_TEXT:  # the same ids; encode_batch lets other threads run meanwhile
             return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids`` (ints, a list, a numpy array or a tensor)."""
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+        """Text of ``ids`` (ints, a list, a numpy array or a tensor). Ids past the vocabulary
+        (a model's padding rows) decode to nothing, as in HF."""
+        ids = _token_ids(ids, "decode: ids")
         if len(ids) >= LONG_TEXT // 4:
             return self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -458,7 +491,7 @@ class Tokenizer:
         """The bytes one token stands for. A piece of a multi-byte character (byte-level BPE
         pieces of an emoji, <0xXX> byte-fallback tokens) is part of a UTF-8 sequence, which
         decode() alone turns into U+FFFD. SentencePiece's ▁ is a space here."""
-        token_id = int(token_id)
+        (token_id,) = _token_ids([token_id], "token_bytes: token_id")
         piece = self._tok.id_to_token(token_id)
         if piece is None:
             return b""
@@ -524,8 +557,9 @@ class IncrementalDecoder:
     Decoding token by token is wrong for byte-level vocabularies (a character can span tokens)
     and for SentencePiece ones (a leading ▁ decodes differently at the start of a text). So each
     step decodes a short window that starts at a point where the text was complete:
-    text(window + new ids) minus text(window). Text ending in U+FFFD (a split character) is
-    held back until the character completes or flush() is called, and so is a trailing run of
+    text(window + new ids) minus text(window). Text whose bytes end inside a character (it
+    decodes to a trailing U+FFFD) is held back until the character completes or flush() is
+    called (a U+FFFD the model wrote itself is text), and so is a trailing run of
     <0xXX> byte-fallback tokens, which decodes as a whole. Windows start only at such complete
     points, so everything returned adds up to exactly ``decode(all ids)``.
     """
@@ -538,13 +572,31 @@ class IncrementalDecoder:
         self._in_byte_run = False
 
     def push(self, token_id: int) -> str:
-        token_id = int(token_id)
+        (token_id,) = _token_ids([token_id], "IncrementalDecoder.push: token_id")
         self._window.append(token_id)
         if token_id in self._tok._byte_ids:
             self._in_byte_run = True
         elif not (self._skip and token_id in self._tok._special_ids):  # skipped ids do not end a run
             self._in_byte_run = False
         return "" if self._in_byte_run else self._advance(final=False)
+
+    def _split_character(self) -> bool:
+        """Whether the window's bytes end inside a UTF-8 character, which a later token may
+        complete (a U+FFFD the model wrote, or bytes that can never be valid, is text now)."""
+        tail = b""
+        for t in reversed(self._window):  # the last bytes: a split character has at most 3
+            if self._skip and t in self._tok._special_ids:
+                continue
+            tail = self._tok.token_bytes(t) + tail
+            if len(tail) >= 4:
+                break
+        for back in range(1, min(4, len(tail)) + 1):
+            lead = tail[-back]
+            if lead & 0xC0 == 0x80:  # a continuation byte: look further back
+                continue
+            need = 4 if lead >= 0xF0 else 3 if lead >= 0xE0 else 2 if lead >= 0xC0 else 1
+            return back < need
+        return False
 
     def flush(self) -> str:
         """The text still held back (an incomplete character comes out as U+FFFD, as in
@@ -557,7 +609,7 @@ class IncrementalDecoder:
         decode = self._tok._tok.decode
         done = decode(self._window[:self._read], skip_special_tokens=self._skip)
         text = decode(self._window, skip_special_tokens=self._skip)
-        if len(text) <= len(done) or (text.endswith("\ufffd") and not final):
+        if len(text) <= len(done) or (text.endswith("\ufffd") and not final and self._split_character()):
             return ""
         # The ids returned before this step end at a complete point: the next window starts
         # there (keeping this step's ids, whose text the next step subtracts).
