@@ -66,7 +66,7 @@ struct LayerNormKernel {
         _mm256_cmpgt_epi32(_mm256_set1_epi32(int(tail)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
     using Ptrs = RowPtrs<TX, TW, TO>;
     const Ptrs p[2] = {Ptrs(a, row0), Ptrs(a, row0 + N - 1)};  // with N = 1 only p[0] is used
-    constexpr int kAcc = 8 / N;  // accumulators per row
+    constexpr int kAcc = 4;  // per row, paired or alone: a row's bits do not depend on its pairing
     constexpr bool kDefer = kDeferredSum<TX, TO, kRes>;  // residual_out stored in pass 3
 
     // pass 1: s = x (+ r) into buf, sum(s)

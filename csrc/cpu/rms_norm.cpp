@@ -67,7 +67,9 @@ struct RmsKernel {
     const int64_t H = a.hidden;
     using Ptrs = RowPtrs<TX, TW, TO>;
     const Ptrs p[2] = {Ptrs(a, row0), Ptrs(a, row0 + N - 1)};  // with N = 1 only p[0] is used
-    constexpr int kAcc = 8 / N;                                 // accumulators per row
+    // 4 accumulators per row whether paired or alone: a row's bits must not depend on which
+    // row it was paired with (the thread split and the batch decide that)
+    constexpr int kAcc = 4;
     constexpr bool kDefer = kDeferredSum<TX, TO, kRes>;           // residual_out stored in pass 2
 
     // pass 1: s = x (+ r), kept in buf; sum of squares

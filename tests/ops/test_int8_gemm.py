@@ -265,6 +265,25 @@ def test_weight_only_matches_reference(avx512_isa, dtype, m, k, n, with_bias):
     assert err <= 2 * err_torch + floor
 
 
+@pytest.mark.parametrize("group_size", [None, 64])
+@pytest.mark.parametrize("m", [1, 4])
+def test_weight_only_long_k_within_tolerance(avx512_isa, m, group_size):
+    """K = 4096: the scalar path summed all of K in one fp32 chain, 4-8x torch's error."""
+    k, n = 4096, 48
+    g = torch.Generator().manual_seed(m + 7)
+    x = torch.randn(m, k, generator=g)
+    w_q = rand_int8((n, k), 11, low=-127)
+    groups = 1 if group_size is None else k // group_size
+    w_scale = torch.rand(n, groups, generator=g) * 0.02 + 0.001
+    scale = w_scale.double() if group_size is not None else w_scale.double()[:, :1]
+    w = (w_q.double().view(n, groups, -1) * scale[:, :, None]).view(n, k)
+    ref = x.double() @ w.T
+    got = int8_weight_only_linear(x, w_q, w_scale if group_size else w_scale[:, 0], group_size=group_size)
+    same = torch.nn.functional.linear(x, w.float())
+    err, err_torch = (got.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+    assert err <= 2 * err_torch + torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item()), (err, err_torch)
+
+
 @pytest.mark.skipif(not _C.build_info()["cpu_has_avx512_vnni"], reason="needs AVX-512")
 @pytest.mark.parametrize("group_size", [None, 32])
 @pytest.mark.parametrize("m,k,n", [(1, 70, 13), (2, 129, 9), (3, 64, 17), (5, 300, 8), (8, 1100, 23), (9, 37, 5),

@@ -226,6 +226,31 @@ def test_deterministic_across_runs_and_thread_counts():
     assert torch.equal(one, two) and torch.equal(two, again)
 
 
+@pytest.mark.parametrize("op", ["rms", "add_rms", "layer", "add_layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,hidden", [(6, 4097), (7, 576), (3, 70)])
+def test_a_rows_bits_do_not_depend_on_threads_or_batch(isa, op, dtype, rows, hidden):
+    """Rows are normalized in pairs; a lone row summed with another accumulator layout, and
+    the thread split (and the batch) decides which rows are paired: [6, 4097] gave other bits
+    at 1 and 2 threads, and a row alone other bits than in its batch."""
+    from ringfuse.ops import add_layer_norm, layer_norm
+
+    x, r = make((rows, hidden), dtype, seed=3, scale=3.0, offset=0.5), make((rows, hidden), dtype, seed=4)
+    w = make_weight("same", hidden, dtype)
+    call = {"rms": lambda a, b: rms_norm(a, w), "add_rms": lambda a, b: add_rms_norm(a, b, w)[0],
+            "layer": lambda a, b: layer_norm(a, w), "add_layer": lambda a, b: add_layer_norm(a, b, w)[0]}[op]
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = call(x, r)
+        torch.set_num_threads(2)
+        two = call(x, r)
+        alone = torch.cat([call(x[i : i + 1], r[i : i + 1]) for i in range(rows)])
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(one, two) and torch.equal(two, alone)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_large_rows_use_streaming_stores_correctly(dtype):
     """>= 48 MiB of output takes the non-temporal store path: same results as the scalar path."""
