@@ -8,7 +8,9 @@ from collections import Counter
 from pathlib import Path
 
 import jinja2
+import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -283,11 +285,27 @@ def test_from_folder_malformed_files_are_named(folder, tmp_path, name, content, 
     (lambda t: t.decode([2**70]), ValueError, "decode: ids must be >= 0 \\(and < 2\\*\\*32\\)"),
     (lambda t: t.token_bytes(-1), ValueError, "token_bytes: token_id must be >= 0"),
     (lambda t: t.decoder().push(-1), ValueError, "IncrementalDecoder.push: token_id must be >= 0"),
+    (lambda t: t.decoder().push([5]), TypeError, "IncrementalDecoder.push: token_id must be an int, got \\[5\\]"),
+    (lambda t: t.token_bytes(2.0), TypeError, "token_bytes: token_id must be an int, got 2.0"),
+    (lambda t: t.id_to_token(-3), ValueError, "id_to_token: token_id must be >= 0"),  # was OverflowError
+    (lambda t: t.decode([5, 7, True]), TypeError, "decode: ids must be ints, got True"),
+    (lambda t: t.decode(np.array([5, -2])), ValueError, "decode: ids must be >= 0 \\(and < 2\\*\\*32\\), got -2"),
     (lambda t: t.encode("hi", add_special_tokens="no"), TypeError, "add_special_tokens must be True or False"),
 ])  # fmt: skip
 def test_bad_ids_are_clear_errors(tok, call, exc, match):
     with pytest.raises(exc, match=match):
         call(tok)
+
+
+def test_one_id_may_be_a_0d_tensor_or_numpy_scalar(tok):
+    # push(logits.argmax()) is the natural call; int() accepted these before ids were checked
+    ids = tok.encode("hello world", add_special_tokens=False)
+    dec = tok.decoder()
+    text = "".join(dec.push(torch.tensor(i) if k % 2 else np.int64(i)) for k, i in enumerate(ids)) + dec.flush()
+    assert text == tok.decode(ids)
+    assert tok.token_bytes(torch.tensor(ids[0])) == tok.token_bytes(ids[0])
+    assert tok.id_to_token(np.int32(ids[0])) == tok.id_to_token(ids[0])
+    assert tok.decode(torch.tensor(ids)) == tok.decode(np.array(ids)) == tok.decode(ids)
 
 
 def test_ids_past_the_vocabulary_decode_to_nothing(tok):
@@ -310,7 +328,9 @@ def test_streaming_emits_a_replacement_character_the_model_wrote(tok):
 def test_gemma_gguf_vocabularies_match_transformers():
     """transformers reads Gemma GGUFs with two fixes (gemma_tokenizer): space-only tokens
     stored as real spaces are looked up as ▁s, and merges follow the file order, not the
-    scores. Without them runs of spaces and many words tokenized differently."""
+    scores. Without them runs of spaces and many words tokenized differently. The space
+    tokens are user-defined (type 4), as in Gemma files: HF looks those up as spelled in the
+    file, so the respelled ▁ runs must not become added tokens."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     md = synthetic_sentencepiece_metadata()
@@ -319,13 +339,14 @@ def test_gemma_gguf_vocabularies_match_transformers():
                "tokenizer.ggml.tokens": list(md["tokenizer.ggml.tokens"]) + ["  ", "    "],
                # scores that disagree with the file order
                "tokenizer.ggml.scores": [0.0] * 259 + [float(-(i % 7)) for i in range(n - 260)] + [0.0] * 3,
-               "tokenizer.ggml.token_type": list(md["tokenizer.ggml.token_type"]) + [1, 1]})  # fmt: skip
+               "tokenizer.ggml.token_type": list(md["tokenizer.ggml.token_type"]) + [4, 4]})  # fmt: skip
     ours = Tokenizer.from_gguf(md)
     d = hf_tokenizer_dict(md)
     d["add_prefix_space"] = False
     ref, _ = convert_gguf_tokenizer("gemma2", d)
-    for text in ["the  dog", "x    y", "the quick brown fox", "hello world", "the lazy dog sleeps"]:
+    for text in ["the  dog", "x    y", "the quick brown fox", "hello world", "the lazy dog sleeps", "a\u2581\u2581b"]:
         assert ours.encode(text, False) == ref.encode(text, add_special_tokens=False).ids, text
+    assert ours.token_bytes(n) == b"  " and ours.decode([n]) == "  "
 
 
 def test_long_texts_let_other_threads_run(tok):

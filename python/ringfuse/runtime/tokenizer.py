@@ -91,7 +91,9 @@ def _required(metadata: Mapping[str, Any], key: str) -> Any:
 def _token_ids(ids: Any, what: str) -> list[int]:
     """``ids`` (an int, a sequence, a numpy array or a tensor) as a list of ints in [0, 2**32):
     a str is not a sequence of ids, a float is not an id (int() would truncate it), and a
-    negative id is a ValueError naming ``what``, not the tokenizers library's OverflowError."""
+    negative id is a ValueError naming ``what``, not the tokenizers library's OverflowError.
+    A list of plain ints (the common case) is checked with C-speed passes (type, min, max):
+    long decodes run off the GIL (decode_batch), and a per-id Python check took most of it."""
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
     if isinstance(ids, (str, bytes)):
@@ -100,12 +102,24 @@ def _token_ids(ids: Any, what: str) -> list[int]:
         ids = [ids] if isinstance(ids, numbers.Integral) else list(ids)
     except TypeError:
         raise TypeError(f"{what} must be an int or a sequence of ints, got {type(ids).__name__}") from None
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
-            raise TypeError(f"{what} must be ints, got {i!r}")
-        if not 0 <= i < 1 << 32:
-            raise ValueError(f"{what} must be >= 0 (and < 2**32), got {i}")
-    return [int(i) for i in ids]
+    if not all(type(i) is int for i in ids):  # numpy / other Integral ids, or something wrong
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                raise TypeError(f"{what} must be ints, got {i!r}")
+        ids = [int(i) for i in ids]
+    if ids and (min(ids) < 0 or max(ids) >= 1 << 32):
+        bad = next(i for i in ids if not 0 <= i < 1 << 32)
+        raise ValueError(f"{what} must be >= 0 (and < 2**32), got {bad}")
+    return ids
+
+
+def _token_id(token_id: Any, what: str) -> int:
+    """One token id: an int, or a 0-d tensor / numpy scalar (``logits.argmax()``)."""
+    if hasattr(token_id, "tolist"):
+        token_id = token_id.tolist()
+    if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {token_id!r}")
+    return _token_ids([int(token_id)], what)[0]
 
 
 def _as_list(value: Any) -> list:
@@ -253,6 +267,7 @@ class Tokenizer:
         ``gguf.GGUFReader``'s ``field.contents()``)."""
         model = _required(metadata, "tokenizer.ggml.model")
         tokens = [str(t) for t in _as_list(_required(metadata, "tokenizer.ggml.tokens"))]
+        file_tokens = tokens  # as spelled in the file (Gemma's are respelled below), as HF reads user-defined ones
         types = _as_list(metadata.get("tokenizer.ggml.token_type") or [])
         pre = metadata.get("tokenizer.ggml.pre") or "default"
 
@@ -298,7 +313,7 @@ class Tokenizer:
                                     for t in dict.fromkeys(special)])
         vocab = backend.get_vocab()
         backend.add_tokens([AddedToken(t, normalized=False, special=False)
-                            for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab])
+                            for t, ty in zip(file_tokens, types) if ty == _USER_DEFINED and t in vocab])
 
         add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default))
         add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
@@ -491,7 +506,7 @@ class Tokenizer:
         """The bytes one token stands for. A piece of a multi-byte character (byte-level BPE
         pieces of an emoji, <0xXX> byte-fallback tokens) is part of a UTF-8 sequence, which
         decode() alone turns into U+FFFD. SentencePiece's ▁ is a space here."""
-        (token_id,) = _token_ids([token_id], "token_bytes: token_id")
+        token_id = _token_id(token_id, "token_bytes: token_id")
         piece = self._tok.id_to_token(token_id)
         if piece is None:
             return b""
@@ -507,7 +522,7 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def id_to_token(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(int(token_id))
+        return self._tok.id_to_token(_token_id(token_id, "id_to_token: token_id"))
 
     # -- chat -----------------------------------------------------------------------------
 
@@ -572,7 +587,7 @@ class IncrementalDecoder:
         self._in_byte_run = False
 
     def push(self, token_id: int) -> str:
-        (token_id,) = _token_ids([token_id], "IncrementalDecoder.push: token_id")
+        token_id = _token_id(token_id, "IncrementalDecoder.push: token_id")
         self._window.append(token_id)
         if token_id in self._tok._byte_ids:
             self._in_byte_run = True
