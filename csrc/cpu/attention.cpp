@@ -1062,20 +1062,19 @@ struct PrefillKernel {
   }
 
   // Scalar fallback: one row at a time, online softmax over single keys.
-  static void item_scalar(const PrefillArgs& a, const PrefillItem& it) {
+  // O (o: D doubles of the thread's scratch) and l in fp64 as the dot: one key at a time they
+  // are sums over every key of the row (fp32 had 4-8x torch's error at 2-4K keys).
+  static void item_scalar(const PrefillArgs& a, const PrefillItem& it, double* o) {
     int64_t qs, qlen, ks, klen;
     seq_range(a.cu_q, a.sq, it.b, qs, qlen);
     seq_range(a.cu_k, a.sk, it.b, ks, klen);
     const int64_t D = a.d, nq = it.i1 - it.i0, diag = klen - qlen;
-    // O and l in fp64 as the dot: one key at a time they are sums over every key of the row
-    // (fp32 had 4-8x torch's error at 2-4K keys)
-    std::vector<double> o(size_t(D), 0.0);
     for (int64_t r = 0; r < (it.g1 - it.g0) * nq; ++r) {
       const int64_t h = it.kvh * a.group + it.g0 + r / nq, i = it.i0 + r % nq;
       const T* qp = static_cast<const T*>(a.q) + it.b * a.q_sb + h * a.q_sh + (qs + i) * a.q_ss;
       const int64_t hi = a.causal ? std::clamp<int64_t>(i + diag + 1, 0, klen) : klen;
       const int64_t lo = a.window > 0 ? std::clamp<int64_t>(i + diag - a.window + 1, 0, klen) : 0;
-      std::fill(o.begin(), o.end(), 0.0);
+      std::fill(o, o + D, 0.0);
       float m = -std::numeric_limits<float>::infinity();
       double l = 0.0;
       for (int64_t j = lo; j < hi; ++j) {
@@ -1088,13 +1087,13 @@ struct PrefillKernel {
         const float m_new = std::max(m, score);
         const float m_safe = m_new == -std::numeric_limits<float>::infinity() ? 0.0f : m_new;
         const double alpha = std::exp(m - m_safe), p = std::exp(score - m_safe);
-        for (int64_t c = 0; c < D; ++c) o[size_t(c)] = o[size_t(c)] * alpha + p * E::load(vp + c);
+        for (int64_t c = 0; c < D; ++c) o[c] = o[c] * alpha + p * E::load(vp + c);
         l = l * alpha + p;
         m = m_new;
       }
       T* dst = static_cast<T*>(a.out) + it.b * a.o_sb + h * a.o_sh + (qs + i) * a.o_ss;
       const double inv = l > 0.0 ? 1.0 / l : 0.0;
-      for (int64_t c = 0; c < D; ++c) E::store(dst + c, float(o[size_t(c)] * inv));
+      for (int64_t c = 0; c < D; ++c) E::store(dst + c, float(o[c] * inv));
       if (a.lse)
         a.lse[it.b * a.l_sb + h * a.l_sh + (qs + i) * a.l_ss] =
             l > 0.0 ? float(m + std::log(l)) : -std::numeric_limits<float>::infinity();
@@ -1106,13 +1105,14 @@ struct PrefillKernel {
     const bool wide = isa == Isa::kAvx2 && dp % 16 == 0 && avx512_kernels();
 #pragma omp parallel num_threads(std::max(1, num_threads)) if (n_items > 1)
     {
-      PrefillScratch w(dp);
+      if (isa == Isa::kAvx2) {  // every thread takes the same branch
+        PrefillScratch w(dp);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t n = 0; n < n_items; ++n) {
-        if (isa == Isa::kAvx2)
-          item_avx2(a, items[size_t(n)], w, wide);
-        else
-          item_scalar(a, items[size_t(n)]);
+        for (int64_t n = 0; n < n_items; ++n) item_avx2(a, items[size_t(n)], w, wide);
+      } else {
+        std::vector<double> o(size_t(a.d));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t n = 0; n < n_items; ++n) item_scalar(a, items[size_t(n)], o.data());
       }
     }
   }

@@ -600,17 +600,13 @@ void wo_scalar(const GemmArgs& g, const float* x, int64_t x_stride, const int8_t
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (g.n > 1 && g.m * g.n * g.k > (1 << 16))
   for (int64_t col = 0; col < g.n; ++col)
     for (int64_t r = 0; r < g.m; ++r) {
-      // 8 lanes, each summed in chunks of 64 k, as the vector paths and linear.cpp's scalar
-      // one: one sequential fp32 sum over K = 4096 was 4-8x torch's error
-      float lane[8] = {};
-      for (int64_t c0 = 0; c0 < g.k; c0 += 64) {
-        float part[8] = {};
-        for (int64_t i = c0; i < std::min(g.k, c0 + 64); ++i)
-          part[i & 7] += x[r * x_stride + i] * float(w[col * w_stride + i]) *
-                         (ws.group ? ws.scale[col * ws.stride + i / ws.group] : 1.0f);
-        for (int l = 0; l < 8; ++l) lane[l] += part[l];
-      }
-      const float t = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+      // the per-row kernels' chunked order (linear.h): one sequential fp32 sum over K = 4096
+      // was 4-8x torch's error
+      const float* xr = x + r * x_stride;
+      const int8_t* wc = w + col * w_stride;
+      const float t = chunked_dot(g.k, [&](int64_t i) {
+        return xr[i] * float(wc[i]) * (ws.group ? ws.scale[col * ws.stride + i / ws.group] : 1.0f);
+      });
       const float v = t * (ws.group ? 1.0f : ws.scale[col]) + (g.bias ? g.bias[col] : 0.0f);
       store_floats(g, r, col, 1, &v);
     }

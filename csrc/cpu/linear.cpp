@@ -70,7 +70,7 @@ namespace {
 
 constexpr int64_t kBlock = 8;        // weight rows per work item
 constexpr int kMaxRows = 4;          // rows of x per register block
-constexpr int64_t kChunk = 64;       // k per partial sum (a multiple of 64: whole cache lines)
+constexpr int64_t kChunk = kDotChunk;  // k per partial sum (linear.h)
 // kLinearRowKernelMaxM (linear.h), the per-row kernel's bound. Measured crossover (Zen 5 VM,
 // 2 threads, fp32 weights, SmolLM2's layers and [4096, 4096]): at M = 12 the row kernel was
 // still ahead; at 17 the GEMM was 1.1-1.4x it with 16 lanes and 1.0-1.2x on AVX2, at 33
@@ -410,15 +410,8 @@ void run_scalar(const Args& a, int threads) {
     const T* w = static_cast<const T*>(a.w) + col * a.w_stride;
     for (int64_t r = 0; r < a.m; ++r) {
       const float* x = a.x + r * a.kp;
-      float lane[8] = {};
-      for (int64_t c0 = 0; c0 < a.k; c0 += kChunk) {
-        float part[8] = {};
-        for (int64_t i = c0; i < std::min(a.k, c0 + kChunk); i += 8)
-          for (int64_t l = 0; l < 8 && i + l < a.k; ++l) part[l] += x[i + l] * W::load(w + i + l);
-        for (int l = 0; l < 8; ++l) lane[l] += part[l];
-      }
       float dots[kMaxRows][kBlock];
-      dots[0][0] = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+      dots[0][0] = chunked_dot(a.k, [&](int64_t i) { return x[i] * W::load(w + i); });
       store_block(a, r, 1, col, 1, dots);
     }
   }
