@@ -19,8 +19,9 @@
 //
 // Weight-only linear: per 8 weights, one widening load (vpmovsxbd), a convert and one FMA
 // per row of x; at M = 1 it should stream the int8 weights at DRAM speed (4x fewer bytes
-// than fp32 F.linear). Per-channel scales, M <= 16: linear.cpp's GEMV-style kernel (blocks
-// of 8 weight rows, next-block prefetch); against the 4-row kernel below it measured
+// than fp32 F.linear). Per-channel scales, M <= 16: linear.cpp's GEMV-style kernel (M = 1:
+// one weight row after another; M > 1: blocks of 8 weight rows, next-block prefetch). With
+// 8-row blocks at M = 1 too, against the 4-row kernel below it measured
 // 1.2x / 1.35x / 1.7x faster at M = 1 / 4 / 8 over all of SmolLM2's linears (135 MB int8,
 // M = 8 at ~150 GFLOP/s, near the 2-core FMA peak), and against wo_gemm at M = 12 / 16
 // (Zen 5 VM, 2026-12-06; [1536, 576], [576, 1536], [4096, 4096]) 1.5-2.1x / 1.4-1.7x

@@ -23,16 +23,17 @@
 //   vpmovsxbd + vcvtdq2ps, the row scale applied to the finished dot) once per MR rows of
 //   x; for M > 4 the block's rows (8 K sizeof(W) bytes) are re-read from L1/L2, never from
 //   DRAM.
-// - M = 1, fp32 / bf16 weights: the block's rows one after another (dot_row), four adjacent
-//   chunks as four chains: one sequential stream per thread, 12 % faster (fp32) than 8
-//   interleaved rows. No software prefetch: the hardware stream prefetchers alone keep a
-//   single sequential stream per core at the DRAM read bandwidth, and prefetches of our own
-//   only took load-queue slots and bandwidth from them. On the AVX-512 (Zen 4) host, AVX2
-//   path, 2 threads, SmolLM2-135M's whole decode weight stream (30 x qkv/o/gate_up/down +
-//   lm_head, 538 MB fp32, cold), interleaved in one process: 15.9-17.6 ms -> 14.0-15.3 ms
-//   per token (31-34 -> 35-39 GB/s, ~13 % less time) against the 8 KiB-ahead L2 (T1)
-//   prefetch it had; bf16 weights (269 MB) 10.1-10.7 -> 7.3-8.0 ms. The 8-row blocks
-//   (M > 1) keep their next-block prefetch: without it M = 2 / 4 / 8 were 10-60 % slower.
+// - M = 1 (every weight type): the block's rows one after another (dot_row), each row's
+//   chunks walked in address order: one sequential stream per thread. No software
+//   prefetch: the hardware stream prefetchers alone keep a single sequential stream per
+//   core at the DRAM read bandwidth, and prefetches of our own only took load-queue slots
+//   and bandwidth from them. On the AVX-512 (Zen 4) host, AVX2 path, 2 threads,
+//   SmolLM2-135M's whole decode weight stream (30 x qkv/o/gate_up/down + lm_head, 538 MB
+//   fp32, cold), interleaved in one process: 15.9-17.6 ms -> 14.0-15.3 ms per token against
+//   the 8 KiB-ahead L2 (T1) prefetch it had; bf16 weights (269 MB) 10.1-10.7 -> 7.3-8.0 ms.
+//   int8 weights (134 MB) moved from the 8-row blocks to rows on 2026-12-07 (dot_row's
+//   note). The 8-row blocks (M > 1) keep their next-block prefetch: without it M = 2 / 4 /
+//   8 were 10-60 % slower.
 // - Prefetch (blocks): while a block is computed, each cache line of its rows is matched by
 //   a software prefetch of the same line of the next block's rows (8 rows further on), so
 //   the next block's W is in flight during this block's FMAs; the hardware stream
@@ -314,30 +315,31 @@ RF_AVX512VNNI void block_avx512(int64_t rows, const float* x, int64_t kp, const 
   }
 }
 
-// M = 1 with fp32 / bf16 weights walks rows one by one (dot_row): 12 % (fp32) and 7 %
-// (bf16) faster than the 8-row blocks over SmolLM2's linears, measured interleaved in one
-// process; int8 weights (4x fewer bytes per FMA) measured 4 % slower that way and keep the
-// blocks. Both give the same bits.
-template <class W>
-constexpr bool kRowPath = !std::is_same_v<W, I8>;
+// M = 1 walks the weight rows one by one (dot_row): one sequential stream per thread, left
+// to the hardware prefetchers. Against the 8-row blocks (Zen 5 VM, AVX2 path, 2 threads,
+// SmolLM2's linears): int8 weights 9.2 -> 6.1-7.1 ms per token's 134 MB (14.6 -> 19-22
+// GB/s; the blocks' four rows 576 bytes apart kept the DRAM read at half the plain-read
+// rate, software prefetch or not), fp32 12 % and bf16 7 % faster. The same bits either way.
 
 // x . w for one weight row (M = 1), in dot_block's order: each chunk of kChunk k summed by
-// its own chain from 0, the chunks added to the total in order. Rows are walked one after
-// another (one sequential stream per thread, left to the hardware prefetchers) and four
-// adjacent chunks run as four chains.
+// its own chain from 0, the chunks added to the total in order. Four chunks are in flight
+// as four chains, each walked to its end before the next starts, so the loads go through
+// the row in address order: the out-of-order core overlaps the four chains anyway, and the
+// interleaved order (four loads kChunk elements apart per step) read fp32 rows at ~90 % of
+// the plain-read rate against ~100 % for this one (a C++ probe over 538 MB, interleaved).
 template <class W>
 RF_AVX2 float dot_row(const float* x, const typename W::T* w, int64_t k) {
   __m256 acc = _mm256_setzero_ps();
   int64_t c0 = 0;
   for (; c0 + 4 * kChunk <= k; c0 += 4 * kChunk) {
-    __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
-    for (int64_t i = c0; i < c0 + kChunk; i += 8) {
-      p0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), WLoad<W>::load(w + i), p0);
-      p1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + kChunk), WLoad<W>::load(w + i + kChunk), p1);
-      p2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 2 * kChunk), WLoad<W>::load(w + i + 2 * kChunk), p2);
-      p3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 3 * kChunk), WLoad<W>::load(w + i + 3 * kChunk), p3);
+    __m256 p[4];
+    RF_UNROLL for (int c = 0; c < 4; ++c) {
+      p[c] = _mm256_setzero_ps();
+      const int64_t base = c0 + c * kChunk;
+      RF_UNROLL for (int64_t i = base; i < base + kChunk; i += 8)
+        p[c] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), WLoad<W>::load(w + i), p[c]);
     }
-    acc = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc, p0), p1), p2), p3);
+    acc = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc, p[0]), p[1]), p[2]), p[3]);
   }
   for (; c0 < k; c0 += kChunk) {  // the last < 4 chunks, one at a time
     const int64_t cend = std::min(k, c0 + kChunk);
@@ -363,7 +365,7 @@ RF_AVX2 void run_avx2(const Args& a, int threads) {
     const T* wr[kBlock];  // rows past n repeat the last one (computed, not stored)
     for (int64_t j = 0; j < kBlock; ++j)
       wr[j] = static_cast<const T*>(a.w) + (n0 + std::min(j, cols - 1)) * a.w_stride;
-    if (kRowPath<W> && a.m == 1) {
+    if (a.m == 1) {
       float dots[kMaxRows][kBlock];
       for (int64_t j = 0; j < cols; ++j) dots[0][j] = dot_row<W>(a.x, wr[j], a.k);
       store_block(a, 0, 1, n0, cols, dots);
@@ -380,7 +382,10 @@ RF_AVX2 void run_avx2(const Args& a, int threads) {
         continue;
       }
       switch (rows) {
-        case 1: dot_block<W, 1, 8>(x, a.kp, wr, a.k, d, ahead); break;
+        case 1:  // 1 x 4 twice: 1 x 8 needs 16 accumulators (chunk sums and totals), and
+                 // the 16 ymm registers spilled one, a chain through the stack on every FMA
+          for (int64_t j0 = 0; j0 < cols; j0 += 4) dot_block<W, 1, 4>(x, a.kp, wr + j0, a.k, d + j0, ahead);
+          break;
         case 2:
           for (int64_t j0 = 0; j0 < cols; j0 += 4) dot_block<W, 2, 4>(x, a.kp, wr + j0, a.k, d + j0, ahead);
           break;
