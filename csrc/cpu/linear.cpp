@@ -23,8 +23,9 @@
 //   vpmovsxbd + vcvtdq2ps, the row scale applied to the finished dot) once per MR rows of
 //   x; for M > 4 the block's rows (8 K sizeof(W) bytes) are re-read from L1/L2, never from
 //   DRAM.
-// - M = 1 (every weight type): the block's rows one after another (dot_row), each row's
-//   chunks walked in address order: one sequential stream per thread. No software
+// - M = 1 (every weight type; and M = 2-4 with fp32 / bf16 weights at the AVX2 level,
+//   dot_rows): the block's rows one after another (dot_row), each row's chunks walked in
+//   address order: one sequential stream per thread. No software
 //   prefetch: the hardware stream prefetchers alone keep a single sequential stream per
 //   core at the DRAM read bandwidth, and prefetches of our own only took load-queue slots
 //   and bandwidth from them. On the AVX-512 (Zen 4) host, AVX2 path, 2 threads,
@@ -352,6 +353,39 @@ RF_AVX2 float dot_row(const float* x, const typename W::T* w, int64_t k) {
   return hsum(acc);
 }
 
+// M = 2 .. 4 on the AVX2 path, fp32 / bf16 weights: weight rows one by one too (dot_rows).
+// SmolLM2's linears, 2 threads, cold, interleaved A/B (2026-12-07): fp32 M = 2 / 4 22.3 /
+// 24.9 -> 17.4 / 21.5 ms per pass over the 538 MB, bf16 15.6 / 15.1 -> 9.9 / 13.8 ms; at
+// M = 8 / 16 the blocks stay ahead (fp32 27.9 / 47 against 29.8 / 52 ms), as they do for
+// int8 weights from M = 3 (the converts make them compute-bound: M = 4 10.7 against 12.5 ms).
+template <class W>
+constexpr bool kRowsPath = !std::is_same_v<W, I8>;
+
+// dot_row for MR (2 .. 4) rows of x (kp apart) against one weight row: each weight vector
+// loaded once and used MR times, MR chains per chunk, the row read in address order; the
+// same order per output element as dot_row and dot_block. d[r * d_stride] = x[r] . w.
+template <class W, int MR>
+RF_AVX2 void dot_rows(const float* x, int64_t kp, const typename W::T* w, int64_t k, float* d, int64_t d_stride) {
+  __m256 acc[MR];
+  RF_UNROLL for (auto& v : acc) v = _mm256_setzero_ps();
+  for (int64_t c0 = 0; c0 < k; c0 += kChunk) {
+    const int64_t cend = std::min(k, c0 + kChunk);
+    __m256 part[MR];
+    RF_UNROLL for (auto& v : part) v = _mm256_setzero_ps();
+    int64_t i = c0;
+    for (; i + 8 <= cend; i += 8) {
+      const __m256 wv = WLoad<W>::load(w + i);
+      RF_UNROLL for (int r = 0; r < MR; ++r) part[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * kp + i), wv, part[r]);
+    }
+    if (i < cend) {
+      const __m256 wv = wload_tail<W>(w + i, cend - i);
+      RF_UNROLL for (int r = 0; r < MR; ++r) part[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * kp + i), wv, part[r]);
+    }
+    RF_UNROLL for (int r = 0; r < MR; ++r) acc[r] = _mm256_add_ps(acc[r], part[r]);
+  }
+  RF_UNROLL for (int r = 0; r < MR; ++r) d[r * d_stride] = hsum(acc[r]);
+}
+
 template <class W>
 RF_AVX2 void run_avx2(const Args& a, int threads) {
   using T = typename W::T;
@@ -365,10 +399,15 @@ RF_AVX2 void run_avx2(const Args& a, int threads) {
     const T* wr[kBlock];  // rows past n repeat the last one (computed, not stored)
     for (int64_t j = 0; j < kBlock; ++j)
       wr[j] = static_cast<const T*>(a.w) + (n0 + std::min(j, cols - 1)) * a.w_stride;
-    if (a.m == 1) {
+    if (a.m == 1 || (kRowsPath<W> && !wide && a.m <= kMaxRows)) {  // weight row by weight row
       float dots[kMaxRows][kBlock];
-      for (int64_t j = 0; j < cols; ++j) dots[0][j] = dot_row<W>(a.x, wr[j], a.k);
-      store_block(a, 0, 1, n0, cols, dots);
+      for (int64_t j = 0; j < cols; ++j) switch (a.m) {
+          case 1: dots[0][j] = dot_row<W>(a.x, wr[j], a.k); break;
+          case 2: dot_rows<W, 2>(a.x, a.kp, wr[j], a.k, &dots[0][j], kBlock); break;
+          case 3: dot_rows<W, 3>(a.x, a.kp, wr[j], a.k, &dots[0][j], kBlock); break;
+          default: dot_rows<W, 4>(a.x, a.kp, wr[j], a.k, &dots[0][j], kBlock); break;
+        }
+      store_block(a, 0, a.m, n0, cols, dots);
       continue;
     }
     for (int64_t r0 = 0; r0 < a.m; r0 += kMaxRows) {
