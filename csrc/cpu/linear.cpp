@@ -23,18 +23,17 @@
 //   vpmovsxbd + vcvtdq2ps, the row scale applied to the finished dot) once per MR rows of
 //   x; for M > 4 the block's rows (8 K sizeof(W) bytes) are re-read from L1/L2, never from
 //   DRAM.
-// - M = 1 (every weight type; and M = 2-4 with fp32 / bf16 weights at the AVX2 level,
-//   dot_rows): the block's rows one after another (dot_row), each row's chunks walked in
-//   address order: one sequential stream per thread. No software
-//   prefetch: the hardware stream prefetchers alone keep a single sequential stream per
-//   core at the DRAM read bandwidth, and prefetches of our own only took load-queue slots
-//   and bandwidth from them. On the AVX-512 (Zen 4) host, AVX2 path, 2 threads,
-//   SmolLM2-135M's whole decode weight stream (30 x qkv/o/gate_up/down + lm_head, 538 MB
-//   fp32, cold), interleaved in one process: 15.9-17.6 ms -> 14.0-15.3 ms per token against
-//   the 8 KiB-ahead L2 (T1) prefetch it had; bf16 weights (269 MB) 10.1-10.7 -> 7.3-8.0 ms.
-//   int8 weights (134 MB) moved from the 8-row blocks to rows on 2026-12-07 (dot_row's
-//   note). The 8-row blocks (M > 1) keep their next-block prefetch: without it M = 2 / 4 /
-//   8 were 10-60 % slower.
+// - M = 1 (every weight type; and M = 2-4 with fp32 / bf16 weights, dot_rows): the
+//   block's rows one after another (dot_row), each row's chunks walked in address order:
+//   one sequential stream per thread. No software prefetch: the hardware stream
+//   prefetchers alone keep a single sequential stream per core at the DRAM read bandwidth,
+//   and prefetches of our own only took load-queue slots and bandwidth from them. On the
+//   AVX-512 (Zen 4) host, AVX2 path, 2 threads, SmolLM2-135M's whole decode weight stream
+//   (30 x qkv/o/gate_up/down + lm_head, 538 MB fp32, cold), interleaved in one process:
+//   15.9-17.6 ms -> 14.0-15.3 ms per token against the 8 KiB-ahead L2 (T1) prefetch it had;
+//   bf16 weights (269 MB) 10.1-10.7 -> 7.3-8.0 ms. int8 weights (134 MB) moved from the
+//   8-row blocks to rows on 2026-12-07 (dot_row's note). The 8-row blocks (M > 4, and int8
+//   at M > 1) keep their next-block prefetch: without it M = 2 / 4 / 8 were 10-60 % slower.
 // - Prefetch (blocks): while a block is computed, each cache line of its rows is matched by
 //   a software prefetch of the same line of the next block's rows (8 rows further on), so
 //   the next block's W is in flight during this block's FMAs; the hardware stream
@@ -353,11 +352,13 @@ RF_AVX2 float dot_row(const float* x, const typename W::T* w, int64_t k) {
   return hsum(acc);
 }
 
-// M = 2 .. 4 on the AVX2 path, fp32 / bf16 weights: weight rows one by one too (dot_rows).
-// SmolLM2's linears, 2 threads, cold, interleaved A/B (2026-12-07): fp32 M = 2 / 4 22.3 /
-// 24.9 -> 17.4 / 21.5 ms per pass over the 538 MB, bf16 15.6 / 15.1 -> 9.9 / 13.8 ms; at
-// M = 8 / 16 the blocks stay ahead (fp32 27.9 / 47 against 29.8 / 52 ms), as they do for
-// int8 weights from M = 3 (the converts make them compute-bound: M = 4 10.7 against 12.5 ms).
+// M = 2 .. 4 with fp32 / bf16 weights: weight rows one by one too (dot_rows), at every ISA
+// level. SmolLM2's linears, 2 threads, cold, interleaved A/B (2026-12-07, ms per pass over
+// the weights): AVX2 fp32 M = 2 / 4 22.3 / 24.9 -> 17.4 / 21.5, bf16 15.6 / 15.1 -> 9.9 /
+// 13.8 against the 8-row blocks; against the 16-lane blocks fp32 M = 2 / 3 / 4 20.7 / 21.3
+// / 22.2 -> 18.2 / 19.4 / 22.0, bf16 14.3 / 14.6 / 15.8 -> 9.4 / 11.7 / 14.1. At M = 8 / 16
+// the blocks stay ahead (AVX2 fp32 27.9 / 47 against 29.8 / 52 ms), as they do for int8
+// weights from M = 3 (the converts make them compute-bound: M = 4 10.7 against 12.5 ms).
 template <class W>
 constexpr bool kRowsPath = !std::is_same_v<W, I8>;
 
@@ -399,7 +400,7 @@ RF_AVX2 void run_avx2(const Args& a, int threads) {
     const T* wr[kBlock];  // rows past n repeat the last one (computed, not stored)
     for (int64_t j = 0; j < kBlock; ++j)
       wr[j] = static_cast<const T*>(a.w) + (n0 + std::min(j, cols - 1)) * a.w_stride;
-    if (a.m == 1 || (kRowsPath<W> && !wide && a.m <= kMaxRows)) {  // weight row by weight row
+    if (a.m == 1 || (kRowsPath<W> && a.m <= kMaxRows)) {  // weight row by weight row
       float dots[kMaxRows][kBlock];
       for (int64_t j = 0; j < cols; ++j) switch (a.m) {
           case 1: dots[0][j] = dot_row<W>(a.x, wr[j], a.k); break;

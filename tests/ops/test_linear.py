@@ -125,8 +125,8 @@ def test_avx512_blocks_give_the_avx2_bits(shape, wdt):
 @pytest.mark.parametrize("k", [7, 300, 577, 1100])
 def test_row_blocking_does_not_change_a_row(avx512_isa, wdt, k):
     """Each output's reduction order is fixed: row r of an M-row call (weight rows one by one
-    against up to 4 rows of x on the AVX2 level; 8-row blocks past 4 rows and with 16 lanes)
-    equals the 1-row call (rows walked one by one)."""
+    against up to 4 rows of x; 8-row blocks past 4 rows) equals the 1-row call, at every ISA
+    level."""
     w, b = rand((37, k), 16).to(wdt), rand((37,), 17)
     x = rand((8, k), 18)
     for m in (2, 3, 4, 5, 8):
