@@ -17,8 +17,9 @@
 // - x is converted once per call to fp32 rows zero-padded to a multiple of 8 (M K floats,
 //   L1/L2-resident for K up to ~8K), so every x load is a full vector.
 // - Work item: a block of kBlock = 8 consecutive weight rows. Inside it, x is taken 4 rows
-//   at a time (MR) against NR weight rows: MR x NR accumulators of 8 lanes (1 x 8, 2 x 4,
-//   3 x 4, 4 x 3: 8-12 independent FMA chains, enough to hide the FMA latency). Each weight
+//   at a time (MR) against NR weight rows: MR x NR accumulators of 8 lanes (1 x 4, 2 x 4,
+//   3 x 4, 4 x 3: 4-12 independent FMA chains; 1 x 4 only in the tail of M = 5 / 9 / 13,
+//   as 1 x 8 spilled an accumulator to the stack). Each weight
 //   vector is loaded (bf16: widened to fp32 in registers, vpmovzxwd + vpslld; int8:
 //   vpmovsxbd + vcvtdq2ps, the row scale applied to the finished dot) once per MR rows of
 //   x; for M > 4 the block's rows (8 K sizeof(W) bytes) are re-read from L1/L2, never from
@@ -315,18 +316,16 @@ RF_AVX512VNNI void block_avx512(int64_t rows, const float* x, int64_t kp, const 
   }
 }
 
-// M = 1 walks the weight rows one by one (dot_row): one sequential stream per thread, left
-// to the hardware prefetchers. Against the 8-row blocks (Zen 5 VM, AVX2 path, 2 threads,
-// SmolLM2's linears): int8 weights 9.2 -> 6.1-7.1 ms per token's 134 MB (14.6 -> 19-22
-// GB/s; the blocks' four rows 576 bytes apart kept the DRAM read at half the plain-read
-// rate, software prefetch or not), fp32 12 % and bf16 7 % faster. The same bits either way.
-
-// x . w for one weight row (M = 1), in dot_block's order: each chunk of kChunk k summed by
-// its own chain from 0, the chunks added to the total in order. Four chunks are in flight
-// as four chains, each walked to its end before the next starts, so the loads go through
-// the row in address order: the out-of-order core overlaps the four chains anyway, and the
-// interleaved order (four loads kChunk elements apart per step) read fp32 rows at ~90 % of
-// the plain-read rate against ~100 % for this one (a C++ probe over 538 MB, interleaved).
+// x . w for one weight row (M = 1, every weight type), in dot_block's order: each chunk of
+// kChunk k summed by its own chain from 0, the chunks added to the total in order. Rows are
+// walked one after another (one sequential stream per thread, left to the hardware
+// prefetchers), and four chunks are in flight as four chains, each walked to its end
+// before the next starts, so the loads go through the row in address order (the
+// out-of-order core overlaps the chains anyway). Zen 5 VM, AVX2, 2 threads, SmolLM2's
+// linears, interleaved A/B: int8 weights 9.2 -> 6.1-7.1 ms per token's 134 MB against the
+// 8-row blocks (whose four rows 576 bytes apart kept the DRAM read at half the plain-read
+// rate, software prefetch or not); fp32 rows read with the four chains stepping through
+// four places at once ran at ~90 % of the plain-read rate, in address order at ~100 %.
 template <class W>
 RF_AVX2 float dot_row(const float* x, const typename W::T* w, int64_t k) {
   __m256 acc = _mm256_setzero_ps();
