@@ -44,7 +44,7 @@ inline float chunked_dot(int64_t k, Term term) {
 
 // The same kernel on int8 weights with one fp32 scale per weight row (w8a16, per channel):
 // out[m, n] = (sum_k x[m, k] w[n, k]) * w_scale[n] + bias[n]; x and bias fp32 (bias may be
-// 0), out fp32 / bf16 / fp16. int8_weight_only_linear takes it for m <= 8.
+// 0), out fp32 / bf16 / fp16. int8_weight_only_linear takes it for m <= 16 (kWoLinearMaxRows).
 void linear_int8_per_channel(std::uintptr_t out, int64_t out_stride, int out_dtype, std::uintptr_t x,
                              int64_t x_stride, std::uintptr_t w, int64_t w_stride, std::uintptr_t w_scale,
                              std::uintptr_t bias, int64_t m, int64_t n, int64_t k, int num_threads);
