@@ -547,7 +547,7 @@ RF_AVX2 void wo_grouped(const GemmArgs& g, const float* x, int64_t x_stride, con
         case 4: wo_block<4, 4, 1>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
         case 3: wo_block<3, 4, 1>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
         case 2: wo_block<2, 4, 1>(xr, x_stride, wr, w_stride, g.k, ncols, ws, n0, dots); break;
-        default:  // one weight row at a time, in address order (as linear.cpp's dot_row:
+        default:  // one weight row at a time, in address order (as linear.cpp's dot_rows:
                   // walking 4 rows 576 bytes apart at once held the DRAM read at about half
                   // the plain-read rate; SmolLM2's linears with group 128, AVX2, 2 threads:
                   // 11.4 -> 7.2 ms per pass). Same sums per row as 1 x 4 x 2.

@@ -24,8 +24,8 @@
 //   vpmovsxbd + vcvtdq2ps, the row scale applied to the finished dot) once per MR rows of
 //   x; for M > 4 the block's rows (8 K sizeof(W) bytes) are re-read from L1/L2, never from
 //   DRAM.
-// - M = 1 (every weight type; and M = 2-4 with fp32 / bf16 weights, dot_rows): the
-//   block's rows one after another (dot_row), each row's chunks walked in address order:
+// - M = 1 (every weight type) and M = 2-4 with fp32 / bf16 weights: the
+//   block's rows one after another (dot_rows), each row's chunks walked in address order:
 //   one sequential stream per thread. No software prefetch: the hardware stream
 //   prefetchers alone keep a single sequential stream per core at the DRAM read bandwidth,
 //   and prefetches of our own only took load-queue slots and bandwidth from them. On the
@@ -33,7 +33,7 @@
 //   (30 x qkv/o/gate_up/down + lm_head, 538 MB fp32, cold), interleaved in one process:
 //   15.9-17.6 ms -> 14.0-15.3 ms per token against the 8 KiB-ahead L2 (T1) prefetch it had;
 //   bf16 weights (269 MB) 10.1-10.7 -> 7.3-8.0 ms. int8 weights (134 MB) moved from the
-//   8-row blocks to rows on 2026-12-07 (dot_row's note). The 8-row blocks (M > 4, and int8
+//   8-row blocks to rows on 2026-12-07 (dot_rows' note). The 8-row blocks (M > 4, and int8
 //   at M > 1) keep their next-block prefetch: without it M = 2 / 4 / 8 were 10-60 % slower.
 // - Prefetch (blocks): while a block is computed, each cache line of its rows is matched by
 //   a software prefetch of the same line of the next block's rows (8 rows further on), so
@@ -316,54 +316,27 @@ RF_AVX512VNNI void block_avx512(int64_t rows, const float* x, int64_t kp, const 
   }
 }
 
-// x . w for one weight row (M = 1, every weight type), in dot_block's order: each chunk of
-// kChunk k summed by its own chain from 0, the chunks added to the total in order. Rows are
-// walked one after another (one sequential stream per thread, left to the hardware
-// prefetchers), and four chunks are in flight as four chains, each walked to its end
-// before the next starts, so the loads go through the row in address order (the
-// out-of-order core overlaps the chains anyway). Zen 5 VM, AVX2, 2 threads, SmolLM2's
-// linears, interleaved A/B: int8 weights 9.2 -> 6.1-7.1 ms per token's 134 MB against the
-// 8-row blocks (whose four rows 576 bytes apart kept the DRAM read at half the plain-read
-// rate, software prefetch or not); fp32 rows read with the four chains stepping through
-// four places at once ran at ~90 % of the plain-read rate, in address order at ~100 %.
-template <class W>
-RF_AVX2 float dot_row(const float* x, const typename W::T* w, int64_t k) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t c0 = 0;
-  for (; c0 + 4 * kChunk <= k; c0 += 4 * kChunk) {
-    __m256 p[4];
-    RF_UNROLL for (int c = 0; c < 4; ++c) {
-      p[c] = _mm256_setzero_ps();
-      const int64_t base = c0 + c * kChunk;
-      RF_UNROLL for (int64_t i = base; i < base + kChunk; i += 8)
-        p[c] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), WLoad<W>::load(w + i), p[c]);
-    }
-    acc = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc, p[0]), p[1]), p[2]), p[3]);
-  }
-  for (; c0 < k; c0 += kChunk) {  // the last < 4 chunks, one at a time
-    const int64_t cend = std::min(k, c0 + kChunk);
-    __m256 part = _mm256_setzero_ps();
-    int64_t i = c0;
-    for (; i + 8 <= cend; i += 8) part = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), WLoad<W>::load(w + i), part);
-    if (i < cend) part = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), wload_tail<W>(w + i, cend - i), part);
-    acc = _mm256_add_ps(acc, part);
-  }
-  return hsum(acc);
-}
-
-// M = 2 .. 4 with fp32 / bf16 weights: weight rows one by one too (dot_rows), at every ISA
-// level. SmolLM2's linears, 2 threads, cold, interleaved A/B (2026-12-07, ms per pass over
-// the weights): AVX2 fp32 M = 2 / 4 22.3 / 24.9 -> 17.4 / 21.5, bf16 15.6 / 15.1 -> 9.9 /
-// 13.8 against the 8-row blocks; against the 16-lane blocks fp32 M = 2 / 3 / 4 20.7 / 21.3
-// / 22.2 -> 18.2 / 19.4 / 22.0, bf16 14.3 / 14.6 / 15.8 -> 9.4 / 11.7 / 14.1. At M = 8 / 16
-// the blocks stay ahead (AVX2 fp32 27.9 / 47 against 29.8 / 52 ms), as they do for int8
-// weights from M = 3 (the converts make them compute-bound: M = 4 10.7 against 12.5 ms).
+// x[r] . w for MR (1 .. 4) rows of x (kp apart) and one weight row, in dot_block's order:
+// each chunk of kChunk k summed by its own chain from 0 (the weight vector loaded once and
+// used MR times), the chunks added to the total in order. d[r * d_stride] = x[r] . w.
+// Weight rows are walked one after another and each row in address order (one sequential
+// stream per thread, left to the hardware prefetchers; the out-of-order core overlaps the
+// chains of consecutive chunks). Zen 5 VM, 2 threads, SmolLM2's linears, cold, interleaved
+// A/B (2026-12-07, ms per pass over the weights):
+// - M = 1, every weight type: int8 9.2 -> 6.1-7.1 against the 8-row blocks (whose four rows
+//   576 bytes apart kept the DRAM read at half the plain-read rate, software prefetch or
+//   not); fp32 rows read with four chunk chains stepping through four places at once ran
+//   at ~90 % of the plain-read rate, in address order at ~100 %; a 4-chunk unrolled form of
+//   M = 1 measured the same as this loop.
+// - M = 2 .. 4, fp32 / bf16 weights (kRowsPath): AVX2 fp32 M = 2 / 4 22.3 / 24.9 -> 17.4 /
+//   21.5, bf16 15.6 / 15.1 -> 9.9 / 13.8 against the 8-row blocks; against the 16-lane
+//   blocks fp32 M = 2 / 3 / 4 20.7 / 21.3 / 22.2 -> 18.2 / 19.4 / 22.0, bf16 14.3 / 14.6 /
+//   15.8 -> 9.4 / 11.7 / 14.1. At M = 8 / 16 the blocks stay ahead (AVX2 fp32 27.9 / 47
+//   against 29.8 / 52 ms), as they do for int8 weights from M = 3 (the converts make them
+//   compute-bound: M = 4 10.7 against 12.5 ms).
 template <class W>
 constexpr bool kRowsPath = !std::is_same_v<W, I8>;
 
-// dot_row for MR (2 .. 4) rows of x (kp apart) against one weight row: each weight vector
-// loaded once and used MR times, MR chains per chunk, the row read in address order; the
-// same order per output element as dot_row and dot_block. d[r * d_stride] = x[r] . w.
 template <class W, int MR>
 RF_AVX2 void dot_rows(const float* x, int64_t kp, const typename W::T* w, int64_t k, float* d, int64_t d_stride) {
   __m256 acc[MR];
@@ -402,7 +375,7 @@ RF_AVX2 void run_avx2(const Args& a, int threads) {
     if (a.m == 1 || (kRowsPath<W> && a.m <= kMaxRows)) {  // weight row by weight row
       float dots[kMaxRows][kBlock];
       for (int64_t j = 0; j < cols; ++j) switch (a.m) {
-          case 1: dots[0][j] = dot_row<W>(a.x, wr[j], a.k); break;
+          case 1: dot_rows<W, 1>(a.x, a.kp, wr[j], a.k, &dots[0][j], kBlock); break;
           case 2: dot_rows<W, 2>(a.x, a.kp, wr[j], a.k, &dots[0][j], kBlock); break;
           case 3: dot_rows<W, 3>(a.x, a.kp, wr[j], a.k, &dots[0][j], kBlock); break;
           default: dot_rows<W, 4>(a.x, a.kp, wr[j], a.k, &dots[0][j], kBlock); break;
