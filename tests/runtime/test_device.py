@@ -102,6 +102,30 @@ def test_model_on_device_has_the_same_numbers(models, quant):
         assert torch.equal(lm.logits(lm.forward(step, kv_a)), again.logits(again.forward(step, kv_b)))
 
 
+def test_the_gpu_runners_sampling_on_the_cpu(models, tmp_path):
+    """CudaModelRunner.sample (select_on_device, logprobs on the logits' device) put in the
+    CPU runner's place: greedy requests with a repetition penalty give the CPU runner's
+    tokens and logprobs; seeded sampled requests repeat their tokens."""
+    import types
+
+    from ringfuse.runtime.model_runner import CudaModelRunner
+
+    llm = LLM(folder_with_tokenizer(models["llama"][2], tmp_path), max_model_len=64, kv_cache_tokens=256,
+              weight_cache=False)  # fmt: skip
+    prompts = _prompts(5, (6, 9, 3))
+    greedy = dict(max_new_tokens=6, ignore_eos=True, logprobs=2, repetition_penalty=1.3)
+    sampled = dict(max_new_tokens=6, ignore_eos=True, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    want = llm.generate(prompts, **greedy)
+    llm.runner.device = torch.device("cpu")
+    llm.runner.sample = types.MethodType(CudaModelRunner.sample, llm.runner)
+    got = llm.generate(prompts, **greedy)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert [r.logprobs for r in got] == [r.logprobs for r in want]
+    first, again = llm.generate(prompts, **sampled), llm.generate(prompts, **sampled)
+    assert [r.token_ids for r in first] == [r.token_ids for r in again]
+    assert all(len(r.token_ids) == 6 and all(0 <= t < 128 for t in r.token_ids) for r in first)
+
+
 # ---------------------------------------------------------------------------------------
 # On a GPU
 
@@ -132,8 +156,8 @@ def test_gpu_cuda_graph_decode_equals_eager(models, quant, tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_sampling_with_a_seed(models, tmp_path):
-    """Requests with temperature, top-k and a seed are drawn from their own generators (on
-    the CPU, from the GPU's logits): the same seed gives the same tokens again, and
+    """Requests with temperature, top-k and a seed are drawn on the GPU from their own
+    generators there (select_on_device): the same seed gives the same tokens again, and
     repetition penalties and logprobs work there too."""
     path = folder_with_tokenizer(models["llama"][2], tmp_path)
     llm = LLM(path, device="cuda", max_model_len=64, weight_cache=False)  # the KV cache sized from free memory
@@ -142,4 +166,5 @@ def test_gpu_sampling_with_a_seed(models, tmp_path):
                   logprobs=1)  # fmt: skip
     first, again = llm.generate(prompts, **params), llm.generate(prompts, **params)
     assert [r.token_ids for r in first] == [r.token_ids for r in again]
+    assert all(len(r.logprobs) == 8 for r in first)
     assert all(len(r.token_ids) == 8 and all(0 <= t < 128 for t in r.token_ids) for r in first)

@@ -1,6 +1,8 @@
 """ringfuse.runtime.sampling: SamplingParams validation, the filtered distribution
-(temperature, top-k, top-p) vs a reference written here and HF's warpers, the repetition
-penalty vs HF's processor, and select() (greedy, seeded sampling, the draw's distribution)."""
+(temperature, top-k, top-p) vs a reference written here and HF's warpers, row by row and
+for a batch of rows with their own settings, the repetition penalty vs HF's processor, and
+both selectors, select() and select_on_device() (greedy, seeded sampling, the draw's
+distribution); select_on_device runs here on CPU tensors, and gpu-marked on a GPU."""
 
 from __future__ import annotations
 
@@ -9,7 +11,19 @@ import math
 import pytest
 import torch
 
-from ringfuse.runtime.sampling import SamplingParams, apply_repetition_penalty, filtered_probs, select
+from ringfuse.runtime.sampling import (
+    SamplingParams,
+    _penalize_rows,
+    apply_repetition_penalty,
+    filtered_probs,
+    filtered_probs_rows,
+    select,
+    select_on_device,
+)
+
+# the two selectors, as lists of token ids
+SELECTORS = {"loop": select, "on_device": lambda *a: select_on_device(*a).tolist()}
+selectors = pytest.mark.parametrize("select", list(SELECTORS.values()), ids=list(SELECTORS))
 
 # ---- SamplingParams --------------------------------------------------------------------
 
@@ -180,6 +194,35 @@ def test_filtered_probs_keeps_one_token():
     assert out.tolist() == [0.0, 1.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("case, logits", list(_logit_cases()), ids=[c for c, _ in _logit_cases()])
+def test_filtered_probs_rows_gives_each_row_its_own_filters(case, logits):
+    """One batch whose rows have every combination of settings: each row is the row-by-row
+    filtered_probs of its settings (the same kept set off the top-p boundary, values within
+    fp32 rounding: the batch's softmax may sum in another order)."""
+    settings = [(t, k, p) for t in (0.3, 1.0, 1.7) for k in (0, 1, 3, 10, logits.numel(), 1000)
+                for p in (1.0, 0.95, 0.7, 0.3, 0.01)]  # fmt: skip
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in settings]
+    batch = filtered_probs_rows(logits.expand(len(params), -1).clone(), params)
+    assert batch.shape == (len(params), logits.numel()) and batch.dtype == torch.float32
+    checked = 0
+    for row, (p, (t, k, top_p)) in enumerate(zip(params, settings)):
+        one = filtered_probs(logits.clone(), p)
+        assert torch.isfinite(batch[row]).all() and batch[row].sum().item() == pytest.approx(1.0, abs=1e-5)
+        if _near_top_p_boundary(logits, t, k, top_p):
+            continue
+        assert torch.equal(batch[row] > 0, one > 0), (case, t, k, top_p)
+        assert torch.allclose(batch[row], one, atol=1e-6, rtol=1e-5), (case, t, k, top_p)
+        checked += 1
+    assert checked >= 30
+
+
+def test_filtered_probs_rows_without_filters_is_the_softmax():
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(9))
+    params = [SamplingParams(temperature=t) for t in (0.5, 1.0, 2.0)]
+    want = torch.stack([(logits[r] / p.temperature).softmax(-1) for r, p in enumerate(params)])
+    assert torch.allclose(filtered_probs_rows(logits.clone(), params), want, atol=1e-7)
+
+
 # ---- repetition penalty ----------------------------------------------------------------
 
 
@@ -204,6 +247,22 @@ def test_repetition_penalty_vs_hf(penalty):
         assert row[i].item() == pytest.approx(v / penalty if v >= 0 else v * penalty, rel=1e-6)
 
 
+def test_penalize_rows_is_the_row_penalty_bit_for_bit():
+    """The batched penalty: rows with seen lists of different lengths (repeats included),
+    others untouched; each penalized row equal to apply_repetition_penalty's."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(4, 60, generator=g) * 3
+    seen = {0: torch.tensor([3, 3, 59, 0]), 2: torch.tensor([7]), 3: torch.tensor([1, 2, 5, 8, 13, 21, 34, 55, 1])}
+    penalty = {0: 1.3, 2: 0.4, 3: 1e30}
+    out = logits.clone()
+    _penalize_rows(out, list(seen), list(seen.values()), list(penalty.values()))
+    for r in range(4):
+        want = logits[r].clone()
+        if r in seen:
+            apply_repetition_penalty(want, seen[r], penalty[r])
+        assert torch.equal(out[r], want), r
+
+
 # ---- select ----------------------------------------------------------------------------
 
 
@@ -211,7 +270,8 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def test_select_greedy_rows_give_argmax():
+@selectors
+def test_select_greedy_rows_give_argmax(select):
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(5, 40, generator=g)
     greedy = SamplingParams()
@@ -228,7 +288,8 @@ def test_select_greedy_rows_give_argmax():
     assert select(logits, [one] * 5, [None] * 5, [_gen(i) for i in range(5)]) == logits.argmax(-1).tolist()
 
 
-def test_select_greedy_ties_and_nan_pick_as_torch_argmax():
+@selectors
+def test_select_greedy_ties_and_nan_pick_as_torch_argmax(select):
     """All-greedy batches take numpy's argmax (a tenth of torch's time on a vocab row): the
     first maximum on ties, the first NaN where there is one, as torch.argmax."""
     logits = torch.zeros(4, 49152)
@@ -246,7 +307,8 @@ def test_select_greedy_ties_and_nan_pick_as_torch_argmax():
     assert select(logits.clone().requires_grad_(), [SamplingParams()] * 4, [None] * 4, [None] * 4) == want
 
 
-def test_select_greedy_with_repetition_penalty():
+@selectors
+def test_select_greedy_with_repetition_penalty(select):
     logits = torch.tensor([[1.0, 3.0, 2.9, -1.0]])
     p = SamplingParams(repetition_penalty=1.5)
     assert select(logits, [p], [torch.tensor([1])], [None]) == [2]  # 3.0 / 1.5 < 2.9
@@ -255,7 +317,8 @@ def test_select_greedy_with_repetition_penalty():
     assert logits[0, 1] == 3.0  # the caller's logits are left alone
 
 
-def test_select_same_seed_same_tokens():
+@selectors
+def test_select_same_seed_same_tokens(select):
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(30, 50, generator=g)
     p = SamplingParams(temperature=1.3, top_k=20, top_p=0.9, seed=123)
@@ -276,7 +339,8 @@ def test_select_same_seed_same_tokens():
     assert run(124, 0) != a
 
 
-def test_select_distribution():
+@selectors
+def test_select_distribution(select):
     logits = torch.tensor([[0.5, -0.3, 1.2]])
     expected = torch.softmax(logits[0].double(), -1)
     p = SamplingParams(temperature=1.0, seed=0)
@@ -289,7 +353,8 @@ def test_select_distribution():
     assert (freq - expected).abs().max() < 0.03, (freq, expected)
 
 
-def test_select_distribution_filtered():
+@selectors
+def test_select_distribution_filtered(select):
     """temperature 2 and top_k 2: the third token never comes; the two others in the
     ratio exp((l0 - l1) / 2)."""
     logits = torch.tensor([[1.0, 0.2, -0.5]])
@@ -307,7 +372,8 @@ def test_select_distribution_filtered():
 
 
 @pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-6])
-def test_tiny_temperature_is_greedy(temperature):
+@selectors
+def test_tiny_temperature_is_greedy(temperature, select):
     """A temperature whose quotient would overflow fp32 is argmax, not a NaN distribution."""
     logits = torch.tensor([[1.0, 30.0, 29.9, -5.0], [100.0, -100.0, 99.0, 0.0]])
     p = SamplingParams(temperature=temperature, seed=0)
@@ -326,7 +392,8 @@ def test_small_temperature_samples_finite_probs():
 
 @pytest.mark.parametrize("penalty", [1e-40, 1e-30, 1e30, 1e38])
 @pytest.mark.parametrize("temperature", [0.0, 1.0, 1e-3])
-def test_extreme_repetition_penalty_stays_finite(penalty, temperature):
+@selectors
+def test_extreme_repetition_penalty_stays_finite(penalty, temperature, select):
     logits = torch.tensor([[2.0, -3.0, 5.0, 0.5, -1.0]])
     seen = torch.tensor([0, 1, 4])
     row = logits[0].clone()
@@ -355,3 +422,51 @@ def test_seeds_over_the_whole_uint64_range():
     logits = torch.randn(1, 50, generator=_gen(0))
     p = SamplingParams(temperature=1.0, seed=2**64 - 1)
     assert select(logits, [p], [None], [generator(p.seed)]) == select(logits, [p], [None], [generator(p.seed)])
+
+
+def test_select_on_device_batch_rows_draw_from_their_own_distributions():
+    """Three sampled rows with different settings and a greedy one in one batch, drawn
+    3000 times: each row's frequencies follow its own filtered distribution, and a token
+    the filters removed never comes."""
+    logits = torch.tensor([[0.5, -0.3, 1.2, 0.0], [1.0, 0.2, -0.5, 0.4], [2.0, 1.5, 0.1, -1.0], [0.0, 3.0, 1.0, 2.0]])
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_k=2),
+              SamplingParams(temperature=1.5, top_p=0.6), SamplingParams()]  # fmt: skip
+    gens = [_gen(1), _gen(2), _gen(3), None]
+    want = filtered_probs_rows(logits[:3].clone(), params[:3]).double()
+    n = 3000
+    counts = torch.zeros(3, 4, dtype=torch.float64)
+    for _ in range(n):
+        tokens = select_on_device(logits, params, [None] * 4, gens)
+        assert tokens[3].item() == 1  # greedy
+        counts[torch.arange(3), tokens[:3]] += 1
+    assert (counts[want == 0] == 0).all()
+    assert ((counts / n - want).abs().max() < 0.035), (counts / n, want)
+
+
+@pytest.mark.gpu
+def test_select_on_device_on_a_gpu():
+    """On CUDA tensors with CUDA generators: greedy rows (penalized too) as select() gives
+    them, a seed repeats its tokens, and the draws follow the distribution."""
+    dev = torch.device("cuda")
+    from ringfuse.runtime.sampling import generator
+
+    logits = torch.randn(4, 300, generator=_gen(8)) * 2
+    greedy, pen = SamplingParams(), SamplingParams(repetition_penalty=1.8)
+    seen = [None, torch.tensor([5, 17, 5]), None, None]
+    params = [greedy, pen, greedy, pen]
+    seen[3] = logits[3].topk(3).indices  # the penalty moves the argmax
+    want = select(logits, params, seen, [None] * 4)
+    assert select_on_device(logits.to(dev), params, seen, [None] * 4).tolist() == want
+    p = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=11)
+
+    def draws():
+        g = generator(11, dev)
+        return [select_on_device(logits[:1].to(dev), [p], [None], [g]).item() for _ in range(20)]
+
+    assert draws() == draws()
+    small = torch.tensor([[0.5, -0.3, 1.2]], device=dev)
+    g = generator(0, dev)
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        counts[select_on_device(small, [SamplingParams(temperature=1.0)], [None], [g]).item()] += 1
+    assert (counts / 3000 - torch.softmax(small[0].cpu().double(), -1).float()).abs().max() < 0.035

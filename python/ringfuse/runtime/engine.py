@@ -307,7 +307,7 @@ class LLM:
         # an unseeded request draws from base seed + a counter: under TP every rank then
         # samples the same tokens (the base seed is rank 0's, broadcast at start-up)
         seed = (self._base_seed + next(self._draws)) % (1 << 63)
-        self.scheduler.add(Request(index, prompt_ids, params, self.tokenizer.decoder(), seed))
+        self.scheduler.add(Request(index, prompt_ids, params, self.tokenizer.decoder(), seed, self.device))
         return index
 
     def _check_same_request_on_every_rank(self, prompt_ids: list[int], params: SamplingParams) -> None:

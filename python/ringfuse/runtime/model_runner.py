@@ -7,10 +7,11 @@ positions, cache slots, block tables), run the model and sample. Prefill runs ea
 - ``CudaModelRunner``: the same steps, built on the host and copied to the GPU; each decode
   batch size is captured once as a ``torch.cuda.CUDAGraph`` (``CudaDecodeGraph``: every
   CUDA op is sync-free and capturable, index values are checked in the kernels) and
-  replayed with one launch. Greedy tokens are picked on the GPU (one copy of B ids back);
-  requests with penalties, temperature or logprobs are sampled on the CPU from their own
-  generators, as on the CPU runner. The device's index-check flag is read after each step
-  (ops.check_device_errors), where the token copy has synced anyway.
+  replayed with one launch. Tokens are chosen on the GPU, penalties, temperature, top-k /
+  top-p and logprobs included (``select_on_device``, each request drawing from its own
+  generator on the GPU): one copy of B ids back, plus the few logprobs asked for. The
+  device's index-check flag is read after each step (ops.check_device_errors), where the
+  token copy has synced anyway.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from .. import ops
 from ..layers import KVCache, Step
 from .model import DecoderModel
-from .sampling import TokenLogprobs, select, token_logprobs
+from .sampling import TokenLogprobs, select, select_on_device, token_logprobs
 from .scheduler import Request
 
 
@@ -180,10 +181,11 @@ class CudaModelRunner(CpuModelRunner):
         return self.logits(step)
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprobs | None], float]:
-        plain = all(r.params.greedy and r.params.repetition_penalty == 1.0 and r.params.logprobs is None for r in reqs)
-        result = super().sample(logits if plain else logits.cpu(), reqs)  # greedy: argmax on the GPU
+        params = [r.params for r in reqs]
+        tokens = select_on_device(logits, params, [r.seen for r in reqs], [r.generator for r in reqs]).tolist()
+        logprobs = token_logprobs(logits, tokens, [p.logprobs for p in params])  # on the GPU, small results back
         ops.check_device_errors(self.device)  # the ids' copy to the host synced already
-        return result
+        return tokens, logprobs, time.perf_counter()
 
     def _graph_logits(self, step: Step) -> torch.Tensor | None:
         """This decode step through its batch size's CUDA graph (captured on first use), or

@@ -3,7 +3,13 @@ penalty, temperature, top-k, top-p, then a draw from each request's own generato
 seed gives the same tokens whatever else shares the batch). temperature 0 (or below
 GREEDY_BELOW) is greedy. Any finite positive temperature or penalty is safe: the logits are
 shifted so the largest is 0 before the temperature divides them, and a penalized logit past
-fp32's range saturates, so no inf - inf or inf / inf can make a NaN."""
+fp32's range saturates, so no inf - inf or inf / inf can make a NaN.
+
+Two selectors with the same filters: ``select`` (the CPU runner's: a loop over the rows,
+``torch.multinomial`` per sampled row) and ``select_on_device`` (the CUDA runner's: the
+whole batch in tensor ops on the logits' device, a draw per sampled row by the exponential
+race, no host sync). A seed is reproducible within each; the two draw differently, so the
+same seed gives different tokens on the CPU and on a GPU."""
 
 from __future__ import annotations
 
@@ -81,10 +87,10 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...]  # (token id, log-probability), likeliest first
 
 
-def generator(seed: int) -> torch.Generator:
-    """A generator seeded with ``seed`` in [0, 2**64). torch reads a seed >= 2**63 as
-    seed - 2**64 (the same uint64 bits), and some versions accept only that form."""
-    return torch.Generator().manual_seed(seed - SEED_LIMIT if seed >= SEED_LIMIT >> 1 else seed)
+def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` in [0, 2**64). torch reads a seed >=
+    2**63 as seed - 2**64 (the same uint64 bits), and some versions accept only that form."""
+    return torch.Generator(device=device).manual_seed(seed - SEED_LIMIT if seed >= SEED_LIMIT >> 1 else seed)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
@@ -133,6 +139,79 @@ def select(logits: torch.Tensor, params: list[SamplingParams], seen: list, gener
     return out
 
 
+def select_on_device(logits: torch.Tensor, params: list[SamplingParams], seen: list, generators: list) -> torch.Tensor:
+    """``select`` for the whole batch in tensor ops on the logits' device: [R] int64 token
+    ids there, computed without reading anything back (the caller's ``.tolist()`` is the one
+    sync). ``seen[r]``: int64 ids on any device (or None); ``generators[r]``: a
+    torch.Generator on the logits' device for each sampled row.
+
+    Greedy rows (and every row's repetition penalty) give what ``select`` gives: the same
+    fp32 operations per element. A sampled row draws by the exponential race: with q_i
+    i.i.d. Exp(1) from the row's generator, argmax_i p_i / q_i is token i with probability
+    p_i (FlashInfer's and vLLM's sampler), one draw of V exponentials per row."""
+    rows, vocab = logits.shape
+    dev = logits.device
+    if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+        return logits.argmax(-1)
+    logits = logits.float().clone()  # [R, V], penalized in place
+    penalized = [r for r, p in enumerate(params)
+                 if p.repetition_penalty != 1.0 and seen[r] is not None and seen[r].numel()]  # fmt: skip
+    if penalized:
+        _penalize_rows(logits, penalized, [seen[r] for r in penalized], [params[r].repetition_penalty for r in penalized])
+    tokens = logits.argmax(-1)  # [R]: the greedy rows' answer
+    sampled = [r for r, p in enumerate(params) if not p.greedy]
+    if sampled:
+        index = torch.tensor(sampled, dtype=torch.int64).to(dev, non_blocking=True)
+        probs = filtered_probs_rows(logits.index_select(0, index), [params[r] for r in sampled])  # [S, V]
+        race = torch.empty_like(probs)
+        for i, r in enumerate(sampled):
+            race[i].exponential_(generator=generators[r])
+        # a zero-probability token never wins, even against an Exp(1) draw of exactly 0
+        score = torch.where(probs > 0, probs / race, torch.full_like(probs, -1.0))
+        tokens.index_copy_(0, index, score.argmax(-1))
+    return tokens
+
+
+def _penalize_rows(logits: torch.Tensor, rows: list[int], seen: list, penalties: list[float]) -> None:
+    """apply_repetition_penalty on logits [R, V] in place, for the given rows at once: their
+    seen ids padded with each row's first id (a repeated id gets the same value again)."""
+    dev = logits.device
+    width = max(s.numel() for s in seen)
+    ids = torch.stack([torch.cat([s, s[:1].expand(width - s.numel())]) for s in (t.reshape(-1).cpu() for t in seen)])
+    ids = ids.to(dev, non_blocking=True)  # [P, width]
+    index = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
+    penalty = torch.tensor(penalties, dtype=torch.float32).to(dev, non_blocking=True)[:, None]  # [P, 1]
+    part = logits.index_select(0, index)  # [P, V]
+    scores = part.gather(1, ids)
+    part.scatter_(1, ids, torch.where(scores < 0, scores * penalty, scores / penalty).clamp(-_FP32_MAX, _FP32_MAX))
+    logits.index_copy_(0, index, part)
+
+
+def filtered_probs_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """``filtered_probs`` for every row of logits [R, V] fp32 at once, each with its own
+    temperature, top-k and top-p (a sort of the batch only when some row asks for top-p)."""
+    rows, vocab = logits.shape
+    dev = logits.device
+
+    def column(values, dtype=torch.float32):  # [R, 1] on the device, without a sync
+        return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)[:, None]
+
+    logits = (logits - logits.amax(-1, keepdim=True)) / column([p.temperature for p in params])
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(top_k):
+        k = column(top_k, torch.int64)
+        kth = logits.topk(max(top_k), -1).values.gather(1, (k - 1).clamp(min=0))  # [R, 1]
+        kth = torch.where(k > 0, kth, torch.full_like(kth, float("-inf")))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if any(p.top_p < 1.0 for p in params):
+        sorted_logits, order = torch.sort(logits, -1)  # ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= column([1 - p.top_p if p.top_p < 1.0 else -1.0 for p in params])  # -1: the row keeps all
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits.softmax(-1)
+
+
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list) -> list[TokenLogprobs | None]:
     """Per row of logits [R, V] fp32 whose ``top[r]`` is an int: the log-probability of
     ``tokens[r]`` and the ``top[r]`` likeliest tokens with theirs; None for rows with
@@ -145,7 +224,8 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list) -> list[T
     if not rows:
         return out
     logp = logits[rows].log_softmax(-1)  # [R', V]
-    chosen = logp[torch.arange(len(rows)), torch.tensor([tokens[r] for r in rows])].tolist()
+    chosen = logp[torch.arange(len(rows), device=logp.device),
+                  torch.tensor([tokens[r] for r in rows], device=logp.device)].tolist()  # fmt: skip
     k = min(max(top[r] for r in rows), logp.shape[-1])
     values, ids = logp.topk(k, -1) if k else (logp[:, :0], logp[:, :0].long())
     values, ids = values.tolist(), ids.tolist()

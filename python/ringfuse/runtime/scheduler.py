@@ -22,7 +22,7 @@ from .sampling import SamplingParams, TokenLogprobs, generator
 class Request:
     """One prompt's state from queueing to its last token."""
 
-    def __init__(self, index, prompt_ids, params: SamplingParams, decoder, seed: int):
+    def __init__(self, index, prompt_ids, params: SamplingParams, decoder, seed: int, device: torch.device | str = "cpu"):
         self.index, self.prompt_ids, self.params, self.decoder = index, prompt_ids, params, decoder
         self.out_ids: list[int] = []
         self.blocks: list[int] = []
@@ -31,7 +31,8 @@ class Request:
         self.finish_reason: str | None = None
         self.generator = None
         if not params.greedy:
-            self.generator = generator(params.seed if params.seed is not None else seed)
+            # on the device that samples: the CUDA runner draws on the GPU (select_on_device)
+            self.generator = generator(params.seed if params.seed is not None else seed, device)
         self.seen = torch.tensor(prompt_ids, dtype=torch.int64) if params.repetition_penalty != 1.0 else None
         self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
         self.t_admit = self.t_first = self.t_last = 0.0
