@@ -1,7 +1,8 @@
 """``LLM(device=...)``: argument checks, the KV cache sized from a GPU's free memory, the
-model copied to a device with the same numbers; on a GPU (gpu-marked) greedy tokens equal
-HF transformers' on the same GPU for every architecture family, CUDA-graph decode equals
-eager bit for bit, and the int8 modes run there."""
+model copied to a device with the same numbers, the GPU runner's sampling run on CPU
+tensors, greedy tokens equal to HF transformers' in fp32 and in bf16 for every
+architecture family; on a GPU (gpu-marked) the same greedy check on the same GPU,
+CUDA-graph decode equal to eager bit for bit, the int8 modes, seeded sampling there."""
 
 from __future__ import annotations
 
@@ -102,6 +103,15 @@ def test_model_on_device_has_the_same_numbers(models, quant):
         assert torch.equal(lm.logits(lm.forward(step, kv_a)), again.logits(again.forward(step, kv_b)))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", list(GPU_KINDS))
+def test_greedy_tokens_match_hf_in_the_same_dtype(models, kind, dtype, tmp_path):
+    """What the GPU test checks, on the CPU: both in fp32 or both in bf16, the same greedy
+    tokens up to HF's near-ties, for every architecture family."""
+    hf32, _, path = models[kind]
+    check_greedy_tokens_match_hf(hf32, path, tmp_path, dtype=dtype)
+
+
 def test_the_gpu_runners_sampling_on_the_cpu(models, tmp_path):
     """CudaModelRunner.sample (select_on_device, logprobs on the logits' device) put in the
     CPU runner's place: greedy requests with a repetition penalty give the CPU runner's
@@ -131,10 +141,12 @@ def test_the_gpu_runners_sampling_on_the_cpu(models, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("kind", list(GPU_KINDS))
-def test_gpu_greedy_tokens_match_hf_on_the_gpu(models, kind, tmp_path):
+def test_gpu_greedy_tokens_match_hf_on_the_gpu(models, kind, dtype, tmp_path):
+    """Both on the GPU in the same dtype (bf16 is the GPU default)."""
     hf32, _, path = models[kind]
-    check_greedy_tokens_match_hf(hf32, path, tmp_path, device="cuda")
+    check_greedy_tokens_match_hf(hf32, path, tmp_path, device="cuda", dtype=dtype)
 
 
 @pytest.mark.gpu
