@@ -7,8 +7,11 @@
 - ``VocabParallelEmbedding``: the vocab split in contiguous ranges of ceil(V / tp) rows
   (the last padded with zero rows no id selects); ids outside a rank's range give zeros
   there and the all-reduce sums the one nonzero row.
-- ``ParallelLMHead``: vocab-sharded logits; gathered to [..., V], or reduced to the argmax
-  without gathering (two tiny all-gathers of each rank's best value and index).
+- ``ParallelLMHead``: vocab-sharded logits (the runtime's ``layers.LMHead``); gathered to
+  [..., V], or reduced to the argmax without gathering (two tiny all-gathers of each rank's
+  best value and index).
+- ``ParallelGatedMLP``: gate and up in one column-parallel GEMM, down row-parallel, run by
+  the runtime's ``layers.GatedMLP`` on this rank's shards.
 
 A column-parallel layer followed by a row-parallel one (an MLP, attention's qkv then o)
 needs one all-reduce per pair. Inference only: the collectives do not take part in autograd.
@@ -26,9 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import ops
-from ..layers import Linear, VocabEmbedding
-from ..layers.sharding import head_split, vocab_range
+from ..layers import GatedMLP, Linear, LMHead, VocabEmbedding
+from ..layers.sharding import even_range, head_split, vocab_range
 from ..nn import quantize_weight
 from . import allreduce as ring
 
@@ -41,14 +43,6 @@ def group_rank_world(group=None) -> tuple[int, int]:
         raise ValueError(f"tensor parallel: this process (global rank {dist.get_rank()}) is not a member of the "
                          "group passed")  # fmt: skip
     return rank, dist.get_world_size(group)
-
-
-def _split(what: str, total: int, world: int) -> int:
-    if total % world:
-        valid = [t for t in range(1, total + 1) if total % t == 0 and t <= 64]
-        raise ValueError(f"{what} ({total}) must be divisible by the tensor-parallel size {world}; "
-                         f"tp sizes that divide it: {valid}")  # fmt: skip
-    return total // world
 
 
 def _gather_last_dim(y: torch.Tensor, group, world: int) -> torch.Tensor:
@@ -125,7 +119,8 @@ class ColumnParallelLinear(_ShardedLinear):
         self.rank, self.world = group_rank_world(group)
         self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
         if out_per_rank is None:
-            self.out_per_rank = _split("out_features", out_features, self.world)
+            start, stop = even_range(out_features, self.world, self.rank, "out_features")
+            self.out_per_rank = stop - start
         elif gather_output:
             raise ValueError("ColumnParallelLinear: gather_output needs an even split (no out_per_rank)")
         else:
@@ -181,7 +176,8 @@ class RowParallelLinear(_ShardedLinear):
         self.rank, self.world = group_rank_world(group)
         self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, input_is_parallel
         if in_per_rank is None:
-            self.in_per_rank = _split("in_features", in_features, self.world)
+            start, stop = even_range(in_features, self.world, self.rank, "in_features")
+            self.in_per_rank = stop - start
         elif not input_is_parallel:
             raise ValueError("RowParallelLinear: an uneven split (in_per_rank) needs input_is_parallel=True")
         else:
@@ -224,7 +220,12 @@ class RowParallelLinear(_ShardedLinear):
             raise ValueError(f"RowParallelLinear: input must be [..., {want}] ({what}), got {tuple(x.shape)}")
         if not self.input_is_parallel:
             x = x[..., self.col_start : self.col_start + self.in_per_rank]
-        y = self._local(x).contiguous()  # [..., out]: this rank's partial sum
+        return self.reduce(self._local(x))
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sums [..., out] -> the layer's output: summed over the ranks,
+        then the bias added once."""
+        y = partial.contiguous()
         if self.world > 1:
             ring.all_reduce(y, "sum", self.group)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
@@ -308,19 +309,30 @@ class ParallelLMHead(torch.nn.Module):
     def shard_slices(self) -> dict[str, tuple[int, int, int]]:
         return {"weight": (0, self.start, self.end)}
 
+    def _lm_head(self) -> LMHead:
+        """The runtime's ``layers.LMHead`` over this rank's weight, padding rows included (their
+        zero logits are past the vocab and cut off after the gather); made again when the
+        weight's storage changes (a load writes it in place, which the layer sees)."""
+        key = (self.weight.data_ptr(), tuple(self.weight.shape), self.weight.dtype)
+        if getattr(self, "_head_key", None) != key:
+            linear = Linear(self.weight.detach(), None, "none", self.weight.dtype)
+            self._head, self._head_key = LMHead(linear, self.per_rank * self.world, self.world), key
+        return self._head
+
     def local_logits(self, h: torch.Tensor) -> torch.Tensor:
         """[..., per_rank]: this rank's vocab range; padding columns are -inf."""
-        logits = F.linear(h, self.weight)
+        logits = self._lm_head().linear(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], self.per_rank)
         if self.end - self.start < self.per_rank:
             logits[..., self.end - self.start :] = float("-inf")
         return logits
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Full logits [..., V] on every rank."""
-        logits = self.local_logits(h)
-        if self.world > 1:
-            logits = _gather_last_dim(logits, self.group, self.world)
-        return logits[..., : self.num_embeddings]
+        """Full logits [..., V] on every rank, in the weight's dtype."""
+        if h.shape[-1] != self.embedding_dim:
+            raise ValueError(f"ParallelLMHead: input must be [..., {self.embedding_dim}], got {tuple(h.shape)}")
+        gather = (lambda flat: ring.all_gather(flat, self.group)) if self.world > 1 else None
+        logits = self._lm_head()(h.reshape(-1, h.shape[-1]), gather)  # [T, per_rank * world] fp32
+        return logits[:, : self.num_embeddings].to(self.weight.dtype).view(*h.shape[:-1], self.num_embeddings)
 
     def argmax(self, h: torch.Tensor) -> torch.Tensor:
         """argmax over the vocab without gathering the logits (greedy decoding): [...] int64,
@@ -345,7 +357,9 @@ class ParallelGatedMLP(torch.nn.Module):
     def __init__(self, gate_up: ColumnParallelLinear, down: RowParallelLinear, act_fn):
         super().__init__()
         self.gate_up, self.down, self.act_fn = gate_up, down, act_fn
-        self._fused = _fused_activation(act_fn)
+        activation = _fused_activation(act_fn)
+        # the runtime's layer on this rank's shards (their Linears, made again after a load)
+        self._mlp = None if activation is None else GatedMLP(gate_up._local, down._local, activation)
 
     @classmethod
     def from_linears(cls, gate: torch.nn.Linear, up: torch.nn.Linear, down: torch.nn.Linear, act_fn=F.silu,
@@ -353,8 +367,8 @@ class ParallelGatedMLP(torch.nn.Module):
         if gate.weight.shape != up.weight.shape or (gate.bias is None) != (up.bias is None):
             raise ValueError("ParallelGatedMLP: gate and up projections must have the same shape")
         rank, world = group_rank_world(group)
-        n = _split("ffn size", gate.out_features, world)
-        rows = slice(rank * n, (rank + 1) * n)
+        f0, f1 = even_range(gate.out_features, world, rank, "ffn size")  # the runtime's FFN split
+        n, rows = f1 - f0, slice(f0, f1)
         fused = torch.nn.Linear(gate.in_features, 2 * n, gate.bias is not None, dtype=gate.weight.dtype)
         with torch.no_grad():
             fused.weight.copy_(torch.cat([gate.weight[rows], up.weight[rows]]))
@@ -366,24 +380,24 @@ class ParallelGatedMLP(torch.nn.Module):
         return cls(gate_up, RowParallelLinear.from_linear(down, group, quant=quant), act_fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up(x)  # [..., 2 ffn / tp]
-        if self._fused is not None:
-            return self.down(self._fused(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)  # [..., ffn / tp] each
+        if self._mlp is not None:
+            if x.shape[-1] != self.gate_up.in_features:
+                raise ValueError(f"ParallelGatedMLP: input must be [..., {self.gate_up.in_features}], got "
+                                 f"{tuple(x.shape)}")  # fmt: skip
+            partial = self._mlp(x.reshape(-1, x.shape[-1]))  # [T, hidden]: this rank's partial sum
+            return self.down.reduce(partial.view(*x.shape[:-1], partial.shape[-1]))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [..., ffn / tp] each
         return self.down(self.act_fn(gate) * up)
 
 
-def _fused_activation(act_fn):
-    """ops.silu_mul / ops.gelu_tanh_mul when act_fn is SiLU / tanh-approximated GELU (HF's
-    "silu" and "gelu_pytorch_tanh" modules included), else None."""
-    if act_fn is F.silu or isinstance(act_fn, torch.nn.SiLU):
-        return ops.silu_mul
-    if isinstance(act_fn, torch.nn.GELU) and act_fn.approximate == "tanh":
-        return ops.gelu_tanh_mul
-    if type(act_fn).__name__ in ("SiLUActivation",):
-        return ops.silu_mul
-    if type(act_fn).__name__ in ("PytorchGELUTanh", "GELUTanh"):
-        return ops.gelu_tanh_mul
+def _fused_activation(act_fn) -> str | None:
+    """The ``layers.GatedMLP`` activation ("silu" / "gelu_tanh") that act_fn is (HF's "silu"
+    and "gelu_pytorch_tanh" modules included), else None (run through torch)."""
+    if act_fn is F.silu or isinstance(act_fn, torch.nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":
+        return "silu"
+    if (isinstance(act_fn, torch.nn.GELU) and act_fn.approximate == "tanh") or \
+            type(act_fn).__name__ in ("PytorchGELUTanh", "GELUTanh"):  # fmt: skip
+        return "gelu_tanh"
     return None
 
 

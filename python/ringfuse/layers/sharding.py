@@ -41,9 +41,13 @@ def head_split(num_heads: int, num_kv_heads: int, world: int, rank: int):
 
 
 def even_range(size: int, world: int, rank: int, what: str) -> tuple[int, int]:
-    """[start, stop) of rank's equal share of ``size`` columns (the FFN of a gated MLP)."""
+    """[start, stop) of rank's equal share of ``size`` rows or columns (the FFN of a gated
+    MLP, a column- or row-parallel linear): a ValueError naming ``what`` and the tp sizes
+    that fit when ``world`` does not divide ``size``."""
     if size % world:
-        raise ValueError(f"tensor-parallel size {world} must divide the {what} {size}")
+        valid = [t for t in range(1, min(size, 64) + 1) if size % t == 0]
+        raise ValueError(f"{what} ({size}) must be divisible by the tensor-parallel size {world}; "
+                         f"tp sizes that divide it: {valid}")  # fmt: skip
     per = size // world
     return rank * per, (rank + 1) * per
 
