@@ -4,7 +4,7 @@
    (-v) reports no register spills in any function. Skipped when no nvcc is installed.
 2. On a GPU (marked gpu, skipped without a device): the bound entries
    ``ringfuse._C.rms_norm_cuda`` / ``ringfuse._C.layer_norm_cuda``, called with raw
-   pointers on CUDA tensors, against the fp64 reference with DESIGN.md's tolerance rule
+   pointers on CUDA tensors, against the fp64 reference with ARCHITECTURE.md's tolerance rule
    (error <= 2x torch's own same-dtype error vs the reference).
 3. The C++ boundary checks (ValueError), which need the CUDA build but no device.
 

@@ -1,4 +1,4 @@
-"""Repository layout rules of DESIGN.md: one-way imports, one name stem per op."""
+"""Repository layout rules of ARCHITECTURE.md: one-way imports, one name stem per op."""
 
 import ast
 import pathlib

@@ -1,5 +1,5 @@
 // Ring all-reduce, reduce-scatter and all-gather between CPU processes on one host, over one
-// POSIX shared-memory segment per group (the CPU transport of DESIGN.md "Distributed").
+// POSIX shared-memory segment per group (the CPU transport, ARCHITECTURE.md "Distributed").
 //
 // Schedule (the classic ring; rank r receives from r-1 and sends to r+1, mod N):
 //   data [numel] is split into N chunks (the first numel % N one element longer) and every
@@ -50,9 +50,9 @@
 // write of its S bytes of data (the combine reads data in place, the owner and the
 // all-gather write it). The buffers are reused every nbuf pieces, so that traffic stays in
 // cache: a piece is written on one core and read on the other through L2/L3 (copy within
-// L3 ~124 GB/s, L2 ~174 GB/s on DESIGN.md's host). The data is what goes to DRAM once S is
+// L3 ~124 GB/s, L2 ~174 GB/s on a 2-core EPYC VM). The data is what goes to DRAM once S is
 // past the caches: 2 ranks x 2 S. 2 ranks, 64 MiB fp32: 256 MiB of DRAM traffic, ~12 ms at
-// DESIGN.md's 22 GB/s, ~4 ms at the 62 GB/s `ringfuse bench limits` measured on this VM when
+// 22 GB/s of DRAM bandwidth, ~4 ms at the 62 GB/s `ringfuse bench limits` measured on this VM when
 // the measured 4.5-5 ms were taken (busbw 13-15 GB/s). Pieces are 64 KiB: a rank's
 // pieces in flight (its outgoing piece, the predecessor's incoming piece, the data piece) are
 // ~200 KiB, well inside the 512 KiB-1 MiB L2 per core, so every byte is touched from L1/L2

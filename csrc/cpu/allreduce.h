@@ -1,5 +1,5 @@
 // Ring all-reduce / reduce-scatter / all-gather between CPU processes on one host over a
-// POSIX shared-memory segment (the CPU transport of DESIGN.md "Distributed"); see
+// POSIX shared-memory segment (the CPU transport, ARCHITECTURE.md "Distributed"); see
 // allreduce.cpp for the segment layout, the schedule and the napkin math.
 //
 // The Python side (ringfuse.distributed) is the only caller: it exchanges the segment name

@@ -1,6 +1,6 @@
 // Ring all-reduce, reduce-scatter and all-gather of CUDA tensors over NCCL point-to-point
-// (ncclSend / ncclRecv in groups) plus a CUDA combine kernel: the GPU transport of DESIGN.md
-// "Distributed", with the CPU ring's schedule and results (csrc/cpu/allreduce.cpp).
+// (ncclSend / ncclRecv in groups) plus a CUDA combine kernel: the GPU transport (ARCHITECTURE.md,
+// "Distributed"), with the CPU ring's schedule and results (csrc/cpu/allreduce.cpp).
 //
 // Schedule and streams: ring_schedule.h. In short, reduce-scatter steps move pieces of
 // piece_bytes (default 4 MiB, from Python) with one NCCL group {send to rank+1, receive from

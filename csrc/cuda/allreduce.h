@@ -1,5 +1,5 @@
 // Ring all-reduce / reduce-scatter / all-gather of CUDA tensors over NCCL point-to-point
-// (the GPU transport of DESIGN.md "Distributed"); see allreduce.cu for the streams, the
+// (the GPU transport, ARCHITECTURE.md "Distributed"); see allreduce.cu for the streams, the
 // combine kernel and the napkin math, ring_schedule.h for the schedule.
 //
 // libnccl.so.2 is loaded at run time (nccl_load), never linked: ringfuse builds and imports

@@ -1,5 +1,5 @@
 """``ringfuse bench gpu``: refuses cleanly without a device, reports a broken case instead of
-stopping, flags results outside DESIGN.md's tolerance; on a GPU (quick mode) every case runs
+stopping, flags results outside ARCHITECTURE.md's tolerance; on a GPU (quick mode) every case runs
 and the JSON holds every row."""
 
 from __future__ import annotations

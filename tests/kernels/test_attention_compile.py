@@ -1,5 +1,5 @@
 """Every shipped attention config compiles for real GPUs (sm_80, sm_90) without a device,
-spills nothing, stays within the register file and fits in shared memory (DESIGN.md, "GPU
+spills nothing, stays within the register file and fits in shared memory (ARCHITECTURE.md, "GPU
 code without a GPU").
 
 kernels/attention.py can choose 360 variants: 3 dtypes x 4 BLOCK_D buckets x (24 prefill

@@ -1,7 +1,7 @@
 """kernels/attention.py under the Triton interpreter (TRITON_INTERPRET=1, set in conftest),
 on CPU tensors, vs an independent fp64 reference written here.
 
-Tolerance (DESIGN.md): kernel error vs the fp64 reference <= 2x the error of torch's own
+Tolerance (ARCHITECTURE.md): kernel error vs the fp64 reference <= 2x the error of torch's own
 same-dtype computation vs that reference (F.scaled_dot_product_attention in the inputs'
 dtype with enable_gqa=True, or, with softcap, which SDPA cannot express, the reference
 formula evaluated in the inputs' dtype), plus a floor of a few fp32 ulps at the output's

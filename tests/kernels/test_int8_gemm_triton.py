@@ -7,7 +7,7 @@ on CPU tensors, and its shipped configs compiled for sm_80 / sm_90 with no spill
 - int8_gemm_fwd, float out: per element, |out - ref| <= 2 |ref.to(dtype) - ref| + 4 fp32
   ulps of (|a_q b_q^T a_scale b_scale| + |bias|), ref in fp64: at most twice torch's own
   rounding of the exact result, plus the three fp32 roundings of the epilogue.
-- weight_only_fwd: DESIGN.md's rule: max error vs the fp64 reference <= 2x that of torch's
+- weight_only_fwd: ARCHITECTURE.md's tolerance rule: max error vs the fp64 reference <= 2x that of torch's
   same-dtype F.linear(x, w_deq.to(dtype), bias.to(dtype)), plus 4 fp32 ulps of max |ref|.
 
 Shapes are odd (1, 3, 17, 33, 77, 129, 200, 577) so every mask is exercised, plus sizes that

@@ -1,7 +1,7 @@
 """kernels/rms_norm.py under the Triton interpreter (TRITON_INTERPRET=1, set in conftest),
 on CPU tensors, vs an independent fp64 reference written here.
 
-Tolerance (DESIGN.md): kernel error vs the fp64 reference <= 2x the error of torch's own
+Tolerance (ARCHITECTURE.md): kernel error vs the fp64 reference <= 2x the error of torch's own
 computation (F.rms_norm, or the HF LlamaRMSNorm formula for llama_cast) vs that reference,
 plus a floor of one fp32 ulp at the output's magnitude (torch sometimes lands a lucky half
 ulp on fp32 outputs; the floor is negligible for fp16 / bf16 outputs) and, for llama_cast,

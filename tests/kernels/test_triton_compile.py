@@ -1,5 +1,5 @@
 """Every shipped Triton config compiles for real GPUs (sm_80, sm_90) without a device and
-spills nothing (DESIGN.md, "GPU code without a GPU").
+spills nothing (ARCHITECTURE.md, "GPU code without a GPU").
 
 The launchers can choose 364 (rms_norm) + 560 (layer_norm) variants: x dtype x out dtype x
 weight/bias dtype x options x BLOCK bucket. Compiling all of them for two archs takes

@@ -1,5 +1,5 @@
 """Independent references for the norm ops: fp64 math (the spec) and torch's own
-same-dtype computation (the error budget of the tolerance rule in DESIGN.md)."""
+same-dtype computation (the error budget of the tolerance rule in ARCHITECTURE.md)."""
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ def ln_torch(x, weight, bias, eps, residual=None):
 
 
 def assert_within_tolerance(got, ref64, torch_same_dtype, what="", rounding_dtype=None):
-    """DESIGN.md's rule: max error vs the fp64 reference <= 2x torch's own same-dtype
+    """ARCHITECTURE.md's tolerance rule: max error vs the fp64 reference <= 2x torch's own same-dtype
     error, with a floor of one unit of precision at the output's scale (torch's error can
     be exactly 0 on a few elements by luck). ``rounding_dtype``: the dtype of an
     intermediate rounding (the llama cast order), whose unit sets the floor instead: a

@@ -1,4 +1,4 @@
-"""ringfuse.ops.linear on CPU (AVX2 and scalar) vs an fp64 reference with DESIGN's tolerance
+"""ringfuse.ops.linear on CPU (AVX2 and scalar) vs an fp64 reference with ARCHITECTURE.md's tolerance
 rule, layouts, thread-count determinism, the documented F.linear fallback and bad inputs.
 M up to ROW_KERNEL_MAX_M (16) runs the per-row kernel, more rows the packed-panel GEMM."""
 

@@ -1,4 +1,4 @@
-"""ringfuse.ops.silu_mul on CPU (AVX2 and scalar) vs an fp64 reference with DESIGN's
+"""ringfuse.ops.silu_mul on CPU (AVX2 and scalar) vs an fp64 reference with ARCHITECTURE.md's
 tolerance rule (2x torch's own error + a rounding floor), special values as torch, layouts,
 the documented torch fallback, torch.compile and bad inputs."""
 
@@ -143,7 +143,7 @@ def test_cuda_falls_back_to_torch():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 2), (1, 2 * 1536), (3, 2 * 7), (17, 2 * 100), (2, 5, 2 * 33)], ids=str)
 def test_gelu_tanh_mul_matches_reference(avx512_isa, dtype, shape):
-    """Against fp64 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3))) * up, DESIGN's rule."""
+    """Against fp64 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3))) * up, ARCHITECTURE.md's tolerance rule."""
     from ringfuse.ops import gelu_tanh_mul
 
     g = torch.Generator().manual_seed(sum(shape) + 1)

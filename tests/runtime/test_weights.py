@@ -4,7 +4,7 @@ saved as safetensors folders and as
 hand-written GGUF files, loaded by ``open_weights`` and run by ``DecoderModel``; the logits
 are checked against HF transformers running the same weights.
 
-Tolerance (DESIGN.md, Numerics): ringfuse's fp32 error vs an fp64 copy of the HF model is
+Tolerance (ARCHITECTURE.md, "Numerics"): ringfuse's fp32 error vs an fp64 copy of the HF model is
 at most 2x the error of HF's own fp32 run vs that fp64 reference (with a 1e-5 floor: on
 these tiny models both errors are ~1e-7 and summation order alone can exceed 2x)."""
 

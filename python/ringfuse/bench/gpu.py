@@ -3,7 +3,7 @@ in one process.
 
 The limits are measured in the same run: the device copy bandwidth (256 MiB copied: read +
 write) and the bf16 matmul rate (8192^3 ``a @ b``). Each case checks ringfuse's result
-against an fp64 reference next to torch's own error (DESIGN.md's rule: at most 2x torch's
+against an fp64 reference next to torch's own error (ARCHITECTURE.md's tolerance rule: at most 2x torch's
 error plus a few fp32 ulps; "ok" column). It then times both sides with
 ``triton.testing.do_bench`` (CUDA events, medians), and reports the ratio and GB/s or
 TFLOP/s as % of the measured limit. The host table times the Python and launch cost of
