@@ -20,6 +20,7 @@ import dataclasses
 import torch
 
 from .. import ops
+from .sharding import Shard
 
 
 @dataclasses.dataclass
@@ -103,3 +104,28 @@ class StepAttention:
         o = ops.attention_varlen(q, k, v, step.cu_seqlens, cu_k, max_seqlen_q=step.max_seqlen, causal=True,
                                  scale=self.scale, softcap=self.softcap, window=window)  # fmt: skip
         return o.view(T, -1)
+
+
+# Shard specs of the attention projections (HF names under ``prefix``, e.g.
+# "model.layers.3.self_attn."): this rank's q heads [q0, q1) and KV heads [k0, k1)
+# (``sharding.head_split``), head_dim D.
+
+
+def qkv_shards(prefix: str, q_heads: tuple[int, int], kv_heads: tuple[int, int], head_dim: int,
+               biased: bool) -> tuple[list[Shard], list[Shard] | None]:  # fmt: skip
+    """The fused qkv projection [(hq + 2 hkv) D, hidden]: this rank's q heads' rows, then
+    its k heads', then its v heads' (column-parallel); the same rows of the biases."""
+    q = (0, q_heads[0] * head_dim, q_heads[1] * head_dim)
+    kv = (0, kv_heads[0] * head_dim, kv_heads[1] * head_dim)
+    rows = [(f"{prefix}q_proj", q), (f"{prefix}k_proj", kv), (f"{prefix}v_proj", kv)]
+    weight = [Shard(f"{name}.weight", *where) for name, where in rows]
+    return weight, [Shard(f"{name}.bias", *where) for name, where in rows] if biased else None
+
+
+def o_proj_shards(prefix: str, q_heads: tuple[int, int], head_dim: int, hidden: int,
+                  bias_here: bool) -> tuple[list[Shard], list[Shard] | None]:  # fmt: skip
+    """o_proj [hidden, hq D]: the columns of this rank's q heads (row-parallel: its output
+    is a partial sum). Its bias is added by one rank only (``bias_here``), so that the
+    all-reduced sum holds it once."""
+    weight = [Shard(f"{prefix}o_proj.weight", 1, q_heads[0] * head_dim, q_heads[1] * head_dim)]
+    return weight, [Shard(f"{prefix}o_proj.bias", 0, 0, hidden)] if bias_here else None

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .linear import Linear
+from .sharding import Shard
 
 
 class VocabEmbedding:
@@ -86,3 +87,10 @@ class LMHead:
             local = F.pad(local, (0, self.per_rank - local.shape[1]), value=float("-inf"))
         full = all_gather(local.contiguous()).view(self.world, -1, self.per_rank)  # [world, R, per]
         return self.cap(full.permute(1, 0, 2).reshape(local.shape[0], -1)[:, : self.vocab_size])
+
+
+def vocab_shards(name: str, start: int, end: int, block: int = 4096) -> list[Shard]:
+    """Rows [start, end) of a [V, hidden] table (``sharding.vocab_range``) in blocks of
+    ``block`` rows: the LM head, the largest matrix of a small model (113 MB of SmolLM2's in
+    fp32), is then never whole in fp32 while it is quantized."""
+    return [Shard(name, 0, r, min(r + block, end)) for r in range(start, end, block)]

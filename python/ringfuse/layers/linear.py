@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import _C, ops
 from ..nn import quantize_weight
+from .sharding import Shard
 
 QUANT_MODES = ("none", "w8a16", "w8a8")
 
@@ -62,6 +63,16 @@ def _checked_blocks(blocks):
         raise ValueError("Linear: weight has no rows")
 
 
+def read_bias(source, shards: list[Shard] | None) -> torch.Tensor | None:
+    """A (fused) projection's bias from its ``shards`` (None: the layer has no bias). A
+    missing one is zeros (what HF initializes it to); all missing is no bias. Biases are [N]
+    and tiny: the runtime reads them even when it loads converted weights, to check that
+    those have them."""
+    if not shards or not any(source.has(s.name) for s in shards):
+        return None
+    return torch.cat([s.read(source) if source.has(s.name) else torch.zeros(s.stop - s.start) for s in shards])
+
+
 class Linear:
     """y = x W^T + b: W float [N, K] (fp32: ringfuse's kernels at every M; bf16: ringfuse's
     kernel up to BF16_KERNEL_MAX_M rows, then torch's bf16 GEMM where it is native, else
@@ -83,6 +94,14 @@ class Linear:
             w_q = parts[0][0] if len(parts) == 1 else torch.cat([q for q, _ in parts])
             w_scale = parts[0][1] if len(parts) == 1 else torch.cat([s for _, s in parts])
             self._setup(quant, {"w_q": w_q, "w_scale": w_scale, "bias": bias})
+
+    @classmethod
+    def load(cls, source, weight: list[Shard], bias: list[Shard] | None, quant: str, dtype: torch.dtype) -> Linear:
+        """This rank's Linear from named tensors: the ``weight`` shards stacked along the rows
+        (a fused projection: q, k, v; each read and, when quantized, converted before the
+        next: the LM head comes in blocks of rows), the ``bias`` shards likewise
+        (``read_bias``)."""
+        return cls((s.read(source) for s in weight), read_bias(source, bias), quant, dtype)
 
     @classmethod
     def from_parts(cls, parts: dict, quant: str, shape: tuple[int, int], key: str, dtype: torch.dtype) -> Linear:

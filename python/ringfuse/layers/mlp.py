@@ -13,6 +13,7 @@ import torch
 
 from .. import ops
 from .linear import Linear
+from .sharding import Shard
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -30,3 +31,21 @@ class GatedMLP:
         gate_up = self.gate_up(x)  # [T, 2 F]
         act = ops.silu_mul(gate_up) if self.activation == "silu" else ops.gelu_tanh_mul(gate_up)  # [T, F]
         return self.down(act)
+
+
+# Shard specs of the gated MLP (HF names under ``prefix``, e.g. "model.layers.3.mlp."):
+# this rank's FFN columns [f0, f1) (``sharding.even_range``).
+
+
+def gate_up_shards(prefix: str, ffn: tuple[int, int], biased: bool) -> tuple[list[Shard], list[Shard] | None]:
+    """gate_up [2 F / tp, hidden]: this rank's gate rows, then its up rows (column-parallel)."""
+    rows = [(f"{prefix}gate_proj", (0, *ffn)), (f"{prefix}up_proj", (0, *ffn))]
+    weight = [Shard(f"{name}.weight", *where) for name, where in rows]
+    return weight, [Shard(f"{name}.bias", *where) for name, where in rows] if biased else None
+
+
+def down_shards(prefix: str, ffn: tuple[int, int], hidden: int, bias_here: bool
+                ) -> tuple[list[Shard], list[Shard] | None]:  # fmt: skip
+    """down [hidden, F / tp]: this rank's FFN columns (row-parallel; the bias on one rank)."""
+    return [Shard(f"{prefix}down_proj.weight", 1, *ffn)], [Shard(f"{prefix}down_proj.bias", 0, 0, hidden)] \
+        if bias_here else None  # fmt: skip

@@ -9,6 +9,26 @@ the embedding and the LM head split over the vocab in contiguous ranges.
 
 from __future__ import annotations
 
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """What one rank holds of a named tensor: rows (``dim`` 0) or columns (``dim`` 1)
+    [start, stop), or all of it (``dim`` None). The layers describe their weights as lists
+    of these (``layers.attention.qkv_shards``, ``layers.mlp.gate_up_shards``, ...) and read
+    them from any source with HF-named tensors that answers ``get(name, dim, start, stop)``
+    and ``has(name)`` (the runtime's safetensors and GGUF readers), each rank reading only
+    its slices."""
+
+    name: str
+    dim: int | None = None
+    start: int = 0
+    stop: int | None = None
+
+    def read(self, source):
+        return source.get(self.name, self.dim, self.start, self.stop)
+
 
 def attention_head_split(num_heads: int, num_kv_heads: int, world: int, rank: int):
     """(q heads [start, stop), kv heads [start, stop)) of this rank when tp divides the query

@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..layers import (QUANT_MODES, KVCache, Linear, LMHead, Step, StepAttention, VocabEmbedding, even_range,
-                      head_split, vocab_range)
+from ..layers import (QUANT_MODES, KVCache, Linear, LMHead, Shard, Step, StepAttention, VocabEmbedding, down_shards,
+                      even_range, gate_up_shards, head_split, o_proj_shards, qkv_shards, read_bias, vocab_range,
+                      vocab_shards)
 from .config import ModelConfig
 from .weights import release_freed_memory
 
@@ -34,7 +35,8 @@ class LayerLoader:
     """Loads one block's weights for this rank, from the source's HF-named tensors or from
     the converted-weights cache, and records each converted tensor under its cache key
     (``layers.{i}.<key>``). The architecture's block asks it for norms and the standard
-    projections; the tensor-parallel slices are decided here, once."""
+    projections; which tensors and slices those are, the layers say (``qkv_shards``,
+    ``gate_up_shards``, ...: ``sharding``'s splits, decided once in DecoderModel)."""
 
     def __init__(self, model: DecoderModel, weights, converted: dict | None):
         self.model, self.weights, self.converted = model, weights, converted
@@ -66,70 +68,51 @@ class LayerLoader:
         # normalized x before the weight multiply ("llama"): the same in fp32
         return ops.prepare_rms_norm(w, m.config.rms_norm_eps, cast_mode="torch" if offset else "llama")
 
-    def linear(self, key: str, shape: tuple[int, int], weight_fn, bias: torch.Tensor | None) -> Linear:
-        """[N, K] from ``weight_fn()`` (a tensor or row blocks), or from the converted cache."""
+    def linear(self, key: str, shape: tuple[int, int], shards: tuple[list[Shard], list[Shard] | None]) -> Linear:
+        """[N, K] from the layer's (weight, bias) shards, or from the converted cache."""
         m, key = self.model, self.key + key
+        weight, bias_shards = shards
         if self.converted is None:
-            layer = Linear(weight_fn(), bias, m.quant, m.dtype)
+            layer = Linear.load(self.weights, weight, bias_shards, m.quant, m.dtype)
         else:
             prefix = key + "."
             parts = {k[len(prefix) :]: v for k, v in self.converted.items() if k.startswith(prefix)}
             # a cache written without a bias the model has (or with one it lacks) does not fit:
             # the engine converts again rather than run without it
-            if ("bias" in parts) != (bias is not None):
+            has_bias = read_bias(self.weights, bias_shards) is not None
+            if ("bias" in parts) != has_bias:
                 raise ValueError(f"{key}: converted weights {'with' if 'bias' in parts else 'without'} a bias, the "
-                                 f"model {'has none' if bias is None else 'has one'}")  # fmt: skip
+                                 f"model {'has one' if has_bias else 'has none'}")  # fmt: skip
             layer = Linear.from_parts(parts, m.quant, shape, key, m.dtype)
         m.linears[key] = layer
         return layer
 
-    def bias(self, on: bool, rows_of) -> torch.Tensor | None:
-        """This rank's rows of a (fused) projection's bias, or None. ``rows_of``: [(name,
-        (start, stop))]. Biases are [N] and tiny, read even when the converted weights are
-        used (to check the cache has them). A missing one is zeros (what HF initializes it
-        to), all missing is no bias."""
-        names = [(self.prefix + n, r) for n, r in rows_of]
-        if not on or not any(self.weights.has(n) for n, _ in names):
-            return None
-        return torch.cat([self.weights.get(n, 0, r0, r1) if self.weights.has(n) else torch.zeros(r1 - r0)
-                          for n, (r0, r1) in names])  # fmt: skip
-
-    # the standard projections, sliced for this rank
+    # the standard projections: this rank's slices, as the layers describe them; o_proj and
+    # down are row-parallel (each rank's output is a partial sum, all-reduced), so their
+    # bias is added on rank 0 alone, in its GEMM, and the sum holds it exactly once
 
     def qkv(self) -> Linear:  # [(hq + 2 hkv) D, hidden]: this rank's q heads, then its k and v heads
         m, cfg, D = self.model, self.model.config, self.head_dim
-        q_rows, kv_rows = (m.q_heads[0] * D, m.q_heads[1] * D), (m.kv_heads[0] * D, m.kv_heads[1] * D)
-        a = "self_attn."
         return self.linear("qkv", ((self.hq + 2 * self.hkv) * D, cfg.hidden_size),
-                           lambda: torch.cat([self.get(a + "q_proj.weight", 0, *q_rows),
-                                              self.get(a + "k_proj.weight", 0, *kv_rows),
-                                              self.get(a + "v_proj.weight", 0, *kv_rows)]),
-                           self.bias(cfg.attention_bias, [(a + "q_proj.bias", q_rows), (a + "k_proj.bias", kv_rows),
-                                                          (a + "v_proj.bias", kv_rows)]))  # fmt: skip
-
-    # o_proj and down are row-parallel (each rank's output is a partial sum, all-reduced):
-    # their bias is added on rank 0 alone, in its GEMM, so the sum holds it exactly once
+                           qkv_shards(self.prefix + "self_attn.", m.q_heads, m.kv_heads, D, cfg.attention_bias))
 
     def o_proj(self) -> Linear:  # [hidden, hq D]: this rank's columns
         m, cfg, D = self.model, self.model.config, self.head_dim
-        hidden = cfg.hidden_size
-        return self.linear("o_proj", (hidden, self.hq * D),
-                           lambda: self.get("self_attn.o_proj.weight", 1, m.q_heads[0] * D, m.q_heads[1] * D),
-                           self.bias(cfg.o_proj_bias and m.rank == 0, [("self_attn.o_proj.bias", (0, hidden))]))
+        return self.linear("o_proj", (cfg.hidden_size, self.hq * D),
+                           o_proj_shards(self.prefix + "self_attn.", m.q_heads, D, cfg.hidden_size,
+                                         cfg.o_proj_bias and m.rank == 0))  # fmt: skip
 
     def gate_up(self) -> Linear:  # [2 ffn / tp, hidden]: this rank's gate rows, then its up rows
         m, cfg = self.model, self.model.config
         f0, f1 = m.ffn_range
         return self.linear("gate_up", (2 * (f1 - f0), cfg.hidden_size),
-                           lambda: torch.cat([self.get("mlp.gate_proj.weight", 0, f0, f1),
-                                              self.get("mlp.up_proj.weight", 0, f0, f1)]),
-                           self.bias(cfg.mlp_bias, [("mlp.gate_proj.bias", (f0, f1)), ("mlp.up_proj.bias", (f0, f1))]))
+                           gate_up_shards(self.prefix + "mlp.", m.ffn_range, cfg.mlp_bias))
 
     def down(self) -> Linear:  # [hidden, ffn / tp]
         m, cfg = self.model, self.model.config
         f0, f1 = m.ffn_range
-        return self.linear("down", (cfg.hidden_size, f1 - f0), lambda: self.get("mlp.down_proj.weight", 1, f0, f1),
-                           self.bias(cfg.mlp_bias and m.rank == 0, [("mlp.down_proj.bias", (0, cfg.hidden_size))]))
+        return self.linear("down", (cfg.hidden_size, f1 - f0),
+                           down_shards(self.prefix + "mlp.", m.ffn_range, cfg.hidden_size, cfg.mlp_bias and m.rank == 0))
 
 
 class DecoderModel:
@@ -172,13 +155,11 @@ class DecoderModel:
         self.norm = load.norm("norm", "norm")
         head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         # The LM head is the largest matrix (21 % of SmolLM2's weights, 113 MB in fp32): int8
-        # too when quantized, read in blocks of 4096 rows. [V / tp, hidden]
+        # too when quantized, read in blocks of rows. [V / tp, hidden]
         hidden, rows = cfg.hidden_size, self.vocab_end - self.vocab_start
-        head_rows = range(self.vocab_start, self.vocab_end, 4096)
         load.at("", "")
-        self.lm_head = load.linear("lm_head", (rows, hidden),
-                                   lambda: (weights.get(head_name, 0, r, min(r + 4096, self.vocab_end)) for r in head_rows),
-                                   None)  # fmt: skip
+        self.lm_head = load.linear("lm_head", (rows, hidden), (vocab_shards(head_name, self.vocab_start, self.vocab_end),
+                                                               None))  # fmt: skip
         self.head = LMHead(self.lm_head, cfg.vocab_size, self.world, cfg.final_softcap)
         scale = arch.embed_scale(cfg)
         # HF multiplies by the factor rounded to the model's dtype (Gemma: sqrt(hidden))
