@@ -39,6 +39,13 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048),
 }  # fmt: skip
 ENGINES = [("hf", "none"), ("ringfuse", "none"), ("ringfuse", "w8a16"), ("ringfuse", "w8a8")]
+# issue 17's GPU targets per shape: (what, the measured value's getter, the bar)
+TARGETS = {
+    "llama3-8b": [("ringfuse bf16 batch-1 decode, % of the copy-bandwidth roofline", "roofline_pct", 70.0),
+                  ("ringfuse w8a16 batch-1 decode vs ringfuse bf16", "w8a16_vs_float", 1.6)],
+    "smollm2-135m": [("ringfuse bf16 batch-1 decode vs HF eager", "float_vs_hf", 10.0),
+                     ("ringfuse bf16 batch-1 decode tok/s (moonshot)", "float_tok_s", 1000.0)],
+}  # fmt: skip
 PROMPT_TOKENS = 32  # the batch-1 prompt
 
 
@@ -162,28 +169,56 @@ def run(device: str = "cuda", shape: str = "llama3-8b", dtype: str | None = None
                     vocab=SHAPES[shape]["vocab_size"], batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
         results[label] = _spawn(spec)
     base = results.get(f"hf-{dtype}-eager")
+    ours = results.get(f"ringfuse-{dtype}")  # the int8 modes' baseline
     rows = []
     for label, r in results.items():
         if isinstance(r, str):
-            rows.append([label, "failed: " + r[:80], "", "", "", "", "", ""])
+            rows.append([label, "failed: " + r[:80], "", "", "", "", "", "", ""])
             continue
         ok = isinstance(base, dict)
-        roof = f"{100 * r['decode_tok_s'] * r['weight_bytes'] / 1e9 / copy:.0f}%" if "weight_bytes" in r else "-"
+        roof = f"{_roofline_pct(r, copy):.0f}%" if "weight_bytes" in r else "-"
         same = next((i for i, (a, b) in enumerate(zip(r["tokens"], base["tokens"])) if a != b), len(r["tokens"])) \
             if ok else 0  # fmt: skip
+        vs_float = f"{r['decode_tok_s'] / ours['decode_tok_s']:.2f}x" \
+            if isinstance(ours, dict) and label.startswith("ringfuse") and r is not ours else "-"  # fmt: skip
         rows.append([label, f"{r['prefill_ms']:.1f}", f"{r['decode_tok_s']:,.1f}",
-                     f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if ok else "-", roof,
+                     f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if ok else "-", vs_float, roof,
                      f"{r['batch_tok_s']:,.0f}", f"{r['batch_tok_s'] / base['batch_tok_s']:.2f}x" if ok else "-",
                      f"{same}/{len(r['tokens'])}" if ok else "-"])  # fmt: skip
     where = torch.cuda.get_device_name(device) if gpu else f"cpu, {torch.get_num_threads()} threads"
     print_table(f"bench generate --device {device}: random-weight {shape}, {where}; batch 1: {PROMPT_TOKENS}-token "
                 f"prompt, {new_tokens} new; batch {batch}: {prompt_tokens}-token prompts, {new_tokens} new; copy "
                 f"bandwidth {copy:,.0f} GB/s (same run); ratios vs HF eager, same run",
-                ["engine", "prefill ms", "decode tok/s", "vs HF", "% of roofline", f"b{batch} tok/s",
-                 f"b{batch} vs HF", "same tokens as HF"], rows, left=1)  # fmt: skip
+                ["engine", "prefill ms", "decode tok/s", "vs HF", f"vs ringfuse {dtype}", "% of roofline",
+                 f"b{batch} tok/s", f"b{batch} vs HF", "same tokens as HF"], rows, left=1)  # fmt: skip
+    verdicts = target_verdicts(shape, dtype, results, copy)
+    for what, value, bar, met in verdicts:
+        print(f"target: {what} >= {bar:g}: {'-' if value is None else f'{value:,.2f}'} "
+              f"({'met' if met else 'not measured' if value is None else 'short'})")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"device": where, "shape": shape, "copy_gbps": copy, "results": results},
-                                              indent=1))  # fmt: skip
+        Path(json_path).write_text(json.dumps({"device": where, "shape": shape, "copy_gbps": copy, "results": results,
+                                               "targets": [dict(zip(("what", "value", "bar", "met"), v))
+                                                           for v in verdicts]}, indent=1))  # fmt: skip
     return 0 if all(isinstance(r, dict) for r in results.values()) else 1
 
+
+
+def _roofline_pct(r: dict, copy_gbps: float) -> float:
+    """Batch-1 decode's weight bytes per second as a % of the copy bandwidth of the run."""
+    return 100 * r["decode_tok_s"] * r["weight_bytes"] / 1e9 / copy_gbps
+
+
+def target_verdicts(shape: str, dtype: str, results: dict, copy_gbps: float) -> list[tuple]:
+    """(what, measured value or None, bar, met) for the shape's TARGETS, from the results of
+    this run (an engine that failed or did not run: None, not met)."""
+    hf, ours, w8a16 = (results.get(k) for k in (f"hf-{dtype}-eager", f"ringfuse-{dtype}", f"ringfuse-{dtype}-w8a16"))
+    ok = lambda r: isinstance(r, dict)  # noqa: E731
+    values = {
+        "roofline_pct": _roofline_pct(ours, copy_gbps) if ok(ours) and "weight_bytes" in ours else None,
+        "w8a16_vs_float": w8a16["decode_tok_s"] / ours["decode_tok_s"] if ok(w8a16) and ok(ours) else None,
+        "float_vs_hf": ours["decode_tok_s"] / hf["decode_tok_s"] if ok(ours) and ok(hf) else None,
+        "float_tok_s": ours["decode_tok_s"] if ok(ours) else None,
+    }
+    return [(what, values[key], bar, values[key] is not None and values[key] >= bar)
+            for what, key, bar in TARGETS.get(shape, [])]
