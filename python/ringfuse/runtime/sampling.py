@@ -149,7 +149,6 @@ def select_on_device(logits: torch.Tensor, params: list[SamplingParams], seen: l
     fp32 operations per element. A sampled row draws by the exponential race: with q_i
     i.i.d. Exp(1) from the row's generator, argmax_i p_i / q_i is token i with probability
     p_i (FlashInfer's and vLLM's sampler), one draw of V exponentials per row."""
-    rows, vocab = logits.shape
     dev = logits.device
     if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
         return logits.argmax(-1)
@@ -190,8 +189,7 @@ def _penalize_rows(logits: torch.Tensor, rows: list[int], seen: list, penalties:
 def filtered_probs_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """``filtered_probs`` for every row of logits [R, V] fp32 at once, each with its own
     temperature, top-k and top-p (a sort of the batch only when some row asks for top-p)."""
-    rows, vocab = logits.shape
-    dev = logits.device
+    vocab, dev = logits.shape[-1], logits.device
 
     def column(values, dtype=torch.float32):  # [R, 1] on the device, without a sync
         return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)[:, None]
