@@ -23,6 +23,7 @@ from .test_architectures import _build as build_arch  # noqa: E402
 from .test_weights import (  # noqa: E402
     _build_hf,
     _prompts,
+    assert_greedy_like_hf,
     check_greedy_tokens_match_hf,
     folder_with_tokenizer,
     saved_models,
@@ -110,6 +111,37 @@ def test_greedy_tokens_match_hf_in_the_same_dtype(models, kind, dtype, tmp_path)
     tokens up to HF's near-ties, for every architecture family."""
     hf32, _, path = models[kind]
     check_greedy_tokens_match_hf(hf32, path, tmp_path, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_prefix_caching_and_continuous_batching_match_hf(models, device, tmp_path):
+    """A request that joins while another decodes, and maps that one's cached prompt
+    prefix (one 16-token block), and the first request itself: both HF's greedy tokens (up
+    to a near-tie), fp32 on either device."""
+    import copy
+
+    from ringfuse.runtime import SamplingParams
+
+    hf32, _, path = models["llama"]
+    llm = LLM(folder_with_tokenizer(path, tmp_path), device=device, dtype="fp32", max_model_len=64,
+              kv_cache_tokens=256, weight_cache=False)  # fmt: skip
+    shared = _prompts(9, (20,))[0]
+    prompts = [shared + tail for tail in _prompts(10, (3, 5))]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    llm.add_request(prompts[0], params, index=0)
+    llm.step()  # its prefill: its prompt's full block goes into the prefix cache
+    llm.step()
+    llm.add_request(prompts[1], params, index=1)
+    done = {}
+    while llm.has_unfinished():
+        for ev in llm.step():
+            if ev.finished:
+                done[ev.index] = ev.result
+    assert done[0].cached_tokens == 0 and done[1].cached_tokens == 16
+    hf = copy.deepcopy(hf32).to(device)
+    for i in (0, 1):
+        assert len(done[i].token_ids) == 8
+        assert_greedy_like_hf(hf, prompts[i], done[i].token_ids, device)
 
 
 def test_the_gpu_runners_sampling_on_the_cpu(models, tmp_path):
