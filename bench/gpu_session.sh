@@ -9,8 +9,9 @@
 # (machine start included), so the steps come in two calls whose timeouts add up to less
 # than 10 minutes each (typical: build 30 s, tests 60-90 s, ops 1-2 min):
 #
-#   bash bench/gpu_session.sh                               # build tests ops (<= 9 min)
-#   STEPS="build gen-small gen-8b" bash bench/gpu_session.sh  # on the warm machine (<= 9.5 min; build is a no-op then)
+#   bash bench/gpu_session.sh                          # deps build tests ops (<= 9 min of timeouts)
+#   STEPS="gen-small gen-8b" bash bench/gpu_session.sh   # on the same warm machine, built (<= 8 min)
+#   (on a fresh machine: STEPS="build gen-small", then STEPS="gen-8b")
 #   ARCH=80 bash bench/gpu_session.sh                       # an A100
 #
 # The image has no gguf (a dependency, installed --no-deps here): the tests that write GGUF
@@ -34,16 +35,16 @@ step() {  # name timeout_s command...
   tail -n 25 "$OUT/$name.log"
 }
 if [ -d "$WHEELS" ]; then
-  step deps 60 "$PY" -m pip install --no-index --no-deps -q --find-links "$WHEELS" gguf
+  step deps 45 "$PY" -m pip install --no-index --no-deps -q --find-links "$WHEELS" gguf
 fi
 # the build dir outside the tree: the checkout may be read-only or shared with a CPU build
-step build 150 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q \
+step build 120 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q \
   -C cmake.define.RINGFUSE_CUDA_ARCHS="$ARCH" -C build-dir=/tmp/rf-gpu-build .
 (cd /tmp && "$PY" -m ringfuse info) >"$OUT/info.txt" 2>&1
 # compiled kernels (tests/conftest.py sets the interpreter only without a GPU); every
 # failure listed, not just the first
 step tests 240 "$PY" -m pytest -m gpu -v -p no:cacheprovider --timeout 200 -n "${WORKERS:-12}" tests
-step ops 150 "$PY" -m ringfuse bench gpu --json "$OUT/bench_gpu.json"
-step gen-small 200 "$PY" -m ringfuse bench generate --device cuda --shape smollm2-135m --json "$OUT/gen_smollm2.json"
-step gen-8b 360 "$PY" -m ringfuse bench generate --device cuda --shape llama3-8b --json "$OUT/gen_llama3_8b.json"
+step ops 135 "$PY" -m ringfuse bench gpu --json "$OUT/bench_gpu.json"
+step gen-small 180 "$PY" -m ringfuse bench generate --device cuda --shape smollm2-135m --json "$OUT/gen_smollm2.json"
+step gen-8b 300 "$PY" -m ringfuse bench generate --device cuda --shape llama3-8b --json "$OUT/gen_llama3_8b.json"
 echo "done; results in $OUT"

@@ -84,3 +84,11 @@ def test_lm_head_logits_softcap_and_gather():
     full = locals_[2](h, all_gather)
     assert shares[2].numel() == 3 * 4 and torch.isinf(shares[2].view(3, 4)[:, 2:]).all()  # padded with -inf
     torch.testing.assert_close(full, h @ w.T)
+
+
+def test_lm_head_gathers_an_empty_batch():
+    """No rows (an empty step under TP): [0, vocab] logits, not a view error."""
+    w = table(10, 16, 2)
+    head = LMHead(Linear(w[:5], None, "none", torch.float32), 10, world=2)
+    out = head(torch.zeros(0, 16), lambda t: torch.cat([t, t]))
+    assert out.shape == (0, 10) and out.dtype == torch.float32

@@ -191,7 +191,8 @@ def run(device: str = "cuda", shape: str = "llama3-8b", dtype: str | None = None
                 f"bandwidth {copy:,.0f} GB/s (same run); ratios vs HF eager, same run",
                 ["engine", "prefill ms", "decode tok/s", "vs HF", f"vs ringfuse {dtype}", "% of roofline",
                  f"b{batch} tok/s", f"b{batch} vs HF", "same tokens as HF"], rows, left=1)  # fmt: skip
-    verdicts = target_verdicts(shape, dtype, results, copy)
+    # the targets are issue 17's for a GPU in bf16: a CPU or fp32 run is not judged by them
+    verdicts = target_verdicts(shape, dtype, results, copy) if gpu and dtype == "bf16" else []
     for what, value, bar, met in verdicts:
         print(f"target: {what} >= {bar:g}: {'-' if value is None else f'{value:,.2f}'} "
               f"({'met' if met else 'not measured' if value is None else 'short'})")
@@ -201,7 +202,6 @@ def run(device: str = "cuda", shape: str = "llama3-8b", dtype: str | None = None
                                                "targets": [dict(zip(("what", "value", "bar", "met"), v))
                                                            for v in verdicts]}, indent=1))  # fmt: skip
     return 0 if all(isinstance(r, dict) for r in results.values()) else 1
-
 
 
 def _roofline_pct(r: dict, copy_gbps: float) -> float:

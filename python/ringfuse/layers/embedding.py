@@ -85,8 +85,9 @@ class LMHead:
             return self.cap(local)
         if local.shape[1] < self.per_rank:  # the last rank's range is short: pad it
             local = F.pad(local, (0, self.per_rank - local.shape[1]), value=float("-inf"))
-        full = all_gather(local.contiguous()).view(self.world, -1, self.per_rank)  # [world, R, per]
-        return self.cap(full.permute(1, 0, 2).reshape(local.shape[0], -1)[:, : self.vocab_size])
+        rows = local.shape[0]  # explicit sizes: R may be 0
+        full = all_gather(local.contiguous()).view(self.world, rows, self.per_rank)  # [world, R, per]
+        return self.cap(full.permute(1, 0, 2).reshape(rows, self.world * self.per_rank)[:, : self.vocab_size])
 
 
 def vocab_shards(name: str, start: int, end: int, block: int = 4096) -> list[Shard]:

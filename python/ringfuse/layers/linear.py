@@ -70,6 +70,8 @@ def read_bias(source, shards: list[Shard] | None) -> torch.Tensor | None:
     those have them."""
     if not shards or not any(source.has(s.name) for s in shards):
         return None
+    if any(s.dim != 0 or s.stop is None for s in shards):
+        raise ValueError(f"read_bias: bias shards are row ranges with a stop, got {shards}")
     return torch.cat([s.read(source) if source.has(s.name) else torch.zeros(s.stop - s.start) for s in shards])
 
 

@@ -142,7 +142,8 @@ def select(logits: torch.Tensor, params: list[SamplingParams], seen: list, gener
 def select_on_device(logits: torch.Tensor, params: list[SamplingParams], seen: list, generators: list) -> torch.Tensor:
     """``select`` for the whole batch in tensor ops on the logits' device: [R] int64 token
     ids there, computed without reading anything back (the caller's ``.tolist()`` is the one
-    sync). ``seen[r]``: int64 ids on any device (or None); ``generators[r]``: a
+    sync). ``seen[r]``: int64 ids on the CPU (or None; they are padded there and copied
+    over, as ``Request.seen`` keeps them); ``generators[r]``: a
     torch.Generator on the logits' device for each sampled row.
 
     Greedy rows (and every row's repetition penalty) give what ``select`` gives: the same
@@ -176,7 +177,7 @@ def _penalize_rows(logits: torch.Tensor, rows: list[int], seen: list, penalties:
     seen ids padded with each row's first id (a repeated id gets the same value again)."""
     dev = logits.device
     width = max(s.numel() for s in seen)
-    ids = torch.stack([torch.cat([s, s[:1].expand(width - s.numel())]) for s in (t.reshape(-1).cpu() for t in seen)])
+    ids = torch.stack([torch.cat([s, s[:1].expand(width - s.numel())]) for s in (t.reshape(-1) for t in seen)])
     ids = ids.to(dev, non_blocking=True)  # [P, width]
     index = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
     penalty = torch.tensor(penalties, dtype=torch.float32).to(dev, non_blocking=True)[:, None]  # [P, 1]
