@@ -8,10 +8,10 @@ its weights are: ``qkv_shards``, ``o_proj_shards``, ``gate_up_shards``, ``down_s
 
 from .attention import KVCache, Step, StepAttention, o_proj_shards, qkv_shards
 from .embedding import LMHead, VocabEmbedding, vocab_shards
-from .linear import QUANT_MODES, Linear, read_bias
+from .linear import QUANT_MODES, Linear, has_bias, read_bias
 from .mlp import GatedMLP, down_shards, gate_up_shards
 from .sharding import Shard, attention_head_split, even_range, head_split, vocab_range
 
 __all__ = ["QUANT_MODES", "GatedMLP", "KVCache", "LMHead", "Linear", "Shard", "Step", "StepAttention",
-           "VocabEmbedding", "attention_head_split", "down_shards", "even_range", "gate_up_shards", "head_split",
-           "o_proj_shards", "qkv_shards", "read_bias", "vocab_range", "vocab_shards"]
+           "VocabEmbedding", "attention_head_split", "down_shards", "even_range", "gate_up_shards", "has_bias",
+           "head_split", "o_proj_shards", "qkv_shards", "read_bias", "vocab_range", "vocab_shards"]

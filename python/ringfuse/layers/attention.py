@@ -20,7 +20,7 @@ import dataclasses
 import torch
 
 from .. import ops
-from .sharding import Shard
+from .sharding import Shard, column_parallel_shards
 
 
 @dataclasses.dataclass
@@ -115,11 +115,9 @@ def qkv_shards(prefix: str, q_heads: tuple[int, int], kv_heads: tuple[int, int],
                biased: bool) -> tuple[list[Shard], list[Shard] | None]:  # fmt: skip
     """The fused qkv projection [(hq + 2 hkv) D, hidden]: this rank's q heads' rows, then
     its k heads', then its v heads' (column-parallel); the same rows of the biases."""
-    q = (0, q_heads[0] * head_dim, q_heads[1] * head_dim)
-    kv = (0, kv_heads[0] * head_dim, kv_heads[1] * head_dim)
-    rows = [(f"{prefix}q_proj", q), (f"{prefix}k_proj", kv), (f"{prefix}v_proj", kv)]
-    weight = [Shard(f"{name}.weight", *where) for name, where in rows]
-    return weight, [Shard(f"{name}.bias", *where) for name, where in rows] if biased else None
+    q, kv = (q_heads[0] * head_dim, q_heads[1] * head_dim), (kv_heads[0] * head_dim, kv_heads[1] * head_dim)
+    return column_parallel_shards([(f"{prefix}q_proj", *q), (f"{prefix}k_proj", *kv), (f"{prefix}v_proj", *kv)],
+                                  biased)  # fmt: skip
 
 
 def o_proj_shards(prefix: str, q_heads: tuple[int, int], head_dim: int, hidden: int,

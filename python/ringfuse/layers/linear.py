@@ -63,12 +63,16 @@ def _checked_blocks(blocks):
         raise ValueError("Linear: weight has no rows")
 
 
+def has_bias(source, shards: list[Shard] | None) -> bool:
+    """Whether a (fused) projection has a bias: some of its bias ``shards`` are in the
+    source (all missing, or no shards, is no bias)."""
+    return bool(shards) and any(source.has(s.name) for s in shards)
+
+
 def read_bias(source, shards: list[Shard] | None) -> torch.Tensor | None:
-    """A (fused) projection's bias from its ``shards`` (None: the layer has no bias). A
-    missing one is zeros (what HF initializes it to); all missing is no bias. Biases are [N]
-    and tiny: the runtime reads them even when it loads converted weights, to check that
-    those have them."""
-    if not shards or not any(source.has(s.name) for s in shards):
+    """A (fused) projection's bias from its ``shards`` (None: the layer has no bias,
+    ``has_bias``). A missing one is zeros (what HF initializes it to)."""
+    if not has_bias(source, shards):
         return None
     if any(s.dim != 0 or s.stop is None for s in shards):
         raise ValueError(f"read_bias: bias shards are row ranges with a stop, got {shards}")

@@ -13,7 +13,7 @@ import torch
 
 from .. import ops
 from .linear import Linear
-from .sharding import Shard
+from .sharding import Shard, column_parallel_shards
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -39,9 +39,7 @@ class GatedMLP:
 
 def gate_up_shards(prefix: str, ffn: tuple[int, int], biased: bool) -> tuple[list[Shard], list[Shard] | None]:
     """gate_up [2 F / tp, hidden]: this rank's gate rows, then its up rows (column-parallel)."""
-    rows = [(f"{prefix}gate_proj", (0, *ffn)), (f"{prefix}up_proj", (0, *ffn))]
-    weight = [Shard(f"{name}.weight", *where) for name, where in rows]
-    return weight, [Shard(f"{name}.bias", *where) for name, where in rows] if biased else None
+    return column_parallel_shards([(f"{prefix}gate_proj", *ffn), (f"{prefix}up_proj", *ffn)], biased)
 
 
 def down_shards(prefix: str, ffn: tuple[int, int], hidden: int, bias_here: bool

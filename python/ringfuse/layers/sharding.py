@@ -30,6 +30,14 @@ class Shard:
         return source.get(self.name, self.dim, self.start, self.stop)
 
 
+def column_parallel_shards(parts: list[tuple[str, int, int]], biased: bool) -> tuple[list[Shard], list[Shard] | None]:
+    """A column-parallel (fused) projection's shards: rows [start, stop) of each part's
+    ``<name>.weight``, stacked in order (q, k, v; gate, up), and the same rows of its
+    ``<name>.bias`` when ``biased``."""
+    weight = [Shard(f"{name}.weight", 0, start, stop) for name, start, stop in parts]
+    return weight, [Shard(f"{name}.bias", 0, start, stop) for name, start, stop in parts] if biased else None
+
+
 def attention_head_split(num_heads: int, num_kv_heads: int, world: int, rank: int):
     """(q heads [start, stop), kv heads [start, stop)) of this rank when tp divides the query
     heads: KV heads are split when tp divides them, else replicated (each rank keeps the one

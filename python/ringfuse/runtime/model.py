@@ -23,7 +23,7 @@ import torch
 
 from .. import ops
 from ..layers import (QUANT_MODES, KVCache, Linear, LMHead, Shard, Step, StepAttention, VocabEmbedding, down_shards,
-                      even_range, gate_up_shards, head_split, o_proj_shards, qkv_shards, read_bias, vocab_range,
+                      even_range, gate_up_shards, has_bias, head_split, o_proj_shards, qkv_shards, vocab_range,
                       vocab_shards)
 from .config import ModelConfig
 from .weights import release_freed_memory
@@ -79,10 +79,10 @@ class LayerLoader:
             parts = {k[len(prefix) :]: v for k, v in self.converted.items() if k.startswith(prefix)}
             # a cache written without a bias the model has (or with one it lacks) does not fit:
             # the engine converts again rather than run without it
-            has_bias = read_bias(self.weights, bias_shards) is not None
-            if ("bias" in parts) != has_bias:
+            biased = has_bias(self.weights, bias_shards)
+            if ("bias" in parts) != biased:
                 raise ValueError(f"{key}: converted weights {'with' if 'bias' in parts else 'without'} a bias, the "
-                                 f"model {'has one' if has_bias else 'has none'}")  # fmt: skip
+                                 f"model {'has one' if biased else 'has none'}")  # fmt: skip
             layer = Linear.from_parts(parts, m.quant, shape, key, m.dtype)
         m.linears[key] = layer
         return layer
