@@ -193,10 +193,12 @@ RF_AVX2 RF_INLINE __m256 round8(__m256 v) {
 // that bf16 holds exactly; a larger |v| or an infinity gives NaN (c overflows), a subnormal
 // below bf16's precision keeps bits it should drop. The residual sum of two bf16 values is
 // a multiple of 2^-133, so its subnormals are exact; the overflow makes the row's sum
-// non-finite, and first_pass_sums redoes that row with the integer rounding. (fmadd, not a
-// multiply: GCC may contract a plain multiply and the subtraction into one fma.)
+// non-finite, and first_pass_sums redoes that row with the integer rounding. (A multiply,
+// non-destructive where an fma would need a register copy of v; the empty asm keeps GCC from
+// contracting it with c - v into one fma, which would be exact and round nothing.)
 RF_AVX2 RF_INLINE __m256 bf16_round_split(__m256 v) {
-  const __m256 c = _mm256_fmadd_ps(v, _mm256_set1_ps(65536.0f), v);
+  __m256 c = _mm256_mul_ps(v, _mm256_set1_ps(65537.0f));
+  asm("" : "+x"(c));
   return _mm256_sub_ps(c, _mm256_sub_ps(c, v));
 }
 
@@ -315,6 +317,10 @@ RF_INLINE const float* s_row(const Ptrs& p, float* buf) {
 template <int N, int kAcc, bool kSquares, bool kRes, bool kStream, SumRound kRound, class Ptrs>
 RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, __m256 (*acc)[kAcc]) {
   constexpr bool kCopy = !kReadsX<typename Ptrs::TXType, kRes>;
+  // local copies: the pointers in bufs[] would be reloaded after every vector store (the
+  // intrinsics' stores may alias anything)
+  float* buf[N];
+  RF_UNROLL for (int r = 0; r < N; ++r) buf[r] = bufs[r];
   const auto accumulate = [](__m256 sum, __m256 s) RF_AVX2 {
     return kSquares ? _mm256_fmadd_ps(s, s, sum) : _mm256_add_ps(sum, s);
   };
@@ -327,8 +333,8 @@ RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, 
         __m256 s0, s1;
         p[r].template s16<kRes, kStream, kRound>(i + 8 * k, s0, s1);
         if constexpr (kCopy) {
-          _mm256_storeu_ps(bufs[r] + i + 8 * k, s0);
-          _mm256_storeu_ps(bufs[r] + i + 8 * k + 8, s1);
+          _mm256_storeu_ps(buf[r] + i + 8 * k, s0);
+          _mm256_storeu_ps(buf[r] + i + 8 * k + 8, s1);
         }
         acc[r][k] = accumulate(acc[r][k], s0);
         acc[r][k + 1] = accumulate(acc[r][k + 1], s1);
@@ -342,8 +348,8 @@ RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, 
       __m256 s0, s1;
       p[r].template s16<kRes, kStream, kRound>(i, s0, s1);
       if constexpr (kCopy) {
-        _mm256_storeu_ps(bufs[r] + i, s0);
-        _mm256_storeu_ps(bufs[r] + i + 8, s1);
+        _mm256_storeu_ps(buf[r] + i, s0);
+        _mm256_storeu_ps(buf[r] + i + 8, s1);
       }
       acc[r][0] = accumulate(accumulate(acc[r][0], s0), s1);
     }
@@ -351,7 +357,7 @@ RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, 
   if (i + 8 <= H) {
     RF_UNROLL for (int r = 0; r < N; ++r) {
       const __m256 s = p[r].template s8<kRes, kStream, kRound>(i);
-      if constexpr (kCopy) _mm256_storeu_ps(bufs[r] + i, s);
+      if constexpr (kCopy) _mm256_storeu_ps(buf[r] + i, s);
       acc[r][0] = accumulate(acc[r][0], s);
     }
     i += 8;
@@ -359,7 +365,7 @@ RF_AVX2 RF_INLINE void first_pass(const Ptrs* p, float* const* bufs, int64_t H, 
   if (i < H) {
     RF_UNROLL for (int r = 0; r < N; ++r) {
       const __m256 s = p[r].template s_tail<kRes, kRound>(i, H - i);
-      if constexpr (kCopy) _mm256_storeu_ps(bufs[r] + i, s);
+      if constexpr (kCopy) _mm256_storeu_ps(buf[r] + i, s);
       acc[r][1] = accumulate(acc[r][1], s);
     }
   }

@@ -381,11 +381,14 @@ RF_AVX2 RF_INLINE __m256 exp8(__m256 x) {
 
 // Per-thread fp32 scratch rows (slot 0..3) of at least n floats (+ 8 for a whole tail
 // vector), so a kernel converts and adds its inputs once and re-reads them from L1/L2 as
-// fp32: the rows s in flight, and the weight and bias converted once per call.
+// fp32: the rows s in flight, and the weight and bias converted once per call. 64-byte
+// aligned, so no 32-byte access splits a cache line (std::vector gives 16: bf16 add_rms_norm
+// [256-2048, 576], AVX2, ~3% faster aligned).
 inline float* scratch_row(int slot, int64_t n) {
   thread_local std::vector<float> buf[4];
-  if (int64_t(buf[slot].size()) < n + 8) buf[slot].resize(size_t(n + 8));
-  return buf[slot].data();
+  if (int64_t(buf[slot].size()) < n + 24) buf[slot].resize(size_t(n + 24));
+  const auto addr = reinterpret_cast<std::uintptr_t>(buf[slot].data());
+  return reinterpret_cast<float*>((addr + 63) & ~std::uintptr_t(63));
 }
 
 // A parameter vector [n] of element type E as fp32 in scratch slot `slot` (null stays null;
