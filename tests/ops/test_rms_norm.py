@@ -528,3 +528,42 @@ def test_prepared_rms_norm_bad_inputs():
     w = torch.ones(8)
     with pytest.raises(ValueError, match="weight must not share memory with x or residual"):
         rops.prepare_rms_norm(w).add_(w.view(1, 8), torch.randn(1, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_out_arguments_give_the_fresh_results_and_mark_their_writes(isa, dtype):
+    """Every accepted combination of out= / residual_out= (new buffers, one of them only, in
+    place on x or the residual, swapped) writes what the fresh call returns, returns the given
+    tensors and bumps their versions: the checked CPU fast path (plain_cpu_outputs) and the
+    full path alike (a non-contiguous weight forces the full one)."""
+    from ringfuse.ops import add_layer_norm, layer_norm
+
+    x0, r0 = make((6, 40), dtype, seed=1), make((6, 40), dtype, seed=2)
+    w = make_weight("same", 40, dtype)
+    b = make((40,), dtype, seed=3)
+    ops = {
+        "add_rms_norm": lambda x, r, w, **kw: add_rms_norm(x, r, w, **kw),
+        "add_layer_norm": lambda x, r, w, **kw: add_layer_norm(x, r, w, b, **kw),
+    }
+    for name, op in ops.items():
+        expect_out, expect_res = op(x0, r0, w)
+        for weight in (w, torch.stack([w, w], 1)[:, 0]):  # contiguous: fast path; strided: full path
+            for case in ("new", "out only", "residual_out only", "in place", "swapped"):
+                x, r = x0.clone(), r0.clone()
+                out = {"new": torch.empty_like(x), "out only": torch.empty_like(x), "in place": x, "swapped": r}.get(case)
+                res_out = {"new": torch.empty_like(x), "residual_out only": torch.empty_like(x), "in place": r,
+                           "swapped": x}.get(case)  # fmt: skip
+                versions = [t._version for t in (out, res_out) if t is not None]
+                got_out, got_res = op(x, r, weight, out=out, residual_out=res_out)
+                assert out is None or got_out is out, (name, case)
+                assert res_out is None or got_res is res_out, (name, case)
+                assert torch.equal(got_out, expect_out) and torch.equal(got_res, expect_res), (name, case)
+                for t, v in zip([t for t in (out, res_out) if t is not None], versions):
+                    assert t._version > v, (name, case)
+    for op, args in ((rms_norm, (w,)), (layer_norm, (w, b))):
+        expect = op(x0, *args)
+        for case in ("new", "in place"):
+            x = x0.clone()
+            out = torch.empty_like(x) if case == "new" else x
+            v0 = out._version
+            assert op(x, *args, out=out) is out and torch.equal(out, expect) and out._version > v0, (op, case)

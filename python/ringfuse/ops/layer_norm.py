@@ -67,27 +67,32 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, *, out=None):
     """LayerNorm over the last dim of ``x`` [..., hidden], like
     ``F.layer_norm(x, (hidden,), weight, bias, eps)``. ``out=`` writes into a preallocated
     tensor (no autograd)."""
-    if out is None:
-        if torch.compiler.is_compiling() or c.needs_autograd(x, weight, bias):
-            return torch.ops.ringfuse.layer_norm(x, weight, bias, eps)
-        if c.plain_cpu_call(x, eps, None, weight, bias):
-            out, hidden = c.new_rows_output(x), x.shape[-1]
-            native.layer_norm(out, hidden, None, 0, x, hidden, None, 0, weight, bias, x.numel() // hidden, hidden, eps)
-            return out
+    if out is None and (torch.compiler.is_compiling() or c.needs_autograd(x, weight, bias)):
+        return torch.ops.ringfuse.layer_norm(x, weight, bias, eps)
+    if c.plain_cpu_call(x, eps, None, weight, bias) and (
+            out is None or c.plain_cpu_outputs(x, (out,), (x,), (weight, bias))):
+        y, hidden = c.new_rows_output(x) if out is None else out, x.shape[-1]
+        native.layer_norm(y, hidden, None, 0, x, hidden, None, 0, weight, bias, x.numel() // hidden, hidden, eps)
+        c.mark_written(out)
+        return y
     return _forward(x, weight, bias, eps, out=out)[0]
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5, *, out=None, residual_out=None):
     """Fused ``s = x + residual`` then LayerNorm(s); returns ``(normalized, s)``.
     ``out=`` / ``residual_out=`` as in add_rms_norm."""
-    if out is None and residual_out is None:
-        if torch.compiler.is_compiling() or c.needs_autograd(x, residual, weight, bias):
-            return torch.ops.ringfuse.add_layer_norm(x, residual, weight, bias, eps)
-        if c.plain_cpu_call(x, eps, residual, weight, bias):
-            out, new_res, hidden = c.new_rows_output(x), c.new_rows_output(x), x.shape[-1]
-            native.layer_norm(out, hidden, new_res, hidden, x, hidden, residual, hidden, weight, bias,
-                              x.numel() // hidden, hidden, eps)  # fmt: skip
-            return out, new_res
+    fresh = out is None and residual_out is None
+    if fresh and (torch.compiler.is_compiling() or c.needs_autograd(x, residual, weight, bias)):
+        return torch.ops.ringfuse.add_layer_norm(x, residual, weight, bias, eps)
+    if c.plain_cpu_call(x, eps, residual, weight, bias) and (
+            fresh or c.plain_cpu_outputs(x, (out, residual_out), (x, residual), (weight, bias))):
+        y = c.new_rows_output(x) if out is None else out
+        s = c.new_rows_output(x) if residual_out is None else residual_out
+        hidden = x.shape[-1]
+        native.layer_norm(y, hidden, s, hidden, x, hidden, residual, hidden, weight, bias, x.numel() // hidden,
+                          hidden, eps)  # fmt: skip
+        c.mark_written(out, residual_out)
+        return y, s
     return _forward(x, weight, bias, eps, residual=residual, out=out, residual_out=residual_out)
 
 

@@ -98,13 +98,14 @@ def rms_norm(x, weight=None, eps: float = 1e-6, *, cast_mode: str = "torch", out
     (cast_mode="llama"). ``out=`` writes into a preallocated tensor (no autograd).
     """
     llama = _llama("rms_norm", cast_mode)
-    if out is None:
-        if torch.compiler.is_compiling() or c.needs_autograd(x, weight):
-            return torch.ops.ringfuse.rms_norm(x, weight, eps, llama)
-        if c.plain_cpu_call(x, eps, None, weight):  # weight in x's dtype: the output is x's dtype in both modes
-            out, hidden = c.new_rows_output(x), x.shape[-1]
-            native.rms_norm(out, hidden, None, 0, x, hidden, None, 0, weight, x.numel() // hidden, hidden, eps, llama)
-            return out
+    if out is None and (torch.compiler.is_compiling() or c.needs_autograd(x, weight)):
+        return torch.ops.ringfuse.rms_norm(x, weight, eps, llama)
+    # weight in x's dtype: the output is x's dtype in both modes
+    if c.plain_cpu_call(x, eps, None, weight) and (out is None or c.plain_cpu_outputs(x, (out,), (x,), (weight,))):
+        y, hidden = c.new_rows_output(x) if out is None else out, x.shape[-1]
+        native.rms_norm(y, hidden, None, 0, x, hidden, None, 0, weight, x.numel() // hidden, hidden, eps, llama)
+        c.mark_written(out)
+        return y
     return _forward(x, weight, eps, llama, out=out)[0]
 
 
@@ -115,14 +116,18 @@ def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, *, cast_mode: str 
     ``residual_out=`` write into preallocated tensors (``residual_out`` may be ``residual``
     itself: the residual stream is then updated in place)."""
     llama = _llama("add_rms_norm", cast_mode)
-    if out is None and residual_out is None:
-        if torch.compiler.is_compiling() or c.needs_autograd(x, residual, weight):
-            return torch.ops.ringfuse.add_rms_norm(x, residual, weight, eps, llama)
-        if c.plain_cpu_call(x, eps, residual, weight):
-            out, new_res, hidden = c.new_rows_output(x), c.new_rows_output(x), x.shape[-1]
-            native.rms_norm(out, hidden, new_res, hidden, x, hidden, residual, hidden, weight, x.numel() // hidden,
-                            hidden, eps, llama)  # fmt: skip
-            return out, new_res
+    fresh = out is None and residual_out is None
+    if fresh and (torch.compiler.is_compiling() or c.needs_autograd(x, residual, weight)):
+        return torch.ops.ringfuse.add_rms_norm(x, residual, weight, eps, llama)
+    if c.plain_cpu_call(x, eps, residual, weight) and (
+            fresh or c.plain_cpu_outputs(x, (out, residual_out), (x, residual), (weight,))):
+        y = c.new_rows_output(x) if out is None else out
+        s = c.new_rows_output(x) if residual_out is None else residual_out
+        hidden = x.shape[-1]
+        native.rms_norm(y, hidden, s, hidden, x, hidden, residual, hidden, weight, x.numel() // hidden, hidden, eps,
+                        llama)  # fmt: skip
+        c.mark_written(out, residual_out)
+        return y, s
     return _forward(x, weight, eps, llama, residual=residual, out=out, residual_out=residual_out)
 
 
