@@ -26,8 +26,9 @@ SCRIPT = textwrap.dedent("""
 def test_init_and_all_reduce_under_torchrun(tmp_path):
     script = tmp_path / "prog.py"
     script.write_text(SCRIPT)
+    # --log-dir: without it torchrun leaves an empty /tmp/torchelastic_* tree behind per run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           str(script)]  # fmt: skip
+           "--log-dir", str(tmp_path / "torchrun"), str(script)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the two ranks share one pipe: their lines may interleave, so split on the marker

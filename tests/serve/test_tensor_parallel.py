@@ -10,7 +10,9 @@ import concurrent.futures
 import contextlib
 import os
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
 
@@ -36,7 +38,10 @@ class TorchrunServer(ServeProcess):
     """The command on 127.0.0.1:<free port>, one thread per rank, once both ranks are up."""
 
     def __init__(self, gguf_path):
-        launcher = ("torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m")
+        # --log-dir: without it torchrun leaves an empty /tmp/torchelastic_* tree behind per run
+        self.log_dir = tempfile.mkdtemp(prefix="ringfuse-torchrun-")
+        launcher = ("torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                    "--log-dir", self.log_dir, "-m")  # fmt: skip
         super().__init__("--tp", "2", "--tp-timeout", str(TP_TIMEOUT_S), "--model", str(gguf_path), "--port", "0",
                          "--threads", "1", "--served-model-name", MODEL_NAME, "--max-model-len", str(MAX_MODEL_LEN),
                          "--max-batch", str(MAX_BATCH), "--log-level", "warning", launcher=launcher)  # fmt: skip
@@ -58,6 +63,7 @@ class TorchrunServer(ServeProcess):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
         super().__exit__(*exc)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def wait_log(self, pattern: str) -> re.Match:
         """The first match of ``pattern`` in the log so far, waiting for it (the ranks share
