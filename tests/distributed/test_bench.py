@@ -50,3 +50,12 @@ def test_harness_reports_ranks_that_die_without_a_result():
         run_ranks(workers.bench_body_dies, 2, timeout_s=30)
     assert time.monotonic() - t0 < 20
     assert not mp.active_children()
+
+
+def test_harness_names_the_killed_rank_before_the_errors_it_caused():
+    """A rank that fails because its peer was killed (CI saw "rank 1: DistNetworkError:
+    Connection reset by peer" alone) is reported after the kill, its cause."""
+    with pytest.raises(RuntimeError, match=r"rank 0 exited \(signal 9\) without a result; then rank 1: "
+                                           r"RuntimeError: lost rank 0"):  # fmt: skip
+        run_ranks(workers.bench_body_rank0_dies_then_rank1_fails, 2, timeout_s=30)
+    assert not mp.active_children()

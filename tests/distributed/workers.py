@@ -155,6 +155,14 @@ def bench_body_dies(rank, world):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def bench_body_rank0_dies_then_rank1_fails(rank, world):
+    """Rank 0 is killed; rank 1 then fails (as a peer whose store connection was reset does)."""
+    if rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.5)
+    raise RuntimeError("lost rank 0")
+
+
 def default_group_made_again(rank, world, backend, port):
     """A call on the default group, then destroy_process_group() and a new default group in
     which the processes have each other's ranks: the new group must get its own communicator

@@ -120,7 +120,7 @@ def run_ranks(body, nproc: int, *args, timeout_s: float = 1800):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank_entry, args=(body, r, nproc, port, args, queue)) for r in range(nproc)]
-    deadline, got = time.monotonic() + timeout_s, None
+    deadline, got, killed = time.monotonic() + timeout_s, None, []
     try:
         for p in procs:
             p.start()
@@ -144,6 +144,9 @@ def run_ranks(body, nproc: int, *args, timeout_s: float = 1800):
                     raise RuntimeError(f"{body.__module__}.{body.__name__}: rank {r} exited ({how}) without a result")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{body.__module__}.{body.__name__}: no result within {timeout_s:g} s")
+        # an error from a rank whose peer was killed (its store connection reset) is a
+        # consequence: the kill, seen here before the others are stopped, is the cause
+        killed = [(r, p.exitcode) for r, p in enumerate(procs) if (p.exitcode or 0) < 0]
     finally:
         for p in procs:  # a finished run: let them exit; a failed one: stop them now
             if got is not None and got[0] == "ok" and p.pid is not None:
@@ -154,5 +157,8 @@ def run_ranks(body, nproc: int, *args, timeout_s: float = 1800):
                 p.join(timeout=5)
     status, payload = got
     if status != "ok":
+        if killed:
+            r, code = killed[0]
+            payload = f"rank {r} exited (signal {-code}) without a result; then {payload}"
         raise RuntimeError(f"{body.__module__}.{body.__name__}: {payload}")
     return payload

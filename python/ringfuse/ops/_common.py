@@ -201,9 +201,8 @@ def plain_cpu_outputs(x: torch.Tensor, outputs: tuple, inputs: tuple, params: tu
     that check_out and residual_output accept with nothing to say: contiguous CPU tensors of
     x's shape and dtype, no autograd involved, disjoint from each other, and each either
     exactly one of ``inputs`` (tensors of x's shape: in place) or disjoint from every input
-    and param. The op then skips those checks (about 12 us of Python, as long as a [2048, 576]
-    bf16 kernel call takes to read 200 KB); anything else takes them, which accept it or say
-    what is wrong."""
+    and param. The op then skips those checks (~10 us of Python per call); anything else
+    takes them, which accept it or say what is wrong."""
     if torch.is_grad_enabled():
         for t in (*outputs, *inputs, *params):
             if t is not None and t.requires_grad:
