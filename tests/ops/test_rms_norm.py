@@ -541,11 +541,8 @@ def test_out_arguments_give_the_fresh_results_and_mark_their_writes(isa, dtype):
     x0, r0 = make((6, 40), dtype, seed=1), make((6, 40), dtype, seed=2)
     w = make_weight("same", 40, dtype)
     b = make((40,), dtype, seed=3)
-    ops = {
-        "add_rms_norm": lambda x, r, w, **kw: add_rms_norm(x, r, w, **kw),
-        "add_layer_norm": lambda x, r, w, **kw: add_layer_norm(x, r, w, b, **kw),
-    }
-    for name, op in ops.items():
+    fused = {"add_rms_norm": add_rms_norm, "add_layer_norm": lambda x, r, w, **kw: add_layer_norm(x, r, w, b, **kw)}
+    for name, op in fused.items():
         expect_out, expect_res = op(x0, r0, w)
         for weight in (w, torch.stack([w, w], 1)[:, 0]):  # contiguous: fast path; strided: full path
             for case in ("new", "out only", "residual_out only", "in place", "swapped"):
@@ -553,12 +550,13 @@ def test_out_arguments_give_the_fresh_results_and_mark_their_writes(isa, dtype):
                 out = {"new": torch.empty_like(x), "out only": torch.empty_like(x), "in place": x, "swapped": r}.get(case)
                 res_out = {"new": torch.empty_like(x), "residual_out only": torch.empty_like(x), "in place": r,
                            "swapped": x}.get(case)  # fmt: skip
-                versions = [t._version for t in (out, res_out) if t is not None]
+                given = [t for t in (out, res_out) if t is not None]
+                versions = [t._version for t in given]
                 got_out, got_res = op(x, r, weight, out=out, residual_out=res_out)
                 assert out is None or got_out is out, (name, case)
                 assert res_out is None or got_res is res_out, (name, case)
                 assert torch.equal(got_out, expect_out) and torch.equal(got_res, expect_res), (name, case)
-                for t, v in zip([t for t in (out, res_out) if t is not None], versions):
+                for t, v in zip(given, versions):
                     assert t._version > v, (name, case)
     for op, args in ((rms_norm, (w,)), (layer_norm, (w, b))):
         expect = op(x0, *args)
