@@ -247,9 +247,17 @@ def compile_for_target(
     }
 
 
+# fp32 PTX instructions that are not correctly rounded: Triton's `/` on fp32 is div.full.f32
+# (up to 2 ulp off), tl.exp2 is ex2.approx. A kernel that must give the CPU's bits uses
+# tl.div_rn / tl.sqrt_rn instead; run_jobs lists what each PTX holds.
+APPROX_OPS = re.compile(r"\b((?:div\.full|div\.approx|rcp\.approx|sqrt\.approx|rsqrt\.approx|ex2\.approx|lg2\.approx)"
+                        r"(?:\.ftz)?\.f32)")
+
+
 def run_jobs(jobs: list[dict]) -> list[dict]:
     """Compile each job (see the module docstring); results without the PTX text, plus
-    ``targets_arch``: whether the PTX names the requested sm_<arch>."""
+    ``targets_arch``: whether the PTX names the requested sm_<arch>, and ``approx_ops``: the
+    approximate fp32 instructions in it (APPROX_OPS)."""
     package = __package__ or "ringfuse.kernels"
     results = []
     for job in jobs:
@@ -261,6 +269,7 @@ def run_jobs(jobs: list[dict]) -> list[dict]:
                                  job["num_warps"], attrs)
         ptx = res.pop("ptx")
         res["targets_arch"] = f".target sm_{job['arch']}" in ptx
+        res["approx_ops"] = sorted(set(APPROX_OPS.findall(ptx)))
         results.append(res)
     return results
 

@@ -91,13 +91,13 @@ def _quantize_per_token_kernel(
     finite = tl.sum(bad, 0) == 0.0
     device_errors.raise_if(err_ptr, _ERR_NONFINITE, ~finite)
     m = tl.max(amax, 0)
-    scale = m / 127.0
+    scale = tl.div_rn(m, 127.0)  # `/` is div.full.f32 (2 ulp): not the CPU's scale bits
     tl.store(scale_ptr + row, tl.where(finite, scale, float("nan")))
     safe = tl.where(finite & (m > 0.0), scale, 1.0)
     for k0 in range(0, K, BLOCK):
         mask = k0 + offs < K
         x = tl.load(x_ptr + row * x_stride + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(x / safe, -127.0), 127.0)
+        y = tl.minimum(tl.maximum(tl.div_rn(x, safe), -127.0), 127.0)
         r = tl.floor(y + 0.5)  # round half to even: ties that landed on an odd value go down
         odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
         r = tl.where(((r - y) == 0.5) & odd, r - 1.0, r)

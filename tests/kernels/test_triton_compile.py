@@ -109,7 +109,10 @@ def compiled():
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c["id"])
 def test_shipped_config_compiles_without_spills(compiled, cfg, arch):
-    problems = compile_problems(compiled[(cfg["id"], arch)])
+    res = compiled[(cfg["id"], arch)]
+    problems = compile_problems(res)
+    if res["approx_ops"]:  # rstd is correctly rounded (tl.div_rn / tl.sqrt_rn), as on the CPU
+        problems.append(f"approximate fp32 math {res['approx_ops']}")
     assert not problems, f"{cfg['id']} sm_{arch}: " + "; ".join(problems)
 
 
