@@ -47,6 +47,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from . import device_errors
+from ._launch import launch
 
 # the device_errors bits, as constants the kernels can name
 _ERR_SEQ_LENS = device_errors.slot(device_errors.SEQ_LENS)
@@ -780,7 +781,7 @@ def flash_attention_fwd(out, q, k, v, scale, causal, softcap=None, lse=None, win
     lse_t = lse if lse is not None else out  # dummy pointer, never touched
     ls = lse.stride() if lse is not None else (0, 0, 0)
     grid = (triton.cdiv(Sq, cexp["BLOCK_M"]), B * Hq)
-    kernel[grid](
+    launch(kernel, grid,
         out, out.stride(0), out.stride(1), out.stride(2),
         q, q.stride(0), q.stride(1), q.stride(2),
         k, k.stride(0), k.stride(1), k.stride(2),
@@ -838,12 +839,11 @@ def flash_attention_varlen_fwd(out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
     grid = (triton.cdiv(max(max_seqlen_q, 0), cexp["BLOCK_M"]), batch * Hq)
     seqs = torch.empty((batch, 4), dtype=torch.int32, device=q.device)  # [B, (q row, q rows, k row, k rows)]
     check, _, check_cexp, check_nw = _varlen_check_spec()
-    check[(triton.cdiv(batch, CHECK_BLOCK),)](seqs, cu_seqlens_q, cu_seqlens_k, batch, Tq, k.shape[0],
-                                              grid[0] * cexp["BLOCK_M"], device_errors.flag(q.device), **check_cexp,
-                                              num_warps=check_nw)  # fmt: skip
+    launch(check, (triton.cdiv(batch, CHECK_BLOCK),), seqs, cu_seqlens_q, cu_seqlens_k, batch, Tq, k.shape[0],
+           grid[0] * cexp["BLOCK_M"], device_errors.flag(q.device), **check_cexp, num_warps=check_nw)  # fmt: skip
     if grid[0] == 0:  # max_seqlen_q 0: no query row is computed (a run with rows is flagged above)
         return
-    kernel[grid](
+    launch(kernel, grid,
         out, 0, out.stride(1), out.stride(0),
         q, 0, q.stride(1), q.stride(0),
         k, 0, k.stride(1), k.stride(0),
@@ -899,16 +899,17 @@ def _decode_launch(out, q, k, v, seq_lens, scale, softcap, num_splits, s_max, pa
         block_table, block_size = paged_args
         checked = torch.empty_like(seq_lens)
         check, _, check_cexp, check_nw = _paged_check_spec()
-        check[(B,)](checked, seq_lens, block_table, block_table.stride(0), block_table.shape[1], block_size,
-                    k.shape[0], window, err, **check_cexp, num_warps=check_nw)  # fmt: skip
+        launch(check, (B,), checked, seq_lens, block_table, block_table.stride(0), block_table.shape[1], block_size,
+               k.shape[0], window, err, **check_cexp, num_warps=check_nw)  # fmt: skip
         kv_args = (k, k.stride(0), k.stride(1), k.stride(2), v, v.stride(0), v.stride(1), v.stride(2),
                    block_table, block_table.stride(0), checked, block_size)  # fmt: skip
-    k1[(B * Hq, num_splits)](
+    launch(k1, (B * Hq, num_splits),
         mid_o, mid_ml, q, q.stride(0), q.stride(1), *kv_args,
         Hq, group, D, num_splits, qk_scale, softcap_log2, window,
         **cexp1, num_warps=nw1,
     )  # fmt: skip
-    k2[(B * Hq,)](out, out.stride(0), out.stride(1), mid_o, mid_ml, Hq, D, num_splits, **cexp2, num_warps=nw2)
+    launch(k2, (B * Hq,), out, out.stride(0), out.stride(1), mid_o, mid_ml, Hq, D, num_splits, **cexp2,
+           num_warps=nw2)  # fmt: skip
 
 
 def decode_attention_fwd(out, q, k_cache, v_cache, seq_lens, scale, softcap=None, num_splits=None,
@@ -970,7 +971,7 @@ def write_kv_fwd(k_cache, v_cache, k, v, slot_mapping, block_size: int) -> None:
     num_slots = k_cache.shape[0] * block_size
     kernel, _, cexp, nw = _write_kv_spec(k.dtype, D)
     grid = (T, triton.cdiv(Hkv, cexp["BLOCK_H"]))
-    kernel[grid](
+    launch(kernel, grid,
         k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),

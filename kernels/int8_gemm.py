@@ -61,6 +61,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from . import device_errors
+from ._launch import launch
 
 _ERR_NONFINITE = device_errors.slot(device_errors.NONFINITE)
 
@@ -537,7 +538,8 @@ def quantize_per_token_fwd(q, scale, x) -> None:
     if rows == 0:
         return
     kernel, cexp, nw = _plan(x.dtype, k)
-    kernel[(rows,)](q, q.stride(0), scale, x, x.stride(0), k, device_errors.flag(x.device), **cexp, num_warps=nw)
+    launch(kernel, (rows,), q, q.stride(0), scale, x, x.stride(0), k, device_errors.flag(x.device), **cexp,
+           num_warps=nw)  # fmt: skip
 
 
 def int8_gemm_fwd(out, a_q, b_q, a_scale, b_scale, bias) -> None:
@@ -565,7 +567,7 @@ def int8_gemm_fwd(out, a_q, b_q, a_scale, b_scale, bias) -> None:
     else:
         side = (out, out, out)  # never touched
     grid = (triton.cdiv(m, cexp["BLOCK_M"]) * triton.cdiv(n, cexp["BLOCK_N"]),)
-    kernel[grid](
+    launch(kernel, grid,
         out, out.stride(0),
         a_q, a_q.stride(0),
         b_q, b_q.stride(0),
@@ -605,7 +607,7 @@ def weight_only_fwd(out, x, w_q, w_scale, bias, group_size, split_k=None) -> Non
     s_sn = w_scale.stride(0)
     ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if k2 is not None else w_scale
     grid = (triton.cdiv(m, cexp["BLOCK_M"]), triton.cdiv(n, cexp["BLOCK_N"]), splits)
-    kernel[grid](
+    launch(kernel, grid,
         out, out.stride(0),
         ws,
         x, x.stride(0),
@@ -619,7 +621,7 @@ def weight_only_fwd(out, x, w_q, w_scale, bias, group_size, split_k=None) -> Non
         num_warps=nw,
     )  # fmt: skip
     if k2 is not None:
-        k2[(m, triton.cdiv(n, cexp2["BLOCK"]))](
+        launch(k2, (m, triton.cdiv(n, cexp2["BLOCK"])),
             out, out.stride(0), ws, w_scale, s_sn, bias if bias is not None else w_scale, m, n, splits,
             **cexp2, num_warps=nw2,
         )  # fmt: skip

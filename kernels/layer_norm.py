@@ -51,6 +51,7 @@ from ._norm_common import (  # noqa: F401  (re-exported: tests and compile check
     reload_row_sum,
     row_stride as _row_stride,
 )
+from ._launch import launch
 
 
 @triton.jit
@@ -271,7 +272,7 @@ def layer_norm_fwd(out, x, weight, bias, eps, residual=None, residual_out=None) 
         n_cols,
     )
     res, res_out = (x, x) if residual is None else (residual, residual_out)
-    kernel[(rows,)](
+    launch(kernel, (rows,),
         out, _row_stride(out),
         x, _row_stride(x),
         res, _row_stride(res),

@@ -50,6 +50,7 @@ from ._norm_common import (  # noqa: F401  (re-exported: tests and compile check
     reload_row_sum,
     row_stride as _row_stride,
 )
+from ._launch import launch
 
 
 @triton.jit
@@ -232,7 +233,7 @@ def rms_norm_fwd(out, x, weight, eps, llama_cast=False, residual=None, residual_
         x.dtype, out.dtype, None if weight is None else weight.dtype, residual is not None, bool(llama_cast), n_cols
     )
     res, res_out = (x, x) if residual is None else (residual, residual_out)
-    kernel[(rows,)](
+    launch(kernel, (rows,),
         out, _row_stride(out),
         x, _row_stride(x),
         res, _row_stride(res),
