@@ -226,6 +226,11 @@ def rms_norm_fwd(out, x, weight, eps, llama_cast=False, residual=None, residual_
     ``out is x`` and ``residual_out is residual``. The caller validates devices and values.
     """
     check_args("rms_norm_fwd", out, x, {"weight": weight}, residual, residual_out)
+    rms_norm_rows(out, x, weight, eps, llama_cast, residual, residual_out)
+
+
+def rms_norm_rows(out, x, weight, eps, llama_cast=False, residual=None, residual_out=None) -> None:
+    """rms_norm_fwd without its checks, for ringfuse.ops, which has checked everything."""
     rows, n_cols = x.shape
     if rows == 0:
         return

@@ -4,7 +4,10 @@ skipped on machines without a device, run as written on a GPU box."""
 import pytest
 import torch
 
+import sys
+
 from ringfuse import _C, ops
+from ringfuse.ops._common import plain_call, plain_outputs
 
 from .norm_reference import assert_within_tolerance, ln_ref64, ln_torch, rms_ref64, rms_torch
 
@@ -47,6 +50,30 @@ def test_norms_on_cuda(backend, dtype, shape):
     big = torch.randn(shape[0], shape[1] + 8, device="cuda", generator=g).to(dtype)
     xs = big[:, 3 : 3 + shape[1]]
     assert_within_tolerance(ops.rms_norm(xs, w), rms_ref64(xs, w, 1e-6), rms_torch(xs, w, 1e-6), backend)
+
+
+def test_plain_calls_take_the_unchecked_path_with_the_full_paths_bits(backend):
+    """Contiguous CUDA calls skip the ops' checks (plain_call) and give the bits of the
+    checked path; a tensor on another device is left to the checks."""
+    rms, ln = sys.modules["ringfuse.ops.rms_norm"], sys.modules["ringfuse.ops.layer_norm"]
+    for dtype in (torch.float32, torch.bfloat16):
+        x, r = torch.randn(5, 576, device="cuda").to(dtype), torch.randn(5, 576, device="cuda").to(dtype)
+        w, b = (torch.rand(576, device="cuda") + 0.5).to(dtype), torch.randn(576, device="cuda").to(dtype)
+        assert plain_call(x, 1e-6, r, w, b) and plain_outputs(x, (torch.empty_like(x), r), (x, r), (w, b))
+        assert not plain_call(x, 1e-6, r.cpu(), w) and not plain_call(x, 1e-6, None, w.cpu())
+        assert not plain_outputs(x, (torch.empty_like(x).cpu(),), (x,), (w,))
+        for llama in (False, True):
+            assert torch.equal(ops.rms_norm(x, w, 1e-6, cast_mode="llama" if llama else "torch"),
+                               rms._forward(x, w, 1e-6, llama)[0])  # fmt: skip
+        for got, want in zip(ops.add_rms_norm(x, r, w), rms._forward(x, w, 1e-6, False, residual=r)):
+            assert torch.equal(got, want)
+        assert torch.equal(ops.layer_norm(x, w, b), ln._forward(x, w, b, 1e-5)[0])
+        for got, want in zip(ops.add_layer_norm(x, r, w, b), ln._forward(x, w, b, 1e-5, residual=r)):
+            assert torch.equal(got, want)
+        out, s = torch.empty_like(x), r.clone()
+        ops.add_rms_norm(x, s, w, out=out, residual_out=s)  # in place on the residual
+        want = rms._forward(x, w, 1e-6, False, residual=r)
+        assert torch.equal(out, want[0]) and torch.equal(s, want[1])
 
 
 def test_cuda_matches_cpu(backend):

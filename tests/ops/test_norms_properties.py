@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ringfuse import ops
-from ringfuse.ops._common import plain_cpu_call
+from ringfuse.ops._common import plain_call
 
 from .norm_reference import assert_within_tolerance, ln_ref64, ln_torch, rms_ref64, rms_torch
 
@@ -62,7 +62,7 @@ def test_layer_norm_family(case):
     assert_within_tolerance(out, ln_ref64(x, w, b, 1e-5, res), ln_torch(x, wt, bt, 1e-5, res))
 
 
-# The ops skip their checks for the common CPU call (ops/_common.py plain_cpu_call); that
+# The ops skip their checks for the common call (ops/_common.py plain_call); that
 # shortcut must give the full path's bits on every case it takes, and leave every other case
 # to the full checks.
 _ln = sys.modules["ringfuse.ops.layer_norm"]
@@ -86,7 +86,7 @@ def test_checked_and_unchecked_calls_agree_bitwise(case, cast_mode):
 
 def test_unchecked_path_takes_only_plain_calls():
     x, w, r = torch.randn(3, 8), torch.rand(8), torch.randn(3, 8)
-    assert plain_cpu_call(x, 1e-5, r, w, None)
+    assert plain_call(x, 1e-5, r, w, None)
     rejected = {
         "x not a tensor": (x.tolist(), 1e-5, None, w),
         "x float64": (x.double(), 1e-5, None, w),
@@ -111,6 +111,11 @@ def test_unchecked_path_takes_only_plain_calls():
         "weight strided": (x, 1e-5, None, torch.rand(16)[::2]),
         "weight not a tensor": (x, 1e-5, None, [1.0] * 8),
     }
+    meta = torch.device("meta")
+    rejected |= {
+        "x on neither the CPU nor CUDA": (x.to(meta), 1e-5, None, None),
+        "residual on another device": (x, 1e-5, r.to(meta), w),
+        "weight on another device": (x, 1e-5, None, w.to(meta)),
+    }
     for why, args in rejected.items():
-        assert not plain_cpu_call(*args), why
-    assert not plain_cpu_call(x.to("meta"), 1e-5, None, None), "x not on the CPU"
+        assert not plain_call(*args), why

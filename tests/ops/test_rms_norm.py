@@ -534,7 +534,7 @@ def test_prepared_rms_norm_bad_inputs():
 def test_out_arguments_give_the_fresh_results_and_mark_their_writes(isa, dtype):
     """Every accepted combination of out= / residual_out= (new buffers, one of them only, in
     place on x or the residual, swapped) writes what the fresh call returns, returns the given
-    tensors and bumps their versions: the checked CPU fast path (plain_cpu_outputs) and the
+    tensors and bumps their versions: the checked CPU fast path (plain_outputs) and the
     full path alike (a non-contiguous weight forces the full one)."""
     from ringfuse.ops import add_layer_norm, layer_norm
 

@@ -174,46 +174,53 @@ def check_eps(op: str, eps) -> float:
     return value
 
 
-def plain_cpu_call(x, eps, residual=None, *params) -> bool:
-    """Whether a norm-style call is the common CPU case that every check of the op would
-    accept with nothing to convert: x a non-empty contiguous CPU float tensor; eps a float
-    the kernels take; residual (if any) a contiguous CPU tensor of x's shape and dtype;
-    each param None or a contiguous 1-D CPU tensor [hidden] of x's dtype. The op then skips
-    its checks (about 10 us of Python against a 0.6 us kernel call at decode sizes);
-    anything else takes the full checks, which accept it or say what is wrong."""
-    if not (isinstance(x, torch.Tensor) and x.is_cpu and x.dtype in _FLOAT_SET and x.is_contiguous()
-            and x.dim() and x.numel() and type(eps) is float and _F32_MIN_NORMAL <= eps <= _F32_MAX):
+def plain_call(x, eps, residual=None, *params) -> bool:
+    """Whether a norm-style call is the common case that every check of the op would accept
+    with nothing to convert: x a non-empty contiguous float tensor on the CPU or a CUDA
+    device; eps a float the kernels take; residual (if any) a contiguous tensor of x's shape,
+    dtype and device; each param None or a contiguous 1-D tensor [hidden] of x's dtype and
+    device. The op then skips its checks (about 10 us of Python against a 0.6 us CPU kernel
+    call, or a few us of GPU work, at decode sizes); anything else takes the full checks,
+    which accept it or say what is wrong."""
+    if not (isinstance(x, torch.Tensor) and x.dtype in _FLOAT_SET and x.is_contiguous() and x.dim() and x.numel()
+            and type(eps) is float and _F32_MIN_NORMAL <= eps <= _F32_MAX):  # fmt: skip
         return False
+    cpu = x.is_cpu
+    if not (cpu or x.is_cuda):
+        return False
+    device = None if cpu else x.device
     if residual is not None and not (isinstance(residual, torch.Tensor) and residual.dtype is x.dtype
-                                     and residual.shape == x.shape and residual.is_cpu
-                                     and residual.is_contiguous()):  # fmt: skip
+                                     and residual.shape == x.shape and residual.is_contiguous()
+                                     and (residual.is_cpu if cpu else residual.device == device)):  # fmt: skip
         return False
     param_shape = x.shape[-1:]
     for p in params:
         if p is not None and not (isinstance(p, torch.Tensor) and p.dtype is x.dtype and p.shape == param_shape
-                                  and p.is_cpu and p.is_contiguous()):  # fmt: skip
+                                  and p.is_contiguous() and (p.is_cpu if cpu else p.device == device)):  # fmt: skip
             return False
     return True
 
 
-def plain_cpu_outputs(x: torch.Tensor, outputs: tuple, inputs: tuple, params: tuple) -> bool:
-    """Whether the ``out=`` tensors (None: not given) of a plain_cpu_call are the common case
-    that check_out and residual_output accept with nothing to say: contiguous CPU tensors of
-    x's shape and dtype, no autograd involved, disjoint from each other, and each either
-    exactly one of ``inputs`` (tensors of x's shape: in place) or disjoint from every input
-    and param. The op then skips those checks (~10 us of Python per call); anything else
-    takes them, which accept it or say what is wrong."""
+def plain_outputs(x: torch.Tensor, outputs: tuple, inputs: tuple, params: tuple) -> bool:
+    """Whether the ``out=`` tensors (None: not given) of a plain_call are the common case
+    that check_out and residual_output accept with nothing to say: contiguous tensors of
+    x's shape, dtype and device, no autograd involved, disjoint from each other, and each
+    either exactly one of ``inputs`` (tensors of x's shape: in place) or disjoint from every
+    input and param. The op then skips those checks (~10 us of Python per call); anything
+    else takes them, which accept it or say what is wrong."""
     if torch.is_grad_enabled():
         for t in (*outputs, *inputs, *params):
             if t is not None and t.requires_grad:
                 return False
+    cpu = x.is_cpu
+    device = None if cpu else x.device
     nbytes = x.nbytes
     written = []
     for out in outputs:
         if out is None:
             continue
-        if not (isinstance(out, torch.Tensor) and out.dtype is x.dtype and out.shape == x.shape and out.is_cpu
-                and out.is_contiguous()):  # fmt: skip
+        if not (isinstance(out, torch.Tensor) and out.dtype is x.dtype and out.shape == x.shape and out.is_contiguous()
+                and (out.is_cpu if cpu else out.device == device)):  # fmt: skip
             return False
         start = out.data_ptr()
         for other in written:
@@ -230,9 +237,9 @@ def plain_cpu_outputs(x: torch.Tensor, outputs: tuple, inputs: tuple, params: tu
 
 
 def new_rows_output(x: torch.Tensor) -> torch.Tensor:
-    """new_output for a contiguous CPU x (plain_cpu_call's case), without re-checking that."""
+    """new_output for a contiguous x (plain_call's case), without re-checking that."""
     out = torch.empty_like(x)
-    if x.numel() * x.element_size() >= HUGEPAGE_MIN_BYTES:
+    if x.is_cpu and x.numel() * x.element_size() >= HUGEPAGE_MIN_BYTES:
         native.advise_hugepages(out)
     return out
 

@@ -15,22 +15,32 @@ from . import native
 from .rms_norm import OP_LIB
 
 
+def _triton_layer_norm(out, out_stride, residual_out, residual_out_stride, x, x_stride, residual, residual_stride,
+                       weight, bias, rows, hidden, eps) -> None:
+    """native.layer_norm's arguments, run by the Triton kernel (CUDA tensors)."""
+    from ..kernels.layer_norm import layer_norm_rows
+
+    def view(t, stride):
+        return None if t is None else t.as_strided((rows, hidden), (stride, 1))
+
+    layer_norm_rows(view(out, out_stride), view(x, x_stride), weight, bias, eps, view(residual, residual_stride),
+                    view(residual_out, residual_out_stride))  # fmt: skip
+
+
+def kernel_for(x: torch.Tensor):
+    """The kernel for x's device, each with native.layer_norm's arguments: the C++ kernel on
+    the CPU; on CUDA the Triton kernel, or the CUDA C++ one (RINGFUSE_CUDA_BACKEND=cuda)."""
+    if x.is_cpu:
+        return native.layer_norm
+    return native.layer_norm_cuda if c.cuda_backend() == "cuda" else _triton_layer_norm
+
+
 def launch(out: c.Rows, x: c.Rows, n_rows: int, hidden: int, weight, bias, eps: float,
            res: c.Rows | None = None, res_out: c.Rows | None = None) -> None:
-    """Run the kernel on validated rows (CPU: the C++ kernel; CUDA: Triton or CUDA C++)."""
+    """Run the kernel on validated rows."""
     if n_rows == 0:
         return
-    if x.t.is_cuda and c.cuda_backend() == "triton":
-        from ..kernels.layer_norm import layer_norm_fwd
-
-        layer_norm_fwd(
-            out.as_2d(n_rows, hidden), x.as_2d(n_rows, hidden), weight, bias, eps,
-            residual=None if res is None else res.as_2d(n_rows, hidden),
-            residual_out=None if res_out is None else res_out.as_2d(n_rows, hidden),
-        )  # fmt: skip
-        return
-    kernel = native.layer_norm if x.t.is_cpu else native.layer_norm_cuda
-    kernel(*out, *(res_out or c.NO_ROWS), *x, *(res or c.NO_ROWS), weight, bias, n_rows, hidden, eps)
+    kernel_for(x.t)(*out, *(res_out or c.NO_ROWS), *x, *(res or c.NO_ROWS), weight, bias, n_rows, hidden, eps)
 
 
 def _forward(x, weight, bias, eps, residual=None, out=None, residual_out=None):
@@ -69,10 +79,10 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, *, out=None):
     tensor (no autograd)."""
     if out is None and (torch.compiler.is_compiling() or c.needs_autograd(x, weight, bias)):
         return torch.ops.ringfuse.layer_norm(x, weight, bias, eps)
-    if c.plain_cpu_call(x, eps, None, weight, bias) and (
-            out is None or c.plain_cpu_outputs(x, (out,), (x,), (weight, bias))):
+    if c.plain_call(x, eps, None, weight, bias) and (
+            out is None or c.plain_outputs(x, (out,), (x,), (weight, bias))):
         y, hidden = c.new_rows_output(x) if out is None else out, x.shape[-1]
-        native.layer_norm(y, hidden, None, 0, x, hidden, None, 0, weight, bias, x.numel() // hidden, hidden, eps)
+        kernel_for(x)(y, hidden, None, 0, x, hidden, None, 0, weight, bias, x.numel() // hidden, hidden, eps)
         c.mark_written(out)
         return y
     return _forward(x, weight, bias, eps, out=out)[0]
@@ -84,13 +94,13 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5, *, ou
     fresh = out is None and residual_out is None
     if fresh and (torch.compiler.is_compiling() or c.needs_autograd(x, residual, weight, bias)):
         return torch.ops.ringfuse.add_layer_norm(x, residual, weight, bias, eps)
-    if c.plain_cpu_call(x, eps, residual, weight, bias) and (
-            fresh or c.plain_cpu_outputs(x, (out, residual_out), (x, residual), (weight, bias))):
+    if c.plain_call(x, eps, residual, weight, bias) and (
+            fresh or c.plain_outputs(x, (out, residual_out), (x, residual), (weight, bias))):
         y = c.new_rows_output(x) if out is None else out
         s = c.new_rows_output(x) if residual_out is None else residual_out
         hidden = x.shape[-1]
-        native.layer_norm(y, hidden, s, hidden, x, hidden, residual, hidden, weight, bias, x.numel() // hidden,
-                          hidden, eps)  # fmt: skip
+        kernel_for(x)(y, hidden, s, hidden, x, hidden, residual, hidden, weight, bias, x.numel() // hidden,
+                      hidden, eps)  # fmt: skip
         c.mark_written(out, residual_out)
         return y, s
     return _forward(x, weight, bias, eps, residual=residual, out=out, residual_out=residual_out)

@@ -38,6 +38,14 @@ import torch
 
 from .. import _C
 
+try:  # CUDA builds of torch: the current stream's handle without a Stream object (as Triton does)
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:
+
+    def _raw_stream(index: int) -> int:
+        return torch.cuda.current_stream(index).cuda_stream
+
+
 # The dtype codes of csrc/common.h (keep in sync).
 DTYPE_CODE = {
     torch.float32: 0,
@@ -86,19 +94,30 @@ def rms_norm(out: torch.Tensor, out_stride: int, residual_out: torch.Tensor | No
     )  # fmt: skip
 
 
+def _on_device(entry, dev: torch.device, *args) -> None:
+    """entry(*args, stream): a _C CUDA entry run on dev's current stream with dev current
+    (its kernel launches on the current device). The device guard, a context manager of a
+    few us, is entered only when another device is current."""
+    index = dev.index
+    if index is None or index == torch.cuda.current_device():
+        entry(*args, _raw_stream(torch.cuda.current_device() if index is None else index))
+        return
+    with torch.cuda.device(dev):
+        entry(*args, torch.cuda.current_stream(dev).cuda_stream)
+
+
 def rms_norm_cuda(out: torch.Tensor, out_stride: int, residual_out: torch.Tensor | None, residual_out_stride: int,
                   x: torch.Tensor, x_stride: int, residual: torch.Tensor | None, residual_stride: int,
                   weight: torch.Tensor | None, rows: int, hidden: int, eps: float, llama_cast: bool) -> None:
     """``rms_norm`` for CUDA tensors (the CUDA C++ kernel), on x's device and its current stream."""
-    xcode, dev = _CODE[x.dtype], x.device
-    with torch.cuda.device(dev):  # the kernel launches on the current device
-        _C.rms_norm_cuda(
-            out.data_ptr(), out_stride, 0 if residual_out is None else residual_out.data_ptr(), residual_out_stride,
-            x.data_ptr(), x_stride, 0 if residual is None else residual.data_ptr(), residual_stride,
-            0 if weight is None else weight.data_ptr(), rows, hidden, eps,
-            xcode, xcode if weight is None else _CODE[weight.dtype], _CODE[out.dtype], llama_cast,
-            torch.cuda.current_stream(dev).cuda_stream,
-        )  # fmt: skip
+    xcode = _CODE[x.dtype]
+    _on_device(
+        _C.rms_norm_cuda, x.device,
+        out.data_ptr(), out_stride, 0 if residual_out is None else residual_out.data_ptr(), residual_out_stride,
+        x.data_ptr(), x_stride, 0 if residual is None else residual.data_ptr(), residual_stride,
+        0 if weight is None else weight.data_ptr(), rows, hidden, eps,
+        xcode, xcode if weight is None else _CODE[weight.dtype], _CODE[out.dtype], llama_cast,
+    )  # fmt: skip
 
 
 def _layer_norm_args(out, out_stride, residual_out, residual_out_stride, x, x_stride, residual, residual_stride,
@@ -131,9 +150,7 @@ def layer_norm_cuda(out: torch.Tensor, out_stride: int, residual_out: torch.Tens
     """``layer_norm`` for CUDA tensors (the CUDA C++ kernel), on x's device and its current stream."""
     args = _layer_norm_args(out, out_stride, residual_out, residual_out_stride, x, x_stride, residual,
                             residual_stride, weight, bias, rows, hidden, eps)  # fmt: skip
-    dev = x.device
-    with torch.cuda.device(dev):  # the kernel launches on the current device
-        _C.layer_norm_cuda(*args, torch.cuda.current_stream(dev).cuda_stream)
+    _on_device(_C.layer_norm_cuda, x.device, *args)
 
 
 # ---------------------------------------------------------------------------------------

@@ -35,22 +35,32 @@ def _out_dtype(x: torch.Tensor, weight, llama: bool) -> torch.dtype:
     return x.dtype
 
 
+def _triton_rms_norm(out, out_stride, residual_out, residual_out_stride, x, x_stride, residual, residual_stride,
+                     weight, rows, hidden, eps, llama_cast) -> None:
+    """native.rms_norm's arguments, run by the Triton kernel (CUDA tensors)."""
+    from ..kernels.rms_norm import rms_norm_rows
+
+    def view(t, stride):
+        return None if t is None else t.as_strided((rows, hidden), (stride, 1))
+
+    rms_norm_rows(view(out, out_stride), view(x, x_stride), weight, eps, llama_cast, view(residual, residual_stride),
+                  view(residual_out, residual_out_stride))  # fmt: skip
+
+
+def kernel_for(x: torch.Tensor):
+    """The kernel for x's device, each with native.rms_norm's arguments: the C++ kernel on
+    the CPU; on CUDA the Triton kernel, or the CUDA C++ one (RINGFUSE_CUDA_BACKEND=cuda)."""
+    if x.is_cpu:
+        return native.rms_norm
+    return native.rms_norm_cuda if c.cuda_backend() == "cuda" else _triton_rms_norm
+
+
 def launch(out: c.Rows, x: c.Rows, n_rows: int, hidden: int, weight, eps: float, llama: bool,
            res: c.Rows | None = None, res_out: c.Rows | None = None) -> None:
-    """Run the kernel on validated rows (CPU: the C++ kernel; CUDA: Triton or CUDA C++)."""
+    """Run the kernel on validated rows."""
     if n_rows == 0:
         return
-    if x.t.is_cpu or c.cuda_backend() == "cuda":
-        kernel = native.rms_norm if x.t.is_cpu else native.rms_norm_cuda
-        kernel(*out, *(res_out or c.NO_ROWS), *x, *(res or c.NO_ROWS), weight, n_rows, hidden, eps, llama)
-    else:
-        from ..kernels.rms_norm import rms_norm_fwd
-
-        rms_norm_fwd(
-            out.as_2d(n_rows, hidden), x.as_2d(n_rows, hidden), weight, eps, llama_cast=llama,
-            residual=None if res is None else res.as_2d(n_rows, hidden),
-            residual_out=None if res_out is None else res_out.as_2d(n_rows, hidden),
-        )  # fmt: skip
+    kernel_for(x.t)(*out, *(res_out or c.NO_ROWS), *x, *(res or c.NO_ROWS), weight, n_rows, hidden, eps, llama)
 
 
 def _check(op: str, x, weight, eps, residual=None) -> float:
@@ -101,9 +111,9 @@ def rms_norm(x, weight=None, eps: float = 1e-6, *, cast_mode: str = "torch", out
     if out is None and (torch.compiler.is_compiling() or c.needs_autograd(x, weight)):
         return torch.ops.ringfuse.rms_norm(x, weight, eps, llama)
     # weight in x's dtype: the output is x's dtype in both modes
-    if c.plain_cpu_call(x, eps, None, weight) and (out is None or c.plain_cpu_outputs(x, (out,), (x,), (weight,))):
+    if c.plain_call(x, eps, None, weight) and (out is None or c.plain_outputs(x, (out,), (x,), (weight,))):
         y, hidden = c.new_rows_output(x) if out is None else out, x.shape[-1]
-        native.rms_norm(y, hidden, None, 0, x, hidden, None, 0, weight, x.numel() // hidden, hidden, eps, llama)
+        kernel_for(x)(y, hidden, None, 0, x, hidden, None, 0, weight, x.numel() // hidden, hidden, eps, llama)
         c.mark_written(out)
         return y
     return _forward(x, weight, eps, llama, out=out)[0]
@@ -119,13 +129,13 @@ def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, *, cast_mode: str 
     fresh = out is None and residual_out is None
     if fresh and (torch.compiler.is_compiling() or c.needs_autograd(x, residual, weight)):
         return torch.ops.ringfuse.add_rms_norm(x, residual, weight, eps, llama)
-    if c.plain_cpu_call(x, eps, residual, weight) and (
-            fresh or c.plain_cpu_outputs(x, (out, residual_out), (x, residual), (weight,))):
+    if c.plain_call(x, eps, residual, weight) and (
+            fresh or c.plain_outputs(x, (out, residual_out), (x, residual), (weight,))):
         y = c.new_rows_output(x) if out is None else out
         s = c.new_rows_output(x) if residual_out is None else residual_out
         hidden = x.shape[-1]
-        native.rms_norm(y, hidden, s, hidden, x, hidden, residual, hidden, weight, x.numel() // hidden, hidden, eps,
-                        llama)  # fmt: skip
+        kernel_for(x)(y, hidden, s, hidden, x, hidden, residual, hidden, weight, x.numel() // hidden, hidden, eps,
+                      llama)  # fmt: skip
         c.mark_written(out, residual_out)
         return y, s
     return _forward(x, weight, eps, llama, residual=residual, out=out, residual_out=residual_out)
