@@ -47,7 +47,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from . import device_errors
-from ._launch import launch
+from ._launch import cdiv, launch
 
 # the device_errors bits, as constants the kernels can name
 _ERR_SEQ_LENS = device_errors.slot(device_errors.SEQ_LENS)
@@ -556,7 +556,7 @@ def decode_block_n(block_d: int) -> int:
 
 
 def default_num_splits(s_max: int) -> int:
-    return max(1, min(MAX_SPLITS, triton.cdiv(max(s_max, 1), KEYS_PER_SPLIT)))
+    return max(1, min(MAX_SPLITS, cdiv(max(s_max, 1), KEYS_PER_SPLIT)))
 
 
 # Sliding-window variants (WINDOW) where the window's second bound pushed the tile into
@@ -625,6 +625,7 @@ def _stage2_spec(dtype, d: int):
 CHECK_BLOCK = 128  # block ids (paged) / sequences (varlen) per step of the check kernels
 
 
+@functools.lru_cache(maxsize=None)
 def _paged_check_spec():
     sig = {"checked_ptr": "*i32", "seq_lens_ptr": "*i32", "bt_ptr": "*i32",
            **_int_sig(["bt_sb", "max_blocks", "block_size", "num_blocks", "window"]), "err_ptr": "*i32",
@@ -632,6 +633,7 @@ def _paged_check_spec():
     return _paged_check_kernel, sig, {"BLOCK": CHECK_BLOCK}, 4
 
 
+@functools.lru_cache(maxsize=None)
 def _varlen_check_spec():
     sig = {"seqs_ptr": "*i32", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32",
            **_int_sig(["batch", "total_q", "total_k", "max_rows"]), "err_ptr": "*i32", "BLOCK": "constexpr"}  # fmt: skip
@@ -641,6 +643,7 @@ def _varlen_check_spec():
 WRITE_KV_HEADS = 4  # kv heads per write_kv program
 
 
+@functools.lru_cache(maxsize=None)
 def _write_kv_spec(dtype, d: int):
     t = TL_NAME[dtype]
     sig = {"kc_ptr": f"*{t}", **_int_sig(["kc_sblk", "kc_sh", "kc_spos"]),
@@ -780,7 +783,7 @@ def flash_attention_fwd(out, q, k, v, scale, causal, softcap=None, lse=None, win
                                    window != NO_WINDOW)  # fmt: skip
     lse_t = lse if lse is not None else out  # dummy pointer, never touched
     ls = lse.stride() if lse is not None else (0, 0, 0)
-    grid = (triton.cdiv(Sq, cexp["BLOCK_M"]), B * Hq)
+    grid = (cdiv(Sq, cexp["BLOCK_M"]), B * Hq)
     launch(kernel, grid,
         out, out.stride(0), out.stride(1), out.stride(2),
         q, q.stride(0), q.stride(1), q.stride(2),
@@ -836,10 +839,10 @@ def flash_attention_varlen_fwd(out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
                                    window != NO_WINDOW)  # fmt: skip
     lse_t = lse if lse is not None else out
     l_sh, l_sm = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
-    grid = (triton.cdiv(max(max_seqlen_q, 0), cexp["BLOCK_M"]), batch * Hq)
+    grid = (cdiv(max(max_seqlen_q, 0), cexp["BLOCK_M"]), batch * Hq)
     seqs = torch.empty((batch, 4), dtype=torch.int32, device=q.device)  # [B, (q row, q rows, k row, k rows)]
     check, _, check_cexp, check_nw = _varlen_check_spec()
-    launch(check, (triton.cdiv(batch, CHECK_BLOCK),), seqs, cu_seqlens_q, cu_seqlens_k, batch, Tq, k.shape[0],
+    launch(check, (cdiv(batch, CHECK_BLOCK),), seqs, cu_seqlens_q, cu_seqlens_k, batch, Tq, k.shape[0],
            grid[0] * cexp["BLOCK_M"], device_errors.flag(q.device), **check_cexp, num_warps=check_nw)  # fmt: skip
     if grid[0] == 0:  # max_seqlen_q 0: no query row is computed (a run with rows is flagged above)
         return
@@ -950,9 +953,16 @@ def paged_decode_attention_fwd(out, q, k_pages, v_pages, block_table, seq_lens, 
                          f"{block_table.dtype} {list(block_table.shape)}")  # fmt: skip
     if block_table.shape[1] > 1 and block_table.stride(1) != 1:
         raise ValueError(f"{op}: block_table must have inner stride 1, got strides {block_table.stride()}")
-    block_size = k_pages.shape[2]
-    if block_size < 1:
+    if k_pages.shape[2] < 1:
         raise ValueError(f"{op}: block_size must be >= 1")
+    paged_decode_attention_rows(out, q, k_pages, v_pages, block_table, seq_lens, scale, softcap, num_splits, window)
+
+
+def paged_decode_attention_rows(out, q, k_pages, v_pages, block_table, seq_lens, scale, softcap=None,
+                                num_splits=None, window=None) -> None:  # fmt: skip
+    """paged_decode_attention_fwd without its checks, for ringfuse.ops, which has checked
+    everything."""
+    block_size = k_pages.shape[2]
     s_max = block_table.shape[1] * block_size
     if window is not None:
         s_max = min(s_max, window)  # keys read
@@ -970,7 +980,7 @@ def write_kv_fwd(k_cache, v_cache, k, v, slot_mapping, block_size: int) -> None:
         return
     num_slots = k_cache.shape[0] * block_size
     kernel, _, cexp, nw = _write_kv_spec(k.dtype, D)
-    grid = (T, triton.cdiv(Hkv, cexp["BLOCK_H"]))
+    grid = (T, cdiv(Hkv, cexp["BLOCK_H"]))
     launch(kernel, grid,
         k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -61,7 +61,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from . import device_errors
-from ._launch import launch
+from ._launch import cdiv, launch
 
 _ERR_NONFINITE = device_errors.slot(device_errors.NONFINITE)
 
@@ -493,15 +493,15 @@ def num_splits_for(n: int, k: int, block_n: int, block_k: int) -> tuple[int, int
     """(splits, K per split) of the decode bucket's split-K: enough programs to cover
     SPLIT_TARGET_PROGRAMS, at least MIN_K_TILES_PER_SPLIT K tiles each, at most MAX_SPLITS;
     every split non-empty."""
-    k_tiles = triton.cdiv(k, block_k)
-    splits = min(MAX_SPLITS, triton.cdiv(SPLIT_TARGET_PROGRAMS, triton.cdiv(n, block_n)),
+    k_tiles = cdiv(k, block_k)
+    splits = min(MAX_SPLITS, cdiv(SPLIT_TARGET_PROGRAMS, cdiv(n, block_n)),
                  k_tiles // MIN_K_TILES_PER_SPLIT)  # fmt: skip
     return _splits(k_tiles, block_k, max(1, splits))
 
 
 def _splits(k_tiles: int, block_k: int, splits: int) -> tuple[int, int]:
-    tiles_per_split = triton.cdiv(k_tiles, min(splits, k_tiles))
-    return triton.cdiv(k_tiles, tiles_per_split), tiles_per_split * block_k
+    tiles_per_split = cdiv(k_tiles, min(splits, k_tiles))
+    return cdiv(k_tiles, tiles_per_split), tiles_per_split * block_k
 
 
 @functools.lru_cache(maxsize=1024)
@@ -513,7 +513,7 @@ def _wo_plan(dtype, aligned, bucket, n, k, group_size, has_bias, split_k):
     if split_k is not None:
         if split_k < 1 or (split_k > 1 and bucket != DECODE):
             raise ValueError(f"weight_only_fwd: split_k must be >= 1, and 1 unless M <= {DECODE}; got {split_k}")
-        splits, k_per_split = _splits(triton.cdiv(k, block_k), block_k, split_k)
+        splits, k_per_split = _splits(cdiv(k, block_k), block_k, split_k)
     elif bucket == DECODE:
         splits, k_per_split = num_splits_for(n, k, block_n, block_k)
     else:
@@ -566,7 +566,7 @@ def int8_gemm_fwd(out, a_q, b_q, a_scale, b_scale, bias) -> None:
         side = (a_scale, b_scale, bias if bias is not None else a_scale)  # unused bias: any fp32 pointer
     else:
         side = (out, out, out)  # never touched
-    grid = (triton.cdiv(m, cexp["BLOCK_M"]) * triton.cdiv(n, cexp["BLOCK_N"]),)
+    grid = (cdiv(m, cexp["BLOCK_M"]) * cdiv(n, cexp["BLOCK_N"]),)
     launch(kernel, grid,
         out, out.stride(0),
         a_q, a_q.stride(0),
@@ -606,7 +606,7 @@ def weight_only_fwd(out, x, w_q, w_scale, bias, group_size, split_k=None) -> Non
     grouped = group_size is not None
     s_sn = w_scale.stride(0)
     ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if k2 is not None else w_scale
-    grid = (triton.cdiv(m, cexp["BLOCK_M"]), triton.cdiv(n, cexp["BLOCK_N"]), splits)
+    grid = (cdiv(m, cexp["BLOCK_M"]), cdiv(n, cexp["BLOCK_N"]), splits)
     launch(kernel, grid,
         out, out.stride(0),
         ws,
@@ -621,7 +621,7 @@ def weight_only_fwd(out, x, w_q, w_scale, bias, group_size, split_k=None) -> Non
         num_warps=nw,
     )  # fmt: skip
     if k2 is not None:
-        launch(k2, (m, triton.cdiv(n, cexp2["BLOCK"])),
+        launch(k2, (m, cdiv(n, cexp2["BLOCK"])),
             out, out.stride(0), ws, w_scale, s_sn, bias if bias is not None else w_scale, m, n, splits,
             **cexp2, num_warps=nw2,
         )  # fmt: skip

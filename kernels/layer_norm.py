@@ -260,12 +260,17 @@ def layer_norm_fwd(out, x, weight, bias, eps, residual=None, residual_out=None) 
     ``out is x`` and ``residual_out is residual``. The caller validates devices and values.
     """
     check_args("layer_norm_fwd", out, x, {"weight": weight, "bias": bias}, residual, residual_out)
-    layer_norm_rows(out, x, weight, bias, eps, residual, residual_out)
-
-
-def layer_norm_rows(out, x, weight, bias, eps, residual=None, residual_out=None) -> None:
-    """layer_norm_fwd without its checks, for ringfuse.ops, which has checked everything."""
     rows, n_cols = x.shape
+    layer_norm_rows(out, _row_stride(out), residual_out, 0 if residual_out is None else _row_stride(residual_out),
+                    x, _row_stride(x), residual, 0 if residual is None else _row_stride(residual), weight, bias, rows,
+                    n_cols, eps)  # fmt: skip
+
+
+def layer_norm_rows(out, out_stride, residual_out, residual_out_stride, x, x_stride, residual, residual_stride,
+                    weight, bias, rows, n_cols, eps) -> None:  # fmt: skip
+    """layer_norm_fwd without its checks, with ringfuse.ops.native.layer_norm's arguments
+    (each tensor by its data, rows ``*_stride`` elements apart), for ringfuse.ops, which has
+    checked everything."""
     if rows == 0:
         return
     kernel, constexprs, num_warps = _plan(
@@ -276,12 +281,15 @@ def layer_norm_rows(out, x, weight, bias, eps, residual=None, residual_out=None)
         residual is not None,
         n_cols,
     )
-    res, res_out = (x, x) if residual is None else (residual, residual_out)
+    if rows == 1:  # one row: its stride is never read; n_cols specializes like the other strides
+        out_stride = x_stride = residual_stride = residual_out_stride = n_cols
+    if residual is None:
+        residual, residual_stride, residual_out, residual_out_stride = x, x_stride, x, x_stride
     launch(kernel, (rows,),
-        out, _row_stride(out),
-        x, _row_stride(x),
-        res, _row_stride(res),
-        res_out, _row_stride(res_out),
+        out, out_stride,
+        x, x_stride,
+        residual, residual_stride,
+        residual_out, residual_out_stride,
         x if weight is None else weight,
         x if bias is None else bias,
         n_cols,

@@ -226,23 +226,31 @@ def rms_norm_fwd(out, x, weight, eps, llama_cast=False, residual=None, residual_
     ``out is x`` and ``residual_out is residual``. The caller validates devices and values.
     """
     check_args("rms_norm_fwd", out, x, {"weight": weight}, residual, residual_out)
-    rms_norm_rows(out, x, weight, eps, llama_cast, residual, residual_out)
-
-
-def rms_norm_rows(out, x, weight, eps, llama_cast=False, residual=None, residual_out=None) -> None:
-    """rms_norm_fwd without its checks, for ringfuse.ops, which has checked everything."""
     rows, n_cols = x.shape
+    rms_norm_rows(out, _row_stride(out), residual_out, 0 if residual_out is None else _row_stride(residual_out),
+                  x, _row_stride(x), residual, 0 if residual is None else _row_stride(residual), weight, rows, n_cols,
+                  eps, llama_cast)  # fmt: skip
+
+
+def rms_norm_rows(out, out_stride, residual_out, residual_out_stride, x, x_stride, residual, residual_stride,
+                  weight, rows, n_cols, eps, llama_cast) -> None:  # fmt: skip
+    """rms_norm_fwd without its checks, with ringfuse.ops.native.rms_norm's arguments (each
+    tensor by its data, rows ``*_stride`` elements apart), for ringfuse.ops, which has
+    checked everything."""
     if rows == 0:
         return
     kernel, constexprs, num_warps = _plan(
         x.dtype, out.dtype, None if weight is None else weight.dtype, residual is not None, bool(llama_cast), n_cols
     )
-    res, res_out = (x, x) if residual is None else (residual, residual_out)
+    if rows == 1:  # one row: its stride is never read; n_cols specializes like the other strides
+        out_stride = x_stride = residual_stride = residual_out_stride = n_cols
+    if residual is None:
+        residual, residual_stride, residual_out, residual_out_stride = x, x_stride, x, x_stride
     launch(kernel, (rows,),
-        out, _row_stride(out),
-        x, _row_stride(x),
-        res, _row_stride(res),
-        res_out, _row_stride(res_out),
+        out, out_stride,
+        x, x_stride,
+        residual, residual_stride,
+        residual_out, residual_out_stride,
         x if weight is None else weight,
         n_cols,
         float(eps),

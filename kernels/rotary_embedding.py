@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import device_errors
-from ._launch import launch
+from ._launch import cdiv, launch
 
 _ERR_POSITIONS = device_errors.slot(device_errors.POSITIONS)
 
@@ -110,6 +110,6 @@ def rotary_embedding_fwd(x, positions, cos_sin_cache, gptj: bool) -> None:
         return
     half = cos_sin_cache.shape[1] // 2
     kernel, cexp, nw = _plan(x.dtype, half, bool(gptj))
-    grid = (T, triton.cdiv(heads, cexp["BLOCK_H"]))
+    grid = (T, cdiv(heads, cexp["BLOCK_H"]))
     launch(kernel, grid, x, x.stride(0), x.stride(1), positions, cos_sin_cache, cos_sin_cache.stride(0),
-                 cos_sin_cache.shape[0], device_errors.flag(x.device), heads, half, **cexp, num_warps=nw)  # fmt: skip
+           cos_sin_cache.shape[0], device_errors.flag(x.device), heads, half, **cexp, num_warps=nw)  # fmt: skip

@@ -666,7 +666,8 @@ class PagedDecodePlan:
     [B] int32 (the new token counted); ``scale`` and ``softcap`` as paged_decode_attention's,
     and ``window`` too, given per run (per layer: Gemma 2 alternates sliding-window and
     global layers).
-    CUDA tensors run the three ops one after another."""
+    On CUDA each run launches the ops' Triton kernels without the ops' checks, as the CPU
+    runs call the C++ kernels."""
 
     def __init__(self, k_pages, v_pages, cos_sin_cache, positions, slot_mapping, block_table, seq_lens,
                  num_q_heads: int, *, scale=None, softcap=None, style: str = "neox"):  # fmt: skip
@@ -731,8 +732,8 @@ class PagedDecodePlan:
         self._copies = tuple((src, dst) for src, dst in ((positions, self._pos), (slot_mapping, self._slots),
                                                          (cos_sin_cache, cs)) if dst is not src)  # fmt: skip
         self._copies_watch = c.Watch(src for src, _ in self._copies)
-        # the kernels directly (else the three ops): CPU, contiguous caches with a slot, tokens
-        self._direct = not self.cuda and self._cache_bytes is not None and batch > 0 and num_blocks * block_size > 0
+        # the kernels directly (else the three ops): contiguous caches with a slot, tokens
+        self._direct = self._cache_bytes is not None and batch > 0 and num_blocks * block_size > 0
         self._elem = k_pages.element_size()
 
     def run_packed(self, qkv, k_pages, v_pages, *, window=None):
@@ -829,6 +830,8 @@ class PagedDecodePlan:
         elements into q / k / v (one qkv tensor for run_packed), with (token, head) strides
         qs / ks / vs."""
         b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
+        if self.cuda:
+            return self._launch_cuda(q, q_off, qs, k, k_off, ks, v, v_off, vs, k_pages, v_pages, window)
         native.rotary_embedding(q, qs[0], qs[1], b, hq, d, *self._rope, q_off)  # q in place
         native.rotary_embedding(k, ks[0], ks[1], b, hkv, d, *self._rope, k_off)  # k in place
         cs = self._cache_strides
@@ -837,4 +840,23 @@ class PagedDecodePlan:
         out = torch.empty((b, hq, d), dtype=self.cache_layout[2])  # [B, Hq, D], contiguous
         native.decode_attention(out, (hq * d, d), q, qs, k_pages, cs, v_pages, cs, *self._table, b, hq, hkv, d,
                                 self.scale, self.softcap, window, SPLIT_SIZE, q_off)  # fmt: skip
+        return out
+
+    def _launch_cuda(self, q, q_off, qs, k, k_off, ks, v, v_off, vs, k_pages, v_pages, window):
+        """_launch on CUDA: the Triton kernels the three ops run, without their checks (the
+        plan made them), on [B, H, D] views of q, k and v. The kernels check positions,
+        slots, seq_lens and block ids (check_device_errors)."""
+        from ..kernels import attention as tk
+        from ..kernels import rotary_embedding as tr
+
+        b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
+        q, k, v = (t.as_strided((b, heads, d), (st[0], st[1], 1), t.storage_offset() + off)
+                   for t, off, st, heads in ((q, q_off, qs, hq), (k, k_off, ks, hkv), (v, v_off, vs, hkv)))  # fmt: skip
+        for x in (q, k):  # in place
+            tr.rotary_embedding_fwd(x, self._pos, self._cs, self.gptj)
+        tk.write_kv_fwd(k_pages, v_pages, k, v, self._slots, self.block_size)
+        out = torch.empty((b, hq, d), dtype=self.cache_layout[2], device=q.device)  # [B, Hq, D], contiguous
+        tk.paged_decode_attention_rows(out, q, k_pages, v_pages, self.block_table, self.seq_lens, self.scale,
+                                       self.softcap or None, window=window or None)  # fmt: skip
+        c.after_launch(q.device)
         return out

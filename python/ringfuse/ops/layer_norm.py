@@ -15,24 +15,16 @@ from . import native
 from .rms_norm import OP_LIB
 
 
-def _triton_layer_norm(out, out_stride, residual_out, residual_out_stride, x, x_stride, residual, residual_stride,
-                       weight, bias, rows, hidden, eps) -> None:
-    """native.layer_norm's arguments, run by the Triton kernel (CUDA tensors)."""
-    from ..kernels.layer_norm import layer_norm_rows
-
-    def view(t, stride):
-        return None if t is None else t.as_strided((rows, hidden), (stride, 1))
-
-    layer_norm_rows(view(out, out_stride), view(x, x_stride), weight, bias, eps, view(residual, residual_stride),
-                    view(residual_out, residual_out_stride))  # fmt: skip
-
-
 def kernel_for(x: torch.Tensor):
     """The kernel for x's device, each with native.layer_norm's arguments: the C++ kernel on
     the CPU; on CUDA the Triton kernel, or the CUDA C++ one (RINGFUSE_CUDA_BACKEND=cuda)."""
     if x.is_cpu:
         return native.layer_norm
-    return native.layer_norm_cuda if c.cuda_backend() == "cuda" else _triton_layer_norm
+    if c.cuda_backend() == "cuda":
+        return native.layer_norm_cuda
+    from ..kernels.layer_norm import layer_norm_rows
+
+    return layer_norm_rows
 
 
 def launch(out: c.Rows, x: c.Rows, n_rows: int, hidden: int, weight, bias, eps: float,

@@ -35,24 +35,16 @@ def _out_dtype(x: torch.Tensor, weight, llama: bool) -> torch.dtype:
     return x.dtype
 
 
-def _triton_rms_norm(out, out_stride, residual_out, residual_out_stride, x, x_stride, residual, residual_stride,
-                     weight, rows, hidden, eps, llama_cast) -> None:
-    """native.rms_norm's arguments, run by the Triton kernel (CUDA tensors)."""
-    from ..kernels.rms_norm import rms_norm_rows
-
-    def view(t, stride):
-        return None if t is None else t.as_strided((rows, hidden), (stride, 1))
-
-    rms_norm_rows(view(out, out_stride), view(x, x_stride), weight, eps, llama_cast, view(residual, residual_stride),
-                  view(residual_out, residual_out_stride))  # fmt: skip
-
-
 def kernel_for(x: torch.Tensor):
     """The kernel for x's device, each with native.rms_norm's arguments: the C++ kernel on
     the CPU; on CUDA the Triton kernel, or the CUDA C++ one (RINGFUSE_CUDA_BACKEND=cuda)."""
     if x.is_cpu:
         return native.rms_norm
-    return native.rms_norm_cuda if c.cuda_backend() == "cuda" else _triton_rms_norm
+    if c.cuda_backend() == "cuda":
+        return native.rms_norm_cuda
+    from ..kernels.rms_norm import rms_norm_rows
+
+    return rms_norm_rows
 
 
 def launch(out: c.Rows, x: c.Rows, n_rows: int, hidden: int, weight, eps: float, llama: bool,
