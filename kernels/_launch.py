@@ -4,21 +4,23 @@
 arguments and specializing each one, building the cache key from the options' text, the
 launch-hook metadata, the global-variable check, and only then the compiled kernel's
 launcher. With a stand-in driver that launches nothing (tests/kernels/fake_driver.py), the
-RMSNorm row kernel's 15 arguments take ~8.3 us a call that way on the dev VM (Zen 5, triton
-3.7.1) and ~5.0 us through ``launch`` (the key below ~2.1 us of it); a decode-sized norm runs
-for a few us on the GPU, so the host is what a decode step waits on.
+RMSNorm row kernel's 15 arguments take ~8.0 us a call that way on the dev VM (Zen 5, triton
+3.7.1 and 3.6.0) and ~4.8 us through ``launch``; a decode-sized norm runs for a few us on
+the GPU, so the host is what a decode step waits on.
 
 ``launch`` keeps each compiled kernel under its own key and calls its ``run`` directly. The
 key holds what Triton's JIT specializes a variant on (``specialize_impl`` in triton 3.6 and
 3.7): each tensor's dtype and whether its address is 16-byte aligned; each int's type (i32,
-i64 or u64 by range), whether it is divisible by 16, and whether it is 1 (then a constexpr);
-floats, bools and None are never specialized. Plus the keyword arguments (constexprs,
-num_warps) and the debug and instrumentation knobs. Two calls with one key are therefore one JIT variant. The
-first call of a key goes through ``kernel[grid]``, which compiles the variant (or finds it in
-Triton's caches) and returns it. The plain ``kernel[grid]`` call is used instead:
+i64 or u64 by range), whether it is divisible by 16, and whether it is 1 (then a
+constexpr); floats, bools and None are never specialized. Plus the keyword arguments
+(constexprs, num_warps) and the debug and instrumentation knobs. Two calls with one key are
+therefore one JIT variant. The first call of a key goes through ``kernel[grid]``, which
+compiles the variant (or finds it in Triton's caches) and returns it. The plain
+``kernel[grid]`` call is used instead:
 - under the Triton interpreter (the kernel is not a JITFunction);
 - while launch hooks are set (``triton.knobs.runtime.launch_enter_hook`` / ``exit_hook``:
-  profilers such as proton see every launch), or the kernel has pre-run hooks.
+  profilers such as proton see every launch), or the kernel has pre-run hooks;
+- for an argument of a type without a rule here, or a Triton whose JIT internals differ.
 tests/kernels/test_launch.py checks, under the stand-in driver, that every launch is the one
 ``kernel[grid]`` makes (function, grid, stream, arguments) across the variants.
 """
@@ -78,9 +80,13 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     entry = _compiled.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)
-        if compiled is not None:  # None: a JIT cache hook took the launch over
-            bound = kernel.device_caches[device][4](*args, **kwargs)[0]  # every parameter, in order
-            _compiled[key] = (compiled, tuple(bound.values())[len(args):])
+        if compiled is None:  # a JIT cache hook took the launch over
+            return
+        try:  # the JIT's binder: every parameter, in order (the constexprs after args)
+            bound = kernel.device_caches[device][4](*args, **kwargs)[0]
+        except (AttributeError, IndexError, KeyError, TypeError):  # another Triton: stay on its path
+            return
+        _compiled[key] = (compiled, tuple(bound.values())[len(args):])
         return
     compiled, constexprs = entry
     compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,

@@ -929,6 +929,13 @@ def decode_attention_fwd(out, q, k_cache, v_cache, seq_lens, scale, softcap=None
     _check_decode(op, out, q, k_cache, v_cache, seq_lens, "[B, Hkv, S_max, D]")
     if k_cache.shape[0] != q.shape[0]:
         raise ValueError(f"{op}: k_cache batch {k_cache.shape[0]} != q batch {q.shape[0]}")
+    decode_attention_unchecked(out, q, k_cache, v_cache, seq_lens, scale, softcap, num_splits, window)
+
+
+def decode_attention_unchecked(out, q, k_cache, v_cache, seq_lens, scale, softcap=None, num_splits=None,
+                               window=None) -> None:  # fmt: skip
+    """decode_attention_fwd without its checks, for ringfuse.ops, which has checked
+    everything."""
     s_max = k_cache.shape[2] if window is None else min(k_cache.shape[2], window)  # keys read
     _decode_launch(out, q, k_cache, v_cache, seq_lens, scale, softcap, num_splits, s_max, None, window)
 
@@ -955,11 +962,12 @@ def paged_decode_attention_fwd(out, q, k_pages, v_pages, block_table, seq_lens, 
         raise ValueError(f"{op}: block_table must have inner stride 1, got strides {block_table.stride()}")
     if k_pages.shape[2] < 1:
         raise ValueError(f"{op}: block_size must be >= 1")
-    paged_decode_attention_rows(out, q, k_pages, v_pages, block_table, seq_lens, scale, softcap, num_splits, window)
+    paged_decode_attention_unchecked(out, q, k_pages, v_pages, block_table, seq_lens, scale, softcap, num_splits,
+                                     window)  # fmt: skip
 
 
-def paged_decode_attention_rows(out, q, k_pages, v_pages, block_table, seq_lens, scale, softcap=None,
-                                num_splits=None, window=None) -> None:  # fmt: skip
+def paged_decode_attention_unchecked(out, q, k_pages, v_pages, block_table, seq_lens, scale, softcap=None,
+                                     num_splits=None, window=None) -> None:  # fmt: skip
     """paged_decode_attention_fwd without its checks, for ringfuse.ops, which has checked
     everything."""
     block_size = k_pages.shape[2]

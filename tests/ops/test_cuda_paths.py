@@ -100,3 +100,28 @@ def test_decode_plan_cuda_launches_are_the_three_ops(dtype, window):
     cpu = cpu_plan.run_packed(qkv.clone(), k_pages, v_pages, window=window)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), cpu.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_ops_on_cuda_launch_what_the_checked_launchers_do(dtype):
+    """ops.decode_attention / paged_decode_attention check their inputs once and call the
+    launchers' unchecked entries: the bits of the checked launchers (kernels/attention.py)."""
+    from ringfuse.kernels import attention as tk
+
+    k_pages, v_pages, _, _, _, block_table, seq_lens, qkv, (hq, hkv, d) = _plan_inputs(dtype)
+    q = qkv[:, : hq * d].reshape(-1, hq, d).contiguous()
+    scale = d**-0.5
+    want = torch.empty_like(q)
+    tk.paged_decode_attention_fwd(want, q, k_pages, v_pages, block_table, seq_lens, scale)
+    got = ops.paged_decode_attention(as_cuda(q), as_cuda(k_pages), as_cuda(v_pages), as_cuda(block_table),
+                                     as_cuda(seq_lens))  # fmt: skip
+    assert torch.equal(got, want)
+    # contiguous caches [B, Hkv, S_max, D], with a window
+    def contiguous(pages):  # [B, 3 blocks, Hkv, block_size, D] -> [B, Hkv, 3 * block_size, D]
+        return pages[block_table.long()].transpose(1, 2).reshape(q.shape[0], hkv, -1, d)
+
+    k_cache, v_cache = contiguous(k_pages), contiguous(v_pages)
+    want = torch.empty_like(q)
+    tk.decode_attention_fwd(want, q, k_cache, v_cache, seq_lens, scale, window=3)
+    got = ops.decode_attention(as_cuda(q), as_cuda(k_cache), as_cuda(v_cache), as_cuda(seq_lens), window=3)
+    assert torch.equal(got, want)

@@ -251,11 +251,13 @@ def _run(out, q, k, v, table, block_size, seq_lens, scale, softcap, window):
     if q.is_cuda:
         from ..kernels import attention as tk
 
-        # seq_lens and block ids are checked by the kernels (no sync): c.check_device_errors
+        # seq_lens and block ids are checked by the kernels (no sync): c.check_device_errors;
+        # the rest was checked here, so the launchers' own checks are skipped
         if table is None:
-            tk.decode_attention_fwd(out, q, k, v, seq_lens, scale, softcap or None, window=window or None)
+            tk.decode_attention_unchecked(out, q, k, v, seq_lens, scale, softcap or None, window=window or None)
         else:
-            tk.paged_decode_attention_fwd(out, q, k, v, table, seq_lens, scale, softcap or None, window=window or None)
+            tk.paged_decode_attention_unchecked(out, q, k, v, table, seq_lens, scale, softcap or None,
+                                                window=window or None)  # fmt: skip
         c.after_launch(q.device)
         return
     _launch_cpu(out, q, k, v, table, block_size, seq_lens, scale, softcap, window)
@@ -856,7 +858,7 @@ class PagedDecodePlan:
             tr.rotary_embedding_fwd(x, self._pos, self._cs, self.gptj)
         tk.write_kv_fwd(k_pages, v_pages, k, v, self._slots, self.block_size)
         out = torch.empty((b, hq, d), dtype=self.cache_layout[2], device=q.device)  # [B, Hq, D], contiguous
-        tk.paged_decode_attention_rows(out, q, k_pages, v_pages, self.block_table, self.seq_lens, self.scale,
-                                       self.softcap or None, window=window or None)  # fmt: skip
+        tk.paged_decode_attention_unchecked(out, q, k_pages, v_pages, self.block_table, self.seq_lens, self.scale,
+                                            self.softcap or None, window=window or None)  # fmt: skip
         c.after_launch(q.device)
         return out
