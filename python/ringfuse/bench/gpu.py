@@ -230,14 +230,25 @@ class Bench:
         half = 64
         cos, sin = cache[positions, :half], cache[positions, half:]
 
-        def torch_rope():
-            q1, q2 = q[..., :half], q[..., half:]
-            return torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], -1)
+        def torch_rope(t=q):  # fp32 math, back to t's dtype
+            t1, t2 = t[..., :half], t[..., half:]
+            return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1).to(t.dtype)
+
+        kv_sdpa = kc[:8].reshape(1, 8, 128, 128)  # [1, Hkv, 128 keys, D]: torch's decode over contiguous keys
+        plan = ops.PagedDecodePlan(kc, vc, cache, positions, slots, table, lens, 32)
+
+        def torch_decode_step():  # rotary, the new k / v rows, attention: what one plan run does
+            rq, rk = torch_rope(q), torch_rope(k)
+            kc.view(-1, 128).index_copy_(0, slots, rk[:, 0])
+            vc.view(-1, 128).index_copy_(0, slots, k[:, 0])
+            return F.scaled_dot_product_attention(rq.unsqueeze(2), kv_sdpa, kv_sdpa, enable_gqa=True)
 
         pairs = {
             "rms_norm [1, 4096]": (lambda: ops.rms_norm(x, w, 1e-6), lambda: F.rms_norm(x, (4096,), w, 1e-6)),
             "add_rms_norm [1, 4096]": (lambda: ops.add_rms_norm(x, r, w, 1e-6),
                                        lambda: F.rms_norm(x + r, (4096,), w, 1e-6)),
+            "layer_norm [1, 4096]": (lambda: ops.layer_norm(x, w, w, 1e-5),
+                                     lambda: F.layer_norm(x, (4096,), w, w, 1e-5)),
             "rotary 32/8 heads": (lambda: ops.rotary_embedding(q, k, positions, cache), torch_rope),
             "write_kv 1 token": (lambda: ops.write_kv(k, k, kc, vc, slots),  # torch: one index_copy_ per cache
                                  lambda: (kc.view(-1, 128).index_copy_(0, slots, k[:, 0]),
@@ -245,8 +256,9 @@ class Bench:
             "silu_mul [1, 11008]": (lambda: ops.silu_mul(gate_up),
                                     lambda: F.silu(gate_up[:, :11008]) * gate_up[:, 11008:]),
             "paged decode L1000": (lambda: ops.paged_decode_attention(q, kc, vc, table, lens),
-                                   lambda: F.scaled_dot_product_attention(q.unsqueeze(2), kc[:8].reshape(1, 8, 128, 128),
-                                                                          kc[:8].reshape(1, 8, 128, 128), enable_gqa=True)),
+                                   lambda: F.scaled_dot_product_attention(q.unsqueeze(2), kv_sdpa, kv_sdpa,
+                                                                          enable_gqa=True)),
+            "decode plan run (rotary, write_kv, paged decode)": (lambda: plan.run(q, k, k, kc, vc), torch_decode_step),
             "w8a16 M1 4096x4096": (lambda: ops.int8_weight_only_linear(x, wq, ws), lambda: F.linear(x, w_bf16)),
         }  # fmt: skip
         for name, (ours, theirs) in pairs.items():
