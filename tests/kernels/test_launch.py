@@ -73,3 +73,17 @@ def test_arg_key_tells_apart_what_the_jit_specializes():
             assert spec_a == spec_b, (a, b)
     with pytest.raises(TypeError, match="no specialization rule"):
         _launch.arg_key(object())
+
+
+def test_launchers_go_through_launch():
+    """No launcher calls ``kernel[grid](...)`` itself (ARCHITECTURE.md): each launch goes
+    through _launch.launch, so none pays the JIT's per-call work."""
+    import re
+
+    kernels_dir = Path(__file__).resolve().parents[2] / "kernels"
+    direct = re.compile(r"\b\w+\[[^\]\n]*\]\(")
+    found = [f"{path.name}:{i}: {line.strip()}" for path in sorted(kernels_dir.glob("*.py")) if path.name != "_launch.py"
+             for i, line in enumerate(path.read_text().splitlines(), 1)
+             if direct.search(line.split("#")[0])]  # fmt: skip
+    assert not found, found
+    assert len(list(kernels_dir.glob("*.py"))) >= 8
