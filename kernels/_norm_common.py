@@ -68,8 +68,21 @@ def bucket_sizes():
     return sizes
 
 
-def row_stride(t: torch.Tensor) -> int:
-    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+def row_args(rows, n_cols, out, out_stride, residual_out, residual_out_stride, x, x_stride, residual,
+             residual_stride) -> tuple:  # fmt: skip
+    """The kernels' (tensor, row stride) arguments in their order: out, x, residual,
+    residual_out. With one row every stride is n_cols (never read; it specializes like the
+    others, never as a 1); without a residual x stands in for both (unused)."""
+    if rows == 1:
+        out_stride = x_stride = residual_stride = residual_out_stride = n_cols
+    if residual is None:
+        residual, residual_stride, residual_out, residual_out_stride = x, x_stride, x, x_stride
+    return out, out_stride, x, x_stride, residual, residual_stride, residual_out, residual_out_stride
+
+
+def stride0(t) -> int:
+    """t's row stride (0 for an absent tensor)."""
+    return 0 if t is None else t.stride(0)
 
 
 def check_2d(op: str, name: str, t: torch.Tensor, shape, written: bool) -> None:

@@ -49,7 +49,8 @@ from ._norm_common import (  # noqa: F401  (re-exported: tests and compile check
     load_row_sum,
     pick,
     reload_row_sum,
-    row_stride as _row_stride,
+    row_args,
+    stride0,
 )
 from ._launch import launch
 
@@ -261,9 +262,8 @@ def layer_norm_fwd(out, x, weight, bias, eps, residual=None, residual_out=None) 
     """
     check_args("layer_norm_fwd", out, x, {"weight": weight, "bias": bias}, residual, residual_out)
     rows, n_cols = x.shape
-    layer_norm_rows(out, _row_stride(out), residual_out, 0 if residual_out is None else _row_stride(residual_out),
-                    x, _row_stride(x), residual, 0 if residual is None else _row_stride(residual), weight, bias, rows,
-                    n_cols, eps)  # fmt: skip
+    layer_norm_rows(out, out.stride(0), residual_out, stride0(residual_out), x, x.stride(0), residual,
+                    stride0(residual), weight, bias, rows, n_cols, eps)  # fmt: skip
 
 
 def layer_norm_rows(out, out_stride, residual_out, residual_out_stride, x, x_stride, residual, residual_stride,
@@ -281,15 +281,9 @@ def layer_norm_rows(out, out_stride, residual_out, residual_out_stride, x, x_str
         residual is not None,
         n_cols,
     )
-    if rows == 1:  # one row: its stride is never read; n_cols specializes like the other strides
-        out_stride = x_stride = residual_stride = residual_out_stride = n_cols
-    if residual is None:
-        residual, residual_stride, residual_out, residual_out_stride = x, x_stride, x, x_stride
     launch(kernel, (rows,),
-        out, out_stride,
-        x, x_stride,
-        residual, residual_stride,
-        residual_out, residual_out_stride,
+        *row_args(rows, n_cols, out, out_stride, residual_out, residual_out_stride, x, x_stride, residual,
+                  residual_stride),
         x if weight is None else weight,
         x if bias is None else bias,
         n_cols,

@@ -48,7 +48,8 @@ from ._norm_common import (  # noqa: F401  (re-exported: tests and compile check
     load_row_sum,
     pick,
     reload_row_sum,
-    row_stride as _row_stride,
+    row_args,
+    stride0,
 )
 from ._launch import launch
 
@@ -227,9 +228,8 @@ def rms_norm_fwd(out, x, weight, eps, llama_cast=False, residual=None, residual_
     """
     check_args("rms_norm_fwd", out, x, {"weight": weight}, residual, residual_out)
     rows, n_cols = x.shape
-    rms_norm_rows(out, _row_stride(out), residual_out, 0 if residual_out is None else _row_stride(residual_out),
-                  x, _row_stride(x), residual, 0 if residual is None else _row_stride(residual), weight, rows, n_cols,
-                  eps, llama_cast)  # fmt: skip
+    rms_norm_rows(out, out.stride(0), residual_out, stride0(residual_out), x, x.stride(0), residual, stride0(residual),
+                  weight, rows, n_cols, eps, llama_cast)  # fmt: skip
 
 
 def rms_norm_rows(out, out_stride, residual_out, residual_out_stride, x, x_stride, residual, residual_stride,
@@ -242,15 +242,9 @@ def rms_norm_rows(out, out_stride, residual_out, residual_out_stride, x, x_strid
     kernel, constexprs, num_warps = _plan(
         x.dtype, out.dtype, None if weight is None else weight.dtype, residual is not None, bool(llama_cast), n_cols
     )
-    if rows == 1:  # one row: its stride is never read; n_cols specializes like the other strides
-        out_stride = x_stride = residual_stride = residual_out_stride = n_cols
-    if residual is None:
-        residual, residual_stride, residual_out, residual_out_stride = x, x_stride, x, x_stride
     launch(kernel, (rows,),
-        out, out_stride,
-        x, x_stride,
-        residual, residual_stride,
-        residual_out, residual_out_stride,
+        *row_args(rows, n_cols, out, out_stride, residual_out, residual_out_stride, x, x_stride, residual,
+                  residual_stride),
         x if weight is None else weight,
         n_cols,
         float(eps),
