@@ -831,9 +831,9 @@ class PagedDecodePlan:
         """The kernels on checked tensors: q [B, Hq, D], k and v [B, Hkv, D] start *_off
         elements into q / k / v (one qkv tensor for run_packed), with (token, head) strides
         qs / ks / vs."""
-        b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
         if self.cuda:
             return self._launch_cuda(q, q_off, qs, k, k_off, ks, v, v_off, vs, k_pages, v_pages, window)
+        b, d, hq, hkv = self.batch, self.d, self.hq, self.hkv
         native.rotary_embedding(q, qs[0], qs[1], b, hq, d, *self._rope, q_off)  # q in place
         native.rotary_embedding(k, ks[0], ks[1], b, hkv, d, *self._rope, k_off)  # k in place
         cs = self._cache_strides

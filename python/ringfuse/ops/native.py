@@ -98,9 +98,9 @@ def _on_device(entry, dev: torch.device, *args) -> None:
     """entry(*args, stream): a _C CUDA entry run on dev's current stream with dev current
     (its kernel launches on the current device). The device guard, a context manager of a
     few us, is entered only when another device is current."""
-    index = dev.index
-    if index is None or index == torch.cuda.current_device():
-        entry(*args, _raw_stream(torch.cuda.current_device() if index is None else index))
+    current = torch.cuda.current_device()
+    if dev.index is None or dev.index == current:
+        entry(*args, _raw_stream(current))
         return
     with torch.cuda.device(dev):
         entry(*args, torch.cuda.current_stream(dev).cuda_stream)
