@@ -2,10 +2,13 @@
 
 1. Without a GPU: every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 and ptxas
    (-v) reports no register spills in any function. Skipped when no nvcc is installed.
-2. On a GPU (marked gpu, skipped without a device): the bound entries
-   ``ringfuse._C.rms_norm_cuda`` / ``ringfuse._C.layer_norm_cuda``, called with raw
-   pointers on CUDA tensors, against the fp64 reference with ARCHITECTURE.md's tolerance rule
-   (error <= 2x torch's own same-dtype error vs the reference).
+2. Numerics, each test twice: on a GPU (``[cuda-...]``, marked gpu, skipped without a
+   device) the bound entries ``ringfuse._C.rms_norm_cuda`` / ``ringfuse._C.layer_norm_cuda``
+   called with raw pointers on CUDA tensors; on the CPU emulator of tests/cuda_emu
+   (``[emu-...]``, any host with g++ and the CUDA headers) the same sources compiled by g++,
+   with pointers into CPU tensors. Both against the fp64 reference with ARCHITECTURE.md's
+   tolerance rule (error <= 2x torch's own same-dtype error vs the reference), computed on
+   the CPU.
 3. The C++ boundary checks (ValueError), which need the CUDA build but no device.
 
 ringfuse is imported inside the tests only: the compile check runs without a built package.
@@ -18,6 +21,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -178,6 +182,14 @@ def make_inputs(rows, hidden, dtype, device, seed=0, w_dtype=None, scale=1.0, of
     return x, r, w, b
 
 
+def on_cpu(*tensors):
+    """CPU copies (None stays None). The oracles (fp64 reference, torch's same-dtype budget,
+    x + r) run on the CPU whatever device ran the kernel: they are then the same on a GPU,
+    on the emulator and from one torch build to the next. torch's CUDA norms do not give
+    the CPU's bits, nor always its NaN pattern (a Welford merge of an inf partial)."""
+    return [None if t is None else t.cpu() for t in tensors]
+
+
 def rms_budget(x, w, eps, r, llama, out_dtype):
     """torch's own computation giving out_dtype: the error budget of the tolerance rule."""
     from .ops.norm_reference import residual_sum, rms_torch
@@ -214,6 +226,7 @@ def check_rms(C, device, dtype, rows, hidden, residual, *, llama=False, w_dtype=
     out = torch.full((rows, hidden), float("nan"), dtype=out_dtype, device=device)
     r_out = torch.full_like(x0, float("nan")) if residual else None
     call_rms(C, out, x, w, eps, r, r_out, llama)
+    out, r_out, x, r, w = on_cpu(out, r_out, x, r, w)
     what = f"rms_norm {dtype} w={w_dtype or dtype} out={out_dtype} [{rows}, {hidden}] residual={residual} llama={llama}"
     if residual:
         assert torch.equal(r_out, x + r), what + ": residual_out != x + residual"
@@ -236,6 +249,7 @@ def check_ln(C, device, dtype, rows, hidden, residual, *, w_dtype=None, out_dtyp
     out = torch.full((rows, hidden), float("nan"), dtype=out_dtype, device=device)
     r_out = torch.full_like(x0, float("nan")) if residual else None
     call_ln(C, out, x, w, b, eps, r, r_out)
+    out, r_out, x, r, w, b = on_cpu(out, r_out, x, r, w, b)
     what = f"layer_norm {dtype} w={w_dtype or dtype} out={out_dtype} [{rows}, {hidden}] residual={residual}"
     if residual:
         assert torch.equal(r_out, x + r), what + ": residual_out != x + residual"
@@ -270,6 +284,7 @@ def check_strided(C, device, dtype, rows, hidden):
     from .ops.norm_reference import assert_within_tolerance, ln_ref64, rms_ref64
 
     x0, r0, w, b = make_inputs(rows, hidden, dtype, device, seed=5)
+    x0c, r0c, wc, bc = on_cpu(x0, r0, w, b)
     for pad, start in ((8, 0), (8, 3), (1, 1)):
         def view(t, fill=0.0):
             big = torch.full((rows, hidden + pad), fill, dtype=t.dtype, device=device)
@@ -283,11 +298,11 @@ def check_strided(C, device, dtype, rows, hidden):
         what = f"{dtype} [{rows}, {hidden}] pad={pad} start={start}"
         call_rms(C, out, x, w, 1e-6, r, s)
         assert torch.equal(s, x0 + r0), "rms residual_out " + what
-        assert_within_tolerance(out.contiguous(), rms_ref64(x0, w, 1e-6, r0), rms_budget(x0, w, 1e-6, r0, False, dtype),
+        assert_within_tolerance(out.cpu(), rms_ref64(x0c, wc, 1e-6, r0c), rms_budget(x0c, wc, 1e-6, r0c, False, dtype),
                                 "rms strided " + what)  # fmt: skip
         call_ln(C, out, x, w, b, 1e-5, r, s)
         assert torch.equal(s, x0 + r0), "ln residual_out " + what
-        assert_within_tolerance(out.contiguous(), ln_ref64(x0, w, b, 1e-5, r0), ln_budget(x0, w, b, 1e-5, r0, dtype),
+        assert_within_tolerance(out.cpu(), ln_ref64(x0c, wc, bc, 1e-5, r0c), ln_budget(x0c, wc, bc, 1e-5, r0c, dtype),
                                 "ln strided " + what)  # fmt: skip
         # the padding around each row is untouched
         for big, t in ((ob, out), (sb, s)):
@@ -304,132 +319,199 @@ HIDDENS = [1, 7, 577, 4096, 8192, 16384, 64, 200, 1000, 5000, 20000]
 ROWS = [1, 3, 130]
 
 
+@pytest.fixture(scope="session")
+def emulated_norms(tmp_path_factory):
+    """The norm kernels of csrc/cuda built for the CPU emulator (tests/cuda_emu)."""
+    from .cuda_emu import build
+
+    missing = build.missing_tools()
+    if missing:
+        pytest.skip(f"CUDA emulator: {missing}")
+    return build.EmulatedNorms(build.build(tmp_path_factory.mktemp("cuda_emu")))
+
+
+def test_emulator_rewrites_launches_and_shared_arrays():
+    from .cuda_emu.build import rewrite
+
+    src = "  k<TX, 4, true><<<grid, dim3(32, 4), 0, st>>>(a);\n  __shared__ float red[2][4][32];"
+    assert rewrite(src) == (
+        "  ::emu::launch(k<TX, 4, true>, grid, dim3(32, 4), 0, st)(a);\n"
+        "  static float red__emu[2][4][32]; auto& red = ::emu::shared(red__emu);"
+    )
+
+
+def test_emulator_catches_races_and_divergent_barriers(emulated_norms):
+    """tests/cuda_emu/selftest.cu: one block of two warps sums 64 floats. Correct, it gives
+    the sum whatever the interleaving; without the barrier before reading the other warp's
+    partial, some interleavings read poisoned shared memory; a __syncthreads only one warp
+    reaches and a shuffle half a warp reaches are errors."""
+    x = torch.arange(64, dtype=torch.float32)
+    racy = []
+    for seed in range(8):
+        emulated_norms.seed(seed)
+        out = torch.zeros(1)
+        emulated_norms.selftest_block_sum(x, out, 0)
+        assert out.item() == 2016.0
+        emulated_norms.selftest_block_sum(x, out, 1)
+        racy.append(out.item())
+    assert any(v != v for v in racy) and 2016.0 in racy, racy
+    with pytest.raises(RuntimeError, match="exited before a __syncthreads"):
+        emulated_norms.selftest_block_sum(x, out, 2)
+    with pytest.raises(RuntimeError, match="diverge at a warp shuffle"):
+        emulated_norms.selftest_block_sum(x, out, 3)
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "emu"])
+def backend(request):
+    """Where the kernels run: "cuda", ringfuse._C's entries on a GPU (gpu-marked), or
+    "emu", the same sources on tests/cuda_emu's CPU emulator, whose warps interleave in an
+    order seeded per test (so that a race shows as a wrong result in some test)."""
+    return request.param
+
+
 @pytest.fixture
-def C():
-    return cuda_C()
+def C(backend, request):
+    if backend == "cuda":
+        return cuda_C()
+    emu = request.getfixturevalue("emulated_norms")
+    emu.seed(zlib.crc32(request.node.nodeid.encode()))
+    return emu
 
 
-@pytest.mark.gpu
+@pytest.fixture
+def device(backend):
+    return "cuda" if backend == "cuda" else "cpu"
+
+
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("hidden", HIDDENS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_rms_norm_cuda(C, dtype, hidden, rows, residual):
-    check_rms(C, "cuda", dtype, rows, hidden, residual)
+def test_rms_norm_cuda(C, device, dtype, hidden, rows, residual):
+    check_rms(C, device, dtype, rows, hidden, residual)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("hidden", HIDDENS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_layer_norm_cuda(C, dtype, hidden, rows, residual):
-    check_ln(C, "cuda", dtype, rows, hidden, residual)
+def test_layer_norm_cuda(C, device, dtype, hidden, rows, residual):
+    check_ln(C, device, dtype, rows, hidden, residual)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [7, 577, 4096])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_rms_norm_cuda_llama_cast(C, dtype, hidden):
+def test_rms_norm_cuda_llama_cast(C, device, dtype, hidden):
     for residual in (False, True):
-        check_rms(C, "cuda", dtype, 3, hidden, residual, llama=True)
-        check_rms(C, "cuda", dtype, 3, hidden, residual, llama=True, with_weight=False)
+        check_rms(C, device, dtype, 3, hidden, residual, llama=True)
+        check_rms(C, device, dtype, 3, hidden, residual, llama=True, with_weight=False)
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [7, 577, 4096, 40000])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_rms_norm_cuda_llama_cast_rounds_before_the_weight(C, device, dtype, hidden):
+    """The tolerance check cannot tell the two orders apart (they differ by one rounding),
+    this can: with a float32 weight of 3 and a float32 out, the llama order gives
+    out = round_x(s * rstd) * 3 exactly, so out / 3 is a value of x's dtype everywhere;
+    torch's order (one rounding of s * rstd * 3 to float32) is not, on most elements."""
+    x, r, _, _ = make_inputs(3, hidden, dtype, device, seed=17)
+    w = torch.full((hidden,), 3.0, device=device)
+    for llama in (True, False):
+        out = torch.empty(3, hidden, device=device)
+        call_rms(C, out, x, w, 1e-6, r, torch.empty_like(x), llama)
+        n = out.cpu().double() / 3
+        exact = n.to(dtype).double() == n
+        if llama:
+            assert exact.all(), f"{dtype} [3, {hidden}]: {int((~exact).sum())} outputs not round_x(s * rstd) * w"
+        elif hidden >= 577:
+            assert exact.float().mean() < 0.5, f"{dtype} [3, {hidden}]: llama_cast=False rounded like llama"
+
+
 @pytest.mark.parametrize("hidden", [7, 577, 4096, 16384])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_norms_cuda_float32_weight_and_out(C, dtype, hidden):
+def test_norms_cuda_float32_weight_and_out(C, device, dtype, hidden):
     """Weight (and bias) float32 with 16-bit x; out x dtype or float32."""
     for out_dtype in (dtype, torch.float32):
         for llama in (False, True):
-            check_rms(C, "cuda", dtype, 3, hidden, True, llama=llama, w_dtype=torch.float32, out_dtype=out_dtype)
-        check_rms(C, "cuda", dtype, 3, hidden, False, out_dtype=out_dtype)
-        check_ln(C, "cuda", dtype, 3, hidden, True, w_dtype=torch.float32, out_dtype=out_dtype)
-        check_ln(C, "cuda", dtype, 3, hidden, False, out_dtype=out_dtype)
+            check_rms(C, device, dtype, 3, hidden, True, llama=llama, w_dtype=torch.float32, out_dtype=out_dtype)
+        check_rms(C, device, dtype, 3, hidden, False, out_dtype=out_dtype)
+        check_ln(C, device, dtype, 3, hidden, True, w_dtype=torch.float32, out_dtype=out_dtype)
+        check_ln(C, device, dtype, 3, hidden, False, out_dtype=out_dtype)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_norms_cuda_optional_params(C, dtype):
+def test_norms_cuda_optional_params(C, device, dtype):
     for hidden in (7, 4096):
-        check_rms(C, "cuda", dtype, 3, hidden, True, with_weight=False)
-        check_ln(C, "cuda", dtype, 3, hidden, True, with_weight=False)
-        check_ln(C, "cuda", dtype, 3, hidden, False, with_bias=False)
-        check_ln(C, "cuda", dtype, 3, hidden, False, with_weight=False, with_bias=False)
+        check_rms(C, device, dtype, 3, hidden, True, with_weight=False)
+        check_ln(C, device, dtype, 3, hidden, True, with_weight=False)
+        check_ln(C, device, dtype, 3, hidden, False, with_bias=False)
+        check_ln(C, device, dtype, 3, hidden, False, with_weight=False, with_bias=False)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [32768, 40000, 40001, 65536])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_norms_cuda_long_rows(C, dtype, hidden):
+def test_norms_cuda_long_rows(C, device, dtype, hidden):
     """Rows longer than the register kernels hold take the streaming kernel."""
-    check_rms(C, "cuda", dtype, 3, hidden, True)
-    check_rms(C, "cuda", dtype, 2, hidden, False, llama=True)
-    check_ln(C, "cuda", dtype, 3, hidden, True)
+    check_rms(C, device, dtype, 3, hidden, True)
+    check_rms(C, device, dtype, 2, hidden, False, llama=True)
+    check_ln(C, device, dtype, 3, hidden, True)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_layer_norm_cuda_large_mean(C, dtype):
+def test_layer_norm_cuda_large_mean(C, device, dtype):
     """|mean| >> std: the two-pass variance has no cancellation."""
     for hidden in (200, 577, 1000, 4096, 5000, 40000):
-        check_ln(C, "cuda", dtype, 3, hidden, False, offset=300.0)
-        check_ln(C, "cuda", dtype, 3, hidden, True, offset=300.0)
+        check_ln(C, device, dtype, 3, hidden, False, offset=300.0)
+        check_ln(C, device, dtype, 3, hidden, True, offset=300.0)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [7, 577, 4096, 16384, 40000])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_norms_cuda_in_place(C, dtype, hidden):
-    check_in_place(C, "cuda", dtype, 5, hidden)
+def test_norms_cuda_in_place(C, device, dtype, hidden):
+    check_in_place(C, device, dtype, 5, hidden)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [7, 577, 4096, 40000])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_norms_cuda_strided(C, dtype, hidden):
-    check_strided(C, "cuda", dtype, 3, hidden)
+def test_norms_cuda_strided(C, device, dtype, hidden):
+    check_strided(C, device, dtype, 3, hidden)
 
 
 def check_non_finite(C, device, dtype, hidden):
-    """A NaN in a row makes the row NaN, an inf gives torch's NaN pattern (rms_norm: NaN
-    only where the inf was, 0 elsewhere), and the other rows are untouched."""
+    """A NaN in a row makes the row NaN; an inf gives the formula's NaN pattern, which is the
+    fp64 reference's and torch's on the CPU (rms_norm: rstd = 0, so NaN only where the inf
+    was and 0 elsewhere; layer_norm: an inf mean, so the whole row NaN); the other rows stay
+    finite."""
+    from .ops.norm_reference import ln_ref64, rms_ref64
+
     x, r, w, b = make_inputs(4, hidden, dtype, device, seed=13)
     x[1, hidden // 2] = float("nan")
     x[2, hidden - 1] = float("inf")
+    xc, wc, bc = on_cpu(x, w, b)
     for op in ("rms", "ln"):
         out = torch.empty_like(x)
         if op == "rms":
             call_rms(C, out, x, w, 1e-6)
-            ref = F_rms(x, w, 1e-6)
+            ref = rms_ref64(xc, wc, 1e-6)
         else:
             call_ln(C, out, x, w, b, 1e-5)
-            ref = F_ln(x, w, b, 1e-5)
+            ref = ln_ref64(xc, wc, bc, 1e-5)
+        out = out.cpu()
         assert out[1].isnan().all(), f"{op} {dtype} {hidden}"
         for i in (0, 3):
             assert out[i].isfinite().all(), f"{op} {dtype} {hidden} row {i}"
-        assert torch.equal(out.isnan(), ref.isnan()), f"{op} {dtype} {hidden}: NaNs differ from torch"
+        nan_rows = [i for i in range(4) if not torch.equal(out[i].isnan(), ref[i].isnan())]
+        assert not nan_rows, f"{op} {dtype} {hidden}: NaNs differ from the fp64 reference in rows {nan_rows}"
 
 
-def F_rms(x, w, eps):
-    return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps)
-
-
-def F_ln(x, w, b, eps):
-    return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, eps)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [7, 4096, 40000])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_norms_cuda_non_finite(C, dtype, hidden):
-    check_non_finite(C, "cuda", dtype, hidden)
+def test_norms_cuda_non_finite(C, device, dtype, hidden):
+    check_non_finite(C, device, dtype, hidden)
 
 
-@pytest.mark.gpu
-def test_norms_cuda_deterministic_and_empty(C):
-    x, r, w, b = make_inputs(130, 8192, torch.bfloat16, "cuda", seed=9)
+def test_norms_cuda_deterministic_and_empty(C, device):
+    x, r, w, b = make_inputs(130, 8192, torch.bfloat16, device, seed=9)
     outs = []
     for _ in range(3):
         out, s = torch.empty_like(x), torch.empty_like(x)
@@ -439,14 +521,16 @@ def test_norms_cuda_deterministic_and_empty(C):
         outs.append((out, out2))
     assert all(torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1]) for o in outs)
     # rows == 0 is a no-op, even with null pointers
-    C.rms_norm_cuda(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 1e-6, 2, 2, 2, False, torch.cuda.current_stream().cuda_stream)
-    C.layer_norm_cuda(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 1e-5, 2, 2, 2, torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
+    C.rms_norm_cuda(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 1e-6, 2, 2, 2, False, _stream(x))
+    C.layer_norm_cuda(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 1e-5, 2, 2, 2, _stream(x))
+    if x.is_cuda:
+        torch.cuda.synchronize()
 
 
 @pytest.mark.gpu
-def test_norms_cuda_non_default_stream(C):
-    x, r, w, _ = make_inputs(64, 4096, torch.float16, "cuda", seed=11)
+def test_norms_cuda_non_default_stream():
+    C = cuda_C()
+    x, r, w, _ = make_inputs(64, 4096, torch.float16, device, seed=11)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -455,6 +539,7 @@ def test_norms_cuda_non_default_stream(C):
     torch.cuda.current_stream().wait_stream(s)
     from .ops.norm_reference import assert_within_tolerance, rms_ref64, rms_torch
 
+    out, x, w = on_cpu(out, x, w)
     assert_within_tolerance(out, rms_ref64(x, w, 1e-6), rms_torch(x, w, 1e-6), "side stream")
 
 
