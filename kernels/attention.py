@@ -16,13 +16,17 @@ Kernels
   the key loop stops at the last visible key of the tile. A row with no visible key
   writes zeros and lse = -inf.
 - ``_decode_attn_stage1_kernel`` / ``_paged_decode_attn_stage1_kernel``: grid
-  (B * Hq, num_splits). Sequence b's keys [0, len) are cut into num_splits ranges of
-  split_len = round_up(cdiv(len, num_splits), BLOCK_N) keys; a program walks its range in
-  BLOCK_N tiles (q.k as a broadcast multiply + row sum: one query row, memory-bound) and
-  writes its unnormalized (m, l, acc) to fp32 scratch. The paged kernel differs only in
-  how a tile's key addresses are formed (block_table gather per key); the tile math is the
-  shared ``_decode_tile`` helper, the split boundaries and tiles are the same functions of
-  (len, num_splits, BLOCK_N), so paged and contiguous results are bitwise identical.
+  (B * Hkv * cdiv(group, 16), num_splits). A program serves the query heads of one kv head
+  (a GQA group, padded to 16 rows; a bigger group takes several programs), so each K/V tile
+  is read once for the whole group. Sequence b's keys [0, len) are cut into num_splits
+  ranges of split_len = round_up(cdiv(len, num_splits), BLOCK_N) keys; a program walks its
+  range in BLOCK_N tiles with two tensor-core dots per tile (S = Q K^T on [16, D] x
+  [D, BLOCK_N]; acc += P V with P rounded to the input dtype, as in the prefill kernel)
+  and writes each head's unnormalized (m, l, acc) to fp32 scratch. The paged kernel
+  differs only in how a tile's key addresses are formed (block_table gather per key); the
+  tile math is the shared ``_decode_tile`` helper, the split boundaries and tiles are the
+  same functions of (len, num_splits, BLOCK_N), so paged and contiguous results are
+  bitwise identical. The default split count fills the GPU (``default_num_splits``).
 - ``_decode_attn_stage2_kernel``: grid (B * Hq,). Merges the splits in index order
   (deterministic): out = sum_s acc_s 2^(m_s - M) / sum_s l_s 2^(m_s - M). len 0 -> zeros.
 
@@ -31,10 +35,12 @@ Napkin math (bf16, B*Hq = H heads, Hkv kv heads):
            2 * B * Hq * Sq * D * 2 (q read, out write) + K/V re-read per query tile, mostly
            from L2. Compute-bound for Sq >= a few hundred: the target is the tensor-core
            peak (312 TFLOP/s A100 bf16 dense; FA2 reaches 50-70% of it).
-  decode:  bytes ~ 2 * B * Hkv * len * D * 2 (K and V once; with GQA the group's query heads
-           re-read the same K/V tiles, mostly from L2) + scratch B * Hq * splits * (D + 2) * 4
-           * 2; flops ~ 4 * B * Hq * len * D: ~1 flop per byte per group member, memory-
-           bound, the target is HBM bandwidth (2.0 TB/s A100-80G, 3.35 TB/s H100 SXM).
+  decode:  bytes ~ 2 * B * Hkv * len * D * 2 (K and V once, for the whole group) + scratch
+           B * Hq * splits * (D + 2) * 4 * 2; flops ~ 4 * B * Hq * len * D: ~1 flop per byte
+           per group member, memory-bound, the target is HBM bandwidth (2.0 TB/s A100-80G,
+           3.35 TB/s H100 SXM, 4.8 TB/s H200). B 1, Llama-3-8B (32 / 8 heads, D 128), len
+           4096: 16.8 MB of K/V, ~4 us at 4.2 TB/s; 16 splits of 256 keys, 128 programs,
+           0.5 MB of scratch written and read back.
 """
 
 from __future__ import annotations
@@ -62,8 +68,12 @@ TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 MAX_HEAD_DIM = 256
 MIN_BLOCK_D = 32  # tl.dot needs K >= 16; 32 keeps one variant for the tiny head dims
 BLOCK_D_BUCKETS = (32, 64, 128, 256)
-MAX_SPLITS = 16
-KEYS_PER_SPLIT = 512  # default num_splits = clamp(cdiv(S_max, 512), 1, MAX_SPLITS)
+# Decode: a program serves DECODE_HEADS query heads of one kv head (a GQA group, padded;
+# a bigger group takes several programs), so it reads each K/V tile once for the group.
+DECODE_HEADS = 16  # tl.dot's smallest M
+MAX_SPLITS = 64
+MIN_KEYS_PER_SPLIT = 256  # 4-16 tiles: the pipeline's prologue and the partial's store amortized
+DECODE_TARGET_PROGRAMS = 256  # ~2 per SM of an H100 / H200 (132 SMs), 2.4 of an A100 (108)
 
 
 @triton.jit
@@ -207,21 +217,71 @@ def _flash_attn_fwd_kernel(
 
 
 @triton.jit
-def _decode_tile(q, k, v, n_valid, m_i, l_i, acc, qk_scale, softcap_log2, SOFTCAP: tl.constexpr):
-    """One BLOCK_N tile of online softmax for one query row: q [BLOCK_D] fp32, k / v
-    [BLOCK_N, BLOCK_D] (masked lanes 0), n_valid [BLOCK_N]; m_i / l_i scalars (base 2)."""
-    qk = tl.sum(k.to(tl.float32) * q[None, :], 1)
+def _decode_tile(q, k, v, n_valid, m_i, l_i, acc, qk_scale, softcap_log2, SOFTCAP: tl.constexpr,
+                 DOT_FP32: tl.constexpr):  # fmt: skip
+    """One BLOCK_N tile of online softmax for the BLOCK_H query heads of one kv head:
+    q [BLOCK_H, BLOCK_D] (fp32 with DOT_FP32, else the input dtype; padding rows 0), k / v
+    [BLOCK_N, BLOCK_D] (masked lanes 0), n_valid [BLOCK_N]; m_i / l_i [BLOCK_H] (base 2),
+    acc [BLOCK_H, BLOCK_D] fp32. Both products are tensor-core dots (S = Q K^T, acc += P V
+    with P rounded to the input dtype first, as FlashAttention-2's prefill does), so the
+    tile is read once for the whole group and no cross-thread sum over D or over keys is
+    left to do by hand."""
+    if DOT_FP32:
+        qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     if SOFTCAP:
         s = softcap_log2 * _tanh(qk * qk_scale)
     else:
         s = qk * qk_scale
-    s = tl.where(n_valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 0))  # finite: every tile has a valid key
-    p = tl.exp2(s - m_new)
+    s = tl.where(n_valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has a valid key
+    p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 0)
-    acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    p_in = p.to(v.dtype)
+    if DOT_FP32:
+        acc = tl.dot(p_in.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p_in, v, acc, input_precision="ieee")
     return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_heads(pid, Hq, group, BLOCK_H: tl.constexpr):
+    """Program pid of grid dim 0 (B * Hkv * cdiv(group, BLOCK_H)): its sequence b, kv head,
+    the BLOCK_H query heads it serves (kvh * group + member), which of them exist, and
+    whether it is the sequence's first program."""
+    head_blocks = tl.cdiv(group, BLOCK_H)
+    hkv = Hq // group
+    b = pid // (hkv * head_blocks)
+    rest = pid % (hkv * head_blocks)
+    kvh = rest // head_blocks
+    member = (rest % head_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    return b, kvh, kvh * group + member, member < group, rest == 0
+
+
+@triton.jit
+def _load_q_heads(q_ptr, b, q_sb, q_sh, heads, h_mask, d_mask, DOT_FP32: tl.constexpr,
+                  BLOCK_D: tl.constexpr):  # fmt: skip
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + b * q_sb + heads[:, None].to(tl.int64) * q_sh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _store_partials(mid_o_ptr, mid_ml_ptr, b, Hq, heads, h_mask, num_splits, split, m_i, l_i, acc,
+                    BLOCK_D: tl.constexpr):  # fmt: skip
+    """The (m, l, acc) of this split for each served head: row (b * Hq + h) * num_splits + split."""
+    offs_d = tl.arange(0, BLOCK_D)
+    row = ((b * Hq + heads).to(tl.int64)) * num_splits + split
+    tl.store(mid_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=h_mask[:, None])
+    tl.store(mid_ml_ptr + row * 2, m_i, mask=h_mask)
+    tl.store(mid_ml_ptr + row * 2 + 1, l_i, mask=h_mask)
 
 
 @triton.jit
@@ -246,14 +306,6 @@ def _checked_seq_len(ptr, capacity, err_ptr, reporter):
 
 
 @triton.jit
-def _store_partial(mid_o_ptr, mid_ml_ptr, row, m_i, l_i, acc, BLOCK_D: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    tl.store(mid_o_ptr + row * BLOCK_D + offs_d, acc)
-    tl.store(mid_ml_ptr + row * 2, m_i)
-    tl.store(mid_ml_ptr + row * 2 + 1, l_i)
-
-
-@triton.jit
 def _decode_attn_stage1_kernel(
     mid_o_ptr,  # *fp32 [B, Hq, num_splits, BLOCK_D]: unnormalized partial acc per split
     mid_ml_ptr,  # *fp32 [B, Hq, num_splits, 2]: partial (max in log2 units, sum) per split
@@ -274,24 +326,24 @@ def _decode_attn_stage1_kernel(
     softcap_log2,  # fp32: softcap * log2(e) (unused unless SOFTCAP)
     window,  # the token sees the last `window` keys (NO_WINDOW: all)
     SOFTCAP: tl.constexpr,  # s = softcap * tanh(s / softcap)
+    DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (the interpreter's bf16 dot is wrong)
+    BLOCK_H: tl.constexpr,  # query heads per program (one kv head's group, padded)
     BLOCK_N: tl.constexpr,  # keys per tile
     BLOCK_D: tl.constexpr,  # next_pow2(D), >= 32
 ):  # fmt: skip
-    bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    kvh = (h // group).to(tl.int64)
-    seq_len = _checked_seq_len(seq_lens_ptr + b, capacity, err_ptr, (split == 0) & (h == 0))
+    b, kvh, heads, h_mask, first = _decode_heads(tl.program_id(0), Hq, group, BLOCK_H)
+    seq_len = _checked_seq_len(seq_lens_ptr + b, capacity, err_ptr, (split == 0) & first)
     b = b.to(tl.int64)
+    kvh = kvh.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    q = tl.load(q_ptr + b * q_sb + h.to(tl.int64) * q_sh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    q = _load_q_heads(q_ptr, b, q_sb, q_sh, heads, h_mask, d_mask, DOT_FP32, BLOCK_D)  # [BLOCK_H, BLOCK_D]
     k_base = k_ptr + b * k_sb + kvh * k_sh
     v_base = v_ptr + b * v_sb + kvh * v_sh
-    m_i = tl.full([], float("-inf"), dtype=tl.float32)
-    l_i = tl.full([], 0.0, dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     start, end = _split_range(seq_len, window, split, num_splits, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -299,8 +351,8 @@ def _decode_attn_stage1_kernel(
         kv_mask = n_valid[:, None] & d_mask[None, :]
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * k_sn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * v_sn + offs_d[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _decode_tile(q, k, v, n_valid, m_i, l_i, acc, qk_scale, softcap_log2, SOFTCAP)
-    _store_partial(mid_o_ptr, mid_ml_ptr, bh.to(tl.int64) * num_splits + split, m_i, l_i, acc, BLOCK_D)
+        m_i, l_i, acc = _decode_tile(q, k, v, n_valid, m_i, l_i, acc, qk_scale, softcap_log2, SOFTCAP, DOT_FP32)
+    _store_partials(mid_o_ptr, mid_ml_ptr, b, Hq, heads, h_mask, num_splits, split, m_i, l_i, acc, BLOCK_D)
 
 
 @triton.jit
@@ -325,23 +377,23 @@ def _paged_decode_attn_stage1_kernel(
     softcap_log2,  # fp32: softcap * log2(e) (unused unless SOFTCAP)
     window,  # the token sees the last `window` keys (NO_WINDOW: all)
     SOFTCAP: tl.constexpr,  # s = softcap * tanh(s / softcap)
+    DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (the interpreter's bf16 dot is wrong)
+    BLOCK_H: tl.constexpr,  # query heads per program (one kv head's group, padded)
     BLOCK_N: tl.constexpr,  # keys per tile
     BLOCK_D: tl.constexpr,  # next_pow2(D), >= 32
 ):  # fmt: skip
-    bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
-    kvh = (h // group).to(tl.int64)
+    b, kvh, heads, h_mask, _ = _decode_heads(tl.program_id(0), Hq, group, BLOCK_H)
     seq_len = tl.load(seq_lens_ptr + b)
     b = b.to(tl.int64)
+    kvh = kvh.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    q = tl.load(q_ptr + b * q_sb + h.to(tl.int64) * q_sh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    q = _load_q_heads(q_ptr, b, q_sb, q_sh, heads, h_mask, d_mask, DOT_FP32, BLOCK_D)  # [BLOCK_H, BLOCK_D]
     bt_row = bt_ptr + b * bt_sb
-    m_i = tl.full([], float("-inf"), dtype=tl.float32)
-    l_i = tl.full([], 0.0, dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     start, end = _split_range(seq_len, window, split, num_splits, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -353,8 +405,8 @@ def _paged_decode_attn_stage1_kernel(
         v_row = phys * v_sblk + kvh * v_sh + slot * v_sn
         k = tl.load(k_ptr + k_row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + v_row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _decode_tile(q, k, v, n_valid, m_i, l_i, acc, qk_scale, softcap_log2, SOFTCAP)
-    _store_partial(mid_o_ptr, mid_ml_ptr, bh.to(tl.int64) * num_splits + split, m_i, l_i, acc, BLOCK_D)
+        m_i, l_i, acc = _decode_tile(q, k, v, n_valid, m_i, l_i, acc, qk_scale, softcap_log2, SOFTCAP, DOT_FP32)
+    _store_partials(mid_o_ptr, mid_ml_ptr, b, Hq, heads, h_mask, num_splits, split, m_i, l_i, acc, BLOCK_D)
 
 
 @triton.jit
@@ -500,16 +552,6 @@ _FLASH_TILES = {
 }
 
 
-def decode_num_warps(block_d: int) -> int:
-    """Warps of the decode stage-1 kernels: 4, and 8 at D 32, whose BLOCK_N is capped at 64
-    (a 64 x 32 tile, 16 K and 16 V elements per thread at 4 warps, with a gathered int64 row
-    address per key in the paged kernel): 120 registers and 8 to 72 bytes of spills at some
-    ptxas register limits (88, 40-61); at 8 warps 64, spill-free down to a limit of 40. Same
-    tile and bytes in flight per program, so the same memory-level parallelism; contiguous
-    and paged kernels keep one warp count (their results stay bitwise equal)."""
-    return 8 if block_d == 32 else 4
-
-
 @triton.jit
 def _write_kv_kernel(
     kc_ptr,  # *dtype [num_blocks, Hkv, block_size, D]: key cache
@@ -549,14 +591,41 @@ def block_d_for(d: int) -> int:
     return max(MIN_BLOCK_D, triton.next_power_of_2(d))
 
 
-def decode_block_n(block_d: int) -> int:
-    """Keys per decode tile: BLOCK_N x BLOCK_D = 4096 elements (32 per thread at 4 warps:
-    four 16-byte loads of K and of V per thread for 16-bit dtypes), 16 to 64 keys."""
-    return max(16, min(64, 4096 // block_d))
+# Decode stage 1: (BLOCK_N, num_warps) per (16-bit?, BLOCK_D). The loop's loads feed
+# tl.dot, so Triton pipelines them with cp.async (num_stages 3: two K and V tiles in flight
+# per program) when it knows D and the strides are multiples of 16 (the JIT's
+# specialization of a real launch, D 64 / 128 / 256 with packed caches). The compile test
+# also builds the variant without that knowledge (odd D or strides: scalar, unpipelined
+# loads, many more registers), which sets the tiles. Registers unaligned / aligned, with
+# and without softcap (sm_80 for 16-bit D 64 / 128, sm_90 for the rest), none spilling:
+#   16-bit D 32 (64, 4): 151-182 / 63-64;  D 64 (32, 8): 98-110 / 58-64;
+#          D 128 (16, 8): 100-110 / 73-80; D 256 (16, 8): 128 / 71-92;
+#   fp32   D 32 (32, 8): 52 / 46-53;       D 64 (32, 8): 70-116 / 54-59;
+#          D 128 (16, 8): 64-72 / 54-70;   D 256 (16, 8): 88-112 / 78-80.
+# Spilling when tried: 16-bit (64, 4) at D 64 paged (76 B unaligned), (64, 8) at D 64 on
+# sm_80 (8 B), (32, 8) at D 128 on sm_80 (8 B; 152-192 registers unaligned), (32, 4) and
+# (64, x) at D 128 (72-596 B), (32, x) at D 256 (84-136 B); fp32 (32, x) at D 128 / 256
+# (up to 1792 B).
+_DECODE_TILES = {
+    (True, 32): (64, 4),
+    (True, 64): (32, 8),
+    (True, 128): (16, 8),
+    (True, 256): (16, 8),
+    (False, 32): (32, 8),
+    (False, 64): (32, 8),
+    (False, 128): (16, 8),
+    (False, 256): (16, 8),
+}
 
 
-def default_num_splits(s_max: int) -> int:
-    return max(1, min(MAX_SPLITS, cdiv(max(s_max, 1), KEYS_PER_SPLIT)))
+def default_num_splits(s_max: int, programs_per_split: int = 1) -> int:
+    """Splits per sequence: enough for DECODE_TARGET_PROGRAMS programs in all (B * Hkv *
+    head blocks per split), no split under MIN_KEYS_PER_SPLIT keys, at most MAX_SPLITS.
+    A sequence's split count, and so its bits, then depend on the batch's size (as in
+    FlashInfer's and vLLM's split-KV decode); pass num_splits for batch-invariant bits."""
+    by_fill = cdiv(DECODE_TARGET_PROGRAMS, max(programs_per_split, 1))
+    by_len = cdiv(max(s_max, 1), MIN_KEYS_PER_SPLIT)
+    return max(1, min(MAX_SPLITS, by_fill, by_len))
 
 
 # Sliding-window variants (WINDOW) where the window's second bound pushed the tile into
@@ -594,7 +663,7 @@ def _flash_spec(dtype, d: int, causal: bool, softcap: bool, has_lse: bool, varle
     return _flash_attn_fwd_kernel, sig, cexp, nw
 
 
-def _decode_spec(dtype, d: int, softcap: bool, paged: bool):
+def _decode_spec(dtype, d: int, softcap: bool, paged: bool, dot_fp32: bool = False):
     block_d = block_d_for(d)
     t = TL_NAME[dtype]
     sig = {"mid_o_ptr": "*fp32", "mid_ml_ptr": "*fp32", "q_ptr": f"*{t}", **_int_sig(["q_sb", "q_sh"])}
@@ -610,9 +679,11 @@ def _decode_spec(dtype, d: int, softcap: bool, paged: bool):
         kernel = _decode_attn_stage1_kernel
     sig.update({**_int_sig(["Hq", "group", "D", "num_splits"]), "qk_scale": "fp32", "softcap_log2": "fp32",
                 "window": "i32"})  # fmt: skip
-    cexp = {"SOFTCAP": bool(softcap), "BLOCK_N": decode_block_n(block_d), "BLOCK_D": block_d}
+    block_n, num_warps = _DECODE_TILES[(dtype != torch.float32, block_d)]
+    cexp = {"SOFTCAP": bool(softcap), "DOT_FP32": bool(dot_fp32), "BLOCK_H": DECODE_HEADS, "BLOCK_N": block_n,
+            "BLOCK_D": block_d}  # fmt: skip
     sig.update({k: "constexpr" for k in cexp})
-    return kernel, sig, cexp, decode_num_warps(block_d)
+    return kernel, sig, cexp, num_warps
 
 
 def _stage2_spec(dtype, d: int):
@@ -697,7 +768,7 @@ def _flash_plan(dtype, d, causal, softcap, has_lse, varlen=False, window=False):
 
 @functools.lru_cache(maxsize=1024)
 def _decode_plan(dtype, d, softcap, paged):
-    kernel, _, cexp, nw = _decode_spec(dtype, d, softcap, paged)
+    kernel, _, cexp, nw = _decode_spec(dtype, d, softcap, paged, INTERPRETING)
     k2, _, cexp2, nw2 = _stage2_spec(dtype, d)
     return kernel, cexp, nw, k2, cexp2, nw2
 
@@ -882,14 +953,15 @@ def _decode_launch(out, q, k, v, seq_lens, scale, softcap, num_splits, s_max, pa
     B, Hq, D = q.shape
     qk_scale, softcap_log2 = _scales(scale, softcap)
     window = _window("decode attention", window, True)
+    group = Hq // k.shape[1]
+    programs = B * k.shape[1] * cdiv(group, DECODE_HEADS)  # per split
     if num_splits is None:
-        num_splits = default_num_splits(s_max)
+        num_splits = default_num_splits(s_max, programs)
     num_splits = int(num_splits)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if B * Hq == 0:
         return
-    group = Hq // k.shape[1]
     k1, cexp1, nw1, k2, cexp2, nw2 = _decode_plan(q.dtype, D, softcap is not None, paged_args is not None)
     block_d = cexp1["BLOCK_D"]
     mid_o = torch.empty((B, Hq, num_splits, block_d), dtype=torch.float32, device=q.device)
@@ -906,7 +978,7 @@ def _decode_launch(out, q, k, v, seq_lens, scale, softcap, num_splits, s_max, pa
                k.shape[0], window, err, **check_cexp, num_warps=check_nw)  # fmt: skip
         kv_args = (k, k.stride(0), k.stride(1), k.stride(2), v, v.stride(0), v.stride(1), v.stride(2),
                    block_table, block_table.stride(0), checked, block_size)  # fmt: skip
-    launch(k1, (B * Hq, num_splits),
+    launch(k1, (programs, num_splits),
         mid_o, mid_ml, q, q.stride(0), q.stride(1), *kv_args,
         Hq, group, D, num_splits, qk_scale, softcap_log2, window,
         **cexp1, num_warps=nw1,
@@ -922,7 +994,8 @@ def decode_attention_fwd(out, q, k_cache, v_cache, seq_lens, scale, softcap=None
     q, out: [B, Hq, D]; k_cache, v_cache: [B, Hkv, S_max, D]; seq_lens: int32 [B] with
     0 <= len <= S_max (len 0 -> zeros; a len outside gives zeros and raises the
     device_errors flag); window: the token sees only the last ``window`` keys. num_splits
-    None: clamp(cdiv(S_max, 512), 1, 16).
+    None: default_num_splits (enough programs to fill the GPU; it depends on B, so pass
+    num_splits for bits that do not depend on the batch).
     Deterministic: the splits are merged in a fixed order.
     """
     op = "decode_attention_fwd"

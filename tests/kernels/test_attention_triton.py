@@ -324,6 +324,8 @@ DECODE_CASES = [
     (torch.bfloat16, 8, 2, 129, 64, None, 4),
     (torch.bfloat16, 6, 2, 77, 128, 2.0, None),
     (torch.bfloat16, 2, 2, 7, 80, None, 16),  # more splits than tiles: empty splits
+    (torch.float16, 34, 2, 129, 64, 2.0, None),  # group 17: two programs per kv head, one head in the 2nd
+    (torch.float32, 40, 1, 77, 40, None, 2),  # MQA, group 40: three programs, the last half empty
 ]
 
 
@@ -444,10 +446,17 @@ def test_decode_sliding_window(window):
 
 
 def test_default_num_splits_and_buckets():
-    assert triton_attention.default_num_splits(1) == 1
-    assert triton_attention.default_num_splits(512) == 1
-    assert triton_attention.default_num_splits(513) == 2
-    assert triton_attention.default_num_splits(1 << 20) == triton_attention.MAX_SPLITS
+    ta = triton_attention
+    split = ta.default_num_splits
+    per = ta.MIN_KEYS_PER_SPLIT  # 256
+    # one program per split (B = 1, one kv head): the length decides, up to MAX_SPLITS
+    assert [split(n) for n in (0, 1, per, per + 1, 5 * per)] == [1, 1, 1, 2, 5]
+    assert split(1 << 20) == ta.MAX_SPLITS
+    # B * Hkv programs per split: splits until DECODE_TARGET_PROGRAMS programs in all
+    assert split(32768, 8) == ta.DECODE_TARGET_PROGRAMS // 8 == 32  # Llama-3-8B, B 1
+    assert split(4096, 8) == 16  # 256 keys each
+    assert split(32768, 64 * 8) == 1  # B 64: the batch fills the GPU
+    assert split(32768, 100) == 3
     assert [triton_attention.block_d_for(d) for d in (1, 32, 40, 64, 80, 96, 128, 129, 256)] == [
         32, 32, 64, 64, 128, 128, 128, 256, 256,
     ]  # fmt: skip
