@@ -12,7 +12,8 @@ small calls: N calls queued without a sync, wall / N (issue target: torch's equi
 row.
 
 Napkin math for the % columns: norms move rows x hidden x elem x (2: x read, out written;
-4 with a residual); decode attention reads K and V once (2 x B x Hkv x L x D x elem);
+4 with a residual); the gated activations 3 x rows x d x elem (gate and up read, out
+written; torch's two kernels move 5); decode attention reads K and V once (2 x B x Hkv x L x D x elem);
 prefill does 4 x B x Hq x S^2 x D flops (half with causal); w8a16 reads N x K int8
 weight bytes; w8a8 does 2 x M x N x K int8 ops.
 """
@@ -109,6 +110,24 @@ class Bench:
         err, torch_err = _err(ours(), ref), _err(theirs(), ref)
         t_ours, t_torch = _ms(ours), _ms(theirs)
         nbytes = (4 if op.startswith("add") else 2) * x.numel() * x.element_size()
+        return {"ok": _ok(err, torch_err, ref), "us": t_ours * 1e3, "torch_us": t_torch * 1e3,
+                "speedup": t_torch / t_ours, "gbps": nbytes / t_ours / 1e6, "pct": self.pct_copy(nbytes, t_ours)}
+
+    # -----------------------------------------------------------------------------------
+    def activations(self) -> None:
+        shapes = [(4096, 11008), (1, 11008)] if not self.quick else [(4096, 11008)]
+        for op in ("silu_mul", "gelu_tanh_mul"):
+            for rows, d in shapes:
+                self.case("activations", f"{op} [{rows}, 2 x {d}] bf16", lambda: self._gated(op, rows, d))
+
+    def _gated(self, op: str, rows: int, d: int) -> dict:
+        x = torch.randn(rows, 2 * d, device=DEV, dtype=torch.bfloat16)
+        act = F.silu if op == "silu_mul" else (lambda a: F.gelu(a, approximate="tanh"))
+        ours, theirs = (lambda: getattr(ops, op)(x)), (lambda: act(x[:, :d]) * x[:, d:])
+        ref = act(x[:, :d].double()) * x[:, d:].double()
+        err, torch_err = _err(ours(), ref), _err(theirs(), ref)
+        t_ours, t_torch = _ms(ours), _ms(theirs)
+        nbytes = 3 * rows * d * x.element_size()  # gate and up read, out written
         return {"ok": _ok(err, torch_err, ref), "us": t_ours * 1e3, "torch_us": t_torch * 1e3,
                 "speedup": t_torch / t_ours, "gbps": nbytes / t_ours / 1e6, "pct": self.pct_copy(nbytes, t_ours)}
 
@@ -270,7 +289,7 @@ class Bench:
         title = (f"ringfuse bench gpu: {torch.cuda.get_device_name()}, torch {torch.__version__}; "
                  f"copy {self.copy_gbps:,.0f} GB/s, bf16 matmul {self.bf16_tflops:,.0f} TFLOP/s (same run)")  # fmt: skip
         print(title)
-        for section in ("norms", "prefill", "decode", "int8"):
+        for section in ("norms", "activations", "prefill", "decode", "int8"):
             rows = [self._cells(r) for r in self.rows if r["section"] == section]
             if rows:
                 print_table(f"{section} (ratio: torch time / ringfuse time)",
@@ -330,7 +349,7 @@ def _host_us(fn, n: int = 200) -> float:
     return host * 1e6
 
 
-SECTIONS = ("norms", "prefill", "decode", "int8", "host")
+SECTIONS = ("norms", "activations", "prefill", "decode", "int8", "host")
 
 
 def run(quick: bool = False, json_path: str | None = None, sections=SECTIONS) -> int:

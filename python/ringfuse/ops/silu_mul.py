@@ -10,9 +10,9 @@ activation, a temporary and a multiply.
 
 CPU kernel (csrc/cpu/silu_mul.cpp): float32 / bfloat16 / float16, fp32 math (a ~2 ulp exp;
 fp32 outputs within 3 ulp of exact, not bitwise torch's) with one rounding to fp16 / bf16
-(within 1 ulp of exact);
-x's rows may be strided (unit inner stride). Fallback (documented): CUDA tensors, float64 and
-autograd run the torch expression above. Registered as ``torch.ops.ringfuse.silu_mul`` and
+(within 1 ulp of exact); CUDA: the Triton kernel in kernels/silu_mul.py, the same math and
+rounding (one pass: gate and up read once, out written once). x's rows may be strided (unit
+inner stride). Fallback (documented): float64 and autograd run the torch expression above. Registered as ``torch.ops.ringfuse.silu_mul`` and
 ``torch.ops.ringfuse.gelu_tanh_mul`` (fake kernels, for torch.compile); eager calls reach
 the kernel (``native.silu_mul``) directly.
 """
@@ -45,7 +45,7 @@ def _gated(op, x):
     if x.dim() < 1 or x.shape[-1] % 2 or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must be [..., 2 d] (gate | up) with an even, non-zero last dim, got shape "
                          f"{tuple(x.shape)}")  # fmt: skip
-    if not x.is_cpu or x.dtype == torch.float64 or c.needs_autograd(x):
+    if not (x.is_cpu or x.is_cuda) or x.dtype == torch.float64 or c.needs_autograd(x):
         return _torch(op, x)
     if torch.compiler.is_compiling():
         return getattr(torch.ops.ringfuse, op)(x)
@@ -60,17 +60,22 @@ def _torch(op, x):
 
 def _forward(op, x):
     d = x.shape[-1] // 2
-    out = torch.empty((*x.shape[:-1], d), dtype=x.dtype)  # [..., d]
+    out = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)  # [..., d]
     rows = out.numel() // d
     if rows:
         xr = c.rows(x)  # [rows, 2 d], a copy only if the rows are not evenly strided
-        native.silu_mul(out, d, xr.t, xr.stride, rows, d, op)
+        if x.is_cuda:
+            from ..kernels import silu_mul as tk
+
+            tk.gated_mul_fwd(out.view(rows, d), xr.as_2d(rows, 2 * d), op)
+        else:
+            native.silu_mul(out, d, xr.t, xr.stride, rows, d, op)
     return out
 
 
 def _register(op):
     def impl(x):
-        return _forward(op, x) if x.is_cpu and x.dtype in KERNEL_DTYPES else _torch(op, x)
+        return _forward(op, x) if x.dtype in KERNEL_DTYPES else _torch(op, x)
 
     def fake(x):
         return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
