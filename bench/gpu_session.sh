@@ -11,6 +11,7 @@
 #
 #   bash bench/gpu_session.sh                          # deps build tests ops (<= 9 min of timeouts)
 #   STEPS="gen-small gen-8b" bash bench/gpu_session.sh   # on the same warm machine, built (<= 8 min)
+#   STEPS="tune gen-small" bash bench/gpu_session.sh     # or: the decode tile sweep first (<= 7 min)
 #   (on a fresh machine: STEPS="build gen-small", then STEPS="gen-8b")
 #   ARCH=80 bash bench/gpu_session.sh                       # an A100
 #
@@ -45,6 +46,7 @@ step build 120 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q
 # failure listed, not just the first
 step tests 240 "$PY" -m pytest -m gpu -v -p no:cacheprovider --timeout 200 -n "${WORKERS:-12}" tests
 step ops 135 "$PY" -m ringfuse bench gpu --json "$OUT/bench_gpu.json"
+step tune 240 "$PY" -m ringfuse bench gpu --sections tune --json "$OUT/bench_tune.json"
 step gen-small 180 "$PY" -m ringfuse bench generate --device cuda --shape smollm2-135m --json "$OUT/gen_smollm2.json"
 step gen-8b 300 "$PY" -m ringfuse bench generate --device cuda --shape llama3-8b --json "$OUT/gen_llama3_8b.json"
 echo "done; results in $OUT"

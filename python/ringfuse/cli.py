@@ -102,6 +102,7 @@ def _check_bench_flags(args, parser) -> None:
         "output_tokens": (args.op == "serve", "serve"),
         "prompt_tokens": (args.op == "serve" or random_model, "serve and generate with --device / --shape"),
         "json": (args.op in ("gpu", "serve") or random_model, "serve, gpu and generate with --device / --shape"),
+        "sections": (args.op == "gpu", "gpu"),
     }
     defaults = {"device": "cpu", "peers": False}  # the others default to None: given or not
     for name, (reads, benches) in where.items():
@@ -113,10 +114,20 @@ def _check_bench_flags(args, parser) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.sections is not None:
+        from .bench.gpu import EXTRA_SECTIONS, SECTIONS
+
+        if not _sections(args.sections) or set(_sections(args.sections)) - set(SECTIONS + EXTRA_SECTIONS):
+            parser.error(f"--sections: expected a comma-separated list of {', '.join(SECTIONS + EXTRA_SECTIONS)}, "
+                         f"got {args.sections!r}")  # fmt: skip
     if args.json is not None:
         why = _unwritable(Path(args.json))
         if why:
             parser.error(f"--json {args.json}: cannot write there ({why})")
+
+
+def _sections(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _unwritable(path: Path) -> str | None:
@@ -146,7 +157,8 @@ def _bench(args) -> int:
     if args.op == "gpu":
         from .bench import gpu
 
-        return gpu.run(quick=args.quick, json_path=args.json)
+        sections = gpu.SECTIONS if args.sections is None else _sections(args.sections)
+        return gpu.run(quick=args.quick, json_path=args.json, sections=sections)
     if args.op == "tp":
         from .bench import tp
 
@@ -385,6 +397,9 @@ def main(argv=None) -> int:
                        "throughput batch (default: 512 on cuda, 64 on cpu)")
     bench.add_argument("--output-tokens", type=int, default=None,
                        help="serve bench: new tokens per request (default: 64, --quick 32)")
+    bench.add_argument("--sections", default=None, metavar="LIST",
+                       help="gpu bench: comma-separated sections (default: norms,activations,prefill,decode,int8,host; "
+                       "tune: the decode tile sweep)")
     bench.add_argument("--json", default=None, metavar="PATH",
                        help="serve bench: where the JSON goes; the PNG plot goes beside it (default: under "
                        "$RINGFUSE_CACHE/bench); gpu bench: every row as JSON")

@@ -51,3 +51,40 @@ def test_quick_run_on_a_gpu(tmp_path):
     assert rc == 0 and not errors, errors
     assert {r["section"] for r in data["rows"]} == set(gpu.SECTIONS)
     assert data["copy_gbps"] > 100 and data["bf16_tflops"] > 10
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["bench", "gpu", "--sections", "norms,foo"], "--sections: expected a comma-separated list of"),
+    (["bench", "gpu", "--sections", ","], "--sections: expected a comma-separated list of"),
+    (["bench", "rms_norm", "--sections", "tune"], "--sections applies to bench gpu"),
+])  # fmt: skip
+def test_sections_flag_is_checked(argv, msg, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert msg in capsys.readouterr().err
+
+
+def test_tune_sweeps_the_decode_tiles_and_restores_them(monkeypatch):
+    """Each candidate is in the table while its cases run, a failing case is a row, and
+    the shipped tile and split target are back afterwards."""
+    from ringfuse.kernels import attention as ta
+
+    shipped = (ta._DECODE_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS)
+    seen = []
+
+    def fake_decode(self, b, hq, hkv, ctx, d, paged):
+        seen.append((ta._DECODE_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS))
+        if ta._DECODE_TILES[(True, 128)] == (64, 8):
+            raise RuntimeError("out of resources")
+        return {"ok": "ok", "us": 1.0, "torch_us": 1.0, "speedup": 1.0, "gbps": 1.0, "pct": 1.0}
+
+    monkeypatch.setattr(gpu.Bench, "_decode", fake_decode)
+    bench = object.__new__(gpu.Bench)
+    bench.rows = []
+    bench.tune()
+    per = 2 * len(gpu.Bench.TUNE_CASES)
+    assert len(bench.rows) == per * (len(gpu.Bench.TUNE_TILES) - 1 + len(gpu.Bench.TUNE_TARGETS))
+    assert {t for t, _ in seen} == set(gpu.Bench.TUNE_TILES)
+    assert {g for t, g in seen if t == shipped[0]} == set(gpu.Bench.TUNE_TARGETS)
+    assert sum("error" in r for r in bench.rows) == per
+    assert (ta._DECODE_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS) == shipped

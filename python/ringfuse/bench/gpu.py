@@ -187,6 +187,33 @@ class Bench:
                 "speedup": t_torch / t_ours, "gbps": nbytes / t_ours / 1e6, "pct": self.pct_copy(nbytes, t_ours)}
 
     # -----------------------------------------------------------------------------------
+    # Not in the default run (--sections tune): the decode stage-1 tiles and split target,
+    # each candidate timed on the same data, for the next change of kernels/attention.py's
+    # _DECODE_TILES / DECODE_TARGET_PROGRAMS. A candidate replaces the table entry for the
+    # run and is restored after it; those the compile test has not checked may spill.
+    TUNE_TILES = ((16, 8), (32, 8), (16, 4), (32, 4), (64, 4), (64, 8))  # (BLOCK_N, num_warps), 16-bit D 128
+    TUNE_TARGETS = (128, 256, 512, 1024)
+    TUNE_CASES = ((1, 4096), (1, 32768), (32, 4096), (8, 16384))  # (B, context), Llama-3-8B heads 32 / 8, D 128
+
+    def tune(self) -> None:
+        from ..kernels import attention as ta
+
+        saved_tile, saved_target = ta._DECODE_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS
+        try:
+            for tile in self.TUNE_TILES:
+                for target in self.TUNE_TARGETS if tile == saved_tile else (saved_target,):
+                    ta._DECODE_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS = tile, target
+                    ta._decode_plan.cache_clear()
+                    for b, ctx in self.TUNE_CASES:
+                        for paged in (False, True):
+                            name = (f"BLOCK_N {tile[0]} warps {tile[1]} target {target}: "
+                                    f"{'paged ' if paged else ''}B{b} L{ctx}")  # fmt: skip
+                            self.case("tune", name, lambda: self._decode(b, 32, 8, ctx, 128, paged))
+        finally:
+            ta._DECODE_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS = saved_tile, saved_target
+            ta._decode_plan.cache_clear()
+
+    # -----------------------------------------------------------------------------------
     def int8(self) -> None:
         gemm = [(4096, 4096, 4096), (8192, 8192, 8192), (1024, 4096, 4096), (256, 4096, 4096), (32, 4096, 11008)]
         for m, k, n in gemm[:2] if self.quick else gemm:
@@ -289,7 +316,7 @@ class Bench:
         title = (f"ringfuse bench gpu: {torch.cuda.get_device_name()}, torch {torch.__version__}; "
                  f"copy {self.copy_gbps:,.0f} GB/s, bf16 matmul {self.bf16_tflops:,.0f} TFLOP/s (same run)")  # fmt: skip
         print(title)
-        for section in ("norms", "activations", "prefill", "decode", "int8"):
+        for section in ("norms", "activations", "prefill", "decode", "int8", "tune"):
             rows = [self._cells(r) for r in self.rows if r["section"] == section]
             if rows:
                 print_table(f"{section} (ratio: torch time / ringfuse time)",
@@ -349,7 +376,8 @@ def _host_us(fn, n: int = 200) -> float:
     return host * 1e6
 
 
-SECTIONS = ("norms", "activations", "prefill", "decode", "int8", "host")
+SECTIONS = ("norms", "activations", "prefill", "decode", "int8", "host")  # the default run
+EXTRA_SECTIONS = ("tune",)
 
 
 def run(quick: bool = False, json_path: str | None = None, sections=SECTIONS) -> int:
