@@ -110,6 +110,11 @@ def test_ops_take_the_triton_kernel_on_cuda_tensors(op, monkeypatch):
     got = getattr(ops, op)(as_cuda(x))
     assert got.shape == (2, 3, 40) and got.dtype == torch.float16
     assert torch.equal(got, run(op, x.reshape(6, 80)).view(2, 3, 40))
+    # 2-D inputs go to the kernel as they are: strided rows, and one row expanded (stride 0)
+    flat = big.view(6, 84)[:, :80]
+    assert torch.equal(getattr(ops, op)(as_cuda(flat)), run(op, flat.contiguous()))
+    one = flat[:1].expand(4, 80)
+    assert torch.equal(getattr(ops, op)(as_cuda(one)), run(op, flat[:1]).expand(4, 40))
 
 
 def test_shipped_configs_compile_without_spills():

@@ -62,14 +62,17 @@ def _forward(op, x):
     d = x.shape[-1] // 2
     out = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)  # [..., d]
     rows = out.numel() // d
-    if rows:
-        xr = c.rows(x)  # [rows, 2 d], a copy only if the rows are not evenly strided
-        if x.is_cuda:
-            from ..kernels import silu_mul as tk
+    if not rows:
+        return out
+    if x.is_cuda:
+        from ..kernels import silu_mul as tk
 
-            tk.gated_mul_fwd(out.view(rows, d), xr.as_2d(rows, 2 * d), op)
-        else:
-            native.silu_mul(out, d, xr.t, xr.stride, rows, d, op)
+        # a 2-D x with unit inner stride is read as it is (rows are only read: any row stride)
+        x2 = x if x.dim() == 2 and x.stride(1) == 1 else c.rows(x).as_2d(rows, 2 * d)  # [rows, 2 d]
+        tk.gated_mul_fwd(out if out.dim() == 2 else out.view(rows, d), x2, op)
+        return out
+    xr = c.rows(x)  # [rows, 2 d], a copy only if the rows are not evenly strided
+    native.silu_mul(out, d, xr.t, xr.stride, rows, d, op)
     return out
 
 
