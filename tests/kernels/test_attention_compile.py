@@ -2,9 +2,11 @@
 spills nothing, stays within the register file and fits in shared memory (ARCHITECTURE.md, "GPU
 code without a GPU").
 
-kernels/attention.py can choose 360 variants: 3 dtypes x 4 BLOCK_D buckets x (24 prefill
+kernels/attention.py can choose 408 variants: 3 dtypes x 4 BLOCK_D buckets x (24 prefill
 flag combinations (full / causal / causal with a sliding window, softcap, lse, varlen) +
-2 x 2 decode stage-1 (contiguous / paged, softcap) + 1 stage 2 + 1 write_kv). Compiling all
+2 x 2 decode stage-1 (contiguous / paged, softcap) + 1 stage 2 + 1 write_kv), plus the 24
+prefill variants of 16-bit D 128 with the aligned tile (compiled knowing the arguments the
+launcher guarantees to be multiples of 16). Compiling all
 of them for two archs takes several minutes on the 2-core dev VM (RINGFUSE_COMPILE_ALL=1
 does). By default each (kernel, BLOCK_D) is compiled for bf16 (fp16 is the same code with
 another element type) with every flag on and with every flag but softcap, each with and
@@ -62,6 +64,17 @@ def _representative(configs):
 CONFIGS = triton_attention.SHIPPED_CONFIGS if COMPILE_ALL else _representative(triton_attention.SHIPPED_CONFIGS)
 
 
+def _aligned_attrs(cfg):
+    """None (every pointer 16-byte aligned, no int known divisible: the worst case a launch
+    of the variant can see), or for an aligned prefill tile the pointers plus the ints the
+    launcher guarantees (aligned_args) as multiples of 16."""
+    if not cfg.get("aligned_args"):
+        return None
+    sig = cfg["signature"]
+    return [[i, [["tt.divisibility", 16]]] for i, a in enumerate(sig)
+            if sig[a].startswith("*") or a in cfg["aligned_args"]]  # fmt: skip
+
+
 def _job(kernel, sig, cexp, arch, nw, attrs=None) -> dict:
     return {"module": "attention", "kernel": kernel.__name__, "signature": sig, "constexprs": cexp, "arch": arch,
             "num_warps": nw, "attrs": attrs}  # fmt: skip
@@ -93,7 +106,8 @@ def compiled():
     jobs, keys = [], []
     for cfg in CONFIGS:
         for arch in ARCHS:
-            jobs.append(_job(cfg["kernel"], cfg["signature"], cfg["constexprs"], arch, cfg["num_warps"]))
+            jobs.append(_job(cfg["kernel"], cfg["signature"], cfg["constexprs"], arch, cfg["num_warps"],
+                             _aligned_attrs(cfg)))  # fmt: skip
             keys.append((cfg["id"], arch))
     for arch in ARCHS:
         spec = _specialization_jobs(arch)
@@ -135,5 +149,9 @@ def test_shipped_configs_cover_every_bucket():
     checked in test_attention_triton.py::test_launchers_only_pick_shipped_configs)."""
     ta = triton_attention
     n = len(ta.DTYPES) * len(ta.BLOCK_D_BUCKETS)
-    assert len(ta.SHIPPED_CONFIGS) == n * (24 + 4 + 1 + 1) + 2  # + the paged and varlen check kernels
+    aligned = 24 * len(ta._FLASH_ALIGNED_TILES)  # the aligned prefill tiles: 16-bit x these buckets
+    assert len(ta.SHIPPED_CONFIGS) == n * (24 + 4 + 1 + 1) + 2 * aligned + 2  # + the paged and varlen checks
+    assert {c["id"] for c in ta.SHIPPED_CONFIGS if c["aligned_args"]} == {
+        c["id"] + "-aligned" for c in ta.SHIPPED_CONFIGS if c["id"].startswith(("flash-bf16-D128", "flash-fp16-D128"))
+        and not c["aligned_args"]}  # fmt: skip
     assert all(not c["constexprs"].get("DOT_FP32", False) for c in ta.SHIPPED_CONFIGS)

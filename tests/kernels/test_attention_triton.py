@@ -474,12 +474,34 @@ def test_launchers_only_pick_shipped_configs():
         for d in (1, 16, 40, 64, 80, 96, 128, 200, 256):
             specs = [ta._stage2_spec(dtype, d)]
             specs += [ta._decode_spec(dtype, d, sc, paged) for sc in (False, True) for paged in (False, True)]
-            specs += [ta._flash_spec(dtype, d, c, sc, lse, vl, window=w)
+            specs += [ta._flash_spec(dtype, d, c, sc, lse, vl, window=w, aligned=al)
                       for c, w in ((False, False), (True, False), (True, True)) for sc in (False, True)
-                      for lse in (False, True) for vl in (False, True)]  # fmt: skip
+                      for lse in (False, True) for vl in (False, True) for al in (False, True)]  # fmt: skip
             specs.append(ta._write_kv_spec(dtype, d))
             for kernel, sig, cexp, nw in specs:
                 assert (kernel.__name__, tuple(sig.items()), tuple(cexp.items()), nw) in shipped, (dtype, d, cexp)
+
+
+def test_prefill_takes_the_aligned_tile_only_when_the_jit_sees_alignment(monkeypatch):
+    """16-bit D 128 with every q / k / v / out stride and pointer a multiple of 16 takes the
+    128-row tile; an odd stride anywhere (here k / v rows padded by 8 elements) or an odd D
+    the worst-case tile, and fp32 its own."""
+    ta = triton_attention
+    picked = []
+    monkeypatch.setattr(ta, "launch", lambda kernel, grid, *a, **kw: picked.append(kw.get("BLOCK_M")))
+    g = torch.Generator().manual_seed(1)
+    for dtype, d, pad, aligned, want in ((torch.bfloat16, 128, 0, True, 128), (torch.float16, 112, 0, True, 128),
+                                         (torch.bfloat16, 128, 8, False, 64), (torch.bfloat16, 120, 0, False, 64),
+                                         (torch.float32, 128, 0, True, ta._FLASH_TILES[(False, 128)][0])):  # fmt: skip
+        q = make((1, 2, 8, d), dtype, g)
+        kv = make((1, 2, 8, d + pad), dtype, g)[..., :d]
+        assert ta.flash_aligned(d, (q, kv)) == aligned
+        flash_attention_fwd(torch.empty_like(q), q, kv, kv, 0.1, True)
+        assert picked.pop() == want, (dtype, d, pad)
+    q = make((4, 2, 128), torch.bfloat16, g)  # varlen: [T, H, D]
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    ta.flash_attention_varlen_fwd(torch.empty_like(q), q, q, q, cu, cu, 4, 0.1, True)
+    assert picked.pop() == 128
 
 
 def test_rejects_bad_inputs():
