@@ -616,6 +616,18 @@ _DECODE_TILES = {
     (False, 128): (16, 8),
     (False, 256): (16, 8),
 }
+# Launches whose D, q / cache strides and pointers are multiples of 16 (DECODE_ALIGNED_ARGS;
+# D 64 / 128 with packed caches: what a model runs): bigger tiles at 4 warps, as vLLM's
+# grouped Triton decode uses (32 keys, 4 warps). Registers sm_80 / sm_90, contiguous and
+# paged, softcap on or off, none spilling: D 64 (64, 4) 72-80 / 72; D 128 (32, 4) 80-114 /
+# 71-96, 21-37 KiB of shared memory (the cp.async pipeline). Also clean: (32, 4) at D 64,
+# (64, 4) at D 128 (96-160 registers).
+DECODE_ALIGNED_ARGS = ("q_ptr", "q_sb", "q_sh", "k_ptr", "k_sb", "k_sblk", "k_sh", "k_sn", "v_ptr", "v_sb", "v_sblk",
+                       "v_sh", "v_sn", "D")  # fmt: skip
+_DECODE_ALIGNED_TILES = {
+    (True, 64): (64, 4),
+    (True, 128): (32, 4),
+}
 
 
 def default_num_splits(s_max: int, programs_per_split: int = 1) -> int:
@@ -656,8 +668,9 @@ _FLASH_ALIGNED_TILES = {
 }
 
 
-def flash_aligned(d: int, tensors) -> bool:
-    """Whether Triton's JIT will see every FLASH_ALIGNED_ARGS value as a multiple of 16."""
+def jit_aligned(d: int, tensors) -> bool:
+    """Whether Triton's JIT will see D and every pointer and non-unit stride of tensors as
+    multiples of 16 (FLASH_ALIGNED_ARGS / DECODE_ALIGNED_ARGS of a launch on them)."""
     return d % 16 == 0 and all(t.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in t.stride()[:-1])
                                for t in tensors)  # fmt: skip
 
@@ -691,7 +704,7 @@ def _flash_spec(dtype, d: int, causal: bool, softcap: bool, has_lse: bool, varle
     return _flash_attn_fwd_kernel, sig, cexp, nw
 
 
-def _decode_spec(dtype, d: int, softcap: bool, paged: bool, dot_fp32: bool = False):
+def _decode_spec(dtype, d: int, softcap: bool, paged: bool, dot_fp32: bool = False, aligned: bool = False):
     block_d = block_d_for(d)
     t = TL_NAME[dtype]
     sig = {"mid_o_ptr": "*fp32", "mid_ml_ptr": "*fp32", "q_ptr": f"*{t}", **_int_sig(["q_sb", "q_sh"])}
@@ -707,7 +720,8 @@ def _decode_spec(dtype, d: int, softcap: bool, paged: bool, dot_fp32: bool = Fal
         kernel = _decode_attn_stage1_kernel
     sig.update({**_int_sig(["Hq", "group", "D", "num_splits"]), "qk_scale": "fp32", "softcap_log2": "fp32",
                 "window": "i32"})  # fmt: skip
-    block_n, num_warps = _DECODE_TILES[(dtype != torch.float32, block_d)]
+    key = (dtype != torch.float32, block_d)
+    block_n, num_warps = _DECODE_ALIGNED_TILES[key] if aligned and key in _DECODE_ALIGNED_TILES else _DECODE_TILES[key]
     cexp = {"SOFTCAP": bool(softcap), "DOT_FP32": bool(dot_fp32), "BLOCK_H": DECODE_HEADS, "BLOCK_N": block_n,
             "BLOCK_D": block_d}  # fmt: skip
     sig.update({k: "constexpr" for k in cexp})
@@ -766,7 +780,8 @@ def shipped_configs():
         key = (kernel.__name__, tuple(sig.items()), tuple(cexp.items()), nw)
         if key not in seen:
             seen.add(key)
-            aligned = FLASH_ALIGNED_ARGS if cid.endswith("-aligned") else ()
+            aligned = () if not cid.endswith("-aligned") else FLASH_ALIGNED_ARGS if kernel is _flash_attn_fwd_kernel \
+                else DECODE_ALIGNED_ARGS
             configs.append({"id": cid, "kernel": kernel, "signature": sig, "constexprs": cexp, "num_warps": nw,
                             "aligned_args": aligned})  # fmt: skip
 
@@ -783,7 +798,9 @@ def shipped_configs():
                                     _flash_spec(dt, bd, causal, sc, lse, vl, window=win, aligned=al))  # fmt: skip
             for paged in (False, True):
                 for sc in (False, True):
-                    add(f"{'paged' if paged else 'decode'}1-{t}-D{bd}-sc{int(sc)}", _decode_spec(dt, bd, sc, paged))
+                    for al in (False, True):
+                        add(f"{'paged' if paged else 'decode'}1-{t}-D{bd}-sc{int(sc)}{'-aligned' if al else ''}",
+                            _decode_spec(dt, bd, sc, paged, aligned=al))  # fmt: skip
             add(f"decode2-{t}-D{bd}", _stage2_spec(dt, bd))
             add(f"write_kv-{t}-D{bd}", _write_kv_spec(dt, bd))
     add("paged_check", _paged_check_spec())
@@ -801,8 +818,8 @@ def _flash_plan(dtype, d, causal, softcap, has_lse, varlen=False, window=False, 
 
 
 @functools.lru_cache(maxsize=1024)
-def _decode_plan(dtype, d, softcap, paged):
-    kernel, _, cexp, nw = _decode_spec(dtype, d, softcap, paged, INTERPRETING)
+def _decode_plan(dtype, d, softcap, paged, aligned=False):
+    kernel, _, cexp, nw = _decode_spec(dtype, d, softcap, paged, INTERPRETING, aligned)
     k2, _, cexp2, nw2 = _stage2_spec(dtype, d)
     return kernel, cexp, nw, k2, cexp2, nw2
 
@@ -885,7 +902,7 @@ def flash_attention_fwd(out, q, k, v, scale, causal, softcap=None, lse=None, win
     if B * Hq * Sq == 0:
         return
     kernel, cexp, nw = _flash_plan(q.dtype, D, bool(causal), softcap is not None, lse is not None, False,
-                                   window != NO_WINDOW, flash_aligned(D, (q, k, v, out)))  # fmt: skip
+                                   window != NO_WINDOW, jit_aligned(D, (q, k, v, out)))  # fmt: skip
     lse_t = lse if lse is not None else out  # dummy pointer, never touched
     ls = lse.stride() if lse is not None else (0, 0, 0)
     grid = (cdiv(Sq, cexp["BLOCK_M"]), B * Hq)
@@ -941,7 +958,7 @@ def flash_attention_varlen_fwd(out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
     if batch <= 0 or Hq * D == 0:
         return
     kernel, cexp, nw = _flash_plan(q.dtype, D, bool(causal), softcap is not None, lse is not None, True,
-                                   window != NO_WINDOW, flash_aligned(D, (q, k, v, out)))  # fmt: skip
+                                   window != NO_WINDOW, jit_aligned(D, (q, k, v, out)))  # fmt: skip
     lse_t = lse if lse is not None else out
     l_sh, l_sm = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     grid = (cdiv(max(max_seqlen_q, 0), cexp["BLOCK_M"]), batch * Hq)
@@ -996,7 +1013,8 @@ def _decode_launch(out, q, k, v, seq_lens, scale, softcap, num_splits, s_max, pa
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if B * Hq == 0:
         return
-    k1, cexp1, nw1, k2, cexp2, nw2 = _decode_plan(q.dtype, D, softcap is not None, paged_args is not None)
+    k1, cexp1, nw1, k2, cexp2, nw2 = _decode_plan(q.dtype, D, softcap is not None, paged_args is not None,
+                                                  jit_aligned(D, (q, k, v)))  # fmt: skip
     block_d = cexp1["BLOCK_D"]
     mid_o = torch.empty((B, Hq, num_splits, block_d), dtype=torch.float32, device=q.device)
     mid_ml = torch.empty((B, Hq, num_splits, 2), dtype=torch.float32, device=q.device)

@@ -69,12 +69,12 @@ def test_tune_sweeps_the_decode_tiles_and_restores_them(monkeypatch):
     the shipped tile and split target are back afterwards."""
     from ringfuse.kernels import attention as ta
 
-    shipped = (ta._DECODE_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS)
+    shipped = (ta._DECODE_ALIGNED_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS)
     seen = []
 
     def fake_decode(self, b, hq, hkv, ctx, d, paged):
-        seen.append((ta._DECODE_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS))
-        if ta._DECODE_TILES[(True, 128)] == (64, 8):
+        seen.append((ta._DECODE_ALIGNED_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS))
+        if ta._DECODE_ALIGNED_TILES[(True, 128)] == (64, 8):
             raise RuntimeError("out of resources")
         return {"ok": "ok", "us": 1.0, "torch_us": 1.0, "speedup": 1.0, "gbps": 1.0, "pct": 1.0}
 
@@ -87,4 +87,4 @@ def test_tune_sweeps_the_decode_tiles_and_restores_them(monkeypatch):
     assert {t for t, _ in seen} == set(gpu.Bench.TUNE_TILES)
     assert {g for t, g in seen if t == shipped[0]} == set(gpu.Bench.TUNE_TARGETS)
     assert sum("error" in r for r in bench.rows) == per
-    assert (ta._DECODE_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS) == shipped
+    assert (ta._DECODE_ALIGNED_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS) == shipped

@@ -2,11 +2,11 @@
 spills nothing, stays within the register file and fits in shared memory (ARCHITECTURE.md, "GPU
 code without a GPU").
 
-kernels/attention.py can choose 408 variants: 3 dtypes x 4 BLOCK_D buckets x (24 prefill
+kernels/attention.py can choose 424 variants: 3 dtypes x 4 BLOCK_D buckets x (24 prefill
 flag combinations (full / causal / causal with a sliding window, softcap, lse, varlen) +
-2 x 2 decode stage-1 (contiguous / paged, softcap) + 1 stage 2 + 1 write_kv), plus the 24
-prefill variants of 16-bit D 128 with the aligned tile (compiled knowing the arguments the
-launcher guarantees to be multiples of 16). Compiling all
+2 x 2 decode stage-1 (contiguous / paged, softcap) + 1 stage 2 + 1 write_kv), plus the 16-bit
+variants with the aligned tiles, 24 prefill at D 128 and 4 decode at D 64 and 128 (compiled
+knowing the arguments the launcher guarantees to be multiples of 16). Compiling all
 of them for two archs takes several minutes on the 2-core dev VM (RINGFUSE_COMPILE_ALL=1
 does). By default each (kernel, BLOCK_D) is compiled for bf16 (fp16 is the same code with
 another element type) with every flag on and with every flag but softcap, each with and
@@ -149,9 +149,10 @@ def test_shipped_configs_cover_every_bucket():
     checked in test_attention_triton.py::test_launchers_only_pick_shipped_configs)."""
     ta = triton_attention
     n = len(ta.DTYPES) * len(ta.BLOCK_D_BUCKETS)
-    aligned = 24 * len(ta._FLASH_ALIGNED_TILES)  # the aligned prefill tiles: 16-bit x these buckets
-    assert len(ta.SHIPPED_CONFIGS) == n * (24 + 4 + 1 + 1) + 2 * aligned + 2  # + the paged and varlen checks
-    assert {c["id"] for c in ta.SHIPPED_CONFIGS if c["aligned_args"]} == {
-        c["id"] + "-aligned" for c in ta.SHIPPED_CONFIGS if c["id"].startswith(("flash-bf16-D128", "flash-fp16-D128"))
-        and not c["aligned_args"]}  # fmt: skip
+    # the aligned tiles: 16-bit (2 dtypes) x their buckets x the prefill / decode flag sets
+    aligned = 2 * (24 * len(ta._FLASH_ALIGNED_TILES) + 4 * len(ta._DECODE_ALIGNED_TILES))
+    assert len(ta.SHIPPED_CONFIGS) == n * (24 + 4 + 1 + 1) + aligned + 2  # + the paged and varlen checks
+    unaligned_twins = {c["id"] + "-aligned" for c in ta.SHIPPED_CONFIGS if not c["aligned_args"] and (
+        c["id"].startswith(("flash-bf16-D128", "flash-fp16-D128")) or re.match(r"(decode|paged)1-(bf16|fp16)-D(64|128)-", c["id"]))}
+    assert {c["id"] for c in ta.SHIPPED_CONFIGS if c["aligned_args"]} == unaligned_twins  # fmt: skip
     assert all(not c["constexprs"].get("DOT_FP32", False) for c in ta.SHIPPED_CONFIGS)

@@ -473,7 +473,8 @@ def test_launchers_only_pick_shipped_configs():
     for dtype in DTYPES:
         for d in (1, 16, 40, 64, 80, 96, 128, 200, 256):
             specs = [ta._stage2_spec(dtype, d)]
-            specs += [ta._decode_spec(dtype, d, sc, paged) for sc in (False, True) for paged in (False, True)]
+            specs += [ta._decode_spec(dtype, d, sc, paged, aligned=al)
+                      for sc in (False, True) for paged in (False, True) for al in (False, True)]  # fmt: skip
             specs += [ta._flash_spec(dtype, d, c, sc, lse, vl, window=w, aligned=al)
                       for c, w in ((False, False), (True, False), (True, True)) for sc in (False, True)
                       for lse in (False, True) for vl in (False, True) for al in (False, True)]  # fmt: skip
@@ -495,13 +496,31 @@ def test_prefill_takes_the_aligned_tile_only_when_the_jit_sees_alignment(monkeyp
                                          (torch.float32, 128, 0, True, ta._FLASH_TILES[(False, 128)][0])):  # fmt: skip
         q = make((1, 2, 8, d), dtype, g)
         kv = make((1, 2, 8, d + pad), dtype, g)[..., :d]
-        assert ta.flash_aligned(d, (q, kv)) == aligned
+        assert ta.jit_aligned(d, (q, kv)) == aligned
         flash_attention_fwd(torch.empty_like(q), q, kv, kv, 0.1, True)
         assert picked.pop() == want, (dtype, d, pad)
     q = make((4, 2, 128), torch.bfloat16, g)  # varlen: [T, H, D]
     cu = torch.tensor([0, 4], dtype=torch.int32)
     ta.flash_attention_varlen_fwd(torch.empty_like(q), q, q, q, cu, cu, 4, 0.1, True)
     assert picked.pop() == 128
+
+
+def test_decode_takes_the_aligned_tile_only_when_the_jit_sees_alignment(monkeypatch):
+    """Stage 1 on packed 16-bit D 128 caches (contiguous or paged) takes the aligned tile;
+    a cache whose rows are padded by 8 elements, or D 120, the worst-case one."""
+    ta = triton_attention
+    picked = []
+    monkeypatch.setattr(ta, "launch", lambda kernel, grid, *a, **kw: picked.append((kw.get("BLOCK_N"),
+                                                                                     kw.get("num_warps"))))
+    g = torch.Generator().manual_seed(2)
+    lens = torch.tensor([5], dtype=torch.int32)
+    for d, pad, tiles in ((128, 0, ta._DECODE_ALIGNED_TILES), (128, 8, ta._DECODE_TILES), (120, 0, ta._DECODE_TILES)):
+        q = make((1, 4, d), torch.bfloat16, g)
+        kv = make((1, 2, 16, d + pad), torch.bfloat16, g)[..., :d]
+        ta.decode_attention_fwd(torch.empty_like(q), q, kv, kv, lens, 0.1)
+        assert picked[-2] == tiles[(True, 128)], (d, pad)  # [-1] is stage 2
+        ta.paged_decode_attention_fwd(torch.empty_like(q), q, kv, kv, torch.zeros(1, 1, dtype=torch.int32), lens, 0.1)
+        assert picked[-2] == tiles[(True, 128)], (d, pad, "paged")  # [-3] the block check, [-1] stage 2
 
 
 def test_rejects_bad_inputs():

@@ -189,20 +189,22 @@ class Bench:
     # -----------------------------------------------------------------------------------
     # Not in the default run (--sections tune): the decode stage-1 tiles and split target,
     # each candidate timed on the same data, for the next change of kernels/attention.py's
-    # _DECODE_TILES / DECODE_TARGET_PROGRAMS. A candidate replaces the table entry for the
-    # run and is restored after it; those the compile test has not checked may spill.
-    TUNE_TILES = ((16, 8), (32, 8), (16, 4), (32, 4), (64, 4), (64, 8))  # (BLOCK_N, num_warps), 16-bit D 128
+    # _DECODE_ALIGNED_TILES (what these packed caches take) / DECODE_TARGET_PROGRAMS. A
+    # candidate replaces the table entry for the run and is restored after it; those the
+    # compile test has not checked may spill.
+    TUNE_TILES = ((32, 4), (64, 4), (16, 4), (16, 8), (32, 8), (64, 8))  # (BLOCK_N, num_warps), 16-bit D 128
     TUNE_TARGETS = (128, 256, 512, 1024)
     TUNE_CASES = ((1, 4096), (1, 32768), (32, 4096), (8, 16384))  # (B, context), Llama-3-8B heads 32 / 8, D 128
 
     def tune(self) -> None:
         from ..kernels import attention as ta
 
-        saved_tile, saved_target = ta._DECODE_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS
+        tiles = ta._DECODE_ALIGNED_TILES
+        saved_tile, saved_target = tiles[(True, 128)], ta.DECODE_TARGET_PROGRAMS
         try:
             for tile in self.TUNE_TILES:
                 for target in self.TUNE_TARGETS if tile == saved_tile else (saved_target,):
-                    ta._DECODE_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS = tile, target
+                    tiles[(True, 128)], ta.DECODE_TARGET_PROGRAMS = tile, target
                     ta._decode_plan.cache_clear()
                     for b, ctx in self.TUNE_CASES:
                         for paged in (False, True):
@@ -210,7 +212,7 @@ class Bench:
                                     f"{'paged ' if paged else ''}B{b} L{ctx}")  # fmt: skip
                             self.case("tune", name, lambda: self._decode(b, 32, 8, ctx, 128, paged))
         finally:
-            ta._DECODE_TILES[(True, 128)], ta.DECODE_TARGET_PROGRAMS = saved_tile, saved_target
+            tiles[(True, 128)], ta.DECODE_TARGET_PROGRAMS = saved_tile, saved_target
             ta._decode_plan.cache_clear()
 
     # -----------------------------------------------------------------------------------
