@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from ringfuse import cli
+from ringfuse import cli, ops
 from ringfuse.bench import gpu
 
 
@@ -78,12 +78,31 @@ def test_tune_sweeps_the_decode_tiles_and_restores_them(monkeypatch):
             raise RuntimeError("out of resources")
         return {"ok": "ok", "us": 1.0, "torch_us": 1.0, "speedup": 1.0, "gbps": 1.0, "pct": 1.0}
 
+    from ringfuse.kernels import layer_norm as tln
+    from ringfuse.kernels import rms_norm as trn
+
+    warps = []
+
+    def fake_norm(self, op, shape, dt):
+        warps.append((op, shape, trn._plan(dt, dt, dt, False, False, shape[1])[2],
+                      tln._plan(dt, dt, dt, dt, False, shape[1])[2], ops.cuda_backend()))  # fmt: skip
+        return {"ok": "ok", "us": 1.0, "torch_us": 1.0, "speedup": 1.0, "gbps": 1.0, "pct": 1.0}
+
     monkeypatch.setattr(gpu.Bench, "_decode", fake_decode)
+    monkeypatch.setattr(gpu.Bench, "_norm", fake_norm)
+    shipped_norm = (trn._plan(torch.bfloat16, torch.bfloat16, torch.bfloat16, False, False, 4096),
+                    tln._plan(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16, False, 4096), ops.cuda_backend())
     bench = object.__new__(gpu.Bench)
     bench.rows = []
     bench.tune()
     per = 2 * len(gpu.Bench.TUNE_CASES)
-    assert len(bench.rows) == per * (len(gpu.Bench.TUNE_TILES) - 1 + len(gpu.Bench.TUNE_TARGETS))
+    norm_rows = 3 * sum(len(c) for c in gpu.Bench.TUNE_NORM_WARPS.values())
+    assert len(bench.rows) == per * (len(gpu.Bench.TUNE_TILES) - 1 + len(gpu.Bench.TUNE_TARGETS)) + norm_rows
+    # each norm case ran on the Triton backend with the swept warp count in both launchers
+    assert [(w[2], w[3], w[4]) for w in warps] == [(nw, nw, "triton") for c in gpu.Bench.TUNE_NORM_WARPS.values()
+                                                   for nw in c for _ in range(3)]  # fmt: skip
+    assert (trn._plan(torch.bfloat16, torch.bfloat16, torch.bfloat16, False, False, 4096),
+            tln._plan(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16, False, 4096), ops.cuda_backend()) == shipped_norm
     assert {t for t, _ in seen} == set(gpu.Bench.TUNE_TILES)
     assert {g for t, g in seen if t == shipped[0]} == set(gpu.Bench.TUNE_TARGETS)
     assert sum("error" in r for r in bench.rows) == per

@@ -214,6 +214,33 @@ class Bench:
         finally:
             tiles[(True, 128)], ta.DECODE_TARGET_PROGRAMS = saved_tile, saved_target
             ta._decode_plan.cache_clear()
+        self._tune_norm_warps()
+
+    # The Triton norms' warps per row (kernels/_norm_common.pick: 8 elements per thread up
+    # to 16 warps), each count timed against torch on the same data.
+    TUNE_NORM_WARPS = {(8192, 4096): (4, 8, 16), (2048, 576): (1, 2, 4)}  # shape: counts (BLOCK 4096 / 1024)
+
+    def _tune_norm_warps(self) -> None:
+        from ..kernels import layer_norm as tln
+        from ..kernels import rms_norm as trn
+
+        picks = {mod: mod.pick for mod in (trn, tln)}  # _norm_common.pick, as each launcher module calls it
+        saved = ops.cuda_backend()
+        ops.set_cuda_backend("triton")
+        try:
+            for shape, counts in self.TUNE_NORM_WARPS.items():
+                for nw in counts:
+                    for mod, pick in picks.items():  # the launchers' kernel and BLOCK, this warp count
+                        mod.pick = lambda n, row, looped, nw=nw, pick=pick: (*pick(n, row, looped)[:2], nw)
+                        mod._plan.cache_clear()
+                    for op in ("rms_norm", "add_rms_norm", "layer_norm"):
+                        self.case("tune", f"norm warps {nw}: {op} {list(shape)} bf16",
+                                  lambda: self._norm(op, shape, torch.bfloat16))  # fmt: skip
+        finally:
+            for mod, pick in picks.items():
+                mod.pick = pick
+                mod._plan.cache_clear()
+            ops.set_cuda_backend(saved)
 
     # -----------------------------------------------------------------------------------
     def int8(self) -> None:
