@@ -12,9 +12,9 @@ CPU kernel (csrc/cpu/silu_mul.cpp): float32 / bfloat16 / float16, fp32 math (a ~
 fp32 outputs within 3 ulp of exact, not bitwise torch's) with one rounding to fp16 / bf16
 (within 1 ulp of exact); CUDA: the Triton kernel in kernels/silu_mul.py, the same math and
 rounding (one pass: gate and up read once, out written once). x's rows may be strided (unit
-inner stride). Fallback (documented): float64 and autograd run the torch expression above. Registered as ``torch.ops.ringfuse.silu_mul`` and
-``torch.ops.ringfuse.gelu_tanh_mul`` (fake kernels, for torch.compile); eager calls reach
-the kernel (``native.silu_mul``) directly.
+inner stride). Fallback (documented): float64 and autograd run the torch expression above.
+Registered as ``torch.ops.ringfuse.silu_mul`` and ``torch.ops.ringfuse.gelu_tanh_mul``
+(fake kernels, for torch.compile); eager calls reach the kernels directly.
 """
 
 from __future__ import annotations
