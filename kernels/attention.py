@@ -53,7 +53,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from . import device_errors
-from ._launch import cdiv, launch
+from ._launch import cdiv, is_aligned, launch
 
 # the device_errors bits, as constants the kernels can name
 _ERR_SEQ_LENS = device_errors.slot(device_errors.SEQ_LENS)
@@ -671,8 +671,7 @@ _FLASH_ALIGNED_TILES = {
 def jit_aligned(d: int, tensors) -> bool:
     """Whether Triton's JIT will see D and every pointer and non-unit stride of tensors as
     multiples of 16 (FLASH_ALIGNED_ARGS / DECODE_ALIGNED_ARGS of a launch on them)."""
-    return d % 16 == 0 and all(t.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in t.stride()[:-1])
-                               for t in tensors)  # fmt: skip
+    return is_aligned(tensors, (d, *(st for t in tensors for st in t.stride()[:-1])))
 
 
 def _int_sig(names):

@@ -61,7 +61,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from . import device_errors
-from ._launch import cdiv, launch
+from ._launch import cdiv, is_aligned, launch  # is_aligned: of ALIGNED_ARGS, per launch
 
 _ERR_NONFINITE = device_errors.slot(device_errors.NONFINITE)
 
@@ -340,11 +340,6 @@ MAX_SPLITS = 16
 
 def m_bucket(m: int):
     return 16 if m <= 16 else 64 if m <= 64 else None  # M_BUCKETS
-
-
-def is_aligned(tensors, ints) -> bool:
-    """Whether Triton's JIT will see every pointer and int of ALIGNED_ARGS as a multiple of 16."""
-    return all(t.data_ptr() % 16 == 0 for t in tensors) and all(i % 16 == 0 for i in ints)
 
 
 def _int_sig(names):
