@@ -69,6 +69,13 @@ class Bench:
     def pct_copy(self, nbytes: int, ms: float) -> float:
         return 100 * nbytes / ms / 1e6 / self.copy_gbps
 
+    def bandwidth_row(self, ours, theirs, err: float, torch_err: float, ref, nbytes: int) -> dict:
+        """Times both sides and reports a memory-bound case: the tolerance verdict, times,
+        ratio, and GB/s as % of the copy bandwidth of this run."""
+        t_ours, t_torch = _ms(ours), _ms(theirs)
+        return {"ok": _ok(err, torch_err, ref), "us": t_ours * 1e3, "torch_us": t_torch * 1e3,
+                "speedup": t_torch / t_ours, "gbps": nbytes / t_ours / 1e6, "pct": self.pct_copy(nbytes, t_ours)}
+
     # -----------------------------------------------------------------------------------
     def norms(self) -> None:
         shapes = [(8192, 4096), (2048, 576), (1, 4096)]
@@ -107,11 +114,8 @@ class Bench:
             ours = lambda: ops.add_layer_norm(x, r, w, b, 1e-5)[0]  # noqa: E731
             theirs = lambda: F.layer_norm(x + r, (hidden,), w, b, 1e-5)  # noqa: E731
             ref = F.layer_norm(x.double() + r.double(), (hidden,), w.double(), b.double(), 1e-5)
-        err, torch_err = _err(ours(), ref), _err(theirs(), ref)
-        t_ours, t_torch = _ms(ours), _ms(theirs)
         nbytes = (4 if op.startswith("add") else 2) * x.numel() * x.element_size()
-        return {"ok": _ok(err, torch_err, ref), "us": t_ours * 1e3, "torch_us": t_torch * 1e3,
-                "speedup": t_torch / t_ours, "gbps": nbytes / t_ours / 1e6, "pct": self.pct_copy(nbytes, t_ours)}
+        return self.bandwidth_row(ours, theirs, _err(ours(), ref), _err(theirs(), ref), ref, nbytes)
 
     # -----------------------------------------------------------------------------------
     def activations(self) -> None:
@@ -125,11 +129,8 @@ class Bench:
         act = F.silu if op == "silu_mul" else (lambda a: F.gelu(a, approximate="tanh"))
         ours, theirs = (lambda: getattr(ops, op)(x)), (lambda: act(x[:, :d]) * x[:, d:])
         ref = act(x[:, :d].double()) * x[:, d:].double()
-        err, torch_err = _err(ours(), ref), _err(theirs(), ref)
-        t_ours, t_torch = _ms(ours), _ms(theirs)
         nbytes = 3 * rows * d * x.element_size()  # gate and up read, out written
-        return {"ok": _ok(err, torch_err, ref), "us": t_ours * 1e3, "torch_us": t_torch * 1e3,
-                "speedup": t_torch / t_ours, "gbps": nbytes / t_ours / 1e6, "pct": self.pct_copy(nbytes, t_ours)}
+        return self.bandwidth_row(ours, theirs, _err(ours(), ref), _err(theirs(), ref), ref, nbytes)
 
     # -----------------------------------------------------------------------------------
     def prefill(self) -> None:
@@ -179,12 +180,10 @@ class Bench:
             ours = lambda: ops.decode_attention(q, k, v, lens)  # noqa: E731
         theirs = lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True)  # noqa: E731
         ref = F.scaled_dot_product_attention(q.float().unsqueeze(2), k.float(), v.float(), enable_gqa=True).squeeze(2)
-        err, torch_err = _err(ours(), ref), _err(theirs().squeeze(2), ref)
-        t_ours, t_torch = _ms(ours), _ms(theirs)
         nbytes = 2 * k.numel() * k.element_size()
+        row = self.bandwidth_row(ours, theirs, _err(ours(), ref), _err(theirs().squeeze(2), ref), ref, nbytes)
         ops.check_device_errors()
-        return {"ok": _ok(err, torch_err, ref), "us": t_ours * 1e3, "torch_us": t_torch * 1e3,
-                "speedup": t_torch / t_ours, "gbps": nbytes / t_ours / 1e6, "pct": self.pct_copy(nbytes, t_ours)}
+        return row
 
     # -----------------------------------------------------------------------------------
     # Not in the default run (--sections tune): the decode stage-1 tiles and split target,
@@ -278,12 +277,9 @@ class Bench:
         ours = lambda: ops.int8_weight_only_linear(x, wq, ws)  # noqa: E731
         theirs = lambda: F.linear(x, w_bf16)  # noqa: E731
         ref = x.double() @ (wq.double() * ws.double()[:, None]).t()
-        err, torch_err = _err(ours(), ref), _err(theirs(), ref)
-        t_ours, t_torch = _ms(ours), _ms(theirs)
         nbytes = wq.numel() + x.numel() * 2
-        return {"ok": _ok(err, torch_err, ref), "us": t_ours * 1e3, "torch_us": t_torch * 1e3,
-                "speedup": t_torch / t_ours, "gbps": nbytes / t_ours / 1e6, "pct": self.pct_copy(nbytes, t_ours),
-                "baseline": "F.linear, bf16 weight"}  # fmt: skip
+        return {**self.bandwidth_row(ours, theirs, _err(ours(), ref), _err(theirs(), ref), ref, nbytes),
+                "baseline": "F.linear, bf16 weight"}
 
     # -----------------------------------------------------------------------------------
     def host(self) -> None:
